@@ -1,0 +1,228 @@
+"""Command line: `python -m lora_gui ui|train|generate|tiny-model|presets`.
+
+`train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
+of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lora_gui.config import TrainConfig, list_presets, load_preset
+from lora_gui.errors import LoraGuiError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_gui", description="Train and use LoRAs for Stable Diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _ui_parser(commands)
+    _train_parser(commands)
+    _generate_parser(commands)
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
+    tiny.add_argument("folder")
+    tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
+    commands.add_parser("presets", help="list the presets")
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except LoraGuiError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, deprecation notes) would bury our own messages."""
+    import warnings
+
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[console])
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("transformers", "diffusers", "accelerate", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+# ---- ui ----------------------------------------------------------------------------------------
+def _ui_parser(commands: argparse._SubParsersAction) -> None:
+    ui = commands.add_parser("ui", help="start the app in the browser (same as python app.py)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true")
+    ui.add_argument("--auth", default="", help="USER:PASS")
+    ui.add_argument("--runs-dir", default="")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from lora_gui.ui.app import launch
+
+    launch(host=args.host, port=args.port, share=args.share, auth=args.auth, runs_dir=args.runs_dir)
+    return 0
+
+
+# ---- train -------------------------------------------------------------------------------------
+def _train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a LoRA",
+        description="Train a LoRA. Flags override the preset or settings file; unset flags keep their values.",
+    )
+    train.add_argument("--output", required=True, help="run folder to create (or to resume with --resume)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"start from a preset: {', '.join(list_presets())}")
+    source.add_argument("--config", help="start from a settings file (a run's config.json works)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = field.metadata["help"]
+        if isinstance(default, bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, list):
+            train.add_argument(flag, nargs="*", default=None, help=help_text)
+        else:
+            train.add_argument(
+                flag, type=type(default), default=None, help=help_text, choices=field.metadata.get("choices")
+            )
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.preset:
+        config = load_preset(args.preset)
+    elif args.config:
+        config = TrainConfig.load(args.config)
+    elif args.resume and (Path(args.output) / "config.json").is_file():
+        config = TrainConfig.load(Path(args.output) / "config.json")
+    else:
+        config = TrainConfig()
+    overrides = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if getattr(args, field.name) is not None
+    }
+    return config.replace(**overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lora_gui import events
+    from lora_gui.train import train
+
+    config = _config_from_args(args)
+    stop = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nStopping after this step (press Ctrl+C again to quit at once)...", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    bar: tqdm | None = None
+
+    def on_event(event: events.Event) -> None:
+        nonlocal bar
+        if event.kind == events.MESSAGE:
+            tqdm.write(event.data["text"]) if bar else print(event.data["text"], file=sys.stderr)
+        elif event.kind == events.STARTED:
+            for skipped in event.data["skipped"]:
+                print(f"Skipped {skipped}", file=sys.stderr)
+            print(
+                f"Training {event.data['family']} LoRA on {event.data['images']} images, {event.data['device']}, "
+                f"precision {event.data['precision']}",
+                file=sys.stderr,
+            )
+            bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True)
+        elif event.kind == events.STEP and bar is not None:
+            bar.update(event.step - bar.n)
+            bar.set_postfix(loss=f"{event.data['loss']:.4f}", img_s=f"{event.data['images_per_second']:.2f}")
+        elif event.kind == events.SAMPLES:
+            (tqdm.write if bar else print)(f"Samples: {', '.join(event.data['paths'])}")
+        elif event.kind in events.ENDINGS:
+            if bar is not None:
+                bar.close()
+            if event.kind == events.FINISHED:
+                print(f"Done. LoRA: {event.data['lora']}", file=sys.stderr)
+            elif event.kind == events.STOPPED:
+                print(
+                    f"Stopped at step {event.step}. LoRA so far: {event.data['lora']}. Continue with --resume.",
+                    file=sys.stderr,
+                )
+
+    train(config, Path(args.output), resume=args.resume, on_event=on_event, should_stop=stop.is_set)
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", help="generate an image with a LoRA")
+    generate.add_argument("--base-model", required=True, help=TrainConfig.help("base_model"))
+    generate.add_argument("--lora", action="append", default=[], help="LoRA file or run folder (repeatable)")
+    generate.add_argument("--scale", type=float, action="append", default=[], help="strength of each --lora (1.0)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--output", required=True, help="PNG file to write")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance", type=float, default=7.0)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--family", default="auto")
+    generate.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin/.pt/.ckpt LoRAs (unsafe)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lora_gui.files import atomic_path
+    from lora_gui.infer import Generator
+
+    if len(args.scale) > len(args.lora):
+        raise LoraGuiError("more --scale values than --lora files")
+    scales = args.scale + [1.0] * (len(args.lora) - len(args.scale))
+    generator = Generator.load(args.base_model, args.family)
+    generator.set_loras(list(zip(args.lora, scales, strict=True)), allow_pickle=args.allow_pickle)
+    image = generator(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.width, args.height)
+    with atomic_path(Path(args.output)) as tmp:
+        image.save(tmp, format="PNG")
+    print(f"Wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from lora_gui.tiny import write_tiny_model
+
+    write_tiny_model(args.folder, args.family)
+    print(f"Wrote a tiny {args.family} model to {args.folder}", file=sys.stderr)
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for name, description in list_presets().items():
+        print(f"{name:24} {description}")
+    return 0
+
+
+COMMANDS = {
+    "ui": _ui,
+    "train": _train,
+    "generate": _generate,
+    "tiny-model": _tiny_model,
+    "presets": _presets,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

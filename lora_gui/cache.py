@@ -1,0 +1,109 @@
+"""Work done once before the loop, so a training step is one UNet forward and backward.
+
+Latents: each image (and its mirror image when random flip is on) goes through the VAE once; the
+cache keeps the latent distribution's mean and std, and each step draws a fresh sample from them
+exactly as an uncached VAE encode would. Text: each distinct caption (and the empty caption, for
+caption dropout) is encoded once, unless the text encoder is being trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from lora_gui.data import Example, fit_to_bucket, image_to_tensor, open_image
+from lora_gui.families import Family, ImageGeometry
+
+ENCODE_BATCH = 4
+
+
+@dataclass
+class LatentCache:
+    mean: list[torch.Tensor]  # per image: (C, h, w), and the mirrored image's at [i + n] when flipping
+    std: list[torch.Tensor]
+    geometry: list[ImageGeometry]
+    scaling_factor: float
+    shift_factor: float
+    has_flips: bool
+
+    def sample(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
+        """Draw latents for a batch (all from one bucket, so they stack), already scaled for the UNet."""
+        count = len(self.geometry)
+        rows = [i + count if flip else i for i, flip in zip(indices, flips, strict=True)]
+        mean = torch.stack([self.mean[r] for r in rows]).to(generator.device, non_blocking=True)
+        std = torch.stack([self.std[r] for r in rows]).to(generator.device, non_blocking=True)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+
+
+@torch.no_grad()
+def cache_latents(
+    pipe: DiffusionPipeline,
+    examples: list[Example],
+    buckets: list[tuple[int, int]],
+    with_flips: bool,
+    device: torch.device,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> LatentCache:
+    vae = pipe.vae
+    means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
+    stds: list[torch.Tensor | None] = [None] * len(means)
+    geometry: list[ImageGeometry | None] = [None] * len(examples)
+    # Group by bucket so each VAE call gets images of one size.
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).append(index)
+    done = 0
+    for bucket, indices in by_bucket.items():
+        for start in range(0, len(indices), ENCODE_BATCH):
+            chunk = indices[start : start + ENCODE_BATCH]
+            pixels, rows = [], []
+            for index in chunk:
+                image, geometry[index] = fit_to_bucket(open_image(examples[index].path), bucket)
+                pixels.append(image_to_tensor(image))
+                rows.append(index)
+                if with_flips:
+                    pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+                    rows.append(index + len(examples))
+            batch = torch.stack(pixels).to(device, dtype=vae.dtype)
+            distribution = vae.encode(batch).latent_dist
+            for row, mean, std in zip(
+                rows, distribution.mean.float().cpu(), distribution.std.float().cpu(), strict=True
+            ):
+                means[row], stds[row] = mean, std
+            done += len(chunk)
+            progress(done, len(examples))
+    return LatentCache(
+        mean=means,  # type: ignore[arg-type]
+        std=stds,  # type: ignore[arg-type]
+        geometry=geometry,  # type: ignore[arg-type]
+        scaling_factor=vae.config.scaling_factor,
+        shift_factor=vae.config.get("shift_factor") or 0.0,
+        has_flips=with_flips,
+    )
+
+
+class TextConditioning:
+    """Caption -> the UNet's text conditioning; encoded once per caption unless the encoder trains."""
+
+    def __init__(self, pipe: DiffusionPipeline, family: type[Family], captions: list[str], trainable: bool):
+        self.pipe, self.family, self.trainable = pipe, family, trainable
+        self.cached: dict[str, dict[str, torch.Tensor]] = {}
+        if not trainable:
+            unique = list(dict.fromkeys(captions))
+            with torch.no_grad():
+                for start in range(0, len(unique), 16):
+                    chunk = unique[start : start + 16]
+                    encoded = family.encode(pipe, family.tokenize(pipe, chunk))
+                    for index, caption in enumerate(chunk):
+                        self.cached[caption] = {key: value[index] for key, value in encoded.items()}
+
+    def __call__(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        if self.trainable:
+            return self.family.encode(self.pipe, self.family.tokenize(self.pipe, captions))
+        rows = [self.cached[caption] for caption in captions]
+        return {key: torch.stack([row[key] for row in rows]).to(device) for key in rows[0]}

@@ -1,0 +1,278 @@
+"""TrainConfig: every training knob, its default, its help text and its validation, in one place.
+
+The command line's flags, the app's hints and the preset files are all generated from the field
+metadata below, so a knob is documented exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_gui.errors import ConfigError
+from lora_gui.files import write_text_atomic
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+FAMILIES = ("auto", "sd15", "sd2", "sdxl")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def _field(default: Any, help: str, group: str = "advanced", **kwargs: Any) -> Any:
+    """A dataclass field whose help text and UI group travel with it."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group, **kwargs})
+    return field(default=default, metadata={"help": help, "group": group, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # What to train on.
+    base_model: str = _field(
+        "", "Base model: a Hugging Face Hub id, a diffusers folder or a single .safetensors checkpoint.", "model"
+    )
+    family: str = _field("auto", "Model family; 'auto' reads it from the model itself.", choices=FAMILIES)
+    data: str = _field(
+        "",
+        "Training images: a folder (captions in same-name .txt files or metadata.jsonl/.csv) "
+        "or a Hugging Face dataset name.",
+        "data",
+    )
+    image_column: str = _field("", "Hugging Face datasets only: the image column ('' = guess).")
+    caption_column: str = _field("", "Hugging Face datasets only: the caption column ('' = guess).")
+    default_caption: str = _field("", "Caption for images that have none; '' skips such images.", "data")
+    trigger_word: str = _field(
+        "", "A rare word put in front of every caption, so you can call the LoRA up in prompts.", "data"
+    )
+    caption_dropout: float = _field(
+        0.0, "Share of steps that train with an empty caption (0 to 0.5), so the LoRA works without prompts."
+    )
+
+    # Images.
+    resolution: int = _field(512, "Training resolution in pixels (SD 1.5: 512, SD 2: 768, SDXL: 1024).", "main")
+    aspect_buckets: bool = _field(
+        True, "Keep each image's shape by grouping images of similar shape (off = square center crop)."
+    )
+    random_flip: bool = _field(False, "Mirror images at random (leave off for faces, text or logos).")
+
+    # How long and how hard.
+    max_steps: int = _field(1000, "Number of optimizer steps to train for.", "main")
+    epochs: int = _field(0, "Train for this many passes over the images instead of max_steps (0 = use max_steps).")
+    batch_size: int = _field(1, "Images per step (higher is faster per image but needs more GPU memory).")
+    gradient_accumulation_steps: int = _field(1, "Add up this many batches before each optimizer step.")
+    learning_rate: float = _field(1e-4, "How big each update is; 1e-4 is a safe start for LoRA.", "main")
+    text_encoder_learning_rate: float = _field(0.0, "Learning rate of the text encoder LoRA (0 = same as above).")
+    lr_scheduler: str = _field("constant", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _field(0, "Steps over which the learning rate ramps up from zero.")
+    optimizer: str = _field("adamw", "adamw, or adamw8bit (less memory; needs bitsandbytes).", choices=OPTIMIZERS)
+    adam_beta1: float = _field(0.9, "AdamW beta1.")
+    adam_beta2: float = _field(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _field(1.0, "Clip the gradient norm to this (0 = no clipping).")
+
+    # The LoRA itself.
+    rank: int = _field(16, "LoRA rank: its capacity. 4-8 for a style, 16-32 for a person.", "main")
+    alpha: float = _field(0.0, "LoRA alpha; the update is scaled by alpha / rank (0 = same as rank).")
+    target_modules: list[str] = _field(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet layers that get a LoRA (names or name suffixes)."
+    )
+    train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).")
+    text_encoder_target_modules: list[str] = _field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], "Text encoder layers that get a LoRA."
+    )
+
+    # Noise and loss.
+    snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off).")
+    noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark or bright images; 0 = off).")
+
+    # Speed and memory.
+    mixed_precision: str = _field(
+        "auto", "auto (bf16 or fp16 on a GPU, full precision on a CPU), no, fp16 or bf16.", choices=MIXED_PRECISIONS
+    )
+    gradient_checkpointing: bool = _field(False, "Save GPU memory at the cost of ~30% speed.")
+    seed: int = _field(42, "Random seed: the same seed and settings give the same LoRA.")
+
+    # Saving and previews.
+    checkpoint_every: int = _field(250, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _field(3, "How many recent checkpoints to keep on disk.")
+    sample_prompts: list[str] = _field([], "Prompts for preview images ('' = the first training caption).")
+    sample_every: int = _field(250, "Make preview images every N steps (0 = only at the end).")
+    sample_steps: int = _field(20, "Denoising steps per preview image.")
+    sample_seed: int = _field(1234, "Seed for preview images, so previews are comparable over the run.")
+    log_every: int = _field(1, "Write a metrics line every N steps.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that makes no sense, in plain words."""
+        _between("resolution", self.resolution, 64, 4096)
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); try 512, 768 or 1024")
+        _between("max_steps", self.max_steps, 1, 10_000_000)
+        _between("epochs", self.epochs, 0, 100_000)
+        _between("batch_size", self.batch_size, 1, 1024)
+        _between("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
+        _positive_rate("learning_rate", self.learning_rate)
+        if self.text_encoder_learning_rate:
+            _positive_rate("text_encoder_learning_rate", self.text_encoder_learning_rate)
+        _between("lr_warmup_steps", self.lr_warmup_steps, 0, 10_000_000)
+        _between("adam_beta1", self.adam_beta1, 0.0, 0.9999)
+        _between("adam_beta2", self.adam_beta2, 0.0, 0.99999)
+        _between("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)
+        _between("adam_epsilon", self.adam_epsilon, 0.0, 1.0)
+        _between("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _between("rank", self.rank, 1, 256)
+        _between("alpha", self.alpha, 0.0, 4096.0)
+        _between("caption_dropout", self.caption_dropout, 0.0, 0.5)
+        _between("snr_gamma", self.snr_gamma, 0.0, 100.0)
+        _between("noise_offset", self.noise_offset, 0.0, 1.0)
+        _between("seed", self.seed, 0, 2**32 - 1)
+        _between("checkpoint_every", self.checkpoint_every, 0, 10_000_000)
+        _between("keep_checkpoints", self.keep_checkpoints, 1, 1000)
+        _between("sample_every", self.sample_every, 0, 10_000_000)
+        _between("sample_steps", self.sample_steps, 1, 200)
+        _between("sample_seed", self.sample_seed, 0, 2**32 - 1)
+        _between("log_every", self.log_every, 1, 100_000)
+        for name, choices in (
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("family", FAMILIES),
+            ("optimizer", OPTIMIZERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
+        if not self.target_modules:
+            raise ConfigError("target_modules must name at least one UNet layer, for example to_q, to_k, to_v")
+        if self.train_text_encoder and not self.text_encoder_target_modules:
+            raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ConfigError(
+                "lr_warmup_steps needs a scheduler with warmup: pick constant_with_warmup, linear or cosine"
+            )
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+    def total_steps(self, batches_per_epoch: int, num_processes: int = 1) -> int:
+        """Optimizer steps of the whole run: max_steps, or enough steps to cover `epochs` passes."""
+        if not self.epochs:
+            return self.max_steps
+        batches_per_step = self.gradient_accumulation_steps * num_processes
+        return max(1, math.ceil(batches_per_epoch * self.epochs / batches_per_step))
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "settings") -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known) - {"description"})
+        if unknown:
+            raise ConfigError(f"{source} has unknown setting(s): {', '.join(unknown)}")
+        cleaned = {}
+        for name, value in values.items():
+            if name == "description":
+                continue
+            cleaned[name] = _coerce(name, value, known[name].default, known[name].default_factory)
+        return cls(**cleaned)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | os.PathLike, description: str = "") -> None:
+        values = self.to_dict()
+        if description:
+            values = {"description": description, **values}
+        write_text_atomic(Path(path), json.dumps(values, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"settings file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path.name} is not valid JSON ({error.msg} on line {error.lineno})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path.name} must hold a JSON object of settings")
+        return cls.from_dict(values, source=path.name)
+
+    @staticmethod
+    def help(name: str) -> str:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}[name]
+
+
+def _between(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number (got {value!r})")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g} (got {value:g})")
+
+
+def _positive_rate(name: str, value: float) -> None:
+    _between(name, value, 0.0, 1.0)
+    if value <= 0:
+        raise ConfigError(f"{name} must be above 0; 1e-4 is a good start")
+    if value > 0.01:
+        raise ConfigError(f"{name} {value:g} is far too high for LoRA and would wreck the model; try 1e-4")
+
+
+def _coerce(name: str, value: Any, default: Any, default_factory: Any) -> Any:
+    """Turn JSON or command-line values into the field's type, with an error that names the field."""
+    if default is dataclasses.MISSING:
+        default = default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            return [str(item) for item in value]
+        return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number", list: "a list"}.get(
+            type(default), "text"
+        )
+        raise ConfigError(f"{name} must be {kind} (got {value!r})") from None
+
+
+# ---- presets --------------------------------------------------------------------------------
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description."""
+    presets = {}
+    for path in sorted(PRESETS_DIR.glob("*.json")):
+        presets[path.stem] = json.loads(path.read_text(encoding="utf-8")).get("description", "")
+    return presets
+
+
+def load_preset(name: str) -> TrainConfig:
+    path = PRESETS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"no preset named {name!r}; available: {', '.join(list_presets())}")
+    return TrainConfig.load(path)

@@ -1,0 +1,451 @@
+"""Training images: find them, check them, caption them, copy them into the run, fit them to buckets.
+
+Sources: a folder of images with same-name .txt captions (subfolders too), a folder with
+metadata.jsonl / metadata.csv (`file_name` + `text`, as `datasets`' imagefolder reads it), or a
+Hugging Face dataset. Whatever the source, the run gets its own copy in kohya's layout
+(image + same-name .txt), and training reads only that copy, so a run never depends on files
+that may move.
+
+A file that can't be used is skipped with a reason a person understands; a user's file never
+produces a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from lora_gui.errors import DataError
+from lora_gui.families import ImageGeometry
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Image formats people drop in that we can't read; named so they are reported, not silently ignored.
+OTHER_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MIN_SIDE = 32
+MAX_PIXELS = 64_000_000
+CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "description", "sentence")
+
+
+@dataclass
+class Example:
+    """One usable training image and its caption."""
+
+    path: Path
+    caption: str
+    size: tuple[int, int]  # (width, height) after EXIF rotation
+    relpath: str = ""  # where it sits in its folder
+    image: Image.Image | None = field(default=None, repr=False)  # decoded rows of a Hub dataset, until copied
+
+    @property
+    def caption_source(self) -> str:
+        return self.relpath or self.path.name
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+@dataclass
+class Scan:
+    """What a look at the training images found."""
+
+    examples: list[Example] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def duplicates(self) -> list[list[str]]:
+        """Groups of byte-identical images."""
+        by_hash: dict[str, list[str]] = {}
+        for example in self.examples:
+            by_hash.setdefault(_file_hash(example.path), []).append(example.caption_source)
+        return [names for names in by_hash.values() if len(names) > 1]
+
+    def smaller_than(self, resolution: int) -> list[Example]:
+        return [e for e in self.examples if min(e.size) < resolution]
+
+    def uncaptioned(self, default_caption: str) -> list[Skipped]:
+        return [s for s in self.skipped if s.reason.startswith("no caption")] if not default_caption else []
+
+    def require_some(self, source: str) -> None:
+        if self.examples:
+            return
+        if not self.skipped:
+            raise DataError(
+                f"no images found in {source}: put .jpg, .png, .webp or .bmp files there (subfolders count too)"
+            )
+        reasons: dict[str, int] = {}
+        for skipped in self.skipped:
+            reasons[skipped.reason.split(" (")[0]] = reasons.get(skipped.reason.split(" (")[0], 0) + 1
+        summary = "; ".join(f"{count} {reason}" for reason, count in reasons.items())
+        hint = ""
+        if any(reason.startswith("no caption") for reason in reasons):
+            hint = " Add a .txt caption beside each image, or set a default caption."
+        raise DataError(f"no usable images in {source}: every file was skipped ({summary}).{hint}")
+
+
+# ---- reading one image -------------------------------------------------------------------------
+class UnusableImage(Exception):
+    """Raised with the plain reason an image can't be used."""
+
+
+def open_image(source: Path | bytes, name: str = "") -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB, upright, transparency on white."""
+    if isinstance(source, Path) and source.stat().st_size == 0:
+        raise UnusableImage("empty file (0 bytes)")
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UnusableImage(f"too large ({width}x{height} px; at most {MAX_PIXELS // 1_000_000} megapixels)")
+            image.load()
+    except UnusableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnusableImage("too large (decompression bomb protection)") from None
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image file, or a format that can't be read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if "truncated" in str(error).lower():
+            raise UnusableImage("truncated or damaged image (the file is cut off)") from None
+        raise UnusableImage(f"damaged image ({error})") from None
+    if min(image.size) < MIN_SIDE:
+        raise UnusableImage(f"too small ({image.width}x{image.height} px; needs at least {MIN_SIDE} px per side)")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit images: PIL's convert("L") clips at 255, which turns them white; scale instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            log.debug("ICC conversion failed; using the plain CMYK formula")
+    return image.convert("RGB")
+
+
+# ---- captions ----------------------------------------------------------------------------------
+def read_caption_file(path: Path) -> str:
+    raw = path.read_bytes()
+    for encoding in ("utf-8-sig", "utf-16", "cp1252"):
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        text = raw.decode("latin-1")
+    return " ".join(text.split())
+
+
+def full_caption(caption: str, trigger_word: str) -> str:
+    """The caption as trained: the trigger word in front, unless the caption already has it."""
+    trigger = trigger_word.strip()
+    if not trigger or trigger.lower() in caption.lower().replace(",", " ").split():
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def _metadata_captions(folder: Path) -> dict[str, str] | None:
+    """file_name -> caption from metadata.jsonl or metadata.csv, or None when there is neither."""
+    jsonl, csv_path = folder / METADATA_FILES[0], folder / METADATA_FILES[1]
+    rows: list[dict]
+    if jsonl.is_file():
+        rows = []
+        for number, line in enumerate(jsonl.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"metadata.jsonl line {number} is not valid JSON; fix or delete that line") from None
+    elif csv_path.is_file():
+        with csv_path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        return None
+    captions = {}
+    for row in rows:
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise DataError("each row of the metadata file needs a file_name column (and a text column for captions)")
+        text = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), "")
+        captions[str(Path(row["file_name"]).as_posix())] = " ".join(text.split())
+    return captions
+
+
+# ---- scanning a folder ------------------------------------------------------------------------
+def scan_folder(folder: str | Path, default_caption: str = "") -> Scan:
+    """Every usable image in a folder (subfolders included) with its caption, and what was skipped."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"the image folder {folder} does not exist; check the path")
+    metadata = _metadata_captions(folder)
+    scan = Scan()
+    for path in sorted(folder.rglob("*")):
+        relpath = path.relative_to(folder).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        suffix = path.suffix.lower()
+        if suffix in OTHER_IMAGE_SUFFIXES:
+            scan.skipped.append(Skipped(relpath, f"{suffix} images are not supported (convert it to PNG or JPG)"))
+            continue
+        if suffix not in IMAGE_SUFFIXES:
+            continue
+        try:
+            size = open_image(path).size
+        except UnusableImage as problem:
+            scan.skipped.append(Skipped(relpath, str(problem)))
+            continue
+        caption = _caption_for(path, relpath, metadata) or default_caption.strip()
+        if not caption:
+            where = "no line in the metadata file" if metadata is not None else f"no {path.stem}.txt beside it"
+            scan.skipped.append(Skipped(relpath, f"no caption ({where}, and no default caption is set)"))
+            continue
+        scan.examples.append(Example(path=path, caption=caption, size=size, relpath=relpath))
+    return scan
+
+
+def _caption_for(path: Path, relpath: str, metadata: dict[str, str] | None) -> str:
+    if metadata is not None and metadata.get(relpath):
+        return metadata[relpath]
+    caption_file = path.with_suffix(".txt")
+    return read_caption_file(caption_file) if caption_file.is_file() else ""
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- Hugging Face datasets ---------------------------------------------------------------------
+def is_hf_dataset_folder(folder: Path) -> bool:
+    """A local copy of a Hub dataset repo (parquet/arrow files) rather than a folder of images."""
+    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+        return True
+    has_tables = any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
+    return has_tables and not has_images
+
+
+def scan_hf_dataset(name: str, image_column: str = "", caption_column: str = "", default_caption: str = "") -> Scan:
+    """Load a Hugging Face dataset and turn its rows into images in memory, skipping bad rows."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except FileNotFoundError:
+        raise DataError(
+            f"no dataset named {name!r} was found, on this computer or on the Hugging Face Hub; check the name"
+        ) from None
+    except (ConnectionError, OSError) as error:
+        raise DataError(
+            f"could not load the dataset {name!r}: {str(error).splitlines()[0]}. If it is on the Hub, check your "
+            "internet connection; gated or private datasets need you to log in (`hf auth login`)"
+        ) from None
+    except ValueError as error:
+        raise DataError(f"could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
+    image_column = image_column or _guess_image_column(table)
+    caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in table.column_names), "")
+    for column, what in ((image_column, "image"), (caption_column, "caption")):
+        if column and column not in table.column_names:
+            raise DataError(
+                f"the dataset has no {what} column named {column!r}; its columns are {', '.join(table.column_names)}"
+            )
+    if not image_column:
+        raise DataError(f"the dataset has no image column; its columns are {', '.join(table.column_names)}")
+    table = table.cast_column(image_column, datasets.Image(decode=False))
+    scan = Scan()
+    for index, row in enumerate(table):
+        label = f"row {index}"
+        cell = row[image_column] or {}
+        try:
+            if cell.get("bytes"):
+                image = open_image(cell["bytes"])
+            elif cell.get("path"):
+                image = open_image(Path(cell["path"]))
+            else:
+                raise UnusableImage("the image cell is empty")
+        except (UnusableImage, OSError) as problem:
+            scan.skipped.append(Skipped(label, str(problem)))
+            continue
+        caption = row.get(caption_column) if caption_column else ""
+        caption = " ".join(caption.split()) if isinstance(caption, str) else ""
+        caption = caption or default_caption.strip()
+        if not caption:
+            scan.skipped.append(Skipped(label, "no caption (empty caption column, and no default caption is set)"))
+            continue
+        name = f"{index:06d}.png"
+        scan.examples.append(Example(path=Path(name), caption=caption, size=image.size, relpath=name, image=image))
+    return scan
+
+
+def _guess_image_column(table) -> str:
+    import datasets
+
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    return "image" if "image" in table.column_names else ""
+
+
+# ---- from any source into the run ---------------------------------------------------------------
+def scan_source(source: str, default_caption: str = "", image_column: str = "", caption_column: str = "") -> Scan:
+    """Scan a folder or a Hugging Face dataset (a Hub name, or a local copy of one)."""
+    source = source.strip()
+    if not source:
+        raise DataError("no training images chosen: give a folder of images or a Hugging Face dataset name")
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not is_hf_dataset_folder(folder):
+        scan = scan_folder(folder, default_caption)
+    elif folder.is_dir() or (not folder.exists() and "/" in source and not source.startswith((".", "/", "~"))):
+        scan = scan_hf_dataset(source, image_column, caption_column, default_caption)
+    elif folder.exists():
+        raise DataError(f"{folder} is a file, not a folder; give the folder that holds the images")
+    else:
+        raise DataError(f"the image folder {folder} does not exist; check the path")
+    scan.require_some(source)
+    return scan
+
+
+def copy_into_run(scan: Scan, dataset_dir: Path) -> Scan:
+    """Write the usable images and their captions into the run's dataset/ folder (kohya layout)."""
+    if dataset_dir.exists():
+        shutil.rmtree(dataset_dir)
+    dataset_dir.mkdir(parents=True)
+    copied = Scan(skipped=list(scan.skipped))
+    for example in scan.examples:
+        relpath = example.relpath or example.path.name
+        target = dataset_dir / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if example.image is not None:
+            example.image.save(target)
+        else:
+            shutil.copy2(example.path, target)
+        target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
+        copied.examples.append(Example(path=target, caption=example.caption, size=example.size, relpath=relpath))
+    return copied
+
+
+# ---- aspect-ratio buckets ----------------------------------------------------------------------
+def bucket_sizes(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) sizes of about resolution² pixels, both multiples of `step`."""
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    width = step
+    while width <= resolution * max_ratio:
+        height = area // width // step * step
+        if height >= step and max(width, height) / min(width, height) <= max_ratio:
+            sizes.update({(width, height), (height, width)})
+        width += step
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose shape is closest to the image's (closest log aspect ratio, then largest)."""
+    aspect = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, ImageGeometry]:
+    """Scale the image to cover the bucket, then center-crop it to exactly the bucket's size."""
+    width, height = image.size
+    target_w, target_h = bucket
+    scale = max(target_w / width, target_h / height)
+    resized_w, resized_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    resized = image.resize((resized_w, resized_h), resample)
+    left, top = (resized_w - target_w) // 2, (resized_h - target_h) // 2
+    cropped = resized.crop((left, top, left + target_w, top + target_h))
+    return cropped, ImageGeometry(
+        original_size=(height, width), crop_top_left=(top, left), target_size=(target_h, target_w)
+    )
+
+
+def assign_buckets(examples: list[Example], resolution: int, step: int, aspect_buckets: bool) -> list[tuple[int, int]]:
+    """The bucket of each example: its nearest shape, or the square when buckets are off."""
+    if not aspect_buckets:
+        return [(resolution, resolution)] * len(examples)
+    buckets = bucket_sizes(resolution, step)
+    return [nearest_bucket(example.size, buckets) for example in examples]
+
+
+def image_to_tensor(image: Image.Image):
+    """HWC uint8 -> CHW float in [-1, 1], as the VAE expects."""
+    import torch
+
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class BatchOrder:
+    """The images of the n-th batch of a run, as a pure function of (seed, n).
+
+    Each epoch shuffles the images within their buckets, cuts each bucket into batches and
+    shuffles the batches, so every batch holds images of one size. Because the order depends on
+    nothing but the seed, a resumed run continues with exactly the batches it would have seen.
+    """
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
+        self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
+        self.batches_per_epoch = len(self._epoch(0))
+        self._current: tuple[int, list[list[int]]] = (0, self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        batches = []
+        for indices in by_bucket.values():
+            rng.shuffle(indices)
+            batches += [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __call__(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if self._current[0] != epoch:
+            self._current = (epoch, self._epoch(epoch))
+        return self._current[1][position]

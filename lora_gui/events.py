@@ -1,0 +1,32 @@
+"""What a training run reports while it works. The loop emits these; jobs, the UI, the CLI and the
+tests consume them. Plain data, so any of them can store, print or draw an event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+STARTED = "started"  # data: run_dir, images, skipped, device, precision, resumed_from
+STEP = "step"  # data: loss, lr, grad_norm, images_per_second, eta_seconds, epoch
+SAMPLES = "samples"  # data: paths, prompts
+CHECKPOINT = "checkpoint"  # data: path
+FINISHED = "finished"  # data: lora, files
+STOPPED = "stopped"  # data: lora, checkpoint (both may be None if stopped before the first step)
+FAILED = "failed"  # data: message, log
+MESSAGE = "message"  # data: text (progress notes such as "caching latents")
+
+ENDINGS = (FINISHED, STOPPED, FAILED)
+
+
+@dataclass
+class Event:
+    kind: str
+    step: int = 0
+    total_steps: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+
+EventHandler = Callable[[Event], None]

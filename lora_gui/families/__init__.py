@@ -1,0 +1,39 @@
+"""Base-model families behind one interface, and telling which one a model is."""
+
+from __future__ import annotations
+
+from diffusers import DiffusionPipeline
+
+from lora_gui.errors import ModelLoadError
+from lora_gui.families.base import Family, ImageGeometry
+from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
+
+REGISTRY: dict[str, type[Family]] = {family.name: family for family in (StableDiffusion1, StableDiffusion2)}
+
+__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "get_family"]
+
+
+def get_family(name: str) -> type[Family]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown model family {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def detect_family(pipe: DiffusionPipeline, override: str = "auto") -> type[Family]:
+    """The family of a loaded pipeline, read from its modules; `override` wins when it fits."""
+    if override != "auto":
+        family = get_family(override)
+        if not isinstance(pipe, family.pipeline_class):
+            raise ModelLoadError(
+                f"the model was set to {family.title}, but it loads as a {type(pipe).__name__}; "
+                "set the model family to auto"
+            )
+        return family
+    for family in REGISTRY.values():
+        if family.matches(pipe):
+            return family
+    raise ModelLoadError(
+        f"this model is a {type(pipe).__name__}, which this trainer does not support yet; "
+        f"supported: {', '.join(f.title for f in REGISTRY.values())}"
+    )

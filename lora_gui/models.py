@@ -1,0 +1,134 @@
+"""Loading a base model from a Hub id, a diffusers folder or a single checkpoint file.
+
+Every way this can fail ends in a ModelLoadError that says what was tried and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from lora_gui.errors import ModelLoadError
+from lora_gui.families import REGISTRY, Family, detect_family
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Key prefixes by which an original (non-diffusers) checkpoint shows its family.
+_CHECKPOINT_SIGNATURES = (
+    ("conditioner.embedders.1.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd15"),
+)
+
+
+def load_pipeline(
+    base_model: str, family: str = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[type[Family], DiffusionPipeline]:
+    """Load a base model and tell its family. The VAE always stays in fp32 (fp16 VAEs overflow)."""
+    source = base_model.strip()
+    if not source:
+        raise ModelLoadError(
+            "no base model chosen: give a Hugging Face Hub id, a diffusers folder or a .safetensors file"
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but not a diffusers model (it has no model_index.json); "
+                "pick the folder that holds model_index.json, or a single .safetensors checkpoint file"
+            )
+        pipe = _from_pretrained(str(path), dtype, what=f"the model folder {path}")
+    elif path.is_file():
+        pipe = _from_single_file(path, family, dtype)
+    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        pipe = _from_pretrained(source, dtype, what=f"the Hugging Face Hub model {source}")
+    else:
+        raise ModelLoadError(
+            f"base model {source!r} not found: there is no such folder or file on this computer, and it is "
+            "not a Hugging Face Hub id (those look like owner/name, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        )
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return detect_family(pipe, family), pipe
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, what: str) -> DiffusionPipeline:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return DiffusionPipeline.from_pretrained(
+            source, dtype={"default": dtype, "vae": torch.float32}, safety_checker=None
+        )
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{what} is gated: accept its license on huggingface.co, then log in here "
+            "(`hf auth login`, or set the HF_TOKEN environment variable) and try again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{what} does not exist on the Hub (or is private): check the spelling; private models need "
+            "you to log in (`hf auth login` or HF_TOKEN)"
+        ) from None
+    except OSError as error:
+        text = str(error)
+        if "connect" in text.lower() or "cached" in text.lower() or "offline" in text.lower():
+            raise ModelLoadError(
+                f"could not load {what}: the Hugging Face Hub could not be reached and the model is not in "
+                "this computer's download cache. Connect to the internet once so it downloads, or pick a "
+                "model folder or .safetensors file you already have"
+            ) from None
+        raise ModelLoadError(f"could not load {what}: {text.splitlines()[0]}") from None
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load {what}: it looks damaged or incomplete ({error})") from None
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """The family of an original-format checkpoint, from its tensor names alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception as error:
+        raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({error})") from None
+    for prefix, family in _CHECKPOINT_SIGNATURES:
+        if any(key.startswith(prefix) for key in keys):
+            return family
+    return None
+
+
+def _from_single_file(path: Path, family: str, dtype: torch.dtype) -> DiffusionPipeline:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{path.name} is a pickled checkpoint, which can run code when loaded; use the .safetensors "
+            "version of the model instead"
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path.name} is not a model file: pick a .safetensors checkpoint or a diffusers folder")
+    detected = checkpoint_family(path)
+    name = family if family != "auto" else detected
+    if name is None:
+        raise ModelLoadError(
+            f"{path.name} is not a Stable Diffusion checkpoint this trainer knows (its tensor names match "
+            f"none of {', '.join(REGISTRY)}); if it is one, set the model family by hand"
+        )
+    if name not in REGISTRY:
+        raise ModelLoadError(f"{path.name} is a {name} checkpoint, which this trainer does not support yet")
+    try:
+        return REGISTRY[name].pipeline_class.from_single_file(str(path), dtype=dtype)
+    except OSError as error:
+        raise ModelLoadError(
+            f"could not read {path.name} as a {REGISTRY[name].title} checkpoint: a single-file checkpoint needs "
+            "its family's configuration, downloaded once from the Hugging Face Hub, and that failed "
+            f"({str(error).splitlines()[0]}). Connect to the internet once, or use the model's diffusers folder"
+        ) from None
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not read {path.name} as a {REGISTRY[name].title} checkpoint: {error}") from None

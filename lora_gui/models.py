@@ -64,9 +64,10 @@ def _from_pretrained(source: str, dtype: torch.dtype, what: str) -> DiffusionPip
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        return DiffusionPipeline.from_pretrained(
-            source, dtype={"default": dtype, "vae": torch.float32}, safety_checker=None
-        )
+        # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
+        index = DiffusionPipeline.load_config(source)
+        skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        return DiffusionPipeline.from_pretrained(source, dtype={"default": dtype, "vae": torch.float32}, **skip_checker)
     except GatedRepoError:
         raise ModelLoadError(
             f"{what} is gated: accept its license on huggingface.co, then log in here "

@@ -9,83 +9,97 @@ import numpy as np
 import pytest
 import torch
 from conftest import quick_config
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
 from safetensors.torch import load_file
 
 from lora_gui import events
 from lora_gui import train as train_module
-from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
+from lora_gui.config import load_preset
+from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.train import train
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
+FAMILIES = ("sd15", "sd2", "sdxl")
 
 
-def denoising_loss(pipe: StableDiffusionPipeline, data_dir: Path, resolution: int) -> float:
-    """Mean noise-prediction error on the training images, at fixed timesteps with fixed noise."""
+def conditioning(pipe: DiffusionPipeline, captions: list[str], geometry: list) -> dict:
+    """The UNet's text conditioning as the pipeline itself computes it (not through our family code)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+        time_ids = torch.tensor([[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometry])
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    embeds, _ = pipe.encode_prompt(captions, "cpu", 1, False)
+    return {"encoder_hidden_states": embeds}
+
+
+def denoising_loss(pipe: DiffusionPipeline, data_dir: Path, resolution: int) -> float:
+    """Mean prediction error on the training images, at fixed timesteps with fixed noise.
+
+    The target follows the scheduler's prediction type: the noise, or the velocity (SD 2 768-v)."""
     examples = scan_folder(data_dir).examples
-    pixels = torch.stack(
-        [image_to_tensor(fit_to_bucket(open_image(e.path), (resolution, resolution))[0]) for e in examples]
-    )
-    ids = pipe.tokenizer(
-        [e.caption for e in examples], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
+    fitted = [fit_to_bucket(open_image(e.path), (resolution, resolution)) for e in examples]
+    pixels = torch.stack([image_to_tensor(picture) for picture, _ in fitted])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        text = pipe.text_encoder(ids)[0]
+        kwargs = conditioning(pipe, [e.caption for e in examples], [geometry for _, geometry in fitted])
         losses = []
         for t in TIMESTEPS:
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.full((len(examples),), t)
-            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-            prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample
-            losses.append(torch.nn.functional.mse_loss(prediction, noise).item())
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            prediction = pipe.unet(noisy, timesteps, **kwargs).sample
+            if scheduler.config.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            losses.append(torch.nn.functional.mse_loss(prediction, target).item())
     return float(np.mean(losses))
 
 
-def image(pipe: StableDiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
+def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(3)
     return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
 
 
-def fresh_pipe(model: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(model)
+def fresh_pipe(model: Path) -> DiffusionPipeline:
+    pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_model, photos, tmp_path):
-    config = quick_config(
-        tiny_model,
-        photos,
-        max_steps=80,
-        rank=8,
-        target_modules=[
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "proj_in",
-            "proj_out",
-            "ff.net.0.proj",
-            "ff.net.2",
-        ],
-    )
-    run_dir = tmp_path / "run"
-    before = denoising_loss(fresh_pipe(tiny_model), run_dir.parent / "photos", config.resolution)
-    train(config, run_dir)
-    trained = fresh_pipe(tiny_model)
-    trained.load_lora_weights(run_dir)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, photos, tmp_path, family):
+    model = tiny_models(family)
+    # The demo preset's layers: attention alone learns too slowly on the tiny SDXL, whose first block has none.
+    targets = load_preset("tiny-cpu-demo").target_modules
+    config = quick_config(model, photos, max_steps=80, rank=8, target_modules=targets)
+    before = denoising_loss(fresh_pipe(model), photos, config.resolution)
+    train(config, tmp_path / "run")
+    trained = fresh_pipe(model)
+    trained.load_lora_weights(tmp_path / "run")
     after = denoising_loss(trained, photos, config.resolution)
-    # Margin: at least 15% lower on the same noise and timesteps (measured: ~35% lower).
+    # Margin: at least 15% lower on the same noise and timesteps (measured: 30-45% lower).
     assert after < 0.85 * before, (before, after)
 
 
-def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny_model, photos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(
+    tiny_models, photos, tmp_path, monkeypatch, family
+):
+    model = tiny_models(family)
     # alpha != rank: the file must carry alpha so diffusers loads it at the trained strength.
-    config = quick_config(tiny_model, photos, rank=4, alpha=2, train_text_encoder=True)
+    config = quick_config(model, photos, rank=4, alpha=2, train_text_encoder=True)
     in_memory = {}
     real_save = train_module.save_diffusers_lora
 
@@ -97,8 +111,8 @@ def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny
     monkeypatch.setattr(train_module, "save_diffusers_lora", save_and_remember)
     train(config, tmp_path / "run")
 
-    base = image(fresh_pipe(tiny_model))
-    pipe = fresh_pipe(tiny_model)
+    base = image(fresh_pipe(model))
+    pipe = fresh_pipe(model)
     pipe.load_lora_weights(tmp_path / "run", adapter_name="mine")
     pipe.set_adapters(["mine"], adapter_weights=[1.0])
     at_one = image(pipe)
@@ -110,9 +124,10 @@ def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny
     np.testing.assert_allclose(at_one, in_memory["image"], atol=1e-4)
 
 
-def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model, photos, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_models, photos, tmp_path, family):
     config = quick_config(
-        tiny_model,
+        tiny_models(family),
         photos,
         max_steps=10,
         checkpoint_every=3,
@@ -123,6 +138,7 @@ def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model
         gradient_accumulation_steps=2,
         lr_scheduler="cosine",
         lr_warmup_steps=2,
+        train_text_encoder=True,
     )
     train(config, tmp_path / "straight")
 
@@ -150,10 +166,43 @@ def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model
     straight = load_file(tmp_path / "straight/pytorch_lora_weights.safetensors")
     interrupted = load_file(tmp_path / "interrupted/pytorch_lora_weights.safetensors")
     assert straight.keys() == interrupted.keys()
+    assert any(key.startswith("text_encoder") for key in straight)
     for key in straight:
         torch.testing.assert_close(interrupted[key], straight[key], rtol=0, atol=1e-7, msg=key)
     steps = [row["step"] for row in map(json.loads, (tmp_path / "interrupted/metrics.jsonl").read_text().splitlines())]
     assert steps == list(range(1, 11)), "metrics hold each step once, also across the resume"
+
+
+def test_sdxl_time_ids_carry_each_images_real_size_and_crop(tiny_models, tmp_path, monkeypatch):
+    from lora_gui.demo import draw_shape
+    from lora_gui.families.sdxl import StableDiffusionXL
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"wide": (300, 140), "tall": (150, 290), "square": (200, 200)}
+    for name, size in sizes.items():
+        draw_shape("circle", (200, 30, 30), size, seed=1).save(photos / f"{name}.png")
+        (photos / f"{name}.txt").write_text(f"a {name} photo")
+    seen_time_ids = []
+    real = StableDiffusionXL.unet_kwargs
+
+    def recording(conditioning, geometry, device):
+        kwargs = real(conditioning, geometry, device)
+        seen_time_ids.extend(kwargs["added_cond_kwargs"]["time_ids"].tolist())
+        return kwargs
+
+    monkeypatch.setattr(StableDiffusionXL, "unet_kwargs", staticmethod(recording))
+    config = quick_config(tiny_models("sdxl"), photos, resolution=128, batch_size=1, max_steps=3)
+    train(config, tmp_path / "run")
+
+    expected = set()
+    for size in sizes.values():
+        bucket = assign_buckets([type("E", (), {"size": size})()], 128, 16, aspect_buckets=True)[0]
+        _, geometry = fit_to_bucket(Image.new("RGB", size), bucket)
+        expected.add((*geometry.original_size, *geometry.crop_top_left, *geometry.target_size))
+        assert geometry.original_size == (size[1], size[0])
+    assert {tuple(int(v) for v in row) for row in seen_time_ids} == expected
+    assert any(row[2] or row[3] for row in expected), "some image was cropped, so crops are really tested"
 
 
 def test_run_folder_and_events(tiny_model, photos, tmp_path):
@@ -264,3 +313,28 @@ def test_a_new_run_never_overwrites_a_finished_one(tiny_model, photos, tmp_path)
     with pytest.raises(LoraGuiError, match="already holds a run"):
         train(config.replace(rank=8), tmp_path / "run")
     assert (tmp_path / "run/pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(("family", "velocity"), [("sd15", False), ("sd2", True), ("sdxl", False)])
+def test_loss_target_follows_the_schedulers_prediction_type(
+    tiny_models, photos, tmp_path, monkeypatch, family, velocity
+):
+    velocities, targets = [], []
+    real_velocity, real_loss = DDPMScheduler.get_velocity, train_module.diffusion_loss
+
+    def recording_velocity(self, *args):
+        velocities.append(real_velocity(self, *args))
+        return velocities[-1]
+
+    def recording_loss(prediction, target, *args):
+        targets.append(target)
+        return real_loss(prediction, target, *args)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", recording_velocity)
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    train(quick_config(tiny_models(family), photos, max_steps=2), tmp_path / "run")
+    assert len(targets) == 2
+    if velocity:
+        assert len(velocities) == 2 and all(t is v for t, v in zip(targets, velocities, strict=True))
+    else:
+        assert velocities == []

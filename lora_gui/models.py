@@ -61,34 +61,46 @@ def load_pipeline(
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, what: str) -> DiffusionPipeline:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
     try:
         # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
         index = DiffusionPipeline.load_config(source)
         skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         return DiffusionPipeline.from_pretrained(source, dtype={"default": dtype, "vae": torch.float32}, **skip_checker)
-    except GatedRepoError:
-        raise ModelLoadError(
-            f"{what} is gated: accept its license on huggingface.co, then log in here "
-            "(`hf auth login`, or set the HF_TOKEN environment variable) and try again"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(
-            f"{what} does not exist on the Hub (or is private): check the spelling; private models need "
-            "you to log in (`hf auth login` or HF_TOKEN)"
-        ) from None
     except OSError as error:
-        text = str(error)
-        if "connect" in text.lower() or "cached" in text.lower() or "offline" in text.lower():
-            raise ModelLoadError(
-                f"could not load {what}: the Hugging Face Hub could not be reached and the model is not in "
-                "this computer's download cache. Connect to the internet once so it downloads, or pick a "
-                "model folder or .safetensors file you already have"
-            ) from None
-        raise ModelLoadError(f"could not load {what}: {text.splitlines()[0]}") from None
+        if Path(source).is_dir():
+            raise ModelLoadError(f"could not load {what}: {str(error).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(source)}") from None
     except (ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load {what}: it looks damaged or incomplete ({error})") from None
+
+
+def _hub_diagnosis(repo_id: str) -> str:
+    """Why a Hub model could not be loaded, found by asking the Hub (only after loading failed)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    not_cached = (
+        "it is not in this computer's download cache. Connect to the internet once so it downloads, or pick a "
+        "model folder or .safetensors file you already have"
+    )
+    if constants.HF_HUB_OFFLINE:
+        return f"offline mode is on (HF_HUB_OFFLINE) and {not_cached}"
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except GatedRepoError:
+        return (
+            "the model is gated: accept its license on huggingface.co, then log in here "
+            "(`hf auth login`, or set the HF_TOKEN environment variable) and try again"
+        )
+    except RepositoryNotFoundError:
+        return "no such model on the Hub (or it is private): check the spelling; private models need a login"
+    except Exception:
+        return f"the Hugging Face Hub could not be reached and {not_cached}"
+    if "model_index.json" not in files:
+        singles = [name for name in files if name.endswith(".safetensors") and "/" not in name]
+        hint = f" It holds {', '.join(singles[:3])}: download one and pick that file." if singles else ""
+        return f"it is not a diffusers pipeline (it has no model_index.json).{hint}"
+    return "the download failed part-way; try again, and check the free disk space"
 
 
 def checkpoint_family(path: Path) -> str | None:

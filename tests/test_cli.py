@@ -143,7 +143,10 @@ def test_bad_input_prints_a_plain_error_and_no_traceback(tiny_model, tmp_path, c
     ("base_model", "message"),
     [
         ("./no/such/folder", "not found: there is no such folder or file on this computer"),
-        ("someone/not-downloaded", "the Hugging Face Hub could not be reached and the model is not in"),
+        (
+            "someone/not-downloaded",
+            "offline mode is on (HF_HUB_OFFLINE) and it is not in this computer's download cache",
+        ),
         (".", "is a folder but not a diffusers model (it has no model_index.json)"),
         ("model.ckpt", "is a pickled checkpoint, which can run code when loaded"),
         ("weird.safetensors", "is not a Stable Diffusion checkpoint this trainer knows"),
@@ -335,3 +338,42 @@ def test_two_processes_with_accelerate_launch(tiny_model, photos, tmp_path):
     assert rows[-1]["epoch"] == pytest.approx(4 / 3, abs=0.01)
     assert (tmp_path / "run/checkpoints/step-4/random_states_1.pkl").is_file(), "each process saved its RNG"
     assert (tmp_path / "run/pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ("gated", "the model is gated: accept its license on huggingface.co"),
+        ("missing", "no such model on the Hub (or it is private)"),
+        ("unreachable", "the Hugging Face Hub could not be reached and it is not in this computer's download cache"),
+        (["model.safetensors", "README.md"], "not a diffusers pipeline (it has no model_index.json). It holds model"),
+    ],
+)
+def test_hub_failures_are_told_apart(monkeypatch, answer, message):
+    import huggingface_hub
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from lora_gui.errors import ModelLoadError
+    from lora_gui.models import load_pipeline
+
+    def list_repo_files(self, repo_id):
+        response = type("Response", (), {"headers": {}, "status_code": 404, "request": None, "url": ""})()
+        if answer == "gated":
+            raise GatedRepoError("gated", response=response)
+        if answer == "missing":
+            raise RepositoryNotFoundError("missing", response=response)
+        if answer == "unreachable":
+            raise ConnectionError("no network")
+        return answer
+
+    def no_download(*args, **kwargs):
+        raise OSError("download failed")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(DiffusionPipeline, "load_config", no_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipeline("someone/some-model")
+    assert message in str(raised.value)

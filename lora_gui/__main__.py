@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("folder")
     tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
     commands.add_parser("presets", help="list the presets")
+    _bench_parser(commands)
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
@@ -216,12 +217,52 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="time our training step against the reference script's",
+        description="Runs the reference script's per-step work and our training loop in this process on the same "
+        "model, images and settings, and prints a table. sd15/sdxl are the real architectures with random weights.",
+    )
+    bench.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl"))
+    bench.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    bench.add_argument("--batch-size", type=int, default=2)
+    bench.add_argument("--resolution", type=int, default=None, help="default: 128 tiny, 512 sd15, 1024 sdxl")
+    bench.add_argument("--rank", type=int, default=16)
+    bench.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
+    bench.add_argument("--images", type=int, default=8)
+    bench.add_argument("--workdir", default=None, help="keeps the generated model between runs")
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lora_gui.bench import format_table, run_bench, save_json
+
+    reference, ours, info = run_bench(
+        args.model,
+        args.steps,
+        args.warmup,
+        args.batch_size,
+        args.resolution,
+        args.rank,
+        args.precision,
+        args.images,
+        Path(args.workdir) if args.workdir else None,
+    )
+    if args.json:
+        save_json(Path(args.json), reference, ours, info)
+    print(format_table(reference, ours, info))
+    return 0
+
+
 COMMANDS = {
     "ui": _ui,
     "train": _train,
     "generate": _generate,
     "tiny-model": _tiny_model,
     "presets": _presets,
+    "bench": _bench,
 }
 
 if __name__ == "__main__":

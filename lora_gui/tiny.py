@@ -1,4 +1,5 @@
-"""Small random-weight pipelines in diffusers format, for tests and the offline demo.
+"""Random-weight pipelines in diffusers format: tiny ones for tests and the offline demo, full-size
+ones (the real architectures) for speed measurements.
 
 They have the real architectures' shape (same block types, attention names, scheduler configs,
 a real CLIP byte-pair tokenizer built from a small vocabulary) at a size that trains on a CPU in
@@ -71,127 +72,169 @@ def _tokenizer(vocab_dir: Path, pad_token: str):
     return CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77, pad_token=pad_token)
 
 
-def _text_config(vocab_size: int, hidden_size: int, projection_dim: int, act: str = "quick_gelu"):
-    from transformers import CLIPTextConfig
+# Text encoders by kind: (hidden size, MLP size, layers, heads, activation, projection) per size.
+# "full" is the published architecture (OpenAI CLIP ViT-L/14, OpenCLIP ViT-H/14 and ViT-bigG/14).
+_TEXT_ENCODERS = {
+    "clip-l": {"tiny": (32, 64, 3, 4, "quick_gelu", 32), "full": (768, 3072, 12, 12, "quick_gelu", 768)},
+    "openclip-h": {"tiny": (48, 96, 3, 4, "gelu", 32), "full": (1024, 4096, 23, 16, "gelu", 1024)},
+    "openclip-g": {"tiny": (32, 64, 3, 4, "gelu", 32), "full": (1280, 5120, 32, 20, "gelu", 1280)},
+}
+_FAMILY_TEXT_ENCODERS = {"sd15": ("clip-l",), "sd2": ("openclip-h",), "sdxl": ("clip-l", "openclip-g")}
 
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=projection_dim,
-        hidden_act=act,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    # Four blocks, so the VAE downsamples by 8 like the real one and buckets work the same way.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.13025,
-    )
-
-
-def _scheduler(prediction_type: str):
-    from diffusers import EulerDiscreteScheduler, PNDMScheduler
-
-    common = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
-    )
-    if prediction_type == "v_prediction":
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
-    if prediction_type == "sdxl":
-        return EulerDiscreteScheduler(**common, prediction_type="epsilon")
-    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, prediction_type=prediction_type)
-
-
-def build_tiny_pipeline(family: str = "sd15", seed: int = 0):
-    """A random-weight pipeline of the given family, the same for the same seed."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer_files(Path(tmp))
-        # SD 1.x pads with the end token; SD 2 and SDXL's second encoder pad with "!" (OpenCLIP).
-        tokenizer = _tokenizer(Path(tmp), "<|endoftext|>" if family == "sd15" else "!")
-        tokenizer_2 = _tokenizer(Path(tmp), "!") if family == "sdxl" else None
-
-    torch.manual_seed(seed)
-    if family == "sdxl":
-        text_encoder = CLIPTextModel(_text_config(vocab_size, 32, 32))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 32, 32, act="gelu"))
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=64,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8,
-            use_linear_projection=True,
-            norm_num_groups=8,
-        )
-        return StableDiffusionXLPipeline(
-            vae=_vae(),
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=_scheduler("sdxl"),
-            force_zeros_for_empty_prompt=True,
-        )
-
-    sd2 = family == "sd2"
-    text_encoder = CLIPTextModel(_text_config(vocab_size, 48 if sd2 else 32, 32, act="gelu" if sd2 else "quick_gelu"))
-    unet = UNet2DConditionModel(
+# UNets per family and size. UNet2DConditionModel's own defaults are SD 1.x's, so "full" lists changes only.
+_UNETS = {
+    ("sd15", "tiny"): dict(
         sample_size=32,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4) if sd2 else 8,
-        cross_attention_dim=48 if sd2 else 32,
-        use_linear_projection=sd2,
+        attention_head_dim=8,
+        cross_attention_dim=32,
         norm_num_groups=8,
+    ),
+    ("sd15", "full"): dict(sample_size=64, cross_attention_dim=768),
+    ("sd2", "tiny"): dict(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=48,
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ),
+    ("sd2", "full"): dict(
+        sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+    ),
+    ("sdxl", "tiny"): dict(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ),
+    ("sdxl", "full"): dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280 + 6 * 256,
+        use_linear_projection=True,
+    ),
+}
+
+# Four blocks in both sizes, so latents are 1/8 of the image and buckets work the same way.
+_VAES = {
+    "tiny": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=128),
+    "full": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+}
+
+
+def _text_encoder(kind: str, size: str, vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    hidden, mlp, layers, heads, act, projection = _TEXT_ENCODERS[kind][size]
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
+    # SDXL's second encoder gives the UNet its projected pooled output too.
+    return (CLIPTextModelWithProjection if kind == "openclip-g" else CLIPTextModel)(config)
+
+
+def _vae(family: str, size: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+        **_VAES[size],
+    )
+
+
+def _scheduler(family: str):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    common = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
+    if family == "sd2":  # the 768 px SD 2 models predict velocity
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+    if family == "sdxl":
+        return EulerDiscreteScheduler(**common, prediction_type="epsilon")
+    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
+
+
+def build_pipeline(family: str = "sd15", size: str = "tiny", seed: int = 0):
+    """A random-weight pipeline of the given family and size ("tiny", or "full" = the real shapes)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tokenizer_files(Path(tmp))
+        # OpenAI CLIP's tokenizer pads with the end token; OpenCLIP's (SD 2, SDXL's second) with "!".
+        tokenizers = [
+            _tokenizer(Path(tmp), "<|endoftext|>" if kind == "clip-l" else "!")
+            for kind in _FAMILY_TEXT_ENCODERS[family]
+        ]
+    torch.manual_seed(seed)
+    text_encoders = [_text_encoder(kind, size, vocab_size) for kind in _FAMILY_TEXT_ENCODERS[family]]
+    parts = dict(
+        vae=_vae(family, size), unet=UNet2DConditionModel(**_UNETS[family, size]), scheduler=_scheduler(family)
+    )
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            force_zeros_for_empty_prompt=True,
+            **parts,
+        )
     return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler("v_prediction" if sd2 else "epsilon"),
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **parts,
     )
 
 
-def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a tiny pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads."""
+def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random-weight pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads.
+
+    Full-size ones (for speed measurements) are stored in fp16, as published checkpoints are."""
     folder = Path(folder)
-    build_tiny_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
+    pipe = build_pipeline(family, size, seed)
+    if size == "full":
+        pipe.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import math
@@ -98,19 +99,23 @@ def train(
             )
             return stop.lora
         except Exception as error:
-            message = _plain_message(error, config, run)
+            failure = _user_error(error, config, run)
             if isinstance(error, LoraGuiError):
-                log.error("Training failed: %s", message)
+                log.error("Training failed: %s", failure)
             else:
-                log.exception("Training failed: %s", message)
-            emit(Event(events.FAILED, data={"message": message, "log": str(run.log)}))
-            if isinstance(error, LoraGuiError):
-                raise
-            raise LoraGuiError(message) from error
+                log.exception("Training failed: %s", failure)
+            emit(Event(events.FAILED, data={"message": str(failure), "log": str(run.log)}))
+            # The traceback holds the loop's frames, and with them the model: drop it so the memory
+            # (the GPU's, after an out-of-memory error) is free for the next run. train.log has it.
+            error.__traceback__ = None
+            raise failure.with_traceback(None) from None
         finally:
             if state.num_processes == 1:
                 # Accelerate keeps its settings process-wide; the app's next run may use other ones.
                 AcceleratorState._reset_state(reset_partial_state=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _run(
@@ -555,15 +560,18 @@ def _log_to(path: Path | None) -> Iterator[None]:
         handler.close()
 
 
-def _plain_message(error: Exception, config: TrainConfig, run: RunFolder) -> str:
+def _user_error(error: Exception, config: TrainConfig, run: RunFolder) -> LoraGuiError:
+    """The error as the user should see it: what happened and what to do."""
     if isinstance(error, LoraGuiError):
-        return str(error)
+        return error
     resumable = " The last checkpoint stays resumable." if run.latest_checkpoint() else ""
     if isinstance(error, torch.OutOfMemoryError):
-        return str(OutOfMemoryError(oom_advice(config) + resumable))
+        return OutOfMemoryError(oom_advice(config) + "." + resumable)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"the disk is full ({error.filename or run.path}): free some space, then resume the run.{resumable}"
-    return (
+        return LoraGuiError(
+            f"the disk is full ({error.filename or run.path}): free some space, then resume the run.{resumable}"
+        )
+    return LoraGuiError(
         f"training stopped on an unexpected error: {type(error).__name__}: {error}. "
         f"Details are in {run.log}.{resumable}"
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +341,56 @@ def test_loss_target_follows_the_schedulers_prediction_type(
         assert len(velocities) == 2 and all(t is v for t, v in zip(targets, velocities, strict=True))
     else:
         assert velocities == []
+
+
+def test_out_of_memory_stops_with_advice_and_the_run_resumes(tiny_model, photos, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from lora_gui.errors import OutOfMemoryError
+
+    config = quick_config(tiny_model, photos, max_steps=6, checkpoint_every=2, batch_size=2)
+    calls = []
+    real_forward = UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(weakref.ref(self))
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    # pytest's log capture keeps each record's traceback (and its frames); the app's handlers don't.
+    monkeypatch.setattr(logging.getLogger("lora_gui"), "propagate", False)
+    received = []
+    with pytest.raises(OutOfMemoryError) as raised:
+        train(config, tmp_path / "run", on_event=received.append)
+    message = str(raised.value)
+    assert message.startswith("the GPU ran out of memory")
+    assert "lower the batch size (now 2)" in message and "turn on gradient checkpointing" in message
+    assert "8-bit AdamW" in message and "last checkpoint stays resumable" in message
+    gc.collect()
+    assert calls[-1]() is None, "the error keeps no frame alive, so the model's memory is free for the next run"
+    assert received[-1].kind == events.FAILED and received[-1].data["message"] == message
+
+    monkeypatch.undo()
+    resumed = []
+    train(config, tmp_path / "run", resume=True, on_event=resumed.append)
+    assert [e.step for e in resumed if e.kind == events.STEP] == [3, 4, 5, 6]
+
+
+def test_a_full_disk_is_said_plainly_and_earlier_checkpoints_survive(tiny_model, photos, tmp_path, monkeypatch):
+    import errno
+
+    config = quick_config(tiny_model, photos, max_steps=6, checkpoint_every=2)
+    real_save = train_module.save_diffusers_lora
+
+    def save(target, pipe, family):
+        if "step-4" in str(target):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_save(target, pipe, family)
+
+    monkeypatch.setattr(train_module, "save_diffusers_lora", save)
+    with pytest.raises(LoraGuiError, match=r"the disk is full .* free some space, then resume the run"):
+        train(config, tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
+    assert (tmp_path / "run/checkpoints/step-2/trainer_state.json").is_file()

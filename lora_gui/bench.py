@@ -1,0 +1,327 @@
+"""`python -m lora_gui bench`: our training step against the reference script's, side by side.
+
+Both loops run in this one process, on the same model folder, images, batch size, resolution,
+rank and precision:
+
+- reference: what diffusers' examples/text_to_image/train_text_to_image_lora.py does each step
+  (VAE encode, text encode, UNet forward and backward, AdamW on fp32 LoRA weights, `.item()` on
+  the loss every step, a clip call that clips nothing), with the images already decoded and
+  transformed in memory, so its data loading costs it nothing;
+- ours: the engine's real `train()` with its defaults.
+
+Full-size models (`--model sd15|sdxl`) are the real architectures with random weights, which cost
+the same to run as trained ones and need no download.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_gui import events
+from lora_gui.config import TrainConfig
+from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
+from lora_gui.demo import write_demo_dataset
+from lora_gui.families import ImageGeometry
+from lora_gui.models import load_pipeline
+from lora_gui.tiny import write_tiny_model
+from lora_gui.train import DTYPES, _precision, train
+
+log = logging.getLogger(__name__)
+
+MODELS = {"tiny": ("sd15", "tiny", 128), "sd15": ("sd15", "full", 512), "sdxl": ("sdxl", "full", 1024)}
+
+
+@dataclass
+class LoopResult:
+    name: str
+    steps_per_second: float
+    images_per_second: float
+    peak_memory_gb: float
+    first_step_seconds: float
+    step_tflop: float | None = None
+    mfu: float | None = None
+
+
+@dataclass
+class Setup:
+    model_dir: Path
+    data_dir: Path
+    batch_size: int
+    resolution: int
+    rank: int
+    precision: str  # resolved: "no", "fp16" or "bf16"
+    steps: int
+    warmup: int
+
+    def config(self, run_dir_name: str = "") -> TrainConfig:
+        return TrainConfig(
+            base_model=str(self.model_dir),
+            data=str(self.data_dir),
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            mixed_precision=self.precision,
+            max_steps=self.warmup + self.steps,
+            sample_every=0,
+            checkpoint_every=0,
+        )
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def _reset_peak_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # hand freed heap back to the OS, then restart the peak-RSS counter (Linux)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log.warning("peak RSS can't be reset here; CPU memory figures include earlier work")
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---- the two loops ------------------------------------------------------------------------------
+def reference_loop(setup: Setup) -> LoopResult:
+    """The reference script's per-step work, with its data already in memory."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    _reset_peak_memory()
+    started = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=setup.precision)
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    family, pipe = load_pipeline(str(setup.model_dir), dtype=weight_dtype)
+    pipe.vae.to(weight_dtype)  # the reference keeps its VAE in the weight dtype too
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoders = [getattr(pipe, name) for name in family.text_encoder_names]
+    for module in (pipe.unet, pipe.vae, *encoders):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=setup.rank,
+            lora_alpha=setup.rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    cast_training_params(pipe.unet, dtype=torch.float32)
+    lora_layers = filter(lambda p: p.requires_grad, pipe.unet.parameters())
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+
+    examples = scan_folder(setup.data_dir).examples
+    fitted = [fit_to_bucket(open_image(e.path), (setup.resolution, setup.resolution)) for e in examples]
+    pixels = torch.stack([image_to_tensor(image) for image, _ in fitted])
+    token_ids = family.tokenize(pipe, [e.caption for e in examples])
+    geometry: list[ImageGeometry] = [g for _, g in fitted]
+
+    timings = []
+    for step in range(setup.warmup + setup.steps):
+        rows = [(step * setup.batch_size + i) % len(examples) for i in range(setup.batch_size)]
+        with accelerator.accumulate(unet):
+            batch = pixels[rows].to(accelerator.device, dtype=weight_dtype)
+            latents = pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(rows),), device=latents.device
+            )
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            conditioning = family.encode(pipe, [ids[rows] for ids in token_ids])
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            kwargs = family.unet_kwargs(conditioning, [geometry[r] for r in rows], accelerator.device)
+            prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+            accelerator.gather(loss.repeat(len(rows))).mean().item()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(lora_layers, 1.0)  # a spent filter: clips nothing, as in the script
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        _sync()
+        timings.append(time.perf_counter())
+    result = _result("reference", timings, started, setup)
+    del unet, optimizer, pipe, pixels
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return result
+
+
+def ours_loop(setup: Setup, run_dir: Path) -> LoopResult:
+    """The engine's real training run; steps are timed by its own step events."""
+    _reset_peak_memory()
+    started = time.perf_counter()
+    timings: list[float] = []
+
+    def on_event(event: events.Event) -> None:
+        if event.kind == events.STEP:
+            timings.append(time.perf_counter())  # emitted right after the loss sync, so the step is done
+
+    train(setup.config(), run_dir, on_event=on_event)
+    return _result("ours", timings, started, setup)
+
+
+def _result(name: str, timings: list[float], started: float, setup: Setup) -> LoopResult:
+    measured = timings[setup.warmup - 1 :] if setup.warmup else [started, *timings]
+    seconds = measured[-1] - measured[0]
+    steps_per_second = (len(measured) - 1) / seconds
+    return LoopResult(
+        name=name,
+        steps_per_second=steps_per_second,
+        images_per_second=steps_per_second * setup.batch_size,
+        peak_memory_gb=_peak_memory_gb(),
+        first_step_seconds=timings[0] - started,
+    )
+
+
+# ---- FLOPs and utilisation (GPU) ----------------------------------------------------------------
+def step_tflop(setup: Setup) -> float:
+    """FLOPs of our step (one UNet forward and backward with the LoRA), counted by PyTorch."""
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    family, pipe = load_pipeline(str(setup.model_dir), dtype=DTYPES[setup.precision])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.unet.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=setup.rank, lora_alpha=setup.rank, target_modules=TrainConfig().target_modules))
+    pipe.unet.to(device)
+    for encoder in (getattr(pipe, name) for name in family.text_encoder_names):
+        encoder.to(device)
+    side = setup.resolution // 8
+    latents = torch.randn(setup.batch_size, 4, side, side, device=device, dtype=pipe.unet.dtype)
+    with torch.no_grad():
+        conditioning = family.encode(pipe, family.tokenize(pipe, ["a photo"] * setup.batch_size))
+    size = (setup.resolution, setup.resolution)
+    kwargs = family.unet_kwargs(conditioning, [ImageGeometry(size, (0, 0), size)] * setup.batch_size, device)
+    timesteps = torch.randint(0, 1000, (setup.batch_size,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=DTYPES[setup.precision], enabled=setup.precision != "no"):
+        pipe.unet(latents, timesteps, **kwargs).sample.float().pow(2).mean().backward()
+    del pipe
+    return counter.get_total_flops() / 1e12
+
+
+def matmul_tflops() -> float:
+    """The GPU's measured bf16 matrix-multiply rate, the ceiling for model FLOPs utilisation."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    repeats, started = 20, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+# ---- the whole benchmark ------------------------------------------------------------------------
+def run_bench(
+    model: str = "tiny",
+    steps: int = 20,
+    warmup: int = 5,
+    batch_size: int = 2,
+    resolution: int | None = None,
+    rank: int = 16,
+    precision: str = "auto",
+    images: int = 8,
+    workdir: Path | None = None,
+) -> tuple[LoopResult, LoopResult, dict]:
+    family, size, default_resolution = MODELS[model]
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="lora-bench-"))
+    model_dir = workdir / f"model-{model}"
+    if not (model_dir / "model_index.json").is_file():
+        log.info("Writing a random-weight %s model to %s", model, model_dir)
+        write_tiny_model(model_dir, family, size=size)
+    resolution = resolution or default_resolution
+    data_dir = write_demo_dataset(workdir / f"images-{resolution}", count=images, size=(resolution, resolution))
+    setup = Setup(model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup)
+    reference = reference_loop(setup)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    ours = ours_loop(setup, run_dir)
+    machine = _machine()
+    if torch.cuda.is_available():
+        flops, ceiling = step_tflop(setup), matmul_tflops()
+        machine["bf16_matmul_tflops"] = round(ceiling, 1)
+        for result in (reference, ours):
+            result.step_tflop = flops
+            result.mfu = flops * result.steps_per_second / ceiling
+    return reference, ours, {**machine, **asdict(setup), "model": model}
+
+
+def _machine() -> dict:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def format_table(reference: LoopResult, ours: LoopResult, info: dict) -> str:
+    lines = [
+        f"model {info['model']} at {info['resolution']} px, batch {info['batch_size']}, rank {info['rank']}, "
+        f"precision {info['precision']}, {info['steps']} timed steps after {info['warmup']} warm-up; {info['device']}",
+        "",
+        f"| {'loop':10} | steps/s | images/s | peak memory GB | first step s | model FLOPs utilisation |",
+        f"|{'-' * 12}|---------|----------|----------------|--------------|-------------------------|",
+    ]
+    for result in (reference, ours):
+        mfu = "n/a (GPU only)" if result.mfu is None else f"{result.mfu:.1%}"
+        lines.append(
+            f"| {result.name:10} | {result.steps_per_second:7.2f} | {result.images_per_second:8.2f} | "
+            f"{result.peak_memory_gb:14.2f} | {result.first_step_seconds:12.1f} | {mfu:23} |"
+        )
+    memory_note = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process"
+    lines += [
+        "",
+        f"peak memory is the {memory_note} during each loop",
+        f"ours/reference steps/s: {ours.steps_per_second / reference.steps_per_second:.2f}; "
+        f"peak memory ours/reference: {ours.peak_memory_gb / reference.peak_memory_gb:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def save_json(path: Path, reference: LoopResult, ours: LoopResult, info: dict) -> None:
+    clean = {key: (str(value) if isinstance(value, Path) else value) for key, value in info.items()}
+    payload = {"setup": clean, "reference": asdict(reference), "ours": asdict(ours)}
+    path.write_text(
+        json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    )

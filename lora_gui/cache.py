@@ -18,7 +18,8 @@ from PIL import Image
 from lora_gui.data import Example, fit_to_bucket, image_to_tensor, open_image
 from lora_gui.families import Family, ImageGeometry
 
-ENCODE_BATCH = 4
+# Images per VAE call: 4 at 512 px, 1 from 1024 px, so encoding never needs more memory than training.
+ENCODE_PIXELS = 4 * 512 * 512
 
 
 @dataclass
@@ -59,8 +60,9 @@ def cache_latents(
         by_bucket.setdefault(bucket, []).append(index)
     done = 0
     for bucket, indices in by_bucket.items():
-        for start in range(0, len(indices), ENCODE_BATCH):
-            chunk = indices[start : start + ENCODE_BATCH]
+        per_call = max(1, ENCODE_PIXELS // (bucket[0] * bucket[1] * (2 if with_flips else 1)))
+        for start in range(0, len(indices), per_call):
+            chunk = indices[start : start + per_call]
             pixels, rows = [], []
             for index in chunk:
                 image, geometry[index] = fit_to_bucket(open_image(examples[index].path), bucket)

@@ -98,6 +98,10 @@ class TrainConfig:
         "auto", "auto (bf16 or fp16 on a GPU, full precision on a CPU), no, fp16 or bf16.", choices=MIXED_PRECISIONS
     )
     gradient_checkpointing: bool = _field(False, "Save GPU memory at the cost of ~30% speed.")
+    channels_last: bool = _field(False, "Keep the UNet's image tensors channels-last (can be faster on NVIDIA GPUs).")
+    torch_compile: bool = _field(
+        False, "Compile the UNet with torch.compile: a slow first step, then faster ones (needs Triton on the GPU)."
+    )
     seed: int = _field(42, "Random seed: the same seed and settings give the same LoRA.")
 
     # Saving and previews.

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,7 @@ def _run(
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=_precision(config.mixed_precision),
+        dynamo_backend="inductor" if config.torch_compile else "no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     set_seed(config.seed)
@@ -172,6 +174,8 @@ def _run(
     # LoRA: peft adapters on the UNet (and text encoders), trained in fp32 whatever the base's dtype.
     param_groups = _add_lora(pipe, family, config)
     params = [param for group in param_groups for param in group["params"]]
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -191,10 +195,16 @@ def _run(
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     text = TextConditioning(pipe, family, [*captions, ""], trainable=config.train_text_encoder)
     order = data.BatchOrder(buckets, config.batch_size, config.seed)
+    # The VAE and frozen text encoders are done until the previews: park them in CPU memory.
+    parked = [pipe.vae, *([] if config.train_text_encoder else text_encoders)]
+    for module in parked:
+        module.to("cpu")
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # Optimizer and learning-rate schedule, in optimizer steps.
     total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
-    optimizer = _optimizer(param_groups, config)
+    optimizer = _optimizer(param_groups, config, accelerator.device)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
@@ -235,6 +245,7 @@ def _run(
     )
 
     sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    previews = Previews(accelerator, pipe, config, run, sample_prompts, parked, emit)
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
@@ -324,7 +335,7 @@ def _run(
         # Sample and checkpoint on their schedules; the stop flag is read once per step.
         stop = should_stop()
         if config.sample_every and step % config.sample_every == 0 and step < total_steps and not stop:
-            _samples(accelerator, pipe, config, run, step, total_steps, sample_prompts, emit)
+            previews.make(step, total_steps)
         if stop or step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
             _save_checkpoint(
                 accelerator, run, step, seconds_before + time.perf_counter() - started_at, config, total_steps, emit
@@ -333,7 +344,7 @@ def _run(
             raise Stopped(step, total_steps, _save_lora(accelerator, pipe, family, run), run.checkpoint(step))
 
     # Finish: previews of the final LoRA, then the LoRA files.
-    _samples(accelerator, pipe, config, run, total_steps, total_steps, sample_prompts, emit)
+    previews.make(total_steps, total_steps)
     lora = _save_lora(accelerator, pipe, family, run)
     log.info("Finished %d steps; LoRA saved to %s", total_steps, lora)
     emit(Event(events.FINISHED, total_steps, total_steps, {"lora": str(lora), "files": [str(lora)]}))
@@ -394,7 +405,7 @@ def _add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig
     return groups
 
 
-def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
@@ -409,7 +420,9 @@ def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Opt
                 "or choose the adamw optimizer"
             ) from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs, foreach=True)
+    # The fused kernel does the whole update in one launch; it needs the parameters on a GPU.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups, **kwargs, fused=fused, foreach=not fused)
 
 
 def _generators(seed: int, position: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -508,36 +521,43 @@ def _save_lora(accelerator: Accelerator, pipe: DiffusionPipeline, family: type[F
     return run.diffusers_lora
 
 
-@torch.no_grad()
-def _samples(
-    accelerator: Accelerator,
-    pipe: DiffusionPipeline,
-    config: TrainConfig,
-    run: RunFolder,
-    step: int,
-    total: int,
-    prompts: list[str],
-    emit: EventHandler,
-) -> None:
+@dataclass
+class Previews:
     """Preview images for the sample prompts, from a fixed seed so they compare across the run."""
-    if accelerator.is_main_process and prompts:
-        paths = []
-        for index, prompt in enumerate(prompts):
-            generator = torch.Generator(device=accelerator.device).manual_seed(config.sample_seed + index)
-            with accelerator.autocast():
-                image = pipe(
-                    prompt,
-                    num_inference_steps=config.sample_steps,
-                    height=config.resolution,
-                    width=config.resolution,
-                    generator=generator,
-                ).images[0]
-            path = run.samples / f"step-{step}-{index}.png"
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
-            paths.append(str(path))
-        emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": prompts}))
-    accelerator.wait_for_everyone()
+
+    accelerator: Accelerator
+    pipe: DiffusionPipeline
+    config: TrainConfig
+    run: RunFolder
+    prompts: list[str]
+    parked: list[torch.nn.Module]  # modules waiting in CPU memory, needed on the device for sampling
+    emit: EventHandler
+
+    @torch.no_grad()
+    def make(self, step: int, total: int) -> None:
+        device = self.accelerator.device
+        if self.accelerator.is_main_process and self.prompts:
+            for module in self.parked:
+                module.to(device)
+            paths = []
+            for index, prompt in enumerate(self.prompts):
+                generator = torch.Generator(device=device).manual_seed(self.config.sample_seed + index)
+                with self.accelerator.autocast():
+                    image = self.pipe(
+                        prompt,
+                        num_inference_steps=self.config.sample_steps,
+                        height=self.config.resolution,
+                        width=self.config.resolution,
+                        generator=generator,
+                    ).images[0]
+                path = self.run.samples / f"step-{step}-{index}.png"
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+                paths.append(str(path))
+            for module in self.parked:
+                module.to("cpu")
+            self.emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": self.prompts}))
+        self.accelerator.wait_for_everyone()
 
 
 # ---- reporting ---------------------------------------------------------------------------------

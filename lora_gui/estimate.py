@@ -1,0 +1,191 @@
+"""Before training: about how much GPU memory a run needs and how long it takes.
+
+Nothing is downloaded or computed for real. The family's UNet is built on PyTorch's meta device
+(shapes without data), the LoRA is injected as training would, and one forward pass counts what
+backward will need: every tensor autograd saves (attention counted as the flash / memory-efficient
+kernels keep it: inputs, output and log-sum-exp, not the full attention matrix) and every FLOP.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from lora_gui.config import TrainConfig
+
+# Parameter counts of the parts that stay on the GPU beside the UNet (published architectures).
+TEXT_ENCODER_PARAMS = {"sd15": 123e6, "sd2": 340e6, "sdxl": 123e6 + 695e6}
+VAE_PARAMS = 84e6
+CROSS_ATTENTION = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
+CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tensors take
+# Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
+STEP_EFFICIENCY = 0.35
+BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass
+class Estimate:
+    memory_gb: float
+    step_tflop: float
+    seconds: float | None  # None when the device's speed is unknown
+    notes: str
+
+    def summary(self) -> str:
+        time = f"about {_duration(self.seconds)}" if self.seconds is not None else "unknown time"
+        return f"≈ {self.memory_gb:.1f} GB of GPU memory, {time}. {self.notes}"
+
+
+def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_tflops: float | None = None) -> Estimate:
+    """Memory and time of a run with these settings on a model of this family.
+
+    `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
+    device's measured matrix-multiply rate (see bench.matmul_tflops), for the time."""
+    activations, lora_params, unet_params, flops = _unet_cost(
+        family,
+        config.resolution,
+        config.rank,
+        tuple(config.target_modules),
+        config.gradient_checkpointing,
+        precision,
+    )
+    weight_bytes = BYTES[precision]
+    optimizer_bytes = 4 + 4 + (2 if config.optimizer == "adamw8bit" else 8)  # weight, grad, Adam state
+    base = unet_params * weight_bytes + lora_params * optimizer_bytes
+    text = TEXT_ENCODER_PARAMS[family] * weight_bytes
+    vae = VAE_PARAMS * 4
+    # While caching, the VAE encodes one image at a time at full resolution (in fp32).
+    caching_peak = base + text + vae + _vae_encode_bytes(config.resolution)
+    training_peak = base + activations * config.batch_size
+    if config.train_text_encoder:
+        training_peak += text
+    memory = max(caching_peak, training_peak) / 2**30 + CUDA_OVERHEAD_GB
+    step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
+    seconds = None
+    if matmul_tflops:
+        steps = config.max_steps if not config.epochs else None
+        if steps:
+            seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY)
+    notes = "Text encoders and VAE wait in CPU memory while the UNet trains." if not config.train_text_encoder else ""
+    return Estimate(round(memory, 2), step_tflop, seconds, notes.strip())
+
+
+@functools.lru_cache(maxsize=64)
+def _unet_cost(
+    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
+) -> tuple[float, int, int, float]:
+    """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_gui.tiny import _UNETS
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)  # built in the training dtype, as from_pretrained(dtype=...) loads it
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**_UNETS[family, "full"])
+    finally:
+        torch.set_default_dtype(previous)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
+    unet.train()
+    side = resolution // 8
+    inputs = dict(
+        sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),
+        timestep=torch.zeros(1, device="meta", dtype=torch.long),
+        encoder_hidden_states=torch.empty(1, 77, CROSS_ATTENTION[family], device="meta", dtype=dtype),
+    )
+    if family == "sdxl":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(1, 1280, device="meta", dtype=dtype),
+            "time_ids": torch.empty(1, 6, device="meta", dtype=dtype),
+        }
+
+    # Without checkpointing: everything autograd saves, and what each block that checkpointing
+    # would recompute on its own (a ResNet or a transformer block) saves.
+    saved: dict[int, int] = {}
+    block_sizes = []
+
+    def before(module: torch.nn.Module, args: object) -> None:
+        module._saved_before = sum(saved.values())
+
+    def after(module: torch.nn.Module, args: object, output: object) -> None:
+        block_sizes.append(sum(saved.values()) - module._saved_before)
+
+    hooks = [
+        handle
+        for module in unet.modules()
+        if isinstance(module, (ResnetBlock2D, BasicTransformerBlock))
+        for handle in (module.register_forward_pre_hook(before), module.register_forward_hook(after))
+    ]
+    activations = _saved_bytes(unet, inputs, saved)
+    for handle in hooks:
+        handle.remove()
+    # FLOPs of the real step, forward and backward, with the real attention.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(**inputs).sample.float().mean().backward()
+    if checkpointing:
+        # Kept: each block's inputs; during backward one block at a time is recomputed on top.
+        unet.enable_gradient_checkpointing()
+        activations = _saved_bytes(unet, inputs, {}) + max(block_sizes)
+    return activations, lora_params, unet_params, counter.get_total_flops()
+
+
+def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward pass."""
+
+    def remember(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage._cdata] = storage.nbytes()  # one storage counts once, however many ops keep it
+        return tensor
+
+    with (
+        mock.patch.object(F, "scaled_dot_product_attention", _memory_efficient_attention),
+        torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor),
+    ):
+        unet(**inputs)
+    return sum(saved.values())
+
+
+class _AttentionFootprint(torch.autograd.Function):
+    """Stands in for SDPA on the meta device with the memory the fused kernels keep for backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):  # type: ignore[override]
+        output = torch.empty_like(query)
+        logsumexp = torch.empty(query.shape[:-1], device=query.device, dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise NotImplementedError("only used to count memory")
+
+
+def _memory_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    return _AttentionFootprint.apply(query, key, value)
+
+
+def _vae_encode_bytes(resolution: int) -> float:
+    # The encoder's first stage: a few 128-channel fp32 maps at full resolution are alive at once.
+    return 4 * 128 * resolution * resolution * 4
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 5400:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"

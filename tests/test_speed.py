@@ -1,0 +1,57 @@
+"""The benchmark command and the pre-training estimate: they run and say what they promise.
+
+(Speed itself is measured by `python -m lora_gui bench` and recorded in BENCHMARKS.md, not asserted.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lora_gui.__main__ import main
+from lora_gui.config import TrainConfig
+from lora_gui.estimate import estimate
+
+
+def test_bench_prints_both_loops_and_the_machine_readable_last_line(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--images",
+                "4",
+                "--workdir",
+                str(tmp_path),
+                "--json",
+                str(tmp_path / "result.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("| reference ") for line in out) and any(line.startswith("| ours ") for line in out)
+    assert re.fullmatch(r"ours/reference steps/s: \d+\.\d\d; peak memory ours/reference: \d+\.\d\d", out[-1])
+    assert (tmp_path / "result.json").is_file()
+
+
+def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
+    base = TrainConfig(resolution=512, rank=16, max_steps=1000)
+    one = estimate(base, "sd15", "bf16", matmul_tflops=100)
+    eight = estimate(base.replace(batch_size=8), "sd15", "bf16", matmul_tflops=100)
+    light = estimate(base.replace(gradient_checkpointing=True), "sd15", "bf16", matmul_tflops=100)
+    assert 2 < one.memory_gb < 8 and eight.memory_gb > one.memory_gb + 5 and light.memory_gb < one.memory_gb
+    # The UNet's LoRA step at 512 px counts ~1.7 TFLOP per image (forward and backward).
+    assert one.step_tflop == pytest.approx(1.72, abs=0.05)
+    assert eight.seconds > 7 * one.seconds
+    assert "GB of GPU memory" in one.summary() and "min" in eight.summary()
+
+
+def test_low_vram_presets_fit_their_cards_by_the_estimate():
+    from lora_gui.config import load_preset
+
+    assert estimate(load_preset("sd15-low-vram"), "sd15", "fp16").memory_gb < 6
+    assert estimate(load_preset("sdxl-low-vram"), "sdxl", "fp16").memory_gb < 12

@@ -234,6 +234,7 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--images", type=int, default=8)
     bench.add_argument("--workdir", default=None, help="keeps the generated model between runs")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--preset", default="", help="train ours with this preset's settings (e.g. sdxl-low-vram)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -249,6 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.precision,
         args.images,
         Path(args.workdir) if args.workdir else None,
+        args.preset,
     )
     if args.json:
         save_json(Path(args.json), reference, ours, info)

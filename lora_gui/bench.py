@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui import events
-from lora_gui.config import TrainConfig
+from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import ImageGeometry
@@ -64,9 +64,11 @@ class Setup:
     precision: str  # resolved: "no", "fp16" or "bf16"
     steps: int
     warmup: int
+    preset: str = ""  # ours trains with this preset's settings (the reference has no such knobs)
 
-    def config(self, run_dir_name: str = "") -> TrainConfig:
-        return TrainConfig(
+    def config(self) -> TrainConfig:
+        base = load_preset(self.preset) if self.preset else TrainConfig()
+        return base.replace(
             base_model=str(self.model_dir),
             data=str(self.data_dir),
             resolution=self.resolution,
@@ -74,6 +76,7 @@ class Setup:
             rank=self.rank,
             mixed_precision=self.precision,
             max_steps=self.warmup + self.steps,
+            epochs=0,
             sample_every=0,
             checkpoint_every=0,
         )
@@ -262,6 +265,7 @@ def run_bench(
     precision: str = "auto",
     images: int = 8,
     workdir: Path | None = None,
+    preset: str = "",
 ) -> tuple[LoopResult, LoopResult, dict]:
     family, size, default_resolution = MODELS[model]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lora-bench-"))
@@ -271,7 +275,7 @@ def run_bench(
         write_tiny_model(model_dir, family, size=size)
     resolution = resolution or default_resolution
     data_dir = write_demo_dataset(workdir / f"images-{resolution}", count=images, size=(resolution, resolution))
-    setup = Setup(model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup)
+    setup = Setup(model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup, preset)
     reference = reference_loop(setup)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     ours = ours_loop(setup, run_dir)
@@ -298,7 +302,8 @@ def _machine() -> dict:
 def format_table(reference: LoopResult, ours: LoopResult, info: dict) -> str:
     lines = [
         f"model {info['model']} at {info['resolution']} px, batch {info['batch_size']}, rank {info['rank']}, "
-        f"precision {info['precision']}, {info['steps']} timed steps after {info['warmup']} warm-up; {info['device']}",
+        f"precision {info['precision']}, {info['steps']} timed steps after {info['warmup']} warm-up; {info['device']}"
+        + (f"; ours with preset {info['preset']}" if info["preset"] else ""),
         "",
         f"| {'loop':10} | steps/s | images/s | peak memory GB | first step s | model FLOPs utilisation |",
         f"|{'-' * 12}|---------|----------|----------------|--------------|-------------------------|",

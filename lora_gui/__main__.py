@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_gui ui|train|generate|tiny-model|presets`.
+"""Command line: `python -m lora_gui ui|train|generate|export|tiny-model|presets`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora_gui.config import TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
+from lora_gui.runs import LORA_LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     _ui_parser(commands)
     _train_parser(commands)
     _generate_parser(commands)
+    _export_parser(commands)
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
     tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
@@ -202,6 +204,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------
+def _export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a run's LoRA again, in kohya's layout (A1111, Forge, ComfyUI) or diffusers'",
+        description="Write a run's LoRA file again from its run folder, with the same metadata training wrote.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    export.add_argument("--format", default="kohya", choices=LORA_LAYOUTS, help="which layout (default: kohya)")
+    export.add_argument(
+        "--output", default=None, help="file to write (a folder for --format both); default: into the run folder"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lora_gui.export import export_run
+
+    for path in export_run(args.run_dir, args.format, args.output):
+        print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from lora_gui.tiny import write_tiny_model
 
@@ -220,6 +244,7 @@ COMMANDS = {
     "ui": _ui,
     "train": _train,
     "generate": _generate,
+    "export": _export,
     "tiny-model": _tiny_model,
     "presets": _presets,
 }

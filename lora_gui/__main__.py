@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_gui ui|train|generate|export|tiny-model|presets`.
+"""Command line: `python -m lora_gui ui|train|generate|export|push|tiny-model|presets`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(commands)
     _generate_parser(commands)
     _export_parser(commands)
+    _push_parser(commands)
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
     tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
@@ -204,7 +206,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- export --------------------------------------------------------------------------------
+# ---- export and push ---------------------------------------------------------------------------
 def _export_parser(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
@@ -223,6 +225,27 @@ def _export(args: argparse.Namespace) -> int:
 
     for path in export_run(args.run_dir, args.format, args.output):
         print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _push_parser(commands: argparse._SubParsersAction) -> None:
+    push = commands.add_parser(
+        "push",
+        help="upload a run's LoRA files, model card and previews to the Hugging Face Hub",
+        description="Upload a run to a Hub model repo (created if needed). The token comes from --token, "
+        "else the HF_TOKEN environment variable, else your `hf auth login`; it is never printed or saved.",
+    )
+    push.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    push.add_argument("--repo", required=True, help="NAME or OWNER/NAME of the Hub repo")
+    push.add_argument("--private", action="store_true", help="make a new repo private")
+    push.add_argument("--token", default=None, help="a write token (HF_TOKEN keeps it out of your shell history)")
+
+
+def _push(args: argparse.Namespace) -> int:
+    from lora_gui.hub import push_to_hub
+
+    url = push_to_hub(args.run_dir, args.repo, args.token or os.environ.get("HF_TOKEN"), args.private)
+    print(f"Uploaded to {url}", file=sys.stderr)
     return 0
 
 
@@ -245,6 +268,7 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "export": _export,
+    "push": _push,
     "tiny-model": _tiny_model,
     "presets": _presets,
 }

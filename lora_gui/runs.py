@@ -5,6 +5,7 @@ runs/<name>/
   pytorch_lora_weights.safetensors      (diffusers: pipeline.load_lora_weights(run_dir))
   <name>.safetensors                    (kohya layout: AUTOMATIC1111, Forge, ComfyUI)
   lora_info.json                        (how far training went: the LoRA files' metadata is rebuilt from it)
+  README.md                             (the model card, as the Hugging Face Hub shows it)
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class RunFolder:
     @property
     def lora_info(self) -> Path:
         return self.path / "lora_info.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.path / "README.md"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"

@@ -37,6 +37,7 @@ from lora_gui.events import Event, EventHandler
 from lora_gui.export import TrainingRecord, write_kohya_lora
 from lora_gui.families import Family
 from lora_gui.files import atomic_path, write_text_atomic
+from lora_gui.hub import write_model_card
 from lora_gui.lora_files import load_trained_lora, save_diffusers_lora
 from lora_gui.models import load_pipeline
 from lora_gui.runs import TRAINER_STATE, RunFolder
@@ -230,7 +231,7 @@ def _run(
         "Training %d steps on %d images (%d batches per epoch)", total_steps, len(examples), order.batches_per_epoch
     )
 
-    sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    sample_prompts = config.preview_prompts(captions)
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
@@ -508,13 +509,14 @@ def _resumed_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
 def _save_lora(
     accelerator: Accelerator, pipe: DiffusionPipeline, family: type[Family], run: RunFolder, record: TrainingRecord
 ) -> list[Path]:
-    """The LoRA in diffusers' and kohya's layouts, and the record their metadata comes from."""
+    """The LoRA in diffusers' and kohya's layouts, the record their metadata comes from, and the model card."""
     if accelerator.is_main_process:
         save_diffusers_lora(run.diffusers_lora, pipe, family)
         record.save(run.lora_info)
         write_kohya_lora(run)
+        write_model_card(run)
     accelerator.wait_for_everyone()
-    return [run.diffusers_lora, run.kohya_lora]
+    return [run.diffusers_lora, run.kohya_lora, run.model_card]
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
-"""LoRA files that load everywhere: both layouts, their metadata, and exporting a run again."""
+"""LoRA files that load everywhere, and sharing a run: both layouts, metadata, model card, Hub."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save
@@ -19,6 +22,7 @@ from lora_gui import events
 from lora_gui import train as train_module
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
+from lora_gui.errors import LoraGuiError
 from lora_gui.kohya import kohya_hashes
 from lora_gui.train import train
 
@@ -74,6 +78,7 @@ def test_training_writes_the_kohya_file_beside_the_diffusers_file(trained):
     assert finished.data["files"] == [
         str(trained.run / "pytorch_lora_weights.safetensors"),
         str(trained.kohya),
+        str(trained.run / "README.md"),
     ]
     assert all(Path(path).is_file() for path in finished.data["files"])
     checkpoint = trained.run / "checkpoints/step-4"
@@ -199,3 +204,112 @@ def test_exporting_a_run_without_a_lora_says_so(tmp_path, capsys):
     assert main(["export", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "holds no pytorch_lora_weights.safetensors" in err and "Traceback" not in err
+
+
+# ---- sharing -----------------------------------------------------------------------------------
+def front_matter(card: Path) -> dict:
+    text = card.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_model_card_carries_what_the_hub_reads(trained, tmp_path):
+    card = front_matter(trained.run / "README.md")
+    assert "base_model" not in card, "a local base model has no Hub id to link"
+    assert {"lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora"} <= set(card["tags"])
+    assert card["instance_prompt"] == "sks"
+    assert card["widget"] == [{"text": "sks, a photo of a red circle", "output": {"url": "samples/step-4-0.png"}}]
+    assert (trained.run / card["widget"][0]["output"]["url"]).is_file()
+    body = (trained.run / "README.md").read_text(encoding="utf-8")
+    assert "my-lora.safetensors" in body and "load_lora_weights" in body
+
+    copy = tmp_path / "my-lora"
+    shutil.copytree(trained.run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    info = json.loads((copy / "lora_info.json").read_text())
+    (copy / "lora_info.json").write_text(json.dumps({**info, "base_model_hub_id": "someone/base-model"}))
+    from lora_gui.hub import write_model_card
+    from lora_gui.runs import RunFolder
+
+    assert front_matter(write_model_card(RunFolder(copy)))["base_model"] == "someone/base-model"
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records what would be sent, sends nothing."""
+
+    calls: ClassVar[list] = []
+    fail: ClassVar[Exception | None] = None
+
+    def __init__(self, token=None):
+        FakeHub.calls.append(("init", token))
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        if FakeHub.fail:
+            raise FakeHub.fail
+        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok))
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        FakeHub.calls.append(("upload", repo_id, sorted(filter_repo_objects(files, allow_patterns=allow_patterns))))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    FakeHub.calls, FakeHub.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return FakeHub
+
+
+def test_push_uploads_the_lora_files_card_and_previews_and_never_stores_the_token(
+    trained, fake_hub, monkeypatch, capsys, caplog
+):
+    caplog.set_level("DEBUG")
+    secret = "hf_TEST_secret_token_123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert main(["push", str(trained.run), "--repo", "me/my-lora", "--private"]) == 0
+    assert fake_hub.calls[0] == ("init", secret), "the token reaches huggingface_hub, in memory"
+    assert fake_hub.calls[1] == ("create_repo", "me/my-lora", True, True)
+    assert fake_hub.calls[2] == (
+        "upload",
+        "me/my-lora",
+        ["README.md", "my-lora.safetensors", "pytorch_lora_weights.safetensors", "samples/step-4-0.png"],
+    )
+    assert 'load_lora_weights("me/my-lora"' in (trained.run / "README.md").read_text()
+    output = capsys.readouterr()
+    assert "https://huggingface.co/me/my-lora" in output.err
+    assert secret not in output.out + output.err + caplog.text
+    assert not [p for p in trained.run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_push_without_a_network_says_so_and_keeps_everything(trained, fake_hub, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    before = sorted(p.relative_to(trained.run) for p in trained.run.rglob("*"))
+    fake_hub.fail = ConnectionError("[Errno 111] Connection refused (token hf_TEST_secret)")
+    with pytest.raises(LoraGuiError, match=r"could not reach the Hugging Face Hub.*run folder is unchanged") as raised:
+        from lora_gui.hub import push_to_hub
+
+        push_to_hub(trained.run, "me/my-lora", token="hf_TEST_secret")
+    assert "hf_TEST_secret" not in str(raised.value)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", str(trained.run), "--repo", "me/my-lora", "--token", "hf_TEST_secret"]) == 1
+    err = capsys.readouterr().err
+    assert "offline mode is on" in err and "hf_TEST_secret" not in err and "Traceback" not in err
+    assert sorted(p.relative_to(trained.run) for p in trained.run.rglob("*")) == before
+
+
+def test_push_refuses_a_bad_repo_name(trained, fake_hub):
+    from lora_gui.hub import push_to_hub
+
+    with pytest.raises(LoraGuiError, match="not a Hub repo name"):
+        push_to_hub(trained.run, "me/my lora/x", token="t")
+    assert fake_hub.calls == []

@@ -1,10 +1,11 @@
-"""LoRA files that load everywhere, and sharing a run: both layouts, metadata, model card, Hub."""
+"""LoRA files that load everywhere, LoRAs made elsewhere that load here, and sharing a run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -14,16 +15,20 @@ import pytest
 import torch
 import yaml
 from conftest import quick_config
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 from test_train import fresh_pipe, image
 
 from lora_gui import events
 from lora_gui import train as train_module
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
-from lora_gui.errors import LoraGuiError
+from lora_gui.errors import LoraFileError, LoraGuiError
+from lora_gui.infer import Generator
 from lora_gui.kohya import kohya_hashes
+from lora_gui.layouts import detect_layout
 from lora_gui.train import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -204,6 +209,156 @@ def test_exporting_a_run_without_a_lora_says_so(tmp_path, capsys):
     assert main(["export", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "holds no pytorch_lora_weights.safetensors" in err and "Traceback" not in err
+
+
+# ---- import ------------------------------------------------------------------------------------
+def peft_pipe(model: Path, alphas: dict[str, float]) -> Generator:
+    """A tiny model with one random rank-4 peft LoRA per entry (name -> alpha) on its UNet and text encoder."""
+    generator = Generator.load(str(model))
+    torch.manual_seed(0)
+    for name, alpha in alphas.items():
+        for module, targets in ((generator.pipe.unet, UNET_TARGETS), (generator.pipe.text_encoder, TEXT_TARGETS)):
+            config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
+                inject_adapter_in_model(config, module, adapter_name=name)
+    return generator
+
+
+def set_strengths(generator: Generator, strengths: dict[str, float]) -> None:
+    for module in (generator.pipe.unet, generator.pipe.text_encoder):
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_adapter(list(strengths))
+                for name, strength in strengths.items():
+                    layer.set_scale(name, strength)
+
+
+def kohya_file_by_hand(generator: Generator, adapter: str, path: Path) -> Path:
+    """A kohya-layout file of one peft adapter, written the way kohya names modules (not with our converter)."""
+    tensors = {}
+    for prefix, module in (("lora_unet", generator.pipe.unet), ("lora_te", generator.pipe.text_encoder)):
+        for name, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                if prefix == "lora_te" and not name.startswith("text_model."):
+                    name = "text_model." + name
+                key = f"{prefix}_{name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().clone()
+                tensors[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().clone()
+                tensors[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def outside(tiny_model, tmp_path_factory) -> SimpleNamespace:
+    """Two kohya files made from peft LoRAs outside this app (alpha 8 and 2, rank 4), and the images they make."""
+    folder = tmp_path_factory.mktemp("outside")
+    source = peft_pipe(tiny_model, {"a": 8.0, "b": 2.0})
+    images = {}
+    for strengths in ({"a": 1.0}, {"a": 0.5}, {"a": 1.0, "b": 0.5}):
+        set_strengths(source, strengths)
+        images[tuple(strengths.items())] = image(source.pipe)
+    return SimpleNamespace(
+        a=kohya_file_by_hand(source, "a", folder / "a.safetensors"),
+        b=kohya_file_by_hand(source, "b", folder / "b.safetensors"),
+        images=images,
+        base=image(Generator.load(str(tiny_model)).pipe),
+    )
+
+
+def test_a_kohya_lora_made_elsewhere_loads_at_the_right_strength(tiny_model, outside):
+    generator = Generator.load(str(tiny_model))
+    generator.set_loras([(outside.a, 1.0)])
+    at_one = image(generator.pipe)
+    assert np.abs(at_one - outside.base).max() > 1e-3, "the LoRA changes nothing"
+    np.testing.assert_allclose(at_one, outside.images[(("a", 1.0),)], atol=1e-4)
+    generator.set_loras([(outside.a, 0.5)])
+    np.testing.assert_allclose(image(generator.pipe), outside.images[(("a", 0.5),)], atol=1e-4)
+
+
+def test_several_loras_at_once_each_at_its_own_strength(tiny_model, outside):
+    generator = Generator.load(str(tiny_model))
+    generator.set_loras([(outside.a, 1.0), (outside.b, 0.5)])
+    np.testing.assert_allclose(image(generator.pipe), outside.images[(("a", 1.0), ("b", 0.5))], atol=1e-4)
+    generator.set_loras([])
+    np.testing.assert_allclose(image(generator.pipe), outside.base, atol=1e-6)
+
+
+def test_a_pickled_lora_is_refused_unless_allowed(tiny_model, outside, tmp_path):
+    pickled = tmp_path / "a.pt"
+    torch.save(load_file(outside.a), pickled)
+    generator = Generator.load(str(tiny_model))
+    with pytest.raises(LoraFileError, match="pickled file, which can run any code"):
+        generator.set_loras([(pickled, 1.0)])
+    generator.set_loras([(pickled, 1.0)], allow_pickle=True)
+    np.testing.assert_allclose(image(generator.pipe), outside.images[(("a", 1.0),)], atol=1e-4)
+
+
+def test_generate_on_the_command_line_takes_a_foreign_lora(tiny_model, outside, tmp_path):
+    common = ["generate", "--base-model", str(tiny_model), "--prompt", "a red circle", "--steps", "2"]
+    common += ["--width", "64", "--height", "64", "--lora", str(outside.a), "--lora", str(outside.b)]
+    assert main([*common, "--scale", "0.5", "--scale", "0.7", "--output", str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").is_file()
+
+
+def lycoris_loha(path: Path) -> Path:
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{module}.{part}": torch.zeros(4, 32) for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a")}, path)
+    return path
+
+
+def sdxl_kohya(path: Path) -> Path:
+    save_file(
+        {
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4),
+        },
+        path,
+    )
+    return path
+
+
+def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trained, tmp_path):
+    generator = Generator.load(str(tiny_models("sd15")))
+    with pytest.raises(LoraFileError, match=r"LyCORIS LoHa file.*can't apply hada_.*AUTOMATIC1111, Forge and ComfyUI"):
+        generator.set_loras([(trained.kohya, 1.0), (lycoris_loha(tmp_path / "loha.safetensors"), 1.0)])
+    assert not generator.pipe.get_list_adapters(), "a failed set leaves no LoRA behind"
+    with pytest.raises(LoraFileError, match=r"made for Stable Diffusion XL \(it has weights for a second text"):
+        generator.set_loras([(sdxl_kohya(tmp_path / "xl.safetensors"), 1.0)])
+
+    sd2 = Generator.load(str(tiny_models("sd2")))
+    with pytest.raises(LoraFileError, match=r"kohya.*made for a model whose text features are 32 wide.*Stable Diff"):
+        sd2.set_loras([(trained.kohya, 1.0)])
+
+    tensors = load_file(trained.kohya)
+    moved = {key.replace("down_blocks_0_attentions_0", "down_blocks_0_attentions_7"): v for key, v in tensors.items()}
+    save_file(moved, tmp_path / "moved.safetensors")
+    with pytest.raises(LoraFileError, match=r"only \d+ of the \d+ layers in moved.safetensors"):
+        generator.set_loras([(tmp_path / "moved.safetensors", 1.0)])
+
+
+@pytest.mark.parametrize(
+    ("keys", "layout", "applicable"),
+    [
+        (["unet.down_blocks.0.attn1.to_q.lora_A.weight", "unet.down_blocks.0.attn1.to_q.lora_B.weight"], "peft", True),
+        (["unet.a.attn1.processor.to_q_lora.down.weight", "unet.a.attn1.processor.to_q_lora.up.weight"], "older", True),
+        (["text_encoder.text_model.a.mlp.fc1.lora_linear_layer.down.weight"], "older", True),
+        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha"], "kohya", True),
+        (["lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.alpha"], "LoKr", False),
+        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_mid.weight"], "Tucker", False),
+        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.dora_scale"], "DoRA", False),
+        (["lora_unet_a.oft_blocks", "lora_unet_a.alpha"], "OFT", False),
+        (["lora_unet_a.diff", "lora_unet_a.diff_b"], "full", False),
+        (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"], "whole", False),
+        (["emb_params"], "embedding", False),
+        (["something.else"], "unknown", False),
+    ],
+)
+def test_the_layout_of_a_lora_file_is_told_from_its_tensor_names(keys, layout, applicable):
+    found = detect_layout(keys)
+    assert layout in f"{found.name} {found.problem}"
+    assert (found.problem == "") is applicable
 
 
 # ---- sharing -----------------------------------------------------------------------------------

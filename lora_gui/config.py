@@ -165,10 +165,6 @@ class TrainConfig:
     def lora_alpha(self) -> float:
         return self.alpha or float(self.rank)
 
-    def preview_prompts(self, captions: list[str]) -> list[str]:
-        """The prompts of the preview images: the sample prompts, or else the first training caption."""
-        return [prompt for prompt in self.sample_prompts if prompt.strip()] or captions[:1]
-
     def total_steps(self, batches_per_epoch: int, num_processes: int = 1) -> int:
         """Optimizer steps of the whole run: max_steps, or enough steps to cover `epochs` passes."""
         if not self.epochs:

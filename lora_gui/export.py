@@ -53,6 +53,7 @@ class TrainingRecord:
     total_steps: int
     epoch: float  # passes over the images so far
     seconds: float  # time spent training, across stops and resumes
+    preview_prompts: list[str]  # samples/step-N-K.png shows prompt K
     finished_at: float  # unix time of the save
 
     @classmethod
@@ -65,11 +66,14 @@ class TrainingRecord:
         total_steps: int,
         epoch: float,
         seconds: float,
+        preview_prompts: list[str],
     ) -> TrainingRecord:
         # Whether the base model is a local path is known only now: it may be moved later.
         local = Path(base_model).expanduser()
         name, hub_id = (local.resolve().name, None) if local.exists() else (base_model, base_model)
-        return cls(family.name, prediction_type, name, hub_id, steps, total_steps, epoch, seconds, time.time())
+        return cls(
+            family.name, prediction_type, name, hub_id, steps, total_steps, epoch, seconds, preview_prompts, time.time()
+        )
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
@@ -103,16 +107,14 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     family = get_family(record.family)
     if not run.dataset.is_dir():
         raise LoraFileError(f"{run.dataset} is gone; the LoRA's metadata (image count, tags) is built from it")
-    examples = data.scan_folder(run.dataset).examples
-    captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
-    folders = [_folder_name(run, example) for example in examples]
+    folders, captions = trained_captions(run, config.trigger_word)
     unet = adapter_configs["unet"]
     rank, alpha = unet["r"], float(unet["lora_alpha"])
     trigger = config.trigger_word.strip()
     epoch_number = max(1, math.ceil(round(record.epoch, 6)))
     planned_epochs = max(1, math.ceil(round(record.epoch * record.total_steps / record.steps, 6)))
     description = (
-        f"LoRA for {family.title}, trained with lora_gui on {len(examples)} images for {record.steps} steps "
+        f"LoRA for {family.title}, trained with lora_gui on {len(captions)} images for {record.steps} steps "
         f"(rank {rank}, alpha {alpha:g})." + (f" Trigger word: {trigger}." if trigger else "")
     )
     resolution = config.resolution
@@ -129,7 +131,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         "ss_epoch": str(epoch_number),
         "ss_num_epochs": str(planned_epochs),
         "ss_max_train_steps": str(record.total_steps),
-        "ss_num_train_images": str(len(examples)),
+        "ss_num_train_images": str(len(captions)),
         "ss_num_reg_images": "0",
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
@@ -187,10 +189,18 @@ def tag_frequency(folders: list[str], captions: list[str]) -> dict[str, dict[str
     return frequency
 
 
-def _folder_name(run: RunFolder, example: data.Example) -> str:
-    """The image folder an example came from, as kohya names dataset folders in its metadata."""
-    parent = Path(example.relpath).parent.as_posix()
-    return run.dataset.name if parent == "." else parent
+def trained_captions(run: RunFolder, trigger_word: str) -> tuple[list[str], list[str]]:
+    """The folder of each training image (as kohya names dataset folders) and its caption as trained.
+
+    Read from the caption file the run's dataset/ copy holds beside every image; decoding the
+    images again, as checking them does, would make saving a LoRA slow on a big dataset.
+    """
+    folders, captions = [], []
+    for path in sorted(run.dataset.rglob("*.txt")):
+        parent = path.parent.relative_to(run.dataset).as_posix()
+        folders.append(run.dataset.name if parent == "." else parent)
+        captions.append(data.full_caption(data.read_caption_file(path), trigger_word))
+    return folders, captions
 
 
 def export_run(run_dir: str | Path, layout: str = "kohya", output: str | Path | None = None) -> list[Path]:

@@ -14,7 +14,6 @@ import logging
 import re
 from pathlib import Path
 
-from lora_gui import data
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.export import TrainingRecord, write_kohya_lora
@@ -29,7 +28,7 @@ _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
-def final_samples(run: RunFolder, config: TrainConfig) -> list[tuple[str, Path]]:
+def final_samples(run: RunFolder, record: TrainingRecord) -> list[tuple[str, Path]]:
     """(prompt, image) of the latest preview images, in prompt order."""
     found: dict[int, dict[int, Path]] = {}
     for path in run.samples.glob("step-*.png") if run.samples.is_dir() else []:
@@ -38,9 +37,7 @@ def final_samples(run: RunFolder, config: TrainConfig) -> list[tuple[str, Path]]
             found.setdefault(int(match[1]), {})[int(match[2])] = path
     if not found:
         return []
-    captions = [data.full_caption(e.caption, config.trigger_word) for e in data.scan_folder(run.dataset).examples]
-    prompts = config.preview_prompts(captions)
-    latest = found[max(found)]
+    prompts, latest = record.preview_prompts, found[max(found)]
     return [(prompts[index], latest[index]) for index in sorted(latest) if index < len(prompts)]
 
 
@@ -50,7 +47,7 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
     record = TrainingRecord.load(run)
     family = get_family(record.family)
     trigger = config.trigger_word.strip()
-    samples = final_samples(run, config)
+    samples = final_samples(run, record)
     front = ["---"]
     if record.base_model_hub_id:
         front.append(f"base_model: {json.dumps(record.base_model_hub_id)}")

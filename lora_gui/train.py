@@ -231,7 +231,7 @@ def _run(
         "Training %d steps on %d images (%d batches per epoch)", total_steps, len(examples), order.batches_per_epoch
     )
 
-    sample_prompts = config.preview_prompts(captions)
+    sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
@@ -240,7 +240,9 @@ def _run(
         """How far training went, as the LoRA files' metadata tells it."""
         seconds = seconds_before + time.perf_counter() - started_at
         epoch = step * batches_per_step / order.batches_per_epoch
-        return TrainingRecord.now(family, prediction_type, config.base_model, step, total_steps, epoch, seconds)
+        return TrainingRecord.now(
+            family, prediction_type, config.base_model, step, total_steps, epoch, seconds, sample_prompts
+        )
 
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count, window_start, window_steps = 0, time.perf_counter(), 0

@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_gui ui|train|generate|tiny-model|presets`.
+"""Command line: `python -m lora_gui ui|train|generate|export|push|tiny-model|presets`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from lora_gui.config import TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
+from lora_gui.runs import LORA_LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     _ui_parser(commands)
     _train_parser(commands)
     _generate_parser(commands)
+    _export_parser(commands)
+    _push_parser(commands)
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
     tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
@@ -203,6 +207,49 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export and push ---------------------------------------------------------------------------
+def _export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a run's LoRA again, in kohya's layout (A1111, Forge, ComfyUI) or diffusers'",
+        description="Write a run's LoRA file again from its run folder, with the same metadata training wrote.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    export.add_argument("--format", default="kohya", choices=LORA_LAYOUTS, help="which layout (default: kohya)")
+    export.add_argument(
+        "--output", default=None, help="file to write (a folder for --format both); default: into the run folder"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lora_gui.export import export_run
+
+    for path in export_run(args.run_dir, args.format, args.output):
+        print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _push_parser(commands: argparse._SubParsersAction) -> None:
+    push = commands.add_parser(
+        "push",
+        help="upload a run's LoRA files, model card and previews to the Hugging Face Hub",
+        description="Upload a run to a Hub model repo (created if needed). The token comes from --token, "
+        "else the HF_TOKEN environment variable, else your `hf auth login`; it is never printed or saved.",
+    )
+    push.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    push.add_argument("--repo", required=True, help="NAME or OWNER/NAME of the Hub repo")
+    push.add_argument("--private", action="store_true", help="make a new repo private")
+    push.add_argument("--token", default=None, help="a write token (HF_TOKEN keeps it out of your shell history)")
+
+
+def _push(args: argparse.Namespace) -> int:
+    from lora_gui.hub import push_to_hub
+
+    url = push_to_hub(args.run_dir, args.repo, args.token or os.environ.get("HF_TOKEN"), args.private)
+    print(f"Uploaded to {url}", file=sys.stderr)
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from lora_gui.tiny import write_tiny_model
 
@@ -262,6 +309,8 @@ COMMANDS = {
     "ui": _ui,
     "train": _train,
     "generate": _generate,
+    "export": _export,
+    "push": _push,
     "tiny-model": _tiny_model,
     "presets": _presets,
     "bench": _bench,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 
+from lora_gui import layouts
 from lora_gui.errors import LoraFileError
 from lora_gui.families import Family
 from lora_gui.models import PICKLE_SUFFIXES, load_pipeline
@@ -37,23 +40,65 @@ class Generator:
         return cls(loaded_family, pipe, device)
 
     def set_loras(self, loras: list[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
-        """Replace the active LoRAs with these (file or run folder, strength) pairs."""
+        """Replace the active LoRAs with these (file or run folder, strength) pairs.
+
+        Files from anywhere load: diffusers', kohya's (A1111, ComfyUI, civitai) and the LyCORIS kinds
+        diffusers can apply. One that can't be applied raises LoraFileError naming its layout and
+        why, and leaves no LoRA active.
+        """
         self.pipe.unload_lora_weights()
         names, scales = [], []
-        for index, (source, scale) in enumerate(loras):
-            path = resolve_lora_path(source, allow_pickle)
-            name = f"lora{index}"
-            try:
-                self.pipe.load_lora_weights(str(path), adapter_name=name)
-            except (ValueError, KeyError, RuntimeError, OSError) as error:
-                self.pipe.unload_lora_weights()
-                raise LoraFileError(
-                    f"{path.name} can't be applied to this {self.family.title} model: {error}"
-                ) from None
-            names.append(name)
-            scales.append(float(scale))
+        try:
+            for index, (source, scale) in enumerate(loras):
+                names.append(f"lora{index}")
+                self._load_lora(resolve_lora_path(source, allow_pickle), names[-1])
+                scales.append(float(scale))
+        except LoraFileError:
+            self.pipe.unload_lora_weights()
+            raise
         if names:
             self.pipe.set_adapters(names, adapter_weights=scales)
+
+    def _load_lora(self, path: Path, name: str) -> None:
+        """Put one LoRA file on the model as adapter `name`, after checking it can mean what it says."""
+        shapes = layouts.read_shapes(path)
+        layout = layouts.detect_layout(list(shapes))
+        if layout.problem:
+            raise LoraFileError(f"{path.name} is a {layout.name} file, which can't be used here: {layout.problem}")
+        other_model = layouts.made_for_other_model(shapes, self.pipe)
+        if other_model:
+            raise LoraFileError(
+                f"{path.name} ({layout.name}) was made for {other_model}; this base model is {self.family.title}. "
+                "Pick a LoRA made for this model, or a base model of that kind"
+            )
+        try:
+            with warnings.catch_warnings():
+                # peft warns whenever a second adapter joins a model; several LoRAs at once is the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as error:  # diffusers raises many kinds; whatever it is, the file does not fit
+            log.debug("Loading %s failed", path, exc_info=True)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise LoraFileError(
+                f"{path.name} ({layout.name}) can't be applied to this {self.family.title} model: {reason}"
+            ) from None
+        applied, in_file = self._adapted_layers(name), layouts.count_lora_modules(list(shapes))
+        if applied < in_file:
+            raise LoraFileError(
+                f"only {applied} of the {in_file} layers in {path.name} ({layout.name}) exist in this "
+                f"{self.family.title} model: it was made for another base model"
+            )
+        log.info("Loaded %s (%s, %d layers)", path.name, layout.name, applied)
+
+    def _adapted_layers(self, adapter: str) -> int:
+        """How many layers of the UNet and text encoders carry this LoRA adapter."""
+        modules = ("unet", *self.family.text_encoder_names)
+        return sum(
+            1
+            for component in modules
+            for module in getattr(self.pipe, component).modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A
+        )
 
     @torch.no_grad()
     def __call__(

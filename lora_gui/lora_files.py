@@ -10,13 +10,18 @@ other tool expect it: files always carry the canonical names, whatever the insta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from lora_gui.errors import LoraFileError
 from lora_gui.families import Family
 from lora_gui.files import atomic_path
 
@@ -51,6 +56,23 @@ def save_diffusers_lora(target: Path, pipe: DiffusionPipeline, family: type[Fami
     with atomic_path(target) as tmp:
         family.pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **metadata)
     return target
+
+
+def read_diffusers_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The weights of a file written by `save_diffusers_lora`, and each component's LoraConfig as a dict."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+            packed = (handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    except (OSError, SafetensorError) as error:
+        raise LoraFileError(f"{path} can't be read ({error}); is it a finished LoRA file?") from None
+    if packed is None:
+        raise LoraFileError(f"{path.name} carries no LoRA settings (rank, alpha), so it can't be converted")
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in json.loads(packed).items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return state, configs
 
 
 def load_trained_lora(source: Path, pipe: DiffusionPipeline, family: type[Family]) -> None:

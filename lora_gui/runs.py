@@ -3,6 +3,9 @@
 runs/<name>/
   config.json  dataset/  checkpoints/step-N/  samples/  metrics.jsonl  train.log
   pytorch_lora_weights.safetensors      (diffusers: pipeline.load_lora_weights(run_dir))
+  <name>.safetensors                    (kohya layout: AUTOMATIC1111, Forge, ComfyUI)
+  lora_info.json                        (how far training went: the LoRA files' metadata is rebuilt from it)
+  README.md                             (the model card, as the Hugging Face Hub shows it)
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 from lora_gui.files import write_text_atomic
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+# The layouts a run's LoRA is written in: kohya's (<name>.safetensors) and diffusers' (DIFFUSERS_LORA).
+LORA_LAYOUTS = ("kohya", "diffusers", "both")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -57,6 +62,20 @@ class RunFolder:
     @property
     def diffusers_lora(self) -> Path:
         return self.path / DIFFUSERS_LORA
+
+    @property
+    def kohya_lora(self) -> Path:
+        """`<run name>.safetensors`, the name A1111 and ComfyUI list it under."""
+        path = self.path / f"{self.name}.safetensors"
+        return path.with_name(f"{self.name}-kohya.safetensors") if path.name == DIFFUSERS_LORA else path
+
+    @property
+    def lora_info(self) -> Path:
+        return self.path / "lora_info.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.path / "README.md"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"

@@ -36,8 +36,10 @@ from lora_gui.cache import TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
+from lora_gui.export import TrainingRecord, write_kohya_lora
 from lora_gui.families import Family
 from lora_gui.files import atomic_path, write_text_atomic
+from lora_gui.hub import write_model_card
 from lora_gui.lora_files import load_trained_lora, save_diffusers_lora
 from lora_gui.models import load_pipeline
 from lora_gui.runs import TRAINER_STATE, RunFolder
@@ -249,6 +251,15 @@ def _run(
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
+
+    def progress(step: int) -> TrainingRecord:
+        """How far training went, as the LoRA files' metadata tells it."""
+        seconds = seconds_before + time.perf_counter() - started_at
+        epoch = step * batches_per_step / order.batches_per_epoch
+        return TrainingRecord.now(
+            family, prediction_type, config.base_model, step, total_steps, epoch, seconds, sample_prompts
+        )
+
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count, window_start, window_steps = 0, time.perf_counter(), 0
     for step in range(start_step + 1, total_steps + 1):
@@ -341,14 +352,15 @@ def _run(
                 accelerator, run, step, seconds_before + time.perf_counter() - started_at, config, total_steps, emit
             )
         if stop:
-            raise Stopped(step, total_steps, _save_lora(accelerator, pipe, family, run), run.checkpoint(step))
+            lora = _save_lora(accelerator, pipe, family, run, progress(step))[0]
+            raise Stopped(step, total_steps, lora, run.checkpoint(step))
 
     # Finish: previews of the final LoRA, then the LoRA files.
     previews.make(total_steps, total_steps)
-    lora = _save_lora(accelerator, pipe, family, run)
-    log.info("Finished %d steps; LoRA saved to %s", total_steps, lora)
-    emit(Event(events.FINISHED, total_steps, total_steps, {"lora": str(lora), "files": [str(lora)]}))
-    return lora
+    files = _save_lora(accelerator, pipe, family, run, progress(total_steps))
+    log.info("Finished %d steps; LoRA saved to %s", total_steps, files[0])
+    emit(Event(events.FINISHED, total_steps, total_steps, {"lora": str(files[0]), "files": [str(f) for f in files]}))
+    return files[0]
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------
@@ -514,11 +526,17 @@ def _resumed_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
     return saved.replace(max_steps=config.max_steps, epochs=config.epochs)
 
 
-def _save_lora(accelerator: Accelerator, pipe: DiffusionPipeline, family: type[Family], run: RunFolder) -> Path:
+def _save_lora(
+    accelerator: Accelerator, pipe: DiffusionPipeline, family: type[Family], run: RunFolder, record: TrainingRecord
+) -> list[Path]:
+    """The LoRA in diffusers' and kohya's layouts, the record their metadata comes from, and the model card."""
     if accelerator.is_main_process:
         save_diffusers_lora(run.diffusers_lora, pipe, family)
+        record.save(run.lora_info)
+        write_kohya_lora(run)
+        write_model_card(run)
     accelerator.wait_for_everyone()
-    return run.diffusers_lora
+    return [run.diffusers_lora, run.kohya_lora, run.model_card]
 
 
 @dataclass

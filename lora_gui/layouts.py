@@ -1,0 +1,111 @@
+"""Which layout a LoRA file made elsewhere is in, and whether diffusers can apply it here.
+
+Told from tensor names alone (nothing is loaded): diffusers/peft (`lora_A`), diffusers' older
+attention-processor layout (`to_q_lora.down`, `lora.down`, `lora_linear_layer`), kohya
+(`lora_unet_*` / `lora_te*_` with `lora_down`/`lora_up`/`alpha`, as A1111, Forge, ComfyUI and civitai
+use), and the LyCORIS kinds, named by their tensor suffixes as in ComfyUI's comfy/lora.py and A1111's
+network_*.py. diffusers applies the first three (LyCORIS LoCon is plain kohya LoRA on more layers);
+for the others the error says what the file is and where it does work.
+
+A file's base model is told from the width of the text features its cross-attention layers read
+(768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL) and from weights for a second text encoder (SDXL).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from lora_gui.errors import LoraFileError
+from lora_gui.models import PICKLE_SUFFIXES
+
+ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
+# Tensor-name ending -> (kind, what diffusers lacks), checked in order.
+_LYCORIS = tuple(
+    (re.compile(pattern + "$"), name, problem)
+    for pattern, name, problem in (
+        (r"\.hada_w1_a", "LyCORIS LoHa", "diffusers can't apply hada_ (Hadamard product) weights"),
+        (r"\.lokr_w[12](_[ab])?", "LyCORIS LoKr", "diffusers can't apply lokr_ (Kronecker product) weights"),
+        (r"\.lora_mid\.weight", "LyCORIS LoCon with Tucker decomposition", "diffusers can't apply lora_mid weights"),
+        (r"\.(oft_blocks|oft_diag|oft_R\.weight)", "LyCORIS OFT", "diffusers can't apply OFT to Stable Diffusion"),
+        (r"\.a1\.weight", "LyCORIS GLoRA", "diffusers can't apply GLoRA weights"),
+        (r"\.on_input", "LyCORIS (IA)³", "diffusers can't apply (IA)³ weights"),
+        (r"\.(w_norm|b_norm)", "LyCORIS norm", "diffusers can't apply weights for normalization layers"),
+        (r"\.diff(_b)?", "LyCORIS full (weight difference)", "diffusers can't apply whole-weight differences"),
+        (r"\.dora_scale", "DoRA", "diffusers would drop its magnitude weights, so it would not look as trained"),
+    )
+)
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DOWN = re.compile(r"(lora_A|lora_down|lora[._]down|lora_linear_layer\.down)(\.default)?\.weight$")
+_CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_k[._]")
+_FAMILY_BY_TEXT_WIDTH = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    problem: str = ""  # why diffusers can't apply it; empty when it can
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a LoRA file; a .safetensors file's header only."""
+    try:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            # Only reached once the user allowed pickles; weights_only refuses code all the same.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, Mapping):
+                raise TypeError("it holds no named tensors")
+            return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as error:
+        raise LoraFileError(f"{path.name} can't be read as a LoRA file ({type(error).__name__}: {error})") from None
+
+
+def detect_layout(keys: list[str]) -> Layout:
+    """The layout of a LoRA file from its tensor names, and what stands in the way of applying it."""
+    if not keys:
+        return Layout("empty file", "it holds no tensors")
+    for pattern, name, problem in _LYCORIS:
+        if any(pattern.search(key) for key in keys):
+            return Layout(name, f"{problem}; {ELSEWHERE}")
+    if any(key.startswith("lycoris_") for key in keys):
+        return Layout("LyCORIS (SimpleTuner)", f"diffusers can't apply lycoris_ weights; {ELSEWHERE}")
+    if all(key.startswith(_KOHYA_PREFIXES) for key in keys):
+        return Layout("kohya (A1111 / ComfyUI)")
+    if any(".lora_A." in key for key in keys):
+        return Layout("diffusers (peft)")
+    if any(".lora.down." in key or "_lora.down." in key or ".lora_linear_layer." in key for key in keys):
+        return Layout("diffusers (attention-processor, older)")
+    if any(key.startswith(("model.diffusion_model.", "first_stage_model.")) for key in keys):
+        return Layout("full model checkpoint", "it is a whole model, not a LoRA: choose it as the base model")
+    if len(keys) <= 2 and any(key in ("emb_params", "string_to_param", "clip_l", "clip_g") for key in keys):
+        return Layout("textual-inversion embedding", "it is an embedding, not a LoRA; use it in the prompt elsewhere")
+    example = sorted(keys)[0]
+    return Layout("unknown", f"its tensor names (such as {example}) match no LoRA layout this app knows")
+
+
+def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipeline) -> str:
+    """What base model the file was made for, when that is not this one; "" when it fits or can't be told."""
+    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes) and not hasattr(pipe, "text_encoder_2"):
+        return "Stable Diffusion XL (it has weights for a second text encoder)"
+    if any(key.startswith(("transformer.", "lora_transformer_")) for key in shapes):
+        return "a transformer model such as Flux or SD3"
+    expected = pipe.unet.config.cross_attention_dim
+    for key, shape in shapes.items():
+        if _CROSS_ATTENTION_KEY.search(key) and _DOWN.search(key) and len(shape) >= 2 and shape[1] != expected:
+            width = shape[1]
+            return _FAMILY_BY_TEXT_WIDTH.get(width, f"a model whose text features are {width} wide (here: {expected})")
+    return ""
+
+
+def count_lora_modules(keys: list[str]) -> int:
+    """How many layers a LoRA file adapts: one down (lora_A) weight each, in every supported layout."""
+    return sum(1 for key in keys if _DOWN.search(key))

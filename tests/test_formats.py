@@ -468,3 +468,53 @@ def test_push_refuses_a_bad_repo_name(trained, fake_hub):
     with pytest.raises(LoraGuiError, match="not a Hub repo name"):
         push_to_hub(trained.run, "me/my lora/x", token="t")
     assert fake_hub.calls == []
+
+
+# ---- other families ----------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
+    """A short run with both text encoders trained (SDXL has two), and its in-memory image."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"formats-{family}")
+    photos = write_demo_dataset(root / "photos", count=4, size=(96, 96))
+    config = quick_config(tiny_models(family), photos, max_steps=3, rank=4, alpha=8, train_text_encoder=True)
+    in_memory = {}
+    real_save = train_module.save_diffusers_lora
+
+    def save_and_remember(target, pipe, family_class):
+        in_memory["image"] = image(pipe)
+        return real_save(target, pipe, family_class)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
+        train(config, root / "run")
+    return SimpleNamespace(family=family, model=tiny_models(family), run=root / "run", image=in_memory["image"])
+
+
+def test_kohya_names_of_every_family_name_real_modules(trained_family):
+    from lora_gui.families import get_family
+
+    family = get_family(trained_family.family)
+    pipe = fresh_pipe(trained_family.model)
+    names = {"lora_unet_" + name.replace(".", "_") for name, _ in pipe.unet.named_modules() if name}
+    for attribute, prefix in zip(family.text_encoder_names, family.kohya_text_encoder_prefixes, strict=True):
+        encoder = getattr(pipe, attribute)
+        for name, _ in encoder.named_modules():
+            canonical = name if name.startswith("text_model") or not name else "text_model." + name
+            names.add(f"{prefix}_" + canonical.replace(".", "_"))
+    tensors, metadata = read(trained_family.run / "run.safetensors")
+    modules = {key.partition(".")[0] for key in tensors}
+    assert modules <= names, sorted(modules - names)[:5]
+    for prefix in family.kohya_text_encoder_prefixes:
+        assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
+    assert metadata["ss_base_model_version"] == family.kohya_base_model_version
+    assert metadata["modelspec.architecture"] == family.modelspec_architecture
+    expected_prediction = "v" if trained_family.family == "sd2" else "epsilon"
+    assert metadata["modelspec.prediction_type"] == expected_prediction
+
+
+@pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "run.safetensors"])
+def test_both_files_of_every_family_give_the_trained_models_image(trained_family, name):
+    pipe = fresh_pipe(trained_family.model)
+    pipe.load_lora_weights(trained_family.run, weight_name=name)
+    np.testing.assert_allclose(image(pipe), trained_family.image, atol=1e-4)

@@ -282,6 +282,13 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--workdir", default=None, help="keeps the generated model between runs")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.add_argument("--preset", default="", help="train ours with this preset's settings (e.g. sdxl-low-vram)")
+    bench.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="a setting for ours, e.g. channels_last=true",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -298,6 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.images,
         Path(args.workdir) if args.workdir else None,
         args.preset,
+        dict(setting.split("=", 1) for setting in args.ours),
     )
     if args.json:
         save_json(Path(args.json), reference, ours, info)

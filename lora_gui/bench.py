@@ -23,7 +23,7 @@ import math
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,10 +65,11 @@ class Setup:
     steps: int
     warmup: int
     preset: str = ""  # ours trains with this preset's settings (the reference has no such knobs)
+    ours: dict = field(default_factory=dict)  # and these settings on top
 
     def config(self) -> TrainConfig:
         base = load_preset(self.preset) if self.preset else TrainConfig()
-        return base.replace(
+        return base.replace(**self.ours).replace(
             base_model=str(self.model_dir),
             data=str(self.data_dir),
             resolution=self.resolution,
@@ -266,6 +267,7 @@ def run_bench(
     images: int = 8,
     workdir: Path | None = None,
     preset: str = "",
+    ours: dict | None = None,
 ) -> tuple[LoopResult, LoopResult, dict]:
     family, size, default_resolution = MODELS[model]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lora-bench-"))
@@ -275,7 +277,9 @@ def run_bench(
         write_tiny_model(model_dir, family, size=size)
     resolution = resolution or default_resolution
     data_dir = write_demo_dataset(workdir / f"images-{resolution}", count=images, size=(resolution, resolution))
-    setup = Setup(model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup, preset)
+    setup = Setup(
+        model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup, preset, ours or {}
+    )
     reference = reference_loop(setup)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     ours = ours_loop(setup, run_dir)
@@ -303,7 +307,8 @@ def format_table(reference: LoopResult, ours: LoopResult, info: dict) -> str:
     lines = [
         f"model {info['model']} at {info['resolution']} px, batch {info['batch_size']}, rank {info['rank']}, "
         f"precision {info['precision']}, {info['steps']} timed steps after {info['warmup']} warm-up; {info['device']}"
-        + (f"; ours with preset {info['preset']}" if info["preset"] else ""),
+        + (f"; ours with preset {info['preset']}" if info["preset"] else "")
+        + (f"; ours with {info['ours']}" if info["ours"] else ""),
         "",
         f"| {'loop':10} | steps/s | images/s | peak memory GB | first step s | model FLOPs utilisation |",
         f"|{'-' * 12}|---------|----------|----------------|--------------|-------------------------|",

@@ -51,6 +51,7 @@ def cache_latents(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> LatentCache:
     vae = pipe.vae
+    store = _cache_device(device, buckets, with_flips)
     means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
     stds: list[torch.Tensor | None] = [None] * len(means)
     geometry: list[ImageGeometry | None] = [None] * len(examples)
@@ -73,10 +74,8 @@ def cache_latents(
                     rows.append(index + len(examples))
             batch = torch.stack(pixels).to(device, dtype=vae.dtype)
             distribution = vae.encode(batch).latent_dist
-            for row, mean, std in zip(
-                rows, distribution.mean.float().cpu(), distribution.std.float().cpu(), strict=True
-            ):
-                means[row], stds[row] = mean, std
+            for row, mean, std in zip(rows, distribution.mean.float(), distribution.std.float(), strict=True):
+                means[row], stds[row] = mean.to(store), std.to(store)
             done += len(chunk)
             progress(done, len(examples))
     return LatentCache(
@@ -87,6 +86,16 @@ def cache_latents(
         shift_factor=vae.config.get("shift_factor") or 0.0,
         has_flips=with_flips,
     )
+
+
+def _cache_device(device: torch.device, buckets: list[tuple[int, int]], with_flips: bool) -> torch.device:
+    """Keep the latents on the GPU when they take under a tenth of its free memory: a step then copies
+    nothing from the host. Otherwise they wait in CPU memory."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    latent_bytes = sum(2 * 4 * (w // 8) * (h // 8) * 4 for w, h in buckets) * (2 if with_flips else 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if latent_bytes < free / 10 else torch.device("cpu")
 
 
 class TextConditioning:

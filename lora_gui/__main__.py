@@ -294,6 +294,9 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from lora_gui.bench import format_table, run_bench, save_json
 
+    if any("=" not in setting for setting in args.ours):
+        raise LoraGuiError("--ours takes SETTING=VALUE, for example --ours channels_last=true")
+
     reference, ours, info = run_bench(
         args.model,
         args.steps,

@@ -105,7 +105,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
             demo.load,
             restore,
             ["remembered", "dataset_version", "resolution", "default_caption"],
-            ["session", "dataset_version", "report", "page"],
+            ["session", "dataset_version", "report", "page", "base_model", *settings],
             api_visibility="private",
         )
     return demo, ctx
@@ -135,11 +135,19 @@ def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:
 
 
 def restore(ctx: Ctx, remembered: str, dataset_version: int, resolution: float, default_caption: str) -> dict[str, Any]:
-    """After a reload: show the pictures this browser had added, if they are still on the server."""
+    """A page opened (or reloaded): show the settings of the run the Train tab shows, and the pictures
+    this browser had added, if they are still on the server."""
+    updates: dict[str, Any] = {}
+    job = ctx.jobs.latest()
+    if job is not None:
+        config = job.config
+        resolution, default_caption = config.resolution, config.default_caption
+        updates = {"base_model": ctx.base_model_label(config.base_model), **config_form.widget_values(config)}
     staging = Staging.find(ctx.runs_dir, remembered)
     if staging is None:
-        return {}
+        return updates
     return {
+        **updates,
         "session": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
         "report": checks_html(ctx, staging.session_id, resolution, default_caption),

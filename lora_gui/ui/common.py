@@ -191,7 +191,6 @@ def loss_plot(elem_id: str, label: str = "Loss (lower is better)") -> gr.LinePlo
         label=label,
         x_title="step",
         y_title="loss",
-        height=300,
     )
 
 

@@ -66,7 +66,13 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
 def build_dataset_grid(ctx: Ctx) -> None:
     """The thumbnails, each with its caption box; drawn again whenever the staged files change."""
 
-    @gr.render(inputs=[ctx["session"], ctx["dataset_version"], ctx["page"]])
+    # Every change to the staged files bumps dataset_version; one trigger (and one render at a time)
+    # keeps a change that also sets the session and the page from drawing the grid three times at once.
+    @gr.render(
+        inputs=[ctx["session"], ctx["dataset_version"], ctx["page"]],
+        triggers=[ctx["dataset_version"].change, ctx["page"].input],
+        concurrency_limit=1,
+    )
     def grid(session: str, version: int, page: float) -> None:
         staging = Staging.find(ctx.runs_dir, session)
         items = staging.items() if staging else []
@@ -85,7 +91,6 @@ def build_dataset_grid(ctx: Ctx) -> None:
                                 height=170,
                                 interactive=False,
                                 buttons=[],
-                                key=f"image-{item.relpath}-{version}",
                             )
                         else:
                             gr.HTML(notice(f"{item.relpath} can't be used: {item.problem}", "error"))
@@ -94,10 +99,10 @@ def build_dataset_grid(ctx: Ctx) -> None:
                             label=item.relpath,
                             placeholder="No caption yet: describe the picture",
                             lines=2,
-                            key=f"caption-{item.relpath}-{version}",
+                            interactive=True,
                             elem_classes="lg-caption",
                         )
-                        remove = gr.Button("Remove", size="sm", key=f"remove-{item.relpath}-{version}")
+                        remove = gr.Button("Remove", size="sm")
                     ctx.wire(
                         caption.blur,
                         _caption_saver(item.relpath),

@@ -147,3 +147,14 @@ def test_auth_must_be_user_and_password(auth):
 
     with pytest.raises(ConfigError, match="--auth must be USER:PASS"):
         launch(auth=auth)
+
+
+def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    front, _, body = readme.removeprefix("---\n").partition("\n---\n")
+    assert {"sdk: gradio", "app_file: app.py", "pinned: false", "sdk_version: 6.31.0"} <= set(front.splitlines())
+    assert body.lstrip().startswith("# LoRA trainer\n\n![")
+    screenshot = root / "docs" / "screenshot.png"
+    assert f"]({screenshot.relative_to(root)})" in body and screenshot.stat().st_size < 300_000
+    assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body

@@ -135,10 +135,11 @@ def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:
 
 
 def restore(ctx: Ctx, remembered: str, dataset_version: int, resolution: float, default_caption: str) -> dict[str, Any]:
-    """A page opened (or reloaded): show the settings of the run the Train tab shows, and the pictures
-    this browser had added, if they are still on the server."""
+    """A page opened (or reloaded): show the settings of the run training now (the one the Train tab
+    shows live), and the pictures this browser had added, if they are still on the server. An ended
+    run's settings are not filled in: they may be another visitor's, or the ones that failed."""
     updates: dict[str, Any] = {}
-    job = ctx.jobs.latest()
+    job = ctx.jobs.active()
     if job is not None:
         config = job.config
         resolution, default_caption = config.resolution, config.default_caption

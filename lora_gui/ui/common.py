@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import logging
 import os
 import threading
 from collections.abc import Callable
@@ -21,8 +20,6 @@ from lora_gui.jobs import JobManager
 from lora_gui.models import is_hub_id
 from lora_gui.runs import RunFolder, check_run_name
 from lora_gui.tiny import ensure_tiny_model
-
-log = logging.getLogger(__name__)
 
 TINY_CHOICE = "Tiny demo (offline, CPU)"
 TINY_FOLDER = ".models/tiny-sd15"  # under the runs dir, so the Space's persistent storage keeps it

@@ -80,10 +80,13 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     base, with_lora, message = second.predict(
         gen_run="visitor-b", gen_upload=None, prompt=filled[2], gen_steps=4, size=64, strength=2.0, api_name="/generate"
     )
-    assert "Made with pytorch_lora_weights.safetensors at strength 2" in message
+    assert "Made with the LoRA of visitor-b at strength 2" in message
     base_pixels, lora_pixels = (np.asarray(Image.open(path), dtype=np.int16) for path in (base, with_lora))
     assert base_pixels.shape == (64, 64, 3)
     assert np.abs(base_pixels - lora_pixels).mean() > 0.5  # the LoRA changed the picture
+
+    assert "Deleted visitor-a." in text(second.predict(run_pick="visitor-a", api_name="/delete_run"))
+    assert not (app_server.runs_dir / "visitor-a").exists()
 
 
 def test_bad_input_gets_a_plain_message(app_server, tmp_path):

@@ -143,12 +143,19 @@ def generate(
         with_lora = generator(**settings)
     except LoraGuiError as error:
         return {"gen_notice": error_notice(error)}
-    names = ", ".join(f"{Path(path).name} at strength {scale:g}" for path, scale in loras)
+    names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
+    made = f"Made with {names}, seed {settings['seed']}."
+    if gen_base_model == TINY_CHOICE:
+        made += " The tiny demo model is random, so its pictures look like coloured noise."
     return {
         "base_image": base,
         "lora_image": with_lora,
-        "gen_notice": notice(f"Made with {names}, seed {settings['seed']}."),
+        "gen_notice": notice(made),
     }
+
+
+def _lora_name(path: Path) -> str:
+    return f"the LoRA of {path.parent.name}" if path.name == runs.DIFFUSERS_LORA else path.name
 
 
 def _chosen_loras(ctx: Ctx, gen_run: str | None, gen_upload: str | None, strength: float) -> list[tuple[Path, float]]:

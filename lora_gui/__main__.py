@@ -65,11 +65,11 @@ def _quiet_libraries() -> None:
 # ---- ui ----------------------------------------------------------------------------------------
 def _ui_parser(commands: argparse._SubParsersAction) -> None:
     ui = commands.add_parser("ui", help="start the app in the browser (same as python app.py)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--share", action="store_true")
-    ui.add_argument("--auth", default="", help="USER:PASS")
-    ui.add_argument("--runs-dir", default="")
+    ui.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for everyone)")
+    ui.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    ui.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
+    ui.add_argument("--auth", default="", help="ask for this user name and password: USER:PASS")
+    ui.add_argument("--runs-dir", default="", help="where runs are saved (default ./runs, or /data/runs on a Space)")
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FAMILIES = ("auto", "sd15", "sd2", "sdxl")
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
@@ -273,6 +275,22 @@ def list_presets() -> dict[str, str]:
     for path in sorted(PRESETS_DIR.glob("*.json")):
         presets[path.stem] = json.loads(path.read_text(encoding="utf-8")).get("description", "")
     return presets
+
+
+def save_preset(name: str, config: TrainConfig, description: str = "") -> Path:
+    """Save settings as a new preset; never overwrites one, so the shipped presets stay as they are."""
+    name = name.strip()
+    if not _PRESET_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} can't be a preset name: use letters, digits, '-' or '_' (for example my-style-settings)"
+        )
+    path = PRESETS_DIR / f"{name}.json"
+    if path.exists():
+        raise ConfigError(f"a preset named {name!r} already exists; pick another name")
+    # A preset is settings for any images, so it does not remember which images these were.
+    config = config.replace(data="")
+    config.save(path, description=description or f"Saved from the app: rank {config.rank}, {config.max_steps} steps.")
+    return path
 
 
 def load_preset(name: str) -> TrainConfig:

@@ -185,7 +185,7 @@ def full_caption(caption: str, trigger_word: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def _metadata_captions(folder: Path) -> dict[str, str] | None:
+def metadata_captions(folder: Path) -> dict[str, str] | None:
     """file_name -> caption from metadata.jsonl or metadata.csv, or None when there is neither."""
     jsonl, csv_path = folder / METADATA_FILES[0], folder / METADATA_FILES[1]
     rows: list[dict]
@@ -218,7 +218,7 @@ def scan_folder(folder: str | Path, default_caption: str = "") -> Scan:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"the image folder {folder} does not exist; check the path")
-    metadata = _metadata_captions(folder)
+    metadata = metadata_captions(folder)
     scan = Scan()
     for path in sorted(folder.rglob("*")):
         relpath = path.relative_to(folder).as_posix()

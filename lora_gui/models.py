@@ -47,7 +47,7 @@ def load_pipeline(
         pipe = _from_pretrained(str(path), dtype, what=f"the model folder {path}")
     elif path.is_file():
         pipe = _from_single_file(path, family, dtype)
-    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    elif is_hub_id(source):
         pipe = _from_pretrained(source, dtype, what=f"the Hugging Face Hub model {source}")
     else:
         raise ModelLoadError(
@@ -58,6 +58,11 @@ def load_pipeline(
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return detect_family(pipe, family), pipe
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the shape of a Hugging Face Hub id (owner/name) rather than a local path."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, what: str) -> DiffusionPipeline:

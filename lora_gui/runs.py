@@ -6,22 +6,30 @@ runs/<name>/
   <name>.safetensors                    (kohya layout: AUTOMATIC1111, Forge, ComfyUI)
   lora_info.json                        (how far training went: the LoRA files' metadata is rebuilt from it)
   README.md                             (the model card, as the Hugging Face Hub shows it)
+  status.json                           (queued/running/finished/... as the app last saw it)
+  uploads/                              (what was dropped in the app, as it was dropped)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_gui.errors import ConfigError
 from lora_gui.files import write_text_atomic
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 # The layouts a run's LoRA is written in: kohya's (<name>.safetensors) and diffusers' (DIFFUSERS_LORA).
 LORA_LAYOUTS = ("kohya", "diffusers", "both")
 TRAINER_STATE = "trainer_state.json"
+STATUS_FILE = "status.json"
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -116,3 +124,133 @@ class RunFolder:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+
+    # ---- status: what happened to the run, so a page opened later (or a restarted app) can tell --
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS_FILE
+
+    def write_status(self, status: str, **details: Any) -> None:
+        values = {"status": status, "time": time.time(), **details}
+        write_text_atomic(self.status_file, json.dumps(values, indent=2) + "\n")
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            values = json.loads(self.status_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return values if isinstance(values, dict) else {}
+
+    def lora_files(self) -> list[Path]:
+        """Every LoRA file of the run (diffusers and any other format written beside it)."""
+        return sorted(self.path.glob("*.safetensors"))
+
+
+# Statuses as a run folder records them; "running" or "queued" found on disk with no live job
+# means the app stopped mid-run, which `summarize` reports as interrupted.
+QUEUED, RUNNING, FINISHED, STOPPED, FAILED, CANCELLED, INTERRUPTED = (
+    "queued",
+    "running",
+    "finished",
+    "stopped",
+    "failed",
+    "cancelled",
+    "interrupted",
+)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    path: Path
+    created: float
+    status: str
+    steps_done: int
+    total_steps: int
+    last_loss: float | None
+    message: str
+    base_model: str
+    resolution: int | None
+    has_lora: bool
+    resumable: bool
+
+
+def summarize(path: str | Path) -> RunSummary:
+    """What a run folder says about its run, whoever made it (the app or the command line)."""
+    run = RunFolder(Path(path))
+    saved = run.read_status()
+    metrics = run.read_metrics()
+    latest = run.latest_checkpoint()
+    config = _read_json(run.config)
+    steps_done = max(metrics[-1]["step"] if metrics else 0, latest[0] if latest else 0)
+    total = int(saved.get("total_steps") or config.get("max_steps") or 0)
+    has_lora = run.diffusers_lora.is_file()
+    status = saved.get("status", "")
+    if status in (QUEUED, RUNNING):
+        status = INTERRUPTED
+    elif not status:  # a run made by the command line
+        status = FINISHED if has_lora and steps_done >= total else STOPPED if has_lora else INTERRUPTED
+    created = saved.get("created") or (run.config.stat().st_mtime if run.config.is_file() else run.path.stat().st_mtime)
+    return RunSummary(
+        name=run.name,
+        path=run.path,
+        created=float(created),
+        status=status,
+        steps_done=steps_done,
+        total_steps=total,
+        last_loss=metrics[-1].get("loss") if metrics else None,
+        message=str(saved.get("message", "")),
+        base_model=str(config.get("base_model", "")),
+        resolution=config.get("resolution"),
+        has_lora=has_lora,
+        resumable=latest is not None and status != FINISHED,
+    )
+
+
+def list_runs(runs_dir: str | Path) -> list[RunSummary]:
+    """Every run under `runs_dir`, newest first. Folders starting with a dot are the app's own; folders
+    without settings or a status are not runs."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    folders = [
+        p
+        for p in runs_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and ((p / "config.json").is_file() or (p / STATUS_FILE).is_file())
+    ]
+    return sorted((summarize(p) for p in folders), key=lambda s: s.created, reverse=True)
+
+
+def check_run_name(name: str) -> str:
+    """The name, stripped, if it makes a safe folder name; a ConfigError saying how to fix it if not."""
+    name = name.strip()
+    if not _RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} can't be a run name: use letters, digits, '-', '_' or '.', start with a letter or digit, "
+            "at most 64 characters (for example my-first-lora)"
+        )
+    return name
+
+
+def suggest_run_name(runs_dir: str | Path, stem: str = "my-lora") -> str:
+    """The first of stem-1, stem-2, ... that no folder in `runs_dir` uses yet."""
+    number = 1
+    while (Path(runs_dir) / f"{stem}-{number}").exists():
+        number += 1
+    return f"{stem}-{number}"
+
+
+def default_runs_dir() -> Path:
+    """/data/runs on a Hugging Face Space with persistent storage (it survives restarts), else ./runs."""
+    data = Path("/data")
+    if data.is_dir() and os.access(data, os.W_OK):
+        return data / "runs"
+    return Path("runs")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return values if isinstance(values, dict) else {}

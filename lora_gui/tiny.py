@@ -9,6 +9,7 @@ seconds, and they load through the same `from_pretrained` path as a real Stable 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -237,4 +238,26 @@ def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, si
     if size == "full":
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def ensure_tiny_model(folder: str | Path, family: str = "sd15") -> Path:
+    """The tiny model in `folder`, written the first time it is asked for.
+
+    It is written beside the folder and renamed into place, so a half-written model is never used,
+    and when two callers race the loser's copy is simply dropped.
+    """
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_tiny_model(tmp, family)
+        tmp.replace(folder)
+    except OSError:
+        if not (folder / "model_index.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

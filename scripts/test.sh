@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Installs the test dependencies, then runs the linter and the whole test suite.
+# The browser test drives Debian's Chromium through Playwright (the PyPI package); no browser is
+# downloaded by Playwright itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
+  "${SUDO[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m pip install --quiet torch==2.13.0 -r requirements-dev.txt
 python3 -m ruff check .
 python3 -m pytest -q "$@"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,9 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.tiny import write_tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots and the app's log, for a person to look at
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +70,52 @@ def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
     )
     values.update(changes)
     return TrainConfig(**values)
+
+
+@dataclass
+class AppServer:
+    url: str
+    runs_dir: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
+    runs_dir = tmp_path_factory.mktemp("app-runs")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "app-server.log"
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    env.pop("SPACE_ID", None)
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            assert process.poll() is None, f"the app exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
+            time.sleep(0.5)
+    yield AppServer(url, runs_dir, log)
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"

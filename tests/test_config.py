@@ -77,3 +77,19 @@ def test_epochs_turn_into_steps():
 def test_alpha_zero_means_alpha_equals_rank():
     assert TrainConfig(rank=16).lora_alpha == 16.0
     assert TrainConfig(rank=16, alpha=8).lora_alpha == 8.0
+
+
+def test_settings_saved_as_a_preset_load_back_and_never_overwrite(tmp_path, monkeypatch):
+    from lora_gui import config as config_module
+    from lora_gui.config import save_preset
+
+    monkeypatch.setattr(config_module, "PRESETS_DIR", tmp_path)
+    settings = TrainConfig(rank=12, max_steps=345, data="/somewhere/my-photos")
+    save_preset("my-settings", settings)
+    assert "rank 12, 345 steps" in list_presets()["my-settings"]
+    loaded = load_preset("my-settings")
+    assert (loaded.rank, loaded.max_steps, loaded.data) == (12, 345, "")  # settings, not that set of images
+    with pytest.raises(ConfigError, match="already exists"):
+        save_preset("my-settings", settings)
+    with pytest.raises(ConfigError, match="can't be a preset name"):
+        save_preset("../evil", settings)

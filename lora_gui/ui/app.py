@@ -1,14 +1,189 @@
-"""Placeholder page until the app lands: the engine is usable from the command line."""
+"""The Gradio app: the page, its tabs, and `launch`. Each tab is a module; no training logic here."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
 
-def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth: str = "", runs_dir: str = "") -> None:
-    import gradio as gr
+import gradio as gr
+import torch
 
+from lora_gui.config import load_preset
+from lora_gui.demo import write_demo_dataset
+from lora_gui.errors import ConfigError
+from lora_gui.jobs import JobManager
+from lora_gui.runs import default_runs_dir
+from lora_gui.staging import Staging
+from lora_gui.ui import config_form
+from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, paths_allowed
+from lora_gui.ui.dataset import build_dataset_grid, build_dataset_tab, checks_html, pages_update, wire_dataset_tab
+from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
+from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
+from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, wire_train_tab
+
+log = logging.getLogger(__name__)
+
+DEMO_PRESET = "tiny-cpu-demo"
+DEMO_IMAGES = 8
+
+CSS = """
+.lg-notice { padding: 8px 12px; border-radius: 8px; margin: 4px 0; }
+.lg-info { background: #eef2ff; color: #1e1b4b; }
+.lg-warning { background: #fef3c7; color: #451a03; }
+.lg-error { background: #fee2e2; color: #450a0a; font-weight: 600; }
+.lg-progress-text { margin-bottom: 6px; }
+.lg-progress-text span { color: #4b5563; margin-left: 8px; }
+.lg-bar { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
+.lg-bar > div { height: 100%; background: #4f46e5; transition: width 0.5s; }
+.lg-checks ul { margin: 4px 0 0 0; padding-left: 4px; list-style: none; }
+.lg-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 6px; }
+"""
+
+
+def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks, Ctx]:
+    """The whole page. The JobManager (given, or made here) is what every visitor's tab reads."""
+    ctx = Ctx(
+        runs_dir=Path(runs_dir).resolve(),
+        jobs=jobs or JobManager(),
+        allow_paths=paths_allowed(),
+        has_cuda=torch.cuda.is_available(),
+    )
     with gr.Blocks(title="LoRA trainer") as demo:
-        gr.Markdown(
-            "# LoRA trainer\nThe app is on its way. Train from the command line: `python -m lora_gui train --help`."
+        # The staging folder's id, remembered by the browser so a reload finds the same pictures.
+        ctx.add(
+            {
+                "session": gr.State(""),
+                "remembered": gr.BrowserState("", storage_key="lora_gui_dataset"),
+                "dataset_version": gr.State(0),
+                "timer": gr.Timer(POLL_SECONDS),
+            }
         )
-    credentials = tuple(auth.split(":", 1)) if auth else None
-    demo.launch(server_name=host, server_port=port, share=share, auth=credentials)
+        with gr.Row():
+            gr.Markdown(
+                "# LoRA trainer\nTeach Stable Diffusion a face, an object or a style from your own pictures: "
+                "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it trains a tiny model "
+                "on generated pictures in about a minute, with no download."
+            )
+            ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", scale=0, min_width=160)})
+        with gr.Tabs() as tabs:
+            ctx.add({"tabs": tabs})
+            with gr.Tab("Dataset", id="dataset"):
+                ctx.add(build_dataset_tab(ctx))
+                build_dataset_grid(ctx)
+            with gr.Tab("Train", id="train"):
+                ctx.add(build_train_tab(ctx))
+            with gr.Tab("Generate", id="generate") as generate_tab:
+                ctx.add({"generate_tab": generate_tab, **build_generate_tab(ctx)})
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                ctx.add({"runs_tab": runs_tab, **build_runs_tab(ctx)})
+        wire_dataset_tab(ctx)
+        wire_train_tab(ctx)
+        wire_generate_tab(ctx)
+        wire_runs_tab(ctx)
+        settings = config_form.field_names()
+        ctx.wire(
+            ctx["try_demo"].click,
+            try_demo,
+            ["dataset_version"],
+            [
+                "session",
+                "remembered",
+                "dataset_version",
+                "report",
+                "page",
+                "dataset_notice",
+                "base_model",
+                "preset",
+                "train_notice",
+                "tabs",
+                *settings,
+            ],
+            api_name="try_demo",
+        )
+        ctx.wire(
+            demo.load,
+            restore,
+            ["remembered", "dataset_version", "resolution", "default_caption"],
+            ["session", "dataset_version", "report", "page", "base_model", *settings],
+            api_visibility="private",
+        )
+    return demo, ctx
+
+
+def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:
+    """A fresh dataset of generated pictures, the tiny model and the demo preset: one click on Start away."""
+    staging = Staging.for_session(ctx.runs_dir)
+    write_demo_dataset(staging.folder, count=DEMO_IMAGES, size=(160, 160))
+    config = load_preset(DEMO_PRESET)
+    return {
+        "session": staging.session_id,
+        "remembered": staging.session_id,
+        "dataset_version": (dataset_version or 0) + 1,
+        "report": checks_html(ctx, staging.session_id, config.resolution, config.default_caption),
+        "page": pages_update(staging),
+        "dataset_notice": notice(f"The demo's {DEMO_IMAGES} pictures of coloured shapes, with captions, are in."),
+        "base_model": TINY_CHOICE,
+        "preset": DEMO_PRESET,
+        "train_notice": notice(
+            "Demo ready: the tiny model and quick settings are filled in. Press Start training. The tiny model "
+            "is random, so its pictures look like coloured noise: watch the loss go down and the previews change."
+        ),
+        "tabs": gr.Tabs(selected="train"),
+        **config_form.widget_values(config),
+    }
+
+
+def restore(ctx: Ctx, remembered: str, dataset_version: int, resolution: float, default_caption: str) -> dict[str, Any]:
+    """A page opened (or reloaded): show the settings of the run training now (the one the Train tab
+    shows live), and the pictures this browser had added, if they are still on the server. An ended
+    run's settings are not filled in: they may be another visitor's, or the ones that failed."""
+    updates: dict[str, Any] = {}
+    job = ctx.jobs.active()
+    if job is not None:
+        config = job.config
+        resolution, default_caption = config.resolution, config.default_caption
+        updates = {"base_model": ctx.base_model_label(config.base_model), **config_form.widget_values(config)}
+    staging = Staging.find(ctx.runs_dir, remembered)
+    if staging is None:
+        return updates
+    return {
+        **updates,
+        "session": staging.session_id,
+        "dataset_version": (dataset_version or 0) + 1,
+        "report": checks_html(ctx, staging.session_id, resolution, default_caption),
+        "page": pages_update(staging),
+    }
+
+
+def launch(
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    auth: str = "",
+    runs_dir: str = "",
+) -> None:
+    """Start the app. Host and port default to Gradio's ($GRADIO_SERVER_NAME / _PORT, which Spaces sets)."""
+    credentials = None
+    if auth:
+        user, _, password = auth.partition(":")
+        if not user or not password:
+            raise ConfigError("--auth must be USER:PASS, for example --auth me:secret")
+        credentials = (user, password)
+    folder = Path(runs_dir) if runs_dir else default_runs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    demo, ctx = build_app(folder)
+    log.info("Runs are saved in %s", folder.resolve())
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            auth=credentials,
+            allowed_paths=[str(ctx.runs_dir)],
+            css=CSS,
+            footer_links=["api"],
+        )
+    finally:
+        # Ctrl+C: let a running run stop after its step, so it keeps a usable LoRA and stays resumable.
+        ctx.jobs.close()

@@ -1,0 +1,202 @@
+"""What every tab shares: the app's services, the component registry, and small display helpers."""
+
+from __future__ import annotations
+
+import html
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lora_gui.config import list_presets, load_preset
+from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.infer import Generator
+from lora_gui.jobs import JobManager
+from lora_gui.models import is_hub_id
+from lora_gui.runs import RunFolder, check_run_name
+from lora_gui.tiny import ensure_tiny_model
+
+TINY_CHOICE = "Tiny demo (offline, CPU)"
+TINY_FOLDER = ".models/tiny-sd15"  # under the runs dir, so the Space's persistent storage keeps it
+ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
+
+
+def paths_allowed() -> bool:
+    """Visitors of a Hugging Face Space may not read the server's files unless its owner allows it."""
+    if os.environ.get(ALLOW_PATHS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    return not os.environ.get("SPACE_ID")
+
+
+class GeneratorCache:
+    """The last base model loaded for generating, kept so the next click does not load it again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Generator] | None = None
+
+    def get(self, base_model: str) -> Generator:
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != base_model:
+                self._loaded = None  # free the old model before loading the next
+                self._loaded = (base_model, Generator.load(base_model))
+            return self._loaded[1]
+
+
+@dataclass
+class Ctx:
+    """The app's services and every tab's components by name, handed to each tab builder."""
+
+    runs_dir: Path
+    jobs: JobManager
+    allow_paths: bool
+    has_cuda: bool
+    generators: GeneratorCache = field(default_factory=GeneratorCache)
+    components: dict[str, gr.components.Component] = field(default_factory=dict)
+
+    def add(self, components: dict[str, Any]) -> dict[str, Any]:
+        clashes = set(components) & set(self.components)
+        if clashes:
+            raise ValueError(f"component names used twice: {sorted(clashes)}")
+        self.components.update(components)
+        return components
+
+    def __getitem__(self, name: str) -> Any:
+        return self.components[name]
+
+    def wire(
+        self,
+        trigger: Callable,
+        handler: Callable[..., dict[str, Any]],
+        inputs: list[str],
+        outputs: list[str],
+        extra_inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Connect an event to `handler(ctx, **values_by_name) -> {name: new value}`.
+
+        Handlers see and return plain dicts keyed by component name, never long positional lists;
+        the names are also the parameter names of the app's API (gradio_client).
+        """
+
+        def run(**values: Any) -> Any:
+            result = handler(self, **values)
+            if not result:  # Gradio reads an empty dict as one output's value, not as "no change"
+                return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
+            return {self.components[name]: value for name, value in result.items()}
+
+        return trigger(
+            run,
+            inputs_kwargs={**{name: self.components[name] for name in inputs}, **(extra_inputs or {})} or None,
+            outputs=[self.components[name] for name in outputs],
+            **kwargs,
+        )
+
+    def run_folder(self, name: str) -> RunFolder:
+        """The folder of a run picked in the page; the name is checked, so it can't point elsewhere."""
+        run = RunFolder(self.runs_dir / check_run_name(name or ""))
+        if not run.path.is_dir():
+            raise LoraGuiError(f"there is no run named {name} any more (was it deleted?)")
+        return run
+
+    # ---- base models --------------------------------------------------------------------------
+    @property
+    def tiny_model(self) -> Path:
+        return self.runs_dir / TINY_FOLDER
+
+    def resolve_base_model(self, choice: str) -> str:
+        """What the trainer loads for a base-model choice: the tiny demo model (written the first time)
+        or the Hub id / path as typed, where this server lets visitors use paths."""
+        choice = (choice or "").strip()
+        if choice == TINY_CHOICE:
+            return str(ensure_tiny_model(self.tiny_model))
+        if not choice:
+            raise ConfigError(f"choose a base model first ({TINY_CHOICE} needs no download)")
+        if not self.allow_paths and not is_hub_id(choice):
+            raise ConfigError(
+                f"{choice!r} is not a Hugging Face Hub id (owner/name). This Space does not let visitors use "
+                f"files on the server; its owner can allow it by setting {ALLOW_PATHS_ENV}=1"
+            )
+        return choice
+
+    def base_model_label(self, base_model: str) -> str:
+        """How a stored base model is shown: the tiny model by its menu name, anything else as it is."""
+        if base_model and Path(base_model).resolve() == self.tiny_model.resolve():
+            return TINY_CHOICE
+        return base_model
+
+    def base_model_choices(self) -> list[str]:
+        """The tiny demo model, then every base model a preset names (so new families appear with their presets)."""
+        named = [load_preset(name).base_model for name in list_presets()]
+        return [TINY_CHOICE, *dict.fromkeys(model for model in named if model)]
+
+
+def plain_error(error: Exception) -> str:
+    """A LoraGuiError's message as a sentence for the page."""
+    text = str(error)
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def notice(text: str, kind: str = "info") -> str:
+    """A short message box; kind is info, warning or error."""
+    icon = {"info": "ℹ", "warning": "⚠", "error": "✗"}[kind]
+    return f'<div class="lg-notice lg-{kind}">{icon} {html.escape(text)}</div>'
+
+
+def error_notice(error: LoraGuiError) -> str:
+    return notice(plain_error(error), "error")
+
+
+def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """Loss per step, raw and smoothed, in the long form LinePlot draws one line per series from.
+
+    None when there is no loss yet: a plot first drawn from an empty table never draws its lines.
+
+    Diffusion losses jump around from step to step; the smoothed line (a debiased exponential
+    moving average, as TensorBoard draws it) shows the trend a person should read.
+    """
+    if not points:
+        return None
+    weight = 0.9 if len(points) > 20 else 0.6
+    smoothed, average = [], 0.0
+    for index, (_, loss) in enumerate(points, 1):
+        average = weight * average + (1 - weight) * loss
+        smoothed.append(average / (1 - weight**index))
+    steps = [step for step, _ in points]
+    return pd.DataFrame(
+        {
+            "step": steps + steps,
+            "loss": [loss for _, loss in points] + smoothed,
+            "curve": ["loss at each step"] * len(points) + ["smoothed"] * len(points),
+        }
+    )
+
+
+def loss_plot(elem_id: str, label: str = "Loss (lower is better)") -> gr.LinePlot:
+    return gr.LinePlot(
+        value=None,
+        elem_id=elem_id,
+        x="step",
+        y="loss",
+        color="curve",
+        color_map={"loss at each step": "#c7d2fe", "smoothed": "#4338ca"},
+        label=label,
+        x_title="step",
+        y_title="loss",
+    )
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "working out the time left"
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"about {seconds} s left"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min left"
+    return f"about {seconds / 3600:.1f} h left"

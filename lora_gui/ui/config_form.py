@@ -1,0 +1,104 @@
+"""The Train tab's settings, generated from TrainConfig's fields, and the one way back to a TrainConfig.
+
+Each widget's label, hint and kind (checkbox, menu, number, text) come from the field's type and
+metadata, so a knob added to TrainConfig shows up here without touching the UI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import gradio as gr
+
+from lora_gui.config import TrainConfig
+from lora_gui.errors import ConfigError
+
+# Set by the app itself: the base model has its own menu, the images come from the Dataset tab, and
+# the dataset columns only matter for Hugging Face datasets, which the app does not take.
+APP_FIELDS = ("base_model", "data", "image_column", "caption_column")
+_WORDS = {"lr": "learning-rate", "snr": "min-SNR", "adam": "Adam", "te": "text-encoder", "max": "max."}
+_LABELS = {
+    "max_steps": "Steps",
+    "resolution": "Resolution (pixels)",
+    "family": "Model family",
+    "max_grad_norm": "Gradient clipping (max. norm)",
+}
+
+
+def _fields(main: bool) -> list[dataclasses.Field]:
+    return [
+        field
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in APP_FIELDS and (field.metadata["group"] == "main") == main
+    ]
+
+
+def field_names() -> list[str]:
+    """Every setting that has a widget, main ones first."""
+    return [field.name for field in _fields(True) + _fields(False)]
+
+
+def label(name: str) -> str:
+    if name in _LABELS:
+        return _LABELS[name]
+    words = [_WORDS.get(word, word) for word in name.split("_")]
+    return " ".join(words)[:1].upper() + " ".join(words)[1:]
+
+
+def build_widgets(main: bool, per_row: int) -> dict[str, gr.components.Component]:
+    """Widgets for the main settings or for all the others, `per_row` to a row, in field order."""
+    defaults = TrainConfig()
+    widgets = {}
+    fields = _fields(main)
+    for start in range(0, len(fields), per_row):
+        with gr.Row(equal_height=True):
+            for field in fields[start : start + per_row]:
+                widgets[field.name] = _widget(field, getattr(defaults, field.name))
+    return widgets
+
+
+def _widget(field: dataclasses.Field, default: Any) -> gr.components.Component:
+    common = {"label": label(field.name), "info": field.metadata["help"], "elem_id": f"setting-{field.name}"}
+    if "choices" in field.metadata:
+        return gr.Dropdown(choices=list(field.metadata["choices"]), value=default, **common)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, **common)
+    if isinstance(default, int):
+        return gr.Number(value=default, precision=0, **common)
+    if isinstance(default, float):
+        return gr.Number(value=default, **common)
+    if isinstance(default, list):
+        return gr.Textbox(value="\n".join(default), lines=2, **{**common, "info": common["info"] + " One per line."})
+    return gr.Textbox(value=default, **common)
+
+
+def config_from_values(values: dict[str, Any]) -> TrainConfig:
+    """THE place where widget values become a TrainConfig (validated; ConfigError says what is wrong).
+
+    `values` holds each setting by field name: the widgets' values plus base_model and data.
+    """
+    defaults = TrainConfig()
+    settings = {}
+    for name, value in values.items():
+        if value is None:
+            raise ConfigError(f"{label(name)} is empty: type a value (the default is {getattr(defaults, name)})")
+        if isinstance(getattr(defaults, name), list) and isinstance(value, str):
+            value = [line.strip() for line in value.splitlines() if line.strip()]
+        settings[name] = value
+    try:
+        return TrainConfig.from_dict(settings)
+    except ConfigError as error:
+        # The engine names settings as the code does; the page shows their labels.
+        names = "|".join(sorted(field_names(), key=len, reverse=True))
+        raise ConfigError(re.sub(rf"\b({names})\b", lambda m: f"'{label(m.group(1))}'", str(error))) from None
+
+
+def widget_values(config: TrainConfig) -> dict[str, Any]:
+    """The widgets' values that show `config` (lists one item per line)."""
+    return {
+        name: "\n".join(value) if isinstance(value, list) else value
+        for name in field_names()
+        for value in [getattr(config, name)]
+    }

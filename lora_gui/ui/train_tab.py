@@ -1,0 +1,294 @@
+"""The Train tab: base model, settings, Start / Stop, and the live view of the run.
+
+The run itself lives in the JobManager; this tab only submits it and polls its state, so a reloaded
+page (or a second visitor) sees the same run.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lora_gui import runs
+from lora_gui.config import list_presets, load_preset, save_preset
+from lora_gui.errors import LoraGuiError
+from lora_gui.jobs import JobState
+from lora_gui.staging import Staging
+from lora_gui.ui import config_form
+from lora_gui.ui.common import TINY_CHOICE, Ctx, duration, error_notice, loss_frame, loss_plot, notice
+
+POLL_SECONDS = 2.0
+_WATCHED = ("losses", "samples", "log", "files")
+
+
+def build_train_tab(ctx: Ctx) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    if not ctx.has_cuda:
+        gr.HTML(
+            notice(
+                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the "
+                f"{TINY_CHOICE} model (about a minute), but a real Stable Diffusion model would take many hours.",
+                "warning",
+            ),
+            elem_id="cpu-warning",
+        )
+    gr.Markdown("**Step 2: train.** Pick a base model and how long to train, then press **Start training**.")
+    with gr.Row(equal_height=True):
+        where = "a Hugging Face Hub id (owner/name)"
+        if ctx.allow_paths:
+            where += ", a diffusers model folder or a .safetensors checkpoint file on this computer"
+        c["base_model"] = gr.Dropdown(
+            choices=ctx.base_model_choices(),
+            value=TINY_CHOICE,
+            allow_custom_value=True,
+            label="Base model",
+            info=f"The model your LoRA adds to. Pick one, or type {where}.",
+            scale=2,
+        )
+        with gr.Column(scale=2):
+            c["preset"] = gr.Dropdown(
+                choices=_preset_choices(),
+                value=None,
+                label="Preset (ready-made settings)",
+                info="Fills in every setting below for a typical job.",
+            )
+            c["load_preset"] = gr.Button("Use this preset", size="sm")
+    c.update(config_form.build_widgets(main=True, per_row=4))
+    with gr.Row():
+        c["run_name"] = gr.Textbox(
+            value=runs.suggest_run_name(ctx.runs_dir),
+            label="Run name",
+            info="The folder your LoRA and previews go in; a fresh name is suggested after each start.",
+            scale=2,
+        )
+        c["start"] = gr.Button("Start training", variant="primary", scale=1, elem_id="start-training")
+        c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-training")
+    c["train_notice"] = gr.HTML(elem_id="train-notice")
+    with gr.Accordion("Advanced settings", open=False):
+        gr.Markdown("The defaults work; change these only if you know why. Every box says what it does.")
+        c.update(config_form.build_widgets(main=False, per_row=3))
+        with gr.Row():
+            c["preset_name"] = gr.Textbox(label="Save these settings as a preset named", placeholder="my-settings")
+            c["save_preset"] = gr.Button("Save as preset")
+    c["progress"] = gr.HTML(_progress_html(None, 0), elem_id="train-progress")
+    with gr.Row():
+        c["loss_plot"] = loss_plot("loss-plot")
+        c["samples"] = gr.Gallery(
+            label="Previews (made every few steps with your sample prompt)",
+            columns=4,
+            height=300,
+            object_fit="contain",
+            preview=False,
+            elem_id="train-samples",
+        )
+    c["files"] = gr.File(
+        label="Your LoRA (click to download): pytorch_lora_weights.safetensors is for diffusers",
+        file_count="multiple",
+        interactive=False,
+        visible=False,
+        elem_id="train-files",
+    )
+    c["resume"] = gr.Button("Resume this run", visible=False)
+    c["log"] = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, interactive=False)
+    c["train_job"] = gr.State(None)
+    c["train_seen"] = gr.State({})
+    return c
+
+
+def wire_train_tab(ctx: Ctx) -> None:
+    settings = config_form.field_names()
+    ctx.wire(
+        ctx["start"].click,
+        start,
+        ["session", "run_name", "base_model", *settings],
+        ["train_notice", "train_job", "run_name", "train_seen"],
+        api_name="start",
+    )
+    ctx.wire(ctx["stop"].click, stop, ["train_job"], ["train_notice"], api_name="stop")
+    ctx.wire(ctx["resume"].click, resume, ["train_job"], ["train_notice", "train_job", "train_seen"])
+    ctx.wire(ctx["load_preset"].click, use_preset, ["preset"], ["train_notice", "base_model", *settings])
+    ctx.wire(
+        ctx["save_preset"].click,
+        keep_preset,
+        ["preset_name", "base_model", *settings],
+        ["train_notice", "preset"],
+        api_visibility="private",
+    )
+    live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen"]
+    ctx.wire(
+        ctx["timer"].tick,
+        poll,
+        ["train_job", "train_seen"],
+        live,
+        api_name="progress",
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
+
+
+# ---- handlers ----------------------------------------------------------------------------------
+def start(ctx: Ctx, session: str, run_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
+    """Check everything that can be checked now, save the pictures into the run folder, queue the run."""
+    try:
+        model = ctx.resolve_base_model(base_model)
+        config = config_form.config_from_values({**settings, "base_model": model})
+        staging = Staging.find(ctx.runs_dir, session)
+        if staging is None or not staging.check(config.resolution, config.default_caption).usable:
+            raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
+        name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
+        run_dir = ctx.runs_dir / name
+        if run_dir.exists():
+            raise LoraGuiError(
+                f"a run named {name} already exists: pick another name (or resume that one from the Runs tab)"
+            )
+        uploads = staging.copy_to(run_dir / "uploads")
+        job = ctx.jobs.submit(config.replace(data=str(uploads)), run_dir)
+    except LoraGuiError as error:
+        return {"train_notice": error_notice(error)}
+    position = ctx.jobs.queue_position(job.job_id)
+    active = ctx.jobs.active()
+    if position and active is not None and active.job_id != job.job_id:
+        message = notice(
+            f"Another run ({active.run.name}) is training right now, and only one trains at a time. Yours is "
+            f"queued as number {position} and starts by itself when the runs before it end. You can close "
+            "this page and come back.",
+            "warning",
+        )
+    else:
+        message = notice(f"Training {name} started. You can close this page: the run keeps going on the server.")
+    return {
+        "train_notice": message,
+        "train_job": job.job_id,
+        "run_name": runs.suggest_run_name(ctx.runs_dir),
+        "train_seen": {},
+    }
+
+
+def stop(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
+    job = _shown_job(ctx, train_job)
+    if job is None or job.snapshot().ended:
+        return {"train_notice": notice("Nothing is training right now.")}
+    ctx.jobs.stop(job.job_id)
+    return {
+        "train_notice": notice(
+            f"Stopping {job.run.name} after the current step; the LoRA so far is kept and the run can be resumed."
+        )
+    }
+
+
+def resume(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
+    job = _shown_job(ctx, train_job)
+    if job is None:
+        return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
+    try:
+        resumed = ctx.jobs.resume(job.run.path)
+    except LoraGuiError as error:
+        return {"train_notice": error_notice(error)}
+    return {
+        "train_notice": notice(f"Resuming {job.run.name} from its last checkpoint."),
+        "train_job": resumed.job_id,
+        "train_seen": {},
+    }
+
+
+def use_preset(ctx: Ctx, preset: str | None) -> dict[str, Any]:
+    if not preset:
+        return {"train_notice": notice("Pick a preset from the list first.", "warning")}
+    try:
+        config = load_preset(preset)
+    except LoraGuiError as error:
+        return {"train_notice": error_notice(error)}
+    values: dict[str, Any] = config_form.widget_values(config)
+    if config.base_model:
+        values["base_model"] = config.base_model
+    return {"train_notice": notice(f"Settings of the preset {preset} filled in."), **values}
+
+
+def keep_preset(ctx: Ctx, preset_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
+    try:
+        model = "" if base_model == TINY_CHOICE else base_model
+        config = config_form.config_from_values({**settings, "base_model": model})
+        path = save_preset(preset_name or "", config)
+    except LoraGuiError as error:
+        return {"train_notice": error_notice(error)}
+    return {
+        "train_notice": notice(f"Saved as the preset {path.stem}."),
+        "preset": gr.update(choices=_preset_choices(), value=path.stem),
+    }
+
+
+def _preset_choices() -> list[tuple[str, str]]:
+    return [(f"{name}: {description}", name) for name, description in list_presets().items()]
+
+
+def poll(ctx: Ctx, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
+    """The live view of the shown run; parts that have not changed since this page's last look are skipped."""
+    job = _shown_job(ctx, train_job)
+    if job is None:
+        return {"progress": _progress_html(None, 0), "train_seen": {}} if train_seen else {}
+    state = job.snapshot()
+    seen = {"job": state.job_id, "status": state.status, **{name: len(getattr(state, name)) for name in _WATCHED}}
+    fresh = seen.get("job") != train_seen.get("job")
+    changed = {name for name in _WATCHED if fresh or seen[name] != train_seen.get(name)}
+    updates: dict[str, Any] = {
+        "progress": _progress_html(state, ctx.jobs.queue_position(state.job_id)),
+        "train_seen": seen,
+    }
+    if "losses" in changed:
+        updates["loss_plot"] = loss_frame(state.losses)
+    if "samples" in changed:
+        updates["samples"] = list(reversed(state.samples))
+    if "log" in changed:
+        updates["log"] = "\n".join(reversed(state.log))
+    if "files" in changed:
+        updates["files"] = gr.update(value=state.files or None, visible=bool(state.files))
+    if fresh or state.status != train_seen.get("status"):
+        resumable = state.ended and runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None
+        updates["resume"] = gr.update(visible=resumable and state.status != runs.FINISHED)
+        updates["stop"] = gr.update(interactive=not state.ended)
+    return updates
+
+
+def _shown_job(ctx: Ctx, train_job: int | None):
+    """The run this page started, else whatever the server is training (or trained last)."""
+    return (ctx.jobs.get(train_job) if train_job else None) or ctx.jobs.latest()
+
+
+def _progress_html(state: JobState | None, queue_position: int) -> str:
+    if state is None:
+        return notice("Nothing has been trained yet. Add pictures in the Dataset tab, then press Start training.")
+    name = html.escape(state.run_name)
+    if state.status == runs.QUEUED:
+        return notice(f"{state.run_name} is queued as number {queue_position}: it starts when the run before it ends.")
+    if state.status == runs.CANCELLED:
+        return notice(f"{state.run_name} was cancelled before it started.")
+    percent = 100 * state.step / state.total_steps if state.total_steps else 0
+    if state.status == runs.RUNNING:
+        if state.total_steps and state.images_per_second is not None:
+            detail = f"{state.images_per_second:.1f} images/s · {duration(state.eta_seconds)}"
+        else:
+            detail = html.escape(state.message or "Starting") + "…"
+        headline = f"Training <b>{name}</b>: step {state.step} of {state.total_steps or '?'}"
+    elif state.status == runs.FINISHED:
+        headline, detail = (
+            f"<b>{name}</b> finished: {state.total_steps} steps",
+            "Download it below, or try it in Generate.",
+        )
+    elif state.status == runs.STOPPED:
+        headline = f"<b>{name}</b> stopped at step {state.step} of {state.total_steps}"
+        detail = "The LoRA so far is below; Resume continues from the last checkpoint."
+    else:
+        return notice(f"Training {state.run_name} failed: {state.error}", "error") + f"<p>{_failure_hint(state)}</p>"
+    return (
+        f'<div class="lg-progress"><div class="lg-progress-text">{headline} <span>{detail}</span></div>'
+        f'<div class="lg-bar"><div style="width:{percent:.1f}%"></div></div></div>'
+    )
+
+
+def _failure_hint(state: JobState) -> str:
+    if runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None:
+        return "Its last checkpoint is kept: fix the problem, then press Resume this run."
+    return "Nothing was trained yet: fix the problem, then press Start training again (your pictures are kept)."

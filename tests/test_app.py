@@ -1,0 +1,163 @@
+"""The app through its API (gradio_client), as two visitors use it: upload, train, queue, stop,
+watch to the end, generate; bad input gets a plain message; a Space keeps server paths private."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from lora_gui.config import TrainConfig, load_preset
+from lora_gui.demo import write_demo_dataset
+from lora_gui.jobs import JobManager
+from lora_gui.ui import config_form
+from lora_gui.ui.app import build_app
+from lora_gui.ui.common import TINY_CHOICE
+from lora_gui.ui.dataset import add_folder
+from lora_gui.ui.train_tab import start
+
+QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
+
+
+def text(result) -> str:
+    """Everything an endpoint returned, as one string to look for messages in (as the page shows them)."""
+    return html.unescape(" ".join(str(value) for value in (result if isinstance(result, tuple) else (result,))))
+
+
+def upload_pictures(client: Client, folder: Path) -> str:
+    files = [handle_file(str(path)) for path in sorted(folder.iterdir())]
+    return text(client.predict(upload=files, api_name="/upload"))
+
+
+def progress(client: Client) -> tuple:
+    return client.predict(api_name="/progress")
+
+
+def wait_until(client: Client, words: str, timeout: float = 300) -> tuple:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = progress(client)
+        if words in html.unescape(result[0]):
+            return result
+        assert time.monotonic() < deadline, f"never saw {words!r}; last: {result[0]}"
+        time.sleep(0.5)
+
+
+def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_path):
+    first, second = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
+    assert "Added 12 pictures" in upload_pictures(first, write_demo_dataset(tmp_path / "a", count=12, size=(96, 96)))
+    assert "Added 6 pictures" in upload_pictures(second, write_demo_dataset(tmp_path / "b", count=6, size=(80, 80)))
+
+    started = text(first.predict(run_name="visitor-a", max_steps=2000, sample_every=0, **QUICK, api_name="/start"))
+    assert "Training visitor-a started" in started
+    queued = text(second.predict(run_name="visitor-b", max_steps=6, sample_every=3, **QUICK, api_name="/start"))
+    assert "Another run (visitor-a) is training right now" in queued and "queued as number 1" in queued
+    assert "visitor-b is queued as number 1" in progress(second)[0]
+
+    wait_until(first, "Training <b>visitor-a</b>: step 2")
+    assert "Stopping visitor-a" in text(first.predict(api_name="/stop"))
+    stopped = wait_until(first, "stopped at step")
+    assert "pytorch_lora_weights.safetensors" in text(stopped[4])  # the LoRA so far, offered for download
+    assert (app_server.runs_dir / "visitor-a" / "uploads" / "demo_11.png").is_file()  # the drop, kept in the run
+
+    finished = wait_until(second, "<b>visitor-b</b> finished: 6 steps")
+    plot, samples, log = finished[1], finished[2], finished[3]
+    assert plot["columns"] == ["step", "loss", "curve"]
+    assert [row[0] for row in plot["data"]] == [1, 2, 3, 4, 5, 6] * 2  # each step's loss, then the smoothed line
+    assert len(samples) == 2  # previews at step 3 and at the end
+    assert "Training a sd15 LoRA on 6 images for 6 steps on cpu" in log
+    listing = text(second.predict(run_pick=None, api_name="/list_runs"))
+    assert "visitor-a" in listing and "stopped" in listing and "finished" in listing
+
+    filled = second.predict(gen_run="visitor-b", api_name="/pick_run")
+    assert filled[0] == TINY_CHOICE and filled[1] == 64 and filled[2].startswith("a photo of a")
+    base, with_lora, message = second.predict(
+        gen_run="visitor-b", gen_upload=None, prompt=filled[2], gen_steps=4, size=64, strength=2.0, api_name="/generate"
+    )
+    assert "Made with the LoRA of visitor-b at strength 2" in message
+    base_pixels, lora_pixels = (np.asarray(Image.open(path), dtype=np.int16) for path in (base, with_lora))
+    assert base_pixels.shape == (64, 64, 3)
+    assert np.abs(base_pixels - lora_pixels).mean() > 0.5  # the LoRA changed the picture
+
+    assert "Deleted visitor-a." in text(second.predict(run_pick="visitor-a", api_name="/delete_run"))
+    assert not (app_server.runs_dir / "visitor-a").exists()
+
+
+def test_bad_input_gets_a_plain_message(app_server, tmp_path):
+    visitor = Client(app_server.url, verbose=False)
+    assert "There are no usable pictures yet: add some in the Dataset tab first." in text(
+        visitor.predict(api_name="/start")
+    )
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "broken.png").write_text("not a picture")
+    (odd / "notes.docx").write_text("?")
+    dropped = upload_pictures(visitor, odd)
+    assert "notes.docx: not an image, a .txt caption or a .zip, so it was left out" in dropped
+    assert "broken.png</b> can't be used: not an image file" in dropped
+    upload_pictures(visitor, write_demo_dataset(tmp_path / "ok", count=2, size=(64, 64)))
+    assert "'Steps' must be between 1 and" in text(visitor.predict(max_steps=0, api_name="/start"))
+    assert "'Learning rate' 0.5 is far too high" in text(visitor.predict(learning_rate=0.5, api_name="/start"))
+    assert "Pick a run you trained, or upload a LoRA file" in text(
+        visitor.predict(gen_run=None, gen_upload=None, prompt="x", api_name="/generate")
+    )
+
+    missing = tmp_path / "no-such-model"
+    visitor.predict(base_model=str(missing), run_name="bad-model", **QUICK, api_name="/start")
+    failed = html.unescape(wait_until(visitor, "failed")[0])
+    assert f"Training bad-model failed: base model '{missing}' not found" in failed
+    assert "Nothing was trained yet: fix the problem, then press Start training again" in failed
+
+
+def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
+    names = config_form.field_names()
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert set(names) == fields - set(config_form.APP_FIELDS)
+    assert names[:4] == ["resolution", "max_steps", "learning_rate", "rank"]  # the main ones come first
+    preset = load_preset("sd15-style").replace(sample_prompts=["a cat, in the style of sks", "a dog"])
+    values = config_form.widget_values(preset)
+    assert values["sample_prompts"] == "a cat, in the style of sks\na dog"  # one prompt per line: commas are fine
+    rebuilt = config_form.config_from_values({**values, "base_model": preset.base_model, "data": ""})
+    assert rebuilt == preset
+
+
+def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
+    monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
+    _, ctx = build_app(tmp_path, JobManager())
+    assert not ctx.allow_paths
+    refused_folder = add_folder(ctx, folder="/etc", session="", resolution=512, default_caption="", dataset_version=0)
+    assert "does not let visitors read server folders" in refused_folder["dataset_notice"]
+    refused = start(ctx, session="", run_name="x", base_model=str(tmp_path), **config_form.widget_values(TrainConfig()))
+    assert "This Space does not let visitors use files on the server" in refused["train_notice"]
+    assert ctx.resolve_base_model("owner/model") == "owner/model"  # Hub ids are fine
+
+    monkeypatch.setenv("LORA_GUI_ALLOW_PATHS", "1")
+    _, ctx = build_app(tmp_path, JobManager())
+    assert ctx.allow_paths and ctx.resolve_base_model(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("auth", ["nopassword", ":x"])
+def test_auth_must_be_user_and_password(auth):
+    from lora_gui.errors import ConfigError
+    from lora_gui.ui.app import launch
+
+    with pytest.raises(ConfigError, match="--auth must be USER:PASS"):
+        launch(auth=auth)
+
+
+def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    front, _, body = readme.removeprefix("---\n").partition("\n---\n")
+    assert {"sdk: gradio", "app_file: app.py", "pinned: false", "sdk_version: 6.31.0"} <= set(front.splitlines())
+    assert body.lstrip().startswith("# LoRA trainer\n\n![")
+    screenshot = root / "docs" / "screenshot.png"
+    assert f"]({screenshot.relative_to(root)})" in body and screenshot.stat().st_size < 300_000
+    assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body

@@ -1,0 +1,134 @@
+"""A beginner's first session in a real browser (Debian's Chromium, driven by Playwright): drop pictures,
+fix a caption, train, watch the loss and a preview appear, reload mid-run and find the run still
+live, stop it, generate with the LoRA, and try the demo. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from conftest import ARTIFACTS
+from playwright.sync_api import Page, expect, sync_playwright
+
+from lora_gui.demo import write_demo_dataset
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MINUTE = 60_000
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def pick(page: Page, label: str, option: str) -> None:
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+
+
+def staged_captions(runs_dir: Path, name: str) -> list[str]:
+    return [path.read_text(encoding="utf-8") for path in (runs_dir / ".staging").glob(f"*/{name}")]
+
+
+def wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def current_step(page: Page) -> int:
+    match = re.search(r"step (\d+) of", page.locator("#train-progress").inner_text())
+    assert match, page.locator("#train-progress").inner_text()
+    return int(match.group(1))
+
+
+def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path):
+    photos = write_demo_dataset(tmp_path / "photos", count=8, size=(160, 160))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(MINUTE)
+        page.goto(app_server.url)
+
+        # Dataset: drop eight pictures with their captions, then fix one caption.
+        expect(page.locator("#dataset-checks")).to_contain_text("No pictures yet")
+        shot(page, "01-first-look")
+        page.locator("#dataset-upload input[type=file]").set_input_files(sorted(photos.iterdir()))
+        expect(page.locator("#dataset-checks")).to_contain_text("8 pictures ready to train, 160×160 pixels")
+        caption = page.get_by_label("demo_00.png")
+        expect(caption).to_have_value("a photo of a red circle")
+        caption.fill("a photo of a big red circle")
+        caption.blur()
+        # Saved on the server at once, not kept in the page.
+        wait_for(lambda: "a photo of a big red circle\n" in staged_captions(app_server.runs_dir, "demo_00.txt"))
+        shot(page, "02-dataset")
+
+        # Train: the demo preset on the tiny model, made long enough to reload mid-run.
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#cpu-warning")).to_contain_text("No NVIDIA GPU (CUDA) was found")
+        pick(page, "Preset (ready-made settings)", "tiny-cpu-demo")
+        page.get_by_role("button", name="Use this preset").click()
+        expect(page.locator("#train-notice")).to_contain_text("Settings of the preset tiny-cpu-demo filled in")
+        expect(page.locator("#setting-resolution input")).to_have_value("128")
+        page.locator("#setting-max_steps input").fill("2000")
+        page.get_by_label("Run name").fill("browser-run")
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator("#train-notice")).to_contain_text("Training browser-run started")
+        expect(page.locator("#train-progress")).to_contain_text("images/s")
+        expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
+        expect(page.locator("#train-samples img").first).to_be_visible(timeout=3 * MINUTE)
+        shot(page, "03-training")
+
+        # Reload mid-run: the run belongs to the server, so the page finds it still going.
+        before = current_step(page)
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#train-progress")).to_contain_text("Training browser-run: step")
+        expect(page.locator("#train-samples img").first).to_be_visible()
+        step_now = "Number((document.querySelector('#train-progress').innerText.match(/step (\\d+) of/) || [])[1])"
+        page.wait_for_function(f"() => {step_now} > {before}")
+        expect(page.get_by_label("demo_00.png")).to_have_count(1)  # the dataset came back too
+        expect(page.locator("#setting-max_steps input")).to_have_value("2000")  # and the run's settings
+        shot(page, "04-after-reload")
+
+        # Stop: it ends cleanly and offers the LoRA trained so far.
+        page.get_by_role("button", name="Stop").click()
+        expect(page.locator("#train-progress")).to_contain_text("browser-run stopped at step")
+        expect(page.locator("#train-files")).to_contain_text("pytorch_lora_weights.safetensors")
+        expect(page.get_by_role("button", name="Resume this run")).to_be_visible()
+        shot(page, "05-stopped")
+
+        # Generate: the base model's picture beside the LoRA's, from one seed.
+        page.get_by_role("tab", name="Generate").click()
+        pick(page, "LoRA: a run you trained", "browser-run")
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(re.compile("a photo of a"))
+        page.get_by_role("button", name="Generate", exact=True).click()
+        expect(page.locator("#base-image img")).to_be_visible()
+        expect(page.locator("#lora-image img")).to_be_visible()
+        shot(page, "06-generate")
+
+        # Runs: the run is listed with its status; opening it shows its curve and files.
+        page.get_by_role("tab", name="Runs").click()
+        expect(page.locator("#runs-table")).to_contain_text("browser-run")
+        expect(page.locator("#runs-table")).to_contain_text("stopped")
+        pick(page, "Open a run", "browser-run")
+        expect(page.locator("#run-loss-plot canvas, #run-loss-plot svg").first).to_be_visible()
+        shot(page, "07-runs")
+
+        # Try the demo: one click fills the pictures, the tiny model and its settings.
+        page.get_by_role("button", name="Try the demo").click()
+        expect(page.locator("#train-notice")).to_contain_text("Demo ready")
+        expect(page.locator("#setting-max_steps input")).to_have_value("60")
+        shot(page, "08-demo-ready")
+        browser.close()

@@ -1,0 +1,122 @@
+"""The background runner: one run at a time, the rest queued; Stop keeps a usable LoRA; a run's state
+belongs to the server, readable by anyone after the tab that started it is gone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import quick_config
+from diffusers import StableDiffusionPipeline
+
+from lora_gui import jobs as jobs_module
+from lora_gui.jobs import JobManager
+from lora_gui.runs import list_runs, summarize
+
+
+@pytest.fixture
+def manager():
+    manager = JobManager()
+    yield manager
+    manager.close()
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_run_is_queued_and_never_trains_alongside_the_first(
+    tiny_model, photos, tmp_path, manager, monkeypatch
+):
+    running, most = 0, 0
+    lock = threading.Lock()
+    real_train = jobs_module.train
+
+    def counting_train(*args, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real_train(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(jobs_module, "train", counting_train)
+    first = manager.submit(quick_config(tiny_model, photos, max_steps=10), tmp_path / "first")
+    second = manager.submit(quick_config(tiny_model, photos, max_steps=4), tmp_path / "second")
+
+    assert second.snapshot().status == "queued"
+    assert manager.queue_position(second.job_id) == 1
+    assert summarize(tmp_path / "second").status == "interrupted"  # queued on disk, read as not live
+    assert manager.live_status(tmp_path / "second") == "queued"
+    done = manager.wait(second.job_id, timeout=300)
+    first_state = first.snapshot()
+    assert (first_state.status, done.status) == ("finished", "finished")
+    assert most == 1
+    assert first_state.ended_at <= done.started_at
+    assert [s.name for s in list_runs(tmp_path)] == ["second", "first"]
+
+
+def test_stop_keeps_a_usable_lora_and_resume_finishes_the_run(tiny_model, photos, tmp_path, manager):
+    run_dir = tmp_path / "run"
+    job = manager.submit(quick_config(tiny_model, photos, max_steps=200), run_dir)
+    wait_for(lambda: job.snapshot().step >= 2)
+    manager.stop(job.job_id)
+    stopped = manager.wait(job.job_id, timeout=120)
+
+    assert stopped.status == "stopped"
+    assert 2 <= stopped.step < 200
+    # Both layouts: diffusers', and kohya's (named after the run) for AUTOMATIC1111 / Forge / ComfyUI.
+    assert [f.split("/")[-1] for f in stopped.files] == ["pytorch_lora_weights.safetensors", "run.safetensors"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(run_dir)  # a LoRA the libraries load as it is
+    summary = summarize(run_dir)
+    assert (summary.status, summary.resumable, summary.steps_done) == ("stopped", True, stopped.step)
+
+    resumed = manager.resume(run_dir)
+    manager.stop(resumed.job_id)  # then think better of it: resume again and let it finish
+    manager.wait(resumed.job_id, timeout=120)
+    config = summarize(run_dir)
+    final = manager.submit(quick_config(tiny_model, photos, max_steps=config.steps_done + 2), run_dir, resume=True)
+    assert manager.wait(final.job_id, timeout=120).status == "finished"
+    assert summarize(run_dir).status == "finished"
+    assert "resuming from step" in "\n".join(final.snapshot().log)
+
+
+def test_the_state_outlives_the_tab_that_started_it(tiny_model, photos, tmp_path, manager):
+    def tab() -> None:  # a browser tab's request: it submits, then it is gone
+        manager.submit(quick_config(tiny_model, photos, max_steps=6, sample_every=3), tmp_path / "run")
+
+    opener = threading.Thread(target=tab)
+    opener.start()
+    opener.join()
+
+    job = manager.latest()  # what a page opened later shows
+    assert job is not None and job.run.name == "run"
+    state = manager.wait(job.job_id, timeout=120)
+    assert state.status == "finished"
+    assert [step for step, _ in state.losses] == [1, 2, 3, 4, 5, 6]
+    assert len(state.samples) == 2 and all(caption.startswith("step ") for _, caption in state.samples)
+    assert state.images_per_second and state.images_per_second > 0
+    assert any("Training a sd15 LoRA on 6 images for 6 steps" in line for line in state.log)
+    assert summarize(tmp_path / "run").status == "finished"
+
+
+def test_a_failed_run_says_why_and_the_next_run_still_trains(tiny_model, photos, tmp_path, manager):
+    bad = manager.submit(quick_config(tmp_path / "no-such-model", photos), tmp_path / "bad")
+    good = manager.submit(quick_config(tiny_model, photos, max_steps=2), tmp_path / "good")
+    failed = manager.wait(bad.job_id, timeout=120)
+    assert failed.status == "failed"
+    assert "not found" in failed.error
+    assert manager.wait(good.job_id, timeout=120).status == "finished"
+    summary = summarize(tmp_path / "bad")
+    assert (summary.status, summary.resumable) == ("failed", False)
+    assert "not found" in summary.message
+    with pytest.raises(Exception, match="no saved checkpoint"):
+        manager.resume(tmp_path / "bad")

@@ -1,0 +1,135 @@
+"""The app's staged dataset: dropped files land on disk with their captions, edits are saved at once,
+the checks name every problem, and nothing escapes the staging folder."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lora_gui.demo import draw_shape
+from lora_gui.errors import DataError
+from lora_gui.staging import STAGING_DIR, Staging
+
+
+def picture(path: Path, size=(96, 96), seed=1, caption: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_shape("circle", (220, 40, 40), size, seed=seed).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def dropped(*pictures: Path) -> list[Path]:
+    """The pictures as a person drops them: each with its caption file, if it has one."""
+    return [file for path in pictures for file in (path, path.with_suffix(".txt")) if file.exists()]
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Staging:
+    return Staging.for_session(tmp_path / "runs")
+
+
+def captions(staging: Staging) -> dict[str, str]:
+    return {item.relpath: item.caption for item in staging.items()}
+
+
+def test_dropped_pictures_keep_their_captions_and_same_names_never_overwrite(staging, tmp_path):
+    first = picture(tmp_path / "one" / "dog.png", seed=1)
+    caption = first.with_suffix(".txt")
+    caption.write_text("a photo of a dog\n", encoding="utf-8")
+    other = picture(tmp_path / "two" / "dog.png", seed=2)  # another picture with the same name
+    notes = staging.add_files([first, caption, other, tmp_path / "notes.docx"])
+    assert captions(staging) == {"dog.png": "a photo of a dog", "dog-2.png": ""}
+    assert notes == ["notes.docx: not an image, a .txt caption or a .zip, so it was left out"]
+    # The same file dropped again is not added twice; a caption dropped later finds its picture.
+    late = tmp_path / "three" / "dog-2.txt"
+    late.parent.mkdir()
+    late.write_text("a second dog", encoding="utf-8")
+    staging.add_files([first, late])
+    assert captions(staging) == {"dog.png": "a photo of a dog", "dog-2.png": "a second dog"}
+    assert all(item.thumbnail and item.thumbnail.is_file() for item in staging.items())
+
+
+def test_a_zip_unpacks_with_subfolders_and_cannot_write_outside(staging, tmp_path):
+    picture(tmp_path / "src" / "a.png", caption="first")
+    archive = tmp_path / "pictures.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(tmp_path / "src" / "a.png", "set/a.png")
+        zipped.write(tmp_path / "src" / "a.txt", "set/a.txt")
+        zipped.writestr("../escape.png", b"x")
+        zipped.writestr("__MACOSX/set/._a.png", b"x")
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"not a zip")
+    notes = staging.add_files([archive, broken])
+    assert captions(staging) == {"set/a.png": "first"}
+    assert not (staging.folder.parent / "escape.png").exists()
+    assert len(notes) == 1 and notes[0].startswith("broken.zip: not a readable .zip file")
+
+
+def test_a_folder_import_reads_metadata_captions_and_leaves_the_folder_alone(staging, tmp_path):
+    source = tmp_path / "photos"
+    picture(source / "x.png")
+    picture(source / "sub" / "y.png", seed=3)
+    (source / "metadata.jsonl").write_text(
+        '{"file_name": "x.png", "text": "an x"}\n{"file_name": "sub/y.png", "text": "a y"}\n', encoding="utf-8"
+    )
+    before = sorted(p.name for p in source.rglob("*"))
+    assert staging.import_folder(source) == []
+    assert captions(staging) == {"sub/y.png": "a y", "x.png": "an x"}
+    staging.set_caption("x.png", "  an   edited x ")
+    assert captions(staging)["x.png"] == "an edited x"
+    assert sorted(p.name for p in source.rglob("*")) == before
+    with pytest.raises(DataError, match="does not exist"):
+        staging.import_folder(tmp_path / "nowhere")
+
+
+def test_bulk_caption_tools(staging, tmp_path):
+    staging.add_files(dropped(picture(tmp_path / "a.png", caption="a red circle"), picture(tmp_path / "b.png", seed=2)))
+    assert staging.fill_empty_captions("a circle") == 1
+    assert staging.add_trigger_word("sks") == 2
+    assert staging.add_trigger_word("sks") == 0  # already there: not added twice
+    assert staging.replace_in_captions("circle", "ball") == 2
+    assert captions(staging) == {"a.png": "sks, a red ball", "b.png": "sks, a ball"}
+    with pytest.raises(DataError, match="type the trigger word"):
+        staging.add_trigger_word(" ")
+
+
+def test_checks_name_every_problem(staging, tmp_path):
+    staging.add_files(
+        dropped(
+            picture(tmp_path / "good.png", size=(300, 200), caption="fine"),
+            picture(tmp_path / "same.png", size=(300, 200), caption="fine too"),  # byte-identical to good.png
+            picture(tmp_path / "small.png", size=(64, 64), seed=5, caption="small"),
+            picture(tmp_path / "bare.png", seed=6),
+        )
+    )
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a picture")
+    staging.add_files([broken])
+    report = staging.check(resolution=128)
+    assert sorted(e.relpath for e in report.usable) == ["good.png", "same.png", "small.png"]
+    assert report.uncaptioned == ["bare.png"]
+    assert [(s.name, s.reason) for s in report.unusable] == [
+        ("broken.jpg", "not an image file, or a format that can't be read")
+    ]
+    assert report.duplicates == [["good.png", "same.png"]]
+    assert [e.relpath for e in report.too_small] == ["small.png"]
+    broken_item = next(item for item in staging.items() if item.relpath == "broken.jpg")
+    assert broken_item.thumbnail is None and "not an image" in broken_item.problem
+
+
+def test_copy_to_a_run_and_session_ids(staging, tmp_path):
+    staging.add_files(dropped(picture(tmp_path / "a.png", caption="a")))
+    staging.items()  # makes thumbnails, which must not travel
+    target = staging.copy_to(tmp_path / "run" / "uploads")
+    assert sorted(p.name for p in target.iterdir()) == ["a.png", "a.txt"]
+    runs = tmp_path / "runs"
+    assert Staging.find(runs, staging.session_id).folder == staging.folder
+    assert Staging.find(runs, "../../etc") is None
+    assert Staging.for_session(runs, "../../etc").folder.parent == runs / STAGING_DIR
+    staging.remove("a.png")
+    assert staging.items() == []
+    with pytest.raises(DataError, match="not in this dataset"):
+        staging.set_caption("../../a.png", "x")

@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import tempfile
 import time
@@ -294,13 +295,23 @@ def run_bench(
 
 
 def _machine() -> dict:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {_cpu_name()}"
     return {
         "device": device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def format_table(reference: LoopResult, ours: LoopResult, info: dict) -> str:

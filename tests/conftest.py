@@ -119,3 +119,18 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     except subprocess.TimeoutExpired:
         process.kill()
     assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"
+
+
+def train_argv(base_model: Path | str, data: Path | str, output: Path | str, **flags: object) -> list[str]:
+    """Arguments of `python -m lora_gui train`, flags as keywords: max_steps=3 -> --max-steps 3,
+    aspect_buckets=False -> --no-aspect-buckets, a list -> several values."""
+    argv = ["train", "--base-model", str(base_model), "--data", str(data), "--output", str(output)]
+    for name, value in flags.items():
+        flag = name.replace("_", "-")
+        if value is True or value is False:
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{flag}", *map(str, value)]
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_argv
 from PIL import Image
 
 from lora_gui.__main__ import main
@@ -33,18 +34,7 @@ def test_the_readme_demo_commands_finish_in_under_two_minutes(tmp_path):
     started = time.monotonic()
     made = cli("tiny-model", "tiny", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    trained = cli(
-        "train",
-        "--base-model",
-        "tiny",
-        "--data",
-        "photos",
-        "--output",
-        "run1",
-        "--preset",
-        "tiny-cpu-demo",
-        cwd=tmp_path,
-    )
+    trained = cli(*train_argv("tiny", "photos", "run1", preset="tiny-cpu-demo"), cwd=tmp_path)
     elapsed = time.monotonic() - started
     assert trained.returncode == 0, trained.stderr
     assert elapsed < 120, f"took {elapsed:.0f} s"
@@ -70,29 +60,18 @@ def test_the_readme_demo_commands_finish_in_under_two_minutes(tmp_path):
 
 def test_flags_override_the_preset(tiny_model, photos, tmp_path):
     code = main(
-        [
-            "train",
-            "--base-model",
-            str(tiny_model),
-            "--data",
-            str(photos),
-            "--output",
-            str(tmp_path / "run"),
-            "--preset",
-            "tiny-cpu-demo",
-            "--rank",
-            "4",
-            "--max-steps",
-            "3",
-            "--resolution",
-            "64",
-            "--no-aspect-buckets",
-            "--sample-every",
-            "0",
-            "--sample-prompts",
-            "a red circle",
-            "a blue square",
-        ]
+        train_argv(
+            tiny_model,
+            photos,
+            tmp_path / "run",
+            preset="tiny-cpu-demo",
+            rank=4,
+            max_steps=3,
+            resolution=64,
+            aspect_buckets=False,
+            sample_every=0,
+            sample_prompts=["a red circle", "a blue square"],
+        )
     )
     assert code == 0
     saved = json.loads((tmp_path / "run/config.json").read_text())
@@ -102,40 +81,10 @@ def test_flags_override_the_preset(tiny_model, photos, tmp_path):
 
 
 def test_bad_input_prints_a_plain_error_and_no_traceback(tiny_model, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "train",
-                "--base-model",
-                str(tmp_path / "missing"),
-                "--data",
-                str(tmp_path),
-                "--output",
-                str(tmp_path / "run"),
-                "--max-steps",
-                "2",
-            ]
-        )
-        == 1
-    )
+    assert main(train_argv(tmp_path / "missing", tmp_path, tmp_path / "run", max_steps=2)) == 1
     err = capsys.readouterr().err
     assert "Error:" in err and "Traceback" not in err
-    assert (
-        main(
-            [
-                "train",
-                "--base-model",
-                str(tiny_model),
-                "--data",
-                str(tmp_path / "none"),
-                "--output",
-                str(tmp_path / "run2"),
-                "--rank",
-                "0",
-            ]
-        )
-        == 1
-    )
+    assert main(train_argv(tiny_model, tmp_path / "none", tmp_path / "run2", rank=0)) == 1
     assert "rank must be between 1 and 256" in capsys.readouterr().err
 
 
@@ -169,25 +118,16 @@ def test_a_model_that_cannot_be_loaded_says_what_was_tried(tmp_path, monkeypatch
 
 
 def test_interrupt_stops_cleanly_and_resume_finishes(tiny_model, photos, tmp_path):
-    args = [
-        "train",
-        "--base-model",
-        str(tiny_model),
-        "--data",
-        str(photos),
-        "--output",
-        str(tmp_path / "run"),
-        "--resolution",
-        "64",
-        "--max-steps",
-        "400",
-        "--checkpoint-every",
-        "1000",
-        "--sample-every",
-        "0",
-        "--learning-rate",
-        "1e-3",
-    ]
+    args = train_argv(
+        tiny_model,
+        photos,
+        tmp_path / "run",
+        resolution=64,
+        max_steps=400,
+        checkpoint_every=1000,
+        sample_every=0,
+        learning_rate="1e-3",
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "lora_gui", *args], env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run/metrics.jsonl"
@@ -210,28 +150,10 @@ def test_interrupt_stops_cleanly_and_resume_finishes(tiny_model, photos, tmp_pat
 
 
 def test_generate_with_a_lora_at_strength_zero_and_one(tiny_model, photos, tmp_path):
-    assert (
-        main(
-            [
-                "train",
-                "--base-model",
-                str(tiny_model),
-                "--data",
-                str(photos),
-                "--output",
-                str(tmp_path / "run"),
-                "--resolution",
-                "64",
-                "--max-steps",
-                "10",
-                "--learning-rate",
-                "1e-3",
-                "--sample-every",
-                "0",
-            ]
-        )
-        == 0
+    args = train_argv(
+        tiny_model, photos, tmp_path / "run", resolution=64, max_steps=10, sample_every=0, learning_rate="1e-3"
     )
+    assert main(args) == 0
     common = [
         "generate",
         "--base-model",
@@ -308,21 +230,9 @@ def test_two_processes_with_accelerate_launch(tiny_model, photos, tmp_path):
             "no",
             "-m",
             "lora_gui",
-            "train",
-            "--base-model",
-            str(tiny_model),
-            "--data",
-            str(photos),
-            "--output",
-            str(tmp_path / "run"),
-            "--resolution",
-            "64",
-            "--max-steps",
-            "4",
-            "--checkpoint-every",
-            "2",
-            "--sample-every",
-            "0",
+            *train_argv(
+                tiny_model, photos, tmp_path / "run", resolution=64, max_steps=4, checkpoint_every=2, sample_every=0
+            ),
         ],
         env=env,
         capture_output=True,

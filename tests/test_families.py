@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import train_argv
 from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
@@ -55,26 +56,8 @@ def test_single_file_checkpoint_family_from_its_tensor_names(tmp_path, key, fami
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
     model = str(tiny_models(family))
-    assert (
-        main(
-            [
-                "train",
-                "--base-model",
-                model,
-                "--data",
-                str(photos),
-                "--output",
-                str(tmp_path / "run"),
-                "--preset",
-                "tiny-cpu-demo",
-                "--max-steps",
-                "20",
-                "--sample-every",
-                "10",
-            ]
-        )
-        == 0
-    )
+    argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10)
+    assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "run/samples").iterdir()) == ["step-10-0.png", "step-20-0.png"]
     args = [
         "generate",

@@ -39,12 +39,16 @@ def progress(client: Client) -> tuple:
     return client.predict(api_name="/progress")
 
 
-def wait_until(client: Client, words: str, timeout: float = 300) -> tuple:
+def wait_until(client: Client, words: str, timeout: float = 300) -> list:
+    """Poll the live view until it says `words`; return what the page shows then. A poll skips the parts
+    that did not change since the last one, so each part is its latest value over all polls."""
     deadline = time.monotonic() + timeout
+    page: list = []
     while True:
         result = progress(client)
+        page = [old if new == {"__type__": "update"} else new for old, new in zip(page or result, result, strict=True)]
         if words in html.unescape(result[0]):
-            return result
+            return page
         assert time.monotonic() < deadline, f"never saw {words!r}; last: {result[0]}"
         time.sleep(0.5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import threading
 from collections.abc import Callable
@@ -90,9 +91,23 @@ class Ctx:
                 return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
             return {self.components[name]: value for name, value in result.items()}
 
+        # Gradio's API makes a parameter optional when the component starts with a value, or when the
+        # function's own parameter defaults to None: so an empty file or menu may be left out of a call too.
+        components = {**{name: self.components[name] for name in inputs}, **(extra_inputs or {})}
+        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None if getattr(component, "value", None) is None else inspect.Parameter.empty,
+                )
+                for name, component in components.items()
+            ]
+        )
+
         return trigger(
             run,
-            inputs_kwargs={**{name: self.components[name] for name in inputs}, **(extra_inputs or {})} or None,
+            inputs_kwargs=components or None,
             outputs=[self.components[name] for name in outputs],
             **kwargs,
         )

@@ -22,8 +22,10 @@ from lora_gui.models import is_hub_id
 from lora_gui.runs import RunFolder, check_run_name
 from lora_gui.tiny import ensure_tiny_model
 
-TINY_CHOICE = "Tiny demo (offline, CPU)"
-TINY_FOLDER = ".models/tiny-sd15"  # under the runs dir, so the Space's persistent storage keeps it
+TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
+# The tiny random-weight models of each family by their menu names, so every family can be tried offline.
+TINY_CHOICES = {TINY_CHOICE: "sd15", "Tiny SDXL demo (offline, CPU)": "sdxl", "Tiny SD 2 demo (offline, CPU)": "sd2"}
+MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 
 
@@ -120,16 +122,16 @@ class Ctx:
         return run
 
     # ---- base models --------------------------------------------------------------------------
-    @property
-    def tiny_model(self) -> Path:
-        return self.runs_dir / TINY_FOLDER
+    def tiny_model(self, family: str) -> Path:
+        return self.runs_dir / MODELS_FOLDER / f"tiny-{family}"
 
     def resolve_base_model(self, choice: str) -> str:
-        """What the trainer loads for a base-model choice: the tiny demo model (written the first time)
+        """What the trainer loads for a base-model choice: a tiny demo model (written the first time)
         or the Hub id / path as typed, where this server lets visitors use paths."""
         choice = (choice or "").strip()
-        if choice == TINY_CHOICE:
-            return str(ensure_tiny_model(self.tiny_model))
+        if choice in TINY_CHOICES:
+            family = TINY_CHOICES[choice]
+            return str(ensure_tiny_model(self.tiny_model(family), family))
         if not choice:
             raise ConfigError(f"choose a base model first ({TINY_CHOICE} needs no download)")
         if not self.allow_paths and not is_hub_id(choice):
@@ -140,15 +142,16 @@ class Ctx:
         return choice
 
     def base_model_label(self, base_model: str) -> str:
-        """How a stored base model is shown: the tiny model by its menu name, anything else as it is."""
-        if base_model and Path(base_model).resolve() == self.tiny_model.resolve():
-            return TINY_CHOICE
+        """How a stored base model is shown: a tiny model by its menu name, anything else as it is."""
+        for choice, family in TINY_CHOICES.items():
+            if base_model and Path(base_model).resolve() == self.tiny_model(family).resolve():
+                return choice
         return base_model
 
     def base_model_choices(self) -> list[str]:
-        """The tiny demo model, then every base model a preset names (so new families appear with their presets)."""
+        """The tiny demo models, then every base model a preset names (so new families appear with their presets)."""
         named = [load_preset(name).base_model for name in list_presets()]
-        return [TINY_CHOICE, *dict.fromkeys(model for model in named if model)]
+        return [*TINY_CHOICES, *dict.fromkeys(model for model in named if model)]
 
 
 def plain_error(error: Exception) -> str:

@@ -18,7 +18,16 @@ from lora_gui.errors import LoraGuiError
 from lora_gui.jobs import JobState
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
-from lora_gui.ui.common import TINY_CHOICE, Ctx, duration, error_notice, loss_frame, loss_plot, notice
+from lora_gui.ui.common import (
+    TINY_CHOICE,
+    TINY_CHOICES,
+    Ctx,
+    duration,
+    error_notice,
+    loss_frame,
+    loss_plot,
+    notice,
+)
 
 POLL_SECONDS = 2.0
 _WATCHED = ("losses", "samples", "log", "files")
@@ -29,8 +38,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     if not ctx.has_cuda:
         gr.HTML(
             notice(
-                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the "
-                f"{TINY_CHOICE} model (about a minute), but a real Stable Diffusion model would take many hours.",
+                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the tiny "
+                "demo models (about a minute), but a real Stable Diffusion model would take many hours.",
                 "warning",
             ),
             elem_id="cpu-warning",
@@ -209,7 +218,7 @@ def use_preset(ctx: Ctx, preset: str | None) -> dict[str, Any]:
 
 def keep_preset(ctx: Ctx, preset_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
     try:
-        model = "" if base_model == TINY_CHOICE else base_model
+        model = "" if base_model in TINY_CHOICES else base_model  # a tiny model is no preset's real model
         config = config_form.config_from_values({**settings, "base_model": model})
         path = save_preset(preset_name or "", config)
     except LoraGuiError as error:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -117,6 +119,61 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     failed = html.unescape(wait_until(visitor, "failed")[0])
     assert f"Training bad-model failed: base model '{missing}' not found" in failed
     assert "Nothing was trained yet: fix the problem, then press Start training again" in failed
+
+
+def test_the_estimate_follows_the_settings_and_the_model(app_server):
+    visitor = Client(app_server.url, verbose=False)
+
+    def estimate(**settings) -> str:
+        return text(visitor.predict(**settings, api_name="/estimate"))
+
+    unknown = estimate(base_model="someone/a-model-not-downloaded")
+    assert "set 'Model family' under Advanced settings" in unknown
+    one = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=1)
+    four = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=4)
+    # No GPU here: the memory a GPU would need, and no time.
+    assert "This computer has no NVIDIA GPU" in one and "no time estimate is given" in one
+    assert gigabytes(four) > gigabytes(one) + 1
+    tiny = estimate(base_model=TINY_CHOICE, resolution=512)
+    assert "The tiny demo model needs almost no memory" in tiny and gigabytes(tiny) == gigabytes(one)
+    assert "made for 1024 px pictures" not in tiny
+    sdxl = estimate(base_model="someone/a-model-not-downloaded", family="sdxl", resolution=512)
+    assert "Stable Diffusion XL models are made for 1024 px pictures, and Resolution is 512" in sdxl
+    assert "No estimate until the settings are fixed: 'Batch size' must be between 1" in estimate(batch_size=0)
+
+
+def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_small(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from lora_gui.ui import common
+    from lora_gui.ui.train_tab import show_estimate
+
+    _, ctx = build_app(tmp_path, JobManager())
+    ctx.has_cuda = True
+    measured = []
+    monkeypatch.setattr(common, "matmul_tflops", lambda: measured.append(1) or 400.0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * 2**30))
+    settings = {**config_form.widget_values(TrainConfig()), "family": "sd15", "max_steps": 1000}
+
+    fits = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
+    assert re.search(r"Estimate for Stable Diffusion 1.x: ≈ [\d.]+ GB of GPU memory, about \d+ (s|min)\.", fits)
+    assert "more than this GPU" not in fits
+    too_big = html.unescape(show_estimate(ctx, base_model="someone/model", **{**settings, "batch_size": 8})["estimate"])
+    assert "That is more than this GPU's 8 GB: turn on Gradient checkpointing" in too_big
+    assert measured == [1], "the GPU's speed is measured once, then remembered"
+
+    # While a run trains, measuring would time the run too: no time until it ends.
+    _, ctx = build_app(tmp_path, JobManager())
+    ctx.has_cuda = True
+    monkeypatch.setattr(ctx.jobs, "active", lambda: object())
+    busy = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
+    assert "unknown time" in busy and "The time shows once no run is training" in busy
+    assert measured == [1]
+
+
+def gigabytes(message: str) -> float:
+    return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
 
 
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():

@@ -20,7 +20,7 @@ from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, paths_allowed
 from lora_gui.ui.dataset import build_dataset_grid, build_dataset_tab, checks_html, pages_update, wire_dataset_tab
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, wire_train_tab
+from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
             ["session", "dataset_version", "report", "page", "base_model", *settings],
             api_visibility="private",
         )
+        ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
     return demo, ctx
 
 

@@ -14,11 +14,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lora_gui.bench import matmul_tflops
 from lora_gui.config import list_presets, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
-from lora_gui.models import is_hub_id
+from lora_gui.models import family_from_files, is_hub_id
 from lora_gui.runs import RunFolder, check_run_name
 from lora_gui.tiny import ensure_tiny_model
 
@@ -61,6 +62,7 @@ class Ctx:
     has_cuda: bool
     generators: GeneratorCache = field(default_factory=GeneratorCache)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
+    _tflops: float | None = field(default=None, init=False)
 
     def add(self, components: dict[str, Any]) -> dict[str, Any]:
         clashes = set(components) & set(self.components)
@@ -152,6 +154,25 @@ class Ctx:
         """The tiny demo models, then every base model a preset names (so new families appear with their presets)."""
         named = [load_preset(name).base_model for name in list_presets()]
         return [*TINY_CHOICES, *dict.fromkeys(model for model in named if model)]
+
+    def base_model_family(self, choice: str) -> str | None:
+        """The family of a base-model choice where it can be told without downloading: a tiny model,
+        a model folder or checkpoint file on this server, or a Hub model already downloaded once."""
+        choice = (choice or "").strip()
+        if choice in TINY_CHOICES:
+            return TINY_CHOICES[choice]
+        if not self.allow_paths and not is_hub_id(choice):
+            return None  # the server's files are not the visitor's to probe
+        return family_from_files(choice)
+
+    # ---- the GPU ------------------------------------------------------------------------------
+    def gpu_tflops(self) -> float | None:
+        """This GPU's measured matrix-multiply rate, for time estimates; measured once, then remembered.
+
+        None without a CUDA GPU, and while a run trains: measuring then would time the run's share too."""
+        if self._tflops is None and self.has_cuda and self.jobs.active() is None:
+            self._tflops = matmul_tflops()
+        return self._tflops
 
 
 def plain_error(error: Exception) -> str:

@@ -14,6 +14,8 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.demo import write_demo_dataset
@@ -30,6 +32,17 @@ QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.
 def text(result) -> str:
     """Everything an endpoint returned, as one string to look for messages in (as the page shows them)."""
     return html.unescape(" ".join(str(value) for value in (result if isinstance(result, tuple) else (result,))))
+
+
+def shown(output):
+    """The value an output shows: handlers that also change a component's label or visibility send an update."""
+    if isinstance(output, dict) and output.get("__type__") == "update":
+        return output.get("value")
+    return output
+
+
+def pixels(output) -> np.ndarray:
+    return np.asarray(Image.open(shown(output)), dtype=np.int16)
 
 
 def upload_pictures(client: Client, folder: Path) -> str:
@@ -81,15 +94,33 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     listing = text(second.predict(run_pick=None, api_name="/list_runs"))
     assert "visitor-a" in listing and "stopped" in listing and "finished" in listing
 
-    filled = second.predict(gen_run="visitor-b", api_name="/pick_run")
-    assert filled[0] == TINY_CHOICE and filled[1] == 64 and filled[2].startswith("a photo of a")
-    base, with_lora, message = second.predict(
-        gen_run="visitor-b", gen_upload=None, prompt=filled[2], gen_steps=4, size=64, strength=2.0, api_name="/generate"
-    )
-    assert "Made with the LoRA of visitor-b at strength 2" in message
-    base_pixels, lora_pixels = (np.asarray(Image.open(path), dtype=np.int16) for path in (base, with_lora))
+    _, base_model, size, prompt, _ = second.predict(gen_run_1="visitor-b", api_name="/pick_run_1")
+    assert base_model == TINY_CHOICE and size == 64 and prompt.startswith("a photo of a")
+    common = dict(prompt=prompt, gen_steps=4, size=64, api_name="/generate")
+    mixed = dict(gen_run_1="visitor-b", strength_1=2.0)
+    base, with_lora, message = second.predict(**mixed, **common)
+    assert "Made with the LoRA of visitor-b at strength 2, seed 0" in message
+    base_pixels, one_lora = pixels(base), pixels(with_lora)
     assert base_pixels.shape == (64, 64, 3)
-    assert np.abs(base_pixels - lora_pixels).mean() > 0.5  # the LoRA changed the picture
+    assert np.abs(base_pixels - one_lora).mean() > 0.5  # the LoRA changed the picture
+
+    # A second LoRA at its own strength: the kohya file (as AUTOMATIC1111 uses it) of the other run, uploaded.
+    kohya = app_server.runs_dir / "visitor-a" / "visitor-a.safetensors"
+    mixed.update(gen_upload_2=handle_file(str(kohya)), strength_2=0.7)
+    base_again, two_loras, message = second.predict(**mixed, **common)
+    assert "Made with the LoRA of visitor-b at strength 2, visitor-a.safetensors at strength 0.7" in message
+    assert np.array_equal(pixels(base_again), base_pixels)  # same seed, same base picture
+    assert np.abs(pixels(two_loras) - one_lora).mean() > 0.5  # the second LoRA changed it again
+
+    # The same LoRA pickled: refused unless allowed, since loading a pickle can run code.
+    pickled = tmp_path / "visitor-a.pt"
+    torch.save(load_file(kohya), pickled)
+    mixed["gen_upload_2"] = handle_file(str(pickled))
+    refused = text(second.predict(**mixed, **common))
+    assert "visitor-a.pt is a pickled file, which can run any code on this computer when loaded" in refused
+    _, allowed, message = second.predict(**mixed, allow_pickle=True, **common)
+    assert "visitor-a.pt at strength 0.7" in message
+    assert np.array_equal(pixels(allowed), pixels(two_loras))
 
     assert "Deleted visitor-a." in text(second.predict(run_pick="visitor-a", api_name="/delete_run"))
     assert not (app_server.runs_dir / "visitor-a").exists()
@@ -110,9 +141,7 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     upload_pictures(visitor, write_demo_dataset(tmp_path / "ok", count=2, size=(64, 64)))
     assert "'Steps' must be between 1 and" in text(visitor.predict(max_steps=0, api_name="/start"))
     assert "'Learning rate' 0.5 is far too high" in text(visitor.predict(learning_rate=0.5, api_name="/start"))
-    assert "Pick a run you trained, or upload a LoRA file" in text(
-        visitor.predict(gen_run=None, gen_upload=None, prompt="x", api_name="/generate")
-    )
+    assert "Pick a run you trained, or upload a LoRA file" in text(visitor.predict(prompt="x", api_name="/generate"))
 
     missing = tmp_path / "no-such-model"
     visitor.predict(base_model=str(missing), run_name="bad-model", **QUICK, api_name="/start")
@@ -174,6 +203,37 @@ def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_sma
 
 def gigabytes(message: str) -> float:
     return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
+
+
+def test_a_tiny_sdxl_model_trains_and_generates_through_the_app(app_server, tmp_path):
+    visitor = Client(app_server.url, verbose=False)
+    upload_pictures(visitor, write_demo_dataset(tmp_path / "p", count=4, size=(64, 64)))
+    settings = {**QUICK, "max_steps": 3, "sample_every": 0}
+    started = visitor.predict(
+        base_model="Tiny SDXL demo (offline, CPU)", run_name="sdxl-run", **settings, api_name="/start"
+    )
+    assert "Training sdxl-run started" in text(started)
+    log = wait_until(visitor, "<b>sdxl-run</b> finished: 3 steps")[3]
+    assert "Training a sdxl LoRA on 4 images for 3 steps on cpu" in log
+
+    _, base_model, size, prompt, _ = visitor.predict(gen_run_1="sdxl-run", api_name="/pick_run_1")
+    assert base_model == "Tiny SDXL demo (offline, CPU)" and size == 64
+    base, with_lora, message = visitor.predict(
+        gen_run_1="sdxl-run",
+        gen_base_model=base_model,
+        prompt=prompt,
+        gen_steps=3,
+        size=64,
+        api_name="/generate",
+    )
+    assert "Made with the LoRA of sdxl-run at strength 1" in message
+    assert np.abs(pixels(base) - pixels(with_lora)).mean() > 0.5
+
+    # Its kohya file, from the Generate tab, says it is an SDXL LoRA (A1111 lists it for SDXL models).
+    message, file = visitor.predict(gen_export_run="sdxl-run", gen_layout="kohya", api_name="/export_from_generate")
+    assert "sdxl-run.safetensors is ready for AUTOMATIC1111, Forge and ComfyUI" in text(message)
+    with safe_open(shown(file), framework="pt") as kohya:
+        assert kohya.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():

@@ -17,6 +17,7 @@ import pandas as pd
 from lora_gui.bench import matmul_tflops
 from lora_gui.config import list_presets, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.export import export_run
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
 from lora_gui.models import family_from_files, is_hub_id
@@ -28,6 +29,12 @@ TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
 TINY_CHOICES = {TINY_CHOICE: "sd15", "Tiny SDXL demo (offline, CPU)": "sdxl", "Tiny SD 2 demo (offline, CPU)": "sd2"}
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
+# The two layouts a run's LoRA can be downloaded in, named by the programs that load them.
+LOADS_IN = {"kohya": "AUTOMATIC1111, Forge and ComfyUI", "diffusers": "diffusers (Python)"}
+LAYOUT_CHOICES = [
+    (f"For {LOADS_IN['kohya']} (<run name>.safetensors)", "kohya"),
+    (f"For {LOADS_IN['diffusers']} (pytorch_lora_weights.safetensors)", "diffusers"),
+]
 
 
 def paths_allowed() -> bool:
@@ -175,10 +182,52 @@ class Ctx:
         return self._tflops
 
 
+def build_export(prefix: str) -> dict[str, Any]:
+    """A layout choice, a button and the file to download: a run's LoRA for the program the user has."""
+    c: dict[str, Any] = {}
+    c[f"{prefix}_layout"] = gr.Radio(
+        LAYOUT_CHOICES,
+        value="kohya",
+        label="Which program will load it?",
+        info="Both files hold the same LoRA. AUTOMATIC1111 and Forge: put it in models/Lora; ComfyUI: models/loras.",
+    )
+    c[f"{prefix}_export"] = gr.Button("Get the LoRA file", size="sm")
+    c[f"{prefix}_export_notice"] = gr.HTML()
+    c[f"{prefix}_file"] = gr.File(label="Your LoRA file (click its name to download)", interactive=False, visible=False)
+    return c
+
+
+def export_lora(ctx: Ctx, prefix: str, run_name: str | None, layout: str) -> dict[str, Any]:
+    """(Re)write a run's LoRA in a layout and offer it in the widgets `build_export(prefix)` made.
+
+    export_run rebuilds the kohya file from the run folder, so it is current even for a run an older
+    version of the app trained."""
+    if not run_name:
+        return {f"{prefix}_export_notice": notice("Pick a run first.", "warning"), f"{prefix}_file": gr.skip()}
+    try:
+        (path,) = export_run(ctx.run_folder(run_name).path, layout)
+    except LoraGuiError as error:
+        return {f"{prefix}_export_notice": error_notice(error), f"{prefix}_file": gr.update(visible=False)}
+    return {
+        f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
+        f"{prefix}_file": gr.update(value=str(path), visible=True),
+    }
+
+
+def files_label(kind: str) -> str:
+    """The label of a list of a run's files that says which LoRA file loads where."""
+    return (
+        f"{kind} (click to download): the one named after the run is for {LOADS_IN['kohya']}; "
+        f"pytorch_lora_weights.safetensors is for {LOADS_IN['diffusers']}"
+    )
+
+
 def plain_error(error: Exception) -> str:
     """A LoraGuiError's message as a sentence for the page."""
     text = str(error)
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+    if not any(mark in text.split(" ", 1)[0] for mark in "./\\"):  # a file name or path stays as it is spelled
+        text = text[:1].upper() + text[1:]
+    return text + ("" if text.endswith(".") else ".")
 
 
 def notice(text: str, kind: str = "info") -> str:

@@ -28,6 +28,7 @@ from lora_gui.ui.common import (
     Ctx,
     duration,
     error_notice,
+    files_label,
     loss_frame,
     loss_plot,
     notice,
@@ -115,7 +116,7 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             elem_id="train-samples",
         )
     c["files"] = gr.File(
-        label="Your LoRA (click to download): pytorch_lora_weights.safetensors is for diffusers",
+        label=files_label("Your LoRA"),
         file_count="multiple",
         interactive=False,
         visible=False,

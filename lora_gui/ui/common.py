@@ -37,11 +37,16 @@ LAYOUT_CHOICES = [
 ]
 
 
+def on_space() -> bool:
+    """Whether the app runs as a Hugging Face Space, where visitors are strangers to the server."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
 def paths_allowed() -> bool:
     """Visitors of a Hugging Face Space may not read the server's files unless its owner allows it."""
     if os.environ.get(ALLOW_PATHS_ENV, "").strip().lower() in ("1", "true", "yes"):
         return True
-    return not os.environ.get("SPACE_ID")
+    return not on_space()
 
 
 class GeneratorCache:
@@ -67,6 +72,7 @@ class Ctx:
     jobs: JobManager
     allow_paths: bool
     has_cuda: bool
+    on_space: bool = False
     generators: GeneratorCache = field(default_factory=GeneratorCache)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
     _tflops: float | None = field(default=None, init=False)
@@ -230,10 +236,11 @@ def plain_error(error: Exception) -> str:
     return text + ("" if text.endswith(".") else ".")
 
 
-def notice(text: str, kind: str = "info") -> str:
-    """A short message box; kind is info, warning or error."""
+def notice(text: str, kind: str = "info", link: str = "") -> str:
+    """A short message box; kind is info, warning or error; a link (a URL) goes at its end."""
     icon = {"info": "ℹ", "warning": "⚠", "error": "✗"}[kind]
-    return f'<div class="lg-notice lg-{kind}">{icon} {html.escape(text)}</div>'
+    anchor = f' <a href="{html.escape(link)}" target="_blank" rel="noopener">{html.escape(link)}</a>' if link else ""
+    return f'<div class="lg-notice lg-{kind}">{icon} {html.escape(text)}{anchor}</div>'
 
 
 def error_notice(error: LoraGuiError) -> str:

@@ -24,6 +24,8 @@ from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
 from lora_gui.ui.common import TINY_CHOICE
 from lora_gui.ui.dataset import add_folder
+from lora_gui.ui.generate import add_row, remove_row
+from lora_gui.ui.runs import push
 from lora_gui.ui.train_tab import start
 
 QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
@@ -236,6 +238,20 @@ def test_a_tiny_sdxl_model_trains_and_generates_through_the_app(app_server, tmp_
         assert kohya.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
+    _, ctx = build_app(tmp_path, JobManager())
+    rows = {"gen_run_1": "a", "gen_upload_1": None, "strength_1": 0.5}
+    rows |= {"gen_run_2": None, "gen_upload_2": "/files/b.safetensors", "strength_2": 0.7}
+    rows |= {"gen_run_3": "c", "gen_upload_3": None, "strength_3": 1.5}
+    assert add_row(ctx, gen_rows=2)["lora_row_3"]["visible"] and add_row(ctx, gen_rows=2)["gen_rows"] == 3
+    after = remove_row(ctx, row=2, gen_rows=3, **rows)
+    assert after["gen_rows"] == 2
+    assert [after["gen_run_2"], after["gen_upload_2"], after["strength_2"]] == ["c", None, 1.5]
+    assert [after["gen_run_3"], after["gen_upload_3"], after["strength_3"]] == [None, None, 1.0]
+    assert after["lora_row_2"]["visible"] and not after["lora_row_3"]["visible"]
+    assert after["gen_run_1"] == "a"
+
+
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
     names = config_form.field_names()
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -258,6 +274,10 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     refused = start(ctx, session="", run_name="x", base_model=str(tmp_path), **config_form.widget_values(TrainConfig()))
     assert "This Space does not let visitors use files on the server" in refused["train_notice"]
     assert ctx.resolve_base_model("owner/model") == "owner/model"  # Hub ids are fine
+
+    # Without a token typed in, a push would go out under the Space owner's own Hub login.
+    refused_push = push(ctx, run_pick="x", hub_repo="me/x", hub_token=" ", hub_private=True)
+    assert "Paste your Hugging Face token first" in refused_push["hub_notice"]
 
     monkeypatch.setenv("LORA_GUI_ALLOW_PATHS", "1")
     _, ctx = build_app(tmp_path, JobManager())

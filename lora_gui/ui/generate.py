@@ -23,6 +23,11 @@ MAX_LORAS = 3
 ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets are these, numbered from 1
 
 
+# Every menu of runs with a LoRA: one per row, and the download's.
+RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
+ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
+
+
 def row_names(row: int) -> list[str]:
     return [f"{name}_{row}" for name in ROW_FIELDS]
 
@@ -123,12 +128,10 @@ def wire_generate_tab(ctx: Ctx) -> None:
                 ctx[f"remove_lora_{row}"].click,
                 functools.partial(remove_row, row=row),
                 ["gen_rows", *all_row_names()],
-                ["gen_rows", "add_lora", *row_widgets(), *all_row_names()],
+                ["gen_rows", "add_lora", *ROWS, *all_row_names()],
                 api_visibility="private",
             )
-    ctx.wire(
-        ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *row_widgets()], api_visibility="private"
-    )
+    ctx.wire(ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *ROWS], api_visibility="private")
     ctx.wire(ctx["gen_base_model"].input, pick_base_model, ["gen_base_model"], ["size"], api_visibility="private")
     ctx.wire(
         ctx["generate"].click,
@@ -154,17 +157,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ["gen_export_notice", "gen_file"],
         api_name="export_from_generate",
     )
-    ctx.wire(
-        ctx["generate_tab"].select,
-        refresh_runs,
-        [],
-        [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"],
-        api_visibility="private",
-    )
-
-
-def row_widgets() -> list[str]:
-    return [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
+    ctx.wire(ctx["generate_tab"].select, refresh_runs, [], RUN_MENUS, api_visibility="private")
 
 
 def lora_runs(ctx: Ctx) -> list[str]:
@@ -173,8 +166,7 @@ def lora_runs(ctx: Ctx) -> list[str]:
 
 def refresh_runs(ctx: Ctx) -> dict[str, Any]:
     choices = lora_runs(ctx)
-    menus = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
-    return {name: gr.update(choices=choices) for name in menus}
+    return {name: gr.update(choices=choices) for name in RUN_MENUS}
 
 
 def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
@@ -217,7 +209,7 @@ def add_row(ctx: Ctx, gen_rows: int) -> dict[str, Any]:
     shown = min(MAX_LORAS, (gen_rows or 1) + 1)
     return {
         "gen_rows": shown,
-        **{f"lora_row_{row}": gr.update(visible=row <= shown) for row in range(1, MAX_LORAS + 1)},
+        **{name: gr.update(visible=row <= shown) for row, name in enumerate(ROWS, 1)},
         "add_lora": gr.update(interactive=shown < MAX_LORAS),
     }
 
@@ -230,7 +222,7 @@ def remove_row(ctx: Ctx, row: int, gen_rows: int, **values: Any) -> dict[str, An
     shown = max(1, (gen_rows or 1) - 1)
     updates: dict[str, Any] = {"gen_rows": shown, "add_lora": gr.update(interactive=True)}
     for number, row_values in enumerate(rows, 1):
-        updates[f"lora_row_{number}"] = gr.update(visible=number <= shown)
+        updates[ROWS[number - 1]] = gr.update(visible=number <= shown)
         updates.update(zip(row_names(number), row_values, strict=True))
     return updates
 

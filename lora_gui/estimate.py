@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from unittest import mock
 
@@ -26,6 +28,7 @@ CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tenso
 # Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
 STEP_EFFICIENCY = 0.35
 BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+_ATTENTION_PATCH = threading.Lock()
 
 
 @dataclass
@@ -88,13 +91,10 @@ def _unet_cost(
     from lora_gui.tiny import _UNETS
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)  # built in the training dtype, as from_pretrained(dtype=...) loads it
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**_UNETS[family, "full"])
-    finally:
-        torch.set_default_dtype(previous)
+    # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
+    # torch's default dtype: that is process-wide, and a run may be training in another thread.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_UNETS[family, "full"]).to(dtype)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -151,8 +151,12 @@ def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> 
         saved[storage._cdata] = storage.nbytes()  # one storage counts once, however many ops keep it
         return tensor
 
+    # The patch is seen by every thread of the process, so it hands calls on real tensors (a run
+    # training beside the estimate) to the real attention; the lock keeps two estimates from undoing
+    # each other's patch.
     with (
-        mock.patch.object(F, "scaled_dot_product_attention", _memory_efficient_attention),
+        _ATTENTION_PATCH,
+        mock.patch.object(F, "scaled_dot_product_attention", _footprint_on_meta(F.scaled_dot_product_attention)),
         torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor),
     ):
         unet(**inputs)
@@ -174,8 +178,15 @@ class _AttentionFootprint(torch.autograd.Function):
         raise NotImplementedError("only used to count memory")
 
 
-def _memory_efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-    return _AttentionFootprint.apply(query, key, value)
+def _footprint_on_meta(real: Callable) -> Callable:
+    """SDPA that counts the fused kernels' memory for meta tensors and is the real one for any others."""
+
+    def attention(query, key, value, *args, **kwargs):
+        if query.device.type != "meta":
+            return real(query, key, value, *args, **kwargs)
+        return _AttentionFootprint.apply(query, key, value)
+
+    return attention
 
 
 def _vae_encode_bytes(resolution: int) -> float:

@@ -5,9 +5,11 @@ Every way this can fail ends in a ModelLoadError that says what was tried and wh
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -121,6 +123,54 @@ def checkpoint_family(path: Path) -> str | None:
         if any(key.startswith(prefix) for key in keys):
             return family
     return None
+
+
+def family_from_files(base_model: str) -> str | None:
+    """A base model's family told from its files alone, without loading or downloading anything.
+
+    Works for a diffusers folder, a Hub model already in the download cache (from their config files,
+    by the rule the families' `matches` applies to a loaded pipeline) and a single .safetensors
+    checkpoint (from its tensor names). None when the family can't be told that way.
+    """
+    source = (base_model or "").strip()
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return checkpoint_family(path) if path.suffix.lower() == ".safetensors" else None
+        except ModelLoadError:
+            return None
+    if path.is_dir():
+        index, text_encoder = _read_json(path / "model_index.json"), _read_json(path / "text_encoder" / "config.json")
+    elif is_hub_id(source):
+        index, text_encoder = _cached_json(source, "model_index.json"), _cached_json(source, "text_encoder/config.json")
+    else:
+        return None
+    pipeline = (index or {}).get("_class_name")
+    if pipeline == "StableDiffusionXLPipeline":
+        return "sdxl"
+    if pipeline == "StableDiffusionPipeline" and text_encoder:
+        # OpenAI's CLIP (SD 1.x) uses quick-GELU; OpenCLIP (SD 2.x) plain GELU.
+        return "sd15" if text_encoder.get("hidden_act") == "quick_gelu" else "sd2"
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def _cached_json(repo_id: str, filename: str) -> dict[str, Any] | None:
+    """A file of a Hub model if it is in the download cache; never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # a name huggingface_hub refuses as a repo id
+        return None
+    return _read_json(Path(cached)) if isinstance(cached, str) else None
 
 
 def _from_single_file(path: Path, family: str, dtype: torch.dtype) -> DiffusionPipeline:

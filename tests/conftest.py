@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -72,6 +73,41 @@ def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
     return TrainConfig(**values)
 
 
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records what would be sent, sends nothing."""
+
+    calls: ClassVar[list] = []
+    fail: ClassVar[Exception | None] = None
+
+    def __init__(self, token=None):
+        FakeHub.calls.append(("init", token))
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        if FakeHub.fail:
+            raise FakeHub.fail
+        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok))
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        FakeHub.calls.append(("upload", repo_id, sorted(filter_repo_objects(files, allow_patterns=allow_patterns))))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    FakeHub.calls, FakeHub.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return FakeHub
+
+
 @dataclass
 class AppServer:
     url: str
@@ -79,7 +115,7 @@ class AppServer:
     log: Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -91,7 +127,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     runs_dir = tmp_path_factory.mktemp("app-runs")
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "app-server.log"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     env.pop("SPACE_ID", None)
     with log.open("w") as output:

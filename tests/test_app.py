@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.demo import write_demo_dataset
@@ -20,6 +24,8 @@ from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
 from lora_gui.ui.common import TINY_CHOICE
 from lora_gui.ui.dataset import add_folder
+from lora_gui.ui.generate import add_row, remove_row
+from lora_gui.ui.runs import push
 from lora_gui.ui.train_tab import start
 
 QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
@@ -28,6 +34,17 @@ QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.
 def text(result) -> str:
     """Everything an endpoint returned, as one string to look for messages in (as the page shows them)."""
     return html.unescape(" ".join(str(value) for value in (result if isinstance(result, tuple) else (result,))))
+
+
+def shown(output):
+    """The value an output shows: handlers that also change a component's label or visibility send an update."""
+    if isinstance(output, dict) and output.get("__type__") == "update":
+        return output.get("value")
+    return output
+
+
+def pixels(output) -> np.ndarray:
+    return np.asarray(Image.open(shown(output)), dtype=np.int16)
 
 
 def upload_pictures(client: Client, folder: Path) -> str:
@@ -39,12 +56,16 @@ def progress(client: Client) -> tuple:
     return client.predict(api_name="/progress")
 
 
-def wait_until(client: Client, words: str, timeout: float = 300) -> tuple:
+def wait_until(client: Client, words: str, timeout: float = 300) -> list:
+    """Poll the live view until it says `words`; return what the page shows then. A poll skips the parts
+    that did not change since the last one, so each part is its latest value over all polls."""
     deadline = time.monotonic() + timeout
+    page: list = []
     while True:
         result = progress(client)
+        page = [old if new == {"__type__": "update"} else new for old, new in zip(page or result, result, strict=True)]
         if words in html.unescape(result[0]):
-            return result
+            return page
         assert time.monotonic() < deadline, f"never saw {words!r}; last: {result[0]}"
         time.sleep(0.5)
 
@@ -75,15 +96,33 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     listing = text(second.predict(run_pick=None, api_name="/list_runs"))
     assert "visitor-a" in listing and "stopped" in listing and "finished" in listing
 
-    filled = second.predict(gen_run="visitor-b", api_name="/pick_run")
-    assert filled[0] == TINY_CHOICE and filled[1] == 64 and filled[2].startswith("a photo of a")
-    base, with_lora, message = second.predict(
-        gen_run="visitor-b", gen_upload=None, prompt=filled[2], gen_steps=4, size=64, strength=2.0, api_name="/generate"
-    )
-    assert "Made with the LoRA of visitor-b at strength 2" in message
-    base_pixels, lora_pixels = (np.asarray(Image.open(path), dtype=np.int16) for path in (base, with_lora))
+    _, base_model, size, prompt, _ = second.predict(gen_run_1="visitor-b", api_name="/pick_run_1")
+    assert base_model == TINY_CHOICE and size == 64 and prompt.startswith("a photo of a")
+    common = dict(prompt=prompt, gen_steps=4, size=64, api_name="/generate")
+    mixed = dict(gen_run_1="visitor-b", strength_1=2.0)
+    base, with_lora, message = second.predict(**mixed, **common)
+    assert "Made with the LoRA of visitor-b at strength 2, seed 0" in message
+    base_pixels, one_lora = pixels(base), pixels(with_lora)
     assert base_pixels.shape == (64, 64, 3)
-    assert np.abs(base_pixels - lora_pixels).mean() > 0.5  # the LoRA changed the picture
+    assert np.abs(base_pixels - one_lora).mean() > 0.5  # the LoRA changed the picture
+
+    # A second LoRA at its own strength: the kohya file (as AUTOMATIC1111 uses it) of the other run, uploaded.
+    kohya = app_server.runs_dir / "visitor-a" / "visitor-a.safetensors"
+    mixed.update(gen_upload_2=handle_file(str(kohya)), strength_2=0.7)
+    base_again, two_loras, message = second.predict(**mixed, **common)
+    assert "Made with the LoRA of visitor-b at strength 2, visitor-a.safetensors at strength 0.7" in message
+    assert np.array_equal(pixels(base_again), base_pixels)  # same seed, same base picture
+    assert np.abs(pixels(two_loras) - one_lora).mean() > 0.5  # the second LoRA changed it again
+
+    # The same LoRA pickled: refused unless allowed, since loading a pickle can run code.
+    pickled = tmp_path / "visitor-a.pt"
+    torch.save(load_file(kohya), pickled)
+    mixed["gen_upload_2"] = handle_file(str(pickled))
+    refused = text(second.predict(**mixed, **common))
+    assert "visitor-a.pt is a pickled file, which can run any code on this computer when loaded" in refused
+    _, allowed, message = second.predict(**mixed, allow_pickle=True, **common)
+    assert "visitor-a.pt at strength 0.7" in message
+    assert np.array_equal(pixels(allowed), pixels(two_loras))
 
     assert "Deleted visitor-a." in text(second.predict(run_pick="visitor-a", api_name="/delete_run"))
     assert not (app_server.runs_dir / "visitor-a").exists()
@@ -104,15 +143,113 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     upload_pictures(visitor, write_demo_dataset(tmp_path / "ok", count=2, size=(64, 64)))
     assert "'Steps' must be between 1 and" in text(visitor.predict(max_steps=0, api_name="/start"))
     assert "'Learning rate' 0.5 is far too high" in text(visitor.predict(learning_rate=0.5, api_name="/start"))
-    assert "Pick a run you trained, or upload a LoRA file" in text(
-        visitor.predict(gen_run=None, gen_upload=None, prompt="x", api_name="/generate")
-    )
+    assert "Pick a run you trained, or upload a LoRA file" in text(visitor.predict(prompt="x", api_name="/generate"))
 
     missing = tmp_path / "no-such-model"
     visitor.predict(base_model=str(missing), run_name="bad-model", **QUICK, api_name="/start")
     failed = html.unescape(wait_until(visitor, "failed")[0])
     assert f"Training bad-model failed: base model '{missing}' not found" in failed
     assert "Nothing was trained yet: fix the problem, then press Start training again" in failed
+
+
+def test_the_estimate_follows_the_settings_and_the_model(app_server):
+    visitor = Client(app_server.url, verbose=False)
+
+    def estimate(**settings) -> str:
+        return text(visitor.predict(**settings, api_name="/estimate"))
+
+    unknown = estimate(base_model="someone/a-model-not-downloaded")
+    assert "set 'Model family' under Advanced settings" in unknown
+    one = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=1)
+    four = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=4)
+    # No GPU here: the memory a GPU would need, and no time.
+    assert "This computer has no NVIDIA GPU" in one and "no time estimate is given" in one
+    assert gigabytes(four) > gigabytes(one) + 1
+    tiny = estimate(base_model=TINY_CHOICE, resolution=512)
+    assert "The tiny demo model needs almost no memory" in tiny and gigabytes(tiny) == gigabytes(one)
+    assert "made for 1024 px pictures" not in tiny
+    sdxl = estimate(base_model="someone/a-model-not-downloaded", family="sdxl", resolution=512)
+    assert "Stable Diffusion XL models are made for 1024 px pictures, and Resolution is 512" in sdxl
+    assert "No estimate until the settings are fixed: 'Batch size' must be between 1" in estimate(batch_size=0)
+
+
+def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_small(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from lora_gui.ui import common
+    from lora_gui.ui.train_tab import show_estimate
+
+    _, ctx = build_app(tmp_path, JobManager())
+    ctx.has_cuda = True
+    measured = []
+    monkeypatch.setattr(common, "matmul_tflops", lambda: measured.append(1) or 400.0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * 2**30))
+    settings = {**config_form.widget_values(TrainConfig()), "family": "sd15", "max_steps": 1000}
+
+    fits = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
+    assert re.search(r"Estimate for Stable Diffusion 1.x: ≈ [\d.]+ GB of GPU memory, about \d+ (s|min)\.", fits)
+    assert "more than this GPU" not in fits
+    too_big = html.unescape(show_estimate(ctx, base_model="someone/model", **{**settings, "batch_size": 8})["estimate"])
+    assert "That is more than this GPU's 8 GB: turn on Gradient checkpointing" in too_big
+    assert measured == [1], "the GPU's speed is measured once, then remembered"
+
+    # While a run trains, measuring would time the run too: no time until it ends.
+    _, ctx = build_app(tmp_path, JobManager())
+    ctx.has_cuda = True
+    monkeypatch.setattr(ctx.jobs, "active", lambda: object())
+    busy = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
+    assert "unknown time" in busy and "The time shows once no run is training" in busy
+    assert measured == [1]
+
+
+def gigabytes(message: str) -> float:
+    return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
+
+
+def test_a_tiny_sdxl_model_trains_and_generates_through_the_app(app_server, tmp_path):
+    visitor = Client(app_server.url, verbose=False)
+    upload_pictures(visitor, write_demo_dataset(tmp_path / "p", count=4, size=(64, 64)))
+    settings = {**QUICK, "max_steps": 3, "sample_every": 0}
+    started = visitor.predict(
+        base_model="Tiny SDXL demo (offline, CPU)", run_name="sdxl-run", **settings, api_name="/start"
+    )
+    assert "Training sdxl-run started" in text(started)
+    log = wait_until(visitor, "<b>sdxl-run</b> finished: 3 steps")[3]
+    assert "Training a sdxl LoRA on 4 images for 3 steps on cpu" in log
+
+    _, base_model, size, prompt, _ = visitor.predict(gen_run_1="sdxl-run", api_name="/pick_run_1")
+    assert base_model == "Tiny SDXL demo (offline, CPU)" and size == 64
+    base, with_lora, message = visitor.predict(
+        gen_run_1="sdxl-run",
+        gen_base_model=base_model,
+        prompt=prompt,
+        gen_steps=3,
+        size=64,
+        api_name="/generate",
+    )
+    assert "Made with the LoRA of sdxl-run at strength 1" in message
+    assert np.abs(pixels(base) - pixels(with_lora)).mean() > 0.5
+
+    # Its kohya file, from the Generate tab, says it is an SDXL LoRA (A1111 lists it for SDXL models).
+    message, file = visitor.predict(gen_export_run="sdxl-run", gen_layout="kohya", api_name="/export_from_generate")
+    assert "sdxl-run.safetensors is ready for AUTOMATIC1111, Forge and ComfyUI" in text(message)
+    with safe_open(shown(file), framework="pt") as kohya:
+        assert kohya.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
+    _, ctx = build_app(tmp_path, JobManager())
+    rows = {"gen_run_1": "a", "gen_upload_1": None, "strength_1": 0.5}
+    rows |= {"gen_run_2": None, "gen_upload_2": "/files/b.safetensors", "strength_2": 0.7}
+    rows |= {"gen_run_3": "c", "gen_upload_3": None, "strength_3": 1.5}
+    assert add_row(ctx, gen_rows=2)["lora_row_3"]["visible"] and add_row(ctx, gen_rows=2)["gen_rows"] == 3
+    after = remove_row(ctx, row=2, gen_rows=3, **rows)
+    assert after["gen_rows"] == 2
+    assert [after["gen_run_2"], after["gen_upload_2"], after["strength_2"]] == ["c", None, 1.5]
+    assert [after["gen_run_3"], after["gen_upload_3"], after["strength_3"]] == [None, None, 1.0]
+    assert after["lora_row_2"]["visible"] and not after["lora_row_3"]["visible"]
+    assert after["gen_run_1"] == "a"
 
 
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
@@ -137,6 +274,10 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     refused = start(ctx, session="", run_name="x", base_model=str(tmp_path), **config_form.widget_values(TrainConfig()))
     assert "This Space does not let visitors use files on the server" in refused["train_notice"]
     assert ctx.resolve_base_model("owner/model") == "owner/model"  # Hub ids are fine
+
+    # Without a token typed in, a push would go out under the Space owner's own Hub login.
+    refused_push = push(ctx, run_pick="x", hub_repo="me/x", hub_token=" ", hub_private=True)
+    assert "Paste your Hugging Face token first" in refused_push["hub_notice"]
 
     monkeypatch.setenv("LORA_GUI_ALLOW_PATHS", "1")
     _, ctx = build_app(tmp_path, JobManager())

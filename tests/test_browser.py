@@ -1,6 +1,7 @@
 """A beginner's first session in a real browser (Debian's Chromium, driven by Playwright): drop pictures,
-fix a caption, train, watch the loss and a preview appear, reload mid-run and find the run still
-live, stop it, generate with the LoRA, and try the demo. Screenshots go to test-artifacts/."""
+fix a caption, see the estimate, train, watch the loss and a preview appear, reload mid-run and find
+the run still live, stop it, generate with two LoRAs, download the LoRA, try to push it, and try the
+demo. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -81,6 +82,23 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         page.get_by_role("button", name="Use this preset").click()
         expect(page.locator("#train-notice")).to_contain_text("Settings of the preset tiny-cpu-demo filled in")
         expect(page.locator("#setting-resolution input")).to_have_value("128")
+        # Before training: what these settings would take on a GPU, redone when a setting changes.
+        estimate = page.locator("#train-estimate")
+        expect(estimate).to_contain_text("The tiny demo model needs almost no memory")
+        before = estimate.inner_text()
+        page.locator("#setting-rank input").fill("64")
+        page.locator("#setting-rank input").blur()
+        expect(estimate).not_to_have_text(before)
+        page.locator("#setting-rank input").fill("8")
+        page.locator("#setting-rank input").blur()
+        # Advanced: every setting, the speed ones too, with its hint.
+        page.get_by_text("Advanced settings").click()
+        expect(page.locator("#setting-torch_compile")).to_contain_text("Compile the UNet with torch.compile")
+        expect(page.locator("#setting-channels_last")).to_contain_text("Channels-last memory layout")
+        expect(page.locator("#setting-optimizer")).to_contain_text("adamw8bit (less memory; needs bitsandbytes)")
+        expect(page.locator("#setting-family input")).to_have_value("auto (read it from the model)")
+        shot(page, "03-settings")
+        page.get_by_text("Advanced settings").click()
         page.locator("#setting-max_steps input").fill("2000")
         page.get_by_label("Run name").fill("browser-run")
         page.get_by_role("button", name="Start training").click()
@@ -88,7 +106,7 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         expect(page.locator("#train-progress")).to_contain_text("images/s")
         expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
         expect(page.locator("#train-samples img").first).to_be_visible(timeout=3 * MINUTE)
-        shot(page, "03-training")
+        shot(page, "04-training")
 
         # Reload mid-run: the run belongs to the server, so the page finds it still going.
         before = current_step(page)
@@ -100,23 +118,36 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         page.wait_for_function(f"() => {step_now} > {before}")
         expect(page.get_by_label("demo_00.png")).to_have_count(1)  # the dataset came back too
         expect(page.locator("#setting-max_steps input")).to_have_value("2000")  # and the run's settings
-        shot(page, "04-after-reload")
+        shot(page, "05-after-reload")
 
         # Stop: it ends cleanly and offers the LoRA trained so far.
         page.get_by_role("button", name="Stop").click()
         expect(page.locator("#train-progress")).to_contain_text("browser-run stopped at step")
         expect(page.locator("#train-files")).to_contain_text("pytorch_lora_weights.safetensors")
         expect(page.get_by_role("button", name="Resume this run")).to_be_visible()
-        shot(page, "05-stopped")
+        shot(page, "06-stopped")
 
         # Generate: the base model's picture beside the LoRA's, from one seed.
+        # Generate, mixing in a second LoRA: the run's kohya file, as if downloaded for AUTOMATIC1111.
         page.get_by_role("tab", name="Generate").click()
-        pick(page, "LoRA: a run you trained", "browser-run")
+        pick(page, "LoRA 1: a run you trained", "browser-run")
         expect(page.get_by_label("Prompt", exact=True)).to_have_value(re.compile("a photo of a"))
+        expect(page.locator("#lora-row-2")).to_be_hidden()
+        page.get_by_role("button", name="+ Mix in another LoRA").click()
+        kohya = app_server.runs_dir / "browser-run" / "browser-run.safetensors"
+        page.locator("#lora-row-2 input[type=file]").set_input_files(str(kohya))
+        expect(page.locator("#lora-row-2")).to_contain_text("browser-run.safetensors")
         page.get_by_role("button", name="Generate", exact=True).click()
         expect(page.locator("#base-image img")).to_be_visible()
         expect(page.locator("#lora-image img")).to_be_visible()
-        shot(page, "06-generate")
+        expect(
+            page.get_by_text("Made with the LoRA of browser-run at strength 1, browser-run.safetensors")
+        ).to_be_visible()
+        page.get_by_text("Download a LoRA you trained, for another program").click()
+        expect(page.get_by_label("Run", exact=True)).to_have_value("browser-run")  # the run picked above
+        page.locator("#gen-export").get_by_role("button", name="Get the LoRA file").click()
+        expect(page.locator("#gen-export")).to_contain_text("browser-run.safetensors is ready for AUTOMATIC1111")
+        shot(page, "07-generate")
 
         # Runs: the run is listed with its status; opening it shows its curve and files.
         page.get_by_role("tab", name="Runs").click()
@@ -124,11 +155,22 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         expect(page.locator("#runs-table")).to_contain_text("stopped")
         pick(page, "Open a run", "browser-run")
         expect(page.locator("#run-loss-plot canvas, #run-loss-plot svg").first).to_be_visible()
-        shot(page, "07-runs")
+        # Its LoRA for diffusers, and a push that can't go out (the tests run offline): a plain message.
+        page.get_by_text("Use the LoRA in another program").click()
+        page.locator("#run-export").get_by_text("For diffusers").click()
+        page.locator("#run-export").get_by_role("button", name="Get the LoRA file").click()
+        expect(page.locator("#run-export")).to_contain_text("pytorch_lora_weights.safetensors is ready for diffusers")
+        page.get_by_text("Share it on the Hugging Face Hub").click()
+        expect(page.get_by_label("Name on the Hub")).to_have_value("browser-run")
+        page.get_by_label("Hugging Face token").fill("hf_BROWSER_secret")
+        page.get_by_role("button", name="Push to Hub").click()
+        expect(page.locator("#run-push")).to_contain_text("Can't upload: offline mode is on")
+        assert "hf_BROWSER_secret" not in page.locator("body").inner_text()
+        shot(page, "08-runs")
 
         # Try the demo: one click fills the pictures, the tiny model and its settings.
         page.get_by_role("button", name="Try the demo").click()
         expect(page.locator("#train-notice")).to_contain_text("Demo ready")
         expect(page.locator("#setting-max_steps input")).to_have_value("60")
-        shot(page, "08-demo-ready")
+        shot(page, "09-demo-ready")
         browser.close()

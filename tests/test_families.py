@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from lora_gui.__main__ import main
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import detect_family
-from lora_gui.models import checkpoint_family, load_pipeline
+from lora_gui.models import checkpoint_family, family_from_files, load_pipeline
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
@@ -51,6 +51,36 @@ def test_family_override(tiny_models):
 def test_single_file_checkpoint_family_from_its_tensor_names(tmp_path, key, family):
     save_file({key: torch.zeros(1), "model.diffusion_model.out.0.weight": torch.zeros(1)}, tmp_path / "m.safetensors")
     assert checkpoint_family(tmp_path / "m.safetensors") == family
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, tmp_path, monkeypatch, family):
+    from huggingface_hub import constants
+
+    misleading = tmp_path / "sdxl-v1-5-768"
+    misleading.symlink_to(tiny_models(family), target_is_directory=True)
+    assert family_from_files(str(misleading)) == family
+    # A Hub model downloaded before is read from the download cache, as huggingface_hub lays it out.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--a-model"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (snapshot / "text_encoder").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in ("model_index.json", "text_encoder/config.json"):
+        (snapshot / name).write_bytes((tiny_models(family) / name).read_bytes())
+    assert family_from_files("someone/a-model") == family
+    assert family_from_files("someone/never-downloaded") is None
+
+
+def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, checkpoint)
+    assert family_from_files(str(checkpoint)) == "sdxl"
+    (tmp_path / "broken.safetensors").write_text("not a checkpoint")
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    for unknown in ("broken.safetensors", "model.ckpt", "no-such-file.safetensors", ""):
+        assert family_from_files(str(tmp_path / unknown) if unknown else "") is None
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])

@@ -8,7 +8,6 @@ import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -386,41 +385,6 @@ def test_the_model_card_carries_what_the_hub_reads(trained, tmp_path):
     from lora_gui.runs import RunFolder
 
     assert front_matter(write_model_card(RunFolder(copy)))["base_model"] == "someone/base-model"
-
-
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records what would be sent, sends nothing."""
-
-    calls: ClassVar[list] = []
-    fail: ClassVar[Exception | None] = None
-
-    def __init__(self, token=None):
-        FakeHub.calls.append(("init", token))
-
-    def create_repo(self, repo_id, private=False, exist_ok=False):
-        if FakeHub.fail:
-            raise FakeHub.fail
-        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok))
-        from huggingface_hub import RepoUrl
-
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
-        from huggingface_hub.utils import filter_repo_objects
-
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        FakeHub.calls.append(("upload", repo_id, sorted(filter_repo_objects(files, allow_patterns=allow_patterns))))
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    FakeHub.calls, FakeHub.fail = [], None
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return FakeHub
 
 
 def test_push_uploads_the_lora_files_card_and_previews_and_never_stores_the_token(

@@ -55,3 +55,30 @@ def test_low_vram_presets_fit_their_cards_by_the_estimate():
 
     assert estimate(load_preset("sd15-low-vram"), "sd15", "fp16").memory_gb < 6
     assert estimate(load_preset("sdxl-low-vram"), "sdxl", "fp16").memory_gb < 12
+
+
+def test_an_estimate_leaves_a_run_training_beside_it_alone():
+    """The app estimates while a run trains in another thread: real attention and torch's default dtype
+    must stay as they are for that run, whatever the estimate does to count memory."""
+    import threading
+
+    import torch
+    import torch.nn.functional as F
+
+    from lora_gui import estimate as estimate_module
+
+    estimate_module._unet_cost.cache_clear()
+    config = TrainConfig(resolution=256, rank=4, max_steps=10)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (estimate(config, "sd15", "bf16"), done.set()))
+    query = torch.randn(1, 2, 8, 4, requires_grad=True)
+    worker.start()
+    calls = 0
+    while not done.is_set() or calls == 0:
+        assert torch.get_default_dtype() == torch.float32
+        output = F.scaled_dot_product_attention(query, query, query)
+        output.sum().backward()  # the memory-counting stand-in has no backward
+        calls += 1
+    worker.join()
+    expected = torch.softmax(query @ query.transpose(-1, -2) / 2, dim=-1) @ query
+    torch.testing.assert_close(output, expected)

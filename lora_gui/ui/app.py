@@ -16,11 +16,11 @@ from lora_gui.jobs import JobManager
 from lora_gui.runs import default_runs_dir
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
-from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, paths_allowed
+from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed
 from lora_gui.ui.dataset import build_dataset_grid, build_dataset_tab, checks_html, pages_update, wire_dataset_tab
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, wire_train_tab
+from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
         jobs=jobs or JobManager(),
         allow_paths=paths_allowed(),
         has_cuda=torch.cuda.is_available(),
+        on_space=on_space(),
     )
     with gr.Blocks(title="LoRA trainer") as demo:
         # The staging folder's id, remembered by the browser so a reload finds the same pictures.
@@ -108,6 +109,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
             ["session", "dataset_version", "report", "page", "base_model", *settings],
             api_visibility="private",
         )
+        ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
     return demo, ctx
 
 

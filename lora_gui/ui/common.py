@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import threading
 from collections.abc import Callable
@@ -13,24 +14,39 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lora_gui.bench import matmul_tflops
 from lora_gui.config import list_presets, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.export import export_run
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
-from lora_gui.models import is_hub_id
+from lora_gui.models import family_from_files, is_hub_id
 from lora_gui.runs import RunFolder, check_run_name
 from lora_gui.tiny import ensure_tiny_model
 
-TINY_CHOICE = "Tiny demo (offline, CPU)"
-TINY_FOLDER = ".models/tiny-sd15"  # under the runs dir, so the Space's persistent storage keeps it
+TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
+# The tiny random-weight models of each family by their menu names, so every family can be tried offline.
+TINY_CHOICES = {TINY_CHOICE: "sd15", "Tiny SDXL demo (offline, CPU)": "sdxl", "Tiny SD 2 demo (offline, CPU)": "sd2"}
+MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
+# The two layouts a run's LoRA can be downloaded in, named by the programs that load them.
+LOADS_IN = {"kohya": "AUTOMATIC1111, Forge and ComfyUI", "diffusers": "diffusers (Python)"}
+LAYOUT_CHOICES = [
+    (f"For {LOADS_IN['kohya']} (<run name>.safetensors)", "kohya"),
+    (f"For {LOADS_IN['diffusers']} (pytorch_lora_weights.safetensors)", "diffusers"),
+]
+
+
+def on_space() -> bool:
+    """Whether the app runs as a Hugging Face Space, where visitors are strangers to the server."""
+    return bool(os.environ.get("SPACE_ID"))
 
 
 def paths_allowed() -> bool:
     """Visitors of a Hugging Face Space may not read the server's files unless its owner allows it."""
     if os.environ.get(ALLOW_PATHS_ENV, "").strip().lower() in ("1", "true", "yes"):
         return True
-    return not os.environ.get("SPACE_ID")
+    return not on_space()
 
 
 class GeneratorCache:
@@ -56,8 +72,10 @@ class Ctx:
     jobs: JobManager
     allow_paths: bool
     has_cuda: bool
+    on_space: bool = False
     generators: GeneratorCache = field(default_factory=GeneratorCache)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
+    _tflops: float | None = field(default=None, init=False)
 
     def add(self, components: dict[str, Any]) -> dict[str, Any]:
         clashes = set(components) & set(self.components)
@@ -90,9 +108,23 @@ class Ctx:
                 return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
             return {self.components[name]: value for name, value in result.items()}
 
+        # Gradio's API makes a parameter optional when the component starts with a value, or when the
+        # function's own parameter defaults to None: so an empty file or menu may be left out of a call too.
+        components = {**{name: self.components[name] for name in inputs}, **(extra_inputs or {})}
+        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None if getattr(component, "value", None) is None else inspect.Parameter.empty,
+                )
+                for name, component in components.items()
+            ]
+        )
+
         return trigger(
             run,
-            inputs_kwargs={**{name: self.components[name] for name in inputs}, **(extra_inputs or {})} or None,
+            inputs_kwargs=components or None,
             outputs=[self.components[name] for name in outputs],
             **kwargs,
         )
@@ -105,16 +137,16 @@ class Ctx:
         return run
 
     # ---- base models --------------------------------------------------------------------------
-    @property
-    def tiny_model(self) -> Path:
-        return self.runs_dir / TINY_FOLDER
+    def tiny_model(self, family: str) -> Path:
+        return self.runs_dir / MODELS_FOLDER / f"tiny-{family}"
 
     def resolve_base_model(self, choice: str) -> str:
-        """What the trainer loads for a base-model choice: the tiny demo model (written the first time)
+        """What the trainer loads for a base-model choice: a tiny demo model (written the first time)
         or the Hub id / path as typed, where this server lets visitors use paths."""
         choice = (choice or "").strip()
-        if choice == TINY_CHOICE:
-            return str(ensure_tiny_model(self.tiny_model))
+        if choice in TINY_CHOICES:
+            family = TINY_CHOICES[choice]
+            return str(ensure_tiny_model(self.tiny_model(family), family))
         if not choice:
             raise ConfigError(f"choose a base model first ({TINY_CHOICE} needs no download)")
         if not self.allow_paths and not is_hub_id(choice):
@@ -125,27 +157,90 @@ class Ctx:
         return choice
 
     def base_model_label(self, base_model: str) -> str:
-        """How a stored base model is shown: the tiny model by its menu name, anything else as it is."""
-        if base_model and Path(base_model).resolve() == self.tiny_model.resolve():
-            return TINY_CHOICE
+        """How a stored base model is shown: a tiny model by its menu name, anything else as it is."""
+        for choice, family in TINY_CHOICES.items():
+            if base_model and Path(base_model).resolve() == self.tiny_model(family).resolve():
+                return choice
         return base_model
 
     def base_model_choices(self) -> list[str]:
-        """The tiny demo model, then every base model a preset names (so new families appear with their presets)."""
+        """The tiny demo models, then every base model a preset names (so new families appear with their presets)."""
         named = [load_preset(name).base_model for name in list_presets()]
-        return [TINY_CHOICE, *dict.fromkeys(model for model in named if model)]
+        return [*TINY_CHOICES, *dict.fromkeys(model for model in named if model)]
+
+    def base_model_family(self, choice: str) -> str | None:
+        """The family of a base-model choice where it can be told without downloading: a tiny model,
+        a model folder or checkpoint file on this server, or a Hub model already downloaded once."""
+        choice = (choice or "").strip()
+        if choice in TINY_CHOICES:
+            return TINY_CHOICES[choice]
+        if not self.allow_paths and not is_hub_id(choice):
+            return None  # the server's files are not the visitor's to probe
+        return family_from_files(choice)
+
+    # ---- the GPU ------------------------------------------------------------------------------
+    def gpu_tflops(self) -> float | None:
+        """This GPU's measured matrix-multiply rate, for time estimates; measured once, then remembered.
+
+        None without a CUDA GPU, and while a run trains: measuring then would time the run's share too."""
+        if self._tflops is None and self.has_cuda and self.jobs.active() is None:
+            self._tflops = matmul_tflops()
+        return self._tflops
+
+
+def build_export(prefix: str) -> dict[str, Any]:
+    """A layout choice, a button and the file to download: a run's LoRA for the program the user has."""
+    c: dict[str, Any] = {}
+    c[f"{prefix}_layout"] = gr.Radio(
+        LAYOUT_CHOICES,
+        value="kohya",
+        label="Which program will load it?",
+        info="Both files hold the same LoRA. AUTOMATIC1111 and Forge: put it in models/Lora; ComfyUI: models/loras.",
+    )
+    c[f"{prefix}_export"] = gr.Button("Get the LoRA file", size="sm")
+    c[f"{prefix}_export_notice"] = gr.HTML()
+    c[f"{prefix}_file"] = gr.File(label="Your LoRA file (click its name to download)", interactive=False, visible=False)
+    return c
+
+
+def export_lora(ctx: Ctx, prefix: str, run_name: str | None, layout: str) -> dict[str, Any]:
+    """(Re)write a run's LoRA in a layout and offer it in the widgets `build_export(prefix)` made.
+
+    export_run rebuilds the kohya file from the run folder, so it is current even for a run an older
+    version of the app trained."""
+    if not run_name:
+        return {f"{prefix}_export_notice": notice("Pick a run first.", "warning"), f"{prefix}_file": gr.skip()}
+    try:
+        (path,) = export_run(ctx.run_folder(run_name).path, layout)
+    except LoraGuiError as error:
+        return {f"{prefix}_export_notice": error_notice(error), f"{prefix}_file": gr.update(visible=False)}
+    return {
+        f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
+        f"{prefix}_file": gr.update(value=str(path), visible=True),
+    }
+
+
+def files_label(kind: str) -> str:
+    """The label of a list of a run's files that says which LoRA file loads where."""
+    return (
+        f"{kind} (click to download): the one named after the run is for {LOADS_IN['kohya']}; "
+        f"pytorch_lora_weights.safetensors is for {LOADS_IN['diffusers']}"
+    )
 
 
 def plain_error(error: Exception) -> str:
     """A LoraGuiError's message as a sentence for the page."""
     text = str(error)
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+    if not any(mark in text.split(" ", 1)[0] for mark in "./\\"):  # a file name or path stays as it is spelled
+        text = text[:1].upper() + text[1:]
+    return text + ("" if text.endswith(".") else ".")
 
 
-def notice(text: str, kind: str = "info") -> str:
-    """A short message box; kind is info, warning or error."""
+def notice(text: str, kind: str = "info", link: str = "") -> str:
+    """A short message box; kind is info, warning or error; a link (a URL) goes at its end."""
     icon = {"info": "ℹ", "warning": "⚠", "error": "✗"}[kind]
-    return f'<div class="lg-notice lg-{kind}">{icon} {html.escape(text)}</div>'
+    anchor = f' <a href="{html.escape(link)}" target="_blank" rel="noopener">{html.escape(link)}</a>' if link else ""
+    return f'<div class="lg-notice lg-{kind}">{icon} {html.escape(text)}{anchor}</div>'
 
 
 def error_notice(error: LoraGuiError) -> str:

@@ -14,6 +14,7 @@ import gradio as gr
 
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
+from lora_gui.families import REGISTRY
 
 # Set by the app itself: the base model has its own menu, the images come from the Dataset tab, and
 # the dataset columns only matter for Hugging Face datasets, which the app does not take.
@@ -24,6 +25,12 @@ _LABELS = {
     "resolution": "Resolution (pixels)",
     "family": "Model family",
     "max_grad_norm": "Gradient clipping (max. norm)",
+    "channels_last": "Channels-last memory layout",
+    "torch_compile": "Compile the UNet (torch.compile)",
+}
+# Menu entries a person reads, for settings whose values are short codes.
+_CHOICE_LABELS = {
+    "family": {"auto": "auto (read it from the model)", **{name: family.title for name, family in REGISTRY.items()}},
 }
 
 
@@ -62,7 +69,9 @@ def build_widgets(main: bool, per_row: int) -> dict[str, gr.components.Component
 def _widget(field: dataclasses.Field, default: Any) -> gr.components.Component:
     common = {"label": label(field.name), "info": field.metadata["help"], "elem_id": f"setting-{field.name}"}
     if "choices" in field.metadata:
-        return gr.Dropdown(choices=list(field.metadata["choices"]), value=default, **common)
+        names = _CHOICE_LABELS.get(field.name, {})
+        choices = [(names.get(choice, choice), choice) for choice in field.metadata["choices"]]
+        return gr.Dropdown(choices=choices, value=default, **common)
     if isinstance(default, bool):
         return gr.Checkbox(value=default, **common)
     if isinstance(default, int):

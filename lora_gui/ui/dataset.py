@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.staging import DatasetReport, Staging
 from lora_gui.ui.common import Ctx, error_notice, notice
@@ -220,7 +221,7 @@ def _changed(count: int) -> str:
 
 
 def _resolution(value: float | None) -> int:
-    return int(value) if value else 512
+    return int(value) if value else TrainConfig().resolution
 
 
 def checks_html(ctx: Ctx, session: str, resolution: float, default_caption: str) -> str:

@@ -1,7 +1,12 @@
-"""The Generate tab: the base model's picture and the LoRA's picture, side by side, from one seed."""
+"""The Generate tab: the base model's picture and the LoRAs' picture, side by side, from one seed.
+
+Up to MAX_LORAS LoRAs at once, each a run trained here or a file made anywhere, each at its own
+strength; and a run's LoRA as a file for the program the user has.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,25 +15,65 @@ import gradio as gr
 from lora_gui import runs
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
-from lora_gui.ui.common import TINY_CHOICE, Ctx, error_notice, notice
+from lora_gui.families import get_family
+from lora_gui.models import PICKLE_SUFFIXES
+from lora_gui.ui.common import TINY_CHOICE, TINY_CHOICES, Ctx, build_export, error_notice, export_lora, notice
+
+MAX_LORAS = 3
+ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets are these, numbered from 1
+
+
+# Every menu of runs with a LoRA: one per row, and the download's.
+RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
+ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
+
+
+def row_names(row: int) -> list[str]:
+    return [f"{name}_{row}" for name in ROW_FIELDS]
+
+
+def all_row_names() -> list[str]:
+    return [name for row in range(1, MAX_LORAS + 1) for name in row_names(row)]
 
 
 def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown(
         "**Step 3: try your LoRA.** The same prompt and seed make two pictures: one by the base model alone, "
-        "one with your LoRA, so you see exactly what it changed."
+        "one with your LoRA, so you see exactly what it changed. LoRA files from elsewhere work too (from "
+        "AUTOMATIC1111, ComfyUI, civitai or diffusers), and several LoRAs can be mixed, each at its own strength."
     )
-    with gr.Row(equal_height=True):
-        c["gen_run"] = gr.Dropdown(
-            choices=lora_runs(ctx),
-            value=None,
-            label="LoRA: a run you trained",
-            info="Finished (or stopped) runs that saved a LoRA.",
-            allow_custom_value=True,  # runs finished after the page was drawn; the handler checks the name
-        )
-        c["gen_upload"] = gr.File(
-            label="…or upload a LoRA file (.safetensors)", file_types=[".safetensors"], height=100
+    choices = lora_runs(ctx)
+    for row in range(1, MAX_LORAS + 1):
+        with gr.Row(equal_height=True, visible=row == 1, elem_id=f"lora-row-{row}") as c[f"lora_row_{row}"]:
+            c[f"gen_run_{row}"] = gr.Dropdown(
+                choices=choices,
+                value=None,
+                label=f"LoRA {row}: a run you trained",
+                info="Finished (or stopped) runs that saved a LoRA.",
+                allow_custom_value=True,  # runs finished after the page was drawn; the handler checks the name
+                scale=3,
+            )
+            c[f"gen_upload_{row}"] = gr.File(
+                label="…or a LoRA file (.safetensors)",
+                file_types=[".safetensors", *PICKLE_SUFFIXES],
+                height=100,
+                scale=3,
+            )
+            with gr.Column(scale=2):
+                c[f"strength_{row}"] = gr.Slider(
+                    0, 2, value=1, step=0.05, label="Strength", info="0 = no effect, 1 = as trained."
+                )
+                if row > 1:
+                    c[f"remove_lora_{row}"] = gr.Button(f"Remove LoRA {row}", size="sm")
+    c["gen_rows"] = gr.State(1)  # how many LoRA rows are shown
+    with gr.Row():
+        c["add_lora"] = gr.Button("+ Mix in another LoRA", size="sm", scale=0, min_width=220)
+        c["allow_pickle"] = gr.Checkbox(
+            False,
+            label="Allow pickled files (they can run code on this computer)",
+            info="Only for .bin, .pt or .ckpt LoRAs from someone you trust; .safetensors files never need this.",
+            scale=1,
         )
     c["gen_base_model"] = gr.Dropdown(
         choices=ctx.base_model_choices(),
@@ -44,33 +89,56 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
         c["gen_steps"] = gr.Slider(1, 100, value=25, step=1, label="Steps", info="More is slower and finer.")
         c["guidance"] = gr.Slider(1, 15, value=7, step=0.5, label="Guidance", info="How closely to follow the prompt.")
         c["size"] = gr.Number(
-            512, precision=0, label="Size (pixels)", info="Width and height; picking a run fills it in."
+            TrainConfig().resolution,
+            precision=0,
+            label="Size (pixels)",
+            info="Width and height; picking a run or a base model fills it in.",
         )
-    c["strength"] = gr.Slider(
-        0, 2, value=1, step=0.05, label="LoRA strength", info="0 = no effect, 1 = as trained, above 1 = stronger."
-    )
     c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
     c["gen_notice"] = gr.HTML()
     with gr.Row():
         c["base_image"] = gr.Image(label="Base model alone", interactive=False, elem_id="base-image")
         c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
+    with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
+        c["gen_export_run"] = gr.Dropdown(
+            choices=choices,
+            value=None,
+            label="Run",
+            info="Picking a run above fills this in.",
+            allow_custom_value=True,
+        )
+        c.update(build_export("gen"))
     return c
 
 
 def wire_generate_tab(ctx: Ctx) -> None:
-    ctx.wire(
-        ctx["gen_run"].input,
-        pick_run,
-        ["gen_run"],
-        ["gen_base_model", "size", "prompt"],
-        api_name="pick_run",
-    )
+    for row in range(1, MAX_LORAS + 1):
+        run, upload, _ = row_names(row)
+        ctx.wire(
+            ctx[run].input,
+            pick_run,
+            [run, "prompt"],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run"],
+            api_name=f"pick_run_{row}",
+        )
+        # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
+        ctx.wire(ctx[upload].upload, functools.partial(forget, menu=run), [], [run], api_visibility="private")
+        if row > 1:
+            ctx.wire(
+                ctx[f"remove_lora_{row}"].click,
+                functools.partial(remove_row, row=row),
+                ["gen_rows", *all_row_names()],
+                ["gen_rows", "add_lora", *ROWS, *all_row_names()],
+                api_visibility="private",
+            )
+    ctx.wire(ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *ROWS], api_visibility="private")
+    ctx.wire(ctx["gen_base_model"].input, pick_base_model, ["gen_base_model"], ["size"], api_visibility="private")
     ctx.wire(
         ctx["generate"].click,
         generate,
         [
-            "gen_run",
-            "gen_upload",
+            *all_row_names(),
+            "allow_pickle",
             "gen_base_model",
             "prompt",
             "negative_prompt",
@@ -78,12 +146,18 @@ def wire_generate_tab(ctx: Ctx) -> None:
             "gen_steps",
             "guidance",
             "size",
-            "strength",
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
     )
-    ctx.wire(ctx["generate_tab"].select, refresh_runs, [], ["gen_run"], api_visibility="private")
+    ctx.wire(
+        ctx["gen_export"].click,
+        export,
+        ["gen_export_run", "gen_layout"],
+        ["gen_export_notice", "gen_file"],
+        api_name="export_from_generate",
+    )
+    ctx.wire(ctx["generate_tab"].select, refresh_runs, [], RUN_MENUS, api_visibility="private")
 
 
 def lora_runs(ctx: Ctx) -> list[str]:
@@ -91,27 +165,71 @@ def lora_runs(ctx: Ctx) -> list[str]:
 
 
 def refresh_runs(ctx: Ctx) -> dict[str, Any]:
-    return {"gen_run": gr.update(choices=lora_runs(ctx))}
+    choices = lora_runs(ctx)
+    return {name: gr.update(choices=choices) for name in RUN_MENUS}
 
 
-def pick_run(ctx: Ctx, gen_run: str | None) -> dict[str, Any]:
-    """Fill in what the run was trained with: its base model, its size and a prompt it knows."""
+def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
+    """Fill in what the picked run was trained with: its base model, its size, and a prompt it knows
+    unless one is typed already. `picked` is the one run menu that changed, by its name."""
+    ((name, gen_run),) = picked.items()
     try:
         run = ctx.run_folder(gen_run or "")
         config = TrainConfig.load(run.config)
     except LoraGuiError:
         return {}
-    captions = sorted(run.dataset.glob("*.txt"))
-    prompt = config.sample_prompts[0] if config.sample_prompts else ""
-    if not prompt and captions:
-        prompt = captions[0].read_text(encoding="utf-8").strip()
-    return {"gen_base_model": ctx.base_model_label(config.base_model), "size": config.resolution, "prompt": prompt}
+    updates = {
+        name.replace("gen_run", "gen_upload"): None,
+        "gen_base_model": ctx.base_model_label(config.base_model),
+        "size": config.resolution,
+        "gen_export_run": run.name,
+    }
+    if not (prompt or "").strip():
+        captions = sorted(run.dataset.glob("*.txt"))
+        updates["prompt"] = config.sample_prompts[0] if config.sample_prompts else ""
+        if not updates["prompt"] and captions:
+            updates["prompt"] = captions[0].read_text(encoding="utf-8").strip()
+    return updates
+
+
+def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
+    """A real base model's own picture size (SDXL: 1024 px), where its family can be told without loading it.
+    A tiny model keeps the size: it is random and makes any size just as well, and small is quick."""
+    family = ctx.base_model_family(gen_base_model)
+    if family is None or gen_base_model in TINY_CHOICES:
+        return {}
+    return {"size": get_family(family).default_resolution}
+
+
+def forget(ctx: Ctx, menu: str) -> dict[str, Any]:
+    return {menu: None}
+
+
+def add_row(ctx: Ctx, gen_rows: int) -> dict[str, Any]:
+    shown = min(MAX_LORAS, (gen_rows or 1) + 1)
+    return {
+        "gen_rows": shown,
+        **{name: gr.update(visible=row <= shown) for row, name in enumerate(ROWS, 1)},
+        "add_lora": gr.update(interactive=shown < MAX_LORAS),
+    }
+
+
+def remove_row(ctx: Ctx, row: int, gen_rows: int, **values: Any) -> dict[str, Any]:
+    """Take a row out: the rows below move up, so the shown rows stay the first ones and the LoRAs keep their order."""
+    rows = [[values[name] for name in row_names(number)] for number in range(1, MAX_LORAS + 1)]
+    del rows[row - 1]
+    rows.append([None, None, 1.0])
+    shown = max(1, (gen_rows or 1) - 1)
+    updates: dict[str, Any] = {"gen_rows": shown, "add_lora": gr.update(interactive=True)}
+    for number, row_values in enumerate(rows, 1):
+        updates[ROWS[number - 1]] = gr.update(visible=number <= shown)
+        updates.update(zip(row_names(number), row_values, strict=True))
+    return updates
 
 
 def generate(
     ctx: Ctx,
-    gen_run: str | None,
-    gen_upload: str | None,
+    allow_pickle: bool,
     gen_base_model: str,
     prompt: str,
     negative_prompt: str,
@@ -119,10 +237,11 @@ def generate(
     gen_steps: float,
     guidance: float,
     size: float,
-    strength: float,
+    **rows: Any,
 ) -> dict[str, Any]:
+    """Both pictures from one seed. `rows` holds each LoRA row's run, uploaded file and strength by name."""
     try:
-        loras = _chosen_loras(ctx, gen_run, gen_upload, strength)
+        loras = _chosen_loras(ctx, rows)
         if not (prompt or "").strip():
             raise LoraGuiError("type a prompt first: describe the picture you want")
         if not size or not 64 <= size <= 2048:
@@ -137,37 +256,45 @@ def generate(
             width=int(size) // 8 * 8,
             height=int(size) // 8 * 8,
         )
+        # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
+        generator.set_loras(loras, allow_pickle=bool(allow_pickle))
+        with_lora = generator(**settings)
         generator.set_loras([])
         base = generator(**settings)
-        generator.set_loras(loras)
-        with_lora = generator(**settings)
     except LoraGuiError as error:
         return {"gen_notice": error_notice(error)}
     names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
     made = f"Made with {names}, seed {settings['seed']}."
-    if gen_base_model == TINY_CHOICE:
+    if gen_base_model in TINY_CHOICES:
         made += " The tiny demo model is random, so its pictures look like coloured noise."
     return {
         "base_image": base,
-        "lora_image": with_lora,
+        "lora_image": gr.update(value=with_lora, label="With your LoRAs" if len(loras) > 1 else "With your LoRA"),
         "gen_notice": notice(made),
     }
+
+
+def export(ctx: Ctx, gen_export_run: str | None, gen_layout: str) -> dict[str, Any]:
+    return export_lora(ctx, "gen", gen_export_run, gen_layout)
 
 
 def _lora_name(path: Path) -> str:
     return f"the LoRA of {path.parent.name}" if path.name == runs.DIFFUSERS_LORA else path.name
 
 
-def _chosen_loras(ctx: Ctx, gen_run: str | None, gen_upload: str | None, strength: float) -> list[tuple[Path, float]]:
-    """The LoRAs to apply with their strengths: an uploaded file wins over a picked run.
-
-    A list, as Generator.set_loras takes, so several LoRAs with their own strengths can come later.
-    """
-    if gen_upload:
-        return [(Path(gen_upload), float(strength))]
-    if gen_run:
-        run = ctx.run_folder(gen_run)
-        if not run.diffusers_lora.is_file():
-            raise LoraGuiError(f"the run {gen_run} has no LoRA file yet: wait for it to finish, or pick another")
-        return [(run.diffusers_lora, float(strength))]
-    raise LoraGuiError("pick a run you trained, or upload a LoRA file (.safetensors), first")
+def _chosen_loras(ctx: Ctx, rows: dict[str, Any]) -> list[tuple[Path, float]]:
+    """The LoRAs to apply with their strengths, in row order; in a row, a dropped file wins over a picked run."""
+    loras = []
+    for row in range(1, MAX_LORAS + 1):
+        gen_run, gen_upload, strength = (rows.get(name) for name in row_names(row))
+        strength = 1.0 if strength is None else float(strength)
+        if gen_upload:
+            loras.append((Path(gen_upload), strength))
+        elif gen_run:
+            run = ctx.run_folder(gen_run)
+            if not run.diffusers_lora.is_file():
+                raise LoraGuiError(f"the run {gen_run} has no LoRA file yet: wait for it to finish, or pick another")
+            loras.append((run.diffusers_lora, strength))
+    if not loras:
+        raise LoraGuiError("pick a run you trained, or upload a LoRA file, first")
+    return loras

@@ -1,4 +1,5 @@
-"""The Runs tab: every run in the runs folder, what it left behind, resume and delete."""
+"""The Runs tab: every run in the runs folder, what it left behind, its LoRA for other programs,
+sharing it on the Hugging Face Hub, resume and delete."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_gui import runs
+from lora_gui import hub, runs
 from lora_gui.errors import LoraGuiError
-from lora_gui.ui.common import Ctx, error_notice, loss_frame, loss_plot, notice
+from lora_gui.ui.common import (
+    Ctx,
+    build_export,
+    error_notice,
+    export_lora,
+    files_label,
+    loss_frame,
+    loss_plot,
+    notice,
+)
 
 COLUMNS = ["Name", "Started", "Steps done", "Last loss", "Status"]
 _STATUS_WORDS = {runs.RUNNING: "training now", runs.INTERRUPTED: "interrupted (app closed mid-run)"}
@@ -38,7 +48,31 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
         with gr.Row():
             c["run_plot"] = loss_plot("run-loss-plot")
             c["run_samples"] = gr.Gallery(label="Previews", columns=4, height=300, object_fit="contain", preview=False)
-        c["run_files"] = gr.File(label="Files (click to download)", file_count="multiple", interactive=False)
+        c["run_files"] = gr.File(label=files_label("Files"), file_count="multiple", interactive=False)
+        with gr.Accordion("Use the LoRA in another program", open=False, elem_id="run-export"):
+            c.update(build_export("run"))
+        with gr.Accordion("Share it on the Hugging Face Hub", open=False, elem_id="run-push"):
+            gr.Markdown(
+                "Uploads both LoRA files, a description page (model card) and the preview images to a model "
+                "page on huggingface.co. Your training pictures and checkpoints are never uploaded."
+            )
+            with gr.Row(equal_height=True):
+                c["hub_repo"] = gr.Textbox(
+                    label="Name on the Hub",
+                    info="NAME, or YOUR-USERNAME/NAME; it is created if it does not exist yet.",
+                )
+                c["hub_token"] = gr.Textbox(
+                    label="Hugging Face token",
+                    type="password",
+                    info="A token with write access, from huggingface.co/settings/tokens. It is used for this "
+                    "upload only and never saved."
+                    + ("" if ctx.on_space else " Leave it empty if you logged in with `hf auth login`."),
+                )
+                c["hub_private"] = gr.Checkbox(
+                    True, label="Private", info="Only you can see it; untick to share it with everyone."
+                )
+            c["hub_push"] = gr.Button("Push to Hub", elem_id="push-button")
+            c["hub_notice"] = gr.HTML()
         with gr.Row():
             c["run_resume"] = gr.Button("Resume this run", visible=False)
             c["run_delete"] = gr.Button("Delete this run…", variant="stop")
@@ -61,12 +95,28 @@ def wire_runs_tab(ctx: Ctx) -> None:
         "run_resume",
         "run_delete",
         "confirm_row",
+        "run_file",
+        "hub_repo",
     ]
     ctx.wire(ctx["refresh_runs"].click, refresh, ["run_pick"], listing, api_name="list_runs")
     ctx.wire(ctx["runs_tab"].select, refresh, ["run_pick"], listing, api_visibility="private")
     ctx.wire(ctx["run_pick"].change, open_run, ["run_pick"], [*details, "runs_notice"], api_name="open_run")
     ctx.wire(
         ctx["run_resume"].click, resume_run, ["run_pick"], ["runs_notice", "train_job", "train_seen"], api_name="resume"
+    )
+    ctx.wire(
+        ctx["run_export"].click,
+        export,
+        ["run_pick", "run_layout"],
+        ["run_export_notice", "run_file"],
+        api_name="export",
+    )
+    ctx.wire(
+        ctx["hub_push"].click,
+        push,
+        ["run_pick", "hub_repo", "hub_token", "hub_private"],
+        ["hub_notice"],
+        api_name="push_to_hub",
     )
     ctx.wire(ctx["run_delete"].click, ask_delete, ["run_pick"], ["confirm_row", "confirm_text"])
     ctx.wire(ctx["cancel_delete"].click, lambda ctx: {"confirm_row": gr.update(visible=False)}, [], ["confirm_row"])
@@ -133,8 +183,31 @@ def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
         "run_samples": [(str(path), f"step {path.stem.split('-')[1]}") for path in reversed(samples)],
         "run_files": [str(path) for path in files] or None,
         "run_resume": gr.update(visible=summary.resumable and not live),
+        "run_file": gr.update(value=None, visible=False),
+        "hub_repo": run.name,
         **closed,
     }
+
+
+def export(ctx: Ctx, run_pick: str | None, run_layout: str) -> dict[str, Any]:
+    return export_lora(ctx, "run", run_pick, run_layout)
+
+
+def push(ctx: Ctx, run_pick: str | None, hub_repo: str, hub_token: str, hub_private: bool) -> dict[str, Any]:
+    """Upload the run. The token stays in this call: it is handed to huggingface_hub and nowhere else."""
+    token = (hub_token or "").strip() or None
+    if token is None and ctx.on_space:
+        # Without a token the upload would go out under the Space owner's own login.
+        message = "Paste your Hugging Face token first (make one at huggingface.co/settings/tokens)."
+        return {"hub_notice": notice(message, "warning")}
+    if not (hub_repo or "").strip():
+        return {"hub_notice": notice("Type a name for the model page on the Hub first.", "warning")}
+    try:
+        url = hub.push_to_hub(ctx.run_folder(run_pick or "").path, hub_repo, token=token, private=bool(hub_private))
+    except LoraGuiError as error:
+        return {"hub_notice": error_notice(error)}
+    seen_by = "only you" if hub_private else "everyone"
+    return {"hub_notice": notice(f"Uploaded; {seen_by} can see it at", link=url)}
 
 
 def resume_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:

@@ -6,22 +6,52 @@ page (or a second visitor) sees the same run.
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 
 from lora_gui import runs
 from lora_gui.config import list_presets, load_preset, save_preset
 from lora_gui.errors import LoraGuiError
+from lora_gui.estimate import estimate
+from lora_gui.families import get_family
 from lora_gui.jobs import JobState
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
-from lora_gui.ui.common import TINY_CHOICE, Ctx, duration, error_notice, loss_frame, loss_plot, notice
+from lora_gui.ui.common import (
+    TINY_CHOICE,
+    TINY_CHOICES,
+    Ctx,
+    duration,
+    error_notice,
+    files_label,
+    loss_frame,
+    loss_plot,
+    notice,
+    plain_error,
+)
 
 POLL_SECONDS = 2.0
 _WATCHED = ("losses", "samples", "log", "files")
+# The settings that change how much memory and time a run takes: the estimate is redone when one changes.
+ESTIMATED = (
+    "resolution",
+    "max_steps",
+    "epochs",
+    "rank",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "train_text_encoder",
+    "target_modules",
+    "optimizer",
+    "mixed_precision",
+    "family",
+)
 
 
 def build_train_tab(ctx: Ctx) -> dict[str, Any]:
@@ -29,8 +59,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     if not ctx.has_cuda:
         gr.HTML(
             notice(
-                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the "
-                f"{TINY_CHOICE} model (about a minute), but a real Stable Diffusion model would take many hours.",
+                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the tiny "
+                "demo models (about a minute), but a real Stable Diffusion model would take many hours.",
                 "warning",
             ),
             elem_id="cpu-warning",
@@ -57,6 +87,7 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             )
             c["load_preset"] = gr.Button("Use this preset", size="sm")
     c.update(config_form.build_widgets(main=True, per_row=4))
+    c["estimate"] = gr.HTML(elem_id="train-estimate")
     with gr.Row():
         c["run_name"] = gr.Textbox(
             value=runs.suggest_run_name(ctx.runs_dir),
@@ -85,7 +116,7 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             elem_id="train-samples",
         )
     c["files"] = gr.File(
-        label="Your LoRA (click to download): pytorch_lora_weights.safetensors is for diffusers",
+        label=files_label("Your LoRA"),
         file_count="multiple",
         interactive=False,
         visible=False,
@@ -116,6 +147,15 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["preset_name", "base_model", *settings],
         ["train_notice", "preset"],
         api_visibility="private",
+    )
+    ctx.wire(
+        functools.partial(gr.on, [ctx[name].change for name in ("base_model", *ESTIMATED)]),
+        show_estimate,
+        ["base_model", *settings],
+        ["estimate"],
+        api_name="estimate",
+        trigger_mode="always_last",  # a preset changes many settings at once: estimate the last state only
+        show_progress="hidden",
     )
     live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen"]
     ctx.wire(
@@ -209,7 +249,7 @@ def use_preset(ctx: Ctx, preset: str | None) -> dict[str, Any]:
 
 def keep_preset(ctx: Ctx, preset_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
     try:
-        model = "" if base_model == TINY_CHOICE else base_model
+        model = "" if base_model in TINY_CHOICES else base_model  # a tiny model is no preset's real model
         config = config_form.config_from_values({**settings, "base_model": model})
         path = save_preset(preset_name or "", config)
     except LoraGuiError as error:
@@ -218,6 +258,63 @@ def keep_preset(ctx: Ctx, preset_name: str, base_model: str, **settings: Any) ->
         "train_notice": notice(f"Saved as the preset {path.stem}."),
         "preset": gr.update(choices=_preset_choices(), value=path.stem),
     }
+
+
+def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
+    """About how much GPU memory and time a run with these settings takes, before it is started."""
+    try:
+        config = config_form.config_from_values({**settings, "base_model": ""})
+    except LoraGuiError as error:
+        return {"estimate": notice(f"No estimate until the settings are fixed: {plain_error(error)}", "warning")}
+    family = config.family if config.family != "auto" else ctx.base_model_family(base_model)
+    if family is None:
+        return {
+            "estimate": notice(
+                "To estimate GPU memory and time, the kind of model must be known without downloading it: set "
+                "'Model family' under Advanced settings (Stable Diffusion 1.x, 2.x or XL)."
+            )
+        }
+    title = get_family(family).title
+    precision = config.mixed_precision
+    if precision == "auto":  # as training resolves it on a GPU
+        precision = "fp16" if ctx.has_cuda and not torch.cuda.is_bf16_supported() else "bf16"
+    tiny = base_model in TINY_CHOICES
+    try:
+        result = estimate(config, family, precision, None if tiny else ctx.gpu_tflops())
+    except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
+        return {"estimate": notice(f"No estimate for these settings: {error}", "warning")}
+    memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
+    if tiny:
+        text = (
+            f"The tiny demo model needs almost no memory and trains on a processor in about a minute. For "
+            f"comparison, a real {title} model with these settings would need {memory}."
+        )
+    elif not ctx.has_cuda:
+        text = (
+            f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
+            "would run on the processor: far slower than any GPU (many hours), so no time estimate is given."
+        )
+    else:
+        text = f"Estimate for {title}: {result.summary()}"
+        if result.seconds is None and config.epochs:
+            text += " The time depends on how many pictures you have, as Epochs is set."
+        elif result.seconds is None:
+            text += " The time shows once no run is training: this GPU's speed is measured then."
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if result.memory_gb > total:
+            text += (
+                f" That is more than this GPU's {total:.0f} GB: turn on Gradient checkpointing (under Advanced), "
+                "lower Batch size or Resolution, or pick a low-VRAM preset."
+            )
+    hint = ""
+    native = get_family(family).default_resolution
+    if family == "sdxl" and not tiny and config.resolution != native:
+        hint = notice(
+            f"{title} models are made for {native} px pictures, and Resolution is {config.resolution}. "
+            f"Set it to {native} (or use an SDXL preset) unless you mean to train smaller.",
+            "warning",
+        )
+    return {"estimate": notice(text) + hint}
 
 
 def _preset_choices() -> list[tuple[str, str]]:

@@ -130,6 +130,8 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         # Generate: the base model's picture beside the LoRA's, from one seed.
         # Generate, mixing in a second LoRA: the run's kohya file, as if downloaded for AUTOMATIC1111.
         page.get_by_role("tab", name="Generate").click()
+        # The run just trained is already picked, so a beginner only has to press Generate.
+        expect(page.get_by_label("LoRA 1: a run you trained", exact=True)).to_have_value("browser-run")
         pick(page, "LoRA 1: a run you trained", "browser-run")
         expect(page.get_by_label("Prompt", exact=True)).to_have_value(re.compile("a photo of a"))
         expect(page.locator("#lora-row-2")).to_be_hidden()

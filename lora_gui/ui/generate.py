@@ -157,16 +157,28 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ["gen_export_notice", "gen_file"],
         api_name="export_from_generate",
     )
-    ctx.wire(ctx["generate_tab"].select, refresh_runs, [], RUN_MENUS, api_visibility="private")
+    ctx.wire(
+        ctx["generate_tab"].select,
+        refresh_runs,
+        ["gen_run_1", "gen_upload_1", "prompt"],
+        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt"],
+        api_visibility="private",
+    )
 
 
 def lora_runs(ctx: Ctx) -> list[str]:
     return [summary.name for summary in runs.list_runs(ctx.runs_dir) if summary.has_lora]
 
 
-def refresh_runs(ctx: Ctx) -> dict[str, Any]:
+def refresh_runs(ctx: Ctx, gen_run_1: str | None, gen_upload_1: str | None, prompt: str) -> dict[str, Any]:
+    """New runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
+    trained only has to press Generate."""
     choices = lora_runs(ctx)
-    return {name: gr.update(choices=choices) for name in RUN_MENUS}
+    updates: dict[str, Any] = {name: gr.update(choices=choices) for name in RUN_MENUS}
+    if choices and not gen_run_1 and not gen_upload_1:
+        updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
+        updates.update(pick_run(ctx, prompt, gen_run_1=choices[0]))
+    return updates
 
 
 def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:

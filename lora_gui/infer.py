@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from lora_gui import layouts
-from lora_gui.errors import LoraFileError
+from lora_gui.errors import LoraFileError, OutOfMemoryError
 from lora_gui.families import Family
 from lora_gui.models import PICKLE_SUFFIXES, load_pipeline
 from lora_gui.runs import DIFFUSERS_LORA
@@ -36,7 +38,8 @@ class Generator:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
         loaded_family, pipe = load_pipeline(base_model, family, dtype)
-        pipe.to(device)
+        with _out_of_memory_said_plainly("loading the model"):
+            pipe.to(device)
         return cls(loaded_family, pipe, device)
 
     def set_loras(self, loras: list[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
@@ -113,15 +116,31 @@ class Generator:
     ) -> Image.Image:
         side = self.family.default_resolution
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self.pipe(
-            prompt,
-            negative_prompt=negative_prompt or None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width or side,
-            height=height or side,
-            generator=generator,
-        ).images[0]
+        with _out_of_memory_said_plainly("making the picture"):
+            return self.pipe(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width or side,
+                height=height or side,
+                generator=generator,
+            ).images[0]
+
+
+@contextlib.contextmanager
+def _out_of_memory_said_plainly(doing: str) -> Iterator[None]:
+    """Generation shares the GPU with any training run: running out of memory is a message, not a crash."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError(
+            f"the GPU ran out of memory while {doing}. If a training run is going, it needs that memory: "
+            "generate after it finishes (or stop it), or make smaller pictures"
+        ) from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def resolve_lora_path(source: str | Path, allow_pickle: bool = False) -> Path:

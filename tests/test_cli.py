@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import train_argv
 from PIL import Image
 
@@ -287,3 +288,19 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
     with pytest.raises(ModelLoadError) as raised:
         load_pipeline("someone/some-model")
     assert message in str(raised.value)
+
+
+def test_generating_out_of_gpu_memory_is_a_plain_message(tiny_model, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from lora_gui.errors import OutOfMemoryError
+    from lora_gui.infer import Generator
+
+    generator = Generator.load(str(tiny_model))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", no_memory)
+    with pytest.raises(OutOfMemoryError, match=r"ran out of memory while making the picture.*training run"):
+        generator("a red circle", steps=1, width=64, height=64)

@@ -248,16 +248,18 @@ def _run(
 
     sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
     previews = Previews(accelerator, pipe, config, run, sample_prompts, parked, emit)
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
+    images_per_step = config.batch_size * batches_per_step
+
+    def epochs_done(step: int) -> float:
+        return step * batches_per_step / order.batches_per_epoch
 
     def progress(step: int) -> TrainingRecord:
         """How far training went, as the LoRA files' metadata tells it."""
         seconds = seconds_before + time.perf_counter() - started_at
-        epoch = step * batches_per_step / order.batches_per_epoch
         return TrainingRecord.now(
-            family, prediction_type, config.base_model, step, total_steps, epoch, seconds, sample_prompts
+            family, prediction_type, config.base_model, step, total_steps, epochs_done(step), seconds, sample_prompts
         )
 
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -327,7 +329,7 @@ def _run(
                 "loss": round(mean_loss, 6),
                 "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                "epoch": round(step * batches_per_step / order.batches_per_epoch, 3),
+                "epoch": round(epochs_done(step), 3),
                 "images_per_second": round(speed, 3),
                 "seconds": round(seconds_before + time.perf_counter() - started_at, 2),
             }

@@ -281,6 +281,9 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--images", type=int, default=8)
     bench.add_argument("--workdir", default=None, help="keeps the generated model between runs")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument(
+        "--repeat", type=int, default=1, help="run the two loops in turn this many times; report the median pair"
+    )
     bench.add_argument("--preset", default="", help="train ours with this preset's settings (e.g. sdxl-low-vram)")
     bench.add_argument(
         "--ours",
@@ -296,6 +299,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if any("=" not in setting for setting in args.ours):
         raise LoraGuiError("--ours takes SETTING=VALUE, for example --ours channels_last=true")
+    if args.repeat < 1:
+        raise LoraGuiError("--repeat must be 1 or more")
 
     reference, ours, info = run_bench(
         args.model,
@@ -309,6 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
         Path(args.workdir) if args.workdir else None,
         args.preset,
         dict(setting.split("=", 1) for setting in args.ours),
+        args.repeat,
     )
     if args.json:
         save_json(Path(args.json), reference, ours, info)

@@ -291,7 +291,7 @@ def run_bench(
         pairs.append((reference, ours_loop(setup, Path(tempfile.mkdtemp(prefix="run-", dir=workdir)))))
     ratios = [ours.steps_per_second / reference.steps_per_second for reference, ours in pairs]
     reference, ours = pairs[sorted(range(repeat), key=ratios.__getitem__)[(repeat - 1) // 2]]
-    machine = {**_machine(), "ratios": [round(ratio, 3) for ratio in ratios]}
+    machine = {**_machine(), "ratios": ratios}
     if torch.cuda.is_available():
         flops, ceiling = step_tflop(setup), matmul_tflops()
         machine["bf16_matmul_tflops"] = round(ceiling, 1)

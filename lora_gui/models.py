@@ -129,8 +129,9 @@ def family_from_files(base_model: str) -> str | None:
     """A base model's family told from its files alone, without loading or downloading anything.
 
     Works for a diffusers folder, a Hub model already in the download cache (from their config files,
-    by the rule the families' `matches` applies to a loaded pipeline) and a single .safetensors
-    checkpoint (from its tensor names). None when the family can't be told that way.
+    by the rule the families' `matches` applies to a loaded pipeline), a family's published Hub model
+    not downloaded yet (by its name) and a single .safetensors checkpoint (from its tensor names).
+    None when the family can't be told that way.
     """
     source = (base_model or "").strip()
     path = Path(source).expanduser()
@@ -143,6 +144,8 @@ def family_from_files(base_model: str) -> str | None:
         index, text_encoder = _read_json(path / "model_index.json"), _read_json(path / "text_encoder" / "config.json")
     elif is_hub_id(source):
         index, text_encoder = _cached_json(source, "model_index.json"), _cached_json(source, "text_encoder/config.json")
+        if index is None:
+            return next((f.name for f in REGISTRY.values() if source.lower() in map(str.lower, f.hub_models)), None)
     else:
         return None
     pipeline = (index or {}).get("_class_name")

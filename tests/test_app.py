@@ -160,6 +160,9 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
 
     unknown = estimate(base_model="someone/a-model-not-downloaded")
     assert "set 'Model family' under Advanced settings" in unknown
+    # The base models the menu offers are known by name: a beginner picking one gets an estimate at once.
+    offered = estimate(base_model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024)
+    assert "(Stable Diffusion XL)" in offered and gigabytes(offered) > 8
     one = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=1)
     four = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=4)
     # No GPU here: the memory a GPU would need, and no time.

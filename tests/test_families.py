@@ -73,6 +73,16 @@ def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, t
     assert family_from_files("someone/never-downloaded") is None
 
 
+def test_published_base_models_are_known_by_name_before_any_download(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert family_from_files("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
+    assert family_from_files("stabilityai/stable-diffusion-2-1") == "sd2"
+    assert family_from_files("StabilityAI/Stable-Diffusion-XL-Base-1.0") == "sdxl"  # the Hub ignores case
+    assert family_from_files("stabilityai/stable-diffusion-xl-base-1.0-but-not") is None
+
+
 def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, checkpoint)

@@ -35,6 +35,8 @@ class Family:
     # What kohya (ss_base_model_version) and Stability's modelspec call this architecture.
     kohya_base_model_version: ClassVar[str]
     modelspec_architecture: ClassVar[str]
+    # The family's published Hub models, known by name before anything of them is downloaded.
+    hub_models: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

@@ -23,6 +23,7 @@ class StableDiffusionXL(Family):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     kohya_text_encoder_prefixes = ("lora_te1", "lora_te2")
+    hub_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
     kohya_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
 

@@ -22,6 +22,11 @@ class StableDiffusion1(Family):
     default_resolution = 512
     kohya_base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    hub_models = (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "runwayml/stable-diffusion-v1-5",
+        "CompVis/stable-diffusion-v1-4",
+    )
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -45,6 +50,12 @@ class StableDiffusion2(StableDiffusion1):
     default_resolution = 768
     kohya_base_model_version = "sd_v2"
     modelspec_architecture = "stable-diffusion-v2-768-v/lora"
+    hub_models = (
+        "stabilityai/stable-diffusion-2-1",
+        "stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-2",
+        "stabilityai/stable-diffusion-2-base",
+    )
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

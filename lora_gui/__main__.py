@@ -299,8 +299,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     if any("=" not in setting for setting in args.ours):
         raise LoraGuiError("--ours takes SETTING=VALUE, for example --ours channels_last=true")
-    if args.repeat < 1:
-        raise LoraGuiError("--repeat must be 1 or more")
+    for flag, value, least in (
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--images", args.images, 1),
+        ("--repeat", args.repeat, 1),
+    ):
+        if value < least:
+            raise LoraGuiError(f"{flag} must be {least} or more (got {value})")
 
     reference, ours, info = run_bench(
         args.model,

@@ -44,6 +44,12 @@ def test_bench_prints_both_loops_and_the_machine_readable_last_line(tmp_path, ca
     assert (tmp_path / "result.json").is_file()
 
 
+def test_bench_refuses_counts_it_cannot_time(tmp_path, capsys):
+    assert main(["bench", "--steps", "0", "--workdir", str(tmp_path)]) == 1
+    assert "--steps must be 1 or more (got 0)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing was written or run"
+
+
 def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
     base = TrainConfig(resolution=512, rank=16, max_steps=1000)
     one = estimate(base, "sd15", "bf16", matmul_tflops=100)

@@ -2,9 +2,11 @@
 # The GPU rows of BENCHMARKS.md, in one call on a lent machine (see BENCHMARKS.md, "How to rerun").
 #
 # Before the call, here: `bash scripts/gpu_wheels.sh` (fills .whl/ with what that machine lacks).
-# The call: run `bash scripts/gpu_bench.sh` with carry [".whl"] and timeout_s 600. It stops starting
-# new rows when fewer than 4 minutes of its 9 are left, so it always returns what it measured:
-# $OUT/<row>.txt (the table), .json and .log. Rows go most important first.
+# The call: run `bash scripts/gpu_bench.sh` with carry [".whl"] and timeout_s 600. It starts no new
+# row when fewer than 4 minutes of its 9 are left, so it always returns what it measured, in four
+# files (the device tool brings back at most eight): $OUT/gpu.txt (the machine and versions),
+# results.txt (every row's table), results.json (every row's numbers) and logs.txt (stderr).
+# Rows go most important first.
 set -uo pipefail
 out=${OUT:-/tmp/bench-out}
 mkdir -p "$out"
@@ -17,16 +19,23 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)" | tee -a "$out/gpu.txt"
 work=/tmp/bench-work
+rows=/tmp/bench-rows
+mkdir -p "$rows"
 run() {  # name, then bench flags
   local name=$1; shift
   local left=$((deadline - SECONDS))
-  if [ "$left" -lt 240 ]; then echo "== $name: skipped, ${left}s left"; return; fi
-  echo "== $name: python -m lora_gui bench $*"
-  timeout "$((left - 10))" python3 -m lora_gui bench --workdir "$work" --json "$out/$name.json" "$@" \
-    2>"$out/$name.log" | tee "$out/$name.txt"
+  if [ "$left" -lt 240 ]; then echo "== $name: skipped, ${left}s left" | tee -a "$out/results.txt"; return; fi
+  echo "== $name: python -m lora_gui bench $*" | tee -a "$out/results.txt" >>"$out/logs.txt"
+  timeout "$((left - 10))" python3 -m lora_gui bench --workdir "$work" --json "$rows/$name.json" "$@" \
+    2>>"$out/logs.txt" | tee -a "$out/results.txt"
+  python3 -c 'import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}, indent=1))' \
+    "$rows" >"$out/results.json"
 }
 run sd15-b1 --model sd15 --batch-size 1 --steps 30 --warmup 5
 run sd15-b8 --model sd15 --batch-size 8 --steps 20 --warmup 5
 run sd15-low-vram --model sd15 --batch-size 1 --steps 10 --warmup 3 --preset sd15-low-vram
 run sdxl-low-vram --model sdxl --batch-size 1 --steps 5 --warmup 2 --preset sdxl-low-vram
 run sdxl-b1 --model sdxl --batch-size 1 --steps 10 --warmup 3
+# Options for ours, to keep or drop by what they measure (compiling takes a minute or two first).
+run sd15-b8-compile --model sd15 --batch-size 8 --steps 20 --warmup 5 --ours torch_compile=true
+run sd15-b8-channels-last --model sd15 --batch-size 8 --steps 20 --warmup 5 --ours channels_last=true

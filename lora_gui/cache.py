@@ -51,7 +51,9 @@ def cache_latents(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> LatentCache:
     vae = pipe.vae
-    store = _cache_device(device, buckets, with_flips)
+    # Training moves the UNet onto the device after caching: the latents must leave room for it.
+    arriving = sum(p.numel() * p.element_size() for p in pipe.unet.parameters() if p.device.type != device.type)
+    store = _cache_device(device, buckets, with_flips, arriving)
     means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
     stds: list[torch.Tensor | None] = [None] * len(means)
     geometry: list[ImageGeometry | None] = [None] * len(examples)
@@ -88,14 +90,17 @@ def cache_latents(
     )
 
 
-def _cache_device(device: torch.device, buckets: list[tuple[int, int]], with_flips: bool) -> torch.device:
-    """Keep the latents on the GPU when they take under a tenth of its free memory: a step then copies
-    nothing from the host. Otherwise they wait in CPU memory."""
+def _cache_device(
+    device: torch.device, buckets: list[tuple[int, int]], with_flips: bool, arriving_bytes: int
+) -> torch.device:
+    """Keep the latents on the GPU when they take under a tenth of the memory free for training (what is
+    free now, less what will still arrive): a step then copies nothing from the host. Otherwise they
+    wait in CPU memory."""
     if device.type != "cuda":
         return torch.device("cpu")
     latent_bytes = sum(2 * 4 * (w // 8) * (h // 8) * 4 for w, h in buckets) * (2 if with_flips else 1)
     free, _ = torch.cuda.mem_get_info(device)
-    return device if latent_bytes < free / 10 else torch.device("cpu")
+    return device if latent_bytes < (free - arriving_bytes) / 10 else torch.device("cpu")
 
 
 class TextConditioning:

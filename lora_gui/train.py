@@ -167,8 +167,11 @@ def _run(
     weight_dtype = DTYPES[accelerator.mixed_precision]
     family, pipe = load_pipeline(config.base_model, config.family, weight_dtype)
     text_encoders = [getattr(pipe, name) for name in family.text_encoder_names]
+    # The encoders go to the device now; the UNet only once they are done and parked, so a GPU never
+    # holds both (SDXL's UNet alone is 5 GB in bf16).
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
+    for module in (pipe.vae, *text_encoders):
         module.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # for previews
@@ -203,6 +206,7 @@ def _run(
         module.to("cpu")
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
+    pipe.unet.to(accelerator.device)
 
     # Optimizer and learning-rate schedule, in optimizer steps.
     total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)

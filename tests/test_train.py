@@ -287,6 +287,28 @@ def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_model, photos, tmp
     assert len(norms) == 3 and all(n <= 1e-3 * 1.001 for n in norms), norms
 
 
+def test_the_unet_comes_to_the_device_only_after_the_images_are_encoded(tiny_model, photos, tmp_path, monkeypatch):
+    """On a GPU the encoders and the UNet are never there together: the peak is the larger of the two, not their sum."""
+    from diffusers import UNet2DConditionModel
+
+    order = []
+    real_to, real_cache = UNet2DConditionModel.to, train_module.cache_latents
+
+    def to(self, *args, **kwargs):
+        if (args and isinstance(args[0], torch.device | str)) or "device" in kwargs:
+            order.append("unet to device")
+        return real_to(self, *args, **kwargs)
+
+    def cache_latents(pipe, *args, **kwargs):
+        order.append("encode images")
+        return real_cache(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "to", to)
+    monkeypatch.setattr(train_module, "cache_latents", cache_latents)
+    train(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
+    assert order[0] == "encode images" and "unet to device" in order[1:]
+
+
 def test_stop_before_the_first_step_fails_nothing(tiny_model, photos, tmp_path):
     received = []
     train(quick_config(tiny_model, photos), tmp_path / "run", on_event=received.append, should_stop=lambda: True)

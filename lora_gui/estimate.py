@@ -33,7 +33,10 @@ _ATTENTION_PATCH = threading.Lock()
 
 @dataclass
 class Estimate:
-    memory_gb: float
+    memory_gb: float  # the largest of the three phases below, with CUDA's own share
+    caching_gb: float  # encoding the images: the VAE and the text encoders
+    training_gb: float  # the UNet's steps
+    previews_gb: float  # preview images: everything back on the GPU, one picture at a time
     step_tflop: float
     seconds: float | None  # None when the device's speed is unknown
     notes: str
@@ -67,7 +70,9 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     training_peak = base + activations * config.batch_size
     if config.train_text_encoder:
         training_peak += text
-    memory = max(caching_peak, training_peak) / 2**30 + CUDA_OVERHEAD_GB
+    # Previews (at least one set, at the end) bring the VAE and text encoders back beside the UNet.
+    previews_peak = base + text + vae + _preview_bytes(config.resolution)
+    phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
     seconds = None
     if matmul_tflops:
@@ -75,7 +80,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
         if steps:
             seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY)
     notes = "Text encoders and VAE wait in CPU memory while the UNet trains." if not config.train_text_encoder else ""
-    return Estimate(round(memory, 2), step_tflop, seconds, notes.strip())
+    return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,6 +205,12 @@ def _vae_encode_bytes(resolution: int) -> float:
     # The encoder's first stage: five 128-channel fp32 maps at full resolution are alive at once, as
     # encoding on a CPU measured (0.63 GiB at 512 px, 2.50 GiB at 1024 px).
     return 5 * 128 * resolution * resolution * 4
+
+
+def _preview_bytes(resolution: int) -> float:
+    # The UNet's guided inference, then the VAE decode at full resolution: 0.95 GiB at 512 px at most,
+    # as making previews of SD 1.5 on a CPU in fp32 measured (scripts/memory_check.py); pixels scale it.
+    return 0.95 * 2**30 * (resolution / 512) ** 2
 
 
 def _duration(seconds: float) -> str:

@@ -55,7 +55,8 @@ def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
     one = estimate(base, "sd15", "bf16", matmul_tflops=100)
     eight = estimate(base.replace(batch_size=8), "sd15", "bf16", matmul_tflops=100)
     light = estimate(base.replace(gradient_checkpointing=True), "sd15", "bf16", matmul_tflops=100)
-    assert 2 < one.memory_gb < 8 and eight.memory_gb > one.memory_gb + 5 and light.memory_gb < one.memory_gb
+    assert 2 < one.memory_gb < 8 and eight.memory_gb > one.memory_gb + 4
+    assert eight.training_gb > one.training_gb + 5 and light.training_gb < one.training_gb
     # The UNet's LoRA step at 512 px counts ~1.7 TFLOP per image (forward and backward).
     assert one.step_tflop == pytest.approx(1.72, abs=0.05)
     assert eight.seconds > 7 * one.seconds
@@ -66,8 +67,16 @@ def test_each_image_adds_its_activations_not_the_weights_backward_reuses():
     """Frozen layers keep their own weights for backward: that is the model's memory, counted once.
     Training SD 1.5 at 512 px on a CPU in fp32 kept 1.6 GiB beyond the weights, so about 0.8 in bf16."""
     two = TrainConfig(resolution=512, rank=16, batch_size=2)
-    per_image = estimate(two, "sd15", "bf16").memory_gb - estimate(two.replace(batch_size=1), "sd15", "bf16").memory_gb
+    one = two.replace(batch_size=1)
+    per_image = estimate(two, "sd15", "bf16").training_gb - estimate(one, "sd15", "bf16").training_gb
     assert 0.6 < per_image < 1.0
+
+
+def test_the_estimate_is_the_largest_phase_and_previews_count():
+    """Previews bring the VAE and text encoders back beside the UNet: with checkpointing they are the peak."""
+    light = estimate(TrainConfig(resolution=512, rank=16, gradient_checkpointing=True), "sd15", "bf16")
+    assert light.memory_gb == max(light.caching_gb, light.training_gb, light.previews_gb)
+    assert light.previews_gb > light.training_gb > light.caching_gb
 
 
 def test_low_vram_presets_fit_their_cards_by_the_estimate():

@@ -70,8 +70,12 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     training_peak = base + activations * config.batch_size
     if config.train_text_encoder:
         training_peak += text
-    # Previews (at least one set, at the end) bring the VAE and text encoders back beside the UNet.
-    previews_peak = base + text + vae + _preview_bytes(config.resolution)
+    # Previews (at least one set, at the end): frozen text encoders come back to encode the prompts and
+    # leave again before the VAE comes to decode; trained ones never left.
+    if config.train_text_encoder:
+        previews_peak = base + text + vae + _preview_bytes(config.resolution)
+    else:
+        previews_peak = base + max(text, vae + _preview_bytes(config.resolution))
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
     seconds = None

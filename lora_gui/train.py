@@ -554,21 +554,29 @@ class Previews:
     config: TrainConfig
     run: RunFolder
     prompts: list[str]
-    parked: list[torch.nn.Module]  # modules waiting in CPU memory, needed on the device for sampling
+    parked: list[torch.nn.Module]  # the VAE and frozen text encoders, waiting in CPU memory
     emit: EventHandler
 
     @torch.no_grad()
     def make(self, step: int, total: int) -> None:
         device = self.accelerator.device
         if self.accelerator.is_main_process and self.prompts:
-            for module in self.parked:
+            # One part at a time beside the UNet: the text encoders encode every prompt and go back to
+            # CPU memory, then the VAE comes for the decoding (SDXL's encoders alone are 1.6 GB in bf16).
+            encoders = [module for module in self.parked if module is not self.pipe.vae]
+            for module in encoders:
                 module.to(device)
+            with self.accelerator.autocast():
+                embeddings = [_prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts]
+            for module in encoders:
+                module.to("cpu")
+            self.pipe.vae.to(device)
             paths = []
-            for index, prompt in enumerate(self.prompts):
+            for index, prompt_embeddings in enumerate(embeddings):
                 generator = torch.Generator(device=device).manual_seed(self.config.sample_seed + index)
                 with self.accelerator.autocast():
                     image = self.pipe(
-                        prompt,
+                        **prompt_embeddings,
                         num_inference_steps=self.config.sample_steps,
                         height=self.config.resolution,
                         width=self.config.resolution,
@@ -578,10 +586,18 @@ class Previews:
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 paths.append(str(path))
-            for module in self.parked:
-                module.to("cpu")
+            self.pipe.vae.to("cpu")
             self.emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": self.prompts}))
         self.accelerator.wait_for_everyone()
+
+
+def _prompt_embeddings(pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The pipeline's own prompt encoding, with guidance, as keyword arguments for calling it without prompts."""
+    encoded = pipe.encode_prompt(
+        prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, encoded, strict=False))
 
 
 # ---- reporting ---------------------------------------------------------------------------------

@@ -309,6 +309,46 @@ def test_the_unet_comes_to_the_device_only_after_the_images_are_encoded(tiny_mod
     assert order[0] == "encode images" and "unet to device" in order[1:]
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_the_unet(tiny_models, tmp_path, family):
+    """Previews encode the prompts, send the text encoders back to CPU memory, then bring the VAE:
+    the picture must be exactly what the pipeline makes from the prompt with everything in place."""
+    from accelerate import Accelerator
+
+    from lora_gui.config import TrainConfig
+    from lora_gui.runs import RunFolder
+
+    pipe = fresh_pipe(tiny_models(family))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    prompt, seed = "a photo of a red circle", 1234
+    expected = pipe(prompt, num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(seed))
+    encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if family == "sdxl" else [])]
+    moves = []
+
+    def recording(name, real):
+        def to(target, *args, **kwargs):
+            # The training device comes as a torch.device, the way back to CPU memory as "cpu".
+            moves.append((name, "device" if isinstance(target, torch.device) else target))
+            return real(target, *args, **kwargs)
+
+        return to
+
+    for name, module in [("vae", pipe.vae), *(("text encoder", encoder) for encoder in encoders)]:
+        module.to = recording(name, module.to)
+    run = RunFolder(tmp_path / "run")
+    run.samples.mkdir(parents=True)
+    config = TrainConfig(resolution=64, sample_steps=3, sample_seed=seed)
+    made = []
+    previews = train_module.Previews(
+        Accelerator(cpu=True), pipe, config, run, [prompt], [pipe.vae, *encoders], made.append
+    )
+    previews.make(1, 1)
+    assert np.array_equal(np.asarray(Image.open(made[0].data["paths"][0])), np.asarray(expected.images[0]))
+    assert [name for name, target in moves if target == "device"] == ["text encoder"] * len(encoders) + ["vae"]
+    last_encoder_back = max(i for i, move in enumerate(moves) if move == ("text encoder", "cpu"))
+    assert last_encoder_back < moves.index(("vae", "device")) < moves.index(("vae", "cpu"))
+
+
 def test_stop_before_the_first_step_fails_nothing(tiny_model, photos, tmp_path):
     received = []
     train(quick_config(tiny_model, photos), tmp_path / "run", on_event=received.append, should_stop=lambda: True)

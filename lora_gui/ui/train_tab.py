@@ -15,9 +15,9 @@ import gradio as gr
 import torch
 
 from lora_gui import runs
-from lora_gui.config import list_presets, load_preset, save_preset
+from lora_gui.config import TrainConfig, list_presets, load_preset, save_preset
 from lora_gui.errors import LoraGuiError
-from lora_gui.estimate import estimate
+from lora_gui.estimate import Estimate, estimate
 from lora_gui.families import get_family
 from lora_gui.jobs import JobState
 from lora_gui.staging import Staging
@@ -302,10 +302,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             text += " The time shows once no run is training: this GPU's speed is measured then."
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         if result.memory_gb > total:
-            text += (
-                f" That is more than this GPU's {total:.0f} GB: turn on Gradient checkpointing (under Advanced), "
-                "lower Batch size or Resolution, or pick a low-VRAM preset."
-            )
+            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result)
     hint = ""
     native = get_family(family).default_resolution
     if family == "sdxl" and not tiny and config.resolution != native:
@@ -315,6 +312,16 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             "warning",
         )
     return {"estimate": notice(text) + hint}
+
+
+def _memory_advice(config: TrainConfig, result: Estimate) -> str:
+    """What lowers the phase that needs the most memory."""
+    if result.previews_gb >= result.training_gb:
+        # Previews hold the whole model and decode a full-size picture: only a smaller picture helps.
+        return "the preview images need the most, so lower Resolution, or pick a low-VRAM preset."
+    return (
+        "" if config.gradient_checkpointing else "turn on Gradient checkpointing (under Advanced), "
+    ) + "lower Batch size or Resolution, or pick a low-VRAM preset."
 
 
 def _preset_choices() -> list[tuple[str, str]]:

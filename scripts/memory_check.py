@@ -24,7 +24,7 @@ import torch
 from lora_gui import events
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
-from lora_gui.estimate import _unet_cost, _vae_encode_bytes
+from lora_gui.estimate import _preview_bytes, _unet_cost, _vae_encode_bytes
 from lora_gui.models import load_pipeline
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
@@ -131,7 +131,8 @@ def main() -> None:
             measured, previews = pool.apply(training_rise, (model, data, side, checkpointing, workdir))
         label = "memory a step adds beyond the weights" + (", gradient checkpointing" if checkpointing else "")
         print(f"| {label} | {measured:.2f} GiB | {estimated_rise(side, checkpointing):.2f} GiB |", flush=True)
-    print(f"| preview images at the end (UNet with guidance, VAE decode) | {previews:.2f} GiB | not estimated |")
+    estimated = _preview_bytes(side) / GIB  # calibrated on this measurement
+    print(f"| preview images at the end (UNet with guidance, VAE decode) | {previews:.2f} GiB | {estimated:.2f} GiB |")
     for resolution in (side, 2 * side):
         with fresh.Pool(1) as pool:
             measured = pool.apply(vae_encode_rise, (model, resolution))

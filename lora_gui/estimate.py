@@ -36,7 +36,7 @@ class Estimate:
     memory_gb: float  # the largest of the three phases below, with CUDA's own share
     caching_gb: float  # encoding the images: the VAE and the text encoders
     training_gb: float  # the UNet's steps
-    previews_gb: float  # preview images: everything back on the GPU, one picture at a time
+    previews_gb: float  # preview images: the UNet, then the text encoders or the VAE beside it
     step_tflop: float
     seconds: float | None  # None when the device's speed is unknown
     notes: str
@@ -72,10 +72,8 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
         training_peak += text
     # Previews (at least one set, at the end): frozen text encoders come back to encode the prompts and
     # leave again before the VAE comes to decode; trained ones never left.
-    if config.train_text_encoder:
-        previews_peak = base + text + vae + _preview_bytes(config.resolution)
-    else:
-        previews_peak = base + max(text, vae + _preview_bytes(config.resolution))
+    decoding = vae + _preview_bytes(config.resolution)
+    previews_peak = base + (text + decoding if config.train_text_encoder else max(text, decoding))
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
     seconds = None

@@ -42,12 +42,18 @@ def resident_bytes() -> int:
 class PeakSampler:
     """The highest resident memory above the level when it started, sampled in a thread."""
 
-    def __enter__(self) -> PeakSampler:
+    def start(self) -> PeakSampler:
         self.base = self.peak = resident_bytes()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join()
+
+    __enter__ = start
 
     def _sample(self) -> None:
         while self.running:
@@ -55,8 +61,7 @@ class PeakSampler:
             time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
+        self.stop()
 
     @property
     def rise(self) -> float:
@@ -70,12 +75,12 @@ def training_rise(model: Path, data: Path, resolution: int, checkpointing: bool,
 
     def on_event(event: events.Event) -> None:
         if event.kind == events.STARTED:
-            steps.__enter__()
+            steps.start()
         elif event.kind == events.STEP and event.step == event.total_steps:
-            steps.__exit__()
-            previews.__enter__()
+            steps.stop()
+            previews.start()
         elif event.kind == events.SAMPLES:
-            previews.__exit__()
+            previews.stop()
 
     config = TrainConfig(
         base_model=str(model),

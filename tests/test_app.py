@@ -198,7 +198,8 @@ def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_sma
     # With checkpointing on, the previews at the end are the peak: only a smaller picture lowers it.
     sdxl = {**config_form.widget_values(load_preset("sdxl-low-vram")), "family": "sdxl"}
     previews = html.unescape(show_estimate(ctx, base_model="someone/model", **sdxl)["estimate"])
-    assert "That is more than this GPU's 8 GB: the preview images need the most, so lower Resolution" in previews
+    assert "That is more than this GPU's 8 GB: the preview images need the most, so lower Resolution." in previews
+    assert "low-VRAM preset" not in previews, "the low-VRAM presets keep the resolution: they don't lower this peak"
     assert measured == [1], "the GPU's speed is measured once, then remembered"
 
     # While a run trains, measuring would time the run too: no time until it ends.

@@ -317,8 +317,8 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
 def _memory_advice(config: TrainConfig, result: Estimate) -> str:
     """What lowers the phase that needs the most memory."""
     if result.previews_gb >= result.training_gb:
-        # Previews hold the whole model and decode a full-size picture: only a smaller picture helps.
-        return "the preview images need the most, so lower Resolution, or pick a low-VRAM preset."
+        # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
+        return "the preview images need the most, so lower Resolution."
     return (
         "" if config.gradient_checkpointing else "turn on Gradient checkpointing (under Advanced), "
     ) + "lower Batch size or Resolution, or pick a low-VRAM preset."

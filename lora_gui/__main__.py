@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lora_gui.config import TrainConfig, list_presets, load_preset
+from lora_gui.config import MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.runs import LORA_LAYOUTS
 
@@ -188,6 +188,9 @@ def _generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--family", default="auto")
+    generate.add_argument(
+        "--precision", default="auto", choices=MIXED_PRECISIONS, help=TrainConfig.help("mixed_precision")
+    )
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin/.pt/.ckpt LoRAs (unsafe)")
 
 
@@ -198,7 +201,7 @@ def _generate(args: argparse.Namespace) -> int:
     if len(args.scale) > len(args.lora):
         raise LoraGuiError("more --scale values than --lora files")
     scales = args.scale + [1.0] * (len(args.lora) - len(args.scale))
-    generator = Generator.load(args.base_model, args.family)
+    generator = Generator.load(args.base_model, args.family, args.precision)
     generator.set_loras(list(zip(args.lora, scales, strict=True)), allow_pickle=args.allow_pickle)
     image = generator(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.width, args.height)
     with atomic_path(Path(args.output)) as tmp:
@@ -277,7 +280,7 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=int, default=2)
     bench.add_argument("--resolution", type=int, default=None, help="default: 128 tiny, 512 sd15, 1024 sdxl")
     bench.add_argument("--rank", type=int, default=16)
-    bench.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
+    bench.add_argument("--precision", default="auto", choices=MIXED_PRECISIONS)
     bench.add_argument("--images", type=int, default=8)
     bench.add_argument("--workdir", default=None, help="keeps the generated model between runs")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_gui import events
+from lora_gui import devices, events
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import ImageGeometry
 from lora_gui.models import load_pipeline
 from lora_gui.tiny import write_tiny_model
-from lora_gui.train import DTYPES, _precision, train
+from lora_gui.train import train
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,8 @@ class Setup:
 # ---- memory -------------------------------------------------------------------------------------
 def _reset_peak_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if devices.has_cuda():
+        devices.reset_peak_memory()
         return
     try:  # hand freed heap back to the OS, then restart the peak-RSS counter (Linux)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -100,8 +98,8 @@ def _reset_peak_memory() -> None:
 
 
 def _peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+    if devices.has_cuda():
+        return devices.peak_gpu_memory_gb()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
@@ -109,7 +107,7 @@ def _peak_memory_gb() -> float:
 
 
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if devices.has_cuda():
         torch.cuda.synchronize()
 
 
@@ -125,12 +123,12 @@ def reference_loop(setup: Setup) -> LoopResult:
 
     _reset_peak_memory()
     started = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=setup.precision)
-    weight_dtype = DTYPES[accelerator.mixed_precision]
+    accelerator = Accelerator(cpu=not devices.has_cuda(), mixed_precision=setup.precision)
+    weight_dtype = devices.DTYPES[accelerator.mixed_precision]
     family, pipe = load_pipeline(str(setup.model_dir), dtype=weight_dtype)
     pipe.vae.to(weight_dtype)  # the reference keeps its VAE in the weight dtype too
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    encoders = [getattr(pipe, name) for name in family.text_encoder_names]
+    encoders = family.text_encoders(pipe)
     for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
         module.to(accelerator.device)
@@ -165,7 +163,7 @@ def reference_loop(setup: Setup) -> LoopResult:
                 0, noise_scheduler.config.num_train_timesteps, (len(rows),), device=latents.device
             )
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            conditioning = family.encode(pipe, [ids[rows] for ids in token_ids])
+            conditioning = family.encode(encoders, [ids[rows] for ids in token_ids], accelerator.device)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -221,22 +219,23 @@ def step_tflop(setup: Setup) -> float:
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    family, pipe = load_pipeline(str(setup.model_dir), dtype=DTYPES[setup.precision])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    family, pipe = load_pipeline(str(setup.model_dir), dtype=devices.DTYPES[setup.precision])
+    device = torch.device("cuda" if devices.has_cuda() else "cpu")
     pipe.unet.requires_grad_(False)
     pipe.unet.add_adapter(LoraConfig(r=setup.rank, lora_alpha=setup.rank, target_modules=TrainConfig().target_modules))
     pipe.unet.to(device)
-    for encoder in (getattr(pipe, name) for name in family.text_encoder_names):
+    encoders = family.text_encoders(pipe)
+    for encoder in encoders:
         encoder.to(device)
     side = setup.resolution // 8
     latents = torch.randn(setup.batch_size, 4, side, side, device=device, dtype=pipe.unet.dtype)
     with torch.no_grad():
-        conditioning = family.encode(pipe, family.tokenize(pipe, ["a photo"] * setup.batch_size))
+        conditioning = family.encode(encoders, family.tokenize(pipe, ["a photo"] * setup.batch_size), device)
     size = (setup.resolution, setup.resolution)
     kwargs = family.unet_kwargs(conditioning, [ImageGeometry(size, (0, 0), size)] * setup.batch_size, device)
     timesteps = torch.randint(0, 1000, (setup.batch_size,), device=device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.autocast(device.type, dtype=DTYPES[setup.precision], enabled=setup.precision != "no"):
+    with counter, devices.autocast(device, setup.precision):
         pipe.unet(latents, timesteps, **kwargs).sample.float().pow(2).mean().backward()
     del pipe
     return counter.get_total_flops() / 1e12
@@ -257,6 +256,16 @@ def matmul_tflops() -> float:
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
+def model_folder(workdir: Path, model: str) -> Path:
+    """The benchmark's model (a key of MODELS) in `workdir`, written there the first time."""
+    family, size, _ = MODELS[model]
+    folder = workdir / f"model-{model}"
+    if not (folder / "model_index.json").is_file():
+        log.info("Writing a random-weight %s model to %s", model, folder)
+        write_tiny_model(folder, family, size=size)
+    return folder
+
+
 def run_bench(
     model: str = "tiny",
     steps: int = 20,
@@ -274,17 +283,25 @@ def run_bench(
     """Time both loops `repeat` times in turn (reference, ours, reference, ...) and return the pair
     whose ratio is the median, with every pair's ratio in the info: on a shared machine whose speed
     drifts, pairs taken close together compare fairly where two long single runs may not."""
-    family, size, default_resolution = MODELS[model]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lora-bench-"))
-    model_dir = workdir / f"model-{model}"
-    if not (model_dir / "model_index.json").is_file():
-        log.info("Writing a random-weight %s model to %s", model, model_dir)
-        write_tiny_model(model_dir, family, size=size)
-    resolution = resolution or default_resolution
+    model_dir = model_folder(workdir, model)
+    resolution = resolution or MODELS[model][2]
     data_dir = write_demo_dataset(workdir / f"images-{resolution}", count=images, size=(resolution, resolution))
     setup = Setup(
-        model_dir, data_dir, batch_size, resolution, rank, _precision(precision), steps, warmup, preset, ours or {}
+        model_dir,
+        data_dir,
+        batch_size,
+        resolution,
+        rank,
+        devices.resolve_precision(precision),
+        steps,
+        warmup,
+        preset,
+        ours or {},
     )
+    # TF32 is a process-wide switch that training turns on: on for both loops from the start, so the first
+    # pair compares like the others (the reference script's --allow_tf32).
+    devices.use_tensor_cores()
     pairs = []
     for _ in range(repeat):
         reference = reference_loop(setup)
@@ -292,7 +309,7 @@ def run_bench(
     ratios = [ours.steps_per_second / reference.steps_per_second for reference, ours in pairs]
     reference, ours = pairs[sorted(range(repeat), key=ratios.__getitem__)[(repeat - 1) // 2]]
     machine = {**_machine(), "ratios": ratios}
-    if torch.cuda.is_available():
+    if devices.has_cuda():
         flops, ceiling = step_tflop(setup), matmul_tflops()
         machine["bf16_matmul_tflops"] = round(ceiling, 1)
         for result in (reference, ours):
@@ -302,7 +319,7 @@ def run_bench(
 
 
 def _machine() -> dict:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {_cpu_name()}"
+    device = torch.cuda.get_device_name() if devices.has_cuda() else f"CPU: {_cpu_name()}"
     return {
         "device": device,
         "threads": torch.get_num_threads(),
@@ -337,7 +354,11 @@ def format_table(reference: LoopResult, ours: LoopResult, info: dict) -> str:
             f"| {result.name:10} | {_rate(result.steps_per_second):>7} | {_rate(result.images_per_second):>8} | "
             f"{result.peak_memory_gb:14.2f} | {result.first_step_seconds:12.1f} | {mfu:23} |"
         )
-    memory_note = "CUDA peak allocated" if torch.cuda.is_available() else "peak RSS of the process"
+    memory_note = (
+        "most GPU memory held (PyTorch's reserved peak, plus the CUDA context and libraries)"
+        if devices.has_cuda()
+        else "peak RSS of the process"
+    )
     lines.append("")
     if len(info["ratios"]) > 1:
         lines.append(

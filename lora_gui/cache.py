@@ -8,7 +8,7 @@ caption dropout) is encoded once, unless the text encoder is being trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,22 +104,32 @@ def _cache_device(
 
 
 class TextConditioning:
-    """Caption -> the UNet's text conditioning; encoded once per caption unless the encoder trains."""
+    """Caption -> the UNet's text conditioning.
 
-    def __init__(self, pipe: DiffusionPipeline, family: type[Family], captions: list[str], trainable: bool):
-        self.pipe, self.family, self.trainable = pipe, family, trainable
+    Frozen text encoders encode each caption once, when this is made; trained ones (`encoders`, as
+    training calls them) encode every batch anew."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        family: type[Family],
+        device: torch.device,
+        captions: Sequence[str] = (),
+        encoders: list[torch.nn.Module] | None = None,
+    ):
+        self.pipe, self.family, self.device, self.encoders = pipe, family, device, encoders
         self.cached: dict[str, dict[str, torch.Tensor]] = {}
-        if not trainable:
+        if encoders is None:
             unique = list(dict.fromkeys(captions))
             with torch.no_grad():
                 for start in range(0, len(unique), 16):
                     chunk = unique[start : start + 16]
-                    encoded = family.encode(pipe, family.tokenize(pipe, chunk))
+                    encoded = family.encode(family.text_encoders(pipe), family.tokenize(pipe, chunk), device)
                     for index, caption in enumerate(chunk):
                         self.cached[caption] = {key: value[index] for key, value in encoded.items()}
 
-    def __call__(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        if self.trainable:
-            return self.family.encode(self.pipe, self.family.tokenize(self.pipe, captions))
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.encoders is not None:
+            return self.family.encode(self.encoders, self.family.tokenize(self.pipe, captions), self.device)
         rows = [self.cached[caption] for caption in captions]
-        return {key: torch.stack([row[key] for row in rows]).to(device) for key in rows[0]}
+        return {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}

@@ -97,7 +97,10 @@ class TrainConfig:
 
     # Speed and memory.
     mixed_precision: str = _field(
-        "auto", "auto (bf16 or fp16 on a GPU, full precision on a CPU), no, fp16 or bf16.", choices=MIXED_PRECISIONS
+        "auto",
+        "auto (bf16 on GPUs that compute it, RTX 30xx / A100 and newer; fp16 on older GPUs; full precision on a "
+        "CPU), no, fp16 or bf16.",
+        choices=MIXED_PRECISIONS,
     )
     gradient_checkpointing: bool = _field(False, "Save GPU memory at the cost of ~30% speed.")
     channels_last: bool = _field(False, "Keep the UNet's image tensors channels-last (can be faster on NVIDIA GPUs).")

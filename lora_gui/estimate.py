@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui.config import TrainConfig
+from lora_gui.devices import DTYPES
 
 # Parameter counts of the parts that stay on the GPU beside the UNet (published architectures).
 TEXT_ENCODER_PARAMS = {"sd15": 123e6, "sd2": 340e6, "sdxl": 123e6 + 695e6}
@@ -98,7 +99,7 @@ def _unet_cost(
 
     from lora_gui.tiny import _UNETS
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
     # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
     # torch's default dtype: that is process-wide, and a run may be training in another thread.
     with torch.device("meta"):

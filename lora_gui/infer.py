@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from diffusers import DiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from lora_gui import layouts
-from lora_gui.errors import LoraFileError, OutOfMemoryError
+from lora_gui import devices, layouts
+from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.families import Family
 from lora_gui.models import PICKLE_SUFFIXES, load_pipeline
 from lora_gui.runs import DIFFUSERS_LORA
@@ -30,17 +31,18 @@ class Generator:
     family: type[Family]
     pipe: DiffusionPipeline
     device: torch.device
+    precision: str  # "no", "fp16" or "bf16": the UNet's and text encoders' weights; the VAE stays fp32
 
     @classmethod
-    def load(cls, base_model: str, family: str = "auto") -> Generator:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16
-        loaded_family, pipe = load_pipeline(base_model, family, dtype)
+    def load(cls, base_model: str, family: str = "auto", precision: str = "auto") -> Generator:
+        """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU."""
+        device = torch.device("cuda" if devices.has_cuda() else "cpu")
+        precision = devices.resolve_precision(precision)
+        devices.use_tensor_cores()
+        loaded_family, pipe = load_pipeline(base_model, family, devices.DTYPES[precision])
         with _out_of_memory_said_plainly("loading the model"):
             pipe.to(device)
-        return cls(loaded_family, pipe, device)
+        return cls(loaded_family, pipe, device, precision)
 
     def set_loras(self, loras: list[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
         """Replace the active LoRAs with these (file or run folder, strength) pairs.
@@ -117,15 +119,42 @@ class Generator:
         side = self.family.default_resolution
         generator = torch.Generator(device=self.device).manual_seed(seed)
         with _out_of_memory_said_plainly("making the picture"):
-            return self.pipe(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width or side,
-                height=height or side,
-                generator=generator,
-            ).images[0]
+            with devices.autocast(self.device, self.precision):
+                latents = self.pipe(
+                    prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width or side,
+                    height=height or side,
+                    generator=generator,
+                    output_type="latent",
+                ).images
+            return decode(self.pipe, latents)[0]
+
+
+@torch.no_grad()
+def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Pictures from a pipeline's latents, decoded by its VAE in the VAE's fp32 and outside any autocast.
+
+    On a GPU the denoiser runs in bf16 or fp16, and diffusers hands its latents to the fp32 VAE in that
+    dtype (it casts them only on Apple's MPS): the decode fails, or under autocast runs in fp16, where
+    SDXL's VAE overflows into black pictures. So the pipelines stop at the latents (output_type
+    "latent"), and this undoes their scaling exactly as they would and decodes in full precision, as
+    diffusers' training scripts do for their validation images."""
+    vae, config = pipe.vae, pipe.vae.config
+    latents = latents.to(vae.device, vae.dtype)
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+    with torch.autocast(vae.device.type, enabled=False):
+        images = vae.decode(latents, return_dict=False)[0]
+    if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, when its package is installed
+        images = pipe.watermark.apply_watermark(images)
+    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 @contextlib.contextmanager
@@ -133,14 +162,58 @@ def _out_of_memory_said_plainly(doing: str) -> Iterator[None]:
     """Generation shares the GPU with any training run: running out of memory is a message, not a crash."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except Exception as error:
+        if not devices.is_out_of_memory(error):
+            raise
         raise OutOfMemoryError(
             f"the GPU ran out of memory while {doing}. If a training run is going, it needs that memory: "
             "generate after it finishes (or stop it), or make smaller pictures"
         ) from None
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        devices.free_memory()
+
+
+class GeneratorCache:
+    """The last base model loaded for generating, kept so the next click does not load it again.
+
+    A training run has the GPU first. Before a run starts, `release` waits for a picture being made
+    and frees the model (an SDXL pipeline is 7 GB, which a 12 GB card's run needs); while a run
+    trains on a GPU, `use` refuses to load one beside it, since either could then run out of memory."""
+
+    def __init__(self, gpu_taken_by: Callable[[], str | None] = lambda: None):
+        self._gpu_taken_by = gpu_taken_by  # the name of the run training now, if any
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Generator] | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The base model loaded now, if any."""
+        return self._loaded[0] if self._loaded else None
+
+    @contextlib.contextmanager
+    def use(self, base_model: str) -> Iterator[Generator]:
+        """The loaded model for `base_model`, held for the block: a run waits for it to end before starting."""
+        with self._lock:
+            run = self._gpu_taken_by() if devices.has_cuda() else None
+            if run is not None:
+                raise LoraGuiError(
+                    f"the run {run} is training on the GPU and needs its memory: Generate works again once it "
+                    "ends. Wait for it, or stop it in the Train tab (a stopped run keeps a usable LoRA)"
+                )
+            if self._loaded is None or self._loaded[0] != base_model:
+                self._loaded = None  # free the old model before loading the next
+                devices.free_memory()
+                self._loaded = (base_model, Generator.load(base_model))
+            yield self._loaded[1]
+
+    def release(self) -> str | None:
+        """Free the loaded model, once no picture is being made; says so if there was one."""
+        with self._lock:
+            if self._loaded is None:
+                return None
+            self._loaded = None
+            devices.free_memory()
+        return "The model the Generate tab had loaded was unloaded, so this run has the memory to itself"
 
 
 def resolve_lora_path(source: str | Path, allow_pickle: bool = False) -> Path:

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,9 +185,13 @@ class Job:
 
 
 class JobManager:
-    """Queues runs and trains them one at a time on a single worker thread."""
+    """Queues runs and trains them one at a time on a single worker thread.
 
-    def __init__(self) -> None:
+    `before_run` is called as each run starts, to free memory the run needs (the Generate tab's
+    model); a sentence it returns goes into the run's log."""
+
+    def __init__(self, before_run: Callable[[], str | None] = lambda: None) -> None:
+        self.before_run = before_run
         self._jobs: dict[int, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -235,6 +240,11 @@ class JobManager:
         """Every job since the app started, oldest first."""
         with self._lock:
             return sorted(self._jobs.values(), key=lambda job: job.job_id)
+
+    def training_now(self) -> str | None:
+        """The name of the run being trained right now, if any."""
+        job = self.active()
+        return job.run.name if job is not None and job.snapshot().status == RUNNING else None
 
     def active(self) -> Job | None:
         """The job training now, else the next queued one."""
@@ -288,6 +298,9 @@ class JobManager:
             return
         job.set_status(RUNNING)
         try:
+            freed = self.before_run()
+            if freed:
+                job.on_event(Event(events.MESSAGE, data={"text": freed}))
             train(
                 job.config,
                 job.run.path,

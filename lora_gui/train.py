@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import logging
 import math
@@ -25,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig, inject_adapter_in_model
 
-from lora_gui import data, events
+from lora_gui import data, devices, events
 from lora_gui.cache import TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
@@ -40,13 +39,12 @@ from lora_gui.export import TrainingRecord, write_kohya_lora
 from lora_gui.families import Family
 from lora_gui.files import atomic_path, write_text_atomic
 from lora_gui.hub import write_model_card
+from lora_gui.infer import decode
 from lora_gui.lora_files import load_trained_lora, save_diffusers_lora
 from lora_gui.models import load_pipeline
 from lora_gui.runs import TRAINER_STATE, RunFolder
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Stopped(Exception):
@@ -77,7 +75,7 @@ def train(
     run.path.mkdir(parents=True, exist_ok=True)
     # Under `accelerate launch` every process runs this; only the main one reports and logs.
     # Without CUDA, cpu=True is what makes several launched processes one gloo group.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not devices.has_cuda())
     main = state.is_main_process
 
     def emit(event: Event) -> None:
@@ -116,9 +114,7 @@ def train(
             if state.num_processes == 1:
                 # Accelerate keeps its settings process-wide; the app's next run may use other ones.
                 AcceleratorState._reset_state(reset_partial_state=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            devices.free_memory()
 
 
 def _run(
@@ -132,11 +128,16 @@ def _run(
             f"{run.path} already holds a run (trained to step {run.latest_checkpoint()[0]}): resume it, "
             "or pick a new run name so nothing is overwritten"
         )
+    precision = devices.resolve_precision(config.mixed_precision)
+    devices.use_tensor_cores()
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=_precision(config.mixed_precision),
+        cpu=not devices.has_cuda(),
+        mixed_precision=precision,
         dynamo_backend="inductor" if config.torch_compile else "no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Under several processes: SDXL's first text encoder gives the UNet its next-to-last layer, so the
+        # LoRA of its last layer gets no gradient, and DDP must be told not to wait for one.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)],
     )
     set_seed(config.seed)
     main = accelerator.is_main_process
@@ -164,15 +165,14 @@ def _run(
 
     # Model: the frozen base in the training precision; the VAE stays fp32.
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
-    weight_dtype = DTYPES[accelerator.mixed_precision]
-    family, pipe = load_pipeline(config.base_model, config.family, weight_dtype)
-    text_encoders = [getattr(pipe, name) for name in family.text_encoder_names]
+    family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision])
+    text_encoders = family.text_encoders(pipe)
     # The encoders go to the device now; the UNet only once they are done and parked, so a GPU never
-    # holds both (SDXL's UNet alone is 5 GB in bf16).
+    # holds both.
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
-    for module in (pipe.vae, *text_encoders):
-        module.to(accelerator.device)
+    offload = devices.Offload(accelerator.device)
+    offload.bring(pipe.vae, *text_encoders)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # for previews
 
@@ -181,32 +181,33 @@ def _run(
     params = [param for group in param_groups for param in group["params"]]
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
+    if config.train_text_encoder:
+        for encoder in text_encoders:
+            # Training mode, as diffusers' scripts set it: transformers checkpoints a layer only in it.
+            encoder.train()
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             for encoder in text_encoders:
-                encoder.gradient_checkpointing_enable()
+                encoder.activation_checkpointing_enable()
 
     # Caches: latents of every image and embeddings of every caption, computed once.
     buckets = data.assign_buckets(examples, config.resolution, _bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
     def caching_progress(done: int, total: int) -> None:
-        if should_stop():
+        if _any_process(accelerator, should_stop()):
             raise Stopped
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
     latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, caching_progress)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
-    text = TextConditioning(pipe, family, [*captions, ""], trainable=config.train_text_encoder)
+    # Frozen text encoders encode each caption (and the empty one, for dropout) once, now.
+    text = None if config.train_text_encoder else TextConditioning(pipe, family, accelerator.device, [*captions, ""])
     order = data.BatchOrder(buckets, config.batch_size, config.seed)
     # The VAE and frozen text encoders are done until the previews: park them in CPU memory.
-    parked = [pipe.vae, *([] if config.train_text_encoder else text_encoders)]
-    for module in parked:
-        module.to("cpu")
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
-    pipe.unet.to(accelerator.device)
+    offload.park(pipe.vae, *([] if config.train_text_encoder else text_encoders))
+    offload.bring(pipe.unet)
 
     # Optimizer and learning-rate schedule, in optimizer steps.
     total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
@@ -215,8 +216,10 @@ def _run(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
     trained = [pipe.unet, *(text_encoders if config.train_text_encoder else [])]
-    prepared = accelerator.prepare(*trained, optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
+    unet, *trained_encoders, optimizer = accelerator.prepare(*trained, optimizer)
+    # Trained text encoders encode every batch anew, called as prepared: under several processes that is
+    # the wrapper that averages their gradients across processes.
+    text = text or TextConditioning(pipe, family, accelerator.device, encoders=trained_encoders)
     accelerator.register_for_checkpointing(lr_scheduler)
     _checkpoint_lora_only(accelerator, pipe, family)
 
@@ -251,7 +254,7 @@ def _run(
     )
 
     sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
-    previews = Previews(accelerator, pipe, config, run, sample_prompts, parked, emit)
+    previews = Previews(accelerator, pipe, family, config, run, sample_prompts, offload, emit)
     prediction_type = noise_scheduler.config.prediction_type
     batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
     images_per_step = config.batch_size * batches_per_step
@@ -270,7 +273,7 @@ def _run(
     loss_count, window_start, window_steps = 0, time.perf_counter(), 0
     for step in range(start_step + 1, total_steps + 1):
         for micro in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *trained_encoders):
                 # Batch: which images, which way round, and a generator that makes this
                 # micro-batch's randomness depend only on (seed, position in the run).
                 position = ((step - 1) * config.gradient_accumulation_steps + micro) * accelerator.num_processes
@@ -294,13 +297,14 @@ def _run(
                 )
                 noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
 
-                # Forward: captions (some dropped), then the UNet's prediction.
+                # Forward, in the base's precision: captions (some dropped), then the UNet's prediction.
                 dropped = (torch.rand(len(indices), generator=choices) < config.caption_dropout).tolist()
                 batch_captions = ["" if drop else captions[i] for i, drop in zip(indices, dropped, strict=True)]
-                conditioning = text(batch_captions, accelerator.device)
-                geometry = [latents.geometry[i] for i in indices]
-                kwargs = family.unet_kwargs(conditioning, geometry, accelerator.device)
-                prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+                with devices.autocast(accelerator.device, precision):
+                    conditioning = text(batch_captions)
+                    geometry = [latents.geometry[i] for i in indices]
+                    kwargs = family.unet_kwargs(conditioning, geometry, accelerator.device)
+                    prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
 
                 # Loss: against the noise (epsilon) or the velocity (v-prediction), min-SNR weighted.
                 if prediction_type == "v_prediction":
@@ -349,8 +353,8 @@ def _run(
                     "rate, or use bf16 instead of fp16; the last checkpoint stays resumable"
                 )
 
-        # Sample and checkpoint on their schedules; the stop flag is read once per step.
-        stop = should_stop()
+        # Sample and checkpoint on their schedules; the stop flag is read once per step, by every process alike.
+        stop = _any_process(accelerator, should_stop())
         if config.sample_every and step % config.sample_every == 0 and step < total_steps and not stop:
             previews.make(step, total_steps)
         if stop or step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -459,14 +463,13 @@ def _bucket_step(pipe: DiffusionPipeline) -> int:
     return vae_factor * unet_factor
 
 
-def _precision(setting: str) -> str:
-    if not torch.cuda.is_available():
-        if setting in ("fp16", "bf16"):
-            log.warning("No CUDA GPU: training in full precision on the CPU instead of %s", setting)
-        return "no"
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return setting
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether any process raised the flag: processes that disagree about stopping hang in the next
+    collective call (a checkpoint's barrier, a gradient all-reduce). One process alone asks nobody."""
+    if accelerator.num_processes == 1:
+        return flag
+    raised = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(raised, reduction="sum").item())
 
 
 def _checkpoint_lora_only(accelerator: Accelerator, pipe: DiffusionPipeline, family: type[Family]) -> None:
@@ -551,42 +554,42 @@ class Previews:
 
     accelerator: Accelerator
     pipe: DiffusionPipeline
+    family: type[Family]
     config: TrainConfig
     run: RunFolder
     prompts: list[str]
-    parked: list[torch.nn.Module]  # the VAE and frozen text encoders, waiting in CPU memory
+    offload: devices.Offload  # the UNet is on the device; the VAE and frozen text encoders wait in CPU memory
     emit: EventHandler
 
     @torch.no_grad()
     def make(self, step: int, total: int) -> None:
-        device = self.accelerator.device
+        device, precision = self.accelerator.device, self.accelerator.mixed_precision
         if self.accelerator.is_main_process and self.prompts:
-            # One part at a time beside the UNet: the text encoders encode every prompt and go back to
-            # CPU memory, then the VAE comes for the decoding (SDXL's encoders alone are 1.6 GB in bf16).
-            encoders = [module for module in self.parked if module is not self.pipe.vae]
-            for module in encoders:
-                module.to(device)
-            with self.accelerator.autocast():
+            # One part at a time beside the UNet: the text encoders encode every prompt and go back to CPU
+            # memory (SDXL's are 1.6 GB in bf16), the UNet denoises, then the VAE comes for the decoding.
+            parked = [encoder for encoder in self.family.text_encoders(self.pipe) if not self.offload.holds(encoder)]
+            with self.offload.borrowed(*parked), devices.autocast(device, precision):
                 embeddings = [_prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts]
-            for module in encoders:
-                module.to("cpu")
-            self.pipe.vae.to(device)
-            paths = []
-            for index, prompt_embeddings in enumerate(embeddings):
-                generator = torch.Generator(device=device).manual_seed(self.config.sample_seed + index)
-                with self.accelerator.autocast():
-                    image = self.pipe(
+            with devices.autocast(device, precision):
+                latents = [
+                    self.pipe(
                         **prompt_embeddings,
                         num_inference_steps=self.config.sample_steps,
                         height=self.config.resolution,
                         width=self.config.resolution,
-                        generator=generator,
-                    ).images[0]
+                        generator=torch.Generator(device=device).manual_seed(self.config.sample_seed + index),
+                        output_type="latent",
+                    ).images
+                    for index, prompt_embeddings in enumerate(embeddings)
+                ]
+            with self.offload.borrowed(self.pipe.vae):
+                images = [decode(self.pipe, each)[0] for each in latents]
+            paths = []
+            for index, image in enumerate(images):
                 path = self.run.samples / f"step-{step}-{index}.png"
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 paths.append(str(path))
-            self.pipe.vae.to("cpu")
             self.emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": self.prompts}))
         self.accelerator.wait_for_everyone()
 
@@ -625,7 +628,7 @@ def _user_error(error: Exception, config: TrainConfig, run: RunFolder) -> LoraGu
     if isinstance(error, LoraGuiError):
         return error
     resumable = " The last checkpoint stays resumable." if run.latest_checkpoint() else ""
-    if isinstance(error, torch.OutOfMemoryError):
+    if devices.is_out_of_memory(error):
         return OutOfMemoryError(oom_advice(config) + "." + resumable)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return LoraGuiError(

@@ -186,7 +186,8 @@ def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_sma
     ctx.has_cuda = True
     measured = []
     monkeypatch.setattr(common, "matmul_tflops", lambda: measured.append(1) or 400.0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * 2**30))
     settings = {**config_form.widget_values(TrainConfig()), "family": "sd15", "max_steps": 1000}
 

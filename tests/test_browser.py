@@ -140,7 +140,8 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         page.locator("#lora-row-2 input[type=file]").set_input_files(str(kohya))
         expect(page.locator("#lora-row-2")).to_contain_text("browser-run.safetensors")
         page.get_by_role("button", name="Generate", exact=True).click()
-        expect(page.locator("#base-image img")).to_be_visible()
+        # The model loads again first: a run starting unloads the one Generate had, to give the run its memory.
+        expect(page.locator("#base-image img")).to_be_visible(timeout=MINUTE)
         expect(page.locator("#lora-image img")).to_be_visible()
         expect(
             page.get_by_text("Made with the LoRA of browser-run at strength 1, browser-run.safetensors")

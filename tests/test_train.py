@@ -287,28 +287,6 @@ def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_model, photos, tmp
     assert len(norms) == 3 and all(n <= 1e-3 * 1.001 for n in norms), norms
 
 
-def test_the_unet_comes_to_the_device_only_after_the_images_are_encoded(tiny_model, photos, tmp_path, monkeypatch):
-    """On a GPU the encoders and the UNet are never there together: the peak is the larger of the two, not their sum."""
-    from diffusers import UNet2DConditionModel
-
-    order = []
-    real_to, real_cache = UNet2DConditionModel.to, train_module.cache_latents
-
-    def to(self, *args, **kwargs):
-        if (args and isinstance(args[0], torch.device | str)) or "device" in kwargs:
-            order.append("unet to device")
-        return real_to(self, *args, **kwargs)
-
-    def cache_latents(pipe, *args, **kwargs):
-        order.append("encode images")
-        return real_cache(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "to", to)
-    monkeypatch.setattr(train_module, "cache_latents", cache_latents)
-    train(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
-    assert order[0] == "encode images" and "unet to device" in order[1:]
-
-
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_the_unet(tiny_models, tmp_path, family):
     """Previews encode the prompts, send the text encoders back to CPU memory, then bring the VAE:
@@ -316,6 +294,8 @@ def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_
     from accelerate import Accelerator
 
     from lora_gui.config import TrainConfig
+    from lora_gui.devices import Offload
+    from lora_gui.families import detect_family
     from lora_gui.runs import RunFolder
 
     pipe = fresh_pipe(tiny_models(family))
@@ -339,8 +319,10 @@ def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_
     run.samples.mkdir(parents=True)
     config = TrainConfig(resolution=64, sample_steps=3, sample_seed=seed)
     made = []
+    offload = Offload(torch.device("cpu"))
+    offload.bring(pipe.unet)
     previews = train_module.Previews(
-        Accelerator(cpu=True), pipe, config, run, [prompt], [pipe.vae, *encoders], made.append
+        Accelerator(cpu=True), pipe, detect_family(pipe), config, run, [prompt], offload, made.append
     )
     previews.make(1, 1)
     assert np.array_equal(np.asarray(Image.open(made[0].data["paths"][0])), np.asarray(expected.images[0]))

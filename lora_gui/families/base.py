@@ -49,6 +49,10 @@ class Family:
         return cls.modelspec_architecture
 
     @classmethod
+    def text_encoders(cls, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+        return [getattr(pipe, name) for name in cls.text_encoder_names]
+
+    @classmethod
     def tokenize(cls, pipe: DiffusionPipeline, captions: list[str]) -> list[torch.Tensor]:
         """Token ids for each tokenizer, padded to its full length as the pipelines do."""
         ids = []
@@ -66,8 +70,13 @@ class Family:
         return ids
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Text conditioning for a batch of token ids: a dict of tensors with the batch first."""
+    def encode(
+        cls, encoders: list[torch.nn.Module], token_ids: list[torch.Tensor], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of token ids: a dict of tensors with the batch first.
+
+        `encoders` are the family's text encoders in order, as the caller runs them (wrapped for
+        several processes when they train), on `device`."""
         raise NotImplementedError
 
     @classmethod

@@ -32,10 +32,12 @@ class StableDiffusionXL(Family):
         return isinstance(pipe, StableDiffusionXLPipeline)
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(
+        cls, encoders: list[torch.nn.Module], token_ids: list[torch.Tensor], device: torch.device
+    ) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None
-        for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), token_ids, strict=True):
-            output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        for encoder, ids in zip(encoders, token_ids, strict=True):
+            output = encoder(ids.to(device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]  # the second encoder's projected pooled output, as the pipeline uses it
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}

@@ -33,9 +33,11 @@ class StableDiffusion1(Family):
         return isinstance(pipe, StableDiffusionPipeline) and pipe.text_encoder.config.hidden_act == "quick_gelu"
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        (ids,) = token_ids
-        return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]}
+    def encode(
+        cls, encoders: list[torch.nn.Module], token_ids: list[torch.Tensor], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        ((encoder,), (ids,)) = encoders, token_ids
+        return {"encoder_hidden_states": encoder(ids.to(device))[0]}
 
     @classmethod
     def unet_kwargs(

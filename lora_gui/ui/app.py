@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 
+from lora_gui import devices
 from lora_gui.config import load_preset
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
+from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
 from lora_gui.runs import default_runs_dir
 from lora_gui.staging import Staging
@@ -43,12 +44,17 @@ CSS = """
 
 def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks, Ctx]:
     """The whole page. The JobManager (given, or made here) is what every visitor's tab reads."""
+    jobs = jobs or JobManager()
+    # Training has the GPU first: Generate waits while a run trains, and its model leaves when one starts.
+    generators = GeneratorCache(gpu_taken_by=jobs.training_now)
+    jobs.before_run = generators.release
     ctx = Ctx(
         runs_dir=Path(runs_dir).resolve(),
-        jobs=jobs or JobManager(),
+        jobs=jobs,
         allow_paths=paths_allowed(),
-        has_cuda=torch.cuda.is_available(),
+        has_cuda=devices.has_cuda(),
         on_space=on_space(),
+        generators=generators,
     )
     with gr.Blocks(title="LoRA trainer") as demo:
         # The staging folder's id, remembered by the browser so a reload finds the same pictures.

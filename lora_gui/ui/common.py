@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import inspect
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from lora_gui.bench import matmul_tflops
 from lora_gui.config import list_presets, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.export import export_run
-from lora_gui.infer import Generator
+from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
 from lora_gui.models import family_from_files, is_hub_id
 from lora_gui.runs import RunFolder, check_run_name
@@ -49,31 +48,16 @@ def paths_allowed() -> bool:
     return not on_space()
 
 
-class GeneratorCache:
-    """The last base model loaded for generating, kept so the next click does not load it again."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loaded: tuple[str, Generator] | None = None
-
-    def get(self, base_model: str) -> Generator:
-        with self._lock:
-            if self._loaded is None or self._loaded[0] != base_model:
-                self._loaded = None  # free the old model before loading the next
-                self._loaded = (base_model, Generator.load(base_model))
-            return self._loaded[1]
-
-
 @dataclass
 class Ctx:
     """The app's services and every tab's components by name, handed to each tab builder."""
 
     runs_dir: Path
     jobs: JobManager
+    generators: GeneratorCache
     allow_paths: bool
     has_cuda: bool
     on_space: bool = False
-    generators: GeneratorCache = field(default_factory=GeneratorCache)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
     _tflops: float | None = field(default=None, init=False)
 

@@ -7,6 +7,7 @@ strength; and a run's LoRA as a file for the program the user has.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.models import PICKLE_SUFFIXES
 from lora_gui.ui.common import TINY_CHOICE, TINY_CHOICES, Ctx, build_export, error_notice, export_lora, notice
+
+log = logging.getLogger(__name__)
 
 MAX_LORAS = 3
 ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets are these, numbered from 1
@@ -258,7 +261,6 @@ def generate(
             raise LoraGuiError("type a prompt first: describe the picture you want")
         if not size or not 64 <= size <= 2048:
             raise LoraGuiError("the size must be between 64 and 2048 pixels")
-        generator = ctx.generators.get(ctx.resolve_base_model(gen_base_model))
         settings = dict(
             prompt=prompt,
             negative_prompt=negative_prompt or "",
@@ -268,13 +270,23 @@ def generate(
             width=int(size) // 8 * 8,
             height=int(size) // 8 * 8,
         )
-        # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
-        generator.set_loras(loras, allow_pickle=bool(allow_pickle))
-        with_lora = generator(**settings)
-        generator.set_loras([])
-        base = generator(**settings)
+        with ctx.generators.use(ctx.resolve_base_model(gen_base_model)) as generator:
+            # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
+            generator.set_loras(loras, allow_pickle=bool(allow_pickle))
+            with_lora = generator(**settings)
+            generator.set_loras([])
+            base = generator(**settings)
     except LoraGuiError as error:
         return {"gen_notice": error_notice(error)}
+    except Exception as error:  # a bug or a broken model: say what it was rather than show a bare "Error"
+        log.exception("Generating failed")
+        return {
+            "gen_notice": notice(
+                f"Making the pictures failed on an unexpected error: {type(error).__name__}: {error}. "
+                "The server's log has the details.",
+                "error",
+            )
+        }
     names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
     made = f"Made with {names}, seed {settings['seed']}."
     if gen_base_model in TINY_CHOICES:

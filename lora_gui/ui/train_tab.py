@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 
-from lora_gui import runs
+from lora_gui import devices, runs
 from lora_gui.config import TrainConfig, list_presets, load_preset, save_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.estimate import Estimate, estimate
@@ -275,10 +274,8 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             )
         }
     title = get_family(family).title
-    precision = config.mixed_precision
-    if precision == "auto":  # as training resolves it on a GPU
-        precision = "fp16" if ctx.has_cuda and not torch.cuda.is_bf16_supported() else "bf16"
     tiny = base_model in TINY_CHOICES
+    precision = devices.gpu_precision(config.mixed_precision)
     try:
         result = estimate(config, family, precision, None if tiny else ctx.gpu_tflops())
     except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
@@ -300,7 +297,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             text += " The time depends on how many pictures you have, as Epochs is set."
         elif result.seconds is None:
             text += " The time shows once no run is training: this GPU's speed is measured then."
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        total = devices.gpu_memory_gb() or 0.0
         if result.memory_gb > total:
             text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result)
     hint = ""

@@ -1,0 +1,146 @@
+"""The machine the engine runs on: its GPU, the precision models run in there, and its memory.
+
+Every CUDA-only decision lives here, so training, Generate, the benchmark and the app's Train tab
+decide alike, and the tests can hand the whole engine a GPU's dtypes on a CPU by replacing
+`resolve_precision` (tests/test_gpu_regime.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How cuBLAS, cuDNN and the CUDA driver say they ran out of memory when it is not PyTorch's own allocator
+# that failed (torch.OutOfMemoryError): their handles and workspaces are allocated outside it.
+_OUT_OF_MEMORY_WORDS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED")
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 itself: compute capability 8.0 (Ampere) and newer.
+
+    `torch.cuda.is_bf16_supported()` also says yes on T4, V100 and RTX 20xx cards, which only emulate
+    it: slowly, and without the flash and memory-efficient attention kernels, so memory runs out."""
+    return has_cuda() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def resolve_precision(setting: str) -> str:
+    """What a mixed-precision setting means on this machine: "no", "fp16" or "bf16"."""
+    if not has_cuda():
+        if setting in ("fp16", "bf16"):
+            log.warning("No CUDA GPU: running in full precision on the CPU instead of %s", setting)
+        return "no"
+    if setting == "auto":
+        return "bf16" if native_bf16() else "fp16"
+    if setting == "bf16" and not native_bf16():
+        log.warning("This GPU only emulates bf16, which is slow and needs more memory: fp16 (or auto) suits it")
+    return setting
+
+
+def gpu_precision(setting: str) -> str:
+    """The precision a setting means on this machine's GPU, or on a current one where there is none:
+    what an estimate of GPU memory assumes."""
+    if has_cuda():
+        return resolve_precision(setting)
+    return "bf16" if setting == "auto" else setting
+
+
+def use_tensor_cores() -> None:
+    """Let fp32 matrix products run on TF32 tensor cores (Ampere and newer; a no-op on older cards).
+
+    The LoRA's own weights and a full-precision run compute in fp32; without this they run at a
+    fraction of the card's speed. TF32 keeps fp32's range with a 10-bit mantissa, as diffusers'
+    training scripts allow with --allow_tf32 (convolutions already use it by default)."""
+    if has_cuda():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to the run's precision on its device; nothing in full precision."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "no")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error means the GPU ran out of memory, in any of the forms the CUDA libraries report it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error) for word in _OUT_OF_MEMORY_WORDS)
+
+
+def free_memory() -> None:
+    """Hand memory no tensor uses any more back: to the system, and on a GPU to other programs and runs."""
+    gc.collect()
+    if has_cuda():
+        torch.cuda.empty_cache()
+
+
+def gpu_memory_gb() -> float | None:
+    """The GPU's total memory in GiB; None without a CUDA GPU."""
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if has_cuda() else None
+
+
+def reset_peak_memory() -> None:
+    if has_cuda():
+        torch.cuda.synchronize()
+        free_memory()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_memory_gb() -> float:
+    """The most GPU memory this process held since `reset_peak_memory`, as nvidia-smi counts it.
+
+    PyTorch's allocator reserves more than its tensors take (`max_memory_allocated`), and the CUDA
+    context with cuBLAS, cuDNN and the kernels loaded so far comes on top: a card must hold all of it.
+    That last share is what the device uses beyond the allocator's reservation now (it only grows),
+    so on a GPU that other programs share it counts theirs too."""
+    free, total = torch.cuda.mem_get_info()
+    beyond_allocator = total - free - torch.cuda.memory_reserved()
+    return (torch.cuda.max_memory_reserved() + max(0, beyond_allocator)) / 2**30
+
+
+class Offload:
+    """The modules on the compute device now; the rest wait in CPU memory until their phase.
+
+    A GPU holds only what the phase at hand uses: the VAE and text encoders while images and
+    captions are encoded, the UNet while it trains (SDXL's alone is 5 GB in bf16), and for previews
+    the UNet with the text encoders, then with the VAE."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.on_device: list[torch.nn.Module] = []
+
+    def bring(self, *modules: torch.nn.Module) -> None:
+        for module in modules:
+            module.to(self.device)
+            if not self.holds(module):
+                self.on_device.append(module)
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        return any(module is present for present in self.on_device)
+
+    def park(self, *modules: torch.nn.Module) -> None:
+        for module in modules:
+            module.to("cpu")
+        self.on_device = [present for present in self.on_device if not any(present is m for m in modules)]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """These modules on the device for the block, back in CPU memory after it."""
+        self.bring(*modules)
+        try:
+            yield
+        finally:
+            self.park(*modules)

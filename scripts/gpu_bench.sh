@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md, in one call on a lent machine (see BENCHMARKS.md, "How to rerun").
+# The GPU checks and the GPU rows of BENCHMARKS.md, in one call on a lent machine (see BENCHMARKS.md,
+# "How to rerun").
 #
 # Before the call, here: `bash scripts/gpu_wheels.sh` (fills .whl/ with what that machine lacks).
-# The call: run `bash scripts/gpu_bench.sh` with carry [".whl"] and timeout_s 600. It starts no new
-# row when fewer than 4 minutes of its 9 are left, so it always returns what it measured, in four
-# files (the device tool brings back at most eight): $OUT/gpu.txt (the machine and versions),
+# The call: run `bash scripts/gpu_bench.sh` with carry [".whl"] and timeout_s 600. First the smoke
+# checks (scripts/gpu_smoke.py: train, previews and Generate in bf16 and fp16, at most 4 minutes),
+# then the benchmark rows, most important first. It starts no new row when fewer than 4 minutes of
+# its 9 are left, so it always returns what it measured, in five files (the device tool brings back
+# at most eight): $OUT/gpu.txt (the machine and versions), smoke.txt (one line per check),
 # results.txt (every row's table), results.json (every row's numbers) and logs.txt (stderr).
-# Rows go most important first.
 set -uo pipefail
 out=${OUT:-/tmp/bench-out}
 mkdir -p "$out"
@@ -15,12 +17,15 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)" | tee -a "$out/gpu.txt"
+python3 -c "import torch, diffusers, transformers, peft, regex; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, regex.__version__)" | tee -a "$out/gpu.txt"
 work=/tmp/bench-work
 rows=/tmp/bench-rows
 mkdir -p "$rows"
+# The smoke checks write the real SD 1.5 architecture into $work, where the rows below find it.
+timeout 240 python3 scripts/gpu_smoke.py --workdir "$work" 2>>"$out/logs.txt" | tee "$out/smoke.txt"
 run() {  # name, then bench flags
   local name=$1; shift
   local left=$((deadline - SECONDS))

@@ -2,14 +2,20 @@
 # Fills .whl/ with what the lent GPU machine lacks for `scripts/gpu_bench.sh`, run here (where pip
 # reaches a registry) before the one device call; the call then carries `.whl`.
 #
-# That machine's image (Python 3.12) already has torch, accelerate 1.15, huggingface_hub 1.33,
-# tokenizers 0.23, safetensors, numpy, pillow, regex and requests, but no diffusers, an older
-# transformers (5.17) and a peft of unknown version: carry the tested ones. All are pure-Python
-# wheels, about 17 MB together. huggingface_hub stays the image's: 2.x needs httpx2, which it lacks,
-# and 1.33 is enough for everything the benchmark does.
+# That machine's image (Python 3.12, x86-64) already has torch, accelerate 1.15, huggingface_hub 1.33,
+# tokenizers 0.23, safetensors 0.8, numpy, pillow, pyyaml, typer, tqdm and requests, which are all
+# what the tested versions below ask for. It lacks diffusers, has an older transformers (5.17) and a
+# peft of unknown version: carry the tested ones (pure Python). transformers 5.24 checks at import
+# that regex is 2025.10.22 or newer, and the image's regex is of unknown age: carry a newer one (a
+# compiled wheel, for CPython 3.12 on manylinux x86-64). huggingface_hub stays the image's: 2.x needs
+# httpx2, which it lacks, and 1.33 satisfies diffusers (>=1.32) and transformers (>=1.31). Nothing
+# imports importlib_metadata on Python 3.12 (diffusers takes importlib.metadata), so it stays behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-  diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 importlib_metadata
+  diffusers==0.42.1 transformers==5.24.0 peft==0.21.2
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl 'regex==2026.5.9'
 ls -l .whl

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui import devices, events
+from lora_gui.adapters import lora_config
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
@@ -119,7 +120,6 @@ def reference_loop(setup: Setup) -> LoopResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     _reset_peak_memory()
     started = time.perf_counter()
@@ -132,14 +132,7 @@ def reference_loop(setup: Setup) -> LoopResult:
     for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
         module.to(accelerator.device)
-    pipe.unet.add_adapter(
-        LoraConfig(
-            r=setup.rank,
-            lora_alpha=setup.rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-        )
-    )
+    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, ["to_k", "to_q", "to_v", "to_out.0"]))
     cast_training_params(pipe.unet, dtype=torch.float32)
     lora_layers = filter(lambda p: p.requires_grad, pipe.unet.parameters())
     optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
@@ -216,13 +209,12 @@ def _result(name: str, timings: list[float], started: float, setup: Setup) -> Lo
 # ---- FLOPs and utilisation (GPU) ----------------------------------------------------------------
 def step_tflop(setup: Setup) -> float:
     """FLOPs of our step (one UNet forward and backward with the LoRA), counted by PyTorch."""
-    from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
     family, pipe = load_pipeline(str(setup.model_dir), dtype=devices.DTYPES[setup.precision])
     device = torch.device("cuda" if devices.has_cuda() else "cpu")
     pipe.unet.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=setup.rank, lora_alpha=setup.rank, target_modules=TrainConfig().target_modules))
+    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, TrainConfig().target_modules))
     pipe.unet.to(device)
     encoders = family.text_encoders(pipe)
     for encoder in encoders:

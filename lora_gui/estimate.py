@@ -94,9 +94,9 @@ def _unet_cost(
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lora_gui.adapters import lora_config
     from lora_gui.tiny import _UNETS
 
     dtype = DTYPES[precision]
@@ -105,7 +105,7 @@ def _unet_cost(
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_UNETS[family, "full"]).to(dtype)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    unet.add_adapter(lora_config(rank, rank, targets))
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
     unet.train()

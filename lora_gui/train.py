@@ -1,8 +1,9 @@
 """The training loop: one LoRA on a diffusion model's UNet (and optionally its text encoders).
 
-Read `_run` top to bottom: data, model, LoRA, caches, optimizer, resume, then one flat loop whose
-phases are batch, noise, forward, loss, backward, step, log, sample, checkpoint. It reports only
-through events and files in the run folder, and never touches a UI.
+Read `_run` top to bottom: `_set_up` makes everything the loop needs (data, the frozen base, the
+adapters, the caches, optimizer and schedule, a fresh start or a resume) into one `Training`, then
+one flat loop whose phases are batch and loss, backward, step, log, sample, checkpoint. It reports
+only through events and files in the run folder, and never touches a UI.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +28,20 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr
-from peft import LoraConfig, inject_adapter_in_model
+from diffusers.training_utils import compute_snr
 
 from lora_gui import data, devices, events
-from lora_gui.cache import TextConditioning, cache_latents
+from lora_gui.adapters import add_lora, load_trained_lora
+from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.export import TrainingRecord, write_kohya_lora
-from lora_gui.families import Family
+from lora_gui.families import Family, ImageGeometry
 from lora_gui.files import atomic_path, write_text_atomic
 from lora_gui.hub import write_model_card
 from lora_gui.infer import decode
-from lora_gui.lora_files import load_trained_lora, save_diffusers_lora
+from lora_gui.lora_files import save_diffusers_lora
 from lora_gui.models import load_pipeline
 from lora_gui.runs import TRAINER_STATE, RunFolder
 
@@ -120,7 +121,96 @@ def train(
 def _run(
     config: TrainConfig, run: RunFolder, resume: bool, emit: EventHandler, should_stop: Callable[[], bool]
 ) -> Path:
-    started_at = time.perf_counter()
+    t = _set_up(config, run, resume, emit, should_stop)
+    config, accelerator = t.config, t.accelerator
+    window = MetricsWindow(accelerator.device)
+    for step in range(t.start_step + 1, t.total_steps + 1):
+        for micro in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(*t.models):
+                # Batch and loss: this micro-batch's images, noise and timesteps, the prediction and its loss.
+                loss = _loss(t, _micro_batch(t, step, micro))
+                # Backward (accelerate scales for fp16 and averages over accumulated batches).
+                accelerator.backward(loss)
+                window.add(loss)
+
+        # Step: clip the real gradients (a list, not a spent generator), update, schedule.
+        grad_norm = accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if config.max_grad_norm else None
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        window.steps += 1
+
+        # Log: one metrics line and one event per `log_every` steps (one GPU sync each).
+        if step % config.log_every == 0 or step == t.total_steps:
+            _log_step(t, step, window, grad_norm, emit)
+
+        # Sample and checkpoint on their schedules; every process reads the same stop flag once a step.
+        stop = _any_process(accelerator, should_stop())
+        if config.sample_every and step % config.sample_every == 0 and step < t.total_steps and not stop:
+            t.previews.make(step, t.total_steps)
+        if stop or step == t.total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            _save_checkpoint(t, step, emit)
+        if stop:
+            raise Stopped(step, t.total_steps, _save_lora(t, step)[0], run.checkpoint(step))
+
+    # Finish: previews of the final LoRA, then the LoRA files.
+    t.previews.make(t.total_steps, t.total_steps)
+    files = _save_lora(t, t.total_steps)
+    log.info("Finished %d steps; LoRA saved to %s", t.total_steps, files[0])
+    emit(
+        Event(events.FINISHED, t.total_steps, t.total_steps, {"lora": str(files[0]), "files": [str(f) for f in files]})
+    )
+    return files[0]
+
+
+# ---- setting up: everything the loop needs ------------------------------------------------------
+@dataclass
+class Training:
+    """What the loop works with, made once by `_set_up`."""
+
+    config: TrainConfig
+    run: RunFolder
+    accelerator: Accelerator
+    precision: str  # "no", "fp16" or "bf16": the frozen base's dtype and autocast's
+    family: type[Family]
+    pipe: DiffusionPipeline
+    models: list[torch.nn.Module]  # as prepared: the UNet, then the text encoders when they train
+    noise_scheduler: DDPMScheduler
+    latents: LatentCache
+    captions: list[str]  # each image's caption as trained (trigger word in front)
+    text: TextConditioning
+    order: data.BatchOrder
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    previews: Previews
+    total_steps: int
+    start_step: int
+    clock: Clock
+
+    @property
+    def batches_per_step(self) -> int:
+        return self.config.gradient_accumulation_steps * self.accelerator.num_processes
+
+    def epochs_done(self, step: int) -> float:
+        return step * self.batches_per_step / self.order.batches_per_epoch
+
+
+@dataclass
+class Clock:
+    """Seconds spent training this run, across stops and resumes."""
+
+    before: float = 0.0  # spent before this session, as the checkpoint resumed from recorded it
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
+def _set_up(
+    config: TrainConfig, run: RunFolder, resume: bool, emit: EventHandler, should_stop: Callable[[], bool]
+) -> Training:
+    clock = Clock()
     if resume:
         config = _resumed_config(config, run)
     elif run.latest_checkpoint():
@@ -128,6 +218,51 @@ def _run(
             f"{run.path} already holds a run (trained to step {run.latest_checkpoint()[0]}): resume it, "
             "or pick a new run name so nothing is overwritten"
         )
+    accelerator, precision = _accelerator(config)
+    log.info(
+        "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
+    )
+    examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
+    family, pipe, offload, noise_scheduler = _load_base(config, precision, accelerator, emit)
+    param_groups = _add_adapters(pipe, family, config)
+    latents, captions, text, order = _build_caches(
+        config, pipe, family, examples, offload, accelerator, emit, should_stop
+    )
+
+    total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
+    models, optimizer, lr_scheduler = _optimize(config, accelerator, pipe, family, param_groups, total_steps)
+    # Trained text encoders encode every batch anew, called as prepared: under several processes that is
+    # the wrapper that averages their gradients across processes.
+    text = text or TextConditioning(pipe, family, accelerator.device, encoders=models[1:])
+
+    sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    t = Training(
+        config=config,
+        run=run,
+        accelerator=accelerator,
+        precision=precision,
+        family=family,
+        pipe=pipe,
+        models=models,
+        noise_scheduler=noise_scheduler,
+        latents=latents,
+        captions=captions,
+        text=text,
+        order=order,
+        params=[param for group in param_groups for param in group["params"]],
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        previews=Previews(accelerator, pipe, family, config, run, sample_prompts, offload, emit),
+        total_steps=total_steps,
+        start_step=0,
+        clock=clock,
+    )
+    _start_or_resume(t, resume, len(examples), skipped, emit)
+    return t
+
+
+def _accelerator(config: TrainConfig) -> tuple[Accelerator, str]:
+    """The run's processes and precision, and its seed set."""
     precision = devices.resolve_precision(config.mixed_precision)
     devices.use_tensor_cores()
     accelerator = Accelerator(
@@ -140,237 +275,233 @@ def _run(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)],
     )
     set_seed(config.seed)
-    main = accelerator.is_main_process
-    log.info(
-        "Run %s on %s, %d process(es), precision %s",
-        run.name,
-        accelerator.device,
-        accelerator.num_processes,
-        accelerator.mixed_precision,
-    )
+    return accelerator, precision
 
-    # Data: check every image, copy the usable ones (with captions) into the run folder.
+
+def _prepare_data(
+    config: TrainConfig, run: RunFolder, resume: bool, accelerator: Accelerator, emit: EventHandler
+) -> tuple[list[data.Example], list[str]]:
+    """Check every image, copy the usable ones (with captions) into the run folder; the run's images
+    and what was skipped. A resumed run trains on the copy it already has."""
     emit(Event(events.MESSAGE, data={"text": "Checking images"}))
-    if main and not resume:
+    skipped: list[str] = []
+    if accelerator.is_main_process and not resume:
         scan = data.scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
         data.copy_into_run(scan, run.dataset)
-        for skipped in scan.skipped:
-            log.warning("Skipped %s", skipped)
-    if main:
+        skipped = [str(s) for s in scan.skipped]
+        for reason in skipped:
+            log.warning("Skipped %s", reason)
+    if accelerator.is_main_process:
         config.save(run.config)
     accelerator.wait_for_everyone()
     examples = data.scan_folder(run.dataset).examples
     data.Scan(examples=examples).require_some(str(run.dataset))
-    skipped = [str(s) for s in scan.skipped] if main and not resume else []
+    return examples, skipped
 
-    # Model: the frozen base in the training precision; the VAE stays fp32.
+
+def _load_base(
+    config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler
+) -> tuple[type[Family], DiffusionPipeline, devices.Offload, DDPMScheduler]:
+    """The frozen base in the training precision (the VAE stays fp32), with the VAE and text encoders
+    on the device for encoding (the UNet comes only once they are done and parked, so a GPU never
+    holds both), and the noise schedule training adds noise by."""
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
     family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision])
     text_encoders = family.text_encoders(pipe)
-    # The encoders go to the device now; the UNet only once they are done and parked, so a GPU never
-    # holds both.
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
     offload = devices.Offload(accelerator.device)
     offload.bring(pipe.vae, *text_encoders)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # for previews
+    return family, pipe, offload, noise_scheduler
 
-    # LoRA: peft adapters on the UNet (and text encoders), trained in fp32 whatever the base's dtype.
-    param_groups = _add_lora(pipe, family, config)
-    params = [param for group in param_groups for param in group["params"]]
+
+def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
+    """The LoRA adapters and the speed and memory options; the optimizer's parameter groups."""
+    param_groups = add_lora(pipe, family, config)
+    text_encoders = family.text_encoders(pipe) if config.train_text_encoder else []
+    for encoder in text_encoders:
+        encoder.train()  # as diffusers' scripts do: transformers checkpoints a layer only in training mode
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-    if config.train_text_encoder:
-        for encoder in text_encoders:
-            # Training mode, as diffusers' scripts set it: transformers checkpoints a layer only in it.
-            encoder.train()
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            for encoder in text_encoders:
-                encoder.activation_checkpointing_enable()
+        for encoder in text_encoders:
+            encoder.activation_checkpointing_enable()
+    return param_groups
 
-    # Caches: latents of every image and embeddings of every caption, computed once.
+
+def _build_caches(
+    config: TrainConfig,
+    pipe: DiffusionPipeline,
+    family: type[Family],
+    examples: list[data.Example],
+    offload: devices.Offload,
+    accelerator: Accelerator,
+    emit: EventHandler,
+    should_stop: Callable[[], bool],
+) -> tuple[LatentCache, list[str], TextConditioning | None, data.BatchOrder]:
+    """Latents of every image and, for frozen text encoders, embeddings of every caption, computed once;
+    then the VAE and frozen encoders wait in CPU memory until the previews, and the UNet comes."""
     buckets = data.assign_buckets(examples, config.resolution, _bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
-    def caching_progress(done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:
         if _any_process(accelerator, should_stop()):
             raise Stopped
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
-    latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, caching_progress)
+    latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, progress)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
-    # Frozen text encoders encode each caption (and the empty one, for dropout) once, now.
-    text = None if config.train_text_encoder else TextConditioning(pipe, family, accelerator.device, [*captions, ""])
-    order = data.BatchOrder(buckets, config.batch_size, config.seed)
-    # The VAE and frozen text encoders are done until the previews: park them in CPU memory.
-    offload.park(pipe.vae, *([] if config.train_text_encoder else text_encoders))
+    text = None
+    if not config.train_text_encoder:  # and the empty caption, for dropout
+        text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
+    offload.park(pipe.vae, *([] if config.train_text_encoder else family.text_encoders(pipe)))
     offload.bring(pipe.unet)
+    return latents, captions, text, data.BatchOrder(buckets, config.batch_size, config.seed)
 
-    # Optimizer and learning-rate schedule, in optimizer steps.
-    total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
+
+def _optimize(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    pipe: DiffusionPipeline,
+    family: type[Family],
+    param_groups: list[dict],
+    total_steps: int,
+) -> tuple[list[torch.nn.Module], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and learning-rate schedule, in optimizer steps, and the trained models prepared for
+    the processes (the UNet first); accelerate's checkpoints hold the LoRA and the schedule with them."""
     optimizer = _optimizer(param_groups, config)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
-    trained = [pipe.unet, *(text_encoders if config.train_text_encoder else [])]
-    unet, *trained_encoders, optimizer = accelerator.prepare(*trained, optimizer)
-    # Trained text encoders encode every batch anew, called as prepared: under several processes that is
-    # the wrapper that averages their gradients across processes.
-    text = text or TextConditioning(pipe, family, accelerator.device, encoders=trained_encoders)
+    trained = [pipe.unet, *(family.text_encoders(pipe) if config.train_text_encoder else [])]
+    *models, optimizer = accelerator.prepare(*trained, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     _checkpoint_lora_only(accelerator, pipe, family)
+    return models, optimizer, lr_scheduler
 
-    # Resume: LoRA, optimizer, scheduler and RNG from the latest checkpoint.
-    start_step, seconds_before = 0, 0.0
+
+def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str], emit: EventHandler) -> None:
+    """Load the latest checkpoint (LoRA, optimizer, scheduler, RNG) or start the metrics afresh; say so."""
+    main = t.accelerator.is_main_process
     if resume:
-        start_step, seconds_before = _load_checkpoint(accelerator, run)
-        if main:
-            run.truncate_metrics(start_step)
-    elif main:
-        run.truncate_metrics(0)
-        write_text_atomic(run.path / "data_report.json", json.dumps({"skipped": skipped}, indent=2))
+        t.start_step, t.clock.before = _load_checkpoint(t.accelerator, t.run)
+    if main:
+        t.run.truncate_metrics(t.start_step)
+    info = {
+        "run_dir": str(t.run.path),
+        "images": images,
+        "skipped": skipped,
+        "family": t.family.name,
+        "device": str(t.accelerator.device),
+        "precision": t.precision,
+        "resumed_from": t.start_step if resume else None,
+    }
+    emit(Event(events.STARTED, t.start_step, t.total_steps, info))
+    log.info("Training %d steps on %d images (%d batches per epoch)", t.total_steps, images, t.order.batches_per_epoch)
 
-    emit(
-        Event(
-            events.STARTED,
-            start_step,
-            total_steps,
-            {
-                "run_dir": str(run.path),
-                "images": len(examples),
-                "skipped": skipped,
-                "family": family.name,
-                "device": str(accelerator.device),
-                "precision": accelerator.mixed_precision,
-                "resumed_from": start_step if resume else None,
-            },
-        )
+
+# ---- one step -----------------------------------------------------------------------------------
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # the clean latents, scaled for the UNet
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+    captions: list[str]  # "" where the caption was dropped
+    geometry: list[ImageGeometry]
+
+
+def _micro_batch(t: Training, step: int, micro: int) -> MicroBatch:
+    """Which images, which way round, their captions, noise and timesteps, from random streams that
+    depend only on (seed, position in the run): which is why a resumed run continues exactly."""
+    accelerator, config = t.accelerator, t.config
+    position = ((step - 1) * config.gradient_accumulation_steps + micro) * accelerator.num_processes
+    position += accelerator.process_index
+    indices = t.order(position)
+    choices, rng = _generators(config.seed, position, accelerator.device)
+    flips = [bool(flip) and t.latents.has_flips for flip in torch.rand(len(indices), generator=choices) < 0.5]
+    latents = t.latents.sample(indices, flips, rng)
+    # A random timestep per image, optionally offset noise.
+    noise = torch.randn(latents.shape, generator=rng, device=rng.device)
+    if config.noise_offset:
+        offset = torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=rng.device)
+        noise = noise + config.noise_offset * offset
+    steps = t.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (len(indices),), generator=rng, device=rng.device)
+    dropped = (torch.rand(len(indices), generator=choices) < config.caption_dropout).tolist()
+    return MicroBatch(
+        latents=latents,
+        noise=noise,
+        timesteps=timesteps,
+        noisy=t.noise_scheduler.add_noise(latents, noise, timesteps),
+        captions=["" if drop else t.captions[i] for i, drop in zip(indices, dropped, strict=True)],
+        geometry=[t.latents.geometry[i] for i in indices],
     )
-    log.info(
-        "Training %d steps on %d images (%d batches per epoch)", total_steps, len(examples), order.batches_per_epoch
-    )
 
-    sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
-    previews = Previews(accelerator, pipe, family, config, run, sample_prompts, offload, emit)
-    prediction_type = noise_scheduler.config.prediction_type
-    batches_per_step = config.gradient_accumulation_steps * accelerator.num_processes
-    images_per_step = config.batch_size * batches_per_step
 
-    def epochs_done(step: int) -> float:
-        return step * batches_per_step / order.batches_per_epoch
+def _loss(t: Training, batch: MicroBatch) -> torch.Tensor:
+    """The UNet's prediction, in the base's precision, against the noise (epsilon) or the velocity
+    (v-prediction), min-SNR weighted."""
+    device, unet = t.accelerator.device, t.models[0]
+    with devices.autocast(device, t.precision):
+        conditioning = t.text(batch.captions)
+        kwargs = t.family.unet_kwargs(conditioning, batch.geometry, device)
+        prediction = unet(batch.noisy, batch.timesteps, **kwargs, return_dict=False)[0]
+    if t.noise_scheduler.config.prediction_type == "v_prediction":
+        target = t.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    return diffusion_loss(prediction, target, batch.timesteps, t.noise_scheduler, t.config.snr_gamma)
 
-    def progress(step: int) -> TrainingRecord:
-        """How far training went, as the LoRA files' metadata tells it."""
-        seconds = seconds_before + time.perf_counter() - started_at
-        return TrainingRecord.now(
-            family, prediction_type, config.base_model, step, total_steps, epochs_done(step), seconds, sample_prompts
+
+class MetricsWindow:
+    """The losses and time since the last metrics line: summed on the device, read once per line."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.losses, self.steps, self.started = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.losses += 1
+
+    def close(self, accelerator: Accelerator, images_per_step: int) -> tuple[float, float]:
+        """The mean loss over every process, and images per second; then a new window starts."""
+        mean_loss = accelerator.reduce(self.loss_sum / max(self.losses, 1), "mean").item()
+        elapsed = time.perf_counter() - self.started
+        speed = self.steps * images_per_step / elapsed if elapsed > 0 else 0.0
+        self.loss_sum.zero_()
+        self.losses, self.steps, self.started = 0, 0, time.perf_counter()
+        return mean_loss, speed
+
+
+def _log_step(
+    t: Training, step: int, window: MetricsWindow, grad_norm: torch.Tensor | None, emit: EventHandler
+) -> None:
+    """A metrics line and a step event; a loss that is no number any more ends the run."""
+    images_per_step = t.config.batch_size * t.batches_per_step
+    mean_loss, speed = window.close(t.accelerator, images_per_step)
+    row = {
+        "step": step,
+        "loss": round(mean_loss, 6),
+        "lr": t.lr_scheduler.get_last_lr()[0],
+        "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+        "epoch": round(t.epochs_done(step), 3),
+        "images_per_second": round(speed, 3),
+        "seconds": round(t.clock.seconds(), 2),
+    }
+    if t.accelerator.is_main_process:
+        t.run.append_metrics(row)
+    eta = (t.total_steps - step) * images_per_step / speed if speed else None
+    emit(Event(events.STEP, step, t.total_steps, {**row, "eta_seconds": eta}))
+    if not math.isfinite(mean_loss):
+        raise LoraGuiError(
+            f"the loss became {mean_loss} at step {step}: training diverged. Lower the learning "
+            "rate, or use bf16 instead of fp16; the last checkpoint stays resumable"
         )
-
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count, window_start, window_steps = 0, time.perf_counter(), 0
-    for step in range(start_step + 1, total_steps + 1):
-        for micro in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(unet, *trained_encoders):
-                # Batch: which images, which way round, and a generator that makes this
-                # micro-batch's randomness depend only on (seed, position in the run).
-                position = ((step - 1) * config.gradient_accumulation_steps + micro) * accelerator.num_processes
-                position += accelerator.process_index
-                indices = order(position)
-                choices, rng = _generators(config.seed, position, accelerator.device)
-                flips = [bool(flip) and latents.has_flips for flip in torch.rand(len(indices), generator=choices) < 0.5]
-                model_input = latents.sample(indices, flips, rng)
-
-                # Noise: a random timestep per image, optionally offset noise.
-                noise = torch.randn(model_input.shape, generator=rng, device=rng.device)
-                if config.noise_offset:
-                    offset = torch.randn((*model_input.shape[:2], 1, 1), generator=rng, device=rng.device)
-                    noise = noise + config.noise_offset * offset
-                timesteps = torch.randint(
-                    0,
-                    noise_scheduler.config.num_train_timesteps,
-                    (len(indices),),
-                    generator=rng,
-                    device=rng.device,
-                )
-                noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
-
-                # Forward, in the base's precision: captions (some dropped), then the UNet's prediction.
-                dropped = (torch.rand(len(indices), generator=choices) < config.caption_dropout).tolist()
-                batch_captions = ["" if drop else captions[i] for i, drop in zip(indices, dropped, strict=True)]
-                with devices.autocast(accelerator.device, precision):
-                    conditioning = text(batch_captions)
-                    geometry = [latents.geometry[i] for i in indices]
-                    kwargs = family.unet_kwargs(conditioning, geometry, accelerator.device)
-                    prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
-
-                # Loss: against the noise (epsilon) or the velocity (v-prediction), min-SNR weighted.
-                if prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(model_input, noise, timesteps)
-                else:
-                    target = noise
-                loss = diffusion_loss(prediction, target, timesteps, noise_scheduler, config.snr_gamma)
-
-                # Backward (accelerate scales for fp16 and averages over accumulated batches).
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-                loss_count += 1
-
-        # Step: clip the real gradients (a list, not a spent generator), update, schedule.
-        grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_steps += 1
-
-        # Log: one metrics line and one event per `log_every` steps (one GPU sync each).
-        if step % config.log_every == 0 or step == total_steps:
-            mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
-            elapsed = time.perf_counter() - window_start
-            speed = window_steps * images_per_step / elapsed if elapsed > 0 else 0.0
-            row = {
-                "step": step,
-                "loss": round(mean_loss, 6),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                "epoch": round(epochs_done(step), 3),
-                "images_per_second": round(speed, 3),
-                "seconds": round(seconds_before + time.perf_counter() - started_at, 2),
-            }
-            if main:
-                run.append_metrics(row)
-            eta = (total_steps - step) * images_per_step / speed if speed else None
-            emit(Event(events.STEP, step, total_steps, {**row, "eta_seconds": eta}))
-            loss_sum.zero_()
-            loss_count, window_start, window_steps = 0, time.perf_counter(), 0
-            if not math.isfinite(mean_loss):
-                raise LoraGuiError(
-                    f"the loss became {mean_loss} at step {step}: training diverged. Lower the learning "
-                    "rate, or use bf16 instead of fp16; the last checkpoint stays resumable"
-                )
-
-        # Sample and checkpoint on their schedules; the stop flag is read once per step, by every process alike.
-        stop = _any_process(accelerator, should_stop())
-        if config.sample_every and step % config.sample_every == 0 and step < total_steps and not stop:
-            previews.make(step, total_steps)
-        if stop or step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            _save_checkpoint(
-                accelerator, run, step, seconds_before + time.perf_counter() - started_at, config, total_steps, emit
-            )
-        if stop:
-            lora = _save_lora(accelerator, pipe, family, run, progress(step))[0]
-            raise Stopped(step, total_steps, lora, run.checkpoint(step))
-
-    # Finish: previews of the final LoRA, then the LoRA files.
-    previews.make(total_steps, total_steps)
-    files = _save_lora(accelerator, pipe, family, run, progress(total_steps))
-    log.info("Finished %d steps; LoRA saved to %s", total_steps, files[0])
-    emit(Event(events.FINISHED, total_steps, total_steps, {"lora": str(files[0]), "files": [str(f) for f in files]}))
-    return files[0]
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------
@@ -389,42 +520,6 @@ def diffusion_loss(
     weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_image * weights).mean()
-
-
-def _add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
-    """Inject the adapters; return the optimizer's parameter groups (fp32), text encoders at their own rate."""
-    unet_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.lora_alpha,
-        target_modules=config.target_modules,
-        init_lora_weights="gaussian",
-    )
-    try:
-        pipe.unet.add_adapter(unet_config)
-    except ValueError as error:
-        raise ConfigError(f"target_modules {config.target_modules} match no UNet layer ({error})") from None
-    cast_training_params(pipe.unet, dtype=torch.float32)
-    groups = [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
-    if config.train_text_encoder:
-        text_config = LoraConfig(
-            r=config.rank,
-            lora_alpha=config.lora_alpha,
-            target_modules=config.text_encoder_target_modules,
-            init_lora_weights="gaussian",
-        )
-        for name in family.text_encoder_names:
-            # transformers 5's add_adapter demands an unreleased peft; peft injects directly.
-            encoder = getattr(pipe, name)
-            inject_adapter_in_model(text_config, encoder, adapter_name="default")
-            encoder.peft_config = {"default": text_config}
-            cast_training_params(encoder, dtype=torch.float32)
-            groups.append(
-                {
-                    "params": [p for p in encoder.parameters() if p.requires_grad],
-                    "lr": config.text_encoder_learning_rate or config.learning_rate,
-                }
-            )
-    return groups
 
 
 def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -488,16 +583,9 @@ def _checkpoint_lora_only(accelerator: Accelerator, pipe: DiffusionPipeline, fam
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _save_checkpoint(
-    accelerator: Accelerator,
-    run: RunFolder,
-    step: int,
-    seconds: float,
-    config: TrainConfig,
-    total: int,
-    emit: EventHandler,
-) -> None:
+def _save_checkpoint(t: Training, step: int, emit: EventHandler) -> None:
     """Full training state (LoRA, optimizer, scheduler, RNG) into checkpoints/step-N, atomically."""
+    accelerator, run = t.accelerator, t.run
     target = run.checkpoint(step)
     tmp = target.with_name(f".{target.name}.tmp")
     if accelerator.is_main_process:
@@ -507,12 +595,12 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # The state file is written last: a folder without it is an unfinished checkpoint.
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, "seconds": seconds}))
+        write_text_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, "seconds": t.clock.seconds()}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        run.prune_checkpoints(config.keep_checkpoints)
+        run.prune_checkpoints(t.config.keep_checkpoints)
         log.info("Checkpoint saved: %s", target)
-        emit(Event(events.CHECKPOINT, step, total, {"path": str(target)}))
+        emit(Event(events.CHECKPOINT, step, t.total_steps, {"path": str(target)}))
     accelerator.wait_for_everyone()
 
 
@@ -535,16 +623,25 @@ def _resumed_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
     return saved.replace(max_steps=config.max_steps, epochs=config.epochs)
 
 
-def _save_lora(
-    accelerator: Accelerator, pipe: DiffusionPipeline, family: type[Family], run: RunFolder, record: TrainingRecord
-) -> list[Path]:
-    """The LoRA in diffusers' and kohya's layouts, the record their metadata comes from, and the model card."""
-    if accelerator.is_main_process:
-        save_diffusers_lora(run.diffusers_lora, pipe, family)
-        record.save(run.lora_info)
+def _save_lora(t: Training, step: int) -> list[Path]:
+    """The LoRA in diffusers' and kohya's layouts, the record of how far training went that their
+    metadata is built from, and the model card."""
+    run = t.run
+    if t.accelerator.is_main_process:
+        save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
+        TrainingRecord.now(
+            t.family,
+            t.noise_scheduler.config.prediction_type,
+            t.config.base_model,
+            step,
+            t.total_steps,
+            t.epochs_done(step),
+            t.clock.seconds(),
+            t.previews.prompts,
+        ).save(run.lora_info)
         write_kohya_lora(run)
         write_model_card(run)
-    accelerator.wait_for_everyone()
+    t.accelerator.wait_for_everyone()
     return [run.diffusers_lora, run.kohya_lora, run.model_card]
 
 

@@ -259,12 +259,12 @@ def test_run_folder_and_events(tiny_model, photos, tmp_path):
 
 
 def test_lora_parameters_stay_fp32_on_a_half_precision_base(tiny_model, photos):
+    from lora_gui.adapters import add_lora
     from lora_gui.families import detect_family
-    from lora_gui.train import _add_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, torch_dtype=torch.float16)
     config = quick_config(tiny_model, photos, train_text_encoder=True)
-    groups = _add_lora(pipe, detect_family(pipe), config)
+    groups = add_lora(pipe, detect_family(pipe), config)
     params = [p for group in groups for p in group["params"]]
     assert params and all(p.dtype == torch.float32 for p in params)
     assert pipe.unet.conv_in.weight.dtype == torch.float16, "the frozen base stays in half precision"

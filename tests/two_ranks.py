@@ -29,9 +29,10 @@ def main() -> None:
     state = PartialState(cpu=True)
     save_lora = train_module._save_lora
 
-    def save_on_every_process(accelerator, pipe, family, run, record):
-        save_diffusers_lora(run.path / f"rank-{accelerator.process_index}.safetensors", pipe, family)
-        return save_lora(accelerator, pipe, family, run, record)
+    def save_on_every_process(training, step):
+        rank = training.accelerator.process_index
+        save_diffusers_lora(training.run.path / f"rank-{rank}.safetensors", training.pipe, training.family)
+        return save_lora(training, step)
 
     train_module._save_lora = save_on_every_process
     checkpoint = RunFolder(Path(args.run_dir)).checkpoint(args.stop_after)

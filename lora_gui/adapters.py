@@ -1,0 +1,92 @@
+"""The LoRA adapters a run trains: added to the base model through peft, found again, and put back on resume.
+
+One place builds the adapters' LoraConfig, so training, the estimate and the benchmark adapt the
+same layers the same way; a new kind of adapter (DoRA, LoKr: peft's own configs) starts here.
+
+transformers 5 dropped the `text_model.` level from CLIP's module names, while diffusers and every
+other tool expect it: state dicts leave here with the canonical names, whatever the installed
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lora_gui.config import TrainConfig
+from lora_gui.errors import ConfigError
+from lora_gui.families import Family
+
+CANONICAL_TEXT_PREFIX = "text_model."
+
+
+def lora_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
+    """A LoRA of this rank on every layer `target_modules` names, its update scaled by alpha / rank.
+
+    A starts Gaussian and B at zero, so training starts from exactly the base model's output."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+
+
+def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
+    """Put the run's adapters on the UNet (and text encoders); return the optimizer's parameter groups.
+
+    The adapters train in fp32 whatever the base's dtype; text encoders get their own learning rate."""
+    try:
+        pipe.unet.add_adapter(lora_config(config.rank, config.lora_alpha, config.target_modules))
+    except ValueError as error:
+        raise ConfigError(f"target_modules {config.target_modules} match no UNet layer ({error})") from None
+    cast_training_params(pipe.unet, dtype=torch.float32)
+    groups = [{"params": _trainable(pipe.unet), "lr": config.learning_rate}]
+    if config.train_text_encoder:
+        text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules)
+        for encoder in family.text_encoders(pipe):
+            # transformers 5's add_adapter demands an unreleased peft; peft injects directly.
+            inject_adapter_in_model(text_config, encoder, adapter_name="default")
+            encoder.peft_config = {"default": text_config}
+            cast_training_params(encoder, dtype=torch.float32)
+            rate = config.text_encoder_learning_rate or config.learning_rate
+            groups.append({"params": _trainable(encoder), "lr": rate})
+    return groups
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for param in module.parameters() if param.requires_grad]
+
+
+def trained_modules(pipe: DiffusionPipeline, family: type[Family]) -> dict[str, torch.nn.Module]:
+    """Pipeline component name -> module, for each component that carries a LoRA."""
+    names = ("unet", *family.text_encoder_names)
+    return {name: getattr(pipe, name) for name in names if getattr(getattr(pipe, name), "peft_config", None)}
+
+
+def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of one module, under canonical module names."""
+    state = get_peft_model_state_dict(module)
+    if _needs_text_prefix(module):
+        state = {CANONICAL_TEXT_PREFIX + key: value for key, value in state.items()}
+    return state
+
+
+def load_trained_lora(source: Path, pipe: DiffusionPipeline, family: type[Family]) -> None:
+    """Put weights of a diffusers-layout file written from these adapters back into them (resume)."""
+    saved = load_file(str(source))
+    for name, module in trained_modules(pipe, family).items():
+        prefix = f"{name}."
+        state = {key[len(prefix) :]: value for key, value in saved.items() if key.startswith(prefix)}
+        if _needs_text_prefix(module):
+            state = {key.removeprefix(CANONICAL_TEXT_PREFIX): value for key, value in state.items()}
+        result = set_peft_model_state_dict(module, state, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint LoRA does not fit the {name}: {unexpected[:3]}")
+
+
+def _needs_text_prefix(module: torch.nn.Module) -> bool:
+    """True for a transformers-5 CLIP, whose module names lack the canonical `text_model.` level."""
+    return hasattr(module, "config") and not hasattr(module, "text_model") and hasattr(module, "encoder")

@@ -233,20 +233,6 @@ def step_tflop(setup: Setup) -> float:
     return counter.get_total_flops() / 1e12
 
 
-def matmul_tflops() -> float:
-    """The GPU's measured bf16 matrix-multiply rate, the ceiling for model FLOPs utilisation."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    repeats, started = 20, time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
-
-
 # ---- the whole benchmark ------------------------------------------------------------------------
 def model_folder(workdir: Path, model: str) -> Path:
     """The benchmark's model (a key of MODELS) in `workdir`, written there the first time."""
@@ -302,7 +288,7 @@ def run_bench(
     reference, ours = pairs[sorted(range(repeat), key=ratios.__getitem__)[(repeat - 1) // 2]]
     machine = {**_machine(), "ratios": ratios}
     if devices.has_cuda():
-        flops, ceiling = step_tflop(setup), matmul_tflops()
+        flops, ceiling = step_tflop(setup), devices.matmul_tflops()
         machine["bf16_matmul_tflops"] = round(ceiling, 1)
         for result in (reference, ours):
             result.step_tflop = flops

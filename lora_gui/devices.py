@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
@@ -107,6 +108,21 @@ def peak_gpu_memory_gb() -> float:
     free, total = torch.cuda.mem_get_info()
     beyond_allocator = total - free - torch.cuda.memory_reserved()
     return (torch.cuda.max_memory_reserved() + max(0, beyond_allocator)) / 2**30
+
+
+def matmul_tflops() -> float:
+    """The GPU's measured bf16 matrix-multiply rate: the ceiling for model FLOPs utilisation, and what
+    the Train tab's time estimate divides by."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    repeats, started = 20, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 class Offload:

@@ -51,7 +51,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     """Memory and time of a run with these settings on a model of this family.
 
     `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
-    device's measured matrix-multiply rate (see bench.matmul_tflops), for the time."""
+    device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
     activations, lora_params, unet_params, flops = _unet_cost(
         family,
         config.resolution,

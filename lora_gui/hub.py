@@ -24,21 +24,16 @@ from lora_gui.runs import DIFFUSERS_LORA, RunFolder
 log = logging.getLogger(__name__)
 
 TAGS = ("text-to-image", "stable-diffusion", "lora", "diffusers", "template:sd-lora")
-_SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def final_samples(run: RunFolder, record: TrainingRecord) -> list[tuple[str, Path]]:
     """(prompt, image) of the latest preview images, in prompt order."""
-    found: dict[int, dict[int, Path]] = {}
-    for path in run.samples.glob("step-*.png") if run.samples.is_dir() else []:
-        match = _SAMPLE.match(path.name)
-        if match:
-            found.setdefault(int(match[1]), {})[int(match[2])] = path
-    if not found:
+    samples = run.sample_images()
+    if not samples:
         return []
-    prompts, latest = record.preview_prompts, found[max(found)]
-    return [(prompts[index], latest[index]) for index in sorted(latest) if index < len(prompts)]
+    last, prompts = samples[-1][0], record.preview_prompts
+    return [(prompts[index], path) for step, index, path in samples if step == last and index < len(prompts)]
 
 
 def model_card(run: RunFolder, repo_id: str | None = None) -> str:

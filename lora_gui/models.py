@@ -6,7 +6,6 @@ Every way this can fail ends in a ModelLoadError that says what was tried and wh
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from diffusers import DiffusionPipeline
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import REGISTRY, Family, detect_family
-
-log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_gui.data import read_caption_file
 from lora_gui.errors import ConfigError
 from lora_gui.files import write_text_atomic
 
@@ -30,6 +31,7 @@ LORA_LAYOUTS = ("kohya", "diffusers", "both")
 TRAINER_STATE = "trainer_state.json"
 STATUS_FILE = "status.json"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,28 @@ class RunFolder:
         """Every LoRA file of the run (diffusers and any other format written beside it)."""
         return sorted(self.path.glob("*.safetensors"))
 
+    def downloadable_files(self) -> list[Path]:
+        """What a person may want from a run: its LoRA files, settings, log and metrics."""
+        return sorted({*self.lora_files(), *(p for p in (self.config, self.log, self.metrics) if p.is_file())})
+
+    def sample_images(self) -> list[tuple[int, int, Path]]:
+        """(step, prompt number, image) of every preview image, in the order they were made."""
+        found = []
+        for path in self.samples.glob("step-*.png") if self.samples.is_dir() else []:
+            match = _SAMPLE.match(path.name)
+            if match:
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def prompt(self) -> str:
+        """A prompt this run's LoRA knows: its first preview prompt, else its first training caption."""
+        config = _read_json(self.config)
+        prompts = [p for p in config.get("sample_prompts") or [] if isinstance(p, str) and p.strip()]
+        if prompts:
+            return prompts[0]
+        captions = sorted(self.dataset.rglob("*.txt")) if self.dataset.is_dir() else []
+        return read_caption_file(captions[0]) if captions else ""
+
 
 # Statuses as a run folder records them; "running" or "queued" found on disk with no live job
 # means the app stopped mid-run, which `summarize` reports as interrupted.
@@ -219,6 +243,11 @@ def list_runs(runs_dir: str | Path) -> list[RunSummary]:
         if p.is_dir() and not p.name.startswith(".") and ((p / "config.json").is_file() or (p / STATUS_FILE).is_file())
     ]
     return sorted((summarize(p) for p in folders), key=lambda s: s.created, reverse=True)
+
+
+def delete_run(run_dir: str | Path) -> None:
+    """Delete a run folder and everything in it (the caller makes sure no job is using it)."""
+    shutil.rmtree(RunFolder(Path(run_dir)).path)
 
 
 def check_run_name(name: str) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_gui.bench import matmul_tflops
 from lora_gui.config import list_presets, load_preset
+from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.export import export_run
 from lora_gui.infer import GeneratorCache

@@ -200,10 +200,7 @@ def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
         "gen_export_run": run.name,
     }
     if not (prompt or "").strip():
-        captions = sorted(run.dataset.glob("*.txt"))
-        updates["prompt"] = config.sample_prompts[0] if config.sample_prompts else ""
-        if not updates["prompt"] and captions:
-            updates["prompt"] = captions[0].read_text(encoding="utf-8").strip()
+        updates["prompt"] = run.prompt()
     return updates
 
 

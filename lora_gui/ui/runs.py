@@ -3,7 +3,6 @@ sharing it on the Hugging Face Hub, resume and delete."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
@@ -26,7 +25,6 @@ from lora_gui.ui.common import (
 COLUMNS = ["Name", "Started", "Steps done", "Last loss", "Status"]
 _STATUS_WORDS = {runs.RUNNING: "training now", runs.INTERRUPTED: "interrupted (app closed mid-run)"}
 # What a person downloads or reads; the checkpoints are the trainer's own.
-_FILES = ("*.safetensors", "config.json", "train.log", "metrics.jsonl")
 
 
 def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
@@ -174,13 +172,12 @@ def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
     info = f"{run.name}: {status}, {summary.steps_done} of {summary.total_steps} steps"
     info += f", base model {ctx.base_model_label(summary.base_model) or 'unknown'}."
     info_html = notice(info) + (notice(summary.message, "error") if summary.message else "")
-    files = sorted({path for pattern in _FILES for path in run.path.glob(pattern)})
-    samples = sorted(run.samples.glob("step-*.png"), key=lambda p: [int(n) for n in p.stem.split("-")[1:]])
+    files = run.downloadable_files()
     return {
         "run_details": gr.update(visible=True),
         "run_info": info_html,
         "run_plot": loss_frame([(row["step"], row["loss"]) for row in run.read_metrics() if "loss" in row]),
-        "run_samples": [(str(path), f"step {path.stem.split('-')[1]}") for path in reversed(samples)],
+        "run_samples": [(str(path), f"step {step}") for step, _, path in reversed(run.sample_images())],
         "run_files": [str(path) for path in files] or None,
         "run_resume": gr.update(visible=summary.resumable and not live),
         "run_file": gr.update(value=None, visible=False),
@@ -234,7 +231,7 @@ def delete_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
         run = ctx.run_folder(run_pick or "")
         if ctx.jobs.live_status(run.path):
             raise LoraGuiError(f"{run.name} is queued or training: stop it first")
-        shutil.rmtree(run.path)
+        runs.delete_run(run.path)
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error), "confirm_row": gr.update(visible=False)}
     return {

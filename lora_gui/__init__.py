@@ -1,7 +1,7 @@
 """lora_gui: a LoRA trainer for Stable Diffusion that a beginner can use.
 
-The engine (config, data, families, train, lora_files, infer, jobs) never imports gradio; the app
-in `lora_gui.ui` is a thin skin over it.
+The engine (everything here but `ui`) never imports gradio; the app in `lora_gui.ui` is a thin
+skin over it. docs/ARCHITECTURE.md maps the modules.
 """
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lora_gui.config import MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
-from lora_gui.runs import LORA_LAYOUTS
+from lora_gui.lora_files import LORA_LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +195,7 @@ def _generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lora_gui.files import atomic_path
+    from lora_gui.atomic import atomic_path
     from lora_gui.infer import Generator
 
     if len(args.scale) > len(args.lora):
@@ -225,7 +225,7 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lora_gui.export import export_run
+    from lora_gui.lora_files.export import export_run
 
     for path in export_run(args.run_dir, args.format, args.output):
         print(f"Wrote {path}", file=sys.stderr)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_gui.atomic import write_text_atomic
 from lora_gui.errors import ConfigError
-from lora_gui.files import write_text_atomic
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 

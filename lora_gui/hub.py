@@ -14,12 +14,12 @@ import logging
 import re
 from pathlib import Path
 
+from lora_gui.atomic import write_text_atomic
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
-from lora_gui.export import TrainingRecord, write_kohya_lora
 from lora_gui.families import get_family
-from lora_gui.files import write_text_atomic
-from lora_gui.runs import DIFFUSERS_LORA, RunFolder
+from lora_gui.lora_files.export import write_kohya_lora
+from lora_gui.runs import DIFFUSERS_LORA, RunFolder, TrainingRecord
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from diffusers import DiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from lora_gui import devices, layouts
+from lora_gui import devices
+from lora_gui.base_models import PICKLE_SUFFIXES, load_pipeline
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.families import Family
-from lora_gui.models import PICKLE_SUFFIXES, load_pipeline
+from lora_gui.lora_files import detect
 from lora_gui.runs import DIFFUSERS_LORA
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ class Generator:
 
     def _load_lora(self, path: Path, name: str) -> None:
         """Put one LoRA file on the model as adapter `name`, after checking it can mean what it says."""
-        shapes = layouts.read_shapes(path)
-        layout = layouts.detect_layout(list(shapes))
+        shapes = detect.read_shapes(path)
+        layout = detect.detect_layout(list(shapes))
         if layout.problem:
             raise LoraFileError(f"{path.name} is a {layout.name} file, which can't be used here: {layout.problem}")
-        other_model = layouts.made_for_other_model(shapes, self.pipe)
+        other_model = detect.made_for_other_model(shapes, self.pipe)
         if other_model:
             raise LoraFileError(
                 f"{path.name} ({layout.name}) was made for {other_model}; this base model is {self.family.title}. "
@@ -87,7 +88,7 @@ class Generator:
             raise LoraFileError(
                 f"{path.name} ({layout.name}) can't be applied to this {self.family.title} model: {reason}"
             ) from None
-        applied, in_file = self._adapted_layers(name), layouts.count_lora_modules(list(shapes))
+        applied, in_file = self._adapted_layers(name), detect.count_lora_modules(list(shapes))
         if applied < in_file:
             raise LoraFileError(
                 f"only {applied} of the {in_file} layers in {path.name} ({layout.name}) exist in this "

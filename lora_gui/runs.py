@@ -17,17 +17,15 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_gui.atomic import write_text_atomic
 from lora_gui.data import read_caption_file
-from lora_gui.errors import ConfigError
-from lora_gui.files import write_text_atomic
+from lora_gui.errors import ConfigError, LoraFileError
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
-# The layouts a run's LoRA is written in: kohya's (<name>.safetensors) and diffusers' (DIFFUSERS_LORA).
-LORA_LAYOUTS = ("kohya", "diffusers", "both")
 TRAINER_STATE = "trainer_state.json"
 STATUS_FILE = "status.json"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -168,6 +166,56 @@ class RunFolder:
             return prompts[0]
         captions = sorted(self.dataset.rglob("*.txt")) if self.dataset.is_dir() else []
         return read_caption_file(captions[0]) if captions else ""
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What the loop knows when it saves a LoRA and the rest of the run folder does not hold."""
+
+    family: str
+    prediction_type: str  # the noise scheduler's: "epsilon" or "v_prediction"
+    base_model_name: str  # kohya's ss_sd_model_name: a local model's file or folder name, else the Hub id
+    base_model_hub_id: str | None  # the Hub id the model card links to; None for a local model
+    steps: int
+    total_steps: int
+    epoch: float  # passes over the images so far
+    seconds: float  # time spent training, across stops and resumes
+    preview_prompts: list[str]  # samples/step-N-K.png shows prompt K
+    finished_at: float  # unix time of the save
+
+    @classmethod
+    def now(
+        cls,
+        family: str,
+        prediction_type: str,
+        base_model: str,
+        steps: int,
+        total_steps: int,
+        epoch: float,
+        seconds: float,
+        preview_prompts: list[str],
+    ) -> TrainingRecord:
+        # Whether the base model is a local path is known only now: it may be moved later.
+        local = Path(base_model).expanduser()
+        name, hub_id = (local.resolve().name, None) if local.exists() else (base_model, base_model)
+        return cls(
+            family, prediction_type, name, hub_id, steps, total_steps, epoch, seconds, preview_prompts, time.time()
+        )
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run: RunFolder) -> TrainingRecord:
+        try:
+            return cls(**json.loads(run.lora_info.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise LoraFileError(
+                f"{run.path} has no {run.lora_info.name}, which the LoRA's metadata is built from: it was saved "
+                "by an older version of this app, or training has not saved a LoRA yet"
+            ) from None
+        except (json.JSONDecodeError, TypeError) as error:
+            raise LoraFileError(f"{run.lora_info} is damaged ({error}); train the run again to rebuild it") from None
 
 
 # Statuses as a run folder records them; "running" or "queued" found on disk with no live job

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from lora_gui import data
+from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
-from lora_gui.files import atomic_path, write_text_atomic
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"

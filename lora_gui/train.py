@@ -32,18 +32,18 @@ from diffusers.training_utils import compute_snr
 
 from lora_gui import data, devices, events
 from lora_gui.adapters import add_lora, load_trained_lora
+from lora_gui.atomic import atomic_path, write_text_atomic
+from lora_gui.base_models import load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
-from lora_gui.export import TrainingRecord, write_kohya_lora
 from lora_gui.families import Family, ImageGeometry
-from lora_gui.files import atomic_path, write_text_atomic
 from lora_gui.hub import write_model_card
 from lora_gui.infer import decode
-from lora_gui.lora_files import save_diffusers_lora
-from lora_gui.models import load_pipeline
-from lora_gui.runs import TRAINER_STATE, RunFolder
+from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
+from lora_gui.lora_files.export import write_kohya_lora
+from lora_gui.runs import TRAINER_STATE, RunFolder, TrainingRecord
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +630,7 @@ def _save_lora(t: Training, step: int) -> list[Path]:
     if t.accelerator.is_main_process:
         save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
         TrainingRecord.now(
-            t.family,
+            t.family.name,
             t.noise_scheduler.config.prediction_type,
             t.config.base_model,
             step,

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from lora_gui import events
+from lora_gui.base_models import load_pipeline
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
 from lora_gui.estimate import _preview_bytes, _unet_cost, _vae_encode_bytes
-from lora_gui.models import load_pipeline
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
 

@@ -105,8 +105,8 @@ def test_bad_input_prints_a_plain_error_and_no_traceback(tiny_model, tmp_path, c
 def test_a_model_that_cannot_be_loaded_says_what_was_tried(tmp_path, monkeypatch, base_model, message):
     from safetensors.torch import save_file
 
+    from lora_gui.base_models import load_pipeline
     from lora_gui.errors import ModelLoadError
-    from lora_gui.models import load_pipeline
 
     monkeypatch.chdir(tmp_path)
     Path("model.ckpt").write_bytes(b"pickle")
@@ -266,8 +266,8 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    from lora_gui.base_models import load_pipeline
     from lora_gui.errors import ModelLoadError
-    from lora_gui.models import load_pipeline
 
     def list_repo_files(self, repo_id):
         response = type("Response", (), {"headers": {}, "status_code": 404, "request": None, "url": ""})()

@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_gui.__main__ import main
+from lora_gui.base_models import checkpoint_family, family_from_files, load_pipeline
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import detect_family
-from lora_gui.models import checkpoint_family, family_from_files, load_pipeline
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])

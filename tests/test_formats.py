@@ -26,8 +26,8 @@ from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError, LoraGuiError
 from lora_gui.infer import Generator
-from lora_gui.kohya import kohya_hashes
-from lora_gui.layouts import detect_layout
+from lora_gui.lora_files.detect import detect_layout
+from lora_gui.lora_files.kohya_layout import kohya_hashes
 from lora_gui.train import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]

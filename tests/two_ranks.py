@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from lora_gui import train as train_module
 from lora_gui.config import TrainConfig
-from lora_gui.lora_files import save_diffusers_lora
+from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.runs import RunFolder
 
 

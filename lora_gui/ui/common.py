@@ -13,13 +13,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lora_gui.base_models import family_from_files, is_hub_id
 from lora_gui.config import list_presets, load_preset
 from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.export import export_run
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
-from lora_gui.models import family_from_files, is_hub_id
+from lora_gui.lora_files.export import export_run
 from lora_gui.runs import RunFolder, check_run_name
 from lora_gui.tiny import ensure_tiny_model
 

@@ -14,10 +14,10 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import runs
+from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
-from lora_gui.models import PICKLE_SUFFIXES
 from lora_gui.ui.common import TINY_CHOICE, TINY_CHOICES, Ctx, build_export, error_notice, export_lora, notice
 
 log = logging.getLogger(__name__)

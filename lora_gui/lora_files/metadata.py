@@ -1,104 +1,31 @@
-"""A run's LoRA in each layout other tools load, with the metadata they read.
+"""What a run's kohya file says about how it was trained, rebuilt from the run folder.
 
-Everything the kohya file says is rebuilt from the run folder: the weights and the trained rank
-and alpha from pytorch_lora_weights.safetensors, the settings from config.json, the captions from
-dataset/, and how far training went from lora_info.json. So exporting a run again, any time later,
-gives the file training wrote.
-
-Metadata follows kohya's sd-scripts (train_network.py: `ss_*`, values as strings, as kohya writes
-them) and Stability's ModelSpec 1.0.1 (`modelspec.*`). A1111 reads ss_output_name (the name it lists),
-ss_base_model_version and ss_v2 (which model family it offers the LoRA for), ss_tag_frequency (the
-tags it suggests), ss_sd_model_name, ss_resolution, ss_num_train_images, ss_dataset_dirs and
-ss_training_started_at; civitai reads the same keys when a file is uploaded.
+The settings come from config.json, the captions from dataset/, and how far training went from
+lora_info.json (runs.TrainingRecord). Metadata follows kohya's sd-scripts (train_network.py: `ss_*`,
+values as strings, as kohya writes them) and Stability's ModelSpec 1.0.1 (`modelspec.*`). A1111 reads
+ss_output_name (the name it lists), ss_base_model_version and ss_v2 (which model family it offers the
+LoRA for), ss_tag_frequency (the tags it suggests), ss_sd_model_name, ss_resolution,
+ss_num_train_images, ss_dataset_dirs and ss_training_started_at; civitai reads the same keys when a
+file is uploaded.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import shutil
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from lora_gui import data
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraFileError
-from lora_gui.families import Family, get_family
-from lora_gui.files import atomic_path, write_text_atomic
-from lora_gui.kohya import save_kohya_lora, to_kohya
-from lora_gui.lora_files import read_diffusers_lora
-from lora_gui.runs import DIFFUSERS_LORA, LORA_LAYOUTS, RunFolder
-
-log = logging.getLogger(__name__)
+from lora_gui.families import get_family
+from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
 # How kohya names the optimizer class in ss_optimizer.
 OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
-
-
-@dataclass(frozen=True)
-class TrainingRecord:
-    """What the loop knows when it saves a LoRA and the rest of the run folder does not hold."""
-
-    family: str
-    prediction_type: str  # the noise scheduler's: "epsilon" or "v_prediction"
-    base_model_name: str  # kohya's ss_sd_model_name: a local model's file or folder name, else the Hub id
-    base_model_hub_id: str | None  # the Hub id the model card links to; None for a local model
-    steps: int
-    total_steps: int
-    epoch: float  # passes over the images so far
-    seconds: float  # time spent training, across stops and resumes
-    preview_prompts: list[str]  # samples/step-N-K.png shows prompt K
-    finished_at: float  # unix time of the save
-
-    @classmethod
-    def now(
-        cls,
-        family: type[Family],
-        prediction_type: str,
-        base_model: str,
-        steps: int,
-        total_steps: int,
-        epoch: float,
-        seconds: float,
-        preview_prompts: list[str],
-    ) -> TrainingRecord:
-        # Whether the base model is a local path is known only now: it may be moved later.
-        local = Path(base_model).expanduser()
-        name, hub_id = (local.resolve().name, None) if local.exists() else (base_model, base_model)
-        return cls(
-            family.name, prediction_type, name, hub_id, steps, total_steps, epoch, seconds, preview_prompts, time.time()
-        )
-
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, run: RunFolder) -> TrainingRecord:
-        try:
-            return cls(**json.loads(run.lora_info.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise LoraFileError(
-                f"{run.path} has no {run.lora_info.name}, which the LoRA's metadata is built from: it was saved "
-                "by an older version of this app, or training has not saved a LoRA yet"
-            ) from None
-        except (json.JSONDecodeError, TypeError) as error:
-            raise LoraFileError(f"{run.lora_info} is damaged ({error}); train the run again to rebuild it") from None
-
-
-def write_kohya_lora(run: RunFolder, target: Path | None = None) -> Path:
-    """Write the run's LoRA in kohya's layout (A1111, Forge, ComfyUI) with its metadata."""
-    state, configs = read_diffusers_lora(run.diffusers_lora)
-    record = TrainingRecord.load(run)
-    tensors = to_kohya(state, configs, get_family(record.family))
-    target = save_kohya_lora(target or run.kohya_lora, tensors, lora_metadata(run, record, configs))
-    log.info("kohya LoRA saved to %s", target)
-    return target
 
 
 def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -201,37 +128,3 @@ def trained_captions(run: RunFolder, trigger_word: str) -> tuple[list[str], list
         folders.append(run.dataset.name if parent == "." else parent)
         captions.append(data.full_caption(data.read_caption_file(path), trigger_word))
     return folders, captions
-
-
-def export_run(run_dir: str | Path, layout: str = "kohya", output: str | Path | None = None) -> list[Path]:
-    """Write a finished (or stopped) run's LoRA again, in kohya's layout, diffusers', or both.
-
-    Without `output` the files go into the run folder. With it, `output` is the file to write, or a
-    folder (always, for both layouts) to write them into under their usual names.
-    """
-    run = RunFolder(Path(run_dir))
-    if layout not in LORA_LAYOUTS:
-        raise LoraFileError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}")
-    if not run.diffusers_lora.is_file():
-        raise LoraFileError(f"{run.path} holds no {DIFFUSERS_LORA}: has training saved a LoRA there yet?")
-    written = []
-    if layout in ("kohya", "both"):
-        written.append(write_kohya_lora(run, _target(output, run.kohya_lora, layout)))
-    if layout in ("diffusers", "both"):
-        target = _target(output, run.diffusers_lora, layout)
-        if target != run.diffusers_lora:
-            with atomic_path(target) as tmp:
-                shutil.copyfile(run.diffusers_lora, tmp)
-        written.append(target)
-    return written
-
-
-def _target(output: str | Path | None, default: Path, layout: str) -> Path:
-    if output is None:
-        return default
-    output = Path(output).expanduser().resolve()
-    if layout == "both" or output.is_dir():
-        return output / default.name
-    if output.suffix.lower() != ".safetensors":
-        raise LoraFileError(f"{output.name}: LoRA files are written as .safetensors; give a name ending in that")
-    return output

@@ -28,9 +28,9 @@ import torch
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save, save_file
 
+from lora_gui.atomic import atomic_path
 from lora_gui.errors import LoraFileError
 from lora_gui.families import Family
-from lora_gui.files import atomic_path
 
 UNET_PREFIX = "lora_unet"
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.errors import LoraFileError
-from lora_gui.models import PICKLE_SUFFIXES
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
 # Tensor-name ending -> (kind, what diffusers lacks), checked in order.

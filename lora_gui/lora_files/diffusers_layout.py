@@ -17,9 +17,9 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from safetensors import SafetensorError, safe_open
 
 from lora_gui.adapters import lora_state_dict, trained_modules
+from lora_gui.atomic import atomic_path
 from lora_gui.errors import LoraFileError
 from lora_gui.families import Family
-from lora_gui.files import atomic_path
 
 
 def save_diffusers_lora(target: Path, pipe: DiffusionPipeline, family: type[Family]) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DiffusionPipeline
 
 from lora_gui import devices, events
 from lora_gui.adapters import lora_config
@@ -36,7 +37,7 @@ from lora_gui.base_models import load_pipeline
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
-from lora_gui.families import ImageGeometry
+from lora_gui.families import Family, ImageGeometry
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
 
@@ -139,15 +140,11 @@ def reference_loop(setup: Setup) -> LoopResult:
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
 
-    examples = scan_folder(setup.data_dir).examples
-    fitted = [fit_to_bucket(open_image(e.path), (setup.resolution, setup.resolution)) for e in examples]
-    pixels = torch.stack([image_to_tensor(image) for image, _ in fitted])
-    token_ids = family.tokenize(pipe, [e.caption for e in examples])
-    geometry: list[ImageGeometry] = [g for _, g in fitted]
+    pixels, token_ids, geometry = _images_in_memory(setup, family, pipe)
 
     timings = []
     for step in range(setup.warmup + setup.steps):
-        rows = [(step * setup.batch_size + i) % len(examples) for i in range(setup.batch_size)]
+        rows = [(step * setup.batch_size + i) % len(pixels) for i in range(setup.batch_size)]
         with accelerator.accumulate(unet):
             batch = pixels[rows].to(accelerator.device, dtype=weight_dtype)
             latents = pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor
@@ -177,6 +174,17 @@ def reference_loop(setup: Setup) -> LoopResult:
     del unet, optimizer, pipe, pixels
     AcceleratorState._reset_state(reset_partial_state=True)
     return result
+
+
+def _images_in_memory(
+    setup: Setup, family: type[Family], pipe: DiffusionPipeline
+) -> tuple[torch.Tensor, list[torch.Tensor], list[ImageGeometry]]:
+    """The reference's data, decoded and transformed beforehand so that loading costs it nothing:
+    every picture as pixels, every caption as token ids, and each picture's geometry."""
+    examples = scan_folder(setup.data_dir).examples
+    fitted = [fit_to_bucket(open_image(e.path), (setup.resolution, setup.resolution)) for e in examples]
+    pixels = torch.stack([image_to_tensor(image) for image, _ in fitted])
+    return pixels, family.tokenize(pipe, [e.caption for e in examples]), [g for _, g in fitted]
 
 
 def ours_loop(setup: Setup, run_dir: Path) -> LoopResult:

@@ -91,35 +91,13 @@ def _unet_cost(
     family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
 ) -> tuple[float, int, int, float]:
     """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step."""
-    from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_gui.adapters import lora_config
-    from lora_gui.tiny import _UNETS
-
-    dtype = DTYPES[precision]
-    # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
-    # torch's default dtype: that is process-wide, and a run may be training in another thread.
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**_UNETS[family, "full"]).to(dtype)
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, rank, targets))
+    unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
-    unet.train()
-    side = resolution // 8
-    inputs = dict(
-        sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),
-        timestep=torch.zeros(1, device="meta", dtype=torch.long),
-        encoder_hidden_states=torch.empty(1, 77, CROSS_ATTENTION[family], device="meta", dtype=dtype),
-    )
-    if family == "sdxl":
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(1, 1280, device="meta", dtype=dtype),
-            "time_ids": torch.empty(1, 6, device="meta", dtype=dtype),
-        }
 
     # Without checkpointing: everything autograd saves, and what each block that checkpointing
     # would recompute on its own (a ResNet or a transformer block) saves.
@@ -150,6 +128,36 @@ def _unet_cost(
         unet.enable_gradient_checkpointing()
         activations = _saved_bytes(unet, inputs, {}) + max(block_sizes)
     return activations, lora_params, unet_params, counter.get_total_flops()
+
+
+def _meta_unet(
+    family: str, resolution: int, rank: int, targets: tuple[str, ...], dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict]:
+    """The family's full-size UNet with the LoRA, on the meta device in training mode, and one image's inputs."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_gui.adapters import lora_config
+    from lora_gui.tiny import _UNETS
+
+    # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
+    # torch's default dtype: that is process-wide, and a run may be training in another thread.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_UNETS[family, "full"]).to(dtype)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, rank, targets))
+    unet.train()
+    side = resolution // 8
+    inputs = dict(
+        sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),
+        timestep=torch.zeros(1, device="meta", dtype=torch.long),
+        encoder_hidden_states=torch.empty(1, 77, CROSS_ATTENTION[family], device="meta", dtype=dtype),
+    )
+    if family == "sdxl":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(1, 1280, device="meta", dtype=dtype),
+            "time_ids": torch.empty(1, 6, device="meta", dtype=dtype),
+        }
+    return unet, inputs
 
 
 def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> int:

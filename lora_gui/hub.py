@@ -43,19 +43,6 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
     family = get_family(record.family)
     trigger = config.trigger_word.strip()
     samples = final_samples(run, record)
-    front = ["---"]
-    if record.base_model_hub_id:
-        front.append(f"base_model: {json.dumps(record.base_model_hub_id)}")
-    front += ["library_name: diffusers", "tags:", *(f"- {json.dumps(tag)}" for tag in TAGS)]
-    if trigger:
-        front.append(f"instance_prompt: {json.dumps(trigger)}")
-    if samples:
-        front.append("widget:")
-        for prompt, image in samples:
-            url = image.relative_to(run.path).as_posix()
-            front += [f"- text: {json.dumps(prompt)}", "  output:", f"    url: {json.dumps(url)}"]
-    front.append("---")
-
     source = repo_id or run.path.as_posix()
     base = record.base_model_hub_id or record.base_model_name
     prompt = samples[0][0] if samples else (trigger or "a photo")
@@ -101,7 +88,23 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         f"| text encoder trained | {'yes' if config.train_text_encoder else 'no'} |",
         "",
     ]
-    return "\n".join(front) + "\n\n" + "\n".join(lines)
+    return _front_matter(run, record, trigger, samples) + "\n\n" + "\n".join(lines)
+
+
+def _front_matter(run: RunFolder, record: TrainingRecord, trigger: str, samples: list[tuple[str, Path]]) -> str:
+    """The YAML the Hub reads: base model, tags, trigger word, and the previews as the gallery's widget."""
+    front = ["---"]
+    if record.base_model_hub_id:
+        front.append(f"base_model: {json.dumps(record.base_model_hub_id)}")
+    front += ["library_name: diffusers", "tags:", *(f"- {json.dumps(tag)}" for tag in TAGS)]
+    if trigger:
+        front.append(f"instance_prompt: {json.dumps(trigger)}")
+    if samples:
+        front.append("widget:")
+        for prompt, image in samples:
+            url = image.relative_to(run.path).as_posix()
+            front += [f"- text: {json.dumps(prompt)}", "  output:", f"    url: {json.dumps(url)}"]
+    return "\n".join([*front, "---"])
 
 
 def write_model_card(run: RunFolder, repo_id: str | None = None) -> Path:

@@ -88,17 +88,8 @@ def train(
             return _run(config, run, resume, emit, should_stop)
         except Stopped as stop:
             log.info("Stopped at step %d of %d", stop.step, stop.total_steps)
-            emit(
-                Event(
-                    events.STOPPED,
-                    stop.step,
-                    stop.total_steps,
-                    {
-                        "lora": str(stop.lora) if stop.lora else None,
-                        "checkpoint": str(stop.checkpoint) if stop.checkpoint else None,
-                    },
-                )
-            )
+            saved = {"lora": stop.lora, "checkpoint": stop.checkpoint}
+            emit(Event(events.STOPPED, stop.step, stop.total_steps, {k: v and str(v) for k, v in saved.items()}))
             return stop.lora
         except Exception as error:
             failure = _user_error(error, config, run)

@@ -88,35 +88,40 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
         wire_train_tab(ctx)
         wire_generate_tab(ctx)
         wire_runs_tab(ctx)
-        settings = config_form.field_names()
-        ctx.wire(
-            ctx["try_demo"].click,
-            try_demo,
-            ["dataset_version"],
-            [
-                "session",
-                "remembered",
-                "dataset_version",
-                "report",
-                "page",
-                "dataset_notice",
-                "base_model",
-                "preset",
-                "train_notice",
-                "tabs",
-                *settings,
-            ],
-            api_name="try_demo",
-        )
-        ctx.wire(
-            demo.load,
-            restore,
-            ["remembered", "dataset_version", "resolution", "default_caption"],
-            ["session", "dataset_version", "report", "page", "base_model", *settings],
-            api_visibility="private",
-        )
-        ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
+        _wire_page(ctx, demo)
     return demo, ctx
+
+
+def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
+    """What belongs to no one tab: the demo button, and a page opened or reloaded."""
+    settings = config_form.field_names()
+    ctx.wire(
+        ctx["try_demo"].click,
+        try_demo,
+        ["dataset_version"],
+        [
+            "session",
+            "remembered",
+            "dataset_version",
+            "report",
+            "page",
+            "dataset_notice",
+            "base_model",
+            "preset",
+            "train_notice",
+            "tabs",
+            *settings,
+        ],
+        api_name="try_demo",
+    )
+    ctx.wire(
+        demo.load,
+        restore,
+        ["remembered", "dataset_version", "resolution", "default_caption"],
+        ["session", "dataset_version", "report", "page", "base_model", *settings],
+        api_visibility="private",
+    )
+    ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
 
 
 def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import warnings
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Image formats people drop in that we can't read; named so they are reported, not silently ignored.
 OTHER_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2")
+ALL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES
+# Never the user's pictures, wherever they sit (compared in lower case), besides every hidden name (.DS_Store,
+# macOS's ._name copies): the folder macOS adds to zips, and what Windows leaves in folders.
+IGNORED_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 MIN_SIDE = 32
 MAX_PIXELS = 64_000_000
@@ -100,6 +105,31 @@ class Scan:
         if any(reason.startswith("no caption") for reason in reasons):
             hint = " Add a .txt caption beside each image, or set a default caption."
         raise DataError(f"no usable images in {source}: every file was skipped ({summary}).{hint}")
+
+
+# ---- which files are pictures -------------------------------------------------------------------
+def is_ignored(name: str) -> bool:
+    """Whether a file or folder name is one to pass over: hidden, or left by an operating system."""
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def picture_files(folder: Path) -> list[Path]:
+    """Every file in `folder` and its subfolders that is named as a picture (readable or not), in path order.
+
+    The one walk every folder of pictures goes through (a scan, a folder import, the staged listing), so
+    they all pass over the same names. Symlinked folders are not entered, so a link loop can't trap it.
+    """
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if is_ignored(entry.name):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in ALL_IMAGE_SUFFIXES:
+                    found.append(Path(entry.path))
+    return sorted(found)
 
 
 # ---- reading one image -------------------------------------------------------------------------
@@ -220,15 +250,11 @@ def scan_folder(folder: str | Path, default_caption: str = "") -> Scan:
         raise DataError(f"the image folder {folder} does not exist; check the path")
     metadata = metadata_captions(folder)
     scan = Scan()
-    for path in sorted(folder.rglob("*")):
+    for path in picture_files(folder):
         relpath = path.relative_to(folder).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
         suffix = path.suffix.lower()
         if suffix in OTHER_IMAGE_SUFFIXES:
             scan.skipped.append(Skipped(relpath, f"{suffix} images are not supported (convert it to PNG or JPG)"))
-            continue
-        if suffix not in IMAGE_SUFFIXES:
             continue
         try:
             size = open_image(path).size
@@ -265,7 +291,7 @@ def is_hf_dataset_folder(folder: Path) -> bool:
     if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
         return True
     has_tables = any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
-    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
+    has_images = any(path.suffix.lower() in IMAGE_SUFFIXES for path in picture_files(folder))
     return has_tables and not has_images
 
 

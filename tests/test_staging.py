@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_gui import data
 from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
 from lora_gui.staging import STAGING_DIR, Staging
@@ -133,3 +134,25 @@ def test_copy_to_a_run_and_session_ids(staging, tmp_path):
     assert staging.items() == []
     with pytest.raises(DataError, match="not in this dataset"):
         staging.set_caption("../../a.png", "x")
+
+
+def test_hidden_and_os_files_are_passed_over_by_the_scan_the_import_the_zip_and_the_listing(staging, tmp_path):
+    source = tmp_path / "from-a-mac"
+    picture(source / "a.png", caption="a")
+    for name in ("__MACOSX/a.png", "__MACOSX/._a.png", "._a.png", ".hidden/b.png", "sub/.c.png"):
+        picture(source / name, seed=2, caption="not the user's")  # real pictures, in places no user put them
+    for name in (".DS_Store", "sub/Thumbs.db", "desktop.ini"):
+        (source / name).write_bytes(b"\0junk")
+    assert [e.relpath for e in data.scan_folder(source).examples] == ["a.png"]
+    assert data.scan_folder(source).skipped == []
+
+    assert staging.import_folder(source) == []
+    archive = tmp_path / "from-a-mac.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in source.rglob("*"):
+            if path.is_file():
+                zipped.write(path, f"set/{path.relative_to(source).as_posix()}")
+    assert staging.add_files([archive, source / "._a.png", source / ".DS_Store", source / "desktop.ini"]) == []
+    picture(staging.folder / "__MACOSX" / "x.png")  # even put straight into the folder
+    assert captions(staging) == {"a.png": "a", "set/a.png": "a"}
+    assert not (staging.folder / "set" / "__MACOSX").exists() and not (staging.folder / "Thumbs.db").exists()

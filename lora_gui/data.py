@@ -6,12 +6,17 @@ Hugging Face dataset. Whatever the source, the run gets its own copy in kohya's 
 (image + same-name .txt), and training reads only that copy, so a run never depends on files
 that may move.
 
+Checks read a picture's header only (its size, the limits, whether the file is cut off), and
+remember the answer per file, so the Dataset tab's checks stay instant however large the pictures
+are. Pixels are decoded once, when training caches latents.
+
 A file that can't be used is skipped with a reason a person understands; a user's file never
 produces a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,12 +26,16 @@ import math
 import os
 import random
 import shutil
+import struct
 import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Generic, TypeVar
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from lora_gui.errors import DataError
 from lora_gui.families import ImageGeometry
@@ -78,10 +87,13 @@ class Scan:
     skipped: list[Skipped] = field(default_factory=list)
 
     def duplicates(self) -> list[list[str]]:
-        """Groups of byte-identical images."""
+        """Groups of byte-identical images. Only files of the same size can be, so only those are hashed."""
+        sizes = [example.path.stat().st_size for example in self.examples]
+        counts = Counter(sizes)
         by_hash: dict[str, list[str]] = {}
-        for example in self.examples:
-            by_hash.setdefault(_file_hash(example.path), []).append(example.caption_source)
+        for example, size in zip(self.examples, sizes, strict=True):
+            if counts[size] > 1:
+                by_hash.setdefault(_file_hash(example.path), []).append(example.caption_source)
         return [names for names in by_hash.values() if len(names) > 1]
 
     def smaller_than(self, resolution: int) -> list[Example]:
@@ -137,19 +149,61 @@ class UnusableImage(Exception):
     """Raised with the plain reason an image can't be used."""
 
 
-def open_image(source: Path | bytes, name: str = "") -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB, upright, transparency on white."""
+CUT_OFF = "truncated or damaged image (the file is cut off)"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a picture file says about itself without its pixels being decoded."""
+
+    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
+    problem: str = ""  # why it can't be used; "" when it can
+
+
+Result = TypeVar("Result")
+
+
+class PerFile(Generic[Result]):
+    """A fact about each file, worked out once and remembered while the file stays as it was.
+
+    The key is the path with the file's size, modification time and inode, so a file edited in place or
+    replaced (the staging folder replaces files by renaming new ones over them) is looked at anew. Every
+    entry can be worked out again from its file, so when there are too many the lot is forgotten.
+    Handlers run on several threads: at worst two of them work out the same entry.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self, work_out: Callable[[Path], Result]):
+        self.work_out = work_out
+        self._known: dict[tuple[str, int, int, int], Result] = {}
+
+    def __call__(self, path: Path) -> Result:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        try:
+            return self._known[key]
+        except KeyError:
+            pass
+        if len(self._known) >= self.LIMIT:
+            self._known.clear()
+        result = self._known[key] = self.work_out(path)
+        return result
+
+
+@contextlib.contextmanager
+def _opened(source: Path | bytes) -> Iterator[tuple[Image.Image, BinaryIO]]:
+    """The image with its header read and its size checked, and the open file; any failure inside the block
+    (a decoding one too) comes out as an UnusableImage with its plain reason."""
     if isinstance(source, Path) and source.stat().st_size == 0:
         raise UnusableImage("empty file (0 bytes)")
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise UnusableImage(f"too large ({width}x{height} px; at most {MAX_PIXELS // 1_000_000} megapixels)")
-            image.load()
+            handle = source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
+            with handle, Image.open(handle) as image:
+                _check_size(*image.size)
+                yield image, handle
     except UnusableImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -158,10 +212,80 @@ def open_image(source: Path | bytes, name: str = "") -> Image.Image:
         raise UnusableImage("not an image file, or a format that can't be read") from None
     except (OSError, SyntaxError, ValueError) as error:
         if "truncated" in str(error).lower():
-            raise UnusableImage("truncated or damaged image (the file is cut off)") from None
+            raise UnusableImage(CUT_OFF) from None
         raise UnusableImage(f"damaged image ({error})") from None
-    if min(image.size) < MIN_SIDE:
-        raise UnusableImage(f"too small ({image.width}x{image.height} px; needs at least {MIN_SIDE} px per side)")
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise UnusableImage(f"too large ({width}x{height} px; at most {MAX_PIXELS // 1_000_000} megapixels)")
+    if min(width, height) < MIN_SIDE:
+        raise UnusableImage(f"too small ({width}x{height} px; needs at least {MIN_SIDE} px per side)")
+
+
+def _read_header(path: Path) -> Header:
+    suffix = path.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        return Header(problem=f"{suffix} images are not supported (convert it to PNG or JPG)")
+    try:
+        with _opened(path) as (image, handle):
+            if _cut_off(handle, image.format):
+                raise UnusableImage(CUT_OFF)
+            # Image.getexif as such reads the EXIF that came with the header; PNG's own version decodes the
+            # pixels first, to look for an EXIF chunk after them, where writers don't put it.
+            orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+            return Header(size=image.size[::-1] if orientation in (5, 6, 7, 8) else image.size)
+    except UnusableImage as problem:
+        return Header(problem=str(problem))
+
+
+_headers = PerFile(_read_header)
+
+
+def read_header(path: Path) -> Header:
+    """What a picture file's header says, remembered per file: its upright size, or why it can't be used."""
+    return _headers(path)
+
+
+def _cut_off(handle: BinaryIO, image_format: str | None) -> bool:
+    """Whether the file stops before its picture ends (a download or copy cut short), told from where the
+    format's end marker is, without decoding. Only a sure answer counts: any other damage shows when decoding."""
+    end = handle.seek(0, os.SEEK_END)
+    if image_format in ("JPEG", "MPO"):
+        handle.seek(end - 2)
+        if handle.read(2) == b"\xff\xd9":
+            return False
+        # Something may follow the picture (a phone's motion photo carries its video there): then the end
+        # marker must come after the start of the first scan.
+        handle.seek(0)
+        content = handle.read()
+        first_scan = content.find(b"\xff\xda")
+        return first_scan < 0 or content.find(b"\xff\xd9", first_scan) < 0
+    if image_format == "PNG":
+        handle.seek(end - 12)
+        if handle.read(12) == b"\0\0\0\0IEND\xaeB`\x82":
+            return False
+        position = 8  # after the signature, chunk by chunk: length, type, data, checksum
+        while position + 8 <= end:
+            handle.seek(position)
+            length, kind = struct.unpack(">I4s", handle.read(8))
+            if kind == b"IEND":
+                return False
+            position += length + 12
+        return True
+    return False  # WebP: Pillow reads the whole file to open it, and refuses a cut one then
+
+
+def open_image(source: Path | bytes, draft_side: int = 0) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB, upright, transparency on white.
+
+    With `draft_side`, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps that many pixels
+    a side: a thumbnail costs a fraction of a full decoding.
+    """
+    with _opened(source) as (image, _):
+        if draft_side:
+            image.draft("RGB", (draft_side, draft_side))
+        image.load()
     return to_rgb(image)
 
 
@@ -252,21 +376,16 @@ def scan_folder(folder: str | Path, default_caption: str = "") -> Scan:
     scan = Scan()
     for path in picture_files(folder):
         relpath = path.relative_to(folder).as_posix()
-        suffix = path.suffix.lower()
-        if suffix in OTHER_IMAGE_SUFFIXES:
-            scan.skipped.append(Skipped(relpath, f"{suffix} images are not supported (convert it to PNG or JPG)"))
-            continue
-        try:
-            size = open_image(path).size
-        except UnusableImage as problem:
-            scan.skipped.append(Skipped(relpath, str(problem)))
+        header = read_header(path)
+        if header.problem:
+            scan.skipped.append(Skipped(relpath, header.problem))
             continue
         caption = _caption_for(path, relpath, metadata) or default_caption.strip()
         if not caption:
             where = "no line in the metadata file" if metadata is not None else f"no {path.stem}.txt beside it"
             scan.skipped.append(Skipped(relpath, f"no caption ({where}, and no default caption is set)"))
             continue
-        scan.examples.append(Example(path=path, caption=caption, size=size, relpath=relpath))
+        scan.examples.append(Example(path=path, caption=caption, size=header.size, relpath=relpath))
     return scan
 
 
@@ -277,12 +396,15 @@ def _caption_for(path: Path, relpath: str, metadata: dict[str, str] | None) -> s
     return read_caption_file(caption_file) if caption_file.is_file() else ""
 
 
-def _file_hash(path: Path) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_file_hash = PerFile(_sha256)
 
 
 # ---- Hugging Face datasets ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
 
 from lora_gui import data
 from lora_gui.demo import draw_shape
@@ -156,3 +157,27 @@ def test_hidden_and_os_files_are_passed_over_by_the_scan_the_import_the_zip_and_
     picture(staging.folder / "__MACOSX" / "x.png")  # even put straight into the folder
     assert captions(staging) == {"a.png": "a", "set/a.png": "a"}
     assert not (staging.folder / "set" / "__MACOSX").exists() and not (staging.folder / "Thumbs.db").exists()
+
+
+def test_a_caption_edit_and_its_recount_decode_and_hash_nothing(staging, tmp_path, monkeypatch):
+    staging.add_files(
+        dropped(
+            picture(tmp_path / "a.png", size=(300, 200), caption="a"),
+            picture(tmp_path / "same.png", size=(300, 200), caption="a copy"),  # byte-identical: hashed once
+            picture(tmp_path / "bare.jpg", size=(200, 100), seed=4),
+        )
+    )
+    staging.items()  # the thumbnails, as the Dataset tab draws them after a drop
+    assert staging.check(resolution=128).duplicates == [["a.png", "same.png"]]
+
+    decoded, opened, hashed = [], [], []
+    real_load, real_hash = ImageFile.ImageFile.load, data._file_hash.work_out
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or real_load(image))
+    monkeypatch.setattr(data, "open_image", lambda *args, **kwargs: opened.append(args))
+    monkeypatch.setattr(data._file_hash, "work_out", lambda path: hashed.append(path) or real_hash(path))
+    staging.set_caption("bare.jpg", "a bare picture")
+    report = staging.check(resolution=128)  # what the Dataset tab shows after the edit
+    assert sorted(e.relpath for e in report.usable) == ["a.png", "bare.jpg", "same.png"]
+    assert report.uncaptioned == [] and report.duplicates == [["a.png", "same.png"]]
+    assert report.usable[1].size == (200, 100)
+    assert (decoded, opened, hashed) == ([], [], [])

@@ -8,7 +8,8 @@ that may move.
 
 Checks read a picture's header only (its size, the limits, whether the file is cut off), and
 remember the answer per file, so the Dataset tab's checks stay instant however large the pictures
-are. Pixels are decoded once, when training caches latents.
+are. Pixels are decoded once, when training caches latents; a picture whose damage only shows then
+is left out there, with its reason.
 
 A file that can't be used is skipped with a reason a person understands; a user's file never
 produces a traceback.

@@ -201,6 +201,9 @@ def _run(
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
     latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, caching_progress)
+    # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left out.
+    examples, buckets = latents.keep(examples), latents.keep(buckets)
+    skipped += [str(each) for each in latents.skipped]
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     # Frozen text encoders encode each caption (and the empty one, for dropout) once, now.
     text = None if config.train_text_encoder else TextConditioning(pipe, family, accelerator.device, [*captions, ""])

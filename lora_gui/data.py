@@ -3,8 +3,8 @@
 Sources: a folder of images with same-name .txt captions (subfolders too), a folder with
 metadata.jsonl / metadata.csv (`file_name` + `text`, as `datasets`' imagefolder reads it), or a
 Hugging Face dataset. Whatever the source, the run gets its own copy in kohya's layout
-(image + same-name .txt), and training reads only that copy, so a run never depends on files
-that may move.
+(image + same-name .txt), written once, and training reads only that copy, so a run never depends
+on files that may move.
 
 Checks read a picture's header only (its size, the limits, whether the file is cut off), and
 remember the answer per file, so the Dataset tab's checks stay instant however large the pictures
@@ -33,13 +33,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Generic, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from lora_gui.errors import DataError
 from lora_gui.families import ImageGeometry
+
+if TYPE_CHECKING:
+    from lora_gui.config import TrainConfig
+    from lora_gui.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -498,23 +502,63 @@ def scan_source(source: str, default_caption: str = "", image_column: str = "", 
     return scan
 
 
-def copy_into_run(scan: Scan, dataset_dir: Path) -> Scan:
-    """Write the usable images and their captions into the run's dataset/ folder (kohya layout)."""
-    if dataset_dir.exists():
-        shutil.rmtree(dataset_dir)
-    dataset_dir.mkdir(parents=True)
+def copy_into_run(scan: Scan, dataset_dir: Path, link: bool = False) -> Scan:
+    """Write the usable images and their captions into the run's dataset/ folder (kohya layout).
+
+    The folder appears whole or not at all. With `link`, each image is a hard link to its source where the
+    disk allows (a copy otherwise): for sources whose files are only ever replaced, never rewritten in place,
+    as the app's staging folder, so the run keeps the pictures as they were.
+    """
+    building = dataset_dir.with_name(f".{dataset_dir.name}.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
     copied = Scan(skipped=list(scan.skipped))
-    for example in scan.examples:
-        relpath = example.relpath or example.path.name
-        target = dataset_dir / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if example.image is not None:
-            example.image.save(target)
-        else:
-            shutil.copy2(example.path, target)
-        target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
-        copied.examples.append(Example(path=target, caption=example.caption, size=example.size, relpath=relpath))
+    try:
+        for example in scan.examples:
+            relpath = example.relpath or example.path.name
+            target = building / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if example.image is not None:
+                example.image.save(target)
+            else:
+                _link_or_copy(example.path, target, link)
+            target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
+            copied.examples.append(
+                Example(path=dataset_dir / relpath, caption=example.caption, size=example.size, relpath=relpath)
+            )
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    os.replace(building, dataset_dir)
     return copied
+
+
+def _link_or_copy(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another disk, or a file system without hard links
+            pass
+    shutil.copy2(source, target)
+
+
+def prepare_run_dataset(config: TrainConfig, run: RunFolder) -> list[str]:
+    """Write the run's dataset/ from `config.data` and return what was left out, each with its reason.
+
+    The app writes dataset/ itself when Start is pressed, and points `config.data` at it: that folder is
+    used as it is, never copied onto itself, and what was left out then is read from the run's report.
+    """
+    if Path(config.data).expanduser().resolve() == run.dataset:
+        skipped = run.read_skipped()
+    else:
+        scan = scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
+        copy_into_run(scan, run.dataset)
+        skipped = [str(each) for each in scan.skipped]
+    for each in skipped:
+        log.warning("Skipped %s", each)
+    return skipped
 
 
 # ---- aspect-ratio buckets ----------------------------------------------------------------------

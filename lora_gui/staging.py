@@ -2,7 +2,9 @@
 
 Each browser session gets its own folder, <runs>/.staging/<id>/, in the layout a run trains on:
 images with same-name .txt captions. Every caption edit is written at once, so nothing lives only
-in the browser, and starting a run copies the folder as it is into the run's uploads/.
+in the browser, and starting a run writes the run's dataset/ from the folder as it is then
+(jobs.JobManager.submit_new). Files here are only ever replaced (a new file renamed over the old
+one) or removed, never rewritten in place, which is what lets that dataset/ hold hard links to them.
 """
 
 from __future__ import annotations
@@ -235,13 +237,6 @@ class Staging:
         if self.folder.resolve() not in path.parents or not path.is_file():
             raise DataError(f"{relpath} is not in this dataset (was it removed in another tab?)")
         return path
-
-    # ---- into a run ---------------------------------------------------------------------------
-    def copy_to(self, target: str | Path) -> Path:
-        """Copy the images and captions (not the thumbnails) into `target`, which must not exist yet."""
-        target = Path(target)
-        shutil.copytree(self.folder, target, ignore=shutil.ignore_patterns(THUMBNAILS))
-        return target
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

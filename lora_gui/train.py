@@ -149,19 +149,14 @@ def _run(
         accelerator.mixed_precision,
     )
 
-    # Data: check every image, copy the usable ones (with captions) into the run folder.
+    # Data: the usable images (with captions) in the run's own dataset/, written once, before any resume.
     emit(Event(events.MESSAGE, data={"text": "Checking images"}))
-    if main and not resume:
-        scan = data.scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
-        data.copy_into_run(scan, run.dataset)
-        for skipped in scan.skipped:
-            log.warning("Skipped %s", skipped)
+    skipped = data.prepare_run_dataset(config, run) if main and not resume else []
     if main:
         config.save(run.config)
     accelerator.wait_for_everyone()
     examples = data.scan_folder(run.dataset).examples
     data.Scan(examples=examples).require_some(str(run.dataset))
-    skipped = [str(s) for s in scan.skipped] if main and not resume else []
 
     # Model: the frozen base in the training precision; the VAE stays fp32.
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -241,6 +242,27 @@ def test_hugging_face_dataset_with_image_and_caption_columns(tmp_path):
         "000001.txt",
     ]
     assert [e.caption for e in scan_folder(tmp_path / "run/dataset").examples] == [e.caption for e in copied.examples]
+
+
+def test_the_run_copy_is_written_whole_with_hard_links_or_else_copies(tmp_path, monkeypatch):
+    source = tmp_path / "staged"
+    save(source, "a.png", shape())
+    save(source, "sub/b.png", shape((64, 64)), caption=None)
+    scan = scan_folder(source, default_caption="a default")
+    dataset = tmp_path / "run" / "dataset"
+    copied = copy_into_run(scan, dataset, link=True)
+    assert [e.path for e in copied.examples] == [dataset / "a.png", dataset / "sub/b.png"]
+    assert (dataset / "sub/b.txt").read_text() == "a default\n"
+    assert os.stat(dataset / "a.png").st_ino == os.stat(source / "a.png").st_ino
+    assert sorted(p.name for p in dataset.parent.iterdir()) == ["dataset"], "no temporary folder left"
+
+    def no_links(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)  # another disk: copies
+    copy_into_run(scan, dataset, link=True)
+    assert os.stat(dataset / "a.png").st_ino != os.stat(source / "a.png").st_ino
+    assert (dataset / "a.png").read_bytes() == (source / "a.png").read_bytes()
 
 
 def test_unusable_sources_fail_clearly(tmp_path):

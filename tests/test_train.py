@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import logging
+import shutil
 import weakref
 from pathlib import Path
 
@@ -374,6 +375,22 @@ def test_a_picture_whose_damage_only_decoding_shows_is_left_out_and_training_goe
         (alone / name).write_bytes((photos / name).read_bytes())
     with pytest.raises(DataError, match=r"no usable images .*every file was skipped \(1 truncated or damaged image\)"):
         train(quick_config(tiny_model, alone), tmp_path / "alone-run")
+
+
+def test_a_run_folder_laid_out_as_the_app_used_to_still_resumes_from_its_dataset(tiny_model, photos, tmp_path):
+    # Runs started in the app used to keep the drop in uploads/, which their config.json's data names.
+    run = tmp_path / "old-run"
+    shutil.copytree(photos, run / "uploads")
+    config = quick_config(tiny_model, run / "uploads", max_steps=4, checkpoint_every=2)
+    seen = []
+    train(config, run, on_event=seen.append, should_stop=lambda: any(e.kind == events.STEP for e in seen))
+    assert json.loads((run / "config.json").read_text())["data"] == str(run / "uploads")
+    shutil.rmtree(run / "uploads")  # a resumed run reads dataset/ only
+
+    resumed = []
+    train(config, run, resume=True, on_event=resumed.append)
+    assert resumed[-1].kind == events.FINISHED and resumed[-1].step == 4
+    assert (run / "old-run.safetensors").is_file(), "the kohya file, whose metadata is read from dataset/"
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_model, photos, tmp_path):

@@ -2,12 +2,15 @@
 
 Latents: each image (and its mirror image when random flip is on) goes through the VAE once; the
 cache keeps the latent distribution's mean and std, and each step draws a fresh sample from them
-exactly as an uncached VAE encode would. Text: each distinct caption (and the empty caption, for
-caption dropout) is encoded once, unless the text encoder is being trained.
+exactly as an uncached VAE encode would. This is where each picture is decoded, the only time: one
+whose damage only shows then (a cut-off file whose end looked whole) is left out, with its reason.
+Text: each distinct caption (and the empty caption, for caption dropout) is encoded once, unless
+the text encoder is being trained.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,8 +18,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from lora_gui.data import Example, fit_to_bucket, image_to_tensor, open_image
+from lora_gui.data import Example, Scan, Skipped, UnusableImage, fit_to_bucket, image_to_tensor, open_image
 from lora_gui.families import Family, ImageGeometry
+
+log = logging.getLogger(__name__)
 
 # Images per VAE call: 4 at 512 px, 1 from 1024 px, so encoding never needs more memory than training.
 ENCODE_PIXELS = 4 * 512 * 512
@@ -30,6 +35,12 @@ class LatentCache:
     scaling_factor: float
     shift_factor: float
     has_flips: bool
+    kept: list[int]  # the examples cached, by their index in the list given
+    skipped: list[Skipped]  # the others: their pixels failed to decode
+
+    def keep(self, items: list) -> list:
+        """The items (one per example given) of the examples that were cached, in the cache's order."""
+        return [items[index] for index in self.kept]
 
     def sample(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
         """Draw latents for a batch (all from one bucket, so they stack), already scaled for the UNet."""
@@ -57,6 +68,7 @@ def cache_latents(
     means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
     stds: list[torch.Tensor | None] = [None] * len(means)
     geometry: list[ImageGeometry | None] = [None] * len(examples)
+    skipped: list[Skipped] = []
     # Group by bucket so each VAE call gets images of one size.
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, bucket in enumerate(buckets):
@@ -68,25 +80,38 @@ def cache_latents(
             chunk = indices[start : start + per_call]
             pixels, rows = [], []
             for index in chunk:
-                image, geometry[index] = fit_to_bucket(open_image(examples[index].path), bucket)
+                try:
+                    image = open_image(examples[index].path)
+                except UnusableImage as problem:
+                    skipped.append(Skipped(examples[index].caption_source, str(problem)))
+                    log.warning("Skipped %s", skipped[-1])
+                    continue
+                image, geometry[index] = fit_to_bucket(image, bucket)
                 pixels.append(image_to_tensor(image))
                 rows.append(index)
                 if with_flips:
                     pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
                     rows.append(index + len(examples))
-            batch = torch.stack(pixels).to(device, dtype=vae.dtype)
-            distribution = vae.encode(batch).latent_dist
-            for row, mean, std in zip(rows, distribution.mean.float(), distribution.std.float(), strict=True):
-                means[row], stds[row] = mean.to(store), std.to(store)
+            if pixels:
+                batch = torch.stack(pixels).to(device, dtype=vae.dtype)
+                distribution = vae.encode(batch).latent_dist
+                for row, mean, std in zip(rows, distribution.mean.float(), distribution.std.float(), strict=True):
+                    means[row], stds[row] = mean.to(store), std.to(store)
             done += len(chunk)
             progress(done, len(examples))
+    kept = [index for index, fitted in enumerate(geometry) if fitted is not None]
+    if not kept:  # every picture failed to decode: say why, as a scan that finds nothing usable does
+        Scan(skipped=skipped).require_some("the run's dataset")
+    rows = kept + ([index + len(examples) for index in kept] if with_flips else [])
     return LatentCache(
-        mean=means,  # type: ignore[arg-type]
-        std=stds,  # type: ignore[arg-type]
-        geometry=geometry,  # type: ignore[arg-type]
+        mean=[means[row] for row in rows],  # type: ignore[misc]
+        std=[stds[row] for row in rows],  # type: ignore[misc]
+        geometry=[geometry[index] for index in kept],  # type: ignore[misc]
         scaling_factor=vae.config.scaling_factor,
         shift_factor=vae.config.get("shift_factor") or 0.0,
         has_flips=with_flips,
+        kept=kept,
+        skipped=skipped,
     )
 
 

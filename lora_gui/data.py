@@ -3,8 +3,13 @@
 Sources: a folder of images with same-name .txt captions (subfolders too), a folder with
 metadata.jsonl / metadata.csv (`file_name` + `text`, as `datasets`' imagefolder reads it), or a
 Hugging Face dataset. Whatever the source, the run gets its own copy in kohya's layout
-(image + same-name .txt), and training reads only that copy, so a run never depends on files
-that may move.
+(image + same-name .txt), written once, and training reads only that copy, so a run never depends
+on files that may move.
+
+Checks read a picture's header only (its size, the limits, whether the file is cut off), and
+remember the answer per file, so the Dataset tab's checks stay instant however large the pictures
+are. Pixels are decoded once, when training caches latents; a picture whose damage only shows then
+is left out there, with its reason.
 
 A file that can't be used is skipped with a reason a person understands; a user's file never
 produces a traceback.
@@ -12,29 +17,43 @@ produces a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import struct
 import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from lora_gui.errors import DataError
 from lora_gui.families import ImageGeometry
+
+if TYPE_CHECKING:
+    from lora_gui.config import TrainConfig
+    from lora_gui.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Image formats people drop in that we can't read; named so they are reported, not silently ignored.
 OTHER_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2")
+ALL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES
+# Never the user's pictures, wherever they sit (compared in lower case), besides every hidden name (.DS_Store,
+# macOS's ._name copies): the folder macOS adds to zips, and what Windows leaves in folders.
+IGNORED_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 MIN_SIDE = 32
 MAX_PIXELS = 64_000_000
@@ -73,10 +92,13 @@ class Scan:
     skipped: list[Skipped] = field(default_factory=list)
 
     def duplicates(self) -> list[list[str]]:
-        """Groups of byte-identical images."""
+        """Groups of byte-identical images. Only files of the same size can be, so only those are hashed."""
+        sizes = [example.path.stat().st_size for example in self.examples]
+        counts = Counter(sizes)
         by_hash: dict[str, list[str]] = {}
-        for example in self.examples:
-            by_hash.setdefault(_file_hash(example.path), []).append(example.caption_source)
+        for example, size in zip(self.examples, sizes, strict=True):
+            if counts[size] > 1:
+                by_hash.setdefault(_file_hash(example.path), []).append(example.caption_source)
         return [names for names in by_hash.values() if len(names) > 1]
 
     def smaller_than(self, resolution: int) -> list[Example]:
@@ -102,24 +124,91 @@ class Scan:
         raise DataError(f"no usable images in {source}: every file was skipped ({summary}).{hint}")
 
 
+# ---- which files are pictures -------------------------------------------------------------------
+def is_ignored(name: str) -> bool:
+    """Whether a file or folder name is one to pass over: hidden, or left by an operating system."""
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def picture_files(folder: Path) -> list[Path]:
+    """Every file in `folder` and its subfolders that is named as a picture (readable or not), in path order.
+
+    The one walk every folder of pictures goes through (a scan, a folder import, the staged listing), so
+    they all pass over the same names. Symlinked folders are not entered, so a link loop can't trap it.
+    """
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if is_ignored(entry.name):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in ALL_IMAGE_SUFFIXES:
+                    found.append(Path(entry.path))
+    return sorted(found)
+
+
 # ---- reading one image -------------------------------------------------------------------------
 class UnusableImage(Exception):
     """Raised with the plain reason an image can't be used."""
 
 
-def open_image(source: Path | bytes, name: str = "") -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB, upright, transparency on white."""
+CUT_OFF = "truncated or damaged image (the file is cut off)"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a picture file says about itself without its pixels being decoded."""
+
+    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
+    problem: str = ""  # why it can't be used; "" when it can
+
+
+Result = TypeVar("Result")
+
+
+class PerFile(Generic[Result]):
+    """A fact about each file, worked out once and remembered while the file stays as it was.
+
+    The key is the path with the file's size, modification time and inode, so a file edited in place or
+    replaced (the staging folder replaces files by renaming new ones over them) is looked at anew. Every
+    entry can be worked out again from its file, so when there are too many the lot is forgotten.
+    Handlers run on several threads: at worst two of them work out the same entry.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self, work_out: Callable[[Path], Result]):
+        self.work_out = work_out
+        self._known: dict[tuple[str, int, int, int], Result] = {}
+
+    def __call__(self, path: Path) -> Result:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        try:
+            return self._known[key]
+        except KeyError:
+            pass
+        if len(self._known) >= self.LIMIT:
+            self._known.clear()
+        result = self._known[key] = self.work_out(path)
+        return result
+
+
+@contextlib.contextmanager
+def _opened(source: Path | bytes) -> Iterator[tuple[Image.Image, BinaryIO]]:
+    """The image with its header read and its size checked, and the open file; any failure inside the block
+    (a decoding one too) comes out as an UnusableImage with its plain reason."""
     if isinstance(source, Path) and source.stat().st_size == 0:
         raise UnusableImage("empty file (0 bytes)")
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise UnusableImage(f"too large ({width}x{height} px; at most {MAX_PIXELS // 1_000_000} megapixels)")
-            image.load()
+            handle = source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
+            with handle, Image.open(handle) as image:
+                _check_size(*image.size)
+                yield image, handle
     except UnusableImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -128,10 +217,80 @@ def open_image(source: Path | bytes, name: str = "") -> Image.Image:
         raise UnusableImage("not an image file, or a format that can't be read") from None
     except (OSError, SyntaxError, ValueError) as error:
         if "truncated" in str(error).lower():
-            raise UnusableImage("truncated or damaged image (the file is cut off)") from None
+            raise UnusableImage(CUT_OFF) from None
         raise UnusableImage(f"damaged image ({error})") from None
-    if min(image.size) < MIN_SIDE:
-        raise UnusableImage(f"too small ({image.width}x{image.height} px; needs at least {MIN_SIDE} px per side)")
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise UnusableImage(f"too large ({width}x{height} px; at most {MAX_PIXELS // 1_000_000} megapixels)")
+    if min(width, height) < MIN_SIDE:
+        raise UnusableImage(f"too small ({width}x{height} px; needs at least {MIN_SIDE} px per side)")
+
+
+def _read_header(path: Path) -> Header:
+    suffix = path.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        return Header(problem=f"{suffix} images are not supported (convert it to PNG or JPG)")
+    try:
+        with _opened(path) as (image, handle):
+            if _cut_off(handle, image.format):
+                raise UnusableImage(CUT_OFF)
+            # Image.getexif as such reads the EXIF that came with the header; PNG's own version decodes the
+            # pixels first, to look for an EXIF chunk after them, where writers don't put it.
+            orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+            return Header(size=image.size[::-1] if orientation in (5, 6, 7, 8) else image.size)
+    except UnusableImage as problem:
+        return Header(problem=str(problem))
+
+
+_headers = PerFile(_read_header)
+
+
+def read_header(path: Path) -> Header:
+    """What a picture file's header says, remembered per file: its upright size, or why it can't be used."""
+    return _headers(path)
+
+
+def _cut_off(handle: BinaryIO, image_format: str | None) -> bool:
+    """Whether the file stops before its picture ends (a download or copy cut short), told from where the
+    format's end marker is, without decoding. Only a sure answer counts: any other damage shows when decoding."""
+    end = handle.seek(0, os.SEEK_END)
+    if image_format in ("JPEG", "MPO"):
+        handle.seek(end - 2)
+        if handle.read(2) == b"\xff\xd9":
+            return False
+        # Something may follow the picture (a phone's motion photo carries its video there): then the end
+        # marker must come after the start of the first scan.
+        handle.seek(0)
+        content = handle.read()
+        first_scan = content.find(b"\xff\xda")
+        return first_scan < 0 or content.find(b"\xff\xd9", first_scan) < 0
+    if image_format == "PNG":
+        handle.seek(end - 12)
+        if handle.read(12) == b"\0\0\0\0IEND\xaeB`\x82":
+            return False
+        position = 8  # after the signature, chunk by chunk: length, type, data, checksum
+        while position + 8 <= end:
+            handle.seek(position)
+            length, kind = struct.unpack(">I4s", handle.read(8))
+            if kind == b"IEND":
+                return False
+            position += length + 12
+        return True
+    return False  # WebP: Pillow reads the whole file to open it, and refuses a cut one then
+
+
+def open_image(source: Path | bytes, draft_side: int = 0) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB, upright, transparency on white.
+
+    With `draft_side`, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps that many pixels
+    a side: a thumbnail costs a fraction of a full decoding.
+    """
+    with _opened(source) as (image, _):
+        if draft_side:
+            image.draft("RGB", (draft_side, draft_side))
+        image.load()
     return to_rgb(image)
 
 
@@ -220,27 +379,18 @@ def scan_folder(folder: str | Path, default_caption: str = "") -> Scan:
         raise DataError(f"the image folder {folder} does not exist; check the path")
     metadata = metadata_captions(folder)
     scan = Scan()
-    for path in sorted(folder.rglob("*")):
+    for path in picture_files(folder):
         relpath = path.relative_to(folder).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        suffix = path.suffix.lower()
-        if suffix in OTHER_IMAGE_SUFFIXES:
-            scan.skipped.append(Skipped(relpath, f"{suffix} images are not supported (convert it to PNG or JPG)"))
-            continue
-        if suffix not in IMAGE_SUFFIXES:
-            continue
-        try:
-            size = open_image(path).size
-        except UnusableImage as problem:
-            scan.skipped.append(Skipped(relpath, str(problem)))
+        header = read_header(path)
+        if header.problem:
+            scan.skipped.append(Skipped(relpath, header.problem))
             continue
         caption = _caption_for(path, relpath, metadata) or default_caption.strip()
         if not caption:
             where = "no line in the metadata file" if metadata is not None else f"no {path.stem}.txt beside it"
             scan.skipped.append(Skipped(relpath, f"no caption ({where}, and no default caption is set)"))
             continue
-        scan.examples.append(Example(path=path, caption=caption, size=size, relpath=relpath))
+        scan.examples.append(Example(path=path, caption=caption, size=header.size, relpath=relpath))
     return scan
 
 
@@ -251,12 +401,15 @@ def _caption_for(path: Path, relpath: str, metadata: dict[str, str] | None) -> s
     return read_caption_file(caption_file) if caption_file.is_file() else ""
 
 
-def _file_hash(path: Path) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_file_hash = PerFile(_sha256)
 
 
 # ---- Hugging Face datasets ---------------------------------------------------------------------
@@ -265,7 +418,7 @@ def is_hf_dataset_folder(folder: Path) -> bool:
     if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
         return True
     has_tables = any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
-    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
+    has_images = any(path.suffix.lower() in IMAGE_SUFFIXES for path in picture_files(folder))
     return has_tables and not has_images
 
 
@@ -349,23 +502,63 @@ def scan_source(source: str, default_caption: str = "", image_column: str = "", 
     return scan
 
 
-def copy_into_run(scan: Scan, dataset_dir: Path) -> Scan:
-    """Write the usable images and their captions into the run's dataset/ folder (kohya layout)."""
-    if dataset_dir.exists():
-        shutil.rmtree(dataset_dir)
-    dataset_dir.mkdir(parents=True)
+def copy_into_run(scan: Scan, dataset_dir: Path, link: bool = False) -> Scan:
+    """Write the usable images and their captions into the run's dataset/ folder (kohya layout).
+
+    The folder appears whole or not at all. With `link`, each image is a hard link to its source where the
+    disk allows (a copy otherwise): for sources whose files are only ever replaced, never rewritten in place,
+    as the app's staging folder, so the run keeps the pictures as they were.
+    """
+    building = dataset_dir.with_name(f".{dataset_dir.name}.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
     copied = Scan(skipped=list(scan.skipped))
-    for example in scan.examples:
-        relpath = example.relpath or example.path.name
-        target = dataset_dir / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if example.image is not None:
-            example.image.save(target)
-        else:
-            shutil.copy2(example.path, target)
-        target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
-        copied.examples.append(Example(path=target, caption=example.caption, size=example.size, relpath=relpath))
+    try:
+        for example in scan.examples:
+            relpath = example.relpath or example.path.name
+            target = building / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if example.image is not None:
+                example.image.save(target)
+            else:
+                _link_or_copy(example.path, target, link)
+            target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
+            copied.examples.append(
+                Example(path=dataset_dir / relpath, caption=example.caption, size=example.size, relpath=relpath)
+            )
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    os.replace(building, dataset_dir)
     return copied
+
+
+def _link_or_copy(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another disk, or a file system without hard links
+            pass
+    shutil.copy2(source, target)
+
+
+def prepare_run_dataset(config: TrainConfig, run: RunFolder) -> list[str]:
+    """Write the run's dataset/ from `config.data` and return what was left out, each with its reason.
+
+    The app writes dataset/ itself when Start is pressed, and points `config.data` at it: that folder is
+    used as it is, never copied onto itself, and what was left out then is read from the run's report.
+    """
+    if Path(config.data).expanduser().resolve() == run.dataset:
+        skipped = run.read_skipped()
+    else:
+        scan = scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
+        copy_into_run(scan, run.dataset)
+        skipped = [str(each) for each in scan.skipped]
+    for each in skipped:
+        log.warning("Skipped %s", each)
+    return skipped
 
 
 # ---- aspect-ratio buckets ----------------------------------------------------------------------

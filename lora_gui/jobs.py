@@ -11,13 +11,14 @@ import dataclasses
 import itertools
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_gui import events
+from lora_gui import data, events
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
@@ -216,6 +217,26 @@ class JobManager:
         self._queue.put(job)
         log.info("Queued run %s (job %d)", run.name, job.job_id)
         return job
+
+    def submit_new(self, config: TrainConfig, run_dir: str | Path, pictures: str | Path) -> Job:
+        """Queue a new run on a folder of pictures as it is now (the app's staging folder, which its visitor may
+        go on editing while the run waits its turn): the run's dataset/ is written from it at once, with hard
+        links where the disk allows, and the run trains on that."""
+        run = RunFolder(Path(run_dir))
+        try:
+            run.path.mkdir(parents=True)
+        except FileExistsError:
+            raise LoraGuiError(
+                f"a run named {run.name} already exists: pick another name (or resume that one from the Runs tab)"
+            ) from None
+        try:
+            scan = data.scan_folder(pictures, config.default_caption)
+            data.copy_into_run(scan, run.dataset, link=True)
+            run.write_skipped([str(each) for each in scan.skipped])
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        return self.submit(config.replace(data=str(run.dataset)), run.path)
 
     def resume(self, run_dir: str | Path) -> Job:
         """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""

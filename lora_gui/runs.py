@@ -7,7 +7,10 @@ runs/<name>/
   lora_info.json                        (how far training went: the LoRA files' metadata is rebuilt from it)
   README.md                             (the model card, as the Hugging Face Hub shows it)
   status.json                           (queued/running/finished/... as the app last saw it)
-  uploads/                              (what was dropped in the app, as it was dropped)
+  data_report.json                      (the pictures left out, each with its reason)
+
+Runs started by the app before dataset/ was written at Start also hold uploads/ (the pictures as
+dropped), which their config.json's `data` names; nothing reads it again, as a resumed run reads dataset/.
 """
 
 from __future__ import annotations
@@ -50,6 +53,17 @@ class RunFolder:
     @property
     def dataset(self) -> Path:
         return self.path / "dataset"
+
+    @property
+    def data_report(self) -> Path:
+        return self.path / "data_report.json"
+
+    def write_skipped(self, skipped: list[str]) -> None:
+        """Record the pictures left out of dataset/, each as 'name: reason'."""
+        write_text_atomic(self.data_report, json.dumps({"skipped": skipped}, indent=2))
+
+    def read_skipped(self) -> list[str]:
+        return [str(each) for each in _read_json(self.data_report).get("skipped", [])]
 
     @property
     def checkpoints(self) -> Path:

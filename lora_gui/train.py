@@ -248,7 +248,7 @@ def _set_up(
         start_step=0,
         clock=clock,
     )
-    _start_or_resume(t, resume, len(examples), skipped, emit)
+    _start_or_resume(t, resume, len(captions), [*skipped, *map(str, latents.skipped)], emit)
     return t
 
 
@@ -272,17 +272,12 @@ def _accelerator(config: TrainConfig) -> tuple[Accelerator, str]:
 def _prepare_data(
     config: TrainConfig, run: RunFolder, resume: bool, accelerator: Accelerator, emit: EventHandler
 ) -> tuple[list[data.Example], list[str]]:
-    """Check every image, copy the usable ones (with captions) into the run folder; the run's images
-    and what was skipped. A resumed run trains on the copy it already has."""
+    """The usable images (with captions) in the run's own dataset/, written once, before any resume;
+    the run's images and what was skipped."""
     emit(Event(events.MESSAGE, data={"text": "Checking images"}))
-    skipped: list[str] = []
-    if accelerator.is_main_process and not resume:
-        scan = data.scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
-        data.copy_into_run(scan, run.dataset)
-        skipped = [str(s) for s in scan.skipped]
-        for reason in skipped:
-            log.warning("Skipped %s", reason)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    skipped = data.prepare_run_dataset(config, run) if main and not resume else []
+    if main:
         config.save(run.config)
     accelerator.wait_for_everyone()
     examples = data.scan_folder(run.dataset).examples
@@ -334,7 +329,8 @@ def _build_caches(
     should_stop: Callable[[], bool],
 ) -> tuple[LatentCache, list[str], TextConditioning | None, data.BatchOrder]:
     """Latents of every image and, for frozen text encoders, embeddings of every caption, computed once;
-    then the VAE and frozen encoders wait in CPU memory until the previews, and the UNet comes."""
+    then the VAE and frozen encoders wait in CPU memory until the previews, and the UNet comes. The
+    captions are those of the images that decoded."""
     buckets = data.assign_buckets(examples, config.resolution, _bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
@@ -344,6 +340,9 @@ def _build_caches(
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
     latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, progress)
+    # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
+    # out, and `latents.skipped` says why.
+    examples, buckets = latents.keep(examples), latents.keep(buckets)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     text = None
     if not config.train_text_encoder:  # and the empty caption, for dropout

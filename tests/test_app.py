@@ -85,7 +85,7 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     assert "Stopping visitor-a" in text(first.predict(api_name="/stop"))
     stopped = wait_until(first, "stopped at step")
     assert "pytorch_lora_weights.safetensors" in text(stopped[4])  # the LoRA so far, offered for download
-    assert (app_server.runs_dir / "visitor-a" / "uploads" / "demo_11.png").is_file()  # the drop, kept in the run
+    assert (app_server.runs_dir / "visitor-a" / "dataset" / "demo_11.png").is_file()  # the drop, kept in the run
 
     finished = wait_until(second, "<b>visitor-b</b> finished: 6 steps")
     plot, samples, log = finished[1], finished[2], finished[3]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from lora_gui.data import (
+    CUT_OFF,
     MIN_SIDE,
     BatchOrder,
     assign_buckets,
@@ -67,6 +70,60 @@ def test_each_kind_of_bad_file_is_skipped_with_its_reason(tmp_path):
     assert reasons["nocaption.png"].startswith("no caption (no nocaption.txt beside it")
     assert reasons["anim.gif"].startswith(".gif images are not supported")
     assert ".hidden.png" not in reasons, "hidden files (.DS_Store, ._name) are not the user's images"
+
+
+def test_checks_read_headers_only(tmp_path, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: the 120x60 picture stands 60x120
+    save(tmp_path, "turned.jpg", shape((120, 60)), exif=exif.tobytes())
+    save(tmp_path, "turned.png", shape((120, 60)), exif=exif.tobytes())
+    save(tmp_path, "c.webp", shape(), format="WEBP")
+    save(tmp_path, "d.bmp", shape())
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or real_load(image))
+    scan = scan_folder(tmp_path)
+    assert [(e.relpath, e.size) for e in scan.examples] == [
+        ("c.webp", (80, 64)),
+        ("d.bmp", (80, 64)),
+        ("turned.jpg", (60, 120)),
+        ("turned.png", (60, 120)),
+    ]
+    assert decoded == []
+
+
+def test_cut_off_files_are_told_from_their_ends_and_data_after_the_end_is_fine(tmp_path):
+    for name, fmt in [("cut.png", "PNG"), ("cut.webp", "WEBP"), ("cut.jpg", "JPEG")]:
+        whole = io.BytesIO()
+        draw_shape("square", (40, 80, 220), (300, 300), seed=2).save(whole, format=fmt)
+        (tmp_path / name).write_bytes(whole.getvalue()[: len(whole.getvalue()) * 3 // 4])
+        (tmp_path / name).with_suffix(".txt").write_text("a photo")
+    # A phone's motion photo: a whole JPEG with a video after its end marker.
+    motion = save(tmp_path, "motion.jpg", shape((300, 300)))
+    motion.write_bytes(motion.read_bytes() + b"ftypmp42" + os.urandom(5000))
+    scan = scan_folder(tmp_path)
+    reasons = {s.name: s.reason for s in scan.skipped}
+    assert reasons["cut.jpg"] == reasons["cut.png"] == CUT_OFF
+    assert reasons["cut.webp"].startswith("damaged image")  # Pillow reads a WebP whole to open it
+    assert [e.relpath for e in scan.examples] == ["motion.jpg"]
+
+
+def test_checks_are_remembered_per_file_until_it_changes(tmp_path, monkeypatch):
+    path = save(tmp_path, "a.png", shape((80, 64)))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: opened.append(args) or real_open(*args, **kwargs))
+    assert scan_folder(tmp_path).examples[0].size == (80, 64)
+    assert scan_folder(tmp_path).examples[0].size == (80, 64)
+    assert len(opened) == 1, "an unchanged file is read once"
+    # Replaced by renaming a new file over it, as the staging folder does: a new file, even at the same size.
+    shape((64, 80)).save(tmp_path / "new.png")
+    os.replace(tmp_path / "new.png", path)
+    assert scan_folder(tmp_path).examples[0].size == (64, 80)
+    # Rewritten in place.
+    path.write_bytes(path.read_bytes()[:300])
+    assert scan_folder(tmp_path).skipped[0].reason == CUT_OFF
+    assert len(opened) == 3
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -185,6 +242,27 @@ def test_hugging_face_dataset_with_image_and_caption_columns(tmp_path):
         "000001.txt",
     ]
     assert [e.caption for e in scan_folder(tmp_path / "run/dataset").examples] == [e.caption for e in copied.examples]
+
+
+def test_the_run_copy_is_written_whole_with_hard_links_or_else_copies(tmp_path, monkeypatch):
+    source = tmp_path / "staged"
+    save(source, "a.png", shape())
+    save(source, "sub/b.png", shape((64, 64)), caption=None)
+    scan = scan_folder(source, default_caption="a default")
+    dataset = tmp_path / "run" / "dataset"
+    copied = copy_into_run(scan, dataset, link=True)
+    assert [e.path for e in copied.examples] == [dataset / "a.png", dataset / "sub/b.png"]
+    assert (dataset / "sub/b.txt").read_text() == "a default\n"
+    assert os.stat(dataset / "a.png").st_ino == os.stat(source / "a.png").st_ino
+    assert sorted(p.name for p in dataset.parent.iterdir()) == ["dataset"], "no temporary folder left"
+
+    def no_links(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)  # another disk: copies
+    copy_into_run(scan, dataset, link=True)
+    assert os.stat(dataset / "a.png").st_ino != os.stat(source / "a.png").st_ino
+    assert (dataset / "a.png").read_bytes() == (source / "a.png").read_bytes()
 
 
 def test_unusable_sources_fail_clearly(tmp_path):

@@ -3,6 +3,8 @@ belongs to the server, readable by anyone after the tab that started it is gone.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 
@@ -10,9 +12,13 @@ import pytest
 from conftest import quick_config
 from diffusers import StableDiffusionPipeline
 
+from lora_gui import data
 from lora_gui import jobs as jobs_module
+from lora_gui.demo import write_demo_dataset
+from lora_gui.errors import LoraGuiError
 from lora_gui.jobs import JobManager
 from lora_gui.runs import list_runs, summarize
+from lora_gui.staging import Staging
 
 
 @pytest.fixture
@@ -120,3 +126,40 @@ def test_a_failed_run_says_why_and_the_next_run_still_trains(tiny_model, photos,
     assert "not found" in summary.message
     with pytest.raises(Exception, match="no saved checkpoint"):
         manager.resume(tmp_path / "bad")
+
+
+def test_a_run_on_the_staged_pictures_gets_its_dataset_written_once_at_start(
+    tiny_model, tmp_path, manager, monkeypatch
+):
+    staging = Staging.for_session(tmp_path / "runs")
+    staging.import_folder(write_demo_dataset(tmp_path / "photos", count=4, size=(64, 64)))
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a picture")
+    staging.add_files([broken])
+    staging.items()  # the thumbnails, which stay behind
+    written = []
+    real_copy = data.copy_into_run
+    monkeypatch.setattr(
+        data, "copy_into_run", lambda *args, **kwargs: written.append(args[1]) or real_copy(*args, **kwargs)
+    )
+
+    run_dir = tmp_path / "runs" / "from-the-app"
+    job = manager.submit_new(quick_config(tiny_model, "", max_steps=2), run_dir, staging.folder)
+    # The visitor goes on editing while the run waits and trains: the run keeps the pictures as they were.
+    staging.set_caption("demo_00.png", "changed after Start")
+    staging.remove("demo_01.png")
+    state = manager.wait(job.job_id, timeout=120)
+
+    assert state.status == "finished"
+    dataset = run_dir.resolve() / "dataset"
+    assert written == [dataset], "written once, at Start; the run did not copy it onto itself"
+    assert sorted(p.name for p in dataset.iterdir()) == [f"demo_0{i}.{ext}" for i in range(4) for ext in ("png", "txt")]
+    assert (dataset / "demo_00.txt").read_text() == "a photo of a red circle\n"
+    assert os.stat(dataset / "demo_02.png").st_ino == os.stat(staging.folder / "demo_02.png").st_ino  # a hard link
+    assert not (run_dir / "uploads").exists()
+    assert json.loads((run_dir / "config.json").read_text())["data"] == str(dataset)
+    assert any("Skipped broken.png: not an image file" in line for line in state.log)
+    assert any("Training a sd15 LoRA on 4 images" in line for line in state.log)
+
+    with pytest.raises(LoraGuiError, match="a run named from-the-app already exists: pick another name"):
+        manager.submit_new(quick_config(tiny_model, ""), run_dir, staging.folder)

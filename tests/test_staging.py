@@ -7,7 +7,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
 
+from lora_gui import data
 from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
 from lora_gui.staging import STAGING_DIR, Staging
@@ -120,11 +122,8 @@ def test_checks_name_every_problem(staging, tmp_path):
     assert broken_item.thumbnail is None and "not an image" in broken_item.problem
 
 
-def test_copy_to_a_run_and_session_ids(staging, tmp_path):
+def test_session_ids_and_removing(staging, tmp_path):
     staging.add_files(dropped(picture(tmp_path / "a.png", caption="a")))
-    staging.items()  # makes thumbnails, which must not travel
-    target = staging.copy_to(tmp_path / "run" / "uploads")
-    assert sorted(p.name for p in target.iterdir()) == ["a.png", "a.txt"]
     runs = tmp_path / "runs"
     assert Staging.find(runs, staging.session_id).folder == staging.folder
     assert Staging.find(runs, "../../etc") is None
@@ -133,3 +132,49 @@ def test_copy_to_a_run_and_session_ids(staging, tmp_path):
     assert staging.items() == []
     with pytest.raises(DataError, match="not in this dataset"):
         staging.set_caption("../../a.png", "x")
+
+
+def test_hidden_and_os_files_are_passed_over_by_the_scan_the_import_the_zip_and_the_listing(staging, tmp_path):
+    source = tmp_path / "from-a-mac"
+    picture(source / "a.png", caption="a")
+    for name in ("__MACOSX/a.png", "__MACOSX/._a.png", "._a.png", ".hidden/b.png", "sub/.c.png"):
+        picture(source / name, seed=2, caption="not the user's")  # real pictures, in places no user put them
+    for name in (".DS_Store", "sub/Thumbs.db", "desktop.ini"):
+        (source / name).write_bytes(b"\0junk")
+    assert [e.relpath for e in data.scan_folder(source).examples] == ["a.png"]
+    assert data.scan_folder(source).skipped == []
+
+    assert staging.import_folder(source) == []
+    archive = tmp_path / "from-a-mac.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in source.rglob("*"):
+            if path.is_file():
+                zipped.write(path, f"set/{path.relative_to(source).as_posix()}")
+    assert staging.add_files([archive, source / "._a.png", source / ".DS_Store", source / "desktop.ini"]) == []
+    picture(staging.folder / "__MACOSX" / "x.png")  # even put straight into the folder
+    assert captions(staging) == {"a.png": "a", "set/a.png": "a"}
+    assert not (staging.folder / "set" / "__MACOSX").exists() and not (staging.folder / "Thumbs.db").exists()
+
+
+def test_a_caption_edit_and_its_recount_decode_and_hash_nothing(staging, tmp_path, monkeypatch):
+    staging.add_files(
+        dropped(
+            picture(tmp_path / "a.png", size=(300, 200), caption="a"),
+            picture(tmp_path / "same.png", size=(300, 200), caption="a copy"),  # byte-identical: hashed once
+            picture(tmp_path / "bare.jpg", size=(200, 100), seed=4),
+        )
+    )
+    staging.items()  # the thumbnails, as the Dataset tab draws them after a drop
+    assert staging.check(resolution=128).duplicates == [["a.png", "same.png"]]
+
+    decoded, opened, hashed = [], [], []
+    real_load, real_hash = ImageFile.ImageFile.load, data._file_hash.work_out
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or real_load(image))
+    monkeypatch.setattr(data, "open_image", lambda *args, **kwargs: opened.append(args))
+    monkeypatch.setattr(data._file_hash, "work_out", lambda path: hashed.append(path) or real_hash(path))
+    staging.set_caption("bare.jpg", "a bare picture")
+    report = staging.check(resolution=128)  # what the Dataset tab shows after the edit
+    assert sorted(e.relpath for e in report.usable) == ["a.png", "bare.jpg", "same.png"]
+    assert report.uncaptioned == [] and report.duplicates == [["a.png", "same.png"]]
+    assert report.usable[1].size == (200, 100)
+    assert (decoded, opened, hashed) == ([], [], [])

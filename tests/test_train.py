@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
+import shutil
 import weakref
 from pathlib import Path
 
@@ -346,6 +348,49 @@ def test_unusable_data_fails_with_a_plain_message_and_event(tiny_model, tmp_path
         train(quick_config(tiny_model, empty), tmp_path / "run", on_event=received.append)
     assert received[-1].kind == events.FAILED and "no usable images" in received[-1].data["message"]
     assert "no usable images" in (tmp_path / "run/train.log").read_text()
+
+
+def test_a_picture_whose_damage_only_decoding_shows_is_left_out_and_training_goes_on(tiny_model, photos, tmp_path):
+    # A cut-off JPEG whose end marker seems to follow its picture: a camera's EXIF thumbnail carries its own
+    # (a scan start and an end), which a comment holding those bytes stands in for. Only decoding sees the cut.
+    whole = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(whole, format="JPEG", comment=b"\xff\xda\xff\xd9")
+    (photos / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) * 3 // 4])
+    (photos / "cut.txt").write_text("a photo of a red square")
+    assert [e.relpath for e in scan_folder(photos).examples if e.relpath == "cut.jpg"] == ["cut.jpg"]
+
+    received = []
+    train(quick_config(tiny_model, photos, max_steps=2), tmp_path / "run", on_event=received.append)
+    started = next(e for e in received if e.kind == events.STARTED)
+    reason = "cut.jpg: truncated or damaged image (the file is cut off)"
+    assert started.data["images"] == 6 and started.data["skipped"] == [reason]
+    assert received[-1].kind == events.FINISHED
+    assert json.loads((tmp_path / "run/data_report.json").read_text()) == {"skipped": [reason]}
+    assert f"Skipped {reason}" in (tmp_path / "run/train.log").read_text()
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("cut.jpg", "cut.txt"):
+        (alone / name).write_bytes((photos / name).read_bytes())
+    with pytest.raises(DataError, match=r"no usable images .*every file was skipped \(1 truncated or damaged image\)"):
+        train(quick_config(tiny_model, alone), tmp_path / "alone-run")
+
+
+def test_a_run_folder_laid_out_as_the_app_used_to_still_resumes_from_its_dataset(tiny_model, photos, tmp_path):
+    # Runs started in the app used to keep the drop in uploads/, which their config.json's data names.
+    run = tmp_path / "old-run"
+    shutil.copytree(photos, run / "uploads")
+    config = quick_config(tiny_model, run / "uploads", max_steps=4, checkpoint_every=2)
+    seen = []
+    train(config, run, on_event=seen.append, should_stop=lambda: any(e.kind == events.STEP for e in seen))
+    assert json.loads((run / "config.json").read_text())["data"] == str(run / "uploads")
+    shutil.rmtree(run / "uploads")  # a resumed run reads dataset/ only
+
+    resumed = []
+    train(config, run, resume=True, on_event=resumed.append)
+    assert resumed[-1].kind == events.FINISHED and resumed[-1].step == 4
+    assert (run / "old-run.safetensors").is_file(), "the kohya file, whose metadata is read from dataset/"
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_model, photos, tmp_path):

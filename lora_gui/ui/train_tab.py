@@ -170,7 +170,7 @@ def wire_train_tab(ctx: Ctx) -> None:
 
 # ---- handlers ----------------------------------------------------------------------------------
 def start(ctx: Ctx, session: str, run_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
-    """Check everything that can be checked now, save the pictures into the run folder, queue the run."""
+    """Check everything that can be checked now, then queue the run on the pictures as they are now."""
     try:
         model = ctx.resolve_base_model(base_model)
         config = config_form.config_from_values({**settings, "base_model": model})
@@ -178,13 +178,7 @@ def start(ctx: Ctx, session: str, run_name: str, base_model: str, **settings: An
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
         name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
-        run_dir = ctx.runs_dir / name
-        if run_dir.exists():
-            raise LoraGuiError(
-                f"a run named {name} already exists: pick another name (or resume that one from the Runs tab)"
-            )
-        uploads = staging.copy_to(run_dir / "uploads")
-        job = ctx.jobs.submit(config.replace(data=str(uploads)), run_dir)
+        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.jobs.queue_position(job.job_id)

@@ -374,10 +374,13 @@ def _optimize(
 
 
 def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str], emit: EventHandler) -> None:
-    """Load the latest checkpoint (LoRA, optimizer, scheduler, RNG) or start the metrics afresh; say so."""
+    """Load the latest checkpoint (LoRA, optimizer, scheduler, RNG), or record what a new run left out
+    (`skipped`, at Start and when caching); start the metrics from there, and say so."""
     main = t.accelerator.is_main_process
     if resume:
         t.start_step, t.clock.before = _load_checkpoint(t.accelerator, t.run)
+    elif main:
+        t.run.write_skipped(skipped)
     if main:
         t.run.truncate_metrics(t.start_step)
     info = {

@@ -29,6 +29,7 @@ from lora_gui import train as train_module
 from lora_gui.config import load_preset
 from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.errors import DataError, LoraGuiError
+from lora_gui.lora_files.export import export_run
 from lora_gui.train import train
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
@@ -391,6 +392,8 @@ def test_a_run_folder_laid_out_as_the_app_used_to_still_resumes_from_its_dataset
     train(config, run, resume=True, on_event=resumed.append)
     assert resumed[-1].kind == events.FINISHED and resumed[-1].step == 4
     assert (run / "old-run.safetensors").is_file(), "the kohya file, whose metadata is read from dataset/"
+    exported = export_run(run, "both", tmp_path / "exported")
+    assert sorted(path.name for path in exported) == ["old-run.safetensors", "pytorch_lora_weights.safetensors"]
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_model, photos, tmp_path):

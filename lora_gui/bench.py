@@ -88,10 +88,10 @@ class Setup:
 
 # ---- memory -------------------------------------------------------------------------------------
 def _reset_peak_memory() -> None:
-    gc.collect()
     if devices.has_cuda():
         devices.reset_peak_memory()
         return
+    gc.collect()
     try:  # hand freed heap back to the OS, then restart the peak-RSS counter (Linux)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
@@ -297,7 +297,7 @@ def run_bench(
     machine = {**_machine(), "ratios": ratios}
     if devices.has_cuda():
         flops, ceiling = step_tflop(setup), devices.matmul_tflops()
-        machine["bf16_matmul_tflops"] = round(ceiling, 1)
+        machine["half_precision_matmul_tflops"] = round(ceiling, 1)
         for result in (reference, ours):
             result.step_tflop = flops
             result.mfu = flops * result.steps_per_second / ceiling

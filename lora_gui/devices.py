@@ -111,10 +111,12 @@ def peak_gpu_memory_gb() -> float:
 
 
 def matmul_tflops() -> float:
-    """The GPU's measured bf16 matrix-multiply rate: the ceiling for model FLOPs utilisation, and what
-    the Train tab's time estimate divides by."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    """The GPU's measured matrix-multiply rate in the half precision training uses on it (bf16, or fp16
+    where the card only emulates bf16): the ceiling for model FLOPs utilisation, and what the Train
+    tab's time estimate divides by."""
+    dtype = DTYPES[resolve_precision("auto")]
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()

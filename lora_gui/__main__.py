@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lora_gui.config import MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
+from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.lora_files import LORA_LAYOUTS
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     _push_parser(commands)
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
-    tiny.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
+    tiny.add_argument("--family", default="sd15", choices=FAMILIES[1:])
     commands.add_parser("presets", help="list the presets")
     _bench_parser(commands)
     args = parser.parse_args(argv)

@@ -34,15 +34,16 @@ def lora_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraC
 
 
 def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
-    """Put the run's adapters on the UNet (and text encoders); return the optimizer's parameter groups.
+    """Put the run's adapters on the denoiser (and text encoders); return the optimizer's parameter groups.
 
     The adapters train in fp32 whatever the base's dtype; text encoders get their own learning rate."""
+    denoiser = family.denoiser(pipe)
     try:
-        pipe.unet.add_adapter(lora_config(config.rank, config.lora_alpha, config.target_modules))
+        denoiser.add_adapter(lora_config(config.rank, config.lora_alpha, config.target_modules))
     except ValueError as error:
-        raise ConfigError(f"target_modules {config.target_modules} match no UNet layer ({error})") from None
-    cast_training_params(pipe.unet, dtype=torch.float32)
-    groups = [{"params": _trainable(pipe.unet), "lr": config.learning_rate}]
+        raise ConfigError(f"target_modules {config.target_modules} match no layer of the model ({error})") from None
+    cast_training_params(denoiser, dtype=torch.float32)
+    groups = [{"params": _trainable(denoiser), "lr": config.learning_rate}]
     if config.train_text_encoder:
         text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules)
         for encoder in family.text_encoders(pipe):
@@ -61,7 +62,7 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def trained_modules(pipe: DiffusionPipeline, family: type[Family]) -> dict[str, torch.nn.Module]:
     """Pipeline component name -> module, for each component that carries a LoRA."""
-    names = ("unet", *family.text_encoder_names)
+    names = (family.denoiser_name, *family.text_encoder_names)
     return {name: getattr(pipe, name) for name in names if getattr(getattr(pipe, name), "peft_config", None)}
 
 

@@ -19,13 +19,6 @@ from lora_gui.families import REGISTRY, Family, detect_family
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# Key prefixes by which an original (non-diffusers) checkpoint shows its family.
-_CHECKPOINT_SIGNATURES = (
-    ("conditioner.embedders.1.", "sdxl"),
-    ("cond_stage_model.model.", "sd2"),
-    ("cond_stage_model.transformer.", "sd15"),
-)
-
 
 def load_pipeline(
     base_model: str, family: str = "auto", dtype: torch.dtype = torch.float32
@@ -116,9 +109,9 @@ def checkpoint_family(path: Path) -> str | None:
             keys = list(checkpoint.keys())
     except Exception as error:
         raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({error})") from None
-    for prefix, family in _CHECKPOINT_SIGNATURES:
-        if any(key.startswith(prefix) for key in keys):
-            return family
+    for family in REGISTRY.values():
+        if any(key.startswith(family.checkpoint_signature) for key in keys):
+            return family.name
     return None
 
 
@@ -126,7 +119,7 @@ def family_from_files(base_model: str) -> str | None:
     """A base model's family told from its files alone, without loading or downloading anything.
 
     Works for a diffusers folder, a Hub model already in the download cache (from their config files,
-    by the rule the families' `matches` applies to a loaded pipeline), a family's published Hub model
+    by each family's `matches_files`), a family's published Hub model
     not downloaded yet (by its name) and a single .safetensors checkpoint (from its tensor names).
     None when the family can't be told that way.
     """
@@ -145,13 +138,7 @@ def family_from_files(base_model: str) -> str | None:
             return next((f.name for f in REGISTRY.values() if source.lower() in map(str.lower, f.hub_models)), None)
     else:
         return None
-    pipeline = (index or {}).get("_class_name")
-    if pipeline == "StableDiffusionXLPipeline":
-        return "sdxl"
-    if pipeline == "StableDiffusionPipeline" and text_encoder:
-        # OpenAI's CLIP (SD 1.x) uses quick-GELU; OpenCLIP (SD 2.x) plain GELU.
-        return "sd15" if text_encoder.get("hidden_act") == "quick_gelu" else "sd2"
-    return None
+    return next((f.name for f in REGISTRY.values() if f.matches_files(index or {}, text_encoder)), None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
 from lora_gui.data import Example, Scan, Skipped, UnusableImage, fit_to_bucket, image_to_tensor, open_image
@@ -54,17 +54,19 @@ class LatentCache:
 
 @torch.no_grad()
 def cache_latents(
-    pipe: DiffusionPipeline,
+    vae: AutoencoderKL,
     examples: list[Example],
     buckets: list[tuple[int, int]],
     with_flips: bool,
     device: torch.device,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    arriving_bytes: int = 0,
 ) -> LatentCache:
-    vae = pipe.vae
-    # Training moves the UNet onto the device after caching: the latents must leave room for it.
-    arriving = sum(p.numel() * p.element_size() for p in pipe.unet.parameters() if p.device.type != device.type)
-    store = _cache_device(device, buckets, with_flips, arriving)
+    """The latent distribution of every picture (and its mirror image), encoded once.
+
+    `arriving_bytes` is what training will still move onto the device after caching (the denoiser):
+    latents kept on the GPU must leave room for it."""
+    store = _cache_device(vae, device, buckets, with_flips, arriving_bytes)
     means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
     stds: list[torch.Tensor | None] = [None] * len(means)
     geometry: list[ImageGeometry | None] = [None] * len(examples)
@@ -116,20 +118,23 @@ def cache_latents(
 
 
 def _cache_device(
-    device: torch.device, buckets: list[tuple[int, int]], with_flips: bool, arriving_bytes: int
+    vae: AutoencoderKL, device: torch.device, buckets: list[tuple[int, int]], with_flips: bool, arriving_bytes: int
 ) -> torch.device:
     """Keep the latents on the GPU when they take under a tenth of the memory free for training (what is
     free now, less what will still arrive): a step then copies nothing from the host. Otherwise they
     wait in CPU memory."""
     if device.type != "cuda":
         return torch.device("cpu")
-    latent_bytes = sum(2 * 4 * (w // 8) * (h // 8) * 4 for w, h in buckets) * (2 if with_flips else 1)
+    channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    # A mean and a std in fp32 per picture (and per mirror image).
+    per_picture = [2 * channels * (w // factor) * (h // factor) * 4 for w, h in buckets]
+    latent_bytes = sum(per_picture) * (2 if with_flips else 1)
     free, _ = torch.cuda.mem_get_info(device)
     return device if latent_bytes < (free - arriving_bytes) / 10 else torch.device("cpu")
 
 
 class TextConditioning:
-    """Caption -> the UNet's text conditioning.
+    """Caption -> the denoiser's text conditioning.
 
     Frozen text encoders encode each caption once, when this is made; trained ones (`encoders`, as
     training calls them) encode every batch anew."""

@@ -17,12 +17,13 @@ from typing import Any
 
 from lora_gui.atomic import write_text_atomic
 from lora_gui.errors import ConfigError
+from lora_gui.families import REGISTRY
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-FAMILIES = ("auto", "sd15", "sd2", "sdxl")
+FAMILIES = ("auto", *REGISTRY)
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 OPTIMIZERS = ("adamw", "adamw8bit")
 

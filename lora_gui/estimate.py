@@ -20,11 +20,8 @@ import torch.nn.functional as F
 
 from lora_gui.config import TrainConfig
 from lora_gui.devices import DTYPES
+from lora_gui.families import get_family
 
-# Parameter counts of the parts that stay on the GPU beside the UNet (published architectures).
-TEXT_ENCODER_PARAMS = {"sd15": 123e6, "sd2": 340e6, "sdxl": 123e6 + 695e6}
-VAE_PARAMS = 84e6
-CROSS_ATTENTION = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
 CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tensors take
 # Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
 STEP_EFFICIENCY = 0.35
@@ -63,8 +60,8 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     weight_bytes = BYTES[precision]
     optimizer_bytes = 4 + 4 + (2 if config.optimizer == "adamw8bit" else 8)  # weight, grad, Adam state
     base = unet_params * weight_bytes + lora_params * optimizer_bytes
-    text = TEXT_ENCODER_PARAMS[family] * weight_bytes
-    vae = VAE_PARAMS * 4
+    text = get_family(family).text_encoder_params * weight_bytes
+    vae = get_family(family).vae_params * 4
     # While caching, the VAE encodes one image at a time at full resolution (in fp32), beside the text
     # encoders; the UNet comes onto the GPU only after they are parked.
     caching_peak = text + vae + _vae_encode_bytes(config.resolution)
@@ -134,30 +131,16 @@ def _meta_unet(
     family: str, resolution: int, rank: int, targets: tuple[str, ...], dtype: torch.dtype
 ) -> tuple[torch.nn.Module, dict]:
     """The family's full-size UNet with the LoRA, on the meta device in training mode, and one image's inputs."""
-    from diffusers import UNet2DConditionModel
-
     from lora_gui.adapters import lora_config
-    from lora_gui.tiny import _UNETS
 
     # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
     # torch's default dtype: that is process-wide, and a run may be training in another thread.
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_UNETS[family, "full"]).to(dtype)
+        unet = get_family(family).build_denoiser("full").to(dtype)
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, rank, targets))
     unet.train()
-    side = resolution // 8
-    inputs = dict(
-        sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),
-        timestep=torch.zeros(1, device="meta", dtype=torch.long),
-        encoder_hidden_states=torch.empty(1, 77, CROSS_ATTENTION[family], device="meta", dtype=dtype),
-    )
-    if family == "sdxl":
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(1, 1280, device="meta", dtype=dtype),
-            "time_ids": torch.empty(1, 6, device="meta", dtype=dtype),
-        }
-    return unet, inputs
+    return unet, get_family(family).meta_inputs(resolution, dtype)
 
 
 def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> int:

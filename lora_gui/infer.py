@@ -71,7 +71,7 @@ class Generator:
         layout = detect.detect_layout(list(shapes))
         if layout.problem:
             raise LoraFileError(f"{path.name} is a {layout.name} file, which can't be used here: {layout.problem}")
-        other_model = detect.made_for_other_model(shapes, self.pipe)
+        other_model = detect.made_for_other_model(shapes, self.pipe, self.family)
         if other_model:
             raise LoraFileError(
                 f"{path.name} ({layout.name}) was made for {other_model}; this base model is {self.family.title}. "
@@ -98,7 +98,7 @@ class Generator:
 
     def _adapted_layers(self, adapter: str) -> int:
         """How many layers of the UNet and text encoders carry this LoRA adapter."""
-        modules = ("unet", *self.family.text_encoder_names)
+        modules = (self.family.denoiser_name, *self.family.text_encoder_names)
         return sum(
             1
             for component in modules

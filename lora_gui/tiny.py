@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl")
-
 # Words the tokenizer knows whole; anything else is spelled out byte by byte, as CLIP would.
 _WORDS = """
 a an the of in on with and at by for to from photo picture painting drawing portrait close up
@@ -80,64 +78,6 @@ _TEXT_ENCODERS = {
     "openclip-h": {"tiny": (48, 96, 3, 4, "gelu", 32), "full": (1024, 4096, 23, 16, "gelu", 1024)},
     "openclip-g": {"tiny": (32, 64, 3, 4, "gelu", 32), "full": (1280, 5120, 32, 20, "gelu", 1280)},
 }
-_FAMILY_TEXT_ENCODERS = {"sd15": ("clip-l",), "sd2": ("openclip-h",), "sdxl": ("clip-l", "openclip-g")}
-
-# UNets per family and size. UNet2DConditionModel's own defaults are SD 1.x's, so "full" lists changes only.
-_UNETS = {
-    ("sd15", "tiny"): dict(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    ),
-    ("sd15", "full"): dict(sample_size=64, cross_attention_dim=768),
-    ("sd2", "tiny"): dict(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=48,
-        use_linear_projection=True,
-        norm_num_groups=8,
-    ),
-    ("sd2", "full"): dict(
-        sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
-    ),
-    ("sdxl", "tiny"): dict(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-        use_linear_projection=True,
-        norm_num_groups=8,
-    ),
-    ("sdxl", "full"): dict(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=1280 + 6 * 256,
-        use_linear_projection=True,
-    ),
-}
 
 # Four blocks of two layers in both sizes, like the real VAE: latents are 1/8 of the image, buckets work
 # the same way, and encoding an image costs about as much beside a UNet step as in the real model
@@ -146,6 +86,15 @@ _VAES = {
     "tiny": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=8, sample_size=128),
     "full": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
 }
+
+
+def clip_text_parts(kinds: tuple[str, ...], size: str) -> tuple[list, list]:
+    """Tokenizers and random-weight CLIP text encoders of these kinds (keys of _TEXT_ENCODERS), in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tokenizer_files(Path(tmp))
+        # OpenAI CLIP's tokenizer pads with the end token; OpenCLIP's (SD 2, SDXL's second) with "!".
+        tokenizers = [_tokenizer(Path(tmp), "<|endoftext|>" if kind == "clip-l" else "!") for kind in kinds]
+    return tokenizers, [_text_encoder(kind, size, vocab_size) for kind in kinds]
 
 
 def _text_encoder(kind: str, size: str, vocab_size: int):
@@ -169,66 +118,33 @@ def _text_encoder(kind: str, size: str, vocab_size: int):
     return (CLIPTextModelWithProjection if kind == "openclip-g" else CLIPTextModel)(config)
 
 
-def _vae(family: str, size: str):
+def vae(size: str, scaling_factor: float, latent_channels: int = 4):
+    """A random-weight VAE of the real one's depth (see _VAES)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+        latent_channels=latent_channels,
+        scaling_factor=scaling_factor,
         **_VAES[size],
     )
 
 
-def _scheduler(family: str):
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-    common = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
-    )
-    if family == "sd2":  # the 768 px SD 2 models predict velocity
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
-    if family == "sdxl":
-        return EulerDiscreteScheduler(**common, prediction_type="epsilon")
-    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
+# Stable Diffusion's noise schedule, which every SD 1.x, 2.x and XL scheduler config shares.
+SD_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+)
 
 
 def build_pipeline(family: str = "sd15", size: str = "tiny", seed: int = 0):
     """A random-weight pipeline of the given family and size ("tiny", or "full" = the real shapes)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from lora_gui.families import REGISTRY
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer_files(Path(tmp))
-        # OpenAI CLIP's tokenizer pads with the end token; OpenCLIP's (SD 2, SDXL's second) with "!".
-        tokenizers = [
-            _tokenizer(Path(tmp), "<|endoftext|>" if kind == "clip-l" else "!")
-            for kind in _FAMILY_TEXT_ENCODERS[family]
-        ]
+    if family not in REGISTRY:
+        raise ValueError(f"family must be one of {', '.join(REGISTRY)}")
     torch.manual_seed(seed)
-    text_encoders = [_text_encoder(kind, size, vocab_size) for kind in _FAMILY_TEXT_ENCODERS[family]]
-    parts = dict(
-        vae=_vae(family, size), unet=UNet2DConditionModel(**_UNETS[family, size]), scheduler=_scheduler(family)
-    )
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1],
-            force_zeros_for_empty_prompt=True,
-            **parts,
-        )
-    return StableDiffusionPipeline(
-        text_encoder=text_encoders[0],
-        tokenizer=tokenizers[0],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **parts,
-    )
+    return REGISTRY[family].random_pipeline(size)
 
 
 def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, size: str = "tiny") -> Path:

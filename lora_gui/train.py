@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
 
 from lora_gui import data, devices, events
 from lora_gui.adapters import add_lora, load_trained_lora
@@ -43,6 +41,7 @@ from lora_gui.hub import write_model_card
 from lora_gui.infer import decode
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.lora_files.export import write_kohya_lora
+from lora_gui.objectives import Objective
 from lora_gui.runs import TRAINER_STATE, RunFolder, TrainingRecord
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ class Training:
     family: type[Family]
     pipe: DiffusionPipeline
     models: list[torch.nn.Module]  # as prepared: the UNet, then the text encoders when they train
-    noise_scheduler: DDPMScheduler
+    objective: Objective  # what noise goes on the latents, and what the denoiser predicts
     latents: LatentCache
     captions: list[str]  # each image's caption as trained (trigger word in front)
     text: TextConditioning
@@ -214,7 +213,7 @@ def _set_up(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
     )
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
-    family, pipe, offload, noise_scheduler = _load_base(config, precision, accelerator, emit)
+    family, pipe, offload, objective = _load_base(config, precision, accelerator, emit)
     param_groups = _add_adapters(pipe, family, config)
     latents, captions, text, order = _build_caches(
         config, pipe, family, examples, offload, accelerator, emit, should_stop
@@ -235,7 +234,7 @@ def _set_up(
         family=family,
         pipe=pipe,
         models=models,
-        noise_scheduler=noise_scheduler,
+        objective=objective,
         latents=latents,
         captions=captions,
         text=text,
@@ -287,20 +286,20 @@ def _prepare_data(
 
 def _load_base(
     config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler
-) -> tuple[type[Family], DiffusionPipeline, devices.Offload, DDPMScheduler]:
+) -> tuple[type[Family], DiffusionPipeline, devices.Offload, Objective]:
     """The frozen base in the training precision (the VAE stays fp32), with the VAE and text encoders
     on the device for encoding (the UNet comes only once they are done and parked, so a GPU never
-    holds both), and the noise schedule training adds noise by."""
+    holds both), and the family's training objective."""
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
     family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision])
     text_encoders = family.text_encoders(pipe)
-    for module in (pipe.unet, pipe.vae, *text_encoders):
+    for module in (family.denoiser(pipe), pipe.vae, *text_encoders):
         module.requires_grad_(False)
     offload = devices.Offload(accelerator.device)
     offload.bring(pipe.vae, *text_encoders)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = family.objective(pipe, config.snr_gamma)  # from the base's own scheduler, before it is replaced
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # for previews
-    return family, pipe, offload, noise_scheduler
+    return family, pipe, offload, objective
 
 
 def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
@@ -309,10 +308,11 @@ def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainCo
     text_encoders = family.text_encoders(pipe) if config.train_text_encoder else []
     for encoder in text_encoders:
         encoder.train()  # as diffusers' scripts do: transformers checkpoints a layer only in training mode
+    denoiser = family.denoiser(pipe)
     if config.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.activation_checkpointing_enable()
     return param_groups
@@ -331,7 +331,7 @@ def _build_caches(
     """Latents of every image and, for frozen text encoders, embeddings of every caption, computed once;
     then the VAE and frozen encoders wait in CPU memory until the previews, and the UNet comes. The
     captions are those of the images that decoded."""
-    buckets = data.assign_buckets(examples, config.resolution, _bucket_step(pipe), config.aspect_buckets)
+    buckets = data.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
     def progress(done: int, total: int) -> None:
@@ -339,7 +339,8 @@ def _build_caches(
             raise Stopped
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
-    latents = cache_latents(pipe, examples, buckets, config.random_flip, accelerator.device, progress)
+    arriving = sum(p.numel() * p.element_size() for p in family.denoiser(pipe).parameters())
+    latents = cache_latents(pipe.vae, examples, buckets, config.random_flip, accelerator.device, progress, arriving)
     # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
     # out, and `latents.skipped` says why.
     examples, buckets = latents.keep(examples), latents.keep(buckets)
@@ -348,7 +349,7 @@ def _build_caches(
     if not config.train_text_encoder:  # and the empty caption, for dropout
         text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
     offload.park(pipe.vae, *([] if config.train_text_encoder else family.text_encoders(pipe)))
-    offload.bring(pipe.unet)
+    offload.bring(family.denoiser(pipe))
     return latents, captions, text, data.BatchOrder(buckets, config.batch_size, config.seed)
 
 
@@ -366,7 +367,7 @@ def _optimize(
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
-    trained = [pipe.unet, *(family.text_encoders(pipe) if config.train_text_encoder else [])]
+    trained = [family.denoiser(pipe), *(family.text_encoders(pipe) if config.train_text_encoder else [])]
     *models, optimizer = accelerator.prepare(*trained, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     _checkpoint_lora_only(accelerator, pipe, family)
@@ -399,7 +400,7 @@ def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str],
 # ---- one step -----------------------------------------------------------------------------------
 @dataclass
 class MicroBatch:
-    latents: torch.Tensor  # the clean latents, scaled for the UNet
+    latents: torch.Tensor  # the clean latents, scaled for the denoiser
     noise: torch.Tensor
     timesteps: torch.Tensor
     noisy: torch.Tensor
@@ -417,37 +418,31 @@ def _micro_batch(t: Training, step: int, micro: int) -> MicroBatch:
     choices, rng = _generators(config.seed, position, accelerator.device)
     flips = [bool(flip) and t.latents.has_flips for flip in torch.rand(len(indices), generator=choices) < 0.5]
     latents = t.latents.sample(indices, flips, rng)
-    # A random timestep per image, optionally offset noise.
+    # Noise (optionally offset) and a timestep per image, as the family's objective draws them.
     noise = torch.randn(latents.shape, generator=rng, device=rng.device)
     if config.noise_offset:
         offset = torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=rng.device)
         noise = noise + config.noise_offset * offset
-    steps = t.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (len(indices),), generator=rng, device=rng.device)
+    timesteps = t.objective.timesteps(len(indices), rng)
     dropped = (torch.rand(len(indices), generator=choices) < config.caption_dropout).tolist()
     return MicroBatch(
         latents=latents,
         noise=noise,
         timesteps=timesteps,
-        noisy=t.noise_scheduler.add_noise(latents, noise, timesteps),
+        noisy=t.objective.noisy(latents, noise, timesteps),
         captions=["" if drop else t.captions[i] for i, drop in zip(indices, dropped, strict=True)],
         geometry=[t.latents.geometry[i] for i in indices],
     )
 
 
 def _loss(t: Training, batch: MicroBatch) -> torch.Tensor:
-    """The UNet's prediction, in the base's precision, against the noise (epsilon) or the velocity
-    (v-prediction), min-SNR weighted."""
-    device, unet = t.accelerator.device, t.models[0]
-    with devices.autocast(device, t.precision):
+    """The denoiser's prediction, in the base's precision, against the objective's target (the noise,
+    or the velocity for v-prediction)."""
+    with devices.autocast(t.accelerator.device, t.precision):
         conditioning = t.text(batch.captions)
-        kwargs = t.family.unet_kwargs(conditioning, batch.geometry, device)
-        prediction = unet(batch.noisy, batch.timesteps, **kwargs, return_dict=False)[0]
-    if t.noise_scheduler.config.prediction_type == "v_prediction":
-        target = t.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-    else:
-        target = batch.noise
-    return diffusion_loss(prediction, target, batch.timesteps, t.noise_scheduler, t.config.snr_gamma)
+        prediction = t.family.predict(t.models[0], batch.noisy, batch.timesteps, conditioning, batch.geometry)
+    target = t.objective.target(batch.latents, batch.noise, batch.timesteps)
+    return t.objective.loss(prediction, target, batch.timesteps)
 
 
 class MetricsWindow:
@@ -498,23 +493,6 @@ def _log_step(
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------
-def diffusion_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    noise_scheduler: DDPMScheduler,
-    snr_gamma: float,
-) -> torch.Tensor:
-    """Mean squared error, optionally min-SNR-gamma weighted per image (Hang et al. 2023)."""
-    if not snr_gamma:
-        return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
-    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
-    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_image * weights).mean()
-
-
 def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     kwargs = dict(
         betas=(config.adam_beta1, config.adam_beta2),
@@ -542,13 +520,6 @@ def _generators(seed: int, position: int, device: torch.device) -> tuple[torch.G
         torch.Generator().manual_seed(int(cpu_seed)),
         torch.Generator(device=device).manual_seed(int(device_seed)),
     )
-
-
-def _bucket_step(pipe: DiffusionPipeline) -> int:
-    """Bucket sides must survive the VAE's and the UNet's downsampling: 64 px for SD, less for tiny models."""
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    return vae_factor * unet_factor
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
@@ -624,7 +595,7 @@ def _save_lora(t: Training, step: int) -> list[Path]:
         save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
         TrainingRecord.now(
             t.family.name,
-            t.noise_scheduler.config.prediction_type,
+            t.objective.prediction_type,
             t.config.base_model,
             step,
             t.total_steps,
@@ -659,7 +630,7 @@ class Previews:
             # memory (SDXL's are 1.6 GB in bf16), the UNet denoises, then the VAE comes for the decoding.
             parked = [encoder for encoder in self.family.text_encoders(self.pipe) if not self.offload.holds(encoder)]
             with self.offload.borrowed(*parked), devices.autocast(device, precision):
-                embeddings = [_prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts]
+                embeddings = [self.family.prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts]
             with devices.autocast(device, precision):
                 latents = [
                     self.pipe(
@@ -682,15 +653,6 @@ class Previews:
                 paths.append(str(path))
             self.emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": self.prompts}))
         self.accelerator.wait_for_everyone()
-
-
-def _prompt_embeddings(pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """The pipeline's own prompt encoding, with guidance, as keyword arguments for calling it without prompts."""
-    encoded = pipe.encode_prompt(
-        prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
-    )
-    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    return dict(zip(names, encoded, strict=False))
 
 
 # ---- reporting ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_gui import events
+from lora_gui import events, objectives
 from lora_gui import train as train_module
 from lora_gui.config import load_preset
 from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
@@ -415,7 +415,7 @@ def test_loss_target_follows_the_schedulers_prediction_type(
     tiny_models, photos, tmp_path, monkeypatch, family, velocity
 ):
     velocities, targets = [], []
-    real_velocity, real_loss = DDPMScheduler.get_velocity, train_module.diffusion_loss
+    real_velocity, real_loss = DDPMScheduler.get_velocity, objectives.diffusion_loss
 
     def recording_velocity(self, *args):
         velocities.append(real_velocity(self, *args))
@@ -426,7 +426,7 @@ def test_loss_target_follows_the_schedulers_prediction_type(
         return real_loss(prediction, target, *args)
 
     monkeypatch.setattr(DDPMScheduler, "get_velocity", recording_velocity)
-    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(objectives, "diffusion_loss", recording_loss)
     train(quick_config(tiny_models(family), photos, max_steps=2), tmp_path / "run")
     assert len(targets) == 2
     if velocity:

@@ -1,7 +1,14 @@
-"""The small interface every base-model family implements.
+"""The interface every base-model family implements: the one place that knows a kind of model.
 
-A family knows how to turn captions into the UNet's conditioning and which names its parts carry
-in LoRA files. Everything else (loading, LoRA injection, the loop, saving) is shared.
+A family says what its pipeline holds (the denoiser the LoRA trains, the text encoders and their
+tokenizers), how captions become the denoiser's conditioning, what the denoiser is trained to
+predict (its objective) and how it is called, the names other tools give its parts, how its
+single-file checkpoints and its files on disk show it, the constants the memory estimate needs,
+its random-weight shapes for tests, and its generation defaults. Everything else (loading, LoRA
+injection, the loop, saving, the app) asks the family and never tests its name.
+
+The defaults here are Stable Diffusion's (a UNet with cross-attention, noise prediction through a
+DDPM schedule); a family overrides what differs.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+from lora_gui.objectives import NoisePrediction, Objective
 
 
 @dataclass(frozen=True)
@@ -25,8 +34,11 @@ class ImageGeometry:
 class Family:
     name: ClassVar[str]
     title: ClassVar[str]
+    short_title: ClassVar[str]  # as a menu names it: "SD 1.5", "SDXL"
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     default_resolution: ClassVar[int]
+    # The pipeline attribute of the denoiser, the model the LoRA trains.
+    denoiser_name: ClassVar[str] = "unet"
     # Pipeline attributes of the text encoders and their tokenizers, in order.
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
@@ -37,10 +49,27 @@ class Family:
     modelspec_architecture: ClassVar[str]
     # The family's published Hub models, known by name before anything of them is downloaded.
     hub_models: ClassVar[tuple[str, ...]] = ()
+    # A tensor-name prefix that only this family's original single-file checkpoints hold.
+    checkpoint_signature: ClassVar[str]
+    # The width of the text features the published denoiser's cross-attention reads: a LoRA's down
+    # weights there tell which family it was made for.
+    text_width: ClassVar[int]
+    # Parameters of the published text encoders and VAE, for the memory estimate.
+    text_encoder_params: ClassVar[float]
+    vae_params: ClassVar[float] = 84e6
+    # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
+    denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
 
+    # ---- telling a model's family ---------------------------------------------------------------
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         """Whether a loaded pipeline is of this family, judged from its modules and configs."""
+        raise NotImplementedError
+
+    @classmethod
+    def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
+        """The same judgement from a model's config files alone (model_index.json, text_encoder/config.json),
+        without loading or downloading anything."""
         raise NotImplementedError
 
     @classmethod
@@ -48,10 +77,28 @@ class Family:
         """Modelspec's name for a LoRA of this family whose base predicts `prediction_type`."""
         return cls.modelspec_architecture
 
+    # ---- the parts ------------------------------------------------------------------------------
+    @classmethod
+    def denoiser(cls, pipe: DiffusionPipeline) -> torch.nn.Module:
+        return getattr(pipe, cls.denoiser_name)
+
     @classmethod
     def text_encoders(cls, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
         return [getattr(pipe, name) for name in cls.text_encoder_names]
 
+    @classmethod
+    def bucket_step(cls, pipe: DiffusionPipeline) -> int:
+        """Bucket sides must survive the VAE's and the UNet's downsampling: 64 px for SD, less for tiny models."""
+        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        return vae_factor * unet_factor
+
+    @classmethod
+    def cross_attention_width(cls, pipe: DiffusionPipeline) -> int:
+        """The width of the text features this loaded model's cross-attention reads."""
+        return pipe.unet.config.cross_attention_dim
+
+    # ---- conditioning ---------------------------------------------------------------------------
     @classmethod
     def tokenize(cls, pipe: DiffusionPipeline, captions: list[str]) -> list[torch.Tensor]:
         """Token ids for each tokenizer, padded to its full length as the pipelines do."""
@@ -79,9 +126,66 @@ class Family:
         several processes when they train), on `device`."""
         raise NotImplementedError
 
+    # ---- training -------------------------------------------------------------------------------
+    @classmethod
+    def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
+        """What noise training adds and what the denoiser predicts: here the noise or the velocity, as
+        the base's own scheduler says, through its DDPM schedule."""
+        return NoisePrediction(DDPMScheduler.from_config(pipe.scheduler.config), snr_gamma)
+
+    @classmethod
+    def predict(
+        cls,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        geometry: list[ImageGeometry],
+    ) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents, in the latents' own layout."""
+        kwargs = cls.unet_kwargs(conditioning, geometry, noisy.device)
+        return denoiser(noisy, timesteps, **kwargs, return_dict=False)[0]
+
     @classmethod
     def unet_kwargs(
         cls, conditioning: dict[str, torch.Tensor], geometry: list[ImageGeometry], device: torch.device
     ) -> dict[str, Any]:
         """Keyword arguments for `unet(noisy_latents, timesteps, **kwargs)`."""
+        raise NotImplementedError
+
+    # ---- previews and Generate ------------------------------------------------------------------
+    @classmethod
+    def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline's own prompt encoding, with guidance, as keyword arguments for calling it without prompts."""
+        encoded = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return dict(zip(names, encoded, strict=False))
+
+    @classmethod
+    def resolution_hint(cls, resolution: int) -> str:
+        """A word of advice when training at this resolution will disappoint; "" when it is fine."""
+        return ""
+
+    # ---- the estimate and random-weight models --------------------------------------------------
+    @classmethod
+    def build_denoiser(cls, size: str) -> torch.nn.Module:
+        """A random-weight denoiser: "full" is the published architecture, "tiny" a small one with the
+        same kinds of blocks, for tests and the offline demo."""
+        return UNet2DConditionModel(**cls.denoiser_shapes[size])
+
+    @classmethod
+    def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:
+        """One picture's inputs to the full-size denoiser, on the meta device (shapes without data)."""
+        side = resolution // 8
+        return dict(
+            sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),
+            timestep=torch.zeros(1, device="meta", dtype=torch.long),
+            encoder_hidden_states=torch.empty(1, 77, cls.text_width, device="meta", dtype=dtype),
+        )
+
+    @classmethod
+    def random_pipeline(cls, size: str) -> DiffusionPipeline:
+        """A pipeline of this family with random weights (torch's seed set by the caller)."""
         raise NotImplementedError

@@ -7,10 +7,10 @@ target size. Bucketing records those per image (ImageGeometry), so they are the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from lora_gui.families.base import Family, ImageGeometry
 
@@ -18,6 +18,7 @@ from lora_gui.families.base import Family, ImageGeometry
 class StableDiffusionXL(Family):
     name = "sdxl"
     title = "Stable Diffusion XL"
+    short_title = "SDXL"
     pipeline_class = StableDiffusionXLPipeline
     default_resolution = 1024
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -26,10 +27,47 @@ class StableDiffusionXL(Family):
     hub_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
     kohya_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    checkpoint_signature = "conditioner.embedders.1."
+    text_width = 2048
+    text_encoder_params = 123e6 + 695e6
+    denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(
+            sample_size=32,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+            use_linear_projection=True,
+            norm_num_groups=8,
+        ),
+        "full": dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=1280 + 6 * 256,
+            use_linear_projection=True,
+        ),
+    }
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, StableDiffusionXLPipeline)
+
+    @classmethod
+    def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
+        return model_index.get("_class_name") == "StableDiffusionXLPipeline"
 
     @classmethod
     def encode(
@@ -54,3 +92,38 @@ class StableDiffusionXL(Family):
             "encoder_hidden_states": embeds,
             "added_cond_kwargs": {"text_embeds": conditioning["text_embeds"], "time_ids": time_ids},
         }
+
+    @classmethod
+    def resolution_hint(cls, resolution: int) -> str:
+        if resolution == cls.default_resolution:
+            return ""
+        return (
+            f"{cls.title} models are made for {cls.default_resolution} px pictures, and Resolution is {resolution}. "
+            f"Set it to {cls.default_resolution} (or use an SDXL preset) unless you mean to train smaller."
+        )
+
+    @classmethod
+    def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:
+        return {
+            **super().meta_inputs(resolution, dtype),
+            "added_cond_kwargs": {
+                "text_embeds": torch.empty(1, 1280, device="meta", dtype=dtype),
+                "time_ids": torch.empty(1, 6, device="meta", dtype=dtype),
+            },
+        }
+
+    @classmethod
+    def random_pipeline(cls, size: str) -> DiffusionPipeline:
+        from lora_gui import tiny
+
+        tokenizers, text_encoders = tiny.clip_text_parts(("clip-l", "openclip-g"), size)
+        return StableDiffusionXLPipeline(
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            vae=tiny.vae(size, scaling_factor=0.13025),
+            unet=cls.build_denoiser(size),
+            scheduler=EulerDiscreteScheduler(**tiny.SD_SCHEDULE, prediction_type="epsilon"),
+            force_zeros_for_empty_prompt=True,
+        )

@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 
 from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.errors import LoraFileError
+from lora_gui.families import REGISTRY, Family
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
 # Tensor-name ending -> (kind, what diffusers lacks), checked in order.
@@ -43,7 +44,6 @@ _LYCORIS = tuple(
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _DOWN = re.compile(r"(lora_A|lora_down|lora[._]down|lora_linear_layer\.down)(\.default)?\.weight$")
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_k[._]")
-_FAMILY_BY_TEXT_WIDTH = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,18 @@ def detect_layout(keys: list[str]) -> Layout:
     return Layout("unknown", f"its tensor names (such as {example}) match no LoRA layout this app knows")
 
 
-def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipeline) -> str:
+def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipeline, family: type[Family]) -> str:
     """What base model the file was made for, when that is not this one; "" when it fits or can't be told."""
     if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes) and not hasattr(pipe, "text_encoder_2"):
         return "Stable Diffusion XL (it has weights for a second text encoder)"
     if any(key.startswith(("transformer.", "lora_transformer_")) for key in shapes):
         return "a transformer model such as Flux or SD3"
-    expected = pipe.unet.config.cross_attention_dim
+    expected = family.cross_attention_width(pipe)
+    by_width = {other.text_width: other.title for other in REGISTRY.values()}
     for key, shape in shapes.items():
         if _CROSS_ATTENTION_KEY.search(key) and _DOWN.search(key) and len(shape) >= 2 and shape[1] != expected:
             width = shape[1]
-            return _FAMILY_BY_TEXT_WIDTH.get(width, f"a model whose text features are {width} wide (here: {expected})")
+            return by_width.get(width, f"a model whose text features are {width} wide (here: {expected})")
     return ""
 
 

@@ -17,6 +17,7 @@ from lora_gui.base_models import family_from_files, is_hub_id
 from lora_gui.config import list_presets, load_preset
 from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.families import REGISTRY
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
 from lora_gui.lora_files.export import export_run
@@ -25,7 +26,10 @@ from lora_gui.tiny import ensure_tiny_model
 
 TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
 # The tiny random-weight models of each family by their menu names, so every family can be tried offline.
-TINY_CHOICES = {TINY_CHOICE: "sd15", "Tiny SDXL demo (offline, CPU)": "sdxl", "Tiny SD 2 demo (offline, CPU)": "sd2"}
+TINY_CHOICES = {
+    TINY_CHOICE: "sd15",
+    **{f"Tiny {family.short_title} demo (offline, CPU)": name for name, family in REGISTRY.items() if name != "sd15"},
+}
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 # The two layouts a run's LoRA can be downloaded in, named by the programs that load them.

@@ -294,15 +294,8 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
         total = devices.gpu_memory_gb() or 0.0
         if result.memory_gb > total:
             text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result)
-    hint = ""
-    native = get_family(family).default_resolution
-    if family == "sdxl" and not tiny and config.resolution != native:
-        hint = notice(
-            f"{title} models are made for {native} px pictures, and Resolution is {config.resolution}. "
-            f"Set it to {native} (or use an SDXL preset) unless you mean to train smaller.",
-            "warning",
-        )
-    return {"estimate": notice(text) + hint}
+    hint = "" if tiny else get_family(family).resolution_hint(config.resolution)
+    return {"estimate": notice(text) + (notice(hint, "warning") if hint else "")}
 
 
 def _memory_advice(config: TrainConfig, result: Estimate) -> str:

@@ -1,0 +1,72 @@
+"""Training objectives: what noise goes onto the latents, and what the denoiser must predict from them.
+
+A family picks its objective (`Family.objective`); the loop only calls it. Randomness comes from the
+generator the loop passes, so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+class Objective(Protocol):
+    prediction_type: str  # what the denoiser predicts, as its scheduler names it
+
+    def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class NoisePrediction:
+    """Stable Diffusion's: noise added along the base's DDPM schedule at a uniformly drawn timestep, and
+    the noise itself (epsilon) or the velocity (v-prediction, SD 2's 768 px models) as the target."""
+
+    scheduler: DDPMScheduler
+    snr_gamma: float = 0.0  # min-SNR weighting (0 = plain mean squared error)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        steps = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (count,), generator=generator, device=generator.device)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion_loss(prediction, target, timesteps, self.scheduler, self.snr_gamma)
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    snr_gamma: float,
+) -> torch.Tensor:
+    """Mean squared error, optionally min-SNR-gamma weighted per image (Hang et al. 2023)."""
+    if not snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weights).mean()

@@ -37,14 +37,18 @@ def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig)
     """Put the run's adapters on the denoiser (and text encoders); return the optimizer's parameter groups.
 
     The adapters train in fp32 whatever the base's dtype; text encoders get their own learning rate."""
-    denoiser = family.denoiser(pipe)
+    denoiser, targets = family.denoiser(pipe), family.lora_targets(config.target_modules)
     try:
-        denoiser.add_adapter(lora_config(config.rank, config.lora_alpha, config.target_modules))
+        denoiser.add_adapter(lora_config(config.rank, config.lora_alpha, targets))
     except ValueError as error:
-        raise ConfigError(f"target_modules {config.target_modules} match no layer of the model ({error})") from None
+        raise ConfigError(f"target_modules {targets} match no layer of the model ({error})") from None
     cast_training_params(denoiser, dtype=torch.float32)
     groups = [{"params": _trainable(denoiser), "lr": config.learning_rate}]
     if config.train_text_encoder:
+        if not family.trains_text_encoders:
+            raise ConfigError(
+                f"{family.title} LoRAs here train its {family.denoiser_name} alone: turn off train_text_encoder"
+            )
         text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules)
         for encoder in family.text_encoders(pipe):
             # transformers 5's add_adapter demands an unreleased peft; peft injects directly.

@@ -110,7 +110,7 @@ def checkpoint_family(path: Path) -> str | None:
     except Exception as error:
         raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({error})") from None
     for family in REGISTRY.values():
-        if any(key.startswith(family.checkpoint_signature) for key in keys):
+        if any(key.startswith(family.checkpoint_signatures) for key in keys):
             return family.name
     return None
 

@@ -222,7 +222,7 @@ def step_tflop(setup: Setup) -> float:
     family, pipe = load_pipeline(str(setup.model_dir), dtype=devices.DTYPES[setup.precision])
     device = torch.device("cuda" if devices.has_cuda() else "cpu")
     pipe.unet.requires_grad_(False)
-    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, TrainConfig().target_modules))
+    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, family.default_target_modules))
     pipe.unet.to(device)
     encoders = family.text_encoders(pipe)
     for encoder in encoders:

@@ -85,7 +85,9 @@ class TrainConfig:
     rank: int = _field(16, "LoRA rank: its capacity. 4-8 for a style, 16-32 for a person.", "main")
     alpha: float = _field(0.0, "LoRA alpha; the update is scaled by alpha / rank (0 = same as rank).")
     target_modules: list[str] = _field(
-        ["to_q", "to_k", "to_v", "to_out.0"], "UNet layers that get a LoRA (names or name suffixes)."
+        [],
+        "Layers of the UNet (or Flux's transformer) that get a LoRA, by name or name ending "
+        "(none = the model family's usual ones: to_q, to_k, to_v, to_out.0 for Stable Diffusion).",
     )
     train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).")
     text_encoder_target_modules: list[str] = _field(
@@ -161,8 +163,6 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
-        if not self.target_modules:
-            raise ConfigError("target_modules must name at least one UNet layer, for example to_q, to_k, to_v")
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
         if self.lr_warmup_steps and self.lr_scheduler == "constant":

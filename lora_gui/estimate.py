@@ -34,7 +34,7 @@ class Estimate:
     memory_gb: float  # the largest of the three phases below, with CUDA's own share
     caching_gb: float  # encoding the images: the VAE and the text encoders
     training_gb: float  # the UNet's steps
-    previews_gb: float  # preview images: the UNet, then the text encoders or the VAE beside it
+    previews_gb: float  # preview images: the denoiser, then the VAE beside it
     step_tflop: float
     seconds: float | None  # None when the device's speed is unknown
     notes: str
@@ -53,7 +53,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
         family,
         config.resolution,
         config.rank,
-        tuple(config.target_modules),
+        tuple(get_family(family).lora_targets(config.target_modules)),
         config.gradient_checkpointing,
         precision,
     )
@@ -68,10 +68,10 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     training_peak = base + activations * config.batch_size
     if config.train_text_encoder:
         training_peak += text
-    # Previews (at least one set, at the end): frozen text encoders come back to encode the prompts and
-    # leave again before the VAE comes to decode; trained ones never left.
+    # Previews (at least one set, at the end): frozen text encoders encoded the prompts while caching and
+    # never come back; trained ones never left. The VAE comes to decode.
     decoding = vae + _preview_bytes(config.resolution)
-    previews_peak = base + (text + decoding if config.train_text_encoder else max(text, decoding))
+    previews_peak = base + decoding + (text if config.train_text_encoder else 0)
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
     seconds = None
@@ -88,8 +88,6 @@ def _unet_cost(
     family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
 ) -> tuple[float, int, int, float]:
     """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
     from torch.utils.flop_counter import FlopCounterMode
 
     unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
@@ -110,7 +108,7 @@ def _unet_cost(
     hooks = [
         handle
         for module in unet.modules()
-        if isinstance(module, (ResnetBlock2D, BasicTransformerBlock))
+        if isinstance(module, get_family(family).checkpointed_blocks())
         for handle in (module.register_forward_pre_hook(before), module.register_forward_hook(after))
     ]
     activations = _saved_bytes(unet, inputs, saved)

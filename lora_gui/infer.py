@@ -117,25 +117,29 @@ class Generator:
         width: int | None = None,
         height: int | None = None,
     ) -> Image.Image:
-        side = self.family.default_resolution
+        width, height = width or self.family.default_resolution, height or self.family.default_resolution
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
+        negative = {"negative_prompt": negative_prompt or None} if self.family.negative_prompt else {}
         with _out_of_memory_said_plainly("making the picture"):
             with devices.autocast(self.device, self.precision):
                 latents = self.pipe(
                     prompt,
-                    negative_prompt=negative_prompt or None,
+                    **negative,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
-                    width=width or side,
-                    height=height or side,
+                    width=width,
+                    height=height,
                     generator=generator,
                     output_type="latent",
                 ).images
-            return decode(self.pipe, latents)[0]
+            return decode(self.family, self.pipe, latents, height, width)[0]
 
 
 @torch.no_grad()
-def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+def decode(
+    family: type[Family], pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int
+) -> list[Image.Image]:
     """Pictures from a pipeline's latents, decoded by its VAE in the VAE's fp32 and outside any autocast.
 
     On a GPU the denoiser runs in bf16 or fp16, and diffusers hands its latents to the fp32 VAE in that
@@ -144,7 +148,7 @@ def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     "latent"), and this undoes their scaling exactly as they would and decodes in full precision, as
     diffusers' training scripts do for their validation images."""
     vae, config = pipe.vae, pipe.vae.config
-    latents = latents.to(vae.device, vae.dtype)
+    latents = family.latents_for_vae(pipe, latents, height, width).to(vae.device, vae.dtype)
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
 
 
@@ -53,6 +53,36 @@ class NoisePrediction:
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return diffusion_loss(prediction, target, timesteps, self.scheduler, self.snr_gamma)
+
+
+@dataclass
+class FlowMatching:
+    """Rectified flow, as Flux is trained and as diffusers' Flux LoRA script trains it: the picture moves in a
+    straight line to the noise, noisy = (1 - sigma) * latents + sigma * noise, at a sigma drawn uniformly from the
+    base's own schedule (its training timesteps are sigma * 1000, shifted where its scheduler shifts them at
+    training time), and the target is that line's velocity, noise - latents, with a plain mean squared error."""
+
+    scheduler: FlowMatchEulerDiscreteScheduler
+    prediction_type: str = "flow"
+
+    def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        schedule = self.scheduler.timesteps.to(generator.device)
+        drawn = torch.rand(count, generator=generator, device=generator.device)
+        return schedule[(drawn * len(schedule)).long()]
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self._sigmas(timesteps, latents.ndim)
+        return (1.0 - sigmas) * latents + sigmas * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction.float(), target.float())
+
+    def _sigmas(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+        sigmas = timesteps.float() / self.scheduler.config.num_train_timesteps
+        return sigmas.view(-1, *[1] * (ndim - 1))
 
 
 def diffusion_loss(

@@ -187,7 +187,7 @@ class TrainingRecord:
     """What the loop knows when it saves a LoRA and the rest of the run folder does not hold."""
 
     family: str
-    prediction_type: str  # the noise scheduler's: "epsilon" or "v_prediction"
+    prediction_type: str  # the objective's: "epsilon" or "v_prediction" (the noise scheduler's), or "flow"
     base_model_name: str  # kohya's ss_sd_model_name: a local model's file or folder name, else the Hub id
     base_model_hub_id: str | None  # the Hub id the model card links to; None for a local model
     steps: int
@@ -196,6 +196,7 @@ class TrainingRecord:
     seconds: float  # time spent training, across stops and resumes
     preview_prompts: list[str]  # samples/step-N-K.png shows prompt K
     finished_at: float  # unix time of the save
+    variant: str = ""  # which of the family's models (Flux.1: dev or schnell); "" where it does not matter
 
     @classmethod
     def now(
@@ -208,12 +209,23 @@ class TrainingRecord:
         epoch: float,
         seconds: float,
         preview_prompts: list[str],
+        variant: str = "",
     ) -> TrainingRecord:
         # Whether the base model is a local path is known only now: it may be moved later.
         local = Path(base_model).expanduser()
         name, hub_id = (local.resolve().name, None) if local.exists() else (base_model, base_model)
         return cls(
-            family, prediction_type, name, hub_id, steps, total_steps, epoch, seconds, preview_prompts, time.time()
+            family,
+            prediction_type,
+            name,
+            hub_id,
+            steps,
+            total_steps,
+            epoch,
+            seconds,
+            preview_prompts,
+            time.time(),
+            variant,
         )
 
     def save(self, path: Path) -> None:

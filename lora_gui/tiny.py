@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,16 +119,16 @@ def _text_encoder(kind: str, size: str, vocab_size: int):
     return (CLIPTextModelWithProjection if kind == "openclip-g" else CLIPTextModel)(config)
 
 
-def vae(size: str, scaling_factor: float, latent_channels: int = 4):
-    """A random-weight VAE of the real one's depth (see _VAES)."""
+def vae(size: str, scaling_factor: float, **config: Any):
+    """A random-weight VAE of the real one's depth (see _VAES); `config` sets what a family's VAE changes
+    (Flux.1's has 16 latent channels, a shift factor and no quant convolutions)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=latent_channels,
         scaling_factor=scaling_factor,
-        **_VAES[size],
+        **{**_VAES[size], **config},
     )
 
 

@@ -215,17 +215,14 @@ def _set_up(
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit)
     param_groups = _add_adapters(pipe, family, config)
-    latents, captions, text, order = _build_caches(
-        config, pipe, family, examples, offload, accelerator, emit, should_stop
-    )
+    caches = _build_caches(config, pipe, family, examples, offload, accelerator, emit, should_stop)
 
-    total_steps = config.total_steps(order.batches_per_epoch, accelerator.num_processes)
+    total_steps = config.total_steps(caches.order.batches_per_epoch, accelerator.num_processes)
     models, optimizer, lr_scheduler = _optimize(config, accelerator, pipe, family, param_groups, total_steps)
     # Trained text encoders encode every batch anew, called as prepared: under several processes that is
     # the wrapper that averages their gradients across processes.
-    text = text or TextConditioning(pipe, family, accelerator.device, encoders=models[1:])
-
-    sample_prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    text = caches.text or TextConditioning(pipe, family, accelerator.device, encoders=models[1:])
+    previews = Previews(accelerator, pipe, family, config, run, caches.prompts, caches.prompt_embeddings, offload, emit)
     t = Training(
         config=config,
         run=run,
@@ -235,19 +232,19 @@ def _set_up(
         pipe=pipe,
         models=models,
         objective=objective,
-        latents=latents,
-        captions=captions,
+        latents=caches.latents,
+        captions=caches.captions,
         text=text,
-        order=order,
+        order=caches.order,
         params=[param for group in param_groups for param in group["params"]],
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        previews=Previews(accelerator, pipe, family, config, run, sample_prompts, offload, emit),
+        previews=previews,
         total_steps=total_steps,
         start_step=0,
         clock=clock,
     )
-    _start_or_resume(t, resume, len(captions), [*skipped, *map(str, latents.skipped)], emit)
+    _start_or_resume(t, resume, len(caches.captions), [*skipped, *map(str, caches.latents.skipped)], emit)
     return t
 
 
@@ -318,6 +315,18 @@ def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainCo
     return param_groups
 
 
+@dataclass
+class Caches:
+    """What is worked out once before the loop."""
+
+    latents: LatentCache
+    captions: list[str]  # of the images that decoded, as trained (trigger word in front)
+    text: TextConditioning | None  # every caption's conditioning; None when the text encoders train
+    order: data.BatchOrder
+    prompts: list[str]  # the preview prompts
+    prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
+
+
 def _build_caches(
     config: TrainConfig,
     pipe: DiffusionPipeline,
@@ -327,10 +336,10 @@ def _build_caches(
     accelerator: Accelerator,
     emit: EventHandler,
     should_stop: Callable[[], bool],
-) -> tuple[LatentCache, list[str], TextConditioning | None, data.BatchOrder]:
-    """Latents of every image and, for frozen text encoders, embeddings of every caption, computed once;
-    then the VAE and frozen encoders wait in CPU memory until the previews, and the UNet comes. The
-    captions are those of the images that decoded."""
+) -> Caches:
+    """Latents of every image and, for frozen text encoders, embeddings of every caption and preview prompt,
+    computed once; then the VAE and frozen encoders wait in CPU memory (the VAE until the previews' decoding,
+    the encoders for good: Flux's T5 is 9.5 GB), and the denoiser comes."""
     buckets = data.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
@@ -345,12 +354,16 @@ def _build_caches(
     # out, and `latents.skipped` says why.
     examples, buckets = latents.keep(examples), latents.keep(buckets)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
-    text = None
+    prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    text, prompt_embeddings = None, None
     if not config.train_text_encoder:  # and the empty caption, for dropout
         text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
+        with torch.no_grad(), devices.autocast(accelerator.device, accelerator.mixed_precision):
+            prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.park(pipe.vae, *([] if config.train_text_encoder else family.text_encoders(pipe)))
     offload.bring(family.denoiser(pipe))
-    return latents, captions, text, data.BatchOrder(buckets, config.batch_size, config.seed)
+    order = data.BatchOrder(buckets, config.batch_size, config.seed)
+    return Caches(latents, captions, text, order, prompts, prompt_embeddings)
 
 
 def _optimize(
@@ -602,6 +615,7 @@ def _save_lora(t: Training, step: int) -> list[Path]:
             t.epochs_done(step),
             t.clock.seconds(),
             t.previews.prompts,
+            t.family.variant(t.pipe),
         ).save(run.lora_info)
         write_kohya_lora(run)
         write_model_card(run)
@@ -619,19 +633,21 @@ class Previews:
     config: TrainConfig
     run: RunFolder
     prompts: list[str]
-    offload: devices.Offload  # the UNet is on the device; the VAE and frozen text encoders wait in CPU memory
+    # The prompts' embeddings, made while the frozen text encoders were on the device for caching; None when
+    # the text encoders train, which are on the device then and encode the prompts for each set anew.
+    embeddings: list[dict[str, torch.Tensor]] | None
+    offload: devices.Offload  # the denoiser is on the device; the VAE waits in CPU memory
     emit: EventHandler
 
     @torch.no_grad()
     def make(self, step: int, total: int) -> None:
         device, precision = self.accelerator.device, self.accelerator.mixed_precision
         if self.accelerator.is_main_process and self.prompts:
-            # One part at a time beside the UNet: the text encoders encode every prompt and go back to CPU
-            # memory (SDXL's are 1.6 GB in bf16), the UNet denoises, then the VAE comes for the decoding.
-            parked = [encoder for encoder in self.family.text_encoders(self.pipe) if not self.offload.holds(encoder)]
-            with self.offload.borrowed(*parked), devices.autocast(device, precision):
-                embeddings = [self.family.prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts]
+            # One part at a time beside the denoiser: it denoises, then the VAE comes for the decoding.
             with devices.autocast(device, precision):
+                embeddings = self.embeddings or [
+                    self.family.prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts
+                ]
                 latents = [
                     self.pipe(
                         **prompt_embeddings,
@@ -643,8 +659,9 @@ class Previews:
                     ).images
                     for index, prompt_embeddings in enumerate(embeddings)
                 ]
+            side = self.config.resolution
             with self.offload.borrowed(self.pipe.vae):
-                images = [decode(self.pipe, each)[0] for each in latents]
+                images = [decode(self.family, self.pipe, each, side, side)[0] for each in latents]
             paths = []
             for index, image in enumerate(images):
                 path = self.run.samples / f"step-{step}-{index}.png"

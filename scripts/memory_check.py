@@ -26,6 +26,7 @@ from lora_gui.base_models import load_pipeline
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
 from lora_gui.estimate import _preview_bytes, _unet_cost, _vae_encode_bytes
+from lora_gui.families.stable_diffusion import StableDiffusion1
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
 
@@ -100,7 +101,7 @@ def training_rise(model: Path, data: Path, resolution: int, checkpointing: bool,
 
 def estimated_rise(resolution: int, checkpointing: bool) -> float:
     activations, lora_params, _, _ = _unet_cost(
-        "sd15", resolution, 16, tuple(TrainConfig().target_modules), checkpointing, "no"
+        "sd15", resolution, 16, StableDiffusion1.default_target_modules, checkpointing, "no"
     )
     return (activations + lora_params * (4 + 8)) / GIB  # with the LoRA's gradients and Adam state
 

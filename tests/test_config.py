@@ -24,7 +24,6 @@ from lora_gui.errors import ConfigError
         ({"caption_dropout": 0.9}, "caption_dropout must be between 0 and 0.5 (got 0.9)"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, no, fp16, bf16 (got 'fp8')"),
         ({"lr_scheduler": "warp"}, "lr_scheduler must be one of"),
-        ({"target_modules": []}, "target_modules must name at least one UNet layer"),
         ({"lr_warmup_steps": 10}, "lr_warmup_steps needs a scheduler with warmup"),
         ({"rank": "sixteen"}, "rank must be a whole number (got 'sixteen')"),
         ({"rank": 4.5}, "rank must be a whole number (got 4.5)"),

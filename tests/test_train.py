@@ -291,9 +291,13 @@ def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_model, photos, tmp
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_the_unet(tiny_models, tmp_path, family):
-    """Previews encode the prompts, send the text encoders back to CPU memory, then bring the VAE:
-    the picture must be exactly what the pipeline makes from the prompt with everything in place."""
+@pytest.mark.parametrize("encoders_train", [False, True], ids=["prompts-encoded-once", "prompts-encoded-per-set"])
+def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
+    tiny_models, tmp_path, family, encoders_train
+):
+    """Previews decode with the VAE brought back beside the UNet, and the text encoders never move: frozen
+    ones encoded the prompts while caching, trained ones stay on the device. The picture must be exactly
+    what the pipeline makes from the prompt with everything in place."""
     from accelerate import Accelerator
 
     from lora_gui.config import TrainConfig
@@ -305,7 +309,8 @@ def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     prompt, seed = "a photo of a red circle", 1234
     expected = pipe(prompt, num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(seed))
-    encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if family == "sdxl" else [])]
+    family_class = detect_family(pipe)
+    embeddings = None if encoders_train else [family_class.prompt_embeddings(pipe, prompt, torch.device("cpu"))]
     moves = []
 
     def recording(name, real):
@@ -316,7 +321,7 @@ def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_
 
         return to
 
-    for name, module in [("vae", pipe.vae), *(("text encoder", encoder) for encoder in encoders)]:
+    for name, module in [("vae", pipe.vae), *(("text encoder", e) for e in family_class.text_encoders(pipe))]:
         module.to = recording(name, module.to)
     run = RunFolder(tmp_path / "run")
     run.samples.mkdir(parents=True)
@@ -325,13 +330,22 @@ def test_previews_are_the_pipelines_own_pictures_with_one_part_at_a_time_beside_
     offload = Offload(torch.device("cpu"))
     offload.bring(pipe.unet)
     previews = train_module.Previews(
-        Accelerator(cpu=True), pipe, detect_family(pipe), config, run, [prompt], offload, made.append
+        Accelerator(cpu=True), pipe, family_class, config, run, [prompt], embeddings, offload, made.append
     )
     previews.make(1, 1)
     assert np.array_equal(np.asarray(Image.open(made[0].data["paths"][0])), np.asarray(expected.images[0]))
-    assert [name for name, target in moves if target == "device"] == ["text encoder"] * len(encoders) + ["vae"]
-    last_encoder_back = max(i for i, move in enumerate(moves) if move == ("text encoder", "cpu"))
-    assert last_encoder_back < moves.index(("vae", "device")) < moves.index(("vae", "cpu"))
+    assert moves == [("vae", "device"), ("vae", "cpu")]
+
+
+def test_no_target_modules_means_the_familys_usual_layers_and_unknown_ones_are_refused(tiny_model, photos, tmp_path):
+    from lora_gui.families import get_family
+
+    assert get_family("sd15").lora_targets([]) == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert get_family("sd15").lora_targets(["conv1"]) == ["conv1"]
+    lora = load_file(train(quick_config(tiny_model, photos, max_steps=1, target_modules=[]), tmp_path / "run"))
+    assert lora and all(".to_" in key for key in lora), "attention layers only, as Stable Diffusion LoRAs usually are"
+    with pytest.raises(LoraGuiError, match=r"target_modules \['no_such_layer'\] match no layer of the model"):
+        train(quick_config(tiny_model, photos, max_steps=1, target_modules=["no_such_layer"]), tmp_path / "bad")
 
 
 def test_stop_before_the_first_step_fails_nothing(tiny_model, photos, tmp_path):

@@ -37,20 +37,28 @@ class Family:
     short_title: ClassVar[str]  # as a menu names it: "SD 1.5", "SDXL"
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     default_resolution: ClassVar[int]
-    # The pipeline attribute of the denoiser, the model the LoRA trains.
+    # The pipeline attribute of the denoiser, the model the LoRA trains, and the layers of it that get a LoRA
+    # unless the settings name others.
     denoiser_name: ClassVar[str] = "unet"
-    # Pipeline attributes of the text encoders and their tokenizers, in order.
+    default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
+    # on the text encoders too.
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
-    # kohya's prefix for each text encoder (A1111 / ComfyUI naming).
+    trains_text_encoders: ClassVar[bool] = True
+    # The file for AUTOMATIC1111, Forge and ComfyUI: kohya's prefix for each text encoder, whether the
+    # denoiser's layers take kohya's names too (lora_unet_...) or keep diffusers' (transformer....), which
+    # network module kohya's metadata names, and what kohya (ss_base_model_version) and Stability's
+    # modelspec call this architecture.
     kohya_text_encoder_prefixes: ClassVar[tuple[str, ...]] = ("lora_te",)
-    # What kohya (ss_base_model_version) and Stability's modelspec call this architecture.
+    kohya_module_names: ClassVar[bool] = True
+    kohya_network_module: ClassVar[str] = "networks.lora"
     kohya_base_model_version: ClassVar[str]
     modelspec_architecture: ClassVar[str]
     # The family's published Hub models, known by name before anything of them is downloaded.
     hub_models: ClassVar[tuple[str, ...]] = ()
-    # A tensor-name prefix that only this family's original single-file checkpoints hold.
-    checkpoint_signature: ClassVar[str]
+    # Tensor-name prefixes that only this family's original single-file checkpoints hold.
+    checkpoint_signatures: ClassVar[tuple[str, ...]]
     # The width of the text features the published denoiser's cross-attention reads: a LoRA's down
     # weights there tell which family it was made for.
     text_width: ClassVar[int]
@@ -59,6 +67,11 @@ class Family:
     vae_params: ClassVar[float] = 84e6
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
+    # Generating: the steps and guidance its pictures are usually made with, and whether it takes a
+    # negative prompt.
+    default_steps: ClassVar[int] = 25
+    default_guidance: ClassVar[float] = 7.0
+    negative_prompt: ClassVar[bool] = True
 
     # ---- telling a model's family ---------------------------------------------------------------
     @classmethod
@@ -73,9 +86,19 @@ class Family:
         raise NotImplementedError
 
     @classmethod
-    def modelspec_architecture_of(cls, prediction_type: str) -> str:
+    def variant(cls, pipe: DiffusionPipeline) -> str:
+        """Which of the family's models this is, where that changes what a LoRA for it is called."""
+        return ""
+
+    @classmethod
+    def modelspec_architecture_of(cls, prediction_type: str, variant: str = "") -> str:
         """Modelspec's name for a LoRA of this family whose base predicts `prediction_type`."""
         return cls.modelspec_architecture
+
+    @classmethod
+    def lora_targets(cls, target_modules: list[str]) -> list[str]:
+        """The denoiser's layers that get a LoRA: those the settings name, else the family's usual ones."""
+        return list(target_modules) or list(cls.default_target_modules)
 
     # ---- the parts ------------------------------------------------------------------------------
     @classmethod
@@ -164,6 +187,11 @@ class Family:
         return dict(zip(names, encoded, strict=False))
 
     @classmethod
+    def latents_for_vae(cls, pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The latents a pipeline returns (output_type "latent") in the layout its VAE decodes."""
+        return latents
+
+    @classmethod
     def resolution_hint(cls, resolution: int) -> str:
         """A word of advice when training at this resolution will disappoint; "" when it is fine."""
         return ""
@@ -184,6 +212,14 @@ class Family:
             timestep=torch.zeros(1, device="meta", dtype=torch.long),
             encoder_hidden_states=torch.empty(1, 77, cls.text_width, device="meta", dtype=dtype),
         )
+
+    @classmethod
+    def checkpointed_blocks(cls) -> tuple[type[torch.nn.Module], ...]:
+        """The blocks gradient checkpointing recomputes one at a time in the denoiser."""
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        return (ResnetBlock2D, BasicTransformerBlock)
 
     @classmethod
     def random_pipeline(cls, size: str) -> DiffusionPipeline:

@@ -27,7 +27,7 @@ class StableDiffusionXL(Family):
     hub_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
     kohya_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
-    checkpoint_signature = "conditioner.embedders.1."
+    checkpoint_signatures = ("conditioner.embedders.1.",)
     text_width = 2048
     text_encoder_params = 123e6 + 695e6
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {

@@ -28,7 +28,7 @@ class StableDiffusion1(Family):
         "runwayml/stable-diffusion-v1-5",
         "CompVis/stable-diffusion-v1-4",
     )
-    checkpoint_signature = "cond_stage_model.transformer."
+    checkpoint_signatures = ("cond_stage_model.transformer.",)
     text_width = 768
     text_encoder_params = 123e6
     # UNet2DConditionModel's own defaults are SD 1.x's, so "full" lists changes only.
@@ -108,7 +108,7 @@ class StableDiffusion2(StableDiffusion1):
         "stabilityai/stable-diffusion-2",
         "stabilityai/stable-diffusion-2-base",
     )
-    checkpoint_signature = "cond_stage_model.model."
+    checkpoint_signatures = ("cond_stage_model.model.",)
     text_width = 1024
     text_encoder_params = 340e6
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
@@ -131,7 +131,7 @@ class StableDiffusion2(StableDiffusion1):
     _quick_gelu = False
 
     @classmethod
-    def modelspec_architecture_of(cls, prediction_type: str) -> str:
+    def modelspec_architecture_of(cls, prediction_type: str, variant: str = "") -> str:
         # SD 2's 512 px base predicts noise; only the 768 px models predict velocity.
         return cls.modelspec_architecture if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
 

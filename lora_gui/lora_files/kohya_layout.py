@@ -11,6 +11,12 @@ names, which start with `text_model.`. The UNet keeps diffusers' module paths: k
 for SD 1/2, and ComfyUI (comfy/lora.py, model_lora_keys_unet) and A1111 (networks.py,
 convert_diffusers_name_to_compvis) map them for every Stable Diffusion UNet.
 
+A family whose `kohya_module_names` is off (Flux.1) keeps diffusers' names whole
+(`transformer.<module>.lora_A.weight`, `.lora_B.weight`) beside the same `.alpha`: ComfyUI maps
+`transformer.<diffusers name>` onto Flux's own fused layers (comfy/lora.py, model_lora_keys_unet, through
+comfy.utils.flux_to_diffusers) and reads `<name>.alpha` for every layer whatever its naming
+(load_lora), and diffusers loads them with their alphas too.
+
 The hashes are kohya's (library/train_util.py, precalculate_safetensors_hashes), which A1111 shows
 and civitai looks up: `sshs_model_hash` is the SHA-256 of the tensor data after the header (the
 "addnet" hash); `sshs_legacy_hash` the first 8 hex digits of the SHA-256 of the 64 KiB at 1 MiB into
@@ -39,7 +45,7 @@ DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 def kohya_prefixes(family: type[Family]) -> dict[str, str]:
     """Pipeline component -> kohya's prefix for it."""
     return {
-        "unet": UNET_PREFIX,
+        family.denoiser_name: UNET_PREFIX,
         **dict(zip(family.text_encoder_names, family.kohya_text_encoder_prefixes, strict=True)),
     }
 
@@ -63,14 +69,17 @@ def to_kohya(
         module, _, part = rest.rpartition(".lora_")
         if component not in prefixes or part not in ("A.weight", "B.weight"):
             raise LoraFileError(f"{key} has no place in a kohya {family.title} LoRA (only plain LoRA layers have)")
-        name = kohya_name(prefixes[component], module)
+        if family.kohya_module_names:
+            name, down, up = kohya_name(prefixes[component], module), DOWN, UP
+        else:
+            name, down, up = f"{component}.{module}", "lora_A.weight", "lora_B.weight"
         if part == "A.weight":
-            converted[f"{name}.{DOWN}"] = tensor.contiguous()
+            converted[f"{name}.{down}"] = tensor.contiguous()
             rank = tensor.shape[0]
             scale = _peft_scale(adapter_configs[component], module, rank)
             converted[f"{name}.{ALPHA}"] = torch.tensor(scale * rank, dtype=torch.float32)
         else:
-            converted[f"{name}.{UP}"] = tensor.contiguous()
+            converted[f"{name}.{up}"] = tensor.contiguous()
     return converted
 
 

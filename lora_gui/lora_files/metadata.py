@@ -24,6 +24,7 @@ from lora_gui.families import get_family
 from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 # How kohya names the optimizer class in ss_optimizer.
 OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
 
@@ -47,7 +48,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     resolution = config.resolution
     metadata = {
         "ss_output_name": run.name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": family.kohya_network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": family.kohya_base_model_version,
@@ -88,14 +89,15 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
             {folder: {"n_repeats": 1, "img_count": count} for folder, count in Counter(folders).items()}
         ),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": family.modelspec_architecture_of(record.prediction_type),
+        "modelspec.architecture": family.modelspec_architecture_of(record.prediction_type, record.variant),
         "modelspec.implementation": "diffusers",
         "modelspec.title": run.name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.fromtimestamp(record.finished_at, timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if record.prediction_type == "v_prediction" else "epsilon",
         "modelspec.description": description,
     }
+    if record.prediction_type in MODELSPEC_PREDICTION_TYPES:  # ModelSpec names no others (Flux's is flow)
+        metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[record.prediction_type]
     if config.train_text_encoder:
         metadata["ss_text_encoder_lr"] = str(config.text_encoder_learning_rate or config.learning_rate)
     if trigger:

@@ -183,8 +183,12 @@ def _generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--output", required=True, help="PNG file to write")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--guidance", type=float, default=7.0)
+    generate.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the model's usual, 25 for SD)"
+    )
+    generate.add_argument(
+        "--guidance", type=float, default=None, help="guidance (default: the model's usual, 7 for SD)"
+    )
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--family", default="auto")

@@ -47,7 +47,7 @@ def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig)
     if config.train_text_encoder:
         if not family.trains_text_encoders:
             raise ConfigError(
-                f"{family.title} LoRAs here train its {family.denoiser_name} alone: turn off train_text_encoder"
+                f"{family.title} LoRAs here train its {family.denoiser_title} alone: turn off train_text_encoder"
             )
         text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules)
         for encoder in family.text_encoders(pipe):

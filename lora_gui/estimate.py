@@ -79,7 +79,9 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
         steps = config.max_steps if not config.epochs else None
         if steps:
             seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY)
-    notes = "Text encoders and VAE wait in CPU memory while the UNet trains." if not config.train_text_encoder else ""
+    notes = ""
+    if not config.train_text_encoder:
+        notes = f"Text encoders and VAE wait in CPU memory while the {get_family(family).denoiser_title} trains."
     return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
 
 
@@ -134,7 +136,8 @@ def _meta_unet(
     # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
     # torch's default dtype: that is process-wide, and a run may be training in another thread.
     with torch.device("meta"):
-        unet = get_family(family).build_denoiser("full").to(dtype)
+        # torch's own `to`: diffusers' would warn about fp32 modules, which a meta model has no use for.
+        unet = torch.nn.Module.to(get_family(family).build_denoiser("full"), dtype)
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, rank, targets))
     unet.train()

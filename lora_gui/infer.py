@@ -112,12 +112,15 @@ class Generator:
         prompt: str,
         negative_prompt: str = "",
         seed: int = 0,
-        steps: int = 25,
-        guidance: float = 7.0,
+        steps: int | None = None,
+        guidance: float | None = None,
         width: int | None = None,
         height: int | None = None,
     ) -> Image.Image:
+        """A picture; what is not given is the family's usual (its steps and guidance, its native size)."""
         width, height = width or self.family.default_resolution, height or self.family.default_resolution
+        steps = steps or self.family.default_steps
+        guidance = self.family.default_guidance if guidance is None else guidance
         generator = torch.Generator(device=self.device).manual_seed(seed)
         # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
         negative = {"negative_prompt": negative_prompt or None} if self.family.negative_prompt else {}

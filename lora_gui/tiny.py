@@ -132,6 +132,49 @@ def vae(size: str, scaling_factor: float, **config: Any):
     )
 
 
+# T5 v1.1 encoders by size: (model width, MLP width, layers, heads, head width). "full" is T5-XXL, Flux.1's.
+_T5 = {"tiny": (32, 64, 2, 4, 8), "full": (4096, 10240, 24, 64, 64)}
+
+
+def t5_text_parts(size: str, max_length: int = 512) -> tuple:
+    """A T5 tokenizer built here from the tiny vocabulary (SentencePiece's unigram model, with no download)
+    and a random-weight T5 encoder of that size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    # Whole words first, then single letters, so any word can still be spelled out.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("▁" + word, -1.0) for word in _WORDS)]
+    pieces += [("▁", -2.0), *((char, -3.0) for char in sorted({char for word in _WORDS for char in word}))]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=model,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+    width, mlp, layers, heads, head_width = _T5[size]
+    config = T5Config(
+        vocab_size=len(pieces) if size == "tiny" else 32128,
+        d_model=width,
+        d_ff=mlp,
+        d_kv=head_width,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8 if size == "tiny" else 32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return tokenizer, T5EncoderModel(config)
+
+
 # Stable Diffusion's noise schedule, which every SD 1.x, 2.x and XL scheduler config shares.
 SD_SCHEDULE = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
 from lora_gui import data, devices, events
@@ -295,7 +295,7 @@ def _load_base(
     offload = devices.Offload(accelerator.device)
     offload.bring(pipe.vae, *text_encoders)
     objective = family.objective(pipe, config.snr_gamma)  # from the base's own scheduler, before it is replaced
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # for previews
+    pipe.scheduler = family.preview_scheduler(pipe)
     return family, pipe, offload, objective
 
 

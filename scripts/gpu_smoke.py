@@ -6,7 +6,7 @@ LoRA are finite, and the pictures (previews and Generate's) are pictures, not on
 latents decode to black). One line per check, PASS or FAIL with what was measured; exit status 1 if
 any failed. `scripts/gpu_bench.sh` runs it before the benchmark rows.
 
-usage: PYTHONPATH=. python scripts/gpu_smoke.py [--workdir DIR] [--models tiny-sd15,tiny-sd2,tiny-sdxl,sd15] [--cpu]
+usage: PYTHONPATH=. python scripts/gpu_smoke.py [--workdir DIR] [--models tiny-sd15,tiny-sdxl,...,sd15] [--cpu]
 
 --cpu tries the script itself on a machine without a GPU: the GPU's precisions on the CPU's kernels,
 as tests/test_gpu_regime.py runs them.
@@ -39,6 +39,7 @@ MODELS = {
     "tiny-sd15": (64, 4, 2, True),
     "tiny-sd2": (64, 4, 2, True),
     "tiny-sdxl": (64, 4, 2, True),
+    "tiny-flux": (64, 4, 2, False),  # Flux LoRAs train the transformer alone
     "sd15": (512, 4, 1, False),  # the real SD 1.5 architecture, random weights
 }
 failures: list[str] = []

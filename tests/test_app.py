@@ -96,8 +96,11 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     listing = text(second.predict(run_pick=None, api_name="/list_runs"))
     assert "visitor-a" in listing and "stopped" in listing and "finished" in listing
 
-    _, base_model, size, prompt, _ = second.predict(gen_run_1="visitor-b", api_name="/pick_run_1")
+    _, base_model, size, prompt, _, steps, guidance, negative = second.predict(
+        gen_run_1="visitor-b", api_name="/pick_run_1"
+    )
     assert base_model == TINY_CHOICE and size == 64 and prompt.startswith("a photo of a")
+    assert (steps, guidance) == (25, 7.0) and negative["visible"], "an SD model's usual steps and guidance"
     common = dict(prompt=prompt, gen_steps=4, size=64, api_name="/generate")
     mixed = dict(gen_run_1="visitor-b", strength_1=2.0)
     base, with_lora, message = second.predict(**mixed, **common)
@@ -216,35 +219,49 @@ def gigabytes(message: str) -> float:
     return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
 
 
-def test_a_tiny_sdxl_model_trains_and_generates_through_the_app(app_server, tmp_path):
+@pytest.mark.parametrize(
+    ("menu", "family", "version", "usual"),
+    [
+        ("Tiny SDXL demo (offline, CPU)", "sdxl", "sdxl_base_v1-0", (25, 7.0)),
+        ("Tiny Flux demo (offline, CPU)", "flux", "flux1", (28, 3.5)),
+    ],
+    ids=["sdxl", "flux"],
+)
+def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
+    app_server, tmp_path, menu, family, version, usual
+):
     visitor = Client(app_server.url, verbose=False)
     upload_pictures(visitor, write_demo_dataset(tmp_path / "p", count=4, size=(64, 64)))
     settings = {**QUICK, "max_steps": 3, "sample_every": 0}
-    started = visitor.predict(
-        base_model="Tiny SDXL demo (offline, CPU)", run_name="sdxl-run", **settings, api_name="/start"
-    )
-    assert "Training sdxl-run started" in text(started)
-    log = wait_until(visitor, "<b>sdxl-run</b> finished: 3 steps")[3]
-    assert "Training a sdxl LoRA on 4 images for 3 steps on cpu" in log
+    started = visitor.predict(base_model=menu, run_name=f"{family}-run", **settings, api_name="/start")
+    assert f"Training {family}-run started" in text(started)
+    log = wait_until(visitor, f"<b>{family}-run</b> finished: 3 steps")[3]
+    assert f"Training a {family} LoRA on 4 images for 3 steps on cpu" in log
 
-    _, base_model, size, prompt, _ = visitor.predict(gen_run_1="sdxl-run", api_name="/pick_run_1")
-    assert base_model == "Tiny SDXL demo (offline, CPU)" and size == 64
+    _, base_model, size, prompt, _, steps, guidance, negative = visitor.predict(
+        gen_run_1=f"{family}-run", api_name="/pick_run_1"
+    )
+    assert base_model == menu and size == 64
+    assert (steps, guidance) == usual, "the model's usual steps and guidance are filled in"
+    assert negative["visible"] == (family != "flux"), "Flux takes no negative prompt: its field hides"
     base, with_lora, message = visitor.predict(
-        gen_run_1="sdxl-run",
+        gen_run_1=f"{family}-run",
         gen_base_model=base_model,
         prompt=prompt,
         gen_steps=3,
         size=64,
         api_name="/generate",
     )
-    assert "Made with the LoRA of sdxl-run at strength 1" in message
+    assert f"Made with the LoRA of {family}-run at strength 1" in message
     assert np.abs(pixels(base) - pixels(with_lora)).mean() > 0.5
 
-    # Its kohya file, from the Generate tab, says it is an SDXL LoRA (A1111 lists it for SDXL models).
-    message, file = visitor.predict(gen_export_run="sdxl-run", gen_layout="kohya", api_name="/export_from_generate")
-    assert "sdxl-run.safetensors is ready for AUTOMATIC1111, Forge and ComfyUI" in text(message)
+    # Its file for other programs, from the Generate tab, says which model family it is for.
+    message, file = visitor.predict(
+        gen_export_run=f"{family}-run", gen_layout="kohya", api_name="/export_from_generate"
+    )
+    assert f"{family}-run.safetensors is ready for AUTOMATIC1111, Forge and ComfyUI" in text(message)
     with safe_open(shown(file), framework="pt") as kohya:
-        assert kohya.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert kohya.metadata()["ss_base_model_version"] == version
 
 
 def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):

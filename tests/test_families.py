@@ -16,7 +16,7 @@ from lora_gui.errors import ModelLoadError
 from lora_gui.families import detect_family
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
 def test_family_is_read_from_the_model_not_its_name(tiny_models, tmp_path, family):
     # A misleading folder name must not matter.
     misleading = tmp_path / "sdxl-v1-5-768" / "model"
@@ -45,6 +45,8 @@ def test_family_override(tiny_models):
         ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "sdxl"),
         ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "sd2"),
         ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", "sd15"),
+        ("double_blocks.0.img_attn.qkv.weight", "flux"),  # Black Forest Labs' transformer-only file
+        ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # an all-in-one file
         ("something.else", None),
     ],
 )
@@ -53,7 +55,7 @@ def test_single_file_checkpoint_family_from_its_tensor_names(tmp_path, key, fami
     assert checkpoint_family(tmp_path / "m.safetensors") == family
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
 def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, tmp_path, monkeypatch, family):
     from huggingface_hub import constants
 
@@ -80,6 +82,7 @@ def test_published_base_models_are_known_by_name_before_any_download(tmp_path, m
     assert family_from_files("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
     assert family_from_files("stabilityai/stable-diffusion-2-1") == "sd2"
     assert family_from_files("StabilityAI/Stable-Diffusion-XL-Base-1.0") == "sdxl"  # the Hub ignores case
+    assert family_from_files("black-forest-labs/FLUX.1-schnell") == "flux"
     assert family_from_files("stabilityai/stable-diffusion-xl-base-1.0-but-not") is None
 
 
@@ -93,7 +96,7 @@ def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
         assert family_from_files(str(tmp_path / unknown) if unknown else "") is None
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "flux"])
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
     model = str(tiny_models(family))
     argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -435,13 +436,23 @@ def test_push_refuses_a_bad_repo_name(trained, fake_hub):
 
 
 # ---- other families ----------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+@pytest.fixture(scope="module", params=["sd2", "sdxl", "flux"])
 def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
-    """A short run with both text encoders trained (SDXL has two), and its in-memory image."""
+    """A short run with the text encoders trained where the family trains them (SDXL has two), and its
+    in-memory image."""
+    from lora_gui.families import get_family
+
     family = request.param
     root = tmp_path_factory.mktemp(f"formats-{family}")
     photos = write_demo_dataset(root / "photos", count=4, size=(96, 96))
-    config = quick_config(tiny_models(family), photos, max_steps=3, rank=4, alpha=8, train_text_encoder=True)
+    config = quick_config(
+        tiny_models(family),
+        photos,
+        max_steps=3,
+        rank=4,
+        alpha=8,
+        train_text_encoder=get_family(family).trains_text_encoders,
+    )
     in_memory = {}
     real_save = train_module.save_diffusers_lora
 
@@ -455,28 +466,52 @@ def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(family=family, model=tiny_models(family), run=root / "run", image=in_memory["image"])
 
 
-def test_kohya_names_of_every_family_name_real_modules(trained_family):
+# The diffusers names of Flux.1's layers that ComfyUI maps onto its own (comfy/utils.py, flux_to_diffusers, which
+# comfy/lora.py's model_lora_keys_unet prefixes with "transformer." for Flux models), transcribed from its code.
+COMFY_FLUX_LAYERS = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?\.linear"
+    r"|ff(_context)?\.net\.(0\.proj|2))"
+    r"|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)"
+    r"|proj_out|x_embedder|context_embedder|norm_out\.linear|time_text_embed\.\w+\.linear_[12]"
+)
+# What ComfyUI's LoRA loader reads for each of them (comfy/weight_adapter/lora.py: "<name>.lora_B.weight" with
+# "<name>.lora_A.weight"; comfy/lora.py: "<name>.alpha", divided by the rank).
+COMFY_SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha")
+
+
+def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_family):
     from lora_gui.families import get_family
 
     family = get_family(trained_family.family)
     pipe = fresh_pipe(trained_family.model)
-    names = {"lora_unet_" + name.replace(".", "_") for name, _ in pipe.unet.named_modules() if name}
-    for attribute, prefix in zip(family.text_encoder_names, family.kohya_text_encoder_prefixes, strict=True):
-        encoder = getattr(pipe, attribute)
-        for name, _ in encoder.named_modules():
-            canonical = name if name.startswith("text_model") or not name else "text_model." + name
-            names.add(f"{prefix}_" + canonical.replace(".", "_"))
     tensors, metadata = read(trained_family.run / "run.safetensors")
-    modules = {key.partition(".")[0] for key in tensors}
-    assert modules <= names, sorted(modules - names)[:5]
-    for prefix in family.kohya_text_encoder_prefixes:
-        assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
+    if family.kohya_module_names:
+        names = {"lora_unet_" + name.replace(".", "_") for name, _ in pipe.unet.named_modules() if name}
+        for attribute, prefix in zip(family.text_encoder_names, family.kohya_text_encoder_prefixes, strict=True):
+            encoder = getattr(pipe, attribute)
+            for name, _ in encoder.named_modules():
+                canonical = name if name.startswith("text_model") or not name else "text_model." + name
+                names.add(f"{prefix}_" + canonical.replace(".", "_"))
+        modules = {key.partition(".")[0] for key in tensors}
+        assert modules <= names, sorted(modules - names)[:5]
+        for prefix in family.kohya_text_encoder_prefixes:
+            assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
+    else:  # Flux.1: diffusers' names, as ComfyUI maps them, each with the three tensors its loader reads
+        layers = {name for name, _ in pipe.transformer.named_modules()}
+        by_layer: dict[str, set[str]] = {}
+        for key in tensors:
+            component, _, rest = key.partition(".")
+            suffix = next(s for s in COMFY_SUFFIXES if rest.endswith("." + s))
+            by_layer.setdefault(rest[: -len(suffix) - 1], set()).add(suffix)
+            assert component == "transformer", key
+        assert by_layer and all(found == set(COMFY_SUFFIXES) for found in by_layer.values())
+        assert all(COMFY_FLUX_LAYERS.fullmatch(layer) and layer in layers for layer in by_layer), sorted(by_layer)
+        assert any(layer.startswith("single_transformer_blocks.") for layer in by_layer)
     assert metadata["ss_base_model_version"] == family.kohya_base_model_version
+    assert metadata["ss_network_module"] == family.kohya_network_module
     assert metadata["modelspec.architecture"] == family.modelspec_architecture
-    expected_prediction = "v" if trained_family.family == "sd2" else "epsilon"
-    assert metadata["modelspec.prediction_type"] == expected_prediction
-    if trained_family.family == "sd2":
-        assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    expected_prediction = {"sd2": "v", "flux": None}.get(trained_family.family, "epsilon")
+    assert metadata.get("modelspec.prediction_type") == expected_prediction
 
 
 def test_a_lora_for_the_512_px_sd2_base_is_labelled_as_one(tiny_models, tmp_path):

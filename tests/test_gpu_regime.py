@@ -31,7 +31,7 @@ from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
 from lora_gui.train import train
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "flux")
 
 
 @pytest.fixture(params=["bf16", "fp16"])
@@ -77,7 +77,8 @@ def test_training_previews_and_generate_in_a_gpus_dtypes(tiny_models, photos, tm
     assert samples and all(varied(path) for path in samples), "previews are pictures, not black squares"
 
     generator = Generator.load(config.base_model)
-    assert generator.pipe.unet.dtype == devices.DTYPES[gpu_precision] and generator.pipe.vae.dtype == torch.float32
+    denoiser = generator.family.denoiser(generator.pipe)
+    assert denoiser.dtype == devices.DTYPES[gpu_precision] and generator.pipe.vae.dtype == torch.float32
     generator.set_loras([(tmp_path / "run", 1.0)])
     assert varied(generator("a photo of a red circle", steps=2, width=64, height=64))
 

@@ -6,11 +6,12 @@ from diffusers import DiffusionPipeline
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
+from lora_gui.families.flux import Flux1
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
 
 REGISTRY: dict[str, type[Family]] = {
-    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL)
+    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
 }
 
 __all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "get_family"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 from lora_gui.objectives import NoisePrediction, Objective
 
@@ -40,6 +40,7 @@ class Family:
     # The pipeline attribute of the denoiser, the model the LoRA trains, and the layers of it that get a LoRA
     # unless the settings name others.
     denoiser_name: ClassVar[str] = "unet"
+    denoiser_title: ClassVar[str] = "UNet"  # as a sentence names it
     default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
     # on the text encoders too.
@@ -177,6 +178,11 @@ class Family:
         raise NotImplementedError
 
     # ---- previews and Generate ------------------------------------------------------------------
+    @classmethod
+    def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
+        """The sampler previews use: DPM-Solver++, which makes a fair picture in 20 steps."""
+        return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
     @classmethod
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The pipeline's own prompt encoding, with guidance, as keyword arguments for calling it without prompts."""

@@ -44,6 +44,9 @@ _LYCORIS = tuple(
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _DOWN = re.compile(r"(lora_A|lora_down|lora[._]down|lora_linear_layer\.down)(\.default)?\.weight$")
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_k[._]")
+# Layers by which a file shows the kind of denoiser it adapts, in diffusers', kohya's and Black Forest Labs' names.
+_TRANSFORMER_KEY = re.compile(r"^(transformer\.|lora_transformer_)|double_blocks|single_blocks")
+_UNET_KEY = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,10 @@ def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipe
     """What base model the file was made for, when that is not this one; "" when it fits or can't be told."""
     if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes) and not hasattr(pipe, "text_encoder_2"):
         return "Stable Diffusion XL (it has weights for a second text encoder)"
-    if any(key.startswith(("transformer.", "lora_transformer_")) for key in shapes):
+    denoiser = "transformer" if any(_TRANSFORMER_KEY.search(key) for key in shapes) else "unet"
+    if denoiser == "unet" != family.denoiser_name and any(_UNET_KEY.search(key) for key in shapes):
+        return "Stable Diffusion (it adapts a UNet's layers)"
+    if denoiser == "transformer" != family.denoiser_name:
         return "a transformer model such as Flux or SD3"
     expected = family.cross_attention_width(pipe)
     by_width = {other.text_width: other.title for other in REGISTRY.values()}

@@ -36,8 +36,8 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     if not run.dataset.is_dir():
         raise LoraFileError(f"{run.dataset} is gone; the LoRA's metadata (image count, tags) is built from it")
     folders, captions = trained_captions(run, config.trigger_word)
-    unet = adapter_configs["unet"]
-    rank, alpha = unet["r"], float(unet["lora_alpha"])
+    denoiser = adapter_configs[family.denoiser_name]
+    rank, alpha = denoiser["r"], float(denoiser["lora_alpha"])
     trigger = config.trigger_word.strip()
     epoch_number = max(1, math.ceil(round(record.epoch, 6)))
     planned_epochs = max(1, math.ceil(round(record.epoch * record.total_steps / record.steps, 6)))

@@ -18,6 +18,7 @@ from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
+from lora_gui.runs import TrainingRecord
 from lora_gui.ui.common import TINY_CHOICE, TINY_CHOICES, Ctx, build_export, error_notice, export_lora, notice
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets ar
 # Every menu of runs with a LoRA: one per row, and the download's.
 RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
+MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
 
 
 def row_names(row: int) -> list[str]:
@@ -121,7 +123,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
             ctx[run].input,
             pick_run,
             [run, "prompt"],
-            [upload, "gen_base_model", "size", "prompt", "gen_export_run"],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS],
             api_name=f"pick_run_{row}",
         )
         # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
@@ -135,7 +137,13 @@ def wire_generate_tab(ctx: Ctx) -> None:
                 api_visibility="private",
             )
     ctx.wire(ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *ROWS], api_visibility="private")
-    ctx.wire(ctx["gen_base_model"].input, pick_base_model, ["gen_base_model"], ["size"], api_visibility="private")
+    ctx.wire(
+        ctx["gen_base_model"].input,
+        pick_base_model,
+        ["gen_base_model"],
+        ["size", *MODEL_DEFAULTS],
+        api_visibility="private",
+    )
     ctx.wire(
         ctx["generate"].click,
         generate,
@@ -164,7 +172,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ctx["generate_tab"].select,
         refresh_runs,
         ["gen_run_1", "gen_upload_1", "prompt"],
-        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt"],
+        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS],
         api_visibility="private",
     )
 
@@ -185,12 +193,14 @@ def refresh_runs(ctx: Ctx, gen_run_1: str | None, gen_upload_1: str | None, prom
 
 
 def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
-    """Fill in what the picked run was trained with: its base model, its size, and a prompt it knows
-    unless one is typed already. `picked` is the one run menu that changed, by its name."""
+    """Fill in what the picked run was trained with: its base model, its size, its model's usual steps and
+    guidance, and a prompt it knows unless one is typed already. `picked` is the one run menu that changed,
+    by its name."""
     ((name, gen_run),) = picked.items()
     try:
         run = ctx.run_folder(gen_run or "")
         config = TrainConfig.load(run.config)
+        family = TrainingRecord.load(run).family
     except LoraGuiError:
         return {}
     updates = {
@@ -198,6 +208,7 @@ def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
         "gen_base_model": ctx.base_model_label(config.base_model),
         "size": config.resolution,
         "gen_export_run": run.name,
+        **model_defaults(family),
     }
     if not (prompt or "").strip():
         updates["prompt"] = run.prompt()
@@ -205,12 +216,24 @@ def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
 
 
 def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
-    """A real base model's own picture size (SDXL: 1024 px), where its family can be told without loading it.
-    A tiny model keeps the size: it is random and makes any size just as well, and small is quick."""
+    """A base model's usual steps and guidance, and a real one's own picture size (SDXL: 1024 px), where its
+    family can be told without loading it. A tiny model keeps the size: it is random and makes any size
+    just as well, and small is quick."""
     family = ctx.base_model_family(gen_base_model)
-    if family is None or gen_base_model in TINY_CHOICES:
+    if family is None:
         return {}
-    return {"size": get_family(family).default_resolution}
+    size = {} if gen_base_model in TINY_CHOICES else {"size": get_family(family).default_resolution}
+    return {**size, **model_defaults(family)}
+
+
+def model_defaults(family_name: str) -> dict[str, Any]:
+    """The widgets that follow the model: its usual steps and guidance, and a negative prompt where it takes one."""
+    family = get_family(family_name)
+    return {
+        "gen_steps": family.default_steps,
+        "guidance": family.default_guidance,
+        "negative_prompt": gr.update(visible=family.negative_prompt),
+    }
 
 
 def forget(ctx: Ctx, menu: str) -> dict[str, Any]:

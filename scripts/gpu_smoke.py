@@ -15,6 +15,7 @@ as tests/test_gpu_regime.py runs them.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 import traceback
@@ -78,6 +79,7 @@ def smoke(model: str, precision: str, workdir: Path) -> None:
         folder = model_folder(workdir, model)  # the benchmark's rows reuse it
     pictures = write_demo_dataset(workdir / f"smoke-images-{resolution}", count=4, size=(resolution, resolution))
     run = workdir / f"smoke-run-{model}-{precision}"
+    shutil.rmtree(run, ignore_errors=True)  # a second try in the same workdir starts afresh
     config = TrainConfig(
         base_model=str(folder),
         data=str(pictures),
@@ -126,7 +128,8 @@ def smoke(model: str, precision: str, workdir: Path) -> None:
 
     def generate() -> str:
         generator = Generator.load(str(folder), precision=precision)
-        dtypes = f"UNet {generator.pipe.unet.dtype}, VAE {generator.pipe.vae.dtype}"
+        denoiser = generator.family.denoiser(generator.pipe)
+        dtypes = f"{generator.family.denoiser_title} {denoiser.dtype}, VAE {generator.pipe.vae.dtype}"
         generator.set_loras([(run, 1.0)])
         image = generator("a photo of a red circle", steps=4, width=resolution, height=resolution)
         del generator

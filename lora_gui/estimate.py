@@ -26,7 +26,7 @@ CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tenso
 # Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
 STEP_EFFICIENCY = 0.35
 BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-_ATTENTION_PATCH = threading.Lock()
+_ESTIMATING = threading.Lock()
 
 
 @dataclass
@@ -85,11 +85,22 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
 
 
-@functools.lru_cache(maxsize=64)
 def _unet_cost(
     family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
 ) -> tuple[float, int, int, float]:
-    """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step."""
+    """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step.
+
+    One estimate at a time: the patched attention `_saved_bytes` installs is seen by every thread, and
+    would meet another estimate's meta tensors (their FLOP count's backward would then fail)."""
+    with _ESTIMATING:
+        return _measured_cost(family, resolution, rank, targets, checkpointing, precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _measured_cost(
+    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
+) -> tuple[float, int, int, float]:
+    """`_unet_cost`, measured once for each set of arguments."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
@@ -159,10 +170,8 @@ def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> 
         return tensor
 
     # The patch is seen by every thread of the process, so it hands calls on real tensors (a run
-    # training beside the estimate) to the real attention; the lock keeps two estimates from undoing
-    # each other's patch.
+    # training beside the estimate) to the real attention; `_unet_cost` runs one estimate at a time.
     with (
-        _ATTENTION_PATCH,
         mock.patch.object(F, "scaled_dot_product_attention", _footprint_on_meta(F.scaled_dot_product_attention)),
         torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor),
     ):

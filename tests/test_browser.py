@@ -177,3 +177,36 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         expect(page.locator("#setting-max_steps input")).to_have_value("60")
         shot(page, "09-demo-ready")
         browser.close()
+
+
+def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server):
+    """The tiny Flux from the base-model menu, with the demo's pictures: it trains, and the Generate tab
+    takes Flux's usual steps and guidance, with no negative-prompt field (Flux has none)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(MINUTE)
+        page.goto(app_server.url)
+        page.get_by_role("button", name="Try the demo").click()
+        expect(page.locator("#train-notice")).to_contain_text("Demo ready")
+        pick(page, "Base model", "Tiny Flux demo (offline, CPU)")
+        # The full-size Flux.1 is measured on PyTorch's meta device the first time: some seconds on a CPU.
+        expect(page.locator("#train-estimate")).to_contain_text("a real Flux.1 model with these", timeout=MINUTE)
+        page.locator("#setting-max_steps input").fill("4")
+        page.get_by_label("Run name").fill("flux-browser-run")
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator("#train-notice")).to_contain_text("Training flux-browser-run started")
+        expect(page.locator("#train-progress")).to_contain_text("flux-browser-run finished", timeout=3 * MINUTE)
+        expect(page.locator("#train-samples img").first).to_be_visible()
+        shot(page, "10-flux-trained")
+
+        page.get_by_role("tab", name="Generate").click()
+        pick(page, "LoRA 1: a run you trained", "flux-browser-run")
+        expect(page.get_by_label("Base model", exact=True).last).to_have_value("Tiny Flux demo (offline, CPU)")
+        expect(page.locator("input[aria-label='number input for Steps']")).to_have_value("28")
+        expect(page.get_by_label("Negative prompt (what to avoid)")).to_be_hidden()
+        page.get_by_role("button", name="Generate", exact=True).click()
+        expect(page.locator("#lora-image img")).to_be_visible(timeout=MINUTE)
+        expect(page.get_by_text("Made with the LoRA of flux-browser-run at strength 1")).to_be_visible()
+        shot(page, "11-flux-generate")
+        browser.close()

@@ -96,7 +96,7 @@ def test_an_estimate_leaves_a_run_training_beside_it_alone():
 
     from lora_gui import estimate as estimate_module
 
-    estimate_module._unet_cost.cache_clear()
+    estimate_module._measured_cost.cache_clear()
     config = TrainConfig(resolution=256, rank=4, max_steps=10)
     done = threading.Event()
     worker = threading.Thread(target=lambda: (estimate(config, "sd15", "bf16"), done.set()))

@@ -68,7 +68,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
         )
         with gr.Row():
             gr.Markdown(
-                "# LoRA trainer\nTeach Stable Diffusion a face, an object or a style from your own pictures: "
+                "# LoRA trainer\nTeach Stable Diffusion or Flux a face, an object or a style from your own pictures: "
                 "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it trains a tiny model "
                 "on generated pictures in about a minute, with no download."
             )

@@ -112,17 +112,13 @@ class StableDiffusion2(StableDiffusion1):
     text_width = 1024
     text_encoder_params = 340e6
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=(2, 4),
-            cross_attention_dim=48,
-            use_linear_projection=True,
-            norm_num_groups=8,
-        ),
+        # SD 1.x's tiny UNet with SD 2's differences: head widths, its text width, linear projections.
+        "tiny": {
+            **StableDiffusion1.denoiser_shapes["tiny"],
+            "attention_head_dim": (2, 4),
+            "cross_attention_dim": 48,
+            "use_linear_projection": True,
+        },
         "full": dict(
             sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
         ),

@@ -1,7 +1,14 @@
-"""lora_gui: a LoRA trainer for Stable Diffusion that a beginner can use.
+"""lora_gui: a LoRA trainer for Stable Diffusion and Flux.1 that a beginner can use.
 
 The engine (everything here but `ui`) never imports gradio; the app in `lora_gui.ui` is a thin
 skin over it. docs/ARCHITECTURE.md maps the modules.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# diffusers imports the quantization libraries whenever they are installed, and they log at import
+# (kernels missing for GPUs other than this one, deprecations in torch): nothing a user can act on.
+for _library in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+    logging.getLogger(_library).setLevel(logging.ERROR)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from lora_gui import quantization
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import REGISTRY, Family, detect_family
 
@@ -21,9 +22,10 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def load_pipeline(
-    base_model: str, family: str = "auto", dtype: torch.dtype = torch.float32
+    base_model: str, family: str = "auto", dtype: torch.dtype = torch.float32, quantize: str = "none"
 ) -> tuple[type[Family], DiffusionPipeline]:
-    """Load a base model and tell its family. The VAE always stays in fp32 (fp16 VAEs overflow)."""
+    """Load a base model and tell its family. The VAE always stays in fp32 (fp16 VAEs overflow); the denoiser
+    is quantized as `quantize` says (see quantization.py), the rest stays in `dtype`."""
     source = base_model.strip()
     if not source:
         raise ModelLoadError(
@@ -36,11 +38,11 @@ def load_pipeline(
                 f"{path} is a folder but not a diffusers model (it has no model_index.json); "
                 "pick the folder that holds model_index.json, or a single .safetensors checkpoint file"
             )
-        pipe = _from_pretrained(str(path), dtype, what=f"the model folder {path}")
+        pipe = _from_pretrained(str(path), dtype, quantize, what=f"the model folder {path}")
     elif path.is_file():
-        pipe = _from_single_file(path, family, dtype)
+        pipe = _from_single_file(path, family, dtype, quantize)
     elif is_hub_id(source):
-        pipe = _from_pretrained(source, dtype, what=f"the Hugging Face Hub model {source}")
+        pipe = _from_pretrained(source, dtype, quantize, what=f"the Hugging Face Hub model {source}")
     else:
         raise ModelLoadError(
             f"base model {source!r} not found: there is no such folder or file on this computer, and it is "
@@ -57,12 +59,18 @@ def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, what: str) -> DiffusionPipeline:
+def _from_pretrained(source: str, dtype: torch.dtype, quantize: str, what: str) -> DiffusionPipeline:
     try:
         # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
         index = DiffusionPipeline.load_config(source)
         skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        return DiffusionPipeline.from_pretrained(source, dtype={"default": dtype, "vae": torch.float32}, **skip_checker)
+        denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in index), "unet")
+        return DiffusionPipeline.from_pretrained(
+            source,
+            dtype={"default": dtype, "vae": torch.float32},
+            quantization_config=quantization.pipeline_config(quantize, denoiser, dtype),
+            **skip_checker,
+        )
     except OSError as error:
         if Path(source).is_dir():
             raise ModelLoadError(f"could not load {what}: {str(error).splitlines()[0]}") from None
@@ -160,7 +168,7 @@ def _cached_json(repo_id: str, filename: str) -> dict[str, Any] | None:
     return _read_json(Path(cached)) if isinstance(cached, str) else None
 
 
-def _from_single_file(path: Path, family: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str) -> DiffusionPipeline:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"{path.name} is a pickled checkpoint, which can run code when loaded; use the .safetensors "
@@ -177,8 +185,20 @@ def _from_single_file(path: Path, family: str, dtype: torch.dtype) -> DiffusionP
         )
     if name not in REGISTRY:
         raise ModelLoadError(f"{path.name} is a {name} checkpoint, which this trainer does not support yet")
+    known = REGISTRY[name]
     try:
-        return REGISTRY[name].pipeline_class.from_single_file(str(path), dtype=dtype)
+        # A pipeline loads from one file unquantized; a quantized denoiser is loaded from it first, on its own.
+        config = quantization.model_config(quantize, dtype)
+        denoiser = (
+            {}
+            if config is None
+            else {
+                known.denoiser_name: known.denoiser_class.from_single_file(
+                    str(path), quantization_config=config, dtype=dtype
+                )
+            }
+        )
+        return known.pipeline_class.from_single_file(str(path), dtype=dtype, **denoiser)
     except OSError as error:
         raise ModelLoadError(
             f"could not read {path.name} as a {REGISTRY[name].title} checkpoint: a single-file checkpoint needs "

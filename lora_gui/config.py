@@ -18,6 +18,7 @@ from typing import Any
 from lora_gui.atomic import write_text_atomic
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
+from lora_gui.quantization import QUANTIZATIONS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -106,6 +107,13 @@ class TrainConfig:
         choices=MIXED_PRECISIONS,
     )
     gradient_checkpointing: bool = _field(False, "Save GPU memory at the cost of ~30% speed.")
+    quantize_base: str = _field(
+        "none",
+        "Store the frozen base model in fewer bits so it fits a smaller card; the LoRA still trains in full "
+        "precision. int8 halves the denoiser's memory (any device), nf4 quarters it (NVIDIA GPUs only); "
+        "none keeps it exact.",
+        choices=tuple(QUANTIZATIONS),
+    )
     channels_last: bool = _field(False, "Keep the UNet's image tensors channels-last (can be faster on NVIDIA GPUs).")
     torch_compile: bool = _field(
         False, "Compile the UNet with torch.compile: a slow first step, then faster ones (needs Triton on the GPU)."
@@ -160,6 +168,7 @@ class TrainConfig:
             ("mixed_precision", MIXED_PRECISIONS),
             ("family", FAMILIES),
             ("optimizer", OPTIMIZERS),
+            ("quantize_base", tuple(QUANTIZATIONS)),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")

@@ -28,7 +28,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from lora_gui import data, devices, events
+from lora_gui import data, devices, events, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import load_pipeline
@@ -288,7 +288,8 @@ def _load_base(
     on the device for encoding (the UNet comes only once they are done and parked, so a GPU never
     holds both), and the family's training objective."""
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
-    family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision])
+    quantization.check_available(config.quantize_base, accelerator.device.type == "cuda")
+    family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision], config.quantize_base)
     text_encoders = family.text_encoders(pipe)
     for module in (family.denoiser(pipe), pipe.vae, *text_encoders):
         module.requires_grad_(False)

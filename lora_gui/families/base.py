@@ -40,6 +40,7 @@ class Family:
     # The pipeline attribute of the denoiser, the model the LoRA trains, and the layers of it that get a LoRA
     # unless the settings name others.
     denoiser_name: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[type[torch.nn.Module]] = UNet2DConditionModel
     denoiser_title: ClassVar[str] = "UNet"  # as a sentence names it
     default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
@@ -207,7 +208,7 @@ class Family:
     def build_denoiser(cls, size: str) -> torch.nn.Module:
         """A random-weight denoiser: "full" is the published architecture, "tiny" a small one with the
         same kinds of blocks, for tests and the offline demo."""
-        return UNet2DConditionModel(**cls.denoiser_shapes[size])
+        return cls.denoiser_class(**cls.denoiser_shapes[size])
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Random-weight pipelines in diffusers format: tiny ones for tests and the offline demo, full-size
-ones (the real architectures) for speed measurements.
+ones (the real architectures) for speed measurements, and shallow ones (the real widths, a few of the
+real depth's blocks) for speed measurements of a model too big for the machine.
 
 They have the real architectures' shape (same block types, attention names, scheduler configs,
 a real CLIP byte-pair tokenizer built from a small vocabulary) at a size that trains on a CPU in
@@ -98,10 +99,15 @@ def clip_text_parts(kinds: tuple[str, ...], size: str) -> tuple[list, list]:
     return tokenizers, [_text_encoder(kind, size, vocab_size) for kind in kinds]
 
 
+def _whole(size: str) -> str:
+    """The size of the parts a shallow model keeps whole: CLIP and the VAE are small beside its denoiser and T5."""
+    return "full" if size == "shallow" else size
+
+
 def _text_encoder(kind: str, size: str, vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    hidden, mlp, layers, heads, act, projection = _TEXT_ENCODERS[kind][size]
+    hidden, mlp, layers, heads, act, projection = _TEXT_ENCODERS[kind][_whole(size)]
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -128,12 +134,13 @@ def vae(size: str, scaling_factor: float, **config: Any):
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=scaling_factor,
-        **{**_VAES[size], **config},
+        **{**_VAES[_whole(size)], **config},
     )
 
 
-# T5 v1.1 encoders by size: (model width, MLP width, layers, heads, head width). "full" is T5-XXL, Flux.1's.
-_T5 = {"tiny": (32, 64, 2, 4, 8), "full": (4096, 10240, 24, 64, 64)}
+# T5 v1.1 encoders by size: (model width, MLP width, layers, heads, head width). "full" is T5-XXL, Flux.1's;
+# "shallow" one of its 24 layers, as the shallow Flux keeps one of its transformer's 19 double blocks.
+_T5 = {"tiny": (32, 64, 2, 4, 8), "shallow": (4096, 10240, 1, 64, 64), "full": (4096, 10240, 24, 64, 64)}
 
 
 def t5_text_parts(size: str, max_length: int = 512) -> tuple:
@@ -182,7 +189,7 @@ SD_SCHEDULE = dict(
 
 
 def build_pipeline(family: str = "sd15", size: str = "tiny", seed: int = 0):
-    """A random-weight pipeline of the given family and size ("tiny", or "full" = the real shapes)."""
+    """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes)."""
     from lora_gui.families import REGISTRY
 
     if family not in REGISTRY:
@@ -194,10 +201,10 @@ def build_pipeline(family: str = "sd15", size: str = "tiny", seed: int = 0):
 def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads.
 
-    Full-size ones (for speed measurements) are stored in fp16, as published checkpoints are."""
+    Those for speed measurements are stored in fp16, as published checkpoints are."""
     folder = Path(folder)
     pipe = build_pipeline(family, size, seed)
-    if size == "full":
+    if size != "tiny":
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -6,7 +6,9 @@ Every way this can fail ends in a ModelLoadError that says what was tried and wh
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,31 @@ from lora_gui import quantization
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import REGISTRY, Family, detect_family
 
+log = logging.getLogger(__name__)
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class TensorFile(Mapping[str, torch.Tensor]):
+    """A .safetensors file's tensors by name, each read from disk when asked for: the names cost only the header."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._names = dict.fromkeys(self._file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def load_pipeline(
@@ -59,7 +84,9 @@ def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, quantize: str, what: str) -> DiffusionPipeline:
+def _from_pretrained(
+    source: str, dtype: torch.dtype, quantize: str, what: str, **components: torch.nn.Module
+) -> DiffusionPipeline:
     try:
         # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
         index = DiffusionPipeline.load_config(source)
@@ -70,6 +97,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, quantize: str, what: str) 
             dtype={"default": dtype, "vae": torch.float32},
             quantization_config=quantization.pipeline_config(quantize, denoiser, dtype),
             **skip_checker,
+            **components,
         )
     except OSError as error:
         if Path(source).is_dir():
@@ -186,6 +214,10 @@ def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str
     if name not in REGISTRY:
         raise ModelLoadError(f"{path.name} is a {name} checkpoint, which this trainer does not support yet")
     known = REGISTRY[name]
+    tensors = TensorFile(path)
+    companions = known.single_file_companions(tensors)
+    if companions:
+        return _with_companion(path, known, tensors, companions, dtype, quantize)
     try:
         # A pipeline loads from one file unquantized; a quantized denoiser is loaded from it first, on its own.
         config = quantization.model_config(quantize, dtype)
@@ -201,9 +233,64 @@ def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str
         return known.pipeline_class.from_single_file(str(path), dtype=dtype, **denoiser)
     except OSError as error:
         raise ModelLoadError(
-            f"could not read {path.name} as a {REGISTRY[name].title} checkpoint: a single-file checkpoint needs "
+            f"could not read {path.name} as a {known.title} checkpoint: a single-file checkpoint needs "
             "its family's configuration, downloaded once from the Hugging Face Hub, and that failed "
             f"({str(error).splitlines()[0]}). Connect to the internet once, or use the model's diffusers folder"
         ) from None
     except (ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"could not read {path.name} as a {REGISTRY[name].title} checkpoint: {error}") from None
+        raise ModelLoadError(f"could not read {path.name} as a {known.title} checkpoint: {error}") from None
+
+
+def _with_companion(
+    path: Path,
+    family: type[Family],
+    tensors: Mapping[str, torch.Tensor],
+    companions: tuple[str, ...],
+    dtype: torch.dtype,
+    quantize: str,
+) -> DiffusionPipeline:
+    """The denoiser from a family's single file, with the configuration, VAE and text encoders of the first of
+    its published models (`companions`) in the download cache, else of the first, downloaded now."""
+    from huggingface_hub import constants
+
+    companion = next((repo for repo in companions if _cached_json(repo, "model_index.json") is not None), None)
+    if companion is None and constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(_companion_missing(path, family, companions))
+    companion = companion or companions[0]
+    try:
+        weights, shape = family.denoiser_from_single_file(tensors)
+        denoiser = family.denoiser_class.from_single_file(
+            weights,
+            config=companion,
+            subfolder=family.denoiser_name,
+            dtype=dtype,
+            quantization_config=quantization.model_config(quantize, dtype),
+            **shape,
+        )
+    except OSError:
+        raise ModelLoadError(
+            f"{_companion_needed(path, family, companion)}, and it could not be loaded: {_hub_diagnosis(companion)}"
+        ) from None
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not read {path.name} as a {family.title} checkpoint: {error}") from None
+    log.info("%s: the %s from the file, the rest of the model from %s", path.name, family.denoiser_title, companion)
+    what = f"{companion}, which {path.name} takes its VAE and text encoders from"
+    return _from_pretrained(companion, dtype, "none", what, **{family.denoiser_name: denoiser})
+
+
+def _companion_needed(path: Path, family: type[Family], companion: str) -> str:
+    return (
+        f"{path.name} is a {family.title} {family.denoiser_title} in one file; the VAE, text encoders and "
+        f"configuration that go with it come from {companion}"
+    )
+
+
+def _companion_missing(path: Path, family: type[Family], companions: tuple[str, ...]) -> str:
+    """What to do when none of the models a single file needs is on this computer and downloads are off."""
+    others = "".join(f" (or {repo})" for repo in companions[1:])
+    return (
+        f"{_companion_needed(path, family, companions[0])}, which is not in this computer's download cache, and "
+        f"offline mode is on (HF_HUB_OFFLINE). Connect to the internet once and load {companions[0]}{others} as "
+        "the base model so that it downloads (if it is gated, accept its license on huggingface.co and log in "
+        "first); from then on this file loads offline too. Or use a diffusers folder of the model as the base model"
+    )

@@ -70,25 +70,29 @@ class Generator:
         shapes = detect.read_shapes(path)
         layout = detect.detect_layout(list(shapes))
         if layout.problem:
-            raise LoraFileError(f"{path.name} is a {layout.name} file, which can't be used here: {layout.problem}")
+            raise LoraFileError(layout.refusal(path.name))
         other_model = detect.made_for_other_model(shapes, self.pipe, self.family)
         if other_model:
             raise LoraFileError(
                 f"{path.name} ({layout.name}) was made for {other_model}; this base model is {self.family.title}. "
                 "Pick a LoRA made for this model, or a base model of that kind"
             )
+        converted = None
         try:
+            # Layouts whose names diffusers' loader misreads for this model (Flux's own names, at any size) come
+            # converted by the family; every other file diffusers reads itself, with its metadata.
+            converted = self.family.lora_for_diffusers(detect.read_tensors(path), self.pipe)
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins a model; several LoRAs at once is the point here.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                self.pipe.load_lora_weights(str(path), adapter_name=name)
+                self.pipe.load_lora_weights(str(path) if converted is None else converted, adapter_name=name)
         except Exception as error:  # diffusers raises many kinds; whatever it is, the file does not fit
             log.debug("Loading %s failed", path, exc_info=True)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LoraFileError(
                 f"{path.name} ({layout.name}) can't be applied to this {self.family.title} model: {reason}"
             ) from None
-        applied, in_file = self._adapted_layers(name), detect.count_lora_modules(list(shapes))
+        applied, in_file = self._adapted_layers(name), detect.count_lora_modules(list(converted or shapes))
         if applied < in_file:
             raise LoraFileError(
                 f"only {applied} of the {in_file} layers in {path.name} ({layout.name}) exist in this "
@@ -119,8 +123,9 @@ class Generator:
     ) -> Image.Image:
         """A picture; what is not given is the family's usual (its steps and guidance, its native size)."""
         width, height = width or self.family.default_resolution, height or self.family.default_resolution
-        steps = steps or self.family.default_steps
-        guidance = self.family.default_guidance if guidance is None else guidance
+        usual_steps, usual_guidance = self.family.generation_defaults(self.pipe)
+        steps = steps or usual_steps
+        guidance = usual_guidance if guidance is None else guidance
         generator = torch.Generator(device=self.device).manual_seed(seed)
         # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
         negative = {"negative_prompt": negative_prompt or None} if self.family.negative_prompt else {}

@@ -47,6 +47,7 @@ def test_family_override(tiny_models):
         ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", "sd15"),
         ("double_blocks.0.img_attn.qkv.weight", "flux"),  # Black Forest Labs' transformer-only file
         ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # an all-in-one file
+        ("diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # ComfyUI's transformer alone
         ("something.else", None),
     ],
 )

@@ -345,6 +345,9 @@ def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trai
         (["unet.a.attn1.processor.to_q_lora.down.weight", "unet.a.attn1.processor.to_q_lora.up.weight"], "older", True),
         (["text_encoder.text_model.a.mlp.fc1.lora_linear_layer.down.weight"], "older", True),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha"], "kohya", True),
+        (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_te3_a.lora_down.weight"], "kohya", True),
+        (["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"], "ComfyUI", True),
+        (["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"], "peft", True),  # ai-toolkit's
         (["lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.alpha"], "LoKr", False),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_mid.weight"], "Tucker", False),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.dora_scale"], "DoRA", False),

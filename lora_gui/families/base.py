@@ -13,6 +13,7 @@ DDPM schedule); a family overrides what differs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -202,6 +203,37 @@ class Family:
     def resolution_hint(cls, resolution: int) -> str:
         """A word of advice when training at this resolution will disappoint; "" when it is fine."""
         return ""
+
+    @classmethod
+    def generation_defaults(cls, pipe: DiffusionPipeline) -> tuple[int, float]:
+        """The steps and guidance this loaded model's pictures are usually made with."""
+        return cls.default_steps, cls.default_guidance
+
+    # ---- files made elsewhere -------------------------------------------------------------------
+    @classmethod
+    def lora_for_diffusers(
+        cls, tensors: Mapping[str, torch.Tensor], pipe: DiffusionPipeline
+    ) -> dict[str, torch.Tensor] | None:
+        """A LoRA file's tensors in the names and scale diffusers loads onto this loaded pipeline, for the layouts
+        its own loader misreads; None when `load_lora_weights` reads the file as it is. `tensors` reads each one
+        from disk when asked for. Raises ValueError, saying why, for a file in such a layout that doesn't fit."""
+        return None
+
+    @classmethod
+    def single_file_companions(cls, tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+        """For a family whose single-file checkpoints hold only the denoiser (or parts diffusers can't build a
+        pipeline from): the published models (Hub ids) whose configuration, VAE and text encoders go with this
+        one's denoiser, the best match first. Empty (the default) when diffusers reads the family's files whole."""
+        return ()
+
+    @classmethod
+    def denoiser_from_single_file(
+        cls, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The denoiser of a single-file checkpoint of a family that names `single_file_companions`: its weights in
+        diffusers' names, and the config values its shapes show. Raises ValueError, saying why, for a file that
+        isn't one."""
+        raise NotImplementedError
 
     # ---- the estimate and random-weight models --------------------------------------------------
     @classmethod

@@ -10,10 +10,19 @@ and so does CLIP here.
 
 The file for ComfyUI and Forge keeps diffusers' `transformer.` names with each layer's alpha: see
 lora_files/kohya_layout.py for where ComfyUI's code maps them.
+
+Files from elsewhere name the transformer's layers as Black Forest Labs' own code does (`double_blocks.N.img_attn.qkv`),
+with q, k and v in one layer and, in the single blocks, the MLP's input beside them (`linear1`): their single-file
+checkpoints (the transformer alone, or under `model.diffusion_model.` in an all-in-one file), and the LoRAs of
+kohya's sd-scripts and FluxGym (`lora_unet_double_blocks_N_img_attn_qkv`) and ComfyUI (`diffusion_model.`). Both
+are read here into diffusers' names with the loaded model's own widths: diffusers' converters assume the full-size
+Flux.1's. ai-toolkit's LoRAs keep diffusers' names, under `transformer.` or `diffusion_model.`.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +39,69 @@ from lora_gui.objectives import FlowMatching, Objective
 # The guidance Flux.1-dev's guidance embedding gets while its LoRA trains, as kohya's and ai-toolkit's
 # trainers set it: the distilled guidance is a sampling knob, and training at 1 keeps it free to use.
 TRAINING_GUIDANCE = 1.0
+# Flux.1-schnell is distilled to make a picture in a few steps, without a guidance input.
+SCHNELL_STEPS, SCHNELL_GUIDANCE = 4, 0.0
+
+# Black Forest Labs' name of each transformer layer -> diffusers' layers it holds, stacked along its outputs in this
+# order; a block's layers are named within the block. Transcribed from diffusers'
+# convert_flux_transformer_checkpoint_to_diffusers (loaders/single_file_utils.py).
+_ORIGINAL_LAYERS = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}
+_DOUBLE_BLOCK_LAYERS = {
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_attn.norm.query_norm": ("attn.norm_q",),
+    "img_attn.norm.key_norm": ("attn.norm_k",),
+    "txt_attn.norm.query_norm": ("attn.norm_added_q",),
+    "txt_attn.norm.key_norm": ("attn.norm_added_k",),
+}
+_SINGLE_BLOCK_LAYERS = {
+    "modulation.lin": ("norm.linear",),
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "norm.query_norm": ("attn.norm_q",),
+    "norm.key_norm": ("attn.norm_k",),
+}
+_BLOCKS = {
+    "double_blocks": ("transformer_blocks", _DOUBLE_BLOCK_LAYERS),
+    "single_blocks": ("single_transformer_blocks", _SINGLE_BLOCK_LAYERS),
+}
+# The final layer's modulation gives (shift, scale) where diffusers' norm_out gives (scale, shift).
+_SWAPPED_HALVES = "final_layer.adaLN_modulation.1"
+# Where the transformer's layers are in an all-in-one checkpoint (ComfyUI's), and in LoRAs: diffusers' and
+# ai-toolkit's (transformer.), ComfyUI's and ai-toolkit's (diffusion_model.), fal's (base_model.model.), kohya's.
+_ALL_IN_ONE_PREFIX = "model.diffusion_model."
+_TRANSFORMER_PREFIXES = (
+    "transformer.",
+    _ALL_IN_ONE_PREFIX,
+    "diffusion_model.",
+    "base_model.model.",
+    "lora_unet_",
+    "lora_transformer_",
+)
+# CLIP's layers in diffusers', kohya's (lora_te1_; lora_te_ in older tools) and ComfyUI's LoRAs; and T5's, which
+# diffusers can't put a LoRA on.
+_CLIP_PREFIXES = ("text_encoder.", "lora_te1_", "lora_te_", "text_encoders.clip_l.transformer.")
+_T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.")
+_LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
 
 
 class Flux1(Family):
@@ -68,7 +140,7 @@ class Flux1(Family):
     modelspec_architecture = "flux-1-dev/lora"
     hub_models = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
     # Black Forest Labs' own layout: the transformer alone, or inside an all-in-one checkpoint.
-    checkpoint_signatures = ("double_blocks.", "model.diffusion_model.double_blocks.")
+    checkpoint_signatures = ("double_blocks.", "model.diffusion_model.double_blocks.", "diffusion_model.double_blocks.")
     text_width = 4096  # T5-XXL's
     text_encoder_params = 123e6 + 4.76e9
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
@@ -104,8 +176,102 @@ class Flux1(Family):
         return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
 
     @classmethod
+    def generation_defaults(cls, pipe: DiffusionPipeline) -> tuple[int, float]:
+        if cls.variant(pipe) == "schnell":
+            return SCHNELL_STEPS, SCHNELL_GUIDANCE
+        return cls.default_steps, cls.default_guidance
+
+    @classmethod
     def modelspec_architecture_of(cls, prediction_type: str, variant: str = "") -> str:
         return f"flux-1-{variant or 'dev'}/lora"
+
+    @classmethod
+    def lora_for_diffusers(
+        cls, tensors: Mapping[str, torch.Tensor], pipe: DiffusionPipeline
+    ) -> dict[str, torch.Tensor] | None:
+        """Black Forest Labs' layers (kohya's, FluxGym's, ComfyUI's LoRAs), diffusers' layers under another prefix
+        (ai-toolkit's) and kohya's CLIP layers, in diffusers' names: each fused layer's LoRA given to every layer it
+        holds (the same down weight, the up weight's rows shared out), alpha / rank folded into the down weight."""
+        modules: dict[str, dict[str, str]] = {}
+        for key in tensors:
+            match = _LORA_TENSORS.fullmatch(key)
+            if match is None:
+                return None  # a layout diffusers converts itself (XLabs', Black Forest Labs' Control LoRAs)
+            module, kind = match.groups()
+            modules.setdefault(module, {})[kind.partition(".")[0]] = key
+        if all(key.startswith(("transformer.", "text_encoder.")) and "lora_down" not in key for key in tensors):
+            return None  # diffusers' own layout, whose metadata diffusers reads from the file
+        places = _LayerPlaces(pipe)
+        converted: dict[str, torch.Tensor] = {}
+        unplaced = []
+        for module, parts in modules.items():
+            place = places.find(module)
+            down_key, up_key = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
+            if place is None or down_key is None or up_key is None:
+                unplaced.append(module)
+                continue
+            component, original, targets = place
+            down, up = tensors[down_key], tensors[up_key]
+            alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
+            if original == _SWAPPED_HALVES:
+                up = _swap_halves(up)
+            for target, rows in zip(targets, _split_outputs(up, len(targets), places.width, module), strict=True):
+                places.check(component, target, down, module)
+                converted[f"{component}.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
+                converted[f"{component}.{target}.lora_B.weight"] = rows.contiguous()
+        if any(module.startswith(_T5_PREFIXES) for module in unplaced):
+            raise ValueError("it adapts T5 too, which diffusers can't put a LoRA on; it works in ComfyUI and Forge")
+        if unplaced:
+            raise ValueError(
+                f"it adapts layers this {cls.title} model does not have, such as {', '.join(sorted(unplaced)[:3])}"
+            )
+        return converted
+
+    @classmethod
+    def denoiser_from_single_file(
+        cls, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Black Forest Labs' transformer, alone or in an all-in-one file, with its widths read from the file
+        (diffusers' own converter assumes the full-size model's), its depth and its guidance input (dev has one,
+        schnell not)."""
+        prefix = next((p for p in (_ALL_IN_ONE_PREFIX, "diffusion_model.", "") if f"{p}img_in.weight" in tensors), None)
+        if prefix is None:
+            raise ValueError(f"it holds no {cls.title} transformer (it has no img_in.weight)")
+        width = tensors[f"{prefix}img_in.weight"].shape[0]
+        weights: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key in (key for key in tensors if key.startswith(prefix)):
+            layer, _, parameter = key[len(prefix) :].rpartition(".")
+            found = _original_layer(layer)
+            if found is None or parameter not in ("weight", "bias", "scale"):
+                unknown.append(key)
+                continue
+            original, targets = found
+            value = _swap_halves(tensors[key]) if original == _SWAPPED_HALVES else tensors[key]
+            for target, part in zip(targets, _split_outputs(value, len(targets), width, key), strict=True):
+                weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
+        if unknown:
+            raise ValueError(
+                f"it holds tensors that are not a {cls.title} transformer's, such as {', '.join(sorted(unknown)[:3])}"
+            )
+        blocks = {
+            kind: {key.split(".")[1] for key in weights if key.startswith(f"{name}.")}
+            for kind, (name, _) in _BLOCKS.items()
+        }
+        shape = dict(
+            num_layers=len(blocks["double_blocks"]),
+            num_single_layers=len(blocks["single_blocks"]),
+            guidance_embeds=any(key.startswith("time_text_embed.guidance_embedder.") for key in weights),
+        )
+        return weights, shape
+
+    @classmethod
+    def single_file_companions(cls, tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+        """FLUX.1-dev for a transformer with a guidance input, FLUX.1-schnell for one without; the VAE and text
+        encoders are the same in both, so the other one serves too."""
+        dev, schnell = cls.hub_models
+        guided = any("guidance_in." in key for key in tensors)
+        return (dev, schnell) if guided else (schnell, dev)
 
     @classmethod
     def bucket_step(cls, pipe: DiffusionPipeline) -> int:
@@ -221,3 +387,91 @@ class Flux1(Family):
             tokenizer_2=t5_tokenizer,
             transformer=cls.build_denoiser(size),
         )
+
+
+def _original_layer(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """One of Black Forest Labs' layers (named with "." or, as kohya writes, "_"): its dotted name and the diffusers
+    layers it holds; None for any other name."""
+    block = re.fullmatch(r"(double_blocks|single_blocks)[._](\d+)[._](.+)", name)
+    if block is None:
+        dotted = _UNDERSCORED.get(name, name)
+        return (dotted, _ORIGINAL_LAYERS[dotted]) if dotted in _ORIGINAL_LAYERS else None
+    kind, index, layer = block.groups()
+    diffusers_block, layers = _BLOCKS[kind]
+    layer = _UNDERSCORED.get(layer, layer)
+    if layer not in layers:
+        return None
+    return f"{kind}.{index}.{layer}", tuple(f"{diffusers_block}.{index}.{target}" for target in layers[layer])
+
+
+# kohya's spelling of each layer name above ("." as "_") -> the dotted name.
+_UNDERSCORED = {
+    name.replace(".", "_"): name
+    for table in (_ORIGINAL_LAYERS, _DOUBLE_BLOCK_LAYERS, _SINGLE_BLOCK_LAYERS)
+    for name in table
+}
+
+
+def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> list[torch.Tensor]:
+    """A fused layer's weight, bias or LoRA up weight cut into the layers it holds: q, k and v are `width` outputs
+    each, and a single block's MLP input after them takes the rest."""
+    rest = weight.shape[0] - width * (parts - 1)
+    if rest <= 0 or (parts == 3 and rest != width):
+        raise ValueError(
+            f"{name} has {weight.shape[0]} outputs, which don't divide into this model's layers of {width}: "
+            "it was made for a Flux model of another size"
+        )
+    return list(torch.split(weight, [width] * (parts - 1) + [rest]))
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+class _LayerPlaces:
+    """Where a LoRA file's layer goes in a loaded Flux pipeline, whatever the tool that wrote it named it."""
+
+    def __init__(self, pipe: DiffusionPipeline):
+        config = pipe.transformer.config
+        self.width = config.num_attention_heads * config.attention_head_dim
+        # Each component's layers by diffusers' dotted name, and that name by itself and by kohya's "_" spelling.
+        # CLIP's are the canonical names (text_model.encoder...), which transformers 5 no longer has as a level.
+        self.layers: dict[str, dict[str, torch.nn.Module]] = {}
+        self.names: dict[str, dict[str, str]] = {}
+        for component, model in (("transformer", pipe.transformer), ("text_encoder", pipe.text_encoder)):
+            layers = {
+                (
+                    f"text_model.{name}" if component == "text_encoder" and not name.startswith("text_model") else name
+                ): layer
+                for name, layer in model.named_modules()
+                if hasattr(layer, "in_features")
+            }
+            self.layers[component] = layers
+            self.names[component] = {spelling: name for name in layers for spelling in (name, name.replace(".", "_"))}
+
+    def find(self, module: str) -> tuple[str, str, tuple[str, ...]] | None:
+        """(component, Black Forest Labs' name or "", diffusers' layers) for a module name in a LoRA file."""
+        for component, prefixes in (("transformer", _TRANSFORMER_PREFIXES), ("text_encoder", _CLIP_PREFIXES)):
+            name = next((module[len(prefix) :] for prefix in prefixes if module.startswith(prefix)), None)
+            if name is None:
+                continue
+            original = _original_layer(name) if component == "transformer" else None
+            if original is not None:
+                return component, *original
+            if name in self.names[component]:
+                return component, "", (self.names[component][name],)
+        return None
+
+    def check(self, component: str, target: str, down: torch.Tensor, module: str) -> None:
+        """That the model has this layer, as wide as the LoRA's down weight reads."""
+        layer = self.layers[component].get(target)
+        if layer is None:
+            raise ValueError(
+                f"{module} adapts {target}, which this model does not have: it was made for a deeper model"
+            )
+        if down.shape[-1] != layer.in_features:
+            raise ValueError(
+                f"{module} reads {down.shape[-1]} inputs where this model's {target} has {layer.in_features}: "
+                "it was made for a model of another size"
+            )

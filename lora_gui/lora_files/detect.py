@@ -3,12 +3,14 @@
 Told from tensor names alone (nothing is loaded): diffusers/peft (`lora_A`), diffusers' older
 attention-processor layout (`to_q_lora.down`, `lora.down`, `lora_linear_layer`), kohya
 (`lora_unet_*` / `lora_te*_` with `lora_down`/`lora_up`/`alpha`, as A1111, Forge, ComfyUI and civitai
-use), and the LyCORIS kinds, named by their tensor suffixes as in ComfyUI's comfy/lora.py and A1111's
-network_*.py. diffusers applies the first three (LyCORIS LoCon is plain kohya LoRA on more layers);
-for the others the error says what the file is and where it does work.
+use), ComfyUI's (`lora_down`/`lora_up` under `diffusion_model.`), and the LyCORIS kinds, named by their tensor
+suffixes as in ComfyUI's comfy/lora.py and A1111's network_*.py. diffusers applies the first four, some through
+the family's own reading of their names (LyCORIS LoCon is plain kohya LoRA on more layers); for the others the error
+says what the file is and where it does work.
 
 A file's base model is told from the width of the text features its cross-attention layers read
-(768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL) and from weights for a second text encoder (SDXL).
+(768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL), from weights for a second text encoder (SDXL), and from the
+kind of denoiser its layers belong to (a UNet's, or a transformer's as in Flux).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from lora_gui.base_models import PICKLE_SUFFIXES
+from lora_gui.base_models import PICKLE_SUFFIXES, TensorFile
 from lora_gui.errors import LoraFileError
 from lora_gui.families import REGISTRY, Family
 
@@ -41,18 +43,32 @@ _LYCORIS = tuple(
         (r"\.dora_scale", "DoRA", "diffusers would drop its magnitude weights, so it would not look as trained"),
     )
 )
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: T5, for SD3 and Flux
 _DOWN = re.compile(r"(lora_A|lora_down|lora[._]down|lora_linear_layer\.down)(\.default)?\.weight$")
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_k[._]")
-# Layers by which a file shows the kind of denoiser it adapts, in diffusers', kohya's and Black Forest Labs' names.
-_TRANSFORMER_KEY = re.compile(r"^(transformer\.|lora_transformer_)|double_blocks|single_blocks")
+# Layers by which a file shows the kind of denoiser it adapts, in diffusers', kohya's, ai-toolkit's and Black Forest
+# Labs' names.
+_TRANSFORMER_KEY = re.compile(
+    r"^(transformer\.|lora_transformer_|(model\.)?diffusion_model\.(single_)?transformer_blocks\.)"
+    r"|double_blocks|single_blocks"
+)
 _UNET_KEY = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]")
+
+
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
 class Layout:
     name: str
     problem: str = ""  # why diffusers can't apply it; empty when it can
+
+    def refusal(self, file_name: str) -> str:
+        """Why a file in this layout can't be used, as a sentence for a person."""
+        if self.name == UNKNOWN:
+            return f"{file_name} is not a LoRA file this app can read: {self.problem}"
+        article = "an" if self.name[:1].lower() in "aeiou" else "a"
+        return f"{file_name} is {article} {self.name} file, which can't be used here: {self.problem}"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -72,6 +88,13 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise LoraFileError(f"{path.name} can't be read as a LoRA file ({type(error).__name__}: {error})") from None
 
 
+def read_tensors(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a LoRA file that `read_shapes` read, by name; a .safetensors file's each read when asked for."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return TensorFile(path)
+
+
 def detect_layout(keys: list[str]) -> Layout:
     """The layout of a LoRA file from its tensor names, and what stands in the way of applying it."""
     if not keys:
@@ -87,12 +110,18 @@ def detect_layout(keys: list[str]) -> Layout:
         return Layout("diffusers (peft)")
     if any(".lora.down." in key or "_lora.down." in key or ".lora_linear_layer." in key for key in keys):
         return Layout("diffusers (attention-processor, older)")
+    if any(key.endswith(".lora_down.weight") for key in keys):
+        return Layout("ComfyUI")
     if any(key.startswith(("model.diffusion_model.", "first_stage_model.")) for key in keys):
         return Layout("full model checkpoint", "it is a whole model, not a LoRA: choose it as the base model")
     if len(keys) <= 2 and any(key in ("emb_params", "string_to_param", "clip_l", "clip_g") for key in keys):
         return Layout("textual-inversion embedding", "it is an embedding, not a LoRA; use it in the prompt elsewhere")
     example = sorted(keys)[0]
-    return Layout("unknown", f"its tensor names (such as {example}) match no LoRA layout this app knows")
+    return Layout(
+        UNKNOWN,
+        f"its tensor names (such as {example}) fit none of the layouts it reads (diffusers', kohya's, FluxGym's, "
+        "ai-toolkit's, ComfyUI's and LyCORIS')",
+    )
 
 
 def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipeline, family: type[Family]) -> str:

@@ -276,13 +276,20 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
         "bench",
         help="time our training step against the reference script's",
         description="Runs the reference script's per-step work and our training loop in this process on the same "
-        "model, images and settings, and prints a table. sd15/sdxl are the real architectures with random weights.",
+        "model, images and settings, and prints a table. sd15/sdxl/flux are the real architectures with random "
+        "weights; flux-shallow is Flux.1 at full width with 1/19 of its depth (1 double, 2 single blocks, 1 T5 "
+        "layer), which a CPU holds.",
     )
-    bench.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl"))
+    bench.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl", "flux-tiny", "flux-shallow", "flux"))
     bench.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     bench.add_argument("--batch-size", type=int, default=2)
-    bench.add_argument("--resolution", type=int, default=None, help="default: 128 tiny, 512 sd15, 1024 sdxl")
+    bench.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="default: 128 tiny and flux-tiny, 512 sd15 and flux-shallow, 1024 sdxl and flux",
+    )
     bench.add_argument("--rank", type=int, default=16)
     bench.add_argument("--precision", default="auto", choices=MIXED_PRECISIONS)
     bench.add_argument("--images", type=int, default=8)

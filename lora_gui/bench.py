@@ -3,14 +3,18 @@
 Both loops run in this one process, on the same model folder, images, batch size, resolution,
 rank and precision:
 
-- reference: what diffusers' examples/text_to_image/train_text_to_image_lora.py does each step
-  (VAE encode, text encode, UNet forward and backward, AdamW on fp32 LoRA weights, `.item()` on
-  the loss every step, a clip call that clips nothing), with the images already decoded and
-  transformed in memory, so its data loading costs it nothing;
+- reference: what the family's diffusers example script does each step, with the images already
+  decoded and transformed in memory, so its data loading costs it nothing. For SD 1.5 and SDXL,
+  examples/text_to_image/train_text_to_image_lora.py (VAE encode, text encode, UNet forward and
+  backward, AdamW on fp32 LoRA weights, `.item()` on the loss every step, a clip call that clips
+  nothing); for Flux.1, examples/dreambooth/train_dreambooth_lora_flux.py with a caption per picture
+  (CLIP and T5 encode every batch's captions, VAE encode, rectified flow, transformer forward and
+  backward, real clipping, AdamW, `.item()` on the loss);
 - ours: the engine's real `train()` with its defaults.
 
-Full-size models (`--model sd15|sdxl`) are the real architectures with random weights, which cost
-the same to run as trained ones and need no download.
+Full-size models (`--model sd15|sdxl|flux`) are the real architectures with random weights, which cost
+the same to run as trained ones and need no download. `flux-shallow` is Flux.1 at its full width with
+1/19 of its depth, which a CPU holds: its blocks cost what the real model's do, one by one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from lora_gui import devices, events
 from lora_gui.adapters import lora_config
@@ -43,7 +48,25 @@ from lora_gui.train import train
 
 log = logging.getLogger(__name__)
 
-MODELS = {"tiny": ("sd15", "tiny", 128), "sd15": ("sd15", "full", 512), "sdxl": ("sdxl", "full", 1024)}
+# name: (family, size in tiny.py, default resolution)
+MODELS = {
+    "tiny": ("sd15", "tiny", 128),
+    "sd15": ("sd15", "full", 512),
+    "sdxl": ("sdxl", "full", 1024),
+    "flux-tiny": ("flux", "tiny", 128),
+    "flux-shallow": ("flux", "shallow", 512),
+    "flux": ("flux", "full", 1024),
+}
+
+# train_dreambooth_lora_flux.py's defaults: its LoRA's layers (ours adds the single blocks' MLP input,
+# `proj_mlp`), the guidance it gives Flux.1-dev, and AdamW's weight decay.
+FLUX_SCRIPT_TARGETS = (
+    *("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"),
+    *("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"),
+    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+)
+FLUX_SCRIPT_GUIDANCE = 3.5
+FLUX_SCRIPT_WEIGHT_DECAY = 1e-4
 
 
 @dataclass
@@ -82,6 +105,7 @@ class Setup:
             max_steps=self.warmup + self.steps,
             epochs=0,
             sample_every=0,
+            sample_steps=1,  # the final previews' peak memory counts, and one step reaches it; their time is untimed
             checkpoint_every=0,
         )
 
@@ -115,7 +139,7 @@ def _sync() -> None:
 
 # ---- the two loops ------------------------------------------------------------------------------
 def reference_loop(setup: Setup) -> LoopResult:
-    """The reference script's per-step work, with its data already in memory."""
+    """train_text_to_image_lora.py's per-step work (SD 1.5, SDXL), with its data already in memory."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
@@ -144,7 +168,7 @@ def reference_loop(setup: Setup) -> LoopResult:
 
     timings = []
     for step in range(setup.warmup + setup.steps):
-        rows = [(step * setup.batch_size + i) % len(pixels) for i in range(setup.batch_size)]
+        rows = _rows(setup, step, len(pixels))
         with accelerator.accumulate(unet):
             batch = pixels[rows].to(accelerator.device, dtype=weight_dtype)
             latents = pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor
@@ -174,6 +198,119 @@ def reference_loop(setup: Setup) -> LoopResult:
     del unet, optimizer, pipe, pixels
     AcceleratorState._reset_state(reset_partial_state=True)
     return result
+
+
+def flux_reference_loop(setup: Setup) -> LoopResult:
+    """train_dreambooth_lora_flux.py's per-step work for a LoRA on the transformer with a caption per picture,
+    with its data already in memory."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    _reset_peak_memory()
+    started = time.perf_counter()
+    accelerator = Accelerator(cpu=not devices.has_cuda(), mixed_precision=setup.precision)
+    weight_dtype = devices.DTYPES[accelerator.mixed_precision]
+    family, pipe = load_pipeline(str(setup.model_dir), dtype=weight_dtype)
+    pipe.vae.to(weight_dtype)  # the script keeps every part in the weight dtype
+    for module in (pipe.transformer, pipe.vae, *family.text_encoders(pipe)):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
+    pipe.transformer.add_adapter(lora_config(setup.rank, setup.rank, FLUX_SCRIPT_TARGETS))
+    if accelerator.mixed_precision == "fp16":  # the script upcasts the LoRA for fp16 only: in bf16 it trains in bf16
+        cast_training_params(pipe.transformer, dtype=torch.float32)
+    lora_parameters = [parameter for parameter in pipe.transformer.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(
+        lora_parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=FLUX_SCRIPT_WEIGHT_DECAY, eps=1e-8
+    )
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
+    pixels, token_ids, _ = _images_in_memory(setup, family, pipe)
+    script_step = FluxScriptStep(pipe, family, transformer, accelerator.device, weight_dtype)
+
+    timings = []
+    for step in range(setup.warmup + setup.steps):
+        rows = _rows(setup, step, len(pixels))
+        with accelerator.accumulate(transformer):
+            loss = script_step.loss(pixels[rows], [ids[rows] for ids in token_ids])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(transformer.parameters(), 1.0)  # a fresh generator: this one clips
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        loss.detach().item()
+        _sync()
+        timings.append(time.perf_counter())
+    result = _result("reference", timings, started, setup)
+    del transformer, optimizer, pipe, pixels, script_step
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return result
+
+
+@dataclass
+class FluxScriptStep:
+    """The loss of one batch as train_dreambooth_lora_flux.py computes it, phase by phase."""
+
+    pipe: FluxPipeline
+    family: type[Family]
+    transformer: torch.nn.Module  # as accelerate prepared it
+    device: torch.device
+    dtype: torch.dtype
+
+    def loss(self, pixels: torch.Tensor, token_ids: list[torch.Tensor]) -> torch.Tensor:
+        text = self.encode_captions(token_ids)
+        latents = self.encode_pictures(pixels)
+        noise = torch.randn_like(latents)
+        timesteps, sigmas = self.draw_timesteps(len(latents))
+        prediction = self.predict((1.0 - sigmas) * latents + sigmas * noise, timesteps, text)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas)  # its default scheme: every picture weighs 1
+        errors = weighting.float() * (prediction.float() - (noise - latents).float()) ** 2
+        return errors.reshape(len(latents), -1).mean(1).mean()
+
+    def encode_captions(self, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Captions that differ from picture to picture are encoded anew every step (CLIP pooled, T5 sequence)."""
+        with torch.no_grad():
+            return self.family.encode(self.family.text_encoders(self.pipe), token_ids, self.device)
+
+    def encode_pictures(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.sample()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(self.dtype)
+
+    def draw_timesteps(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform timesteps (the default weighting scheme, "none"), and their sigmas looked up one
+        `.item()` (a GPU sync) at a time, as the script does."""
+        schedule = self.pipe.scheduler
+        drawn = compute_density_for_timestep_sampling("none", count)
+        timesteps = schedule.timesteps[(drawn * schedule.config.num_train_timesteps).long()].to(self.device)
+        schedule_timesteps = schedule.timesteps.to(self.device)
+        indices = [(schedule_timesteps == timestep).nonzero().item() for timestep in timesteps]
+        sigmas = schedule.sigmas.to(self.device, dtype=self.dtype)[indices]
+        return timesteps, sigmas.view(-1, 1, 1, 1)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch, channels, height, width = noisy.shape
+        prompt_embeds = text["prompt_embeds"]
+        guidance = torch.tensor([FLUX_SCRIPT_GUIDANCE], device=self.device).expand(batch)
+        packed = self.transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, batch, channels, height, width),
+            timestep=timesteps / 1000,
+            guidance=guidance if self.pipe.transformer.config.guidance_embeds else None,
+            pooled_projections=text["pooled_prompt_embeds"],
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, self.dtype),
+            return_dict=False,
+        )[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(packed, height * scale, width * scale, scale)
+
+
+def _rows(setup: Setup, step: int, count: int) -> list[int]:
+    """The pictures of a step's batch: the next ones in order, round and round."""
+    return [(step * setup.batch_size + i) % count for i in range(setup.batch_size)]
 
 
 def _images_in_memory(
@@ -216,28 +353,31 @@ def _result(name: str, timings: list[float], started: float, setup: Setup) -> Lo
 
 # ---- FLOPs and utilisation (GPU) ----------------------------------------------------------------
 def step_tflop(setup: Setup) -> float:
-    """FLOPs of our step (one UNet forward and backward with the LoRA), counted by PyTorch."""
+    """FLOPs of our step (one denoiser forward and backward with the LoRA), counted by PyTorch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     family, pipe = load_pipeline(str(setup.model_dir), dtype=devices.DTYPES[setup.precision])
     device = torch.device("cuda" if devices.has_cuda() else "cpu")
-    pipe.unet.requires_grad_(False)
-    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, family.default_target_modules))
-    pipe.unet.to(device)
+    denoiser = family.denoiser(pipe)
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(lora_config(setup.rank, setup.rank, family.default_target_modules))
+    denoiser.to(device)
     encoders = family.text_encoders(pipe)
     for encoder in encoders:
         encoder.to(device)
-    side = setup.resolution // 8
-    latents = torch.randn(setup.batch_size, 4, side, side, device=device, dtype=pipe.unet.dtype)
+    side = setup.resolution // pipe.vae_scale_factor
+    latents = torch.randn(
+        setup.batch_size, pipe.vae.config.latent_channels, side, side, device=device, dtype=denoiser.dtype
+    )
     with torch.no_grad():
         conditioning = family.encode(encoders, family.tokenize(pipe, ["a photo"] * setup.batch_size), device)
     size = (setup.resolution, setup.resolution)
-    kwargs = family.unet_kwargs(conditioning, [ImageGeometry(size, (0, 0), size)] * setup.batch_size, device)
+    geometry = [ImageGeometry(size, (0, 0), size)] * setup.batch_size
     timesteps = torch.randint(0, 1000, (setup.batch_size,), device=device)
     counter = FlopCounterMode(display=False)
     with counter, devices.autocast(device, setup.precision):
-        pipe.unet(latents, timesteps, **kwargs).sample.float().pow(2).mean().backward()
-    del pipe
+        family.predict(denoiser, latents, timesteps, conditioning, geometry).float().pow(2).mean().backward()
+    del pipe, denoiser
     return counter.get_total_flops() / 1e12
 
 
@@ -288,9 +428,10 @@ def run_bench(
     # TF32 is a process-wide switch that training turns on: on for both loops from the start, so the first
     # pair compares like the others (the reference script's --allow_tf32).
     devices.use_tensor_cores()
+    reference_of_family = flux_reference_loop if MODELS[model][0] == "flux" else reference_loop
     pairs = []
     for _ in range(repeat):
-        reference = reference_loop(setup)
+        reference = reference_of_family(setup)
         pairs.append((reference, ours_loop(setup, Path(tempfile.mkdtemp(prefix="run-", dir=workdir)))))
     ratios = [ours.steps_per_second / reference.steps_per_second for reference, ours in pairs]
     reference, ours = pairs[sorted(range(repeat), key=ratios.__getitem__)[(repeat - 1) // 2]]

@@ -214,19 +214,19 @@ def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str
     if name not in REGISTRY:
         raise ModelLoadError(f"{path.name} is a {name} checkpoint, which this trainer does not support yet")
     known = REGISTRY[name]
+    quantization.check_single_file(quantize)
     tensors = TensorFile(path)
     companions = known.single_file_companions(tensors)
     if companions:
         return _with_companion(path, known, tensors, companions, dtype, quantize)
     try:
         # A pipeline loads from one file unquantized; a quantized denoiser is loaded from it first, on its own.
-        config = quantization.model_config(quantize, dtype)
         denoiser = (
             {}
-            if config is None
+            if quantize == "none"
             else {
-                known.denoiser_name: known.denoiser_class.from_single_file(
-                    str(path), quantization_config=config, dtype=dtype
+                known.denoiser_name: quantization.quantize_loaded(
+                    known.denoiser_class.from_single_file(str(path), dtype=dtype), quantize
                 )
             }
         )
@@ -264,9 +264,9 @@ def _with_companion(
             config=companion,
             subfolder=family.denoiser_name,
             dtype=dtype,
-            quantization_config=quantization.model_config(quantize, dtype),
             **shape,
         )
+        quantization.quantize_loaded(denoiser, quantize)
     except OSError:
         raise ModelLoadError(
             f"{_companion_needed(path, family, companion)}, and it could not be loaded: {_hub_diagnosis(companion)}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lora_gui.config import TrainConfig
 from lora_gui.devices import DTYPES
 from lora_gui.families import get_family
+from lora_gui.quantization import QUANTIZATIONS
 
 CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tensors take
 # Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
@@ -35,7 +36,7 @@ class Estimate:
     caching_gb: float  # encoding the images: the VAE and the text encoders
     training_gb: float  # the UNet's steps
     previews_gb: float  # preview images: the denoiser, then the VAE beside it
-    step_tflop: float
+    step_tflop: float | None  # the step's work, counted only when the time is estimated
     seconds: float | None  # None when the device's speed is unknown
     notes: str
 
@@ -49,22 +50,17 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
 
     `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
     device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
-    activations, lora_params, unet_params, flops = _unet_cost(
-        family,
-        config.resolution,
-        config.rank,
-        tuple(get_family(family).lora_targets(config.target_modules)),
-        config.gradient_checkpointing,
-        precision,
-    )
+    targets = tuple(get_family(family).lora_targets(config.target_modules))
+    cost = _unet_cost(family, config.resolution, config.rank, targets, config.gradient_checkpointing, precision)
     weight_bytes = BYTES[precision]
     optimizer_bytes = 4 + 4 + (2 if config.optimizer == "adamw8bit" else 8)  # weight, grad, Adam state
-    base = unet_params * weight_bytes + lora_params * optimizer_bytes
+    base = _denoiser_bytes(cost, weight_bytes, config.quantize_base) + cost.lora_params * optimizer_bytes
+    activations = cost.activations
     text = get_family(family).text_encoder_params * weight_bytes
     vae = get_family(family).vae_params * 4
-    # While caching, the VAE encodes one image at a time at full resolution (in fp32), beside the text
-    # encoders; the UNet comes onto the GPU only after they are parked.
-    caching_peak = text + vae + _vae_encode_bytes(config.resolution)
+    # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
+    # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
+    caching_peak = max(text, vae + _vae_encode_bytes(config.resolution))
     training_peak = base + activations * config.batch_size
     if config.train_text_encoder:
         training_peak += text
@@ -73,22 +69,71 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     decoding = vae + _preview_bytes(config.resolution)
     previews_peak = base + decoding + (text if config.train_text_encoder else 0)
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
-    step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
-    seconds = None
+    step_tflop, seconds = None, None
     if matmul_tflops:
+        flops = _step_flops(family, config.resolution, config.rank, targets, precision)
+        step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
         steps = config.max_steps if not config.epochs else None
         if steps:
             seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY)
     notes = ""
     if not config.train_text_encoder:
         notes = f"Text encoders and VAE wait in CPU memory while the {get_family(family).denoiser_title} trains."
+    if config.quantize_base != "none":
+        notes += (
+            f" The frozen {get_family(family).denoiser_title} is stored {QUANTIZATIONS[config.quantize_base].title}."
+        )
     return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
+
+
+@dataclass(frozen=True)
+class DenoiserCost:
+    """One training step of one image through the denoiser with its LoRA."""
+
+    activations: float  # bytes autograd keeps for backward
+    lora_params: int
+    denoiser_params: int  # the frozen base's
+    linear_weights: int  # of those, the weights of its linear layers: what quantizing stores in fewer bits
+    largest_linear: int  # the most weights one linear layer holds: a quantized one is unpacked for its product
+
+
+@functools.lru_cache(maxsize=8)
+def denoiser_parameters(family: str) -> int:
+    """How many parameters the family's published denoiser has, counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in get_family(family).build_denoiser("full").parameters())
+
+
+def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tuple[str, float]]:
+    """The presets made for this family's models whose estimate fits a card of `memory_gb`, each with its
+    estimate, the most demanding first (the one that makes the most of the card)."""
+    from lora_gui.base_models import family_from_files
+    from lora_gui.config import list_presets, load_preset
+
+    fitting = []
+    for name in list_presets():
+        preset = load_preset(name)
+        if (preset.family if preset.family != "auto" else family_from_files(preset.base_model)) != family:
+            continue
+        memory = estimate(preset, family, precision).memory_gb
+        if memory <= memory_gb:
+            fitting.append((name, memory))
+    return sorted(fitting, key=lambda named: -named[1])
+
+
+def _denoiser_bytes(cost: DenoiserCost, weight_bytes: int, quantize: str) -> float:
+    """The frozen denoiser's memory, with its linear layers' weights quantized as `quantize` says."""
+    if quantize == "none":
+        return cost.denoiser_params * weight_bytes
+    unquantized = cost.denoiser_params - cost.linear_weights
+    unpacked = cost.largest_linear * weight_bytes
+    return unquantized * weight_bytes + cost.linear_weights * QUANTIZATIONS[quantize].bytes_per_weight + unpacked
 
 
 def _unet_cost(
     family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
-) -> tuple[float, int, int, float]:
-    """(activation bytes per image, LoRA parameters, UNet parameters, FLOPs per image) of one step.
+) -> DenoiserCost:
+    """What one step of one image costs the denoiser in memory.
 
     One estimate at a time: the patched attention `_saved_bytes` installs is seen by every thread, and
     would meet another estimate's meta tensors (their FLOP count's backward would then fail)."""
@@ -96,16 +141,35 @@ def _unet_cost(
         return _measured_cost(family, resolution, rank, targets, checkpointing, precision)
 
 
+def _step_flops(family: str, resolution: int, rank: int, targets: tuple[str, ...], precision: str) -> float:
+    """FLOPs of one image's step through the denoiser, forward and backward, with the real attention."""
+    with _ESTIMATING:
+        return _counted_flops(family, resolution, rank, targets, precision)
+
+
 @functools.lru_cache(maxsize=64)
-def _measured_cost(
-    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
-) -> tuple[float, int, int, float]:
-    """`_unet_cost`, measured once for each set of arguments."""
+def _counted_flops(family: str, resolution: int, rank: int, targets: tuple[str, ...], precision: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(**inputs).sample.float().mean().backward()
+    return counter.get_total_flops()
+
+
+@functools.lru_cache(maxsize=64)
+def _measured_cost(
+    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
+) -> DenoiserCost:
+    """`_unet_cost`, measured once for each set of arguments."""
+    unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
+    # peft keeps each targeted layer as its `base_layer`, so every frozen linear layer is counted once.
+    linears = [
+        m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    ]
 
     # Without checkpointing: everything autograd saves, and what each block that checkpointing
     # would recompute on its own (a ResNet or a transformer block) saves.
@@ -127,15 +191,11 @@ def _measured_cost(
     activations = _saved_bytes(unet, inputs, saved)
     for handle in hooks:
         handle.remove()
-    # FLOPs of the real step, forward and backward, with the real attention.
-    counter = FlopCounterMode(display=False)
-    with counter:
-        unet(**inputs).sample.float().mean().backward()
     if checkpointing:
         # Kept: each block's inputs; during backward one block at a time is recomputed on top.
         unet.enable_gradient_checkpointing()
         activations = _saved_bytes(unet, inputs, {}) + max(block_sizes)
-    return activations, lora_params, unet_params, counter.get_total_flops()
+    return DenoiserCost(activations, lora_params, unet_params, sum(linears), max(linears))
 
 
 def _meta_unet(
@@ -150,7 +210,8 @@ def _meta_unet(
         # torch's own `to`: diffusers' would warn about fp32 modules, which a meta model has no use for.
         unet = torch.nn.Module.to(get_family(family).build_denoiser("full"), dtype)
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, rank, targets))
+    with torch.device("meta"):  # LoRA weights without initialising them: 4x faster on Flux's 500 layers
+        unet.add_adapter(lora_config(rank, rank, targets))
     unet.train()
     return unet, get_family(family).meta_inputs(resolution, dtype)
 

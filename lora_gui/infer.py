@@ -15,11 +15,13 @@ from diffusers import DiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from lora_gui import devices
-from lora_gui.base_models import PICKLE_SUFFIXES, load_pipeline
+from lora_gui import devices, quantization
+from lora_gui.base_models import PICKLE_SUFFIXES, family_from_files, load_pipeline
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
+from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
 from lora_gui.lora_files import detect
+from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.runs import DIFFUSERS_LORA
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,25 @@ class Generator:
     precision: str  # "no", "fp16" or "bf16": the UNet's and text encoders' weights; the VAE stays fp32
 
     @classmethod
-    def load(cls, base_model: str, family: str = "auto", precision: str = "auto") -> Generator:
-        """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU."""
+    def load(cls, base_model: str, family: str = "auto", precision: str = "auto", quantize: str = "auto") -> Generator:
+        """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU, with its
+        denoiser quantized as `quantize` says ("auto": as little as lets it fit this GPU)."""
         device = torch.device("cuda" if devices.has_cuda() else "cpu")
         precision = devices.resolve_precision(precision)
         devices.use_tensor_cores()
-        loaded_family, pipe = load_pipeline(base_model, family, devices.DTYPES[precision])
+        if quantize == "auto":
+            quantize = _quantization_for_this_card(base_model, family, precision)
+        loaded_family, pipe = load_pipeline(base_model, family, devices.DTYPES[precision], quantize)
         with _out_of_memory_said_plainly("loading the model"):
-            pipe.to(device)
+            card = (devices.gpu_memory_gb() or 0.0) * 2**30
+            if device.type == "cuda" and _weight_bytes(pipe) > 0.75 * card:
+                # The whole model does not fit beside its work (Flux's T5 alone is 9.5 GB): each part comes to
+                # the GPU when the pipeline uses it, the text encoders to read the prompt, then the denoiser.
+                pipe.enable_model_cpu_offload(device=device)
+            else:
+                pipe.to(device)
+        if quantize != "none":
+            log.info("Generating with the %s stored %s", loaded_family.denoiser_title, QUANTIZATIONS[quantize].title)
         return cls(loaded_family, pipe, device, precision)
 
     def set_loras(self, loras: list[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
@@ -142,6 +155,21 @@ class Generator:
                     output_type="latent",
                 ).images
             return decode(self.family, self.pipe, latents, height, width)[0]
+
+
+def _quantization_for_this_card(base_model: str, family: str, precision: str) -> str:
+    """On a GPU, the least quantization that lets the base model's denoiser fit it; none on a CPU, or for a
+    model whose family can't be told before loading it."""
+    family = family if family != "auto" else family_from_files(base_model)
+    if not devices.has_cuda() or family is None:
+        return "none"
+    weight_bytes = torch.finfo(devices.DTYPES[precision]).bits // 8
+    return quantization.for_card(denoiser_parameters(family), weight_bytes, devices.gpu_memory_gb() or 0.0)
+
+
+def _weight_bytes(pipe: DiffusionPipeline) -> int:
+    modules = [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
 @torch.no_grad()

@@ -36,6 +36,17 @@ QUANTIZATIONS = {
 }
 
 
+def for_card(denoiser_params: int, weight_bytes: int, card_gb: float) -> str:
+    """The least quantization that leaves a denoiser of this size at most three quarters of the card, for
+    generating: the rest is for the VAE's decoding and the denoiser's own work (Flux.1-dev: none on an 80 GB
+    card, int8 on 16 and 24 GB cards, nf4 on a 12 GB one)."""
+    for name, quantization in QUANTIZATIONS.items():
+        per_weight = quantization.bytes_per_weight or weight_bytes
+        if denoiser_params * per_weight <= 0.75 * card_gb * 2**30:
+            return name
+    return "nf4"
+
+
 def check_available(name: str, on_cuda: bool) -> None:
     """Raise ConfigError, in plain words, where this quantization can't run here."""
     quantization = QUANTIZATIONS[name]
@@ -75,10 +86,30 @@ def pipeline_config(name: str, component: str, compute_dtype: torch.dtype):
     return PipelineQuantizationConfig(quant_mapping={component: config})
 
 
-def model_config(name: str, compute_dtype: torch.dtype):
-    """The same, for loading the denoiser alone (from a single-file checkpoint)."""
-    config = pipeline_config(name, "model", compute_dtype)
-    return None if config is None else config.quant_mapping["model"]
+def check_single_file(name: str) -> None:
+    """Raise ConfigError, before anything loads, for a quantization `quantize_loaded` can't do."""
+    if name not in ("none", "int8"):
+        raise ConfigError(
+            f"quantize_base {name} can't be used with a single-file checkpoint: choose int8, or load the model "
+            "from its diffusers folder or Hub id, which nf4 works with"
+        )
+
+
+def quantize_loaded(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Quantize a denoiser loaded from a single-file checkpoint, in place.
+
+    diffusers' `from_single_file` takes a `quantization_config` but treats the file's weights as already
+    quantized (its quantizer's `pre_quantized` defaults to True), so torchao leaves them as they are and
+    bitsandbytes asks for quantization statistics the file doesn't have. int8 is done here as diffusers' torchao
+    quantizer does it for `from_pretrained`; NF4 needs bitsandbytes' layers built as the weights load, which only
+    `from_pretrained` does."""
+    check_single_file(name)
+    if name == "none":
+        return model
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
 
 
 def _quiet_import(package: str) -> None:

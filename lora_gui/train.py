@@ -284,9 +284,8 @@ def _prepare_data(
 def _load_base(
     config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler
 ) -> tuple[type[Family], DiffusionPipeline, devices.Offload, Objective]:
-    """The frozen base in the training precision (the VAE stays fp32), with the VAE and text encoders
-    on the device for encoding (the UNet comes only once they are done and parked, so a GPU never
-    holds both), and the family's training objective."""
+    """The frozen base in the training precision (the VAE stays fp32; the denoiser quantized if the settings
+    say so), with the VAE on the device to encode the pictures, and the family's training objective."""
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
     quantization.check_available(config.quantize_base, accelerator.device.type == "cuda")
     family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision], config.quantize_base)
@@ -294,7 +293,7 @@ def _load_base(
     for module in (family.denoiser(pipe), pipe.vae, *text_encoders):
         module.requires_grad_(False)
     offload = devices.Offload(accelerator.device)
-    offload.bring(pipe.vae, *text_encoders)
+    offload.bring(pipe.vae)
     objective = family.objective(pipe, config.snr_gamma)  # from the base's own scheduler, before it is replaced
     pipe.scheduler = family.preview_scheduler(pipe)
     return family, pipe, offload, objective
@@ -340,7 +339,8 @@ def _build_caches(
 ) -> Caches:
     """Latents of every image and, for frozen text encoders, embeddings of every caption and preview prompt,
     computed once; then the VAE and frozen encoders wait in CPU memory (the VAE until the previews' decoding,
-    the encoders for good: Flux's T5 is 9.5 GB), and the denoiser comes."""
+    the encoders for good), and the denoiser comes. The VAE and the text encoders take turns on the device:
+    Flux's T5 alone is 9.5 GB, which a 12 GB card holds only without the VAE's work beside it."""
     buckets = data.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
@@ -354,14 +354,17 @@ def _build_caches(
     # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
     # out, and `latents.skipped` says why.
     examples, buckets = latents.keep(examples), latents.keep(buckets)
+    offload.park(pipe.vae)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
     text, prompt_embeddings = None, None
-    if not config.train_text_encoder:  # and the empty caption, for dropout
-        text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
-        with torch.no_grad(), devices.autocast(accelerator.device, accelerator.mixed_precision):
-            prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
-    offload.park(pipe.vae, *([] if config.train_text_encoder else family.text_encoders(pipe)))
+    if config.train_text_encoder:
+        offload.bring(*family.text_encoders(pipe))  # for good: they train beside the denoiser
+    else:
+        with offload.borrowed(*family.text_encoders(pipe)):  # and the empty caption, for dropout
+            text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
+            with torch.no_grad(), devices.autocast(accelerator.device, accelerator.mixed_precision):
+                prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
     order = data.BatchOrder(buckets, config.batch_size, config.seed)
     return Caches(latents, captions, text, order, prompts, prompt_embeddings)
@@ -717,6 +720,9 @@ def oom_advice(config: TrainConfig) -> str:
         tips.append(f"lower the batch size (now {config.batch_size}) and raise gradient accumulation instead")
     if not config.gradient_checkpointing:
         tips.append("turn on gradient checkpointing")
+    if config.quantize_base != "nf4":
+        fewer = "nf4" if config.quantize_base == "int8" else "int8 or nf4"
+        tips.append(f"store the base model in fewer bits (quantize_base {fewer})")
     if config.resolution > 512:
         tips.append(f"lower the resolution (now {config.resolution})")
     if config.optimizer != "adamw8bit":

@@ -32,16 +32,20 @@ from lora_gui.bench import model_folder
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
 from lora_gui.infer import Generator
+from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
 
-# name: (resolution, steps, batch size, also train the text encoders with gradient checkpointing)
+# name: (family, resolution, steps, batch size, also train the text encoders with gradient checkpointing,
+# the frozen denoiser's quantization)
 MODELS = {
-    "tiny-sd15": (64, 4, 2, True),
-    "tiny-sd2": (64, 4, 2, True),
-    "tiny-sdxl": (64, 4, 2, True),
-    "tiny-flux": (64, 4, 2, False),  # Flux LoRAs train the transformer alone
-    "sd15": (512, 4, 1, False),  # the real SD 1.5 architecture, random weights
+    "tiny-sd15": ("sd15", 64, 4, 2, True, "none"),
+    "tiny-sd2": ("sd2", 64, 4, 2, True, "none"),
+    "tiny-sdxl": ("sdxl", 64, 4, 2, True, "none"),
+    "tiny-flux": ("flux", 64, 4, 2, False, "none"),  # Flux LoRAs train the transformer alone
+    "tiny-flux-int8": ("flux", 64, 4, 2, False, "int8"),  # the 16 and 24 GB presets' base
+    "tiny-flux-nf4": ("flux", 64, 4, 2, False, "nf4"),  # the 12 GB preset's: bitsandbytes on CUDA only
+    "sd15": ("sd15", 512, 4, 1, False, "none"),  # the real SD 1.5 architecture, random weights
 }
 failures: list[str] = []
 DEVICE = "cuda"  # where the runs must have run
@@ -70,11 +74,11 @@ def picture_stats(image: Image.Image) -> str:
 
 
 def smoke(model: str, precision: str, workdir: Path) -> None:
-    resolution, steps, batch_size, text_encoder = MODELS[model]
+    family, resolution, steps, batch_size, text_encoder, quantize = MODELS[model]
     if model.startswith("tiny-"):
-        folder = workdir / f"smoke-{model}"
+        folder = workdir / f"smoke-tiny-{family}"
         if not (folder / "model_index.json").is_file():
-            write_tiny_model(folder, model.removeprefix("tiny-"))
+            write_tiny_model(folder, family)
     else:
         folder = model_folder(workdir, model)  # the benchmark's rows reuse it
     pictures = write_demo_dataset(workdir / f"smoke-images-{resolution}", count=4, size=(resolution, resolution))
@@ -88,7 +92,8 @@ def smoke(model: str, precision: str, workdir: Path) -> None:
         batch_size=batch_size,
         mixed_precision=precision,
         train_text_encoder=text_encoder,
-        gradient_checkpointing=text_encoder,
+        gradient_checkpointing=text_encoder or quantize != "none",
+        quantize_base=quantize,
         sample_every=steps // 2,
         sample_steps=4,
         checkpoint_every=steps // 2,
@@ -126,8 +131,14 @@ def smoke(model: str, precision: str, workdir: Path) -> None:
 
     check(f"{label} previews", previews)
 
-    def generate() -> str:
-        generator = Generator.load(str(folder), precision=precision)
+    def generate(card_gb: float | None = None) -> str:
+        real_card = devices.gpu_memory_gb
+        if card_gb is not None:  # as on a card this small: Generate picks NF4 and moves each part in turn
+            devices.gpu_memory_gb = lambda: card_gb
+        try:
+            generator = Generator.load(str(folder), precision=precision)
+        finally:
+            devices.gpu_memory_gb = real_card
         denoiser = generator.family.denoiser(generator.pipe)
         dtypes = f"{generator.family.denoiser_title} {denoiser.dtype}, VAE {generator.pipe.vae.dtype}"
         generator.set_loras([(run, 1.0)])
@@ -137,6 +148,8 @@ def smoke(model: str, precision: str, workdir: Path) -> None:
         return f"{dtypes}; {picture_stats(image)}"
 
     check(f"{label} generate", generate)
+    if quantize == "nf4":
+        check(f"{label} generate on a small card", lambda: generate(card_gb=0.0001))
 
 
 def main() -> int:
@@ -162,6 +175,9 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
+        if args.cpu and QUANTIZATIONS[MODELS[model][-1]].needs_cuda:
+            print(f"SKIP {model}: its quantization runs only on CUDA", flush=True)
+            continue
         for precision in ("bf16", "fp16"):
             smoke(model, precision, workdir)
     print(f"{'FAILED: ' + ', '.join(failures) if failures else 'all checks passed'}", flush=True)

@@ -100,10 +100,8 @@ def training_rise(model: Path, data: Path, resolution: int, checkpointing: bool,
 
 
 def estimated_rise(resolution: int, checkpointing: bool) -> float:
-    activations, lora_params, _, _ = _unet_cost(
-        "sd15", resolution, 16, StableDiffusion1.default_target_modules, checkpointing, "no"
-    )
-    return (activations + lora_params * (4 + 8)) / GIB  # with the LoRA's gradients and Adam state
+    cost = _unet_cost("sd15", resolution, 16, StableDiffusion1.default_target_modules, checkpointing, "no")
+    return (cost.activations + cost.lora_params * (4 + 8)) / GIB  # with the LoRA's gradients and Adam state
 
 
 def vae_encode_rise(model: Path, resolution: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -170,3 +171,21 @@ def train_argv(base_model: Path | str, data: Path | str, output: Path | str, **f
         else:
             argv += [f"--{flag}", str(value)]
     return argv
+
+
+def in_download_cache(cache: Path, repo: str, folder: Path) -> None:
+    """A diffusers model folder put in a Hugging Face download cache as `repo`, laid out as huggingface_hub does."""
+    revision, stored = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, stored / "snapshots" / revision)
+    (stored / "refs").mkdir()
+    (stored / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture
+def download_cache(tmp_path, monkeypatch) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "hub").mkdir()
+    return tmp_path / "hub"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
+from conftest import in_download_cache, train_argv
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -291,24 +291,6 @@ def bfl_checkpoint(transformer: torch.nn.Module, path: Path, prefix: str = "", *
                 tensors[f"{prefix}{kind}.{index}.{original}.scale"] = state[f"{block}.{index}.{target}.weight"]
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
     return path
-
-
-def in_download_cache(cache: Path, repo: str, folder: Path) -> None:
-    """A diffusers model folder put in a Hugging Face download cache as `repo`, laid out as huggingface_hub does."""
-    revision, stored = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, stored / "snapshots" / revision)
-    (stored / "refs").mkdir()
-    (stored / "refs" / "main").write_text(revision)
-
-
-@pytest.fixture
-def download_cache(tmp_path, monkeypatch) -> Path:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    (tmp_path / "hub").mkdir()
-    return tmp_path / "hub"
 
 
 @pytest.mark.parametrize("layout", ["transformer only", "all-in-one"])

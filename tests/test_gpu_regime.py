@@ -91,8 +91,9 @@ def test_training_previews_and_generate_in_a_gpus_dtypes(tiny_models, photos, tm
 def test_each_phase_has_only_its_own_modules_on_the_device(
     tiny_models, photos, tmp_path, monkeypatch, train_text_encoder
 ):
-    """The VAE and text encoders encode the pictures, captions and preview prompts without the UNet beside
-    them; the UNet trains without them; previews bring the VAE back alone. Each module is where the engine says."""
+    """The VAE encodes the pictures, then the text encoders the captions and preview prompts, each without the
+    others or the UNet beside them; the UNet trains without them; previews bring the VAE back alone. Each module
+    is where the engine says."""
     offloads = []
 
     class Recorded(devices.Offload):
@@ -127,7 +128,9 @@ def test_each_phase_has_only_its_own_modules_on_the_device(
     first_step = next(i for i, (_, grad, _) in enumerate(phases) if grad)
     caching, after = phases[:first_step], phases[first_step:]
     assert {name for name, _, _ in caching} == {"Encoder", *(() if train_text_encoder else encoders)}
-    assert all(on_device == {vae, *encoders} for _, _, on_device in caching), caching
+    # The VAE and the text encoders take turns: Flux's T5 alone fills most of a 12 GB card.
+    assert all(on_device == {vae} for name, _, on_device in caching if name == "Encoder"), caching
+    assert all(on_device == encoders for name, _, on_device in caching if name in encoders), caching
     steps = [(name, on_device) for name, grad, on_device in after if grad]
     assert {name for name, _ in steps} == trained
     assert all(on_device == trained for _, on_device in steps), steps

@@ -16,7 +16,7 @@ import gradio as gr
 from lora_gui import devices, runs
 from lora_gui.config import TrainConfig, list_presets, load_preset, save_preset
 from lora_gui.errors import LoraGuiError
-from lora_gui.estimate import Estimate, estimate
+from lora_gui.estimate import Estimate, estimate, presets_that_fit
 from lora_gui.families import get_family
 from lora_gui.jobs import JobState
 from lora_gui.staging import Staging
@@ -292,20 +292,31 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
         elif result.seconds is None:
             text += " The time shows once no run is training: this GPU's speed is measured then."
         total = devices.gpu_memory_gb() or 0.0
+        fitting = presets_that_fit(family, precision, total)
         if result.memory_gb > total:
-            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result)
+            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result, fitting)
+        elif fitting:
+            name, memory_gb = fitting[0]
+            text += (
+                f" Of the presets for {title}, {name} makes the most of this {total:.0f} GB GPU (≈ {memory_gb:.1f} GB)."
+            )
     hint = "" if tiny else get_family(family).resolution_hint(config.resolution)
     return {"estimate": notice(text) + (notice(hint, "warning") if hint else "")}
 
 
-def _memory_advice(config: TrainConfig, result: Estimate) -> str:
-    """What lowers the phase that needs the most memory."""
+def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[str, float]]) -> str:
+    """What lowers the phase that needs the most memory: first the preset made for this card, if one is."""
+    preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
+    fewer_bits = "set Quantize base to int8 or nf4, " if config.quantize_base == "none" else ""
     if result.previews_gb >= result.training_gb:
         # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
-        return "the preview images need the most, so lower Resolution."
+        return preset + fewer_bits + "lower Resolution: the preview images need the most."
     return (
-        "" if config.gradient_checkpointing else "turn on Gradient checkpointing (under Advanced), "
-    ) + "lower Batch size or Resolution, or pick a low-VRAM preset."
+        preset
+        + ("" if config.gradient_checkpointing else "turn on Gradient checkpointing (under Advanced), ")
+        + fewer_bits
+        + "lower Batch size or Resolution, or pick a low-VRAM preset."
+    )
 
 
 def _preset_choices() -> list[tuple[str, str]]:

@@ -1,0 +1,155 @@
+"""Memory tiers: a frozen base stored in fewer bits (quantize_base), the presets made for each card size,
+and the Train tab's estimate naming the preset that fits the card."""
+
+from __future__ import annotations
+
+import html
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import quick_config
+from safetensors.torch import load_file
+from test_train import fresh_pipe, image
+from torchao.quantization import Int8Tensor
+
+from lora_gui import events
+from lora_gui import train as train_module
+from lora_gui.config import TrainConfig, load_preset
+from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.estimate import estimate, presets_that_fit
+from lora_gui.train import train
+
+
+def first_loss(run) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_an_int8_base_trains_a_lora_that_works_on_the_exact_base(tiny_models, photos, tmp_path, monkeypatch):
+    model = tiny_models("flux")
+    looked = {}
+    real_save = train_module.save_diffusers_lora
+
+    def save_and_look(target, pipe, family):
+        if target.parent.name == "int8":  # the final file, not a checkpoint's
+            layer = family.denoiser(pipe).transformer_blocks[0].attn.to_q
+            looked["base weight"] = layer.base_layer.weight
+            looked["lora weight"] = layer.lora_A["default"].weight
+            looked["image"] = image(pipe)
+        return real_save(target, pipe, family)
+
+    monkeypatch.setattr(train_module, "save_diffusers_lora", save_and_look)
+    train(quick_config(model, photos, quantize_base="int8"), tmp_path / "int8")
+    train(quick_config(model, photos), tmp_path / "exact")
+
+    # The frozen layers held int8 weights while training; the LoRA on top of them trained in full precision.
+    assert isinstance(looked["base weight"], Int8Tensor)
+    assert looked["lora weight"].dtype == torch.float32 and looked["lora weight"].requires_grad
+    # Storing the base in 8 bits barely moves the loss: the same first step on both bases agrees closely.
+    assert first_loss(tmp_path / "int8") == pytest.approx(first_loss(tmp_path / "exact"), rel=0.02)
+
+    # The LoRA file is an ordinary one: on the exact base it changes the picture at strength 1, not at 0, and
+    # gives about the picture the quantized base gave with it.
+    base = image(fresh_pipe(model))
+    pipe = fresh_pipe(model)
+    pipe.load_lora_weights(tmp_path / "int8", adapter_name="mine")
+    at_one = image(pipe)
+    pipe.set_adapters(["mine"], adapter_weights=[0.0])
+    at_zero = image(pipe)
+    assert np.abs(at_one - base).max() > 1e-3, "the LoRA changes nothing"
+    np.testing.assert_allclose(at_zero, base, atol=1e-5)
+    assert np.abs(at_one - looked["image"]).mean() < np.abs(at_one - base).mean()
+
+
+def test_a_run_on_an_int8_base_stops_and_resumes_exactly(tiny_models, photos, tmp_path):
+    config = quick_config(tiny_models("flux"), photos, quantize_base="int8", max_steps=6, checkpoint_every=3)
+    train(config, tmp_path / "straight")
+    seen = []
+    train(
+        config,
+        tmp_path / "interrupted",
+        on_event=seen.append,
+        should_stop=lambda: any(e.kind == events.STEP and e.step >= 3 for e in seen),
+    )
+    train(config, tmp_path / "interrupted", resume=True)
+    straight = load_file(tmp_path / "straight/pytorch_lora_weights.safetensors")
+    resumed = load_file(tmp_path / "interrupted/pytorch_lora_weights.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_nf4_without_an_nvidia_gpu_is_refused_in_plain_words(tiny_models, photos, tmp_path):
+    with pytest.raises(LoraGuiError, match="runs only on an NVIDIA GPU; on this computer choose int8"):
+        train(quick_config(tiny_models("flux"), photos, quantize_base="nf4"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="quantize_base must be one of none, int8, nf4"):
+        TrainConfig(quantize_base="fp4")
+
+
+def test_each_flux_preset_fits_its_card_by_the_estimate():
+    twelve = load_preset("flux-dev-12gb")
+    assert estimate(twelve, "flux", "bf16").memory_gb < 10, "rank 16 at 512 px: under 10 GB"
+    assert estimate(twelve.replace(resolution=1024), "flux", "bf16").memory_gb < 12, "and at 1024 px under 12 GB"
+    assert estimate(load_preset("flux-dev-16gb"), "flux", "bf16").memory_gb < 16
+    assert estimate(load_preset("flux-dev-24gb"), "flux", "bf16").memory_gb < 24
+    # Why the tiers exist: Flux.1's transformer alone is 22 GiB in bf16.
+    exact = estimate(twelve.replace(quantize_base="none"), "flux", "bf16")
+    int8 = estimate(twelve.replace(quantize_base="int8"), "flux", "bf16")
+    assert exact.memory_gb > 24
+    assert exact.training_gb - int8.training_gb == pytest.approx(11, abs=1.5), "int8 saves a byte per weight"
+    assert "stored 4-bit (NF4, bitsandbytes)" in estimate(twelve, "flux", "bf16").notes
+
+
+def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
+    from lora_gui.jobs import JobManager
+    from lora_gui.ui import config_form
+    from lora_gui.ui.app import build_app
+    from lora_gui.ui.train_tab import show_estimate
+
+    assert [name for name, _ in presets_that_fit("flux", "bf16", 16)] == ["flux-dev-16gb", "flux-dev-12gb"]
+    assert presets_that_fit("flux", "bf16", 8) == []
+    assert all(name.startswith("sdxl") for name, _ in presets_that_fit("sdxl", "bf16", 12))
+
+    _, ctx = build_app(tmp_path, JobManager())
+    ctx.has_cuda = True
+    monkeypatch.setattr(ctx, "gpu_tflops", lambda: None)  # the time is another test's: memory alone here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=12 * 2**30))
+    settings = {**config_form.widget_values(TrainConfig(resolution=1024)), "family": "flux"}
+    too_big = html.unescape(show_estimate(ctx, base_model="someone/a-flux-model", **settings)["estimate"])
+    assert "That is more than this GPU's 12 GB: pick the flux-dev-12gb preset (≈ 9.5 GB), or " in too_big
+    assert "set Quantize base to int8 or nf4" in too_big
+    preset = {**config_form.widget_values(load_preset("flux-dev-12gb")), "family": "flux"}
+    fits = html.unescape(show_estimate(ctx, base_model="someone/a-flux-model", **preset)["estimate"])
+    assert "Of the presets for Flux.1, flux-dev-12gb makes the most of this 12 GB GPU (≈ 9.5 GB)." in fits
+
+
+def test_a_single_file_flux_loads_with_an_int8_transformer_and_nf4_is_refused_before_loading(
+    tiny_models, tmp_path, download_cache
+):
+    """diffusers' `from_single_file` takes a file's weights as already quantized: ours quantizes them itself."""
+    from conftest import in_download_cache
+    from test_flux_files import bfl_checkpoint
+
+    from lora_gui.base_models import load_pipeline
+
+    model = tiny_models("flux")
+    in_download_cache(download_cache, "black-forest-labs/FLUX.1-dev", model)
+    path = bfl_checkpoint(fresh_pipe(model).transformer, tmp_path / "flux1-dev.safetensors")
+    _, pipe = load_pipeline(str(path), quantize="int8")
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.weight, Int8Tensor)
+    assert not isinstance(pipe.vae.encoder.conv_in.weight, Int8Tensor), "only the denoiser is quantized"
+    with pytest.raises(ConfigError, match="nf4 can't be used with a single-file checkpoint: choose int8"):
+        load_pipeline(str(path), quantize="nf4")
+
+
+def test_generate_stores_the_denoiser_in_as_few_bits_as_the_card_needs_and_no_fewer():
+    from lora_gui.estimate import denoiser_parameters
+    from lora_gui.quantization import for_card
+
+    flux = denoiser_parameters("flux")
+    assert 11.5e9 < flux < 12.5e9, "Flux.1's transformer: 11.9 billion parameters"
+    assert [for_card(flux, 2, card_gb) for card_gb in (80, 24, 16, 12)] == ["none", "int8", "int8", "nf4"]
+    assert for_card(denoiser_parameters("sdxl"), 2, 8) == "none", "SDXL's UNet fits an 8 GB card as it is"

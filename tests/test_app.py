@@ -264,7 +264,7 @@ def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
     message, file = visitor.predict(
         gen_export_run=f"{family}-run", gen_layout="kohya", api_name="/export_from_generate"
     )
-    assert f"{family}-run.safetensors is ready for AUTOMATIC1111, Forge and ComfyUI" in text(message)
+    assert f"{family}-run.safetensors is ready for AUTOMATIC1111 (Stable Diffusion), Forge and ComfyUI" in text(message)
     with safe_open(shown(file), framework="pt") as kohya:
         assert kohya.metadata()["ss_base_model_version"] == version
 

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_gui.base_models import family_from_files, is_hub_id
+from lora_gui.base_models import HubToken, family_from_files, is_hub_id
 from lora_gui.config import list_presets, load_preset
 from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, LoraGuiError
@@ -33,7 +33,8 @@ TINY_CHOICES = {
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 # The two layouts a run's LoRA can be downloaded in, named by the programs that load them.
-LOADS_IN = {"kohya": "AUTOMATIC1111, Forge and ComfyUI", "diffusers": "diffusers (Python)"}
+# AUTOMATIC1111 runs Stable Diffusion models only; Forge and ComfyUI run Flux.1 too.
+LOADS_IN = {"kohya": "AUTOMATIC1111 (Stable Diffusion), Forge and ComfyUI", "diffusers": "diffusers (Python)"}
 LAYOUT_CHOICES = [
     (f"For {LOADS_IN['kohya']} (<run name>.safetensors)", "kohya"),
     (f"For {LOADS_IN['diffusers']} (pytorch_lora_weights.safetensors)", "diffusers"),
@@ -82,16 +83,18 @@ class Ctx:
         inputs: list[str],
         outputs: list[str],
         extra_inputs: dict[str, Any] | None = None,
+        reports_progress: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Connect an event to `handler(ctx, **values_by_name) -> {name: new value}`.
 
         Handlers see and return plain dicts keyed by component name, never long positional lists;
-        the names are also the parameter names of the app's API (gradio_client).
+        the names are also the parameter names of the app's API (gradio_client). A handler that
+        `reports_progress` also gets `progress`, Gradio's progress bar over its outputs.
         """
 
-        def run(**values: Any) -> Any:
-            result = handler(self, **values)
+        def run(progress: gr.Progress | None = None, **values: Any) -> Any:
+            result = handler(self, **values, **({"progress": progress} if reports_progress else {}))
             if not result:  # Gradio reads an empty dict as one output's value, not as "no change"
                 return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
             return {self.components[name]: value for name, value in result.items()}
@@ -99,16 +102,19 @@ class Ctx:
         # Gradio's API makes a parameter optional when the component starts with a value, or when the
         # function's own parameter defaults to None: so an empty file or menu may be left out of a call too.
         components = {**{name: self.components[name] for name in inputs}, **(extra_inputs or {})}
-        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [
-                inspect.Parameter(
-                    name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=None if getattr(component, "value", None) is None else inspect.Parameter.empty,
-                )
-                for name, component in components.items()
-            ]
-        )
+        parameters = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None if getattr(component, "value", None) is None else inspect.Parameter.empty,
+            )
+            for name, component in components.items()
+        ]
+        if reports_progress:  # Gradio hands its progress bar to a leading parameter whose default is one
+            parameters.insert(
+                0, inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
+            )
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
 
         return trigger(
             run,
@@ -143,6 +149,12 @@ class Ctx:
                 f"files on the server; its owner can allow it by setting {ALLOW_PATHS_ENV}=1"
             )
         return choice
+
+    def hub_token(self, typed: str | None) -> HubToken:
+        """The Hugging Face token a visitor's download goes out with: the one typed in. Else, on a Space, none at all:
+        never the owner's login, under which a visitor would download gated models whose licence they never
+        accepted; elsewhere, this computer's login."""
+        return (typed or "").strip() or (False if self.on_space else None)
 
     def base_model_label(self, base_model: str) -> str:
         """How a stored base model is shown: a tiny model by its menu name, anything else as it is."""
@@ -206,6 +218,20 @@ def export_lora(ctx: Ctx, prefix: str, run_name: str | None, layout: str) -> dic
         f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
         f"{prefix}_file": gr.update(value=str(path), visible=True),
     }
+
+
+def hub_token_box(elem_id: str) -> gr.Textbox:
+    """A Hugging Face token for downloading a gated base model: hidden as it is typed, handed to the one download
+    it is given for, and never saved."""
+    return gr.Textbox(
+        "",
+        type="password",
+        label="Hugging Face token (only for gated models such as FLUX.1-dev; used for this download, never saved)",
+        placeholder="hf_...",
+        info="First accept the model's licence on its Hugging Face page. Make a token with read access at "
+        "huggingface.co/settings/tokens.",
+        elem_id=elem_id,
+    )
 
 
 def files_label(kind: str) -> str:

@@ -139,10 +139,21 @@ def _train(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_interrupt)
     bar: tqdm | None = None
+    download: tqdm | None = None
 
     def on_event(event: events.Event) -> None:
-        nonlocal bar
-        if event.kind == events.MESSAGE:
+        nonlocal bar, download
+        if event.kind == events.DOWNLOAD:
+            data = event.data
+            if download is None:
+                download = tqdm(
+                    total=data["total_bytes"], unit="B", unit_scale=True, desc=f"Downloading {data['repo']}"
+                )
+            download.update(data["done_bytes"] - download.n)
+            download.set_postfix_str(f"{data['files_done']} of {data['files_total']} files")
+            if data["done_bytes"] == data["total_bytes"]:
+                download.close()
+        elif event.kind == events.MESSAGE:
             tqdm.write(event.data["text"]) if bar else print(event.data["text"], file=sys.stderr)
         elif event.kind == events.STARTED:
             for skipped in event.data["skipped"]:

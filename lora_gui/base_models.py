@@ -5,15 +5,21 @@ Every way this can fail ends in a ModelLoadError that says what was tried and wh
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import constants, get_token, hf_hub_download, snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from tqdm.std import tqdm
 
 from lora_gui import quantization
 from lora_gui.errors import ModelLoadError
@@ -23,6 +29,19 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TOKENS_PAGE = "https://huggingface.co/settings/tokens"
+# Seconds between download progress reports: often enough to look alive, seldom enough to cost nothing.
+REPORT_EVERY = 0.5
+# Files of a model's component folders that from_pretrained never loads: it takes safetensors over pickles and
+# other frameworks' weights, and the plain weights over variants (fp16, non-EMA). Together, gigabytes.
+NOT_LOADED_FILES = [
+    *("*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.pb", "*.onnx", "*.onnx_data", "*.gguf"),
+    "*openvino*",
+    *(f"*.{variant}{separator}*" for variant in ("fp16", "bf16", "non_ema") for separator in ".-"),
+]
+NOT_LOADED_COMPONENTS = ("safety_checker",)  # pipelines load without it here (see _from_pretrained)
+# As huggingface_hub takes it: a token; None for this computer's login (HF_TOKEN, `hf auth login`); False for none.
+HubToken = str | bool | None
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
@@ -47,10 +66,18 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
 
 def load_pipeline(
-    base_model: str, family: str = "auto", dtype: torch.dtype = torch.float32, quantize: str = "none"
+    base_model: str,
+    family: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
+    *,
+    token: HubToken = None,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
 ) -> tuple[type[Family], DiffusionPipeline]:
     """Load a base model and tell its family. The VAE always stays in fp32 (fp16 VAEs overflow); the denoiser
-    is quantized as `quantize` says (see quantization.py), the rest stays in `dtype`."""
+    is quantized as `quantize` says (see quantization.py), the rest stays in `dtype`.
+
+    A Hub model is downloaded first (see `download`), with `token`, its progress told to `on_progress`."""
     source = base_model.strip()
     if not source:
         raise ModelLoadError(
@@ -65,9 +92,10 @@ def load_pipeline(
             )
         pipe = _from_pretrained(str(path), dtype, quantize, what=f"the model folder {path}")
     elif path.is_file():
-        pipe = _from_single_file(path, family, dtype, quantize)
+        pipe = _from_single_file(path, family, dtype, quantize, token, on_progress)
     elif is_hub_id(source):
-        pipe = _from_pretrained(source, dtype, quantize, what=f"the Hugging Face Hub model {source}")
+        download(source, token, on_progress)
+        pipe = _from_pretrained(source, dtype, quantize, what=f"the Hugging Face Hub model {source}", token=token)
     else:
         raise ModelLoadError(
             f"base model {source!r} not found: there is no such folder or file on this computer, and it is "
@@ -85,32 +113,37 @@ def is_hub_id(text: str) -> bool:
 
 
 def _from_pretrained(
-    source: str, dtype: torch.dtype, quantize: str, what: str, **components: torch.nn.Module
+    source: str,
+    dtype: torch.dtype,
+    quantize: str,
+    what: str,
+    token: HubToken = None,
+    **components: torch.nn.Module,
 ) -> DiffusionPipeline:
     try:
         # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
-        index = DiffusionPipeline.load_config(source)
+        index = DiffusionPipeline.load_config(source, token=token)
         skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in index), "unet")
         return DiffusionPipeline.from_pretrained(
             source,
             dtype={"default": dtype, "vae": torch.float32},
             quantization_config=quantization.pipeline_config(quantize, denoiser, dtype),
+            token=token,
             **skip_checker,
             **components,
         )
     except OSError as error:
         if Path(source).is_dir():
             raise ModelLoadError(f"could not load {what}: {str(error).splitlines()[0]}") from None
-        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(source)}") from None
+        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(source, token)}") from None
     except (ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load {what}: it looks damaged or incomplete ({error})") from None
 
 
-def _hub_diagnosis(repo_id: str) -> str:
+def _hub_diagnosis(repo_id: str, token: HubToken = None) -> str:
     """Why a Hub model could not be loaded, found by asking the Hub (only after loading failed)."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub import HfApi
 
     not_cached = (
         "it is not in this computer's download cache. Connect to the internet once so it downloads, or pick a "
@@ -119,14 +152,11 @@ def _hub_diagnosis(repo_id: str) -> str:
     if constants.HF_HUB_OFFLINE:
         return f"offline mode is on (HF_HUB_OFFLINE) and {not_cached}"
     try:
-        files = HfApi().list_repo_files(repo_id)
+        files = HfApi(token=token).list_repo_files(repo_id)
     except GatedRepoError:
-        return (
-            "the model is gated: accept its license on huggingface.co, then log in here "
-            "(`hf auth login`, or set the HF_TOKEN environment variable) and try again"
-        )
+        return f"the model is gated: {_gated_advice(repo_id, token)}"
     except RepositoryNotFoundError:
-        return "no such model on the Hub (or it is private): check the spelling; private models need a login"
+        return _NOT_ON_THE_HUB
     except Exception:
         return f"the Hugging Face Hub could not be reached and {not_cached}"
     if "model_index.json" not in files:
@@ -134,6 +164,222 @@ def _hub_diagnosis(repo_id: str) -> str:
         hint = f" It holds {', '.join(singles[:3])}: download one and pick that file." if singles else ""
         return f"it is not a diffusers pipeline (it has no model_index.json).{hint}"
     return "the download failed part-way; try again, and check the free disk space"
+
+
+_NOT_ON_THE_HUB = (
+    "no such model on the Hub (or it is private): check the spelling (owner/name, as on the model's page); "
+    "a private model needs a Hugging Face token of an account that can see it"
+)
+
+
+def _gated_advice(repo_id: str, token: HubToken) -> str:
+    """What to do about a gated model: accept its licence on its page, and give a token of that account."""
+    page = f"https://huggingface.co/{repo_id}"
+    if get_token() if token is None else token:
+        return (
+            f"accept its licence on {page}, signed in to the Hugging Face account the token belongs to, and try "
+            f"again (a fine-grained token also needs read access to the public gated models you can access: "
+            f"{TOKENS_PAGE})"
+        )
+    return (
+        f"accept its licence on {page} (signed in to Hugging Face), then give a Hugging Face token with read "
+        f"access ({TOKENS_PAGE}) and try again: in the app, in 'Hugging Face token' (Train tab, Generate tab); "
+        "on the command line, as the HF_TOKEN environment variable or with `hf auth login`"
+    )
+
+
+# ---- downloading a Hub model, with its progress ---------------------------------------------------
+@dataclass(frozen=True)
+class DownloadProgress:
+    """How far a model's download has got. Plain data, so it travels in events."""
+
+    repo: str
+    done_bytes: int
+    total_bytes: int
+    files_done: int
+    files_total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
+
+    def summary(self) -> str:
+        """For instance "3.2 of 33.7 GB · 5 of 23 files"."""
+        scale, unit = _unit(self.total_bytes)
+        return (
+            f"{self.done_bytes / scale:.1f} of {self.total_bytes / scale:.1f} {unit} · "
+            f"{self.files_done} of {self.files_total} files"
+        )
+
+    def size(self) -> str:
+        """For instance "33.7 GB in 23 files"."""
+        scale, unit = _unit(self.total_bytes)
+        return f"{self.total_bytes / scale:.1f} {unit} in {self.files_total} files"
+
+
+def _unit(size: int) -> tuple[float, str]:
+    return next(((scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB")) if size >= scale), (1e3, "kB"))
+
+
+def download(
+    repo_id: str,
+    token: HubToken = None,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
+    configs_only: tuple[str, ...] = (),
+) -> None:
+    """Put the files from_pretrained loads of a Hub model into the download cache (nothing to do offline).
+
+    `on_progress` hears how far it got about twice a second, from another thread (one at a time), and last the
+    total; without it, huggingface_hub draws its own progress bars on the terminal. A gated or unknown model, or
+    a refused token, raises ModelLoadError. Any other failure (no connection, a full disk) is left to
+    from_pretrained, which loads what is cached or says what failed. `configs_only`: components whose weights
+    come from elsewhere.
+    """
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", token=token)).read_text("utf-8"))
+        files = _download_patterns(index, configs_only)
+        if on_progress is None:
+            snapshot_download(repo_id, token=token, **files)
+        else:
+            _download_reporting(repo_id, token, files, on_progress)
+    except Exception as error:
+        refusal = _refusal(error, repo_id, token)
+        if refusal is not None:
+            raise refusal from None
+        # No connection, a full disk...: from_pretrained loads what is in the download cache, or says what failed.
+        log.warning("Downloading %s failed (%s); loading it tries what is cached", repo_id, error)
+
+
+def _refusal(error: Exception, repo_id: str, token: HubToken) -> ModelLoadError | None:
+    """The Hub's no to a model (gated, unknown, or the token refused), said plainly; None for any other failure."""
+    if isinstance(error, GatedRepoError):
+        return ModelLoadError(f"{repo_id} is gated: {_gated_advice(repo_id, token)}")
+    if isinstance(error, RepositoryNotFoundError):
+        return ModelLoadError(f"could not load {repo_id}: {_NOT_ON_THE_HUB}")
+    if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code in (401, 403):
+        return ModelLoadError(
+            f"Hugging Face refused the token for {repo_id} (it may be mistyped, deleted, or without read access): "
+            f"make one with read access at {TOKENS_PAGE} and give it again"
+        )
+    return None
+
+
+def _download_patterns(index: dict[str, Any], configs_only: tuple[str, ...]) -> dict[str, list[str]]:
+    """Which files of a pipeline's repo to download: those from_pretrained would. That is its components' folders
+    (those model_index.json names), and the weights in any other folder (SDXL's vae_1_0), which from_pretrained
+    fetches too; without what it never loads."""
+    components = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and None not in value
+    ]
+    return {
+        "allow_patterns": [
+            "model_index.json",
+            *(f"{name}/*.json" if name in configs_only else f"{name}/*" for name in components),
+            "*/diffusion_pytorch_model*.safetensors",
+            "*/model*.safetensors",
+        ],
+        "ignore_patterns": [
+            *NOT_LOADED_FILES,
+            *(f"{name}/*" for name in NOT_LOADED_COMPONENTS),
+            *(f"{name}/*.safetensors" for name in configs_only),
+        ],
+    }
+
+
+def _download_reporting(
+    repo_id: str, token: HubToken, files: dict[str, Any], on_progress: Callable[[DownloadProgress], None]
+) -> None:
+    """snapshot_download, its progress told to `on_progress` twice a second by a thread of its own, and last the
+    total, from this thread once every file is there. The download itself stays on this thread, where Ctrl+C
+    stops it as huggingface_hub means it to."""
+    # What is missing, and its sizes, so that the total is known from the start.
+    planned = snapshot_download(repo_id, token=token, dry_run=True, tqdm_class=_SilentBar, **files)
+    missing = [file for file in planned if file.will_download]
+    if not missing:
+        return
+    counter = _DownloadCounter(repo_id, sum(file.file_size or 0 for file in missing), len(planned))
+    log.info("Downloading %s: %s", repo_id, counter.progress().size())
+    downloaded = threading.Event()
+    reporter = threading.Thread(
+        target=_report_until, args=(downloaded, counter, on_progress), name="download-progress", daemon=True
+    )
+    reporter.start()
+    try:
+        snapshot_download(repo_id, token=token, tqdm_class=counter.bar_class(), **files)
+    finally:
+        downloaded.set()
+        reporter.join()
+    on_progress(counter.finished())
+
+
+def _report_until(
+    downloaded: threading.Event, counter: _DownloadCounter, on_progress: Callable[[DownloadProgress], None]
+) -> None:
+    while True:
+        on_progress(counter.progress())
+        if downloaded.wait(REPORT_EVERY):
+            return
+
+
+class _DownloadCounter:
+    """Reads the progress bars snapshot_download keeps: the bytes written to disk ("Reconstructing": they add up to
+    the files' sizes, while its transfer bar counts network bytes, fewer after deduplication) and the files."""
+
+    def __init__(self, repo_id: str, total_bytes: int, files_total: int):
+        self.repo_id, self.total_bytes, self.files_total = repo_id, total_bytes, files_total
+        self.bytes_bar: tqdm | None = None
+        self.files_bar: tqdm | None = None
+
+    def bar_class(self) -> type[tqdm]:
+        return type("CountingBar", (_CountingBar,), {"counter": self})
+
+    def add(self, bar: tqdm) -> None:
+        if bar.unit != "B":
+            self.files_bar = bar
+        elif str(bar.desc).startswith("Reconstructing"):
+            self.bytes_bar = bar
+
+    def progress(self) -> DownloadProgress:
+        done_bytes = int(self.bytes_bar.n) if self.bytes_bar else 0
+        files_done = int(self.files_bar.n) if self.files_bar else 0
+        return DownloadProgress(
+            self.repo_id,
+            min(done_bytes, self.total_bytes),
+            self.total_bytes,
+            min(files_done, self.files_total),
+            self.files_total,
+        )
+
+    def finished(self) -> DownloadProgress:
+        return DownloadProgress(self.repo_id, self.total_bytes, self.total_bytes, self.files_total, self.files_total)
+
+
+class _Nowhere(io.TextIOBase):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class _SilentBar(tqdm):
+    """A tqdm bar that draws nothing and counts as usual."""
+
+    monitor_interval = 0  # no thread watching how often it draws: it never does
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "file": _Nowhere()})
+
+
+class _CountingBar(_SilentBar):
+    """A silent bar made known to its download's `_DownloadCounter`."""
+
+    counter: _DownloadCounter
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counter.add(self)
 
 
 def checkpoint_family(path: Path) -> str | None:
@@ -196,7 +442,14 @@ def _cached_json(repo_id: str, filename: str) -> dict[str, Any] | None:
     return _read_json(Path(cached)) if isinstance(cached, str) else None
 
 
-def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str) -> DiffusionPipeline:
+def _from_single_file(
+    path: Path,
+    family: str,
+    dtype: torch.dtype,
+    quantize: str,
+    token: HubToken,
+    on_progress: Callable[[DownloadProgress], None] | None,
+) -> DiffusionPipeline:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"{path.name} is a pickled checkpoint, which can run code when loaded; use the .safetensors "
@@ -218,7 +471,7 @@ def _from_single_file(path: Path, family: str, dtype: torch.dtype, quantize: str
     tensors = TensorFile(path)
     companions = known.single_file_companions(tensors)
     if companions:
-        return _with_companion(path, known, tensors, companions, dtype, quantize)
+        return _with_companion(path, known, tensors, companions, dtype, quantize, token, on_progress)
     try:
         # A pipeline loads from one file unquantized; a quantized denoiser is loaded from it first, on its own.
         denoiser = (
@@ -248,15 +501,20 @@ def _with_companion(
     companions: tuple[str, ...],
     dtype: torch.dtype,
     quantize: str,
+    token: HubToken,
+    on_progress: Callable[[DownloadProgress], None] | None,
 ) -> DiffusionPipeline:
     """The denoiser from a family's single file, with the configuration, VAE and text encoders of the first of
     its published models (`companions`) in the download cache, else of the first, downloaded now."""
-    from huggingface_hub import constants
-
     companion = next((repo for repo in companions if _cached_json(repo, "model_index.json") is not None), None)
     if companion is None and constants.HF_HUB_OFFLINE:
         raise ModelLoadError(_companion_missing(path, family, companions))
     companion = companion or companions[0]
+    try:
+        # The companion's own denoiser weights are not needed: only its configuration.
+        download(companion, token, on_progress, configs_only=(family.denoiser_name,))
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{_companion_needed(path, family, companion)}; {error}") from None
     try:
         weights, shape = family.denoiser_from_single_file(tensors)
         denoiser = family.denoiser_class.from_single_file(
@@ -264,18 +522,20 @@ def _with_companion(
             config=companion,
             subfolder=family.denoiser_name,
             dtype=dtype,
+            token=token,
             **shape,
         )
         quantization.quantize_loaded(denoiser, quantize)
     except OSError:
         raise ModelLoadError(
-            f"{_companion_needed(path, family, companion)}, and it could not be loaded: {_hub_diagnosis(companion)}"
+            f"{_companion_needed(path, family, companion)}, and it could not be loaded: "
+            f"{_hub_diagnosis(companion, token)}"
         ) from None
     except (ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not read {path.name} as a {family.title} checkpoint: {error}") from None
     log.info("%s: the %s from the file, the rest of the model from %s", path.name, family.denoiser_title, companion)
     what = f"{companion}, which {path.name} takes its VAE and text encoders from"
-    return _from_pretrained(companion, dtype, "none", what, **{family.denoiser_name: denoiser})
+    return _from_pretrained(companion, dtype, "none", what, token, **{family.denoiser_name: denoiser})
 
 
 def _companion_needed(path: Path, family: type[Family], companion: str) -> str:
@@ -291,6 +551,7 @@ def _companion_missing(path: Path, family: type[Family], companions: tuple[str, 
     return (
         f"{_companion_needed(path, family, companions[0])}, which is not in this computer's download cache, and "
         f"offline mode is on (HF_HUB_OFFLINE). Connect to the internet once and load {companions[0]}{others} as "
-        "the base model so that it downloads (if it is gated, accept its license on huggingface.co and log in "
-        "first); from then on this file loads offline too. Or use a diffusers folder of the model as the base model"
+        "the base model so that it downloads (if it is gated, accept its licence on its page and give a Hugging "
+        "Face token); from then on this file loads offline too. Or use a diffusers folder of the model as the base "
+        "model"
     )

@@ -16,6 +16,7 @@ FINISHED = "finished"  # data: lora (the diffusers file), files (both LoRA files
 STOPPED = "stopped"  # data: lora, checkpoint (both may be None if stopped before the first step)
 FAILED = "failed"  # data: message, log
 MESSAGE = "message"  # data: text (progress notes such as "caching latents")
+DOWNLOAD = "download"  # data: repo, done_bytes, total_bytes, files_done, files_total (the base model downloading)
 
 ENDINGS = (FINISHED, STOPPED, FAILED)
 

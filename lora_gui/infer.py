@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from lora_gui import devices, quantization
-from lora_gui.base_models import PICKLE_SUFFIXES, family_from_files, load_pipeline
+from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress, HubToken, family_from_files, load_pipeline
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
@@ -37,15 +37,27 @@ class Generator:
     precision: str  # "no", "fp16" or "bf16": the UNet's and text encoders' weights; the VAE stays fp32
 
     @classmethod
-    def load(cls, base_model: str, family: str = "auto", precision: str = "auto", quantize: str = "auto") -> Generator:
+    def load(
+        cls,
+        base_model: str,
+        family: str = "auto",
+        precision: str = "auto",
+        quantize: str = "auto",
+        *,
+        token: HubToken = None,
+        on_progress: Callable[[DownloadProgress], None] | None = None,
+    ) -> Generator:
         """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU, with its
-        denoiser quantized as `quantize` says ("auto": as little as lets it fit this GPU)."""
+        denoiser quantized as `quantize` says ("auto": as little as lets it fit this GPU). A Hub model downloads
+        first, with `token` and its progress told to `on_progress` (see base_models.download)."""
         device = torch.device("cuda" if devices.has_cuda() else "cpu")
         precision = devices.resolve_precision(precision)
         devices.use_tensor_cores()
         if quantize == "auto":
             quantize = _quantization_for_this_card(base_model, family, precision)
-        loaded_family, pipe = load_pipeline(base_model, family, devices.DTYPES[precision], quantize)
+        loaded_family, pipe = load_pipeline(
+            base_model, family, devices.DTYPES[precision], quantize, token=token, on_progress=on_progress
+        )
         with _out_of_memory_said_plainly("loading the model"):
             card = (devices.gpu_memory_gb() or 0.0) * 2**30
             if device.type == "cuda" and _weight_bytes(pipe) > 0.75 * card:
@@ -232,8 +244,15 @@ class GeneratorCache:
         return self._loaded[0] if self._loaded else None
 
     @contextlib.contextmanager
-    def use(self, base_model: str) -> Iterator[Generator]:
-        """The loaded model for `base_model`, held for the block: a run waits for it to end before starting."""
+    def use(
+        self,
+        base_model: str,
+        *,
+        token: HubToken = None,
+        on_progress: Callable[[DownloadProgress], None] | None = None,
+    ) -> Iterator[Generator]:
+        """The loaded model for `base_model`, held for the block: a run waits for it to end before starting.
+        Loading it first downloads it (see `Generator.load`)."""
         with self._lock:
             run = self._gpu_taken_by() if devices.has_cuda() else None
             if run is not None:
@@ -244,7 +263,7 @@ class GeneratorCache:
             if self._loaded is None or self._loaded[0] != base_model:
                 self._loaded = None  # free the old model before loading the next
                 devices.free_memory()
-                self._loaded = (base_model, Generator.load(base_model))
+                self._loaded = (base_model, Generator.load(base_model, token=token, on_progress=on_progress))
             yield self._loaded[1]
 
     def release(self) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_gui import data, events
+from lora_gui.base_models import DownloadProgress, HubToken
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
@@ -49,6 +50,7 @@ class JobState:
     samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption)
     log: list[str] = field(default_factory=list)
     message: str = ""  # what it is doing now ("Encoding images 3/8")
+    download: DownloadProgress | None = None  # the base model's download, while it is going on
     error: str = ""
     files: list[str] = field(default_factory=list)  # LoRA files to download once it has ended
     device: str = ""
@@ -62,9 +64,11 @@ class JobState:
 
 
 class Job:
-    def __init__(self, job_id: int, config: TrainConfig, run_dir: Path, resume: bool):
+    def __init__(self, job_id: int, config: TrainConfig, run_dir: Path, resume: bool, hub_token: HubToken = None):
         self.config = config
         self.run = RunFolder(run_dir)
+        # Only here, in memory, until the run takes it: never in the state pages read, nor in any file.
+        self._hub_token = hub_token
         self.stop_requested = threading.Event()
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -74,6 +78,11 @@ class Job:
     @property
     def job_id(self) -> int:
         return self._state.job_id
+
+    def take_hub_token(self) -> HubToken:
+        """The Hugging Face token given for this run's download, handed over once and forgotten."""
+        token, self._hub_token = self._hub_token, None
+        return token
 
     def snapshot(self) -> JobState:
         with self._lock:
@@ -92,6 +101,10 @@ class Job:
             state = self._state
             if event.total_steps:
                 state.step, state.total_steps = event.step, event.total_steps
+            if event.kind == events.DOWNLOAD:
+                self._on_download(DownloadProgress(**event.data))
+                return
+            state.download = None  # the run reports something else: its download is over
             if event.kind == events.MESSAGE:
                 state.message = event.data["text"]
                 self._log(event.data["text"])
@@ -111,6 +124,12 @@ class Job:
                 self._log(f"Saved a resumable checkpoint at step {event.step}")
             elif event.kind in _ENDING_STATUS:
                 self._on_ended(event)
+
+    def _on_download(self, progress: DownloadProgress) -> None:
+        state = self._state
+        if state.download is None:
+            self._log(f"Downloading {progress.repo}: {progress.size()}")
+        state.download, state.message = progress, f"Downloading {progress.repo}"
 
     def _update_speed(self, event: Event) -> None:
         """Speed and time left averaged since the first step, previews and checkpoints included, so the
@@ -199,15 +218,18 @@ class JobManager:
         self._ids = itertools.count(1)
         self._worker: threading.Thread | None = None
 
-    def submit(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> Job:
+    def submit(
+        self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False, hub_token: HubToken = None
+    ) -> Job:
         """Queue a run; it starts at once if nothing else is training. Raises LoraGuiError if that
-        run folder is already queued or training."""
+        run folder is already queued or training. `hub_token`: a Hugging Face token for downloading its
+        base model (a gated one), kept in memory until then."""
         run = RunFolder(Path(run_dir))
         with self._lock:
             busy = [job for job in self._jobs.values() if job.run.path == run.path and not job.done.is_set()]
             if busy:
                 raise LoraGuiError(f"the run {run.name} is already {busy[0].snapshot().status}; wait for it to end")
-            job = Job(next(self._ids), config, run.path, resume)
+            job = Job(next(self._ids), config, run.path, resume, hub_token)
             self._jobs[job.job_id] = job
             run.path.mkdir(parents=True, exist_ok=True)
             job.set_status(QUEUED)
@@ -218,7 +240,9 @@ class JobManager:
         log.info("Queued run %s (job %d)", run.name, job.job_id)
         return job
 
-    def submit_new(self, config: TrainConfig, run_dir: str | Path, pictures: str | Path) -> Job:
+    def submit_new(
+        self, config: TrainConfig, run_dir: str | Path, pictures: str | Path, hub_token: HubToken = None
+    ) -> Job:
         """Queue a new run on a folder of pictures as it is now (the app's staging folder, which its visitor may
         go on editing while the run waits its turn): the run's dataset/ is written from it at once, with hard
         links where the disk allows, and the run trains on that."""
@@ -236,9 +260,9 @@ class JobManager:
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)
             raise
-        return self.submit(config.replace(data=str(run.dataset)), run.path)
+        return self.submit(config.replace(data=str(run.dataset)), run.path, hub_token=hub_token)
 
-    def resume(self, run_dir: str | Path) -> Job:
+    def resume(self, run_dir: str | Path, hub_token: HubToken = None) -> Job:
         """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""
         run = RunFolder(Path(run_dir))
         if run.latest_checkpoint() is None:
@@ -246,7 +270,7 @@ class JobManager:
                 f"{run.name} can't be resumed: it has no saved checkpoint (it ended before the first one). "
                 "Start a new run instead"
             )
-        return self.submit(TrainConfig.load(run.config), run.path, resume=True)
+        return self.submit(TrainConfig.load(run.config), run.path, resume=True, hub_token=hub_token)
 
     def stop(self, job_id: int) -> None:
         """Ask a run to stop after its current step (it saves a usable LoRA), or drop it from the queue."""
@@ -314,6 +338,7 @@ class JobManager:
                 job.done.set()
 
     def _run(self, job: Job) -> None:
+        hub_token = job.take_hub_token()
         if job.stop_requested.is_set():
             job.set_status(CANCELLED)
             return
@@ -328,6 +353,7 @@ class JobManager:
                 resume=job.snapshot().resume,
                 on_event=job.on_event,
                 should_stop=job.stop_requested.is_set,
+                hub_token=hub_token,
             )
         except LoraGuiError as error:
             job.set_status(FAILED, str(error))

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from lora_gui import data, devices, events, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
-from lora_gui.base_models import load_pipeline
+from lora_gui.base_models import HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
@@ -62,8 +62,12 @@ def train(
     resume: bool = False,
     on_event: EventHandler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    hub_token: HubToken = None,
 ) -> Path | None:
     """Train a LoRA into `run_dir` and return the path of the diffusers LoRA file.
+
+    `hub_token` is a Hugging Face token for downloading the base model (a gated one); it is used for that
+    download only, and is never written anywhere (it is no setting, so not in config.json).
 
     A stop request ends the run after the current step with a checkpoint and a usable LoRA
     (None if it came before the first step).
@@ -84,7 +88,7 @@ def train(
 
     with _log_to(run.log if main else None):
         try:
-            return _run(config, run, resume, emit, should_stop)
+            return _run(config, run, resume, emit, should_stop, hub_token)
         except Stopped as stop:
             log.info("Stopped at step %d of %d", stop.step, stop.total_steps)
             saved = {"lora": stop.lora, "checkpoint": stop.checkpoint}
@@ -109,9 +113,14 @@ def train(
 
 
 def _run(
-    config: TrainConfig, run: RunFolder, resume: bool, emit: EventHandler, should_stop: Callable[[], bool]
+    config: TrainConfig,
+    run: RunFolder,
+    resume: bool,
+    emit: EventHandler,
+    should_stop: Callable[[], bool],
+    hub_token: HubToken,
 ) -> Path:
-    t = _set_up(config, run, resume, emit, should_stop)
+    t = _set_up(config, run, resume, emit, should_stop, hub_token)
     config, accelerator = t.config, t.accelerator
     window = MetricsWindow(accelerator.device)
     for step in range(t.start_step + 1, t.total_steps + 1):
@@ -198,7 +207,12 @@ class Clock:
 
 
 def _set_up(
-    config: TrainConfig, run: RunFolder, resume: bool, emit: EventHandler, should_stop: Callable[[], bool]
+    config: TrainConfig,
+    run: RunFolder,
+    resume: bool,
+    emit: EventHandler,
+    should_stop: Callable[[], bool],
+    hub_token: HubToken,
 ) -> Training:
     clock = Clock()
     if resume:
@@ -213,7 +227,7 @@ def _set_up(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
     )
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
-    family, pipe, offload, objective = _load_base(config, precision, accelerator, emit)
+    family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token)
     param_groups = _add_adapters(pipe, family, config)
     caches = _build_caches(config, pipe, family, examples, offload, accelerator, emit, should_stop)
 
@@ -282,13 +296,21 @@ def _prepare_data(
 
 
 def _load_base(
-    config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler
+    config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler, hub_token: HubToken
 ) -> tuple[type[Family], DiffusionPipeline, devices.Offload, Objective]:
     """The frozen base in the training precision (the VAE stays fp32; the denoiser quantized if the settings
-    say so), with the VAE on the device to encode the pictures, and the family's training objective."""
+    say so), with the VAE on the device to encode the pictures, and the family's training objective. A Hub
+    model downloads first, reported as `download` events."""
     emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
     quantization.check_available(config.quantize_base, accelerator.device.type == "cuda")
-    family, pipe = load_pipeline(config.base_model, config.family, devices.DTYPES[precision], config.quantize_base)
+    family, pipe = load_pipeline(
+        config.base_model,
+        config.family,
+        devices.DTYPES[precision],
+        config.quantize_base,
+        token=hub_token,
+        on_progress=lambda progress: emit(Event(events.DOWNLOAD, data=asdict(progress))),
+    )
     text_encoders = family.text_encoders(pipe)
     for module in (family.denoiser(pipe), pipe.vae, *text_encoders):
         module.requires_grad_(False)

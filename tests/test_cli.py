@@ -254,7 +254,7 @@ def test_two_processes_with_accelerate_launch(tiny_model, photos, tmp_path):
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
-        ("gated", "the model is gated: accept its license on huggingface.co"),
+        ("gated", "the model is gated: accept its licence on https://huggingface.co/someone/some-model"),
         ("missing", "no such model on the Hub (or it is private)"),
         ("unreachable", "the Hugging Face Hub could not be reached and it is not in this computer's download cache"),
         (["model.safetensors", "README.md"], "not a diffusers pipeline (it has no model_index.json). It holds model"),
@@ -266,6 +266,7 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    from lora_gui import base_models
     from lora_gui.base_models import load_pipeline
     from lora_gui.errors import ModelLoadError
 
@@ -283,6 +284,7 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
         raise OSError("download failed")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(base_models, "hf_hub_download", no_download)  # the download ahead of loading fails too
     monkeypatch.setattr(DiffusionPipeline, "load_config", no_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     with pytest.raises(ModelLoadError) as raised:

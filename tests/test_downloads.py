@@ -1,0 +1,249 @@
+"""Downloads people can follow: a Hub model downloads only what loads, with progress in bytes and files; a gated
+model says where to accept its licence and where to give a token; the token goes to the download and nowhere else.
+
+Nothing leaves this machine: huggingface_hub's own snapshot_download runs against `FakeHub`, which answers its
+calls to the Hub and sends each file in chunks through the progress bars it is given, into a temporary cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import quick_config
+from huggingface_hub import HfApi, _snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+from huggingface_hub.file_download import DryRunFileInfo
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import filter_repo_objects
+from test_flux_files import bfl_checkpoint
+from test_train import fresh_pipe
+
+from lora_gui import base_models
+from lora_gui.base_models import DownloadProgress, load_pipeline
+from lora_gui.errors import ModelLoadError
+from lora_gui.jobs import JobManager
+
+REPO = "someone/gated-model"
+COMMIT = "c" * 40
+TOKEN = "hf_TEST_download_token_42"
+CHUNK = 64 * 1024
+# Files an SD 1.x repo holds that from_pretrained never loads: other formats, variants, a checkpoint for other tools.
+NEVER_LOADED = {
+    "unet/diffusion_pytorch_model.fp16.safetensors": 1_700_000,
+    "unet/diffusion_pytorch_model.bin": 3_400_000,
+    "text_encoder/model.fp16-00001-of-00002.safetensors": 600_000,
+    "text_encoder/flax_model.msgpack": 1_200_000,
+    "safety_checker/model.safetensors": 1_200_000,
+    "v1-5-pruned.ckpt": 4_000_000,
+}
+# And FLUX.1-dev's: Black Forest Labs' own single files.
+NEVER_LOADED_FLUX = {"flux1-dev.safetensors": 4_000_000, "ae.safetensors": 300_000}
+
+
+def response(status: int) -> SimpleNamespace:
+    return SimpleNamespace(headers={}, status_code=status, request=None, url="")
+
+
+class FakeHub:
+    """The Hub's side of downloading one repo (a tiny model, and files that never load), for huggingface_hub's own
+    code. Gated when `gated`: only requests that carry `accepted` get through. Records every request's token."""
+
+    def __init__(self, repo: str, model: Path, cache: Path, never_loaded: dict[str, int]):
+        self.repo, self.model, self.cache = repo, model, cache
+        self.model_files = {path.relative_to(model).as_posix(): path for path in model.rglob("*") if path.is_file()}
+        self.sizes = {name: path.stat().st_size for name, path in self.model_files.items()} | never_loaded
+        self.gated, self.accepted = False, None
+        self.tokens: list[object] = []
+        self.fetched: list[str] = []
+
+    def check(self, token: object) -> None:
+        self.tokens.append(token)
+        if self.gated and token != self.accepted:
+            raise GatedRepoError(f"Access to {self.repo} is restricted", response=response(401 if token else 403))
+
+    # base_models fetches model_index.json itself
+    def hf_hub_download(self, repo_id: str, filename: str, token: object = None) -> str:
+        assert repo_id == self.repo
+        self.check(token)
+        return str(self.model_files[filename])
+
+    # what snapshot_download asks the Hub's API
+    def repo_info(self, token: object) -> SimpleNamespace:
+        self.check(token)
+        return SimpleNamespace(sha=COMMIT)
+
+    def list_repo_tree(self, token: object) -> list[RepoFile]:
+        self.check(token)
+        return [RepoFile(path=name, size=size, oid=str(index)) for index, (name, size) in enumerate(self.sizes.items())]
+
+    # each file, as snapshot_download fetches it on its threads: in chunks, through the bar it is given
+    def fetch_file(self, repo_id: str, *, filename: str, token: object, tqdm_class, dry_run: bool, **kwargs: object):
+        self.check(token)
+        target = self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT / filename
+        if dry_run:
+            size = self.sizes[filename]
+            return DryRunFileInfo(COMMIT, size, filename, str(target), target.exists(), not target.exists())
+        self.fetched.append(filename)
+        data = self.model_files[filename].read_bytes()
+        with tqdm_class(total=len(data), initial=0, unit="B", unit_scale=True, desc=filename) as bar:
+            for start in range(0, len(data), CHUNK):
+                time.sleep(0.005)
+                bar.update(len(data[start : start + CHUNK]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.model_files[filename], target)
+        return str(target)
+
+    def bytes_of_the_model(self) -> int:
+        return sum(self.sizes[name] for name in self.model_files)
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> FakeHub:
+    """base_models goes online, to `fake`; huggingface_hub itself stays offline, so from_pretrained then loads
+    from the download cache as it would after a real download, and nothing else can reach the network."""
+    monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setattr(base_models, "get_token", lambda: None)  # no Hugging Face login on this computer
+    monkeypatch.setattr(base_models, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(base_models, "REPORT_EVERY", 0.01)
+    monkeypatch.setattr(
+        HfApi, "repo_info", lambda api, repo_id, token=None, **kwargs: fake.repo_info(token or api.token)
+    )
+    monkeypatch.setattr(HfApi, "list_repo_tree", lambda api, repo_id, **_: fake.list_repo_tree(api.token))
+    monkeypatch.setattr(_snapshot_download, "hf_hub_download", fake.fetch_file)
+    return fake
+
+
+@pytest.fixture
+def hub(tiny_model, download_cache, monkeypatch) -> FakeHub:
+    return serve(monkeypatch, FakeHub(REPO, tiny_model, download_cache, NEVER_LOADED))
+
+
+def test_a_hub_model_downloads_only_what_loads_reporting_bytes_and_files_up_to_the_total(hub):
+    reports: list[DownloadProgress] = []
+    family, pipe = load_pipeline(REPO, token=TOKEN, on_progress=reports.append)
+
+    assert family.name == "sd15" and pipe.unet is not None
+    assert sorted(hub.fetched) == sorted(hub.model_files), "nothing from_pretrained never loads"
+    assert set(hub.tokens) == {TOKEN}
+    assert len(reports) > 2, "reported while it downloaded, not only at the end"
+    for earlier, later in itertools.pairwise(reports):
+        assert earlier.done_bytes <= later.done_bytes and earlier.files_done <= later.files_done
+    assert {(report.total_bytes, report.files_total) for report in reports} == {(hub.bytes_of_the_model(), 10)}
+    assert reports[-1] == DownloadProgress(REPO, hub.bytes_of_the_model(), hub.bytes_of_the_model(), 10, 10)
+
+    again: list[DownloadProgress] = []
+    load_pipeline(REPO, token=TOKEN, on_progress=again.append)
+    assert again == [] and len(hub.fetched) == 10, "a model downloaded once is not downloaded again"
+
+
+SDXL_REPO = {  # stabilityai/stable-diffusion-xl-base-1.0's files, less its pictures and some of its ONNX files
+    "": "model_index.json sd_xl_base_1.0.safetensors sd_xl_offset_example-lora_1.0.safetensors README.md",
+    "scheduler": "scheduler_config.json",
+    "text_encoder": "config.json flax_model.msgpack model.fp16.safetensors model.onnx model.safetensors "
+    "openvino_model.bin openvino_model.xml",
+    "text_encoder_2": "config.json flax_model.msgpack model.fp16.safetensors model.onnx model.onnx_data "
+    "model.safetensors openvino_model.bin openvino_model.xml",
+    "tokenizer": "merges.txt special_tokens_map.json tokenizer_config.json vocab.json",
+    "tokenizer_2": "merges.txt special_tokens_map.json tokenizer_config.json vocab.json",
+    "unet": "config.json diffusion_flax_model.msgpack diffusion_pytorch_model.fp16.safetensors "
+    "diffusion_pytorch_model.safetensors model.onnx model.onnx_data openvino_model.bin openvino_model.xml",
+    "vae": "config.json diffusion_flax_model.msgpack diffusion_pytorch_model.fp16.safetensors "
+    "diffusion_pytorch_model.safetensors",
+    "vae_1_0": "config.json diffusion_pytorch_model.fp16.safetensors diffusion_pytorch_model.safetensors",
+    "vae_decoder": "config.json model.onnx openvino_model.bin openvino_model.xml",
+}
+
+
+def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
+    """SDXL's repo holds its weights in many formats; from_pretrained fetches one of them (vae_1_0's too: diffusers
+    fetches every folder's weights), and the download ahead of it fetches the same."""
+    files = [f"{folder}/{name}".lstrip("/") for folder, names in SDXL_REPO.items() for name in names.split()]
+    index = json.loads((tiny_models("sdxl") / "model_index.json").read_text())
+    chosen = filter_repo_objects(files, **base_models._download_patterns(index, configs_only=()))
+    tokenizer = SDXL_REPO["tokenizer"].split()
+    assert sorted(chosen) == sorted(
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.safetensors",
+            *(f"tokenizer/{name}" for name in tokenizer),
+            *(f"tokenizer_2/{name}" for name in tokenizer),
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae_1_0/diffusion_pytorch_model.safetensors",
+        ]
+    )
+
+
+def test_a_gated_model_says_where_to_accept_its_licence_and_where_to_give_a_token(hub):
+    hub.gated, hub.accepted = True, TOKEN
+    with pytest.raises(ModelLoadError) as without_token:
+        load_pipeline(REPO)
+    message = str(without_token.value)
+    assert f"{REPO} is gated: accept its licence on https://huggingface.co/{REPO}" in message
+    assert "'Hugging Face token' (Train tab, Generate tab)" in message and "HF_TOKEN" in message
+
+    with pytest.raises(ModelLoadError) as other_account:
+        load_pipeline(REPO, token="hf_TEST_someone_who_did_not_accept")
+    assert "signed in to the Hugging Face account the token belongs to" in str(other_account.value)
+
+    family, _ = load_pipeline(REPO, token=TOKEN)
+    assert family.name == "sd15"
+
+
+def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypatch):
+    def refuse(repo_id: str, filename: str, token: object = None) -> str:
+        raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response(401))
+
+    monkeypatch.setattr(base_models, "hf_hub_download", refuse)
+    with pytest.raises(ModelLoadError, match=r"Hugging Face refused the token .*huggingface\.co/settings/tokens"):
+        load_pipeline(REPO, token="hf_TEST_mistyped")
+
+
+def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_path):
+    hub.gated, hub.accepted = True, TOKEN
+    manager = JobManager()
+    try:
+        job = manager.submit(quick_config(REPO, photos, max_steps=2), tmp_path / "run", hub_token=TOKEN)
+        state = manager.wait(job.job_id, timeout=300)
+    finally:
+        manager.close()
+
+    assert state.status == "finished", state.error
+    assert set(hub.tokens) == {TOKEN}
+    assert any(line.endswith(f"Downloading {REPO}: 3.9 MB in 10 files") for line in state.log)
+    assert state.download is None, "the download is over once the run reports something else"
+    assert TOKEN not in repr(state) and job.take_hub_token() is None
+    files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
+    assert len(files) > 5 and not [path for path in files if TOKEN.encode() in path.read_bytes()]
+
+
+def test_a_single_flux_file_downloads_the_rest_of_its_model_but_the_transformer_it_has(
+    tiny_models, tmp_path, download_cache, monkeypatch
+):
+    companion = "black-forest-labs/FLUX.1-dev"
+    hub = serve(monkeypatch, FakeHub(companion, tiny_models("flux"), download_cache, NEVER_LOADED_FLUX))
+    hub.gated, hub.accepted = True, TOKEN
+    path = bfl_checkpoint(fresh_pipe(tiny_models("flux")).transformer, tmp_path / "flux1-dev.safetensors")
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(str(path))
+    assert str(refused.value).startswith(
+        "flux1-dev.safetensors is a Flux.1 transformer in one file; the VAE, text encoders and configuration that go "
+        f"with it come from {companion}; {companion} is gated: accept its licence on https://huggingface.co/{companion}"
+    )
+
+    reports: list[DownloadProgress] = []
+    family, _ = load_pipeline(str(path), token=TOKEN, on_progress=reports.append)
+    assert family.name == "flux"
+    assert "transformer/config.json" in hub.fetched
+    assert not [name for name in hub.fetched if name.startswith("transformer/") and name.endswith(".safetensors")]
+    assert reports[-1].done_bytes == reports[-1].total_bytes == sum(hub.sizes[name] for name in hub.fetched)

@@ -1,5 +1,6 @@
-"""Downloads people can follow: a Hub model downloads only what loads, with progress in bytes and files; a gated
-model says where to accept its licence and where to give a token; the token goes to the download and nowhere else.
+"""Downloads people can follow: a Hub model downloads only what loads, with progress in bytes and files (the Train
+tab's progress box, Generate's progress bar); a gated model says where to accept its licence and where to give a
+token; the token goes to the download and nowhere else.
 
 Nothing leaves this machine: huggingface_hub's own snapshot_download runs against `FakeHub`, which answers its
 calls to the Hub and sends each file in chunks through the progress bars it is given, into a temporary cache."""
@@ -10,6 +11,7 @@ import itertools
 import json
 import shutil
 import time
+from contextvars import ContextVar
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,12 +28,17 @@ from test_train import fresh_pipe
 from lora_gui import base_models
 from lora_gui.base_models import DownloadProgress, load_pipeline
 from lora_gui.errors import ModelLoadError
-from lora_gui.jobs import JobManager
+from lora_gui.jobs import JobManager, JobState
+from lora_gui.train import train
+from lora_gui.ui.app import build_app
+from lora_gui.ui.generate import generate
+from lora_gui.ui.train_tab import _progress_html
 
 REPO = "someone/gated-model"
 COMMIT = "c" * 40
 TOKEN = "hf_TEST_download_token_42"
 CHUNK = 64 * 1024
+EVENT: ContextVar[str] = ContextVar("event")  # stands in for the context variables Gradio's progress bar reads
 # Files an SD 1.x repo holds that from_pretrained never loads: other formats, variants, a checkpoint for other tools.
 NEVER_LOADED = {
     "unet/diffusion_pytorch_model.fp16.safetensors": 1_700_000,
@@ -225,6 +232,64 @@ def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_pa
     assert TOKEN not in repr(state) and job.take_hub_token() is None
     files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
     assert len(files) > 5 and not [path for path in files if TOKEN.encode() in path.read_bytes()]
+
+
+def test_the_train_tab_shows_the_download_before_the_first_step():
+    state = JobState(
+        job_id=1,
+        run_name="flux-run",
+        run_dir="/nowhere",
+        status="running",
+        download=DownloadProgress("black-forest-labs/FLUX.1-dev", 3_200_000_000, 33_700_000_000, 5, 23),
+    )
+    shown = _progress_html(state, 0)
+    assert "Downloading <b>black-forest-labs/FLUX.1-dev</b>: <span>3.2 of 33.7 GB · 5 of 23 files</span>" in shown
+    assert 'style="width:9.5%"' in shown
+
+
+def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, photos, tmp_path):
+    _, ctx = build_app(tmp_path / "runs")
+    train(quick_config(tiny_model, photos, max_steps=1), ctx.runs_dir / "lora")
+    shown: list[tuple[float, str, str | None]] = []
+
+    def progress(fraction: float, desc: str) -> None:  # as Gradio's: it finds its event in context variables
+        shown.append((fraction, desc, EVENT.get(None)))
+
+    EVENT.set("this visitor's click")
+
+    result = generate(
+        ctx,
+        allow_pickle=False,
+        gen_base_model=REPO,
+        prompt="a red square",
+        negative_prompt="",
+        gen_seed=0,
+        gen_steps=2,
+        guidance=5.0,
+        size=64,
+        gen_hf_token=f" {TOKEN} ",
+        progress=progress,
+        gen_run_1="lora",
+    )
+
+    assert "Made with the LoRA of lora" in result["gen_notice"]
+    assert set(hub.tokens) == {TOKEN}
+    megabytes = hub.bytes_of_the_model() / 1e6
+    assert shown[-1][:2] == (1.0, f"Downloading {REPO}: {megabytes:.1f} of {megabytes:.1f} MB · 10 of 10 files")
+    assert len(shown) > 2 and {event for _, _, event in shown} == {"this visitor's click"}
+
+
+def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_login(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    _, ctx = build_app(tmp_path)
+    assert ctx["hf_token"].type == ctx["gen_hf_token"].type == "password"
+    assert ctx.hub_token(f" {TOKEN} ") == TOKEN
+    assert ctx.hub_token("") is None, "on one's own computer, an empty box means this computer's login"
+
+    monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
+    _, space = build_app(tmp_path)
+    assert space.hub_token(TOKEN) == TOKEN
+    assert space.hub_token("") is False, "a visitor without a token downloads with none, never the owner's"
 
 
 def test_a_single_flux_file_downloads_the_rest_of_its_model_but_the_transformer_it_has(

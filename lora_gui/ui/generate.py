@@ -6,20 +6,31 @@ strength; and a run's LoRA as a file for the program the user has.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from lora_gui import runs
-from lora_gui.base_models import PICKLE_SUFFIXES
+from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.runs import TrainingRecord
-from lora_gui.ui.common import TINY_CHOICE, TINY_CHOICES, Ctx, build_export, error_notice, export_lora, notice
+from lora_gui.ui.common import (
+    TINY_CHOICE,
+    TINY_CHOICES,
+    Ctx,
+    build_export,
+    error_notice,
+    export_lora,
+    hub_token_box,
+    notice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +91,15 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             info="Only for .bin, .pt or .ckpt LoRAs from someone you trust; .safetensors files never need this.",
             scale=1,
         )
-    c["gen_base_model"] = gr.Dropdown(
-        choices=ctx.base_model_choices(),
-        value=TINY_CHOICE,
-        allow_custom_value=True,
-        label="Base model",
-        info="Use the one the LoRA was trained on; picking a run fills it in.",
-    )
+    with gr.Row():
+        c["gen_base_model"] = gr.Dropdown(
+            choices=ctx.base_model_choices(),
+            value=TINY_CHOICE,
+            allow_custom_value=True,
+            label="Base model",
+            info="Use the one the LoRA was trained on; picking a run fills it in.",
+        )
+        c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
     with gr.Row(equal_height=True):
@@ -151,6 +164,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
             *all_row_names(),
             "allow_pickle",
             "gen_base_model",
+            "gen_hf_token",
             "prompt",
             "negative_prompt",
             "gen_seed",
@@ -160,6 +174,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
+        reports_progress=True,  # a base model's download
     )
     ctx.wire(
         ctx["gen_export"].click,
@@ -272,9 +287,12 @@ def generate(
     gen_steps: float,
     guidance: float,
     size: float,
+    gen_hf_token: str | None = None,
+    progress: gr.Progress | None = None,
     **rows: Any,
 ) -> dict[str, Any]:
-    """Both pictures from one seed. `rows` holds each LoRA row's run, uploaded file and strength by name."""
+    """Both pictures from one seed. `rows` holds each LoRA row's run, uploaded file and strength by name. A base
+    model not downloaded yet downloads first, with the token given, its progress over the pictures."""
     try:
         loras = _chosen_loras(ctx, rows)
         if not (prompt or "").strip():
@@ -290,7 +308,9 @@ def generate(
             width=int(size) // 8 * 8,
             height=int(size) // 8 * 8,
         )
-        with ctx.generators.use(ctx.resolve_base_model(gen_base_model)) as generator:
+        model = ctx.resolve_base_model(gen_base_model)
+        show = download_shower(progress) if progress is not None else None
+        with ctx.generators.use(model, token=ctx.hub_token(gen_hf_token), on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
             with_lora = generator(**settings)
@@ -316,6 +336,17 @@ def generate(
         "lora_image": gr.update(value=with_lora, label="With your LoRAs" if len(loras) > 1 else "With your LoRA"),
         "gen_notice": notice(made),
     }
+
+
+def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]:
+    """A download's reports drawn on Gradio's progress bar. That bar finds its event through context variables,
+    which the engine's reporting thread lacks: each report runs in a copy of this handler's context."""
+    context = contextvars.copy_context()
+
+    def show(download: DownloadProgress) -> None:
+        context.run(progress, download.fraction, desc=f"Downloading {download.repo}: {download.summary()}")
+
+    return show
 
 
 def export(ctx: Ctx, gen_export_run: str | None, gen_layout: str) -> dict[str, Any]:

@@ -100,7 +100,11 @@ def wire_runs_tab(ctx: Ctx) -> None:
     ctx.wire(ctx["runs_tab"].select, refresh, ["run_pick"], listing, api_visibility="private")
     ctx.wire(ctx["run_pick"].change, open_run, ["run_pick"], [*details, "runs_notice"], api_name="open_run")
     ctx.wire(
-        ctx["run_resume"].click, resume_run, ["run_pick"], ["runs_notice", "train_job", "train_seen"], api_name="resume"
+        ctx["run_resume"].click,
+        resume_run,
+        ["run_pick", "hf_token"],  # the Train tab's token, for a gated base model's download
+        ["runs_notice", "train_job", "train_seen"],
+        api_name="resume",
     )
     ctx.wire(
         ctx["run_export"].click,
@@ -207,9 +211,9 @@ def push(ctx: Ctx, run_pick: str | None, hub_repo: str, hub_token: str, hub_priv
     return {"hub_notice": notice(f"Uploaded; {seen_by} can see it at", link=url)}
 
 
-def resume_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
+def resume_run(ctx: Ctx, run_pick: str | None, hf_token: str | None = None) -> dict[str, Any]:
     try:
-        job = ctx.jobs.resume(ctx.run_folder(run_pick or "").path)
+        job = ctx.jobs.resume(ctx.run_folder(run_pick or "").path, hub_token=ctx.hub_token(hf_token))
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error)}
     return {

@@ -28,6 +28,7 @@ from lora_gui.ui.common import (
     duration,
     error_notice,
     files_label,
+    hub_token_box,
     loss_frame,
     loss_plot,
     notice,
@@ -65,18 +66,19 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             elem_id="cpu-warning",
         )
     gr.Markdown("**Step 2: train.** Pick a base model and how long to train, then press **Start training**.")
-    with gr.Row(equal_height=True):
+    with gr.Row():
         where = "a Hugging Face Hub id (owner/name)"
         if ctx.allow_paths:
             where += ", a diffusers model folder or a .safetensors checkpoint file on this computer"
-        c["base_model"] = gr.Dropdown(
-            choices=ctx.base_model_choices(),
-            value=TINY_CHOICE,
-            allow_custom_value=True,
-            label="Base model",
-            info=f"The model your LoRA adds to. Pick one, or type {where}.",
-            scale=2,
-        )
+        with gr.Column(scale=2):
+            c["base_model"] = gr.Dropdown(
+                choices=ctx.base_model_choices(),
+                value=TINY_CHOICE,
+                allow_custom_value=True,
+                label="Base model",
+                info=f"The model your LoRA adds to. Pick one, or type {where}.",
+            )
+            c["hf_token"] = hub_token_box("train-hf-token")
         with gr.Column(scale=2):
             c["preset"] = gr.Dropdown(
                 choices=_preset_choices(),
@@ -133,12 +135,12 @@ def wire_train_tab(ctx: Ctx) -> None:
     ctx.wire(
         ctx["start"].click,
         start,
-        ["session", "run_name", "base_model", *settings],
+        ["session", "run_name", "base_model", "hf_token", *settings],
         ["train_notice", "train_job", "run_name", "train_seen"],
         api_name="start",
     )
     ctx.wire(ctx["stop"].click, stop, ["train_job"], ["train_notice"], api_name="stop")
-    ctx.wire(ctx["resume"].click, resume, ["train_job"], ["train_notice", "train_job", "train_seen"])
+    ctx.wire(ctx["resume"].click, resume, ["train_job", "hf_token"], ["train_notice", "train_job", "train_seen"])
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset"], ["train_notice", "base_model", *settings])
     ctx.wire(
         ctx["save_preset"].click,
@@ -169,8 +171,11 @@ def wire_train_tab(ctx: Ctx) -> None:
 
 
 # ---- handlers ----------------------------------------------------------------------------------
-def start(ctx: Ctx, session: str, run_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
-    """Check everything that can be checked now, then queue the run on the pictures as they are now."""
+def start(
+    ctx: Ctx, session: str, run_name: str, base_model: str, hf_token: str | None = None, **settings: Any
+) -> dict[str, Any]:
+    """Check everything that can be checked now, then queue the run on the pictures as they are now. The token
+    goes to the job, which hands it to the base model's download only."""
     try:
         model = ctx.resolve_base_model(base_model)
         config = config_form.config_from_values({**settings, "base_model": model})
@@ -178,7 +183,7 @@ def start(ctx: Ctx, session: str, run_name: str, base_model: str, **settings: An
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
         name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
-        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder)
+        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder, hub_token=ctx.hub_token(hf_token))
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.jobs.queue_position(job.job_id)
@@ -212,12 +217,12 @@ def stop(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
     }
 
 
-def resume(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
+def resume(ctx: Ctx, train_job: int | None, hf_token: str | None = None) -> dict[str, Any]:
     job = _shown_job(ctx, train_job)
     if job is None:
         return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
     try:
-        resumed = ctx.jobs.resume(job.run.path)
+        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token))
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     return {
@@ -365,7 +370,10 @@ def _progress_html(state: JobState | None, queue_position: int) -> str:
     if state.status == runs.CANCELLED:
         return notice(f"{state.run_name} was cancelled before it started.")
     percent = 100 * state.step / state.total_steps if state.total_steps else 0
-    if state.status == runs.RUNNING:
+    if state.status == runs.RUNNING and state.download is not None:
+        headline = f"Downloading <b>{html.escape(state.download.repo)}</b>:"
+        detail, percent = state.download.summary(), 100 * state.download.fraction
+    elif state.status == runs.RUNNING:
         if state.total_steps and state.images_per_second is not None:
             detail = f"{state.images_per_second:.1f} images/s · {duration(state.eta_seconds)}"
         else:

@@ -239,7 +239,8 @@ class Family:
     @classmethod
     def build_denoiser(cls, size: str) -> torch.nn.Module:
         """A random-weight denoiser: "full" is the published architecture, "tiny" a small one with the
-        same kinds of blocks, for tests and the offline demo."""
+        same kinds of blocks, for tests and the offline demo; a family may add others (Flux's "shallow":
+        the full width with a few of its blocks, which a CPU benchmark can hold)."""
         return cls.denoiser_class(**cls.denoiser_shapes[size])
 
     @classmethod

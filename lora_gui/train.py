@@ -315,6 +315,9 @@ def _load_base(
     for module in (family.denoiser(pipe), pipe.vae, *text_encoders):
         module.requires_grad_(False)
     offload = devices.Offload(accelerator.device)
+    # A 4-bit base arrives on the GPU (bitsandbytes quantizes it there): it waits in CPU memory while the VAE
+    # and the text encoders work, as any denoiser does, so a 12 GB card never holds it beside Flux's T5.
+    offload.park(family.denoiser(pipe))
     offload.bring(pipe.vae)
     objective = family.objective(pipe, config.snr_gamma)  # from the base's own scheduler, before it is replaced
     pipe.scheduler = family.preview_scheduler(pipe)

@@ -27,6 +27,25 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FAMILIES = ("auto", *REGISTRY)
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# Settings a resumed run may change: they leave what was learned as it is (the learning rate after a divergence,
+# the length of the run, when to save and sample). The others stay as the run started.
+CHANGEABLE_ON_RESUME = (
+    "max_steps",
+    "epochs",
+    "learning_rate",
+    "text_encoder_learning_rate",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "gradient_checkpointing",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "sample_prompts",
+    "sample_every",
+    "sample_steps",
+    "sample_seed",
+    "log_every",
+)
 
 
 def _field(default: Any, help: str, group: str = "advanced", **kwargs: Any) -> Any:
@@ -150,6 +169,9 @@ class TrainConfig:
         _between("adam_beta2", self.adam_beta2, 0.0, 0.99999)
         _between("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)
         _between("adam_epsilon", self.adam_epsilon, 0.0, 1.0)
+        if self.adam_epsilon <= 0:
+            # A weight whose gradient is still zero gets 0 / 0 from AdamW: NaN, and the LoRA is lost.
+            raise ConfigError("adam_epsilon must be above 0 (1e-8 is usual): at 0 the LoRA's weights become NaN")
         _between("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
         _between("rank", self.rank, 1, 256)
         _between("alpha", self.alpha, 0.0, 4096.0)

@@ -33,7 +33,7 @@ from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
-from lora_gui.config import TrainConfig
+from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, ImageGeometry
@@ -124,6 +124,7 @@ def _run(
     config, accelerator = t.config, t.accelerator
     window = MetricsWindow(accelerator.device)
     for step in range(t.start_step + 1, t.total_steps + 1):
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(*t.models):
                 # Batch and loss: this micro-batch's images, noise and timesteps, the prediction and its loss.
@@ -131,9 +132,13 @@ def _run(
                 # Backward (accelerate scales for fp16 and averages over accumulated batches).
                 accelerator.backward(loss)
                 window.add(loss)
+                step_loss += loss.detach()
 
-        # Step: clip the real gradients (a list, not a spent generator), update, schedule.
+        # Step: clip the real gradients (a list, not a spent generator); a loss or gradient that is no number
+        # any more ends the run before it reaches the LoRA; update, schedule.
         grad_norm = accelerator.clip_grad_norm_(t.params, config.max_grad_norm) if config.max_grad_norm else None
+        if _diverged(t, step_loss, grad_norm):
+            _stop_diverged(t, step, emit)
         t.optimizer.step()
         t.lr_scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +185,7 @@ class Training:
     text: TextConditioning
     order: data.BatchOrder
     params: list[torch.nn.Parameter]
+    rates: list[float]  # each parameter group's learning rate, as the settings give it
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     previews: Previews
@@ -251,6 +257,7 @@ def _set_up(
         text=text,
         order=caches.order,
         params=[param for group in param_groups for param in group["params"]],
+        rates=[group["lr"] for group in param_groups],
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         previews=previews,
@@ -422,6 +429,7 @@ def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str],
     main = t.accelerator.is_main_process
     if resume:
         t.start_step, t.clock.before = _load_checkpoint(t.accelerator, t.run)
+        _apply_changed_settings(t, t.rates)
     elif main:
         t.run.write_skipped(skipped)
     if main:
@@ -518,7 +526,8 @@ def _log_step(
         "step": step,
         "loss": round(mean_loss, 6),
         "lr": t.lr_scheduler.get_last_lr()[0],
-        "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+        # fp16's scaler skips the steps whose gradients overflowed (their norm is infinite): JSON has no infinity.
+        "grad_norm": None if grad_norm is None or not math.isfinite(norm := float(grad_norm)) else round(norm, 6),
         "epoch": round(t.epochs_done(step), 3),
         "images_per_second": round(speed, 3),
         "seconds": round(t.clock.seconds(), 2),
@@ -527,11 +536,33 @@ def _log_step(
         t.run.append_metrics(row)
     eta = (t.total_steps - step) * images_per_step / speed if speed else None
     emit(Event(events.STEP, step, t.total_steps, {**row, "eta_seconds": eta}))
-    if not math.isfinite(mean_loss):
-        raise LoraGuiError(
-            f"the loss became {mean_loss} at step {step}: training diverged. Lower the learning "
-            "rate, or use bf16 instead of fp16; the last checkpoint stays resumable"
-        )
+
+
+def _diverged(t: Training, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """Whether this step's loss or gradients stopped being numbers, in any process (one GPU sync a step).
+
+    Under fp16, accelerate's gradient scaler skips a step whose gradients overflowed and lowers its scale:
+    that is how it finds its scale, so there only the loss counts."""
+    finite = torch.isfinite(step_loss)
+    if grad_norm is not None and t.accelerator.scaler is None:
+        finite &= torch.isfinite(grad_norm)
+    return _any_process(t.accelerator, not bool(finite))
+
+
+def _stop_diverged(t: Training, step: int, emit: EventHandler) -> None:
+    """End a run whose step `step` diverged, before the step reaches the LoRA: the weights are still those of
+    the step before, so a checkpoint and the LoRA files are saved there and the run can resume."""
+    good = step - 1
+    if good > t.start_step:
+        if not (t.run.checkpoint(good) / TRAINER_STATE).is_file():  # unless its checkpoint was just saved
+            _save_checkpoint(t, good, emit)
+        _save_lora(t, good)
+    kept = f"the LoRA and a checkpoint of step {good} are saved" if good > 0 else "nothing was trained yet"
+    precision = " or use bf16 instead of fp16," if t.precision == "fp16" else ""
+    raise LoraGuiError(
+        f"the loss or its gradients stopped being numbers (NaN or infinite) at step {step}: training diverged. "
+        f"Lower the learning rate,{precision} and resume ({kept})"
+    )
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------
@@ -622,11 +653,23 @@ def _load_checkpoint(accelerator: Accelerator, run: RunFolder) -> tuple[int, flo
 
 
 def _resumed_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
-    """A resumed run keeps its saved settings; only the length of the run may change."""
+    """A resumed run keeps its saved settings, but for those safe to change mid-run (`CHANGEABLE_ON_RESUME`:
+    the length of the run, the learning rate after a divergence, ...), which come from `config`."""
     if not run.config.is_file():
         raise LoraGuiError(f"nothing to resume in {run.path}: it has no config.json; start a new run instead")
     saved = TrainConfig.load(run.config)
-    return saved.replace(max_steps=config.max_steps, epochs=config.epochs)
+    return saved.replace(**{name: getattr(config, name) for name in CHANGEABLE_ON_RESUME})
+
+
+def _apply_changed_settings(t: Training, rates: list[float]) -> None:
+    """A checkpoint brings back the optimizer's and the schedule's settings as they were saved: set those a
+    resume may have changed (`rates`: each parameter group's learning rate, as the settings give it now)."""
+    scheduler = t.lr_scheduler
+    for group, rate, factor in zip(t.optimizer.param_groups, rates, scheduler.lr_lambdas, strict=True):
+        group.update(initial_lr=rate, lr=rate * factor(scheduler.last_epoch))
+        group.update(eps=t.config.adam_epsilon, weight_decay=t.config.adam_weight_decay)
+    scheduler.base_lrs = list(rates)
+    scheduler._last_lr = [group["lr"] for group in t.optimizer.param_groups]
 
 
 def _save_lora(t: Training, step: int) -> list[Path]:

@@ -29,7 +29,7 @@ from lora_gui import events, objectives
 from lora_gui import train as train_module
 from lora_gui.config import load_preset
 from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
-from lora_gui.errors import DataError, LoraGuiError
+from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.lora_files.export import export_run
 from lora_gui.train import train
 
@@ -533,3 +533,57 @@ def test_a_full_disk_is_said_plainly_and_earlier_checkpoints_survive(tiny_model,
         train(config, tmp_path / "run")
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
     assert (tmp_path / "run/checkpoints/step-2/trainer_state.json").is_file()
+
+
+class NaNGradient(torch.autograd.Function):
+    """The value as it is; a gradient that is no number."""
+
+    @staticmethod
+    def forward(ctx, value):  # type: ignore[override]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize("broken", ["loss", "gradient"])
+def test_a_diverging_run_keeps_its_last_good_lora_and_resumes_with_a_lower_learning_rate(
+    tiny_model, photos, tmp_path, monkeypatch, broken
+):
+    config = quick_config(tiny_model, photos, max_steps=6, checkpoint_every=0, learning_rate=1e-3)
+    real_loss, steps = train_module._loss, []
+
+    def loss(t, batch):
+        value = real_loss(t, batch)
+        steps.append(1)
+        if len(steps) == 4:  # the fourth step diverges
+            return value * float("nan") if broken == "loss" else NaNGradient.apply(value)
+        return value
+
+    monkeypatch.setattr(train_module, "_loss", loss)
+    with pytest.raises(LoraGuiError, match=r"numbers .* at step 4: training diverged\. Lower the learning"):
+        train(config, tmp_path / "run")
+    run = tmp_path / "run"
+    # Nothing of the bad step reached any file: the LoRA and a checkpoint are the state after step 3.
+    for path in [run / "pytorch_lora_weights.safetensors", *run.glob("checkpoints/*/*.safetensors")]:
+        assert all(torch.isfinite(tensor).all() for tensor in load_file(path).values()), path
+    assert json.loads((run / "checkpoints/step-3/trainer_state.json").read_text())["step"] == 3
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in metrics.jsonl"))
+
+    assert [strict(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    # The advice can be followed: the resumed run trains at the lower rate from step 4 on.
+    monkeypatch.undo()
+    resumed = []
+    train(config.replace(learning_rate=2e-4), run, resume=True, on_event=resumed.append)
+    rows = [e.data for e in resumed if e.kind == events.STEP]
+    assert [row["step"] for row in rows] == [4, 5, 6] and {row["lr"] for row in rows} == {2e-4}
+    assert json.loads((run / "config.json").read_text())["learning_rate"] == 2e-4
+
+
+def test_an_adam_epsilon_of_zero_is_refused_before_it_turns_the_lora_into_nan():
+    with pytest.raises(ConfigError, match="adam_epsilon must be above 0"):
+        quick_config(Path("model"), Path("data"), adam_epsilon=0.0)

@@ -23,7 +23,17 @@ from lora_gui.base_models import DownloadProgress, HubToken
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
-from lora_gui.runs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, STOPPED, RunFolder
+from lora_gui.runs import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    STOPPED,
+    RunFolder,
+    interrupted_message,
+)
 from lora_gui.train import train
 
 log = logging.getLogger(__name__)
@@ -192,6 +202,20 @@ class Job:
                 self._state.ended_at = time.time()
         self.save_status()
 
+    def record_unfinished(self) -> None:
+        """The app exits before this job ended (it did not stop in the time given): a queued job is cancelled,
+        a running one interrupted, as a restarted app would find it, rather than left queued or running."""
+        with self._lock:
+            state = self._state
+            if state.status == QUEUED:
+                state.status = CANCELLED
+            elif state.status == RUNNING:
+                state.status, state.error = INTERRUPTED, interrupted_message(self.run, state.status, state.step)
+                self._log(state.error)
+            else:
+                return  # it ended in the meantime, and said how
+        self.save_status()
+
     def save_status(self) -> None:
         """Record the status in the run folder, where the Runs tab (and a restarted app) finds it."""
         state = self.snapshot()
@@ -217,6 +241,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._worker: threading.Thread | None = None
+        self._closing = False
 
     def submit(
         self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False, hub_token: HubToken = None
@@ -226,6 +251,8 @@ class JobManager:
         base model (a gated one), kept in memory until then."""
         run = RunFolder(Path(run_dir))
         with self._lock:
+            if self._closing:
+                raise LoraGuiError("the app is shutting down: start the run again once it is back")
             busy = [job for job in self._jobs.values() if job.run.path == run.path and not job.done.is_set()]
             if busy:
                 raise LoraGuiError(f"the run {run.name} is already {busy[0].snapshot().status}; wait for it to end")
@@ -322,12 +349,21 @@ class JobManager:
         return job.snapshot()
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop every run (each keeps a usable LoRA) and end the worker."""
+        """Stop the run training now after its current step (it keeps a checkpoint and a usable LoRA), cancel
+        the queued ones, refuse new ones, and end the worker. Whatever has not ended within `timeout` seconds
+        is recorded as cancelled or interrupted: the process is about to exit, and its status must not say
+        queued or running."""
+        with self._lock:
+            self._closing = True
         for job in self.jobs():
             job.stop_requested.set()
         self._queue.put(None)
         if self._worker is not None:
             self._worker.join(timeout)
+        for job in self.jobs():
+            if not job.done.is_set():
+                log.warning("Run %s did not stop within %.0f s", job.run.name, timeout)
+                job.record_unfinished()
 
     # ---- the worker thread ------------------------------------------------------------------------
     def _work(self) -> None:

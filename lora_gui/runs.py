@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,8 @@ class TrainingRecord:
 
 
 # Statuses as a run folder records them; "running" or "queued" found on disk with no live job
-# means the app stopped mid-run, which `summarize` reports as interrupted.
+# means the app was killed mid-run, which `summarize` reports as interrupted and `record_interrupted`
+# writes down when the app starts again.
 QUEUED, RUNNING, FINISHED, STOPPED, FAILED, CANCELLED, INTERRUPTED = (
     "queued",
     "running",
@@ -283,9 +285,9 @@ def summarize(path: str | Path) -> RunSummary:
     steps_done = max(metrics[-1]["step"] if metrics else 0, latest[0] if latest else 0)
     total = int(saved.get("total_steps") or config.get("max_steps") or 0)
     has_lora = run.diffusers_lora.is_file()
-    status = saved.get("status", "")
+    status, message = saved.get("status", ""), str(saved.get("message", ""))
     if status in (QUEUED, RUNNING):
-        status = INTERRUPTED
+        status, message = INTERRUPTED, message or interrupted_message(run, status, steps_done)
     elif not status:  # a run made by the command line
         status = FINISHED if has_lora and steps_done >= total else STOPPED if has_lora else INTERRUPTED
     created = saved.get("created") or (run.config.stat().st_mtime if run.config.is_file() else run.path.stat().st_mtime)
@@ -297,12 +299,36 @@ def summarize(path: str | Path) -> RunSummary:
         steps_done=steps_done,
         total_steps=total,
         last_loss=metrics[-1].get("loss") if metrics else None,
-        message=str(saved.get("message", "")),
+        message=message,
         base_model=str(config.get("base_model", "")),
         resolution=config.get("resolution"),
         has_lora=has_lora,
         resumable=latest is not None and status != FINISHED,
     )
+
+
+def interrupted_message(run: RunFolder, status: str, step: int) -> str:
+    """What a person reads about a run left queued or running when the app stopped without letting it save."""
+    when = "before its turn came" if status == QUEUED else f"at step {step}"
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return f"Interrupted when the app stopped {when}. It saved no checkpoint: start it again as a new run."
+    return f"Interrupted when the app stopped {when}. Resume continues from the last checkpoint (step {latest[0]})."
+
+
+def record_interrupted(runs_dir: str | Path, is_live: Callable[[Path], bool]) -> list[str]:
+    """Write `interrupted` into the status of every run left queued or running by an app that was killed
+    (SIGKILL, a power cut), so that the folder tells the truth to whatever reads it next. Runs `is_live` says
+    this process is working on are left alone. Returns the names of the runs marked."""
+    marked = []
+    for summary in list_runs(runs_dir):
+        run = RunFolder(summary.path)
+        saved = run.read_status()
+        if saved.get("status") in (QUEUED, RUNNING) and not is_live(run.path):
+            kept = {key: value for key, value in saved.items() if key not in ("status", "time", "message")}
+            run.write_status(INTERRUPTED, **{**kept, "step": summary.steps_done, "message": summary.message})
+            marked.append(run.name)
+    return marked
 
 
 def list_runs(runs_dir: str | Path) -> list[RunSummary]:

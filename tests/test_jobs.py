@@ -163,3 +163,28 @@ def test_a_run_on_the_staged_pictures_gets_its_dataset_written_once_at_start(
 
     with pytest.raises(LoraGuiError, match="a run named from-the-app already exists: pick another name"):
         manager.submit_new(quick_config(tiny_model, ""), run_dir, staging.folder)
+
+
+def test_closing_records_what_did_not_end_in_time_and_refuses_new_runs(tiny_model, photos, tmp_path, monkeypatch):
+    release = threading.Event()
+
+    def deaf_train(config, run_dir, **kwargs):  # a run that does not hear Stop (a long download, say)
+        release.wait(30)
+
+    monkeypatch.setattr(jobs_module, "train", deaf_train)
+    manager = JobManager()
+    training = manager.submit(quick_config(tiny_model, photos), tmp_path / "training")
+    queued = manager.submit(quick_config(tiny_model, photos), tmp_path / "queued")
+    wait_for(lambda: training.snapshot().status == "running")
+
+    manager.close(timeout=0.2)
+    release.set()
+
+    assert training.snapshot().status == "interrupted"
+    assert summarize(tmp_path / "training").message == (
+        "Interrupted when the app stopped at step 0. It saved no checkpoint: start it again as a new run."
+    )
+    assert queued.snapshot().status == "cancelled"
+    assert json.loads((tmp_path / "queued" / "status.json").read_text())["status"] == "cancelled"
+    with pytest.raises(LoraGuiError, match="the app is shutting down"):
+        manager.submit(quick_config(tiny_model, photos), tmp_path / "late")

@@ -138,6 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         stop.set()
 
     signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)  # `docker stop`, `kill`: the same as Ctrl+C
     bar: tqdm | None = None
     download: tqdm | None = None
 

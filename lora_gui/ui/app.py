@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
-from lora_gui.runs import default_runs_dir
+from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed
@@ -24,6 +27,11 @@ from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
 from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
 
 log = logging.getLogger(__name__)
+
+# How long a run may take to stop after SIGTERM or Ctrl+C: Hugging Face Spaces kill the container 30 s after
+# SIGTERM, so the run's last step and its save must fit in less.
+SHUTDOWN_SECONDS_VARIABLE = "LORA_GUI_SHUTDOWN_SECONDS"
+DEFAULT_SHUTDOWN_SECONDS = 25.0
 
 DEMO_PRESET = "tiny-cpu-demo"
 DEMO_IMAGES = 8
@@ -48,6 +56,8 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
     # Training has the GPU first: Generate waits while a run trains, and its model leaves when one starts.
     generators = GeneratorCache(gpu_taken_by=jobs.training_now)
     jobs.before_run = generators.release
+    for name in record_interrupted(runs_dir, is_live=lambda path: jobs.live_status(path) is not None):
+        log.warning("Run %s was left unfinished when the app last stopped; it is marked interrupted", name)
     ctx = Ctx(
         runs_dir=Path(runs_dir).resolve(),
         jobs=jobs,
@@ -183,20 +193,53 @@ def launch(
         if not user or not password:
             raise ConfigError("--auth must be USER:PASS, for example --auth me:secret")
         credentials = (user, password)
+    grace_seconds = shutdown_seconds()
+    stop_signal = _catch_stop_signals()
     folder = Path(runs_dir) if runs_dir else default_runs_dir()
     folder.mkdir(parents=True, exist_ok=True)
     demo, ctx = build_app(folder)
     log.info("Runs are saved in %s", folder.resolve())
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=credentials,
+        allowed_paths=[str(ctx.runs_dir)],
+        css=CSS,
+        footer_links=["api"],
+        # Server-side rendering runs a Node server whose signal handlers exit at once; the page renders in
+        # the browser, and SIGTERM is ours, to let the run save.
+        ssr_mode=False,
+        prevent_thread_lock=True,
+    )
     try:
-        demo.launch(
-            server_name=host,
-            server_port=port,
-            share=share,
-            auth=credentials,
-            allowed_paths=[str(ctx.runs_dir)],
-            css=CSS,
-            footer_links=["api"],
-        )
+        stop_signal.wait()
     finally:
-        # Ctrl+C: let a running run stop after its step, so it keeps a usable LoRA and stays resumable.
-        ctx.jobs.close()
+        if ctx.jobs.active() is not None:
+            print(f"Stopping the runs: the one training saves after its current step (up to {grace_seconds:.0f} s)")
+        ctx.jobs.close(timeout=grace_seconds)
+        demo.close()
+
+
+def _catch_stop_signals() -> threading.Event:
+    """An event set by SIGTERM (Docker, Spaces) or SIGINT (Ctrl+C), which would otherwise end the process
+    mid-step; a second signal ends it at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def shutdown_seconds() -> float:
+    """The time a run is given to stop when the app is asked to exit, from $LORA_GUI_SHUTDOWN_SECONDS."""
+    value = os.environ.get(SHUTDOWN_SECONDS_VARIABLE, "")
+    try:
+        return float(value) if value else DEFAULT_SHUTDOWN_SECONDS
+    except ValueError:
+        raise ConfigError(f"${SHUTDOWN_SECONDS_VARIABLE} must be a number of seconds, not {value!r}") from None

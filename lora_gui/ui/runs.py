@@ -175,7 +175,8 @@ def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
     live = ctx.jobs.live_status(run.path) is not None
     info = f"{run.name}: {status}, {summary.steps_done} of {summary.total_steps} steps"
     info += f", base model {ctx.base_model_label(summary.base_model) or 'unknown'}."
-    info_html = notice(info) + (notice(summary.message, "error") if summary.message else "")
+    level = "error" if summary.status == runs.FAILED else "warning"  # an interrupted run's message says how to go on
+    info_html = notice(info) + (notice(summary.message, level) if summary.message else "")
     files = run.downloadable_files()
     return {
         "run_details": gr.update(visible=True),

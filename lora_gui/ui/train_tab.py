@@ -369,6 +369,8 @@ def _progress_html(state: JobState | None, queue_position: int) -> str:
         return notice(f"{state.run_name} is queued as number {queue_position}: it starts when the run before it ends.")
     if state.status == runs.CANCELLED:
         return notice(f"{state.run_name} was cancelled before it started.")
+    if state.status == runs.INTERRUPTED:  # the app is exiting, and the run did not stop in the time it had
+        return notice(state.error, "warning")
     percent = 100 * state.step / state.total_steps if state.total_steps else 0
     if state.status == runs.RUNNING and state.download is not None:
         headline = f"Downloading <b>{html.escape(state.download.repo)}</b>:"

@@ -235,6 +235,7 @@ def _set_up(
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token)
     param_groups = _add_adapters(pipe, family, config)
+    rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
     caches = _build_caches(config, pipe, family, examples, offload, accelerator, emit, should_stop)
 
     total_steps = config.total_steps(caches.order.batches_per_epoch, accelerator.num_processes)
@@ -257,7 +258,7 @@ def _set_up(
         text=text,
         order=caches.order,
         params=[param for group in param_groups for param in group["params"]],
-        rates=[group["lr"] for group in param_groups],
+        rates=rates,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         previews=previews,

@@ -42,6 +42,46 @@ NOT_LOADED_FILES = [
 NOT_LOADED_COMPONENTS = ("safety_checker",)  # pipelines load without it here (see _from_pretrained)
 # As huggingface_hub takes it: a token; None for this computer's login (HF_TOKEN, `hf auth login`); False for none.
 HubToken = str | bool | None
+# The one answer a hub-only server gives to anything but a Hub id, whatever exists on its disk: a message that
+# differed by what is there would let a stranger map the server's files.
+HUB_IDS_ONLY = "on this Space, a base model is a Hugging Face Hub id such as owner/name"
+
+
+@dataclass(frozen=True)
+class BaseModelPolicy:
+    """Which base models a server takes from whoever names one. By default anything: a folder or file on this
+    computer first, else a Hub id. A public Space passes `hub_only`, so what a visitor typed is never looked up
+    as one of its paths. `allowed` (when not empty) limits the Hub ids; `max_bytes` limits a download's size."""
+
+    hub_only: bool = False
+    allowed: tuple[str, ...] = ()
+    max_bytes: int | None = None
+
+    def check_name(self, source: str) -> None:
+        """Refuse a name this server does not take, from the name alone."""
+        if self.hub_only and not is_hub_id(source):
+            raise ModelLoadError(HUB_IDS_ONLY)
+        if self.allowed and is_hub_id(source) and source.lower() not in map(str.lower, self.allowed):
+            offered = ", ".join(self.allowed)
+            raise ModelLoadError(f"{source} is not one of the base models this server offers: {offered}")
+
+    def check_hub_model(self, repo_id: str, token: HubToken = None) -> None:
+        """Refuse a Hub model by its name, or by its download's size, read from the Hub before any file is fetched."""
+        self.check_name(repo_id)
+        if self.max_bytes is None or constants.HF_HUB_OFFLINE:
+            return
+        try:
+            index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", token=token)).read_text("utf-8"))
+            _check_size(repo_id, _planned_files(repo_id, token, _download_patterns(index, ())), self.max_bytes)
+        except Exception as error:
+            refusal = _refusal(error, repo_id, token)
+            if refusal is not None:
+                raise refusal from None
+            # Unmeasured (no connection...): the download, which measures again before fetching, has the last word.
+            log.warning("Could not measure %s's download (%s)", repo_id, error)
+
+
+ANY_BASE_MODEL = BaseModelPolicy()
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
@@ -73,18 +113,23 @@ def load_pipeline(
     *,
     token: HubToken = None,
     on_progress: Callable[[DownloadProgress], None] | None = None,
+    policy: BaseModelPolicy = ANY_BASE_MODEL,
 ) -> tuple[type[Family], DiffusionPipeline]:
     """Load a base model and tell its family. The VAE always stays in fp32 (fp16 VAEs overflow); the denoiser
     is quantized as `quantize` says (see quantization.py), the rest stays in `dtype`.
 
-    A Hub model is downloaded first (see `download`), with `token`, its progress told to `on_progress`."""
+    A Hub model is downloaded first (see `download`), with `token`, its progress told to `on_progress`, within
+    what `policy` allows."""
     source = base_model.strip()
     if not source:
         raise ModelLoadError(
             "no base model chosen: give a Hugging Face Hub id, a diffusers folder or a .safetensors file"
         )
+    policy.check_name(source)
     path = Path(source).expanduser()
-    if path.is_dir():
+    if policy.hub_only:
+        pipe = _from_hub(source, dtype, quantize, token, on_progress, policy.max_bytes)
+    elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"{path} is a folder but not a diffusers model (it has no model_index.json); "
@@ -94,8 +139,7 @@ def load_pipeline(
     elif path.is_file():
         pipe = _from_single_file(path, family, dtype, quantize, token, on_progress)
     elif is_hub_id(source):
-        download(source, token, on_progress)
-        pipe = _from_pretrained(source, dtype, quantize, what=f"the Hugging Face Hub model {source}", token=token)
+        pipe = _from_hub(source, dtype, quantize, token, on_progress, policy.max_bytes)
     else:
         raise ModelLoadError(
             f"base model {source!r} not found: there is no such folder or file on this computer, and it is "
@@ -105,6 +149,18 @@ def load_pipeline(
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return detect_family(pipe, family), pipe
+
+
+def _from_hub(
+    repo_id: str,
+    dtype: torch.dtype,
+    quantize: str,
+    token: HubToken,
+    on_progress: Callable[[DownloadProgress], None] | None,
+    max_bytes: int | None,
+) -> DiffusionPipeline:
+    download(repo_id, token, on_progress, max_bytes=max_bytes)
+    return _from_pretrained(repo_id, dtype, quantize, what=f"the Hugging Face Hub model {repo_id}", token=token)
 
 
 def is_hub_id(text: str) -> bool:
@@ -217,6 +273,11 @@ class DownloadProgress:
         return f"{self.total_bytes / scale:.1f} {unit} in {self.files_total} files"
 
 
+def _size_text(size: int) -> str:
+    scale, unit = _unit(size)
+    return f"{size / scale:.1f} {unit}"
+
+
 def _unit(size: int) -> tuple[float, str]:
     return next(((scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB")) if size >= scale), (1e3, "kB"))
 
@@ -226,6 +287,7 @@ def download(
     token: HubToken = None,
     on_progress: Callable[[DownloadProgress], None] | None = None,
     configs_only: tuple[str, ...] = (),
+    max_bytes: int | None = None,
 ) -> None:
     """Put the files from_pretrained loads of a Hub model into the download cache (nothing to do offline).
 
@@ -233,17 +295,20 @@ def download(
     total; without it, huggingface_hub draws its own progress bars on the terminal. A gated or unknown model, or
     a refused token, raises ModelLoadError. Any other failure (no connection, a full disk) is left to
     from_pretrained, which loads what is cached or says what failed. `configs_only`: components whose weights
-    come from elsewhere.
+    come from elsewhere. A download over `max_bytes` is refused before any file is fetched.
     """
     if constants.HF_HUB_OFFLINE:
         return
     try:
         index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", token=token)).read_text("utf-8"))
         files = _download_patterns(index, configs_only)
+        planned = _planned_files(repo_id, token, files) if on_progress or max_bytes is not None else []
+        if max_bytes is not None:
+            _check_size(repo_id, planned, max_bytes)
         if on_progress is None:
             snapshot_download(repo_id, token=token, **files)
-        else:
-            _download_reporting(repo_id, token, files, on_progress)
+        elif any(file.will_download for file in planned):
+            _download_reporting(repo_id, token, files, planned, on_progress)
     except Exception as error:
         refusal = _refusal(error, repo_id, token)
         if refusal is not None:
@@ -254,6 +319,8 @@ def download(
 
 def _refusal(error: Exception, repo_id: str, token: HubToken) -> ModelLoadError | None:
     """The Hub's no to a model (gated, unknown, or the token refused), said plainly; None for any other failure."""
+    if isinstance(error, ModelLoadError):  # already said plainly (too big to download)
+        return error
     if isinstance(error, GatedRepoError):
         return ModelLoadError(f"{repo_id} is gated: {_gated_advice(repo_id, token)}")
     if isinstance(error, RepositoryNotFoundError):
@@ -290,18 +357,37 @@ def _download_patterns(index: dict[str, Any], configs_only: tuple[str, ...]) -> 
     }
 
 
+def _planned_files(repo_id: str, token: HubToken, files: dict[str, Any]) -> list[Any]:
+    """A download's files, with their sizes and whether each is cached yet, as the Hub lists them (a dry run:
+    nothing is fetched)."""
+    return snapshot_download(repo_id, token=token, dry_run=True, tqdm_class=_SilentBar, **files)
+
+
+def _missing_bytes(planned: list[Any]) -> int:
+    return sum(file.file_size or 0 for file in planned if file.will_download)
+
+
+def _check_size(repo_id: str, planned: list[Any], max_bytes: int) -> None:
+    size = _missing_bytes(planned)
+    if size > max_bytes:
+        raise ModelLoadError(
+            f"{repo_id} is {_size_text(size)} to download, over this server's limit of {_size_text(max_bytes)}: "
+            "pick a smaller model"
+        )
+
+
 def _download_reporting(
-    repo_id: str, token: HubToken, files: dict[str, Any], on_progress: Callable[[DownloadProgress], None]
+    repo_id: str,
+    token: HubToken,
+    files: dict[str, Any],
+    planned: list[Any],
+    on_progress: Callable[[DownloadProgress], None],
 ) -> None:
-    """snapshot_download, its progress told to `on_progress` twice a second by a thread of its own, and last the
-    total, from this thread once every file is there. The download itself stays on this thread, where Ctrl+C
-    stops it as huggingface_hub means it to."""
-    # What is missing, and its sizes, so that the total is known from the start.
-    planned = snapshot_download(repo_id, token=token, dry_run=True, tqdm_class=_SilentBar, **files)
-    missing = [file for file in planned if file.will_download]
-    if not missing:
-        return
-    counter = _DownloadCounter(repo_id, sum(file.file_size or 0 for file in missing), len(planned))
+    """snapshot_download of the `planned` files, its progress told to `on_progress` twice a second by a thread of
+    its own, and last the total, from this thread once every file is there. The download itself stays on this
+    thread, where Ctrl+C stops it as huggingface_hub means it to."""
+    # The missing files' sizes, known before the download, make the total known from the start.
+    counter = _DownloadCounter(repo_id, _missing_bytes(planned), len(planned))
     log.info("Downloading %s: %s", repo_id, counter.progress().size())
     downloaded = threading.Event()
     reporter = threading.Thread(
@@ -397,30 +483,34 @@ def checkpoint_family(path: Path) -> str | None:
     return None
 
 
-def family_from_files(base_model: str) -> str | None:
+def family_from_files(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL) -> str | None:
     """A base model's family told from its files alone, without loading or downloading anything.
 
     Works for a diffusers folder, a Hub model already in the download cache (from their config files,
     by each family's `matches_files`), a family's published Hub model
     not downloaded yet (by its name) and a single .safetensors checkpoint (from its tensor names).
-    None when the family can't be told that way.
+    None when the family can't be told that way. A hub-only `policy` never looks `base_model` up as a path.
     """
     source = (base_model or "").strip()
-    path = Path(source).expanduser()
-    if path.is_file():
+    path = None if policy.hub_only else Path(source).expanduser()
+    if path is not None and path.is_file():
         try:
             return checkpoint_family(path) if path.suffix.lower() == ".safetensors" else None
         except ModelLoadError:
             return None
-    if path.is_dir():
+    if path is not None and path.is_dir():
         index, text_encoder = _read_json(path / "model_index.json"), _read_json(path / "text_encoder" / "config.json")
     elif is_hub_id(source):
         index, text_encoder = _cached_json(source, "model_index.json"), _cached_json(source, "text_encoder/config.json")
         if index is None:
-            return next((f.name for f in REGISTRY.values() if source.lower() in map(str.lower, f.hub_models)), None)
+            return _published_family(source)
     else:
         return None
     return next((f.name for f in REGISTRY.values() if f.matches_files(index or {}, text_encoder)), None)
+
+
+def _published_family(repo_id: str) -> str | None:
+    return next((f.name for f in REGISTRY.values() if repo_id.lower() in map(str.lower, f.hub_models)), None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_gui.base_models import HubToken, family_from_files, is_hub_id
+from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, HubToken, family_from_files, is_hub_id
 from lora_gui.config import list_presets, load_preset
 from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, LoraGuiError
@@ -32,6 +32,9 @@ TINY_CHOICES = {
 }
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
+BASE_MODELS_ENV = "LORA_GUI_BASE_MODELS"  # comma-separated Hub ids: the only ones this server accepts
+MAX_MODEL_GB_ENV = "LORA_GUI_MAX_MODEL_GB"
+SPACE_MAX_MODEL_GB = 40.0  # a Space's disk is small and shared by every visitor's downloads
 # The two layouts a run's LoRA can be downloaded in, named by the programs that load them.
 # AUTOMATIC1111 runs Stable Diffusion models only; Forge and ComfyUI run Flux.1 too.
 LOADS_IN = {"kohya": "AUTOMATIC1111 (Stable Diffusion), Forge and ComfyUI", "diffusers": "diffusers (Python)"}
@@ -51,6 +54,17 @@ def paths_allowed() -> bool:
     if os.environ.get(ALLOW_PATHS_ENV, "").strip().lower() in ("1", "true", "yes"):
         return True
     return not on_space()
+
+
+def base_model_policy(hub_only: bool, on_space: bool) -> BaseModelPolicy:
+    """Which base models visitors may name, from the server's environment."""
+    allowed = tuple(name.strip() for name in os.environ.get(BASE_MODELS_ENV, "").split(",") if name.strip())
+    limit = os.environ.get(MAX_MODEL_GB_ENV, "").strip()
+    try:
+        max_gb = float(limit) if limit else (SPACE_MAX_MODEL_GB if on_space else None)
+    except ValueError:
+        raise ConfigError(f"{MAX_MODEL_GB_ENV} must be a number of gigabytes, not {limit!r}") from None
+    return BaseModelPolicy(hub_only, allowed, None if max_gb is None else int(max_gb * 1e9))
 
 
 @dataclass
@@ -134,20 +148,30 @@ class Ctx:
     def tiny_model(self, family: str) -> Path:
         return self.runs_dir / MODELS_FOLDER / f"tiny-{family}"
 
-    def resolve_base_model(self, choice: str) -> str:
-        """What the trainer loads for a base-model choice: a tiny demo model (written the first time)
-        or the Hub id / path as typed, where this server lets visitors use paths."""
+    @property
+    def model_policy(self) -> BaseModelPolicy:
+        """Where visitors may not use the server's files, base models are Hub ids only, never looked up on disk."""
+        return base_model_policy(hub_only=not self.allow_paths, on_space=self.on_space)
+
+    def resolve_base_model(self, choice: str, token: HubToken = None) -> str:
+        """What the trainer loads for a base-model choice: a tiny demo model (written the first time), or the Hub
+        id / path as typed, once this server's policy takes it (a Hub model's size is read from the Hub, with
+        `token`)."""
         choice = (choice or "").strip()
         if choice in TINY_CHOICES:
             family = TINY_CHOICES[choice]
             return str(ensure_tiny_model(self.tiny_model(family), family))
         if not choice:
             raise ConfigError(f"choose a base model first ({TINY_CHOICE} needs no download)")
-        if not self.allow_paths and not is_hub_id(choice):
+        policy = self.model_policy
+        if policy.hub_only and not is_hub_id(choice):
+            # The same words whatever the server holds: what exists there is not a visitor's to learn.
             raise ConfigError(
-                f"{choice!r} is not a Hugging Face Hub id (owner/name). This Space does not let visitors use "
-                f"files on the server; its owner can allow it by setting {ALLOW_PATHS_ENV}=1"
+                f"{HUB_IDS_ONLY}. This Space does not let visitors use files on the server; its owner can allow "
+                f"it by setting {ALLOW_PATHS_ENV}=1"
             )
+        if is_hub_id(choice) and (policy.hub_only or not Path(choice).expanduser().exists()):
+            policy.check_hub_model(choice, token)
         return choice
 
     def hub_token(self, typed: str | None) -> HubToken:
@@ -174,9 +198,7 @@ class Ctx:
         choice = (choice or "").strip()
         if choice in TINY_CHOICES:
             return TINY_CHOICES[choice]
-        if not self.allow_paths and not is_hub_id(choice):
-            return None  # the server's files are not the visitor's to probe
-        return family_from_files(choice)
+        return family_from_files(choice, self.model_policy)
 
     # ---- the GPU ------------------------------------------------------------------------------
     def gpu_tflops(self) -> float | None:

@@ -308,7 +308,7 @@ def generate(
             width=int(size) // 8 * 8,
             height=int(size) // 8 * 8,
         )
-        model = ctx.resolve_base_model(gen_base_model)
+        model = ctx.resolve_base_model(gen_base_model, ctx.hub_token(gen_hf_token))
         show = download_shower(progress) if progress is not None else None
         with ctx.generators.use(model, token=ctx.hub_token(gen_hf_token), on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.

@@ -177,7 +177,7 @@ def start(
     """Check everything that can be checked now, then queue the run on the pictures as they are now. The token
     goes to the job, which hands it to the base model's download only."""
     try:
-        model = ctx.resolve_base_model(base_model)
+        model = ctx.resolve_base_model(base_model, ctx.hub_token(hf_token))
         config = config_form.config_from_values({**settings, "base_model": model})
         staging = Staging.find(ctx.runs_dir, session)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:

@@ -16,7 +16,15 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from lora_gui import devices, quantization
-from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress, HubToken, family_from_files, load_pipeline
+from lora_gui.base_models import (
+    ANY_BASE_MODEL,
+    PICKLE_SUFFIXES,
+    BaseModelPolicy,
+    DownloadProgress,
+    HubToken,
+    family_from_files,
+    load_pipeline,
+)
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
@@ -46,6 +54,7 @@ class Generator:
         *,
         token: HubToken = None,
         on_progress: Callable[[DownloadProgress], None] | None = None,
+        policy: BaseModelPolicy = ANY_BASE_MODEL,
     ) -> Generator:
         """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU, with its
         denoiser quantized as `quantize` says ("auto": as little as lets it fit this GPU). A Hub model downloads
@@ -54,9 +63,9 @@ class Generator:
         precision = devices.resolve_precision(precision)
         devices.use_tensor_cores()
         if quantize == "auto":
-            quantize = _quantization_for_this_card(base_model, family, precision)
+            quantize = _quantization_for_this_card(base_model, family, precision, policy)
         loaded_family, pipe = load_pipeline(
-            base_model, family, devices.DTYPES[precision], quantize, token=token, on_progress=on_progress
+            base_model, family, devices.DTYPES[precision], quantize, token=token, on_progress=on_progress, policy=policy
         )
         with _out_of_memory_said_plainly("loading the model"):
             card = (devices.gpu_memory_gb() or 0.0) * 2**30
@@ -169,10 +178,10 @@ class Generator:
             return decode(self.family, self.pipe, latents, height, width)[0]
 
 
-def _quantization_for_this_card(base_model: str, family: str, precision: str) -> str:
+def _quantization_for_this_card(base_model: str, family: str, precision: str, policy: BaseModelPolicy) -> str:
     """On a GPU, the least quantization that lets the base model's denoiser fit it; none on a CPU, or for a
     model whose family can't be told before loading it."""
-    family = family if family != "auto" else family_from_files(base_model)
+    family = family if family != "auto" else family_from_files(base_model, policy)
     if not devices.has_cuda() or family is None:
         return "none"
     weight_bytes = torch.finfo(devices.DTYPES[precision]).bits // 8
@@ -233,8 +242,9 @@ class GeneratorCache:
     and frees the model (an SDXL pipeline is 7 GB, which a 12 GB card's run needs); while a run
     trains on a GPU, `use` refuses to load one beside it, since either could then run out of memory."""
 
-    def __init__(self, gpu_taken_by: Callable[[], str | None] = lambda: None):
+    def __init__(self, gpu_taken_by: Callable[[], str | None] = lambda: None, policy: BaseModelPolicy = ANY_BASE_MODEL):
         self._gpu_taken_by = gpu_taken_by  # the name of the run training now, if any
+        self.policy = policy  # which base models may be loaded (a Space: Hub ids only)
         self._lock = threading.Lock()
         self._loaded: tuple[str, Generator] | None = None
 
@@ -263,7 +273,10 @@ class GeneratorCache:
             if self._loaded is None or self._loaded[0] != base_model:
                 self._loaded = None  # free the old model before loading the next
                 devices.free_memory()
-                self._loaded = (base_model, Generator.load(base_model, token=token, on_progress=on_progress))
+                self._loaded = (
+                    base_model,
+                    Generator.load(base_model, token=token, on_progress=on_progress, policy=self.policy),
+                )
             yield self._loaded[1]
 
     def release(self) -> str | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_gui import data, events
-from lora_gui.base_models import DownloadProgress, HubToken
+from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, DownloadProgress, HubToken
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
@@ -234,8 +234,11 @@ class JobManager:
     `before_run` is called as each run starts, to free memory the run needs (the Generate tab's
     model); a sentence it returns goes into the run's log."""
 
-    def __init__(self, before_run: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(
+        self, before_run: Callable[[], str | None] = lambda: None, model_policy: BaseModelPolicy = ANY_BASE_MODEL
+    ) -> None:
         self.before_run = before_run
+        self.model_policy = model_policy  # which base models the runs may load (a Space: Hub ids only)
         self._jobs: dict[int, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -390,6 +393,7 @@ class JobManager:
                 on_event=job.on_event,
                 should_stop=job.stop_requested.is_set,
                 hub_token=hub_token,
+                model_policy=self.model_policy,
             )
         except LoraGuiError as error:
             job.set_status(FAILED, str(error))

@@ -31,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from lora_gui import data, devices, events, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
-from lora_gui.base_models import HubToken, load_pipeline
+from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
@@ -63,11 +63,13 @@ def train(
     on_event: EventHandler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     hub_token: HubToken = None,
+    model_policy: BaseModelPolicy = ANY_BASE_MODEL,
 ) -> Path | None:
     """Train a LoRA into `run_dir` and return the path of the diffusers LoRA file.
 
     `hub_token` is a Hugging Face token for downloading the base model (a gated one); it is used for that
-    download only, and is never written anywhere (it is no setting, so not in config.json).
+    download only, and is never written anywhere (it is no setting, so not in config.json). `model_policy` is
+    which base models this server takes (a public Space: Hub ids only, never its own files).
 
     A stop request ends the run after the current step with a checkpoint and a usable LoRA
     (None if it came before the first step).
@@ -88,7 +90,7 @@ def train(
 
     with _log_to(run.log if main else None):
         try:
-            return _run(config, run, resume, emit, should_stop, hub_token)
+            return _run(config, run, resume, emit, should_stop, hub_token, model_policy)
         except Stopped as stop:
             log.info("Stopped at step %d of %d", stop.step, stop.total_steps)
             saved = {"lora": stop.lora, "checkpoint": stop.checkpoint}
@@ -119,8 +121,9 @@ def _run(
     emit: EventHandler,
     should_stop: Callable[[], bool],
     hub_token: HubToken,
+    model_policy: BaseModelPolicy,
 ) -> Path:
-    t = _set_up(config, run, resume, emit, should_stop, hub_token)
+    t = _set_up(config, run, resume, emit, should_stop, hub_token, model_policy)
     config, accelerator = t.config, t.accelerator
     window = MetricsWindow(accelerator.device)
     for step in range(t.start_step + 1, t.total_steps + 1):
@@ -219,6 +222,7 @@ def _set_up(
     emit: EventHandler,
     should_stop: Callable[[], bool],
     hub_token: HubToken,
+    model_policy: BaseModelPolicy,
 ) -> Training:
     clock = Clock()
     if resume:
@@ -233,7 +237,7 @@ def _set_up(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
     )
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
-    family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token)
+    family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token, model_policy)
     param_groups = _add_adapters(pipe, family, config)
     rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
     caches = _build_caches(config, pipe, family, examples, offload, accelerator, emit, should_stop)
@@ -304,7 +308,12 @@ def _prepare_data(
 
 
 def _load_base(
-    config: TrainConfig, precision: str, accelerator: Accelerator, emit: EventHandler, hub_token: HubToken
+    config: TrainConfig,
+    precision: str,
+    accelerator: Accelerator,
+    emit: EventHandler,
+    hub_token: HubToken,
+    model_policy: BaseModelPolicy,
 ) -> tuple[type[Family], DiffusionPipeline, devices.Offload, Objective]:
     """The frozen base in the training precision (the VAE stays fp32; the denoiser quantized if the settings
     say so), with the VAE on the device to encode the pictures, and the family's training objective. A Hub
@@ -318,6 +327,7 @@ def _load_base(
         config.quantize_base,
         token=hub_token,
         on_progress=lambda progress: emit(Event(events.DOWNLOAD, data=asdict(progress))),
+        policy=model_policy,
     )
     text_encoders = family.text_encoders(pipe)
     for module in (family.denoiser(pipe), pipe.vae, *text_encoders):

@@ -58,6 +58,8 @@ def test_a_second_run_is_queued_and_never_trains_alongside_the_first(
     second = manager.submit(quick_config(tiny_model, photos, max_steps=4), tmp_path / "second")
 
     assert second.snapshot().status == "queued"
+    # Once the worker has taken the first run (on a busy machine that can take a moment), one run is ahead.
+    wait_for(lambda: first.snapshot().status == "running")
     assert manager.queue_position(second.job_id) == 1
     assert summarize(tmp_path / "second").status == "interrupted"  # queued on disk, read as not live
     assert manager.live_status(tmp_path / "second") == "queued"

@@ -109,6 +109,30 @@ def test_the_engine_in_hub_only_mode_never_looks_at_the_servers_files(server_fil
     assert not [path for path in probes if "private" in path]
 
 
+def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
+    space, server_files, probes, hub_knows_nothing, photos, tmp_path
+):
+    """The page's checks are not the only guard: what a run or Generate loads goes through the policy too."""
+    from conftest import quick_config
+
+    from lora_gui.train import train
+
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    try:
+        assert ctx.jobs.model_policy.hub_only and ctx.generators.policy.hub_only
+        config = quick_config(server_files.existing_hub_shaped, photos)
+        with pytest.raises(LoraGuiError, match="no such model on the Hub"):
+            train(config, tmp_path / "run", model_policy=ctx.jobs.model_policy)
+        with (
+            pytest.raises(LoraGuiError, match="no such model on the Hub"),
+            ctx.generators.use(server_files.existing_hub_shaped),
+        ):
+            pass
+    finally:
+        ctx.jobs.close()
+    assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
+
+
 def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(space, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_GUI_BASE_MODELS", "stabilityai/sdxl-turbo, Owner/Allowed")
     monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read

@@ -66,6 +66,8 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
         on_space=on_space(),
         generators=generators,
     )
+    # The runs and Generate load what the page's checks let through, by the same rule.
+    jobs.model_policy = generators.policy = ctx.model_policy
     with gr.Blocks(title="LoRA trainer") as demo:
         # The staging folder's id, remembered by the browser so a reload finds the same pictures.
         ctx.add(

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_gui import data, events
 from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, DownloadProgress, HubToken
-from lora_gui.config import TrainConfig
+from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
 from lora_gui.runs import (
@@ -292,15 +293,19 @@ class JobManager:
             raise
         return self.submit(config.replace(data=str(run.dataset)), run.path, hub_token=hub_token)
 
-    def resume(self, run_dir: str | Path, hub_token: HubToken = None) -> Job:
-        """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""
+    def resume(self, run_dir: str | Path, hub_token: HubToken = None, changes: dict[str, Any] | None = None) -> Job:
+        """Queue a stopped, failed or interrupted run to continue from its last checkpoint, with its saved
+        settings but for `changes` to those a resume may change (config.CHANGEABLE_ON_RESUME; a lower learning
+        rate after a divergence)."""
         run = RunFolder(Path(run_dir))
         if run.latest_checkpoint() is None:
             raise LoraGuiError(
                 f"{run.name} can't be resumed: it has no saved checkpoint (it ended before the first one). "
                 "Start a new run instead"
             )
-        return self.submit(TrainConfig.load(run.config), run.path, resume=True, hub_token=hub_token)
+        config = TrainConfig.load(run.config)
+        changes = {name: value for name, value in (changes or {}).items() if name in CHANGEABLE_ON_RESUME}
+        return self.submit(config.replace(**changes), run.path, resume=True, hub_token=hub_token)
 
     def stop(self, job_id: int) -> None:
         """Ask a run to stop after its current step (it saves a usable LoRA), or drop it from the queue."""

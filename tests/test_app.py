@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.demo import write_demo_dataset
 from lora_gui.jobs import JobManager
+from lora_gui.runs import RunFolder
 from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
 from lora_gui.ui.common import TINY_CHOICE
@@ -333,3 +334,32 @@ def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     screenshot = root / "docs" / "screenshot.png"
     assert f"]({screenshot.relative_to(root)})" in body and screenshot.stat().st_size < 300_000
     assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body
+
+
+def test_resume_in_the_train_tab_takes_the_forms_new_learning_rate(tiny_model, photos, tmp_path):
+    """ "Lower the learning rate and resume" can be followed from the page: the rest stays as the run started."""
+    from lora_gui.ui.train_tab import RESUMED_FROM_THE_FORM, resume
+
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    try:
+        config = TrainConfig(
+            base_model=str(tiny_model), data=str(photos), resolution=64, max_steps=30, batch_size=2, rank=4,
+            learning_rate=1e-3, checkpoint_every=2, sample_every=0, sample_steps=2, seed=7,
+        )  # fmt: skip
+        job = ctx.jobs.submit(config, tmp_path / "runs" / "diverged")
+        deadline = time.monotonic() + 120
+        while job.snapshot().step < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ctx.jobs.stop(job.job_id)
+        stopped = ctx.jobs.wait(job.job_id, timeout=120).step
+
+        form = config_form.widget_values(config.replace(learning_rate=2e-4))
+        answer = resume(ctx, job.job_id, None, **{name: form[name] for name in RESUMED_FROM_THE_FORM})
+        resumed = ctx.jobs.wait(answer["train_job"], timeout=120)
+    finally:
+        ctx.jobs.close()
+    rows = RunFolder(tmp_path / "runs" / "diverged").read_metrics()
+    assert resumed.status == "finished" and resumed.step == 30
+    assert {row["lr"] for row in rows if row["step"] > stopped} == {2e-4}
+    assert {row["lr"] for row in rows if row["step"] <= stopped} == {1e-3}

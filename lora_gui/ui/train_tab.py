@@ -140,7 +140,12 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_name="start",
     )
     ctx.wire(ctx["stop"].click, stop, ["train_job"], ["train_notice"], api_name="stop")
-    ctx.wire(ctx["resume"].click, resume, ["train_job", "hf_token"], ["train_notice", "train_job", "train_seen"])
+    ctx.wire(
+        ctx["resume"].click,
+        resume,
+        ["train_job", "hf_token", *RESUMED_FROM_THE_FORM],
+        ["train_notice", "train_job", "train_seen"],
+    )
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset"], ["train_notice", "base_model", *settings])
     ctx.wire(
         ctx["save_preset"].click,
@@ -217,12 +222,27 @@ def stop(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
     }
 
 
-def resume(ctx: Ctx, train_job: int | None, hf_token: str | None = None) -> dict[str, Any]:
+# The settings the Train tab's Resume takes from the form: the optimizer's, which a diverged run needs changed.
+# The length of the run stays the run's own, since a reloaded page's form may not show it.
+RESUMED_FROM_THE_FORM = (
+    "learning_rate",
+    "text_encoder_learning_rate",
+    "adam_epsilon",
+    "adam_weight_decay",
+    "max_grad_norm",
+)
+
+
+def resume(ctx: Ctx, train_job: int | None, hf_token: str | None = None, **settings: Any) -> dict[str, Any]:
+    """Continue the shown run from its last checkpoint with the form's optimizer settings (a lower learning rate
+    after a divergence); its other settings stay as the run started."""
     job = _shown_job(ctx, train_job)
     if job is None:
         return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
     try:
-        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token))
+        changes = config_form.config_from_values({**settings, "base_model": ""}).to_dict() if settings else {}
+        changes = {name: changes[name] for name in settings}
+        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token), changes=changes)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     return {

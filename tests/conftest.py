@@ -122,16 +122,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
-    runs_dir = tmp_path_factory.mktemp("app-runs")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "app-server.log"
+def start_app(runs_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`python app.py` as a user starts it, on a free port with `runs_dir`, its output added to `log`; the
+    process and its address, once it answers."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     env.pop("SPACE_ID", None)
-    with log.open("w") as output:
+    with log.open("a") as output:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
             cwd=ROOT,
@@ -144,11 +141,21 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     while True:
         try:
             urllib.request.urlopen(url, timeout=5).close()
-            break
+            return process, url
         except OSError:
             assert process.poll() is None, f"the app exited:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
+    runs_dir = tmp_path_factory.mktemp("app-runs")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "app-server.log"
+    log.write_text("")
+    process, url = start_app(runs_dir, log)
     yield AppServer(url, runs_dir, log)
     process.terminate()
     try:

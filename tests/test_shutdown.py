@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import ROOT, free_port
+from conftest import start_app
 from gradio_client import Client, handle_file
 from safetensors import safe_open
 
@@ -32,34 +29,13 @@ SLOW_RUN = dict(
 @contextmanager
 def app(runs_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen, Client]]:
     """`python app.py` on `runs_dir`, and a visitor's client; killed at the end if the test left it running."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    env.pop("SPACE_ID", None)
-    with log.open("a") as output:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    process, url = start_app(runs_dir, log)
     try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_for(lambda: answers(url) or process.poll() is not None, "the app to start", log)
-        assert process.poll() is None, f"the app exited:\n{log.read_text()}"
         yield process, Client(url, verbose=False)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=5).close()
-    except OSError:
-        return False
-    return True
 
 
 def wait_for(condition, what: str, log: Path, timeout: float = 120) -> None:

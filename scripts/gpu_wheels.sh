@@ -10,6 +10,9 @@
 # compiled wheel, for CPython 3.12 on manylinux x86-64). huggingface_hub stays the image's: 2.x needs
 # httpx2, which it lacks, and 1.33 satisfies diffusers (>=1.32) and transformers (>=1.31). Nothing
 # imports importlib_metadata on Python 3.12 (diffusers takes importlib.metadata), so it stays behind.
+# The quantized bases (quantize_base): torchao (3.4 MB, for int8) is carried; bitsandbytes (43 MB, for NF4) would
+# take the carry over its 64 MiB with the rest, so the NF4 smoke checks use the image's own, and say so if it
+# has none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl
@@ -18,4 +21,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl 'regex==2026.5.9'
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl 'torchao==0.18.0'
 ls -l .whl

@@ -228,10 +228,15 @@ def _check_size(width: int, height: int) -> None:
         raise UnusableImage(f"too small ({width}x{height} px; needs at least {MIN_SIDE} px per side)")
 
 
+def format_problem(name: str) -> str | None:
+    """Why a picture with this file name can't be trained on, from its name alone; None when it can be."""
+    suffix = os.path.splitext(name)[1].lower()
+    return f"{suffix} images are not supported (convert it to PNG or JPG)" if suffix in OTHER_IMAGE_SUFFIXES else None
+
+
 def _read_header(path: Path) -> Header:
-    suffix = path.suffix.lower()
-    if suffix in OTHER_IMAGE_SUFFIXES:
-        return Header(problem=f"{suffix} images are not supported (convert it to PNG or JPG)")
+    if problem := format_problem(path.name):
+        return Header(problem=problem)
     try:
         with _opened(path) as (image, handle):
             if _cut_off(handle, image.format):

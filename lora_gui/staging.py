@@ -99,7 +99,7 @@ class Staging:
                 notes.append(f"{path.name}: not an image, a .txt caption or a .zip, so it was left out")
         for image in images:
             caption_file = captions.pop(image.stem, None)
-            self._add_image(image, image.name, data.read_caption_file(caption_file) if caption_file else None)
+            notes += self._add_image(image, image.name, data.read_caption_file(caption_file) if caption_file else None)
         for stem, caption_file in captions.items():
             matches = [item for item in self.items() if PurePosixPath(item.relpath).stem == stem]
             if matches:
@@ -114,15 +114,17 @@ class Staging:
         if not folder.is_dir():
             raise DataError(f"the folder {folder} does not exist; check the path")
         metadata = data.metadata_captions(folder) or {}
-        pictures = data.picture_files(folder)
+        pictures, notes = data.picture_files(folder), []
         for path in pictures:
             relpath = path.relative_to(folder).as_posix()
             caption_file = path.with_suffix(".txt")
             caption = metadata.get(relpath) or (
                 data.read_caption_file(caption_file) if caption_file.is_file() else None
             )
-            self._add_image(path, relpath, caption)
-        return [] if pictures else [f"no images found in {folder.name} (looked for {', '.join(data.IMAGE_SUFFIXES)})"]
+            notes += self._add_image(path, relpath, caption)
+        return (
+            notes if pictures else [f"no images found in {folder.name} (looked for {', '.join(data.IMAGE_SUFFIXES)})"]
+        )
 
     def _add_zip(self, path: Path) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,9 +136,13 @@ class Staging:
                 return [f"{path.name}: {error}"]
             return self.import_folder(tmp)
 
-    def _add_image(self, source: Path, relpath: str, caption: str | None) -> None:
+    def _add_image(self, source: Path, relpath: str, caption: str | None) -> list[str]:
         """Copy an image in (a byte-identical one already there is kept, a different one with the same
-        name gets a new name), with its caption when it has one."""
+        name gets a new name), with its caption when it has one; a note instead for a kind of picture training
+        can't read. Those are never kept: the staging folder is served to the page, where an SVG's script
+        would run."""
+        if problem := data.format_problem(relpath):
+            return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
         target = self.folder / relpath
         number = 1
         while target.exists() and not _same_bytes(target, source):
@@ -148,6 +154,7 @@ class Staging:
                 shutil.copyfile(source, tmp)
         if caption is not None:
             write_text_atomic(target.with_suffix(".txt"), caption + "\n")
+        return []
 
     # ---- reading ------------------------------------------------------------------------------
     def items(self) -> list[StagedImage]:

@@ -178,3 +178,21 @@ def test_a_caption_edit_and_its_recount_decode_and_hash_nothing(staging, tmp_pat
     assert report.uncaptioned == [] and report.duplicates == [["a.png", "same.png"]]
     assert report.usable[1].size == (200, 100)
     assert (decoded, opened, hashed) == ([], [], [])
+
+
+def test_pictures_training_cant_read_are_never_kept_an_svg_least_of_all(staging, tmp_path):
+    """The staging folder is served to the page: an SVG kept there would run its script in the app's origin."""
+    svg = tmp_path / "drawing.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cookie)</script></svg>')
+    gif = tmp_path / "anim.gif"
+    draw_shape("circle", (220, 40, 40), (96, 96), seed=2).save(gif)
+    archive = tmp_path / "pack.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        packed.write(svg, "inside/drawing.svg")
+        packed.write(picture(tmp_path / "ok.png", caption="fine"), "inside/ok.png")
+
+    notes = staging.add_files([svg, gif, archive])
+    refused = "{}: .{} images are not supported (convert it to PNG or JPG), so it was left out"
+    assert sorted(notes) == [refused.format("anim.gif", "gif"), *[refused.format("drawing.svg", "svg")] * 2]
+    kept = sorted(path.relative_to(staging.folder).as_posix() for path in staging.folder.rglob("*") if path.is_file())
+    assert kept == ["inside/ok.png"]

@@ -99,9 +99,13 @@ def config_from_values(values: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.from_dict(settings)
     except ConfigError as error:
-        # The engine names settings as the code does; the page shows their labels.
-        names = "|".join(sorted(field_names(), key=len, reverse=True))
-        raise ConfigError(re.sub(rf"\b({names})\b", lambda m: f"'{label(m.group(1))}'", str(error))) from None
+        raise ConfigError(labelled(str(error))) from None
+
+
+def labelled(message: str) -> str:
+    """An engine message with each setting named by its label on the page, not as the code names it."""
+    names = "|".join(sorted(field_names(), key=len, reverse=True))
+    return re.sub(rf"\b({names})\b", lambda m: f"'{label(m.group(1))}'", message)
 
 
 def widget_values(config: TrainConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from lora_gui import devices, runs
+from lora_gui import devices, quantization, runs
 from lora_gui.config import TrainConfig, list_presets, load_preset, save_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.estimate import Estimate, estimate, presets_that_fit
@@ -310,6 +310,10 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
             "would run on the processor: far slower than any GPU (many hours), so no time estimate is given."
         )
+        try:
+            quantization.check_available(config.quantize_base, on_cuda=False)
+        except LoraGuiError as error:  # said now, not only when Start fails
+            text += " " + plain_error(LoraGuiError(config_form.labelled(str(error))))
     else:
         text = f"Estimate for {title}: {result.summary()}"
         if result.seconds is None and config.epochs:

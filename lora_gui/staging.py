@@ -23,6 +23,7 @@ from PIL import Image
 from lora_gui import data
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
+from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"
@@ -61,17 +62,23 @@ class Staging:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def for_session(cls, runs_dir: str | Path, session_id: str = "") -> Staging:
-        """The session's staging folder; a new one when the id is missing or not one we made."""
-        if not _SESSION_ID.fullmatch(session_id or ""):
-            session_id = uuid.uuid4().hex
-        return cls(Path(runs_dir) / STAGING_DIR / session_id)
+    def for_session(cls, runs_dir: str | Path, session_id: str = "", visitor: Visitor = EVERYONE) -> Staging:
+        """The session's staging folder if `visitor` owns it; else a new one, theirs."""
+        found = cls.find(runs_dir, session_id, visitor)
+        if found is not None:
+            return found
+        staging = cls(Path(runs_dir) / STAGING_DIR / uuid.uuid4().hex)
+        write_owner(staging.folder, visitor.owner)
+        return staging
 
     @classmethod
-    def find(cls, runs_dir: str | Path, session_id: str) -> Staging | None:
-        """The session's staging folder if it exists (a browser may remember one that was cleaned up)."""
+    def find(cls, runs_dir: str | Path, session_id: str, visitor: Visitor = EVERYONE) -> Staging | None:
+        """The session's staging folder if it exists and `visitor` owns it (a browser may remember one that was
+        cleaned up; a stranger may name one that is not theirs)."""
         folder = Path(runs_dir) / STAGING_DIR / (session_id or "")
-        return cls(folder) if _SESSION_ID.fullmatch(session_id or "") and folder.is_dir() else None
+        if not (_SESSION_ID.fullmatch(session_id or "") and folder.is_dir() and visitor.owns_folder(folder)):
+            return None
+        return cls(folder)
 
     @property
     def session_id(self) -> str:
@@ -210,8 +217,10 @@ class Staging:
         (self.folder / THUMBNAILS / f"{relpath}.png").unlink(missing_ok=True)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        """Remove every picture and caption; the folder stays its owner's."""
+        for path in self.folder.iterdir():
+            if path.name != OWNER_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def add_trigger_word(self, word: str) -> int:
         """Put `word` in front of every caption that lacks it; returns how many changed."""

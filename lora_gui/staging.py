@@ -9,6 +9,7 @@ one) or removed, never rewritten in place, which is what lets that dataset/ hold
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from PIL import Image
 from lora_gui import data
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
+from lora_gui.limits import Limits, format_size
 from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
 
 STAGING_DIR = ".staging"
@@ -57,9 +59,10 @@ class DatasetReport:
 class Staging:
     """The staged dataset of one browser session."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, limits: Limits | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.limits = limits  # what one visitor may stage on a shared server; None: no limits (the app sets it)
 
     @classmethod
     def for_session(cls, runs_dir: str | Path, session_id: str = "", visitor: Visitor = EVERYONE) -> Staging:
@@ -90,6 +93,7 @@ class Staging:
 
         Returns notes about files that were not added, in plain words.
         """
+        room = self._room()
         notes: list[str] = []
         images, captions = [], {}
         for path in map(Path, paths):
@@ -97,7 +101,7 @@ class Staging:
             if data.is_ignored(path.name):
                 continue
             if suffix == ".zip":
-                notes += self._add_zip(path)
+                notes += self._add_zip(path, room)
             elif suffix in data.ALL_IMAGE_SUFFIXES:
                 images.append(path)
             elif suffix == ".txt":
@@ -106,18 +110,23 @@ class Staging:
                 notes.append(f"{path.name}: not an image, a .txt caption or a .zip, so it was left out")
         for image in images:
             caption_file = captions.pop(image.stem, None)
-            notes += self._add_image(image, image.name, data.read_caption_file(caption_file) if caption_file else None)
+            caption = data.read_caption_file(caption_file) if caption_file else None
+            notes += self._add_image(image, image.name, caption, room)
         for stem, caption_file in captions.items():
             matches = [item for item in self.items() if PurePosixPath(item.relpath).stem == stem]
             if matches:
                 self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
             else:
                 notes.append(f"{caption_file.name}: no image named {stem} to go with it; drop it with its image")
-        return notes
+        return notes + room.notes()
 
     def import_folder(self, folder: str | Path) -> list[str]:
         """Copy a folder's images and captions (same-name .txt or metadata.jsonl/.csv), subfolders too."""
-        folder = Path(folder).expanduser()
+        room = self._room()
+        return self._import_folder(Path(folder), room) + room.notes()
+
+    def _import_folder(self, folder: Path, room: _Room) -> list[str]:
+        folder = folder.expanduser()
         if not folder.is_dir():
             raise DataError(f"the folder {folder} does not exist; check the path")
         metadata = data.metadata_captions(folder) or {}
@@ -128,40 +137,55 @@ class Staging:
             caption = metadata.get(relpath) or (
                 data.read_caption_file(caption_file) if caption_file.is_file() else None
             )
-            notes += self._add_image(path, relpath, caption)
+            notes += self._add_image(path, relpath, caption, room)
         return (
             notes if pictures else [f"no images found in {folder.name} (looked for {', '.join(data.IMAGE_SUFFIXES)})"]
         )
 
-    def _add_zip(self, path: Path) -> list[str]:
+    def _add_zip(self, path: Path, room: _Room) -> list[str]:
+        if too_big := room.file_too_big(path):
+            return [too_big]
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                _extract_zip(path, Path(tmp))
+                _extract_zip(path, Path(tmp), room)
             except (zipfile.BadZipFile, OSError) as error:
                 return [f"{path.name}: not a readable .zip file ({error})"]
             except DataError as error:
                 return [f"{path.name}: {error}"]
-            return self.import_folder(tmp)
+            return self._import_folder(Path(tmp), room)
 
-    def _add_image(self, source: Path, relpath: str, caption: str | None) -> list[str]:
+    def _add_image(self, source: Path, relpath: str, caption: str | None, room: _Room) -> list[str]:
         """Copy an image in (a byte-identical one already there is kept, a different one with the same
         name gets a new name), with its caption when it has one; a note instead for a kind of picture training
         can't read. Those are never kept: the staging folder is served to the page, where an SVG's script
-        would run."""
+        would run. A picture over the server's limits is left out too (`room` counts what is left)."""
         if problem := data.format_problem(relpath):
             return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
+        if too_big := room.file_too_big(source, PurePosixPath(relpath).name):
+            return [too_big]
         target = self.folder / relpath
         number = 1
         while target.exists() and not _same_bytes(target, source):
             number += 1
             target = target.with_name(f"{PurePosixPath(relpath).stem}-{number}{target.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
+            size = source.stat().st_size + (len((caption + "\n").encode()) if caption is not None else 0)
+            if not room.take(size):
+                return []  # counted in the one note room.notes() gives at the end
+            target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
         if caption is not None:
             write_text_atomic(target.with_suffix(".txt"), caption + "\n")
         return []
+
+    def _room(self) -> _Room:
+        """What this visitor's staging can still take, from one walk of the folder (none without a quota)."""
+        limits = self.limits or Limits()
+        room = _Room(limits)
+        if limits.max_staging_bytes is not None or limits.max_staging_files is not None:
+            room.used_bytes, room.pictures = _staged_size(self.folder)
+        return room
 
     # ---- reading ------------------------------------------------------------------------------
     def items(self) -> list[StagedImage]:
@@ -255,22 +279,101 @@ class Staging:
         return path
 
 
+@dataclass
+class _Room:
+    """How much more one visitor may stage during one add call: the folder is measured once, then each picture
+    is counted as it goes in, so a drop of a thousand pictures walks the folder once."""
+
+    limits: Limits
+    used_bytes: int = 0  # pictures and captions
+    pictures: int = 0
+    left_out: int = 0  # pictures refused for the quota, told in one note
+
+    def file_too_big(self, path: Path, name: str = "") -> str | None:
+        """The note for one file (a picture or a zip) over the size a file may have here, or None."""
+        limit, size = self.limits.max_file_bytes, path.stat().st_size
+        if limit is None or size <= limit:
+            return None
+        return (
+            f"{name or path.name}: {format_size(size)}, over the {format_size(limit)} a file may have here, "
+            "so it was left out"
+        )
+
+    @property
+    def bytes_left(self) -> int | None:
+        limit = self.limits.max_staging_bytes
+        return None if limit is None else max(0, limit - self.used_bytes)
+
+    def take(self, size: int) -> bool:
+        """Count a picture of `size` bytes (with its caption) in if it fits; else count it as left out."""
+        full = self.limits.max_staging_files is not None and self.pictures >= self.limits.max_staging_files
+        if full or (self.bytes_left is not None and size > self.bytes_left):
+            self.left_out += 1
+            return False
+        self.used_bytes += size
+        self.pictures += 1
+        return True
+
+    def notes(self) -> list[str]:
+        if not self.left_out:
+            return []
+        kept = [f"{self.limits.max_staging_files} pictures"] if self.limits.max_staging_files is not None else []
+        if self.limits.max_staging_bytes is not None:
+            kept.append(format_size(self.limits.max_staging_bytes))
+        were = "1 picture was" if self.left_out == 1 else f"{self.left_out} pictures were"
+        return [f"{were} left out: this server keeps at most {' / '.join(kept)} per visitor; remove some first"]
+
+    def zip_too_big(self, unpacked: int) -> str | None:
+        """Why a zip that unpacks to `unpacked` bytes can't come in, or None: refused before anything is
+        extracted, as nothing of it could be kept."""
+        if self.bytes_left is not None and unpacked > self.bytes_left and self.bytes_left < MAX_ZIP_BYTES:
+            return (
+                f"it unpacks to {format_size(unpacked)}, but only {format_size(self.bytes_left)} more fits in the "
+                f"{format_size(self.limits.max_staging_bytes)} this server keeps per visitor, so nothing in it "
+                "was added; remove some pictures first, or send a smaller zip"
+            )
+        if unpacked > MAX_ZIP_BYTES:  # a zip bomb stops here, quota or not
+            return f"it unpacks to more than {MAX_ZIP_BYTES >> 30} GB"
+        return None
+
+
+def _staged_size(folder: Path) -> tuple[int, int]:
+    """Bytes and pictures staged in `folder`: every file but the thumbnails and the owner's mark (the app's)."""
+    used, pictures, pending = 0, 0, [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if current == folder and entry.name in (THUMBNAILS, OWNER_FILE):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    used += entry.stat(follow_symlinks=False).st_size
+                    pictures += os.path.splitext(entry.name)[1].lower() in data.ALL_IMAGE_SUFFIXES
+    return used, pictures
+
+
 def _same_bytes(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
 
-def _extract_zip(path: Path, target: Path) -> None:
-    """Unpack a zip, refusing paths that climb out of `target` and archives that unpack too big."""
+def _extract_zip(path: Path, target: Path, room: _Room) -> None:
+    """Unpack a zip, passing over paths that climb out of `target`, and refusing archives that unpack too big
+    (for the server, or for what `room` can still take), before anything is written."""
     with zipfile.ZipFile(path) as archive:
         members = [info for info in archive.infolist() if not info.is_dir()]
         if len(members) > MAX_ZIP_FILES:
             raise DataError(f"it holds {len(members)} files; at most {MAX_ZIP_FILES} are accepted")
-        if sum(info.file_size for info in members) > MAX_ZIP_BYTES:
-            raise DataError(f"it unpacks to more than {MAX_ZIP_BYTES >> 30} GB")
+        wanted = []
         for info in members:
             name = PurePosixPath(info.filename.replace("\\", "/"))
-            if name.is_absolute() or ".." in name.parts or any(map(data.is_ignored, name.parts)):
-                continue
+            if not (name.is_absolute() or ".." in name.parts or any(map(data.is_ignored, name.parts))):
+                wanted.append((info, name))
+        # The sizes the zip declares bound what is read: zipfile stops at a member's file_size.
+        if problem := room.zip_too_big(sum(info.file_size for info, _ in wanted)):
+            raise DataError(problem)
+        for info, name in wanted:
             destination = target.joinpath(*name.parts)
             destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(info) as source, destination.open("wb") as sink:

@@ -56,14 +56,19 @@ class BaseModelPolicy:
     hub_only: bool = False
     allowed: tuple[str, ...] = ()
     max_bytes: int | None = None
+    own: tuple[str, ...] = ()  # the server's own models (the app's tiny ones), by path: always taken
 
     def check_name(self, source: str) -> None:
         """Refuse a name this server does not take, from the name alone."""
-        if self.hub_only and not is_hub_id(source):
+        if self.hub_only and not is_hub_id(source) and source not in self.own:
             raise ModelLoadError(HUB_IDS_ONLY)
         if self.allowed and is_hub_id(source) and source.lower() not in map(str.lower, self.allowed):
             offered = ", ".join(self.allowed)
             raise ModelLoadError(f"{source} is not one of the base models this server offers: {offered}")
+
+    def looks_on_disk(self, source: str) -> bool:
+        """Whether `source` may be looked up as one of this server's folders or files."""
+        return not self.hub_only or source in self.own
 
     def check_hub_model(self, repo_id: str, token: HubToken = None) -> None:
         """Refuse a Hub model by its name, or by its download's size, read from the Hub before any file is fetched."""
@@ -127,7 +132,7 @@ def load_pipeline(
         )
     policy.check_name(source)
     path = Path(source).expanduser()
-    if policy.hub_only:
+    if not policy.looks_on_disk(source):
         pipe = _from_hub(source, dtype, quantize, token, on_progress, policy.max_bytes)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -492,7 +497,7 @@ def family_from_files(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL)
     None when the family can't be told that way. A hub-only `policy` never looks `base_model` up as a path.
     """
     source = (base_model or "").strip()
-    path = None if policy.hub_only else Path(source).expanduser()
+    path = Path(source).expanduser() if policy.looks_on_disk(source) else None
     if path is not None and path.is_file():
         try:
             return checkpoint_family(path) if path.suffix.lower() == ".safetensors" else None

@@ -314,18 +314,28 @@ def list_presets() -> dict[str, str]:
 
 def save_preset(name: str, config: TrainConfig, description: str = "") -> Path:
     """Save settings as a new preset; never overwrites one, so the shipped presets stay as they are."""
+    name = check_preset_name(name)
+    path = PRESETS_DIR / f"{name}.json"
+    if path.exists():
+        raise ConfigError(f"a preset named {name!r} already exists; pick another name")
+    config = as_preset(config)
+    config.save(path, description=description or f"Saved from the app: rank {config.rank}, {config.max_steps} steps.")
+    return path
+
+
+def check_preset_name(name: str) -> str:
+    """The name, stripped, if a preset may have it; a ConfigError saying how to fix it if not."""
     name = name.strip()
     if not _PRESET_NAME.fullmatch(name):
         raise ConfigError(
             f"{name!r} can't be a preset name: use letters, digits, '-' or '_' (for example my-style-settings)"
         )
-    path = PRESETS_DIR / f"{name}.json"
-    if path.exists():
-        raise ConfigError(f"a preset named {name!r} already exists; pick another name")
-    # A preset is settings for any images, so it does not remember which images these were.
-    config = config.replace(data="")
-    config.save(path, description=description or f"Saved from the app: rank {config.rank}, {config.max_steps} steps.")
-    return path
+    return name
+
+
+def as_preset(config: TrainConfig) -> TrainConfig:
+    """A preset is settings for any pictures, so it does not remember which pictures these were."""
+    return config.replace(data="")
 
 
 def load_preset(name: str) -> TrainConfig:

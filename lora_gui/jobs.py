@@ -24,6 +24,7 @@ from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, DownloadProgre
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
+from lora_gui.owners import EVERYONE, LOCAL, Visitor, read_owner, write_owner
 from lora_gui.runs import (
     CANCELLED,
     FAILED,
@@ -75,9 +76,18 @@ class JobState:
 
 
 class Job:
-    def __init__(self, job_id: int, config: TrainConfig, run_dir: Path, resume: bool, hub_token: HubToken = None):
+    def __init__(
+        self,
+        job_id: int,
+        config: TrainConfig,
+        run_dir: Path,
+        resume: bool,
+        hub_token: HubToken = None,
+        owner: str = LOCAL,
+    ):
         self.config = config
         self.run = RunFolder(run_dir)
+        self.owner = owner  # who may see and stop it (owners.py)
         # Only here, in memory, until the run takes it: never in the state pages read, nor in any file.
         self._hub_token = hub_token
         self.stop_requested = threading.Event()
@@ -252,15 +262,16 @@ class JobManager:
     ) -> Job:
         """Queue a run; it starts at once if nothing else is training. Raises LoraGuiError if that
         run folder is already queued or training. `hub_token`: a Hugging Face token for downloading its
-        base model (a gated one), kept in memory until then."""
+        base model (a gated one), kept in memory until then. The job belongs to the run folder's owner."""
         run = RunFolder(Path(run_dir))
+        owner = read_owner(run.path)
         with self._lock:
             if self._closing:
                 raise LoraGuiError("the app is shutting down: start the run again once it is back")
             busy = [job for job in self._jobs.values() if job.run.path == run.path and not job.done.is_set()]
             if busy:
                 raise LoraGuiError(f"the run {run.name} is already {busy[0].snapshot().status}; wait for it to end")
-            job = Job(next(self._ids), config, run.path, resume, hub_token)
+            job = Job(next(self._ids), config, run.path, resume, hub_token, owner)
             self._jobs[job.job_id] = job
             run.path.mkdir(parents=True, exist_ok=True)
             job.set_status(QUEUED)
@@ -272,11 +283,16 @@ class JobManager:
         return job
 
     def submit_new(
-        self, config: TrainConfig, run_dir: str | Path, pictures: str | Path, hub_token: HubToken = None
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        pictures: str | Path,
+        hub_token: HubToken = None,
+        owner: str = LOCAL,
     ) -> Job:
-        """Queue a new run on a folder of pictures as it is now (the app's staging folder, which its visitor may
-        go on editing while the run waits its turn): the run's dataset/ is written from it at once, with hard
-        links where the disk allows, and the run trains on that."""
+        """Queue a new run of `owner`'s on a folder of pictures as it is now (the app's staging folder, which its
+        visitor may go on editing while the run waits its turn): the run's dataset/ is written from it at once,
+        with hard links where the disk allows, and the run trains on that."""
         run = RunFolder(Path(run_dir))
         try:
             run.path.mkdir(parents=True)
@@ -285,6 +301,7 @@ class JobManager:
                 f"a run named {run.name} already exists: pick another name (or resume that one from the Runs tab)"
             ) from None
         try:
+            write_owner(run.path, owner)
             scan = data.scan_folder(pictures, config.default_caption)
             data.copy_into_run(scan, run.dataset, link=True)
             run.write_skipped([str(each) for each in scan.skipped])
@@ -316,10 +333,14 @@ class JobManager:
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
-    def jobs(self) -> list[Job]:
-        """Every job since the app started, oldest first."""
+    def jobs(self, visitor: Visitor = EVERYONE) -> list[Job]:
+        """Every job of `visitor`'s since the app started, oldest first."""
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda job: job.job_id)
+            return sorted((job for job in self._jobs.values() if visitor.owns(job.owner)), key=lambda job: job.job_id)
+
+    def waiting(self, owner: str) -> int:
+        """How many of `owner`'s runs are queued or training."""
+        return sum(1 for job in self.jobs() if job.owner == owner and not job.done.is_set())
 
     def training_now(self) -> str | None:
         """The name of the run being trained right now, if any."""
@@ -332,10 +353,13 @@ class JobManager:
         running = [job for job in waiting if job.snapshot().status == RUNNING]
         return (running or waiting or [None])[0]
 
-    def latest(self) -> Job | None:
-        """What a freshly opened page shows: the active job, else the one submitted last."""
-        jobs = self.jobs()
-        return self.active() or (jobs[-1] if jobs else None)
+    def latest(self, visitor: Visitor = EVERYONE) -> Job | None:
+        """What a freshly opened page shows: `visitor`'s job training now, else their next queued one, else the one
+        they submitted last."""
+        jobs = self.jobs(visitor)
+        waiting = [job for job in jobs if not job.done.is_set()]
+        running = [job for job in waiting if job.snapshot().status == RUNNING]
+        return (running or waiting or jobs[-1:] or [None])[0]
 
     def queue_position(self, job_id: int) -> int:
         """1 for the next run to start, 2 for the one after it...; 0 when the job is not waiting."""

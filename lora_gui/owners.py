@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_gui.atomic import write_text_atomic
@@ -57,6 +57,13 @@ class Visitor:
 
     def owns_folder(self, folder: Path) -> bool:
         return self.owns(read_owner(folder))
+
+    def known_in_this_browser_as(self, anonymous_id: str) -> Visitor:
+        """This visitor with the anonymous id their browser's secret gives: theirs if they are not signed in, and
+        kept beside their account if they are, so what they made before signing in stays theirs."""
+        if self.owner.startswith("anon:"):
+            return replace(self, owner=anonymous_id)
+        return replace(self, also=(anonymous_id,))
 
 
 # The one user of an app that is not shared (and the command line, and tests): everything is theirs.

@@ -122,12 +122,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app(runs_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`python app.py` as a user starts it, on a free port with `runs_dir`, its output added to `log`; the
-    process and its address, once it answers."""
+def start_app(runs_dir: Path, log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python app.py` as a user starts it, on a free port with `runs_dir` and `env` added to the environment (a
+    Space's variables), its output added to `log`; the process and its address, once it answers."""
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    env.pop("SPACE_ID", None)
+    base = {name: value for name, value in os.environ.items() if name != "SPACE_ID" and not name.startswith("LORA_GUI")}
+    env = {**base, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT), **(env or {})}
     with log.open("a") as output:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.demo import write_demo_dataset
 from lora_gui.jobs import JobManager
+from lora_gui.owners import EVERYONE, Visitor, anonymous
 from lora_gui.runs import RunFolder
 from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
@@ -305,15 +306,19 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
     _, ctx = build_app(tmp_path, JobManager())
     assert not ctx.allow_paths
-    refused_folder = add_folder(ctx, folder="/etc", session="", resolution=512, default_caption="", dataset_version=0)
+    stranger = Visitor(owner=anonymous("a stranger's secret"))
+    refused_folder = add_folder(
+        ctx, stranger, folder="/etc", session="", resolution=512, default_caption="", dataset_version=0
+    )
     assert "does not let visitors read server folders" in refused_folder["dataset_notice"]
-    refused = start(ctx, session="", run_name="x", base_model=str(tmp_path), **config_form.widget_values(TrainConfig()))
+    settings = config_form.widget_values(TrainConfig())
+    refused = start(ctx, stranger, session="", run_name="x", base_model=str(tmp_path), **settings)
     assert "This Space does not let visitors use files on the server" in refused["train_notice"]
     assert ctx.resolve_base_model("owner/model") == "owner/model"  # Hub ids are fine
 
     # Without a token typed in, a push would go out under the Space owner's own Hub login.
-    refused_push = push(ctx, run_pick="x", hub_repo="me/x", hub_token=" ", hub_private=True)
-    assert "Paste your Hugging Face token first" in refused_push["hub_notice"]
+    refused_push = push(ctx, stranger, run_pick="x", hub_repo="me/x", hub_token=" ", hub_private=True)
+    assert "Paste a Hugging Face token with write access first" in refused_push["hub_notice"]
 
     monkeypatch.setenv("LORA_GUI_ALLOW_PATHS", "1")
     _, ctx = build_app(tmp_path, JobManager())
@@ -359,7 +364,7 @@ def test_resume_in_the_train_tab_takes_the_forms_new_learning_rate(tiny_model, p
         stopped = ctx.jobs.wait(job.job_id, timeout=120).step
 
         form = config_form.widget_values(config.replace(learning_rate=2e-4))
-        answer = resume(ctx, job.job_id, None, **{name: form[name] for name in RESUMED_FROM_THE_FORM})
+        answer = resume(ctx, EVERYONE, job.job_id, None, **{name: form[name] for name in RESUMED_FROM_THE_FORM})
         resumed = ctx.jobs.wait(answer["train_job"], timeout=120)
     finally:
         ctx.jobs.close()

@@ -33,7 +33,7 @@ def app_here(tiny_model, tmp_path_factory):
     photos = write_demo_dataset(tmp_path_factory.mktemp("photos-here"), count=4, size=(64, 64))
     train(quick_config(tiny_model, photos, max_steps=3, sample_every=3), runs_dir / "shared")
     demo, ctx = build_app(runs_dir, JobManager())
-    demo.launch(prevent_thread_lock=True, server_port=free_port(), allowed_paths=[str(runs_dir)], quiet=True)
+    demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     yield SimpleNamespace(client=Client(demo.local_url, verbose=False), runs_dir=runs_dir, model=tiny_model)
     demo.close()
     ctx.jobs.close()
@@ -54,7 +54,7 @@ def test_the_lora_downloads_in_either_layout_and_both_files_load_in_diffusers(ap
     np.testing.assert_allclose(pictures["kohya"], pictures["diffusers"], atol=1e-4)  # one LoRA, two layouts
 
     refused = text(app_here.client.predict(run_pick="no-such-run", run_layout="kohya", api_name="/export")[0])
-    assert "There is no run named no-such-run any more" in refused
+    assert "There is no run named no-such-run (was it deleted?)" in refused
 
 
 def test_push_to_hub_keeps_the_token_out_of_files_logs_and_the_page(app_here, fake_hub, caplog):

@@ -29,6 +29,7 @@ from lora_gui import base_models
 from lora_gui.base_models import DownloadProgress, load_pipeline
 from lora_gui.errors import ModelLoadError
 from lora_gui.jobs import JobManager, JobState
+from lora_gui.owners import EVERYONE
 from lora_gui.train import train
 from lora_gui.ui.app import build_app
 from lora_gui.ui.generate import generate
@@ -259,6 +260,7 @@ def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, 
 
     result = generate(
         ctx,
+        EVERYONE,
         allow_pickle=False,
         gen_base_model=REPO,
         prompt="a red square",

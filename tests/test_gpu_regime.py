@@ -29,6 +29,7 @@ from lora_gui import bench, devices, events
 from lora_gui.errors import LoraGuiError, OutOfMemoryError
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
+from lora_gui.owners import EVERYONE
 from lora_gui.train import train
 
 FAMILIES = ("sd15", "sd2", "sdxl", "flux")
@@ -317,7 +318,9 @@ def test_generate_waits_while_a_run_trains_on_the_gpu(tiny_model, tmp_path, monk
     monkeypatch.setattr(JobManager, "training_now", lambda self: "portrait-run")
     _, app = build_app(tmp_path / "runs", JobManager())
     monkeypatch.setattr(devices, "has_cuda", lambda: True)
-    refused = generate(app, **generate_request(tiny_model, tiny_model / "never-read.safetensors"))["gen_notice"]
+    refused = generate(app, EVERYONE, **generate_request(tiny_model, tiny_model / "never-read.safetensors"))[
+        "gen_notice"
+    ]
     assert "The run portrait-run is training on the GPU and needs its memory" in refused
     assert app.generators.model is None, "nothing was loaded beside the run"
 
@@ -335,5 +338,7 @@ def test_an_unexpected_failure_in_generate_is_a_message_not_a_crash(app, tiny_mo
 
     train(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
     monkeypatch.setattr(AutoencoderKL, "decode", broken)
-    result = generate(app, **generate_request(tiny_model, tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    result = generate(
+        app, EVERYONE, **generate_request(tiny_model, tmp_path / "run" / "pytorch_lora_weights.safetensors")
+    )
     assert "Making the pictures failed on an unexpected error: RuntimeError: Input type" in result["gen_notice"]

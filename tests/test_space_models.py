@@ -143,7 +143,10 @@ def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(spac
         "someone/else is not one of the base models this server offers: stabilityai/sdxl-turbo, Owner/Allowed"
     )
     assert ctx.resolve_base_model("owner/allowed") == "owner/allowed"  # the Hub ignores case
-    assert ctx.resolve_base_model(TINY_CHOICE).endswith("tiny-sd15")  # the app's own models are always there
+    tiny = ctx.resolve_base_model(TINY_CHOICE)
+    assert tiny.endswith("tiny-sd15")  # the app's own models are always there, and they load from its disk
+    family, _ = load_pipeline(tiny, policy=ctx.model_policy)
+    assert family.name == "sd15"
 
 
 def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
@@ -172,7 +175,8 @@ def test_on_ones_own_computer_paths_work_as_before(tiny_model, monkeypatch, tmp_
     for name in ("SPACE_ID", "LORA_GUI_BASE_MODELS", "LORA_GUI_MAX_MODEL_GB"):
         monkeypatch.delenv(name, raising=False)
     _, ctx = build_app(tmp_path, JobManager())
-    assert ctx.model_policy == BaseModelPolicy()  # no limits where no stranger calls
+    policy = ctx.model_policy  # no limits where no stranger calls
+    assert (policy.hub_only, policy.allowed, policy.max_bytes) == (BaseModelPolicy().hub_only, (), None)
     monkeypatch.chdir(tiny_model.parent.parent)
     relative = tiny_model.relative_to(tiny_model.parent.parent).as_posix()  # shaped like a Hub id
     for name in (str(tiny_model), relative):

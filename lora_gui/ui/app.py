@@ -17,14 +17,16 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
+from lora_gui.limits import Limits, expire_runs, expire_staging
+from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
 from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
-from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed
+from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed, sign_in_available
 from lora_gui.ui.dataset import build_dataset_grid, build_dataset_tab, checks_html, pages_update, wire_dataset_tab
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
+from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, preset_menu, show_estimate, wire_train_tab
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # SIGTERM, so the run's last step and its save must fit in less.
 SHUTDOWN_SECONDS_VARIABLE = "LORA_GUI_SHUTDOWN_SECONDS"
 DEFAULT_SHUTDOWN_SECONDS = 25.0
+
+EXPIRY_SECONDS = 3600.0  # how often old staged pictures and runs are looked for while the app runs
 
 DEMO_PRESET = "tiny-cpu-demo"
 DEMO_IMAGES = 8
@@ -50,8 +54,9 @@ CSS = """
 """
 
 
-def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks, Ctx]:
-    """The whole page. The JobManager (given, or made here) is what every visitor's tab reads."""
+def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, ...] = ()) -> tuple[gr.Blocks, Ctx]:
+    """The whole page. The JobManager (given, or made here) is what every visitor's tab reads; `users`: the --auth
+    user names, each of whom sees only their own runs when there are several."""
     jobs = jobs or JobManager()
     # Training has the GPU first: Generate waits while a run trains, and its model leaves when one starts.
     generators = GeneratorCache(gpu_taken_by=jobs.training_now)
@@ -64,16 +69,28 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
         allow_paths=paths_allowed(),
         has_cuda=devices.has_cuda(),
         on_space=on_space(),
+        users=users if len(users) > 1 else (),
+        sign_in=sign_in_available(),
+        limits=Limits.from_environment(on_space()),
         generators=generators,
     )
+    expire_old(ctx)
     # The runs and Generate load what the page's checks let through, by the same rule.
     jobs.model_policy = generators.policy = ctx.model_policy
+    # What the browser keeps is encrypted with a key kept beside the runs, so it still reads after a restart.
+    browser_key = app_secret(ctx.runs_dir)
     with gr.Blocks(title="LoRA trainer") as demo:
-        # The staging folder's id, remembered by the browser so a reload finds the same pictures.
         ctx.add(
             {
+                # Who this page's visitor is (owners.py), set when the page loads; every handler is told.
+                "owner": gr.State(""),
+                # The secret that makes an anonymous visitor the owner of their runs; only its hash leaves the page.
+                "owner_key": gr.BrowserState("", storage_key="lora_gui_owner", secret=browser_key),
+                # The staging folder's id, remembered by the browser so a reload finds the same pictures.
                 "session": gr.State(""),
-                "remembered": gr.BrowserState("", storage_key="lora_gui_dataset"),
+                "remembered": gr.BrowserState("", storage_key="lora_gui_dataset", secret=browser_key),
+                # Presets a visitor saves where visitors are strangers: kept by their browser, never by the server.
+                "my_presets": gr.BrowserState({}, storage_key="lora_gui_presets", secret=browser_key),
                 "dataset_version": gr.State(0),
                 "timer": gr.Timer(POLL_SECONDS),
             }
@@ -84,7 +101,10 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None) -> tuple[gr.Blocks
                 "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it trains a tiny model "
                 "on generated pictures in about a minute, with no download."
             )
-            ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", scale=0, min_width=160)})
+            with gr.Column(scale=0, min_width=180):
+                ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
+                if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
+                    gr.LoginButton()
         with gr.Tabs() as tabs:
             ctx.add({"tabs": tabs})
             with gr.Tab("Dataset", id="dataset"):
@@ -129,23 +149,23 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
     ctx.wire(
         demo.load,
         restore,
-        ["remembered", "dataset_version", "resolution", "default_caption"],
-        ["session", "dataset_version", "report", "page", "base_model", *settings],
+        ["owner_key", "remembered", "my_presets", "dataset_version", "resolution", "default_caption"],
+        ["owner", "owner_key", "session", "dataset_version", "report", "page", "preset", "base_model", *settings],
         api_visibility="private",
     )
     ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
 
 
-def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:
+def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]:
     """A fresh dataset of generated pictures, the tiny model and the demo preset: one click on Start away."""
-    staging = Staging.for_session(ctx.runs_dir)
+    staging = ctx.staging("", visitor)
     write_demo_dataset(staging.folder, count=DEMO_IMAGES, size=(160, 160))
     config = load_preset(DEMO_PRESET)
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
-        "report": checks_html(ctx, staging.session_id, config.resolution, config.default_caption),
+        "report": checks_html(ctx, visitor, staging.session_id, config.resolution, config.default_caption),
         "page": pages_update(staging),
         "dataset_notice": notice(f"The demo's {DEMO_IMAGES} pictures of coloured shapes, with captions, are in."),
         "base_model": TINY_CHOICE,
@@ -159,26 +179,48 @@ def try_demo(ctx: Ctx, dataset_version: int) -> dict[str, Any]:
     }
 
 
-def restore(ctx: Ctx, remembered: str, dataset_version: int, resolution: float, default_caption: str) -> dict[str, Any]:
-    """A page opened (or reloaded): show the settings of the run training now (the one the Train tab
-    shows live), and the pictures this browser had added, if they are still on the server. An ended
-    run's settings are not filled in: they may be another visitor's, or the ones that failed."""
-    updates: dict[str, Any] = {}
-    job = ctx.jobs.active()
-    if job is not None:
+def restore(
+    ctx: Ctx,
+    visitor: Visitor,
+    owner_key: str,
+    remembered: str,
+    my_presets: dict[str, Any],
+    dataset_version: int,
+    resolution: float,
+    default_caption: str,
+) -> dict[str, Any]:
+    """A page opened (or reloaded): who its visitor is, from the secret their browser keeps (a new one the first
+    time); the settings of their run queued or training now (the one the Train tab shows live); and the
+    pictures this browser had added, if they are still on the server. An ended run's settings are not filled in:
+    they may be the ones that failed."""
+    owner_key = owner_key if isinstance(owner_key, str) and len(owner_key) >= 32 else new_secret()
+    owner = anonymous(owner_key) if ctx.shared and not ctx.users else ""
+    visitor = visitor.known_in_this_browser_as(owner) if owner else visitor
+    updates: dict[str, Any] = {"owner": owner, "owner_key": owner_key, "preset": preset_menu(ctx, my_presets)}
+    job = ctx.jobs.latest(visitor)
+    if job is not None and not job.done.is_set():
         config = job.config
         resolution, default_caption = config.resolution, config.default_caption
-        updates = {"base_model": ctx.base_model_label(config.base_model), **config_form.widget_values(config)}
-    staging = Staging.find(ctx.runs_dir, remembered)
+        updates.update(base_model=ctx.base_model_label(config.base_model), **config_form.widget_values(config))
+    staging = Staging.find(ctx.runs_dir, remembered, visitor)
     if staging is None:
         return updates
     return {
         **updates,
         "session": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
-        "report": checks_html(ctx, staging.session_id, resolution, default_caption),
+        "report": checks_html(ctx, visitor, staging.session_id, resolution, default_caption),
         "page": pages_update(staging),
     }
+
+
+def expire_old(ctx: Ctx) -> None:
+    """Delete the staged pictures and the ended runs older than this server keeps them (limits.py)."""
+    for session in expire_staging(ctx.runs_dir, ctx.limits):
+        log.info("Deleted the staged pictures %s: untouched for %s days", session, ctx.limits.staging_days)
+    is_live = lambda path: ctx.jobs.live_status(path) is not None  # noqa: E731
+    for name in expire_runs(ctx.runs_dir, ctx.limits, is_live=is_live):
+        log.info("Deleted the run %s: ended more than %s days ago", name, ctx.limits.run_days)
 
 
 def launch(
@@ -188,25 +230,22 @@ def launch(
     auth: str = "",
     runs_dir: str = "",
 ) -> None:
-    """Start the app. Host and port default to Gradio's ($GRADIO_SERVER_NAME / _PORT, which Spaces sets)."""
-    credentials = None
-    if auth:
-        user, _, password = auth.partition(":")
-        if not user or not password:
-            raise ConfigError("--auth must be USER:PASS, for example --auth me:secret")
-        credentials = (user, password)
+    """Start the app. Host and port default to Gradio's ($GRADIO_SERVER_NAME / _PORT, which Spaces sets). `auth`:
+    USER:PASS, or several separated by commas, each of whom then sees only their own runs."""
+    credentials = parse_auth(auth)
     grace_seconds = shutdown_seconds()
     stop_signal = _catch_stop_signals()
     folder = Path(runs_dir) if runs_dir else default_runs_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    demo, ctx = build_app(folder)
+    demo, ctx = build_app(folder, users=tuple(user for user, _ in credentials or []))
     log.info("Runs are saved in %s", folder.resolve())
     demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         auth=credentials,
-        allowed_paths=[str(ctx.runs_dir)],
+        # No allowed_paths: a run's files reach the page only as copies its owner's handlers hand out (served).
+        max_file_size=ctx.limits.max_file_bytes,
         css=CSS,
         footer_links=["api"],
         # Server-side rendering runs a Node server whose signal handlers exit at once; the page renders in
@@ -215,12 +254,30 @@ def launch(
         prevent_thread_lock=True,
     )
     try:
-        stop_signal.wait()
+        while not stop_signal.wait(EXPIRY_SECONDS):
+            expire_old(ctx)
     finally:
         if ctx.jobs.active() is not None:
             print(f"Stopping the runs: the one training saves after its current step (up to {grace_seconds:.0f} s)")
         ctx.jobs.close(timeout=grace_seconds)
         demo.close()
+
+
+def parse_auth(auth: str) -> list[tuple[str, str]] | None:
+    """--auth's USER:PASS pairs, separated by commas."""
+    if not auth:
+        return None
+    credentials = []
+    for pair in auth.split(","):
+        user, _, password = pair.strip().partition(":")
+        if not user or not password:
+            raise ConfigError(
+                "--auth must be USER:PASS (or several: ann:secret1,bob:secret2), for example --auth me:secret"
+            )
+        credentials.append((user, password))
+    if len({user for user, _ in credentials}) < len(credentials):
+        raise ConfigError("--auth names a user twice; give each user one password")
+    return credentials
 
 
 def _catch_stop_signals() -> threading.Event:

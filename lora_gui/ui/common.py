@@ -12,6 +12,8 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+from gradio import processing_utils
+from gradio import utils as gradio_utils
 
 from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, HubToken, family_from_files, is_hub_id
 from lora_gui.config import list_presets, load_preset
@@ -20,8 +22,11 @@ from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.families import REGISTRY
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
+from lora_gui.limits import Limits, check_free_disk, check_runs_waiting
 from lora_gui.lora_files.export import export_run
-from lora_gui.runs import RunFolder, check_run_name
+from lora_gui.owners import EVERYONE, Visitor, anonymous, signed_in, user
+from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs
+from lora_gui.staging import Staging
 from lora_gui.tiny import ensure_tiny_model
 
 TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
@@ -49,6 +54,12 @@ def on_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def sign_in_available() -> bool:
+    """Whether visitors can sign in with Hugging Face: a Space whose README asks for it (hf_oauth: true), which
+    gives the app its OAuth client. Gradio's own test for a Space is SYSTEM=spaces."""
+    return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
 def paths_allowed() -> bool:
     """Visitors of a Hugging Face Space may not read the server's files unless its owner allows it."""
     if os.environ.get(ALLOW_PATHS_ENV, "").strip().lower() in ("1", "true", "yes"):
@@ -56,15 +67,15 @@ def paths_allowed() -> bool:
     return not on_space()
 
 
-def base_model_policy(hub_only: bool, on_space: bool) -> BaseModelPolicy:
-    """Which base models visitors may name, from the server's environment."""
+def base_model_policy(hub_only: bool, on_space: bool, own: tuple[str, ...] = ()) -> BaseModelPolicy:
+    """Which base models visitors may name, from the server's environment; `own`: the app's tiny models' paths."""
     allowed = tuple(name.strip() for name in os.environ.get(BASE_MODELS_ENV, "").split(",") if name.strip())
     limit = os.environ.get(MAX_MODEL_GB_ENV, "").strip()
     try:
         max_gb = float(limit) if limit else (SPACE_MAX_MODEL_GB if on_space else None)
     except ValueError:
         raise ConfigError(f"{MAX_MODEL_GB_ENV} must be a number of gigabytes, not {limit!r}") from None
-    return BaseModelPolicy(hub_only, allowed, None if max_gb is None else int(max_gb * 1e9))
+    return BaseModelPolicy(hub_only, allowed, None if max_gb is None else int(max_gb * 1e9), own)
 
 
 @dataclass
@@ -77,6 +88,9 @@ class Ctx:
     allow_paths: bool
     has_cuda: bool
     on_space: bool = False
+    users: tuple[str, ...] = ()  # the --auth users, when there are several: each sees only their own runs
+    sign_in: bool = False  # visitors sign in with Hugging Face (a Space with hf_oauth)
+    limits: Limits = field(default_factory=Limits)  # what one visitor may use (limits.py)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
     _tflops: float | None = field(default=None, init=False)
 
@@ -107,8 +121,20 @@ class Ctx:
         `reports_progress` also gets `progress`, Gradio's progress bar over its outputs.
         """
 
-        def run(progress: gr.Progress | None = None, **values: Any) -> Any:
-            result = handler(self, **values, **({"progress": progress} if reports_progress else {}))
+        wants_visitor = "visitor" in inspect.signature(handler).parameters
+
+        def run(
+            request: gr.Request,
+            oauth_profile: gr.OAuthProfile | None = None,
+            oauth_token: gr.OAuthToken | None = None,
+            progress: gr.Progress | None = None,
+            **values: Any,
+        ) -> Any:
+            # Who is asking is worked out here, for every event, from what the caller can't forge: the
+            # server-side session, the sign-in cookie, the --auth login. Never from the page.
+            visitor = self.visitor(request, values.pop("owner", ""), oauth_profile, oauth_token)
+            extra = {"visitor": visitor} if wants_visitor else {}
+            result = handler(self, **values, **extra, **({"progress": progress} if reports_progress else {}))
             if not result:  # Gradio reads an empty dict as one output's value, not as "no change"
                 return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
             return {self.components[name]: value for name, value in result.items()}
@@ -116,6 +142,8 @@ class Ctx:
         # Gradio's API makes a parameter optional when the component starts with a value, or when the
         # function's own parameter defaults to None: so an empty file or menu may be left out of a call too.
         components = {**{name: self.components[name] for name in inputs}, **(extra_inputs or {})}
+        if "owner" in self.components:  # the page's owner id, set when it loads (a test's bare Ctx has none)
+            components.setdefault("owner", self.components["owner"])
         parameters = [
             inspect.Parameter(
                 name,
@@ -124,11 +152,22 @@ class Ctx:
             )
             for name, component in components.items()
         ]
-        if reports_progress:  # Gradio hands its progress bar to a leading parameter whose default is one
-            parameters.insert(
-                0, inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
-            )
-        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        # Gradio fills leading parameters by their types: the request, the signed-in visitor and their token,
+        # and its progress bar where the parameter's default is one.
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        special = [
+            inspect.Parameter("request", positional),
+            inspect.Parameter("oauth_profile", positional, default=None),
+            inspect.Parameter("oauth_token", positional, default=None),
+        ]
+        if reports_progress:
+            special.append(inspect.Parameter("progress", positional, default=gr.Progress()))
+        run.__signature__ = inspect.Signature(special + parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {
+            "request": gr.Request,
+            "oauth_profile": gr.OAuthProfile | None,
+            "oauth_token": gr.OAuthToken | None,
+        }
 
         return trigger(
             run,
@@ -137,12 +176,63 @@ class Ctx:
             **kwargs,
         )
 
-    def run_folder(self, name: str) -> RunFolder:
-        """The folder of a run picked in the page; the name is checked, so it can't point elsewhere."""
+    # ---- who is asking ------------------------------------------------------------------------
+    @property
+    def shared(self) -> bool:
+        """Whether visitors are kept apart: on a Space, or with several --auth users."""
+        return self.on_space or len(self.users) > 1
+
+    def visitor(
+        self,
+        request: gr.Request | None,
+        owner: str = "",
+        profile: gr.OAuthProfile | None = None,
+        token: gr.OAuthToken | None = None,
+    ) -> Visitor:
+        """Who sent an event. The one user of an unshared app owns everything; an --auth user is their login; on a
+        Space, a visitor signed in with Hugging Face is their account (and keeps what they made before signing in),
+        anyone else the anonymous id the page set from the secret in their browser, or, for an API client that
+        never loaded the page, one made from its session."""
+        if not self.shared:
+            return EVERYONE
+        if self.users:
+            name = getattr(request, "username", None) or ""
+            return Visitor(owner=user(name), name=name)
+        session = getattr(request, "session_hash", None) or ""
+        anonymous_id = owner or anonymous(f"session:{session}")
+        if profile is None:
+            return Visitor(owner=anonymous_id)
+        return Visitor(
+            owner=signed_in(profile.username),
+            also=(anonymous_id,),
+            hub_token=token.token if token is not None else None,
+            name=profile.username,
+        )
+
+    def run_folder(self, name: str, visitor: Visitor = EVERYONE) -> RunFolder:
+        """The folder of a run picked in the page, if `visitor` may see it; the name is checked, so it can't point
+        elsewhere. Another visitor's run gets the same answer as a run that does not exist."""
         run = RunFolder(self.runs_dir / check_run_name(name or ""))
-        if not run.path.is_dir():
-            raise LoraGuiError(f"there is no run named {name} any more (was it deleted?)")
+        if not run.path.is_dir() or not visitor.owns_folder(run.path):
+            raise LoraGuiError(f"there is no run named {name} (was it deleted?)")
         return run
+
+    def runs_of(self, visitor: Visitor) -> list[RunSummary]:
+        """`visitor`'s runs, newest first."""
+        return [summary for summary in list_runs(self.runs_dir) if visitor.owns_folder(summary.path)]
+
+    def staging(self, session: str, visitor: Visitor) -> Staging:
+        """The visitor's staged pictures (a new folder of theirs when the page has none yet), within this server's
+        limits."""
+        staging = Staging.for_session(self.runs_dir, session, visitor)
+        staging.limits = self.limits
+        return staging
+
+    def check_room_for_a_run(self, visitor: Visitor) -> None:
+        """Refuses one more run of a visitor who has as many queued or training as this server allows, and any run
+        when the disk is too full for its checkpoints."""
+        check_runs_waiting(self.jobs.waiting(visitor.owner), self.limits)
+        check_free_disk(self.runs_dir, self.limits)
 
     # ---- base models --------------------------------------------------------------------------
     def tiny_model(self, family: str) -> Path:
@@ -151,7 +241,8 @@ class Ctx:
     @property
     def model_policy(self) -> BaseModelPolicy:
         """Where visitors may not use the server's files, base models are Hub ids only, never looked up on disk."""
-        return base_model_policy(hub_only=not self.allow_paths, on_space=self.on_space)
+        own = tuple(str(self.tiny_model(family)) for family in TINY_CHOICES.values())
+        return base_model_policy(hub_only=not self.allow_paths, on_space=self.on_space, own=own)
 
     def resolve_base_model(self, choice: str, token: HubToken = None) -> str:
         """What the trainer loads for a base-model choice: a tiny demo model (written the first time), or the Hub
@@ -174,11 +265,11 @@ class Ctx:
             policy.check_hub_model(choice, token)
         return choice
 
-    def hub_token(self, typed: str | None) -> HubToken:
-        """The Hugging Face token a visitor's download goes out with: the one typed in. Else, on a Space, none at all:
-        never the owner's login, under which a visitor would download gated models whose licence they never
-        accepted; elsewhere, this computer's login."""
-        return (typed or "").strip() or (False if self.on_space else None)
+    def hub_token(self, typed: str | None, visitor: Visitor = EVERYONE) -> HubToken:
+        """The Hugging Face token a visitor's download or upload goes out with: the one typed in, else the one
+        their Hugging Face sign-in gave. Else, on a Space, none at all: never the owner's login, under which a
+        visitor would download gated models whose licence they never accepted; elsewhere, this computer's login."""
+        return (typed or "").strip() or visitor.hub_token or (False if self.on_space else None)
 
     def base_model_label(self, base_model: str) -> str:
         """How a stored base model is shown: a tiny model by its menu name, anything else as it is."""
@@ -210,6 +301,15 @@ class Ctx:
         return self._tflops
 
 
+def served(path: str | Path) -> str:
+    """A run's file as the page may fetch it: a copy in Gradio's upload folder under a name made from its content.
+
+    The runs folder itself is never served by URL (its pictures and checkpoints are private), so a handler hands
+    out copies of only what its visitor may have; the copy is what Gradio would make itself, made here so that
+    a runs folder outside the working and temporary folders (a Space's /data) works the same."""
+    return processing_utils.save_file_to_cache(path, cache_dir=gradio_utils.get_upload_folder())
+
+
 def build_export(prefix: str) -> dict[str, Any]:
     """A layout choice, a button and the file to download: a run's LoRA for the program the user has."""
     c: dict[str, Any] = {}
@@ -225,7 +325,7 @@ def build_export(prefix: str) -> dict[str, Any]:
     return c
 
 
-def export_lora(ctx: Ctx, prefix: str, run_name: str | None, layout: str) -> dict[str, Any]:
+def export_lora(ctx: Ctx, visitor: Visitor, prefix: str, run_name: str | None, layout: str) -> dict[str, Any]:
     """(Re)write a run's LoRA in a layout and offer it in the widgets `build_export(prefix)` made.
 
     export_run rebuilds the kohya file from the run folder, so it is current even for a run an older
@@ -233,12 +333,12 @@ def export_lora(ctx: Ctx, prefix: str, run_name: str | None, layout: str) -> dic
     if not run_name:
         return {f"{prefix}_export_notice": notice("Pick a run first.", "warning"), f"{prefix}_file": gr.skip()}
     try:
-        (path,) = export_run(ctx.run_folder(run_name).path, layout)
+        (path,) = export_run(ctx.run_folder(run_name, visitor).path, layout)
     except LoraGuiError as error:
         return {f"{prefix}_export_notice": error_notice(error), f"{prefix}_file": gr.update(visible=False)}
     return {
         f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
-        f"{prefix}_file": gr.update(value=str(path), visible=True),
+        f"{prefix}_file": gr.update(value=served(path), visible=True),
     }
 
 

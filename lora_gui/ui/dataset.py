@@ -13,8 +13,9 @@ import gradio as gr
 
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
+from lora_gui.owners import Visitor
 from lora_gui.staging import DatasetReport, Staging
-from lora_gui.ui.common import Ctx, error_notice, notice
+from lora_gui.ui.common import Ctx, error_notice, notice, served
 
 PAGE_SIZE = 40
 COLUMNS = 4
@@ -69,6 +70,7 @@ def build_dataset_grid(ctx: Ctx) -> None:
 
     # Every change to the staged files bumps dataset_version; one trigger (and one render at a time)
     # keeps a change that also sets the session and the page from drawing the grid three times at once.
+    # The session is the page's server-side state, which only the handlers set, to a folder its visitor owns.
     @gr.render(
         inputs=[ctx["session"], ctx["dataset_version"], ctx["page"]],
         triggers=[ctx["dataset_version"].change, ctx["page"].input],
@@ -87,7 +89,7 @@ def build_dataset_grid(ctx: Ctx) -> None:
                     with gr.Column(min_width=180, elem_classes="lg-card"):
                         if item.thumbnail:
                             gr.Image(
-                                str(item.thumbnail),
+                                served(item.thumbnail),
                                 show_label=False,
                                 height=170,
                                 interactive=False,
@@ -136,57 +138,71 @@ def wire_dataset_tab(ctx: Ctx) -> None:
 
 
 # ---- handlers ----------------------------------------------------------------------------------
-def add_uploads(ctx: Ctx, upload: list[str] | None, **checks: Any) -> dict[str, Any]:
-    return {**_change(ctx, lambda staging: _adding(staging, staging.add_files, upload or []), **checks), "upload": None}
+def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, **checks: Any) -> dict[str, Any]:
+    changed = _change(ctx, visitor, lambda staging: _adding(staging, staging.add_files, upload or []), **checks)
+    return {**changed, "upload": None}
 
 
-def add_folder(ctx: Ctx, folder: str, **checks: Any) -> dict[str, Any]:
+def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[str, Any]:
     if not ctx.allow_paths:
         return {"dataset_notice": notice("This Space does not let visitors read server folders; drop files.", "error")}
     if not (folder or "").strip():
         return {"dataset_notice": notice("Type the path of a folder first.", "error")}
-    return _change(ctx, lambda staging: _adding(staging, staging.import_folder, folder.strip()), **checks)
+    return _change(ctx, visitor, lambda staging: _adding(staging, staging.import_folder, folder.strip()), **checks)
 
 
-def add_trigger(ctx: Ctx, trigger: str, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, lambda staging: _changed(staging.add_trigger_word(trigger)), **checks)
+def add_trigger(ctx: Ctx, visitor: Visitor, trigger: str, **checks: Any) -> dict[str, Any]:
+    return _change(ctx, visitor, lambda staging: _changed(staging.add_trigger_word(trigger)), **checks)
 
 
-def replace(ctx: Ctx, find: str, replace_with: str, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, lambda staging: _changed(staging.replace_in_captions(find, replace_with)), **checks)
+def replace(ctx: Ctx, visitor: Visitor, find: str, replace_with: str, **checks: Any) -> dict[str, Any]:
+    return _change(ctx, visitor, lambda staging: _changed(staging.replace_in_captions(find, replace_with)), **checks)
 
 
-def fill_empty(ctx: Ctx, fill_caption: str, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, lambda staging: _changed(staging.fill_empty_captions(fill_caption)), **checks)
+def fill_empty(ctx: Ctx, visitor: Visitor, fill_caption: str, **checks: Any) -> dict[str, Any]:
+    return _change(ctx, visitor, lambda staging: _changed(staging.fill_empty_captions(fill_caption)), **checks)
 
 
-def clear(ctx: Ctx, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
+def clear(ctx: Ctx, visitor: Visitor, **checks: Any) -> dict[str, Any]:
+    return _change(ctx, visitor, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
 
 
-def show_checks(ctx: Ctx, session: str, resolution: float, default_caption: str) -> dict[str, Any]:
-    return {"report": checks_html(ctx, session, resolution, default_caption)}
+def show_checks(ctx: Ctx, visitor: Visitor, session: str, resolution: float, default_caption: str) -> dict[str, Any]:
+    return {"report": checks_html(ctx, visitor, session, resolution, default_caption)}
 
 
 def _caption_saver(relpath: str):
-    def save(ctx: Ctx, session: str, caption: str, resolution: float, default_caption: str) -> dict[str, Any]:
-        Staging.for_session(ctx.runs_dir, session).set_caption(relpath, caption)
-        return {"report": checks_html(ctx, session, resolution, default_caption)}
+    def save(
+        ctx: Ctx, visitor: Visitor, session: str, caption: str, resolution: float, default_caption: str
+    ) -> dict[str, Any]:
+        staging = Staging.find(ctx.runs_dir, session, visitor)
+        if staging is not None:
+            staging.set_caption(relpath, caption)
+        return {"report": checks_html(ctx, visitor, session, resolution, default_caption)}
 
     return save
 
 
 def _remover(relpath: str):
-    def remove(ctx: Ctx, **checks: Any) -> dict[str, Any]:
-        result = _change(ctx, lambda staging: staging.remove(relpath) or "", **checks)
+    def remove(ctx: Ctx, visitor: Visitor, **checks: Any) -> dict[str, Any]:
+        result = _change(ctx, visitor, lambda staging: staging.remove(relpath) or "", **checks)
         return {name: result[name] for name in ("dataset_version", "report", "page")}
 
     return remove
 
 
-def _change(ctx: Ctx, action, session: str, resolution: float, default_caption: str, dataset_version: int):
-    """Run an edit on the session's staged files and return everything that shows them."""
-    staging = Staging.for_session(ctx.runs_dir, session)
+def _change(
+    ctx: Ctx,
+    visitor: Visitor,
+    action,
+    session: str,
+    resolution: float,
+    default_caption: str,
+    dataset_version: int,
+):
+    """Run an edit on the visitor's staged files (a new folder of theirs if the page has none yet) and return
+    everything that shows them."""
+    staging = ctx.staging(session, visitor)
     try:
         message = action(staging)
     except LoraGuiError as error:
@@ -224,8 +240,8 @@ def _resolution(value: float | None) -> int:
     return int(value) if value else TrainConfig().resolution
 
 
-def checks_html(ctx: Ctx, session: str, resolution: float, default_caption: str) -> str:
-    staging = Staging.find(ctx.runs_dir, session)
+def checks_html(ctx: Ctx, visitor: Visitor, session: str, resolution: float, default_caption: str) -> str:
+    staging = Staging.find(ctx.runs_dir, session, visitor)
     if staging is None:
         return _report_html(None)
     return _report_html(staging.check(_resolution(resolution), default_caption or ""))

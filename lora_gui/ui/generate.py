@@ -20,6 +20,7 @@ from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
+from lora_gui.owners import Visitor
 from lora_gui.runs import TrainingRecord
 from lora_gui.ui.common import (
     TINY_CHOICE,
@@ -59,11 +60,10 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
         "one with your LoRA, so you see exactly what it changed. LoRA files from elsewhere work too (from "
         "AUTOMATIC1111, ComfyUI, civitai or diffusers), and several LoRAs can be mixed, each at its own strength."
     )
-    choices = lora_runs(ctx)
     for row in range(1, MAX_LORAS + 1):
         with gr.Row(equal_height=True, visible=row == 1, elem_id=f"lora-row-{row}") as c[f"lora_row_{row}"]:
             c[f"gen_run_{row}"] = gr.Dropdown(
-                choices=choices,
+                choices=[],  # the visitor's own runs, filled in when the tab is opened
                 value=None,
                 label=f"LoRA {row}: a run you trained",
                 info="Finished (or stopped) runs that saved a LoRA.",
@@ -119,7 +119,7 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
         c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
     with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
         c["gen_export_run"] = gr.Dropdown(
-            choices=choices,
+            choices=[],
             value=None,
             label="Run",
             info="Picking a run above fills this in.",
@@ -192,28 +192,30 @@ def wire_generate_tab(ctx: Ctx) -> None:
     )
 
 
-def lora_runs(ctx: Ctx) -> list[str]:
-    return [summary.name for summary in runs.list_runs(ctx.runs_dir) if summary.has_lora]
+def lora_runs(ctx: Ctx, visitor: Visitor) -> list[str]:
+    return [summary.name for summary in ctx.runs_of(visitor) if summary.has_lora]
 
 
-def refresh_runs(ctx: Ctx, gen_run_1: str | None, gen_upload_1: str | None, prompt: str) -> dict[str, Any]:
-    """New runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
+def refresh_runs(
+    ctx: Ctx, visitor: Visitor, gen_run_1: str | None, gen_upload_1: str | None, prompt: str
+) -> dict[str, Any]:
+    """The visitor's runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
     trained only has to press Generate."""
-    choices = lora_runs(ctx)
+    choices = lora_runs(ctx, visitor)
     updates: dict[str, Any] = {name: gr.update(choices=choices) for name in RUN_MENUS}
     if choices and not gen_run_1 and not gen_upload_1:
         updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
-        updates.update(pick_run(ctx, prompt, gen_run_1=choices[0]))
+        updates.update(pick_run(ctx, visitor, prompt, gen_run_1=choices[0]))
     return updates
 
 
-def pick_run(ctx: Ctx, prompt: str, **picked: str | None) -> dict[str, Any]:
+def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> dict[str, Any]:
     """Fill in what the picked run was trained with: its base model, its size, its model's usual steps and
     guidance, and a prompt it knows unless one is typed already. `picked` is the one run menu that changed,
     by its name."""
     ((name, gen_run),) = picked.items()
     try:
-        run = ctx.run_folder(gen_run or "")
+        run = ctx.run_folder(gen_run or "", visitor)
         config = TrainConfig.load(run.config)
         family = TrainingRecord.load(run).family
     except LoraGuiError:
@@ -279,6 +281,7 @@ def remove_row(ctx: Ctx, row: int, gen_rows: int, **values: Any) -> dict[str, An
 
 def generate(
     ctx: Ctx,
+    visitor: Visitor,
     allow_pickle: bool,
     gen_base_model: str,
     prompt: str,
@@ -294,7 +297,7 @@ def generate(
     """Both pictures from one seed. `rows` holds each LoRA row's run, uploaded file and strength by name. A base
     model not downloaded yet downloads first, with the token given, its progress over the pictures."""
     try:
-        loras = _chosen_loras(ctx, rows)
+        loras = _chosen_loras(ctx, visitor, rows)
         if not (prompt or "").strip():
             raise LoraGuiError("type a prompt first: describe the picture you want")
         if not size or not 64 <= size <= 2048:
@@ -308,9 +311,10 @@ def generate(
             width=int(size) // 8 * 8,
             height=int(size) // 8 * 8,
         )
-        model = ctx.resolve_base_model(gen_base_model, ctx.hub_token(gen_hf_token))
+        token = ctx.hub_token(gen_hf_token, visitor)
+        model = ctx.resolve_base_model(gen_base_model, token)
         show = download_shower(progress) if progress is not None else None
-        with ctx.generators.use(model, token=ctx.hub_token(gen_hf_token), on_progress=show) as generator:
+        with ctx.generators.use(model, token=token, on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
             with_lora = generator(**settings)
@@ -349,15 +353,15 @@ def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]
     return show
 
 
-def export(ctx: Ctx, gen_export_run: str | None, gen_layout: str) -> dict[str, Any]:
-    return export_lora(ctx, "gen", gen_export_run, gen_layout)
+def export(ctx: Ctx, visitor: Visitor, gen_export_run: str | None, gen_layout: str) -> dict[str, Any]:
+    return export_lora(ctx, visitor, "gen", gen_export_run, gen_layout)
 
 
 def _lora_name(path: Path) -> str:
     return f"the LoRA of {path.parent.name}" if path.name == runs.DIFFUSERS_LORA else path.name
 
 
-def _chosen_loras(ctx: Ctx, rows: dict[str, Any]) -> list[tuple[Path, float]]:
+def _chosen_loras(ctx: Ctx, visitor: Visitor, rows: dict[str, Any]) -> list[tuple[Path, float]]:
     """The LoRAs to apply with their strengths, in row order; in a row, a dropped file wins over a picked run."""
     loras = []
     for row in range(1, MAX_LORAS + 1):
@@ -366,7 +370,7 @@ def _chosen_loras(ctx: Ctx, rows: dict[str, Any]) -> list[tuple[Path, float]]:
         if gen_upload:
             loras.append((Path(gen_upload), strength))
         elif gen_run:
-            run = ctx.run_folder(gen_run)
+            run = ctx.run_folder(gen_run, visitor)
             if not run.diffusers_lora.is_file():
                 raise LoraGuiError(f"the run {gen_run} has no LoRA file yet: wait for it to finish, or pick another")
             loras.append((run.diffusers_lora, strength))

@@ -11,6 +11,7 @@ import pandas as pd
 
 from lora_gui import hub, runs
 from lora_gui.errors import LoraGuiError
+from lora_gui.owners import Visitor
 from lora_gui.ui.common import (
     Ctx,
     build_export,
@@ -20,6 +21,7 @@ from lora_gui.ui.common import (
     loss_frame,
     loss_plot,
     notice,
+    served,
 )
 
 COLUMNS = ["Name", "Started", "Steps done", "Last loss", "Status"]
@@ -30,16 +32,15 @@ _STATUS_WORDS = {runs.RUNNING: "training now", runs.INTERRUPTED: "interrupted (a
 def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown(
-        "Every run you started, newest first. Pick one to see its loss curve, previews and files. "
-        f"They are saved in `{ctx.runs_dir}`."
+        "Every run you started, newest first. Pick one to see its loss curve, previews and files."
+        + ("" if ctx.shared else f" They are saved in `{ctx.runs_dir}`.")
     )
+    # Filled in when the tab is opened: what a visitor sees depends on who they are.
     c["runs_table"] = gr.Dataframe(
-        value=runs_table(ctx), headers=COLUMNS, interactive=False, label="Runs", elem_id="runs-table"
+        value=pd.DataFrame([], columns=COLUMNS), headers=COLUMNS, interactive=False, label="Runs", elem_id="runs-table"
     )
     with gr.Row():
-        c["run_pick"] = gr.Dropdown(
-            choices=_names(ctx), value=None, label="Open a run", scale=3, allow_custom_value=True
-        )
+        c["run_pick"] = gr.Dropdown(choices=[], value=None, label="Open a run", scale=3, allow_custom_value=True)
         c["refresh_runs"] = gr.Button("Refresh the list", scale=1)
     with gr.Column(visible=False) as c["run_details"]:
         c["run_info"] = gr.HTML()
@@ -131,16 +132,12 @@ def wire_runs_tab(ctx: Ctx) -> None:
     )
 
 
-def _names(ctx: Ctx) -> list[str]:
-    return [summary.name for summary in runs.list_runs(ctx.runs_dir)]
-
-
 def _status(ctx: Ctx, summary: runs.RunSummary) -> str:
     status = ctx.jobs.live_status(summary.path) or summary.status
     return _STATUS_WORDS.get(status, status)
 
 
-def runs_table(ctx: Ctx) -> pd.DataFrame:
+def runs_table(ctx: Ctx, summaries: list[runs.RunSummary]) -> pd.DataFrame:
     rows = [
         [
             summary.name,
@@ -149,25 +146,26 @@ def runs_table(ctx: Ctx) -> pd.DataFrame:
             "" if summary.last_loss is None else f"{summary.last_loss:.4f}",
             _status(ctx, summary),
         ]
-        for summary in runs.list_runs(ctx.runs_dir)
+        for summary in summaries
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def refresh(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
-    names = _names(ctx)
+def refresh(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]:
+    summaries = ctx.runs_of(visitor)
+    names = [summary.name for summary in summaries]
     return {
-        "runs_table": runs_table(ctx),
+        "runs_table": runs_table(ctx, summaries),
         "run_pick": gr.update(choices=names, value=run_pick if run_pick in names else None),
     }
 
 
-def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
+def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]:
     closed = {"confirm_row": gr.update(visible=False)}
     if not run_pick:
         return {"run_details": gr.update(visible=False), **closed}
     try:
-        run = ctx.run_folder(run_pick)
+        run = ctx.run_folder(run_pick, visitor)
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error), "run_details": gr.update(visible=False), **closed}
     summary = runs.summarize(run.path)
@@ -182,8 +180,8 @@ def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
         "run_details": gr.update(visible=True),
         "run_info": info_html,
         "run_plot": loss_frame([(row["step"], row["loss"]) for row in run.read_metrics() if "loss" in row]),
-        "run_samples": [(str(path), f"step {step}") for step, _, path in reversed(run.sample_images())],
-        "run_files": [str(path) for path in files] or None,
+        "run_samples": [(served(path), f"step {step}") for step, _, path in reversed(run.sample_images())],
+        "run_files": [served(path) for path in files] or None,
         "run_resume": gr.update(visible=summary.resumable and not live),
         "run_file": gr.update(value=None, visible=False),
         "hub_repo": run.name,
@@ -191,30 +189,37 @@ def open_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
     }
 
 
-def export(ctx: Ctx, run_pick: str | None, run_layout: str) -> dict[str, Any]:
-    return export_lora(ctx, "run", run_pick, run_layout)
+def export(ctx: Ctx, visitor: Visitor, run_pick: str | None, run_layout: str) -> dict[str, Any]:
+    return export_lora(ctx, visitor, "run", run_pick, run_layout)
 
 
-def push(ctx: Ctx, run_pick: str | None, hub_repo: str, hub_token: str, hub_private: bool) -> dict[str, Any]:
-    """Upload the run. The token stays in this call: it is handed to huggingface_hub and nowhere else."""
-    token = (hub_token or "").strip() or None
+def push(
+    ctx: Ctx, visitor: Visitor, run_pick: str | None, hub_repo: str, hub_token: str, hub_private: bool
+) -> dict[str, Any]:
+    """Upload the run, with the token typed or the one the visitor's Hugging Face sign-in gave. The token stays in
+    this call: it is handed to huggingface_hub and nowhere else."""
+    token = ctx.hub_token(hub_token, visitor) or None
     if token is None and ctx.on_space:
         # Without a token the upload would go out under the Space owner's own login.
-        message = "Paste your Hugging Face token first (make one at huggingface.co/settings/tokens)."
+        how = "Sign in with Hugging Face at the top of the page, or paste" if ctx.sign_in else "Paste"
+        message = f"{how} a Hugging Face token with write access first (make one at huggingface.co/settings/tokens)."
         return {"hub_notice": notice(message, "warning")}
     if not (hub_repo or "").strip():
         return {"hub_notice": notice("Type a name for the model page on the Hub first.", "warning")}
     try:
-        url = hub.push_to_hub(ctx.run_folder(run_pick or "").path, hub_repo, token=token, private=bool(hub_private))
+        run = ctx.run_folder(run_pick or "", visitor)
+        url = hub.push_to_hub(run.path, hub_repo, token=token, private=bool(hub_private))
     except LoraGuiError as error:
         return {"hub_notice": error_notice(error)}
     seen_by = "only you" if hub_private else "everyone"
     return {"hub_notice": notice(f"Uploaded; {seen_by} can see it at", link=url)}
 
 
-def resume_run(ctx: Ctx, run_pick: str | None, hf_token: str | None = None) -> dict[str, Any]:
+def resume_run(ctx: Ctx, visitor: Visitor, run_pick: str | None, hf_token: str | None = None) -> dict[str, Any]:
     try:
-        job = ctx.jobs.resume(ctx.run_folder(run_pick or "").path, hub_token=ctx.hub_token(hf_token))
+        run = ctx.run_folder(run_pick or "", visitor)
+        ctx.check_room_for_a_run(visitor)
+        job = ctx.jobs.resume(run.path, hub_token=ctx.hub_token(hf_token, visitor))
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error)}
     return {
@@ -225,15 +230,15 @@ def resume_run(ctx: Ctx, run_pick: str | None, hf_token: str | None = None) -> d
 
 
 def ask_delete(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
-    if not run_pick:
+    if not run_pick:  # the run's owner is checked when the deletion is confirmed
         return {}
     text = notice(f"Delete {run_pick} with its LoRA, previews and pictures? This can't be undone.", "warning")
     return {"confirm_row": gr.update(visible=True), "confirm_text": text}
 
 
-def delete_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
+def delete_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]:
     try:
-        run = ctx.run_folder(run_pick or "")
+        run = ctx.run_folder(run_pick or "", visitor)
         if ctx.jobs.live_status(run.path):
             raise LoraGuiError(f"{run.name} is queued or training: stop it first")
         runs.delete_run(run.path)
@@ -242,5 +247,5 @@ def delete_run(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
     return {
         "runs_notice": notice(f"Deleted {run_pick}."),
         "confirm_row": gr.update(visible=False),
-        **refresh(ctx, None),
+        **refresh(ctx, visitor, None),
     }

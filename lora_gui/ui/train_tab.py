@@ -14,11 +14,12 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import devices, quantization, runs
-from lora_gui.config import TrainConfig, list_presets, load_preset, save_preset
-from lora_gui.errors import LoraGuiError
+from lora_gui.config import TrainConfig, as_preset, check_preset_name, list_presets, load_preset, save_preset
+from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.estimate import Estimate, estimate, presets_that_fit
 from lora_gui.families import get_family
-from lora_gui.jobs import JobState
+from lora_gui.jobs import Job, JobState
+from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import (
@@ -33,6 +34,7 @@ from lora_gui.ui.common import (
     loss_plot,
     notice,
     plain_error,
+    served,
 )
 
 POLL_SECONDS = 2.0
@@ -146,12 +148,12 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["train_job", "hf_token", *RESUMED_FROM_THE_FORM],
         ["train_notice", "train_job", "train_seen"],
     )
-    ctx.wire(ctx["load_preset"].click, use_preset, ["preset"], ["train_notice", "base_model", *settings])
+    ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(
         ctx["save_preset"].click,
         keep_preset,
-        ["preset_name", "base_model", *settings],
-        ["train_notice", "preset"],
+        ["preset_name", "base_model", "my_presets", *settings],
+        ["train_notice", "preset", "my_presets"],
         api_visibility="private",
     )
     ctx.wire(
@@ -177,25 +179,35 @@ def wire_train_tab(ctx: Ctx) -> None:
 
 # ---- handlers ----------------------------------------------------------------------------------
 def start(
-    ctx: Ctx, session: str, run_name: str, base_model: str, hf_token: str | None = None, **settings: Any
+    ctx: Ctx,
+    visitor: Visitor,
+    session: str,
+    run_name: str,
+    base_model: str,
+    hf_token: str | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Check everything that can be checked now, then queue the run on the pictures as they are now. The token
     goes to the job, which hands it to the base model's download only."""
     try:
-        model = ctx.resolve_base_model(base_model, ctx.hub_token(hf_token))
+        token = ctx.hub_token(hf_token, visitor)
+        model = ctx.resolve_base_model(base_model, token)
         config = config_form.config_from_values({**settings, "base_model": model})
-        staging = Staging.find(ctx.runs_dir, session)
+        staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
         name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
-        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder, hub_token=ctx.hub_token(hf_token))
+        ctx.check_room_for_a_run(visitor)
+        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder, hub_token=token, owner=visitor.owner)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.jobs.queue_position(job.job_id)
     active = ctx.jobs.active()
     if position and active is not None and active.job_id != job.job_id:
+        # Whose run is ahead, and its name, is not this visitor's to learn where visitors are strangers.
+        ahead = "Another run is" if ctx.shared else f"Another run ({active.run.name}) is"
         message = notice(
-            f"Another run ({active.run.name}) is training right now, and only one trains at a time. Yours is "
+            f"{ahead} training right now, and only one trains at a time. Yours is "
             f"queued as number {position} and starts by itself when the runs before it end. You can close "
             "this page and come back.",
             "warning",
@@ -210,8 +222,8 @@ def start(
     }
 
 
-def stop(ctx: Ctx, train_job: int | None) -> dict[str, Any]:
-    job = _shown_job(ctx, train_job)
+def stop(ctx: Ctx, visitor: Visitor, train_job: int | None) -> dict[str, Any]:
+    job = _shown_job(ctx, visitor, train_job)
     if job is None or job.snapshot().ended:
         return {"train_notice": notice("Nothing is training right now.")}
     ctx.jobs.stop(job.job_id)
@@ -233,16 +245,19 @@ RESUMED_FROM_THE_FORM = (
 )
 
 
-def resume(ctx: Ctx, train_job: int | None, hf_token: str | None = None, **settings: Any) -> dict[str, Any]:
+def resume(
+    ctx: Ctx, visitor: Visitor, train_job: int | None, hf_token: str | None = None, **settings: Any
+) -> dict[str, Any]:
     """Continue the shown run from its last checkpoint with the form's optimizer settings (a lower learning rate
     after a divergence); its other settings stay as the run started."""
-    job = _shown_job(ctx, train_job)
+    job = _shown_job(ctx, visitor, train_job)
     if job is None:
         return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
     try:
         changes = config_form.config_from_values({**settings, "base_model": ""}).to_dict() if settings else {}
         changes = {name: changes[name] for name in settings}
-        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token), changes=changes)
+        ctx.check_room_for_a_run(visitor)
+        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token, visitor), changes=changes)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     return {
@@ -252,11 +267,15 @@ def resume(ctx: Ctx, train_job: int | None, hf_token: str | None = None, **setti
     }
 
 
-def use_preset(ctx: Ctx, preset: str | None) -> dict[str, Any]:
+def use_preset(ctx: Ctx, preset: str | None, my_presets: dict[str, Any] | None = None) -> dict[str, Any]:
     if not preset:
         return {"train_notice": notice("Pick a preset from the list first.", "warning")}
+    mine = _browser_presets(ctx, my_presets)
     try:
-        config = load_preset(preset)
+        if preset in mine:
+            config = TrainConfig.from_dict(mine[preset], source=f"the preset {preset}")
+        else:
+            config = load_preset(preset)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     values: dict[str, Any] = config_form.widget_values(config)
@@ -265,16 +284,30 @@ def use_preset(ctx: Ctx, preset: str | None) -> dict[str, Any]:
     return {"train_notice": notice(f"Settings of the preset {preset} filled in."), **values}
 
 
-def keep_preset(ctx: Ctx, preset_name: str, base_model: str, **settings: Any) -> dict[str, Any]:
+def keep_preset(
+    ctx: Ctx, preset_name: str, base_model: str, my_presets: dict[str, Any] | None = None, **settings: Any
+) -> dict[str, Any]:
+    """Save the form's settings as a preset: in the app's presets/ folder for the one user of their own app; where
+    visitors are strangers, in the visitor's browser, so nothing a visitor saves reaches the server's files."""
     try:
         model = "" if base_model in TINY_CHOICES else base_model  # a tiny model is no preset's real model
         config = config_form.config_from_values({**settings, "base_model": model})
-        path = save_preset(preset_name or "", config)
+        if not ctx.shared:
+            name = save_preset(preset_name or "", config).stem
+            return {
+                "train_notice": notice(f"Saved as the preset {name}."),
+                "preset": gr.update(choices=_preset_choices(), value=name),
+            }
+        name = check_preset_name(preset_name or "")
+        if name in list_presets():
+            raise ConfigError(f"the app has a preset named {name!r}; pick another name")
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
+    mine = {**_browser_presets(ctx, my_presets), name: as_preset(config).to_dict()}
     return {
-        "train_notice": notice(f"Saved as the preset {path.stem}."),
-        "preset": gr.update(choices=_preset_choices(), value=path.stem),
+        "train_notice": notice(f"Saved as the preset {name}, in this browser (the server keeps no copy)."),
+        "preset": gr.update(choices=_preset_choices(mine), value=name),
+        "my_presets": mine,
     }
 
 
@@ -348,13 +381,27 @@ def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[st
     )
 
 
-def _preset_choices() -> list[tuple[str, str]]:
-    return [(f"{name}: {description}", name) for name, description in list_presets().items()]
+def _preset_choices(mine: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """The app's presets, then the visitor's own (saved in their browser)."""
+    shipped = [(f"{name}: {description}", name) for name, description in list_presets().items()]
+    return shipped + [(f"{name}: saved in this browser", name) for name in mine or {}]
 
 
-def poll(ctx: Ctx, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
-    """The live view of the shown run; parts that have not changed since this page's last look are skipped."""
-    job = _shown_job(ctx, train_job)
+def _browser_presets(ctx: Ctx, my_presets: Any) -> dict[str, Any]:
+    """The presets this visitor's browser keeps: only where visitors are strangers, and only well-formed ones."""
+    if not ctx.shared or not isinstance(my_presets, dict):
+        return {}
+    return {name: values for name, values in my_presets.items() if isinstance(name, str) and isinstance(values, dict)}
+
+
+def preset_menu(ctx: Ctx, my_presets: Any) -> dict[str, Any]:
+    """The preset menu with the visitor's own presets, for a page that has just loaded."""
+    return gr.update(choices=_preset_choices(_browser_presets(ctx, my_presets)))
+
+
+def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
+    """The live view of the visitor's run; parts that have not changed since this page's last look are skipped."""
+    job = _shown_job(ctx, visitor, train_job)
     if job is None:
         return {"progress": _progress_html(None, 0), "train_seen": {}} if train_seen else {}
     state = job.snapshot()
@@ -368,11 +415,11 @@ def poll(ctx: Ctx, train_job: int | None, train_seen: dict[str, Any]) -> dict[st
     if "losses" in changed:
         updates["loss_plot"] = loss_frame(state.losses)
     if "samples" in changed:
-        updates["samples"] = list(reversed(state.samples))
+        updates["samples"] = [(served(path), caption) for path, caption in reversed(state.samples)]
     if "log" in changed:
         updates["log"] = "\n".join(reversed(state.log))
     if "files" in changed:
-        updates["files"] = gr.update(value=state.files or None, visible=bool(state.files))
+        updates["files"] = gr.update(value=[served(path) for path in state.files] or None, visible=bool(state.files))
     if fresh or state.status != train_seen.get("status"):
         resumable = state.ended and runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None
         updates["resume"] = gr.update(visible=resumable and state.status != runs.FINISHED)
@@ -380,9 +427,10 @@ def poll(ctx: Ctx, train_job: int | None, train_seen: dict[str, Any]) -> dict[st
     return updates
 
 
-def _shown_job(ctx: Ctx, train_job: int | None):
-    """The run this page started, else whatever the server is training (or trained last)."""
-    return (ctx.jobs.get(train_job) if train_job else None) or ctx.jobs.latest()
+def _shown_job(ctx: Ctx, visitor: Visitor, train_job: int | None) -> Job | None:
+    """The run this page started, else the visitor's run training now (or trained last); never another visitor's."""
+    job = ctx.jobs.get(train_job) if train_job else None
+    return job if job is not None and visitor.owns(job.owner) else ctx.jobs.latest(visitor)
 
 
 def _progress_html(state: JobState | None, queue_position: int) -> str:

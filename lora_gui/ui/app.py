@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS_VARIABLE = "LORA_GUI_SHUTDOWN_SECONDS"
 DEFAULT_SHUTDOWN_SECONDS = 25.0
 
+CACHE_SECONDS = 24 * 3600
 EXPIRY_SECONDS = 3600.0  # how often old staged pictures and runs are looked for while the app runs
 
 DEMO_PRESET = "tiny-cpu-demo"
@@ -79,7 +80,11 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, 
     jobs.model_policy = generators.policy = ctx.model_policy
     # What the browser keeps is encrypted with a key kept beside the runs, so it still reads after a restart.
     browser_key = app_secret(ctx.runs_dir)
-    with gr.Blocks(title="LoRA trainer") as demo:
+    # Gradio keeps every upload and every file handed to a page in its cache. On a Space they are dropped a day
+    # later (the pictures are in the staging folders by then, and a page asks for its files again), so the disk
+    # that strangers share does not fill with them.
+    delete_cache = (CACHE_SECONDS, CACHE_SECONDS) if ctx.on_space else None
+    with gr.Blocks(title="LoRA trainer", delete_cache=delete_cache) as demo:
         ctx.add(
             {
                 # Who this page's visitor is (owners.py), set when the page loads; every handler is told.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -148,14 +149,14 @@ def start_app(runs_dir: Path, log: Path, env: dict[str, str] | None = None) -> t
             time.sleep(0.5)
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
-    runs_dir = tmp_path_factory.mktemp("app-runs")
+@contextlib.contextmanager
+def running_app(runs_dir: Path, log_name: str, env: dict[str, str] | None = None) -> Iterator[AppServer]:
+    """`python app.py` as a user starts it (with `env`: as a Space starts it), its output in test-artifacts/; on
+    leaving, stopped as Spaces stop it, and checked to have logged no error."""
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "app-server.log"
+    log = ARTIFACTS / log_name
     log.write_text("")
-    process, url = start_app(runs_dir, log)
+    process, url = start_app(runs_dir, log, env)
     yield AppServer(url, runs_dir, log)
     process.terminate()
     try:
@@ -163,6 +164,13 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     except subprocess.TimeoutExpired:
         process.kill()
     assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
+    with running_app(tmp_path_factory.mktemp("app-runs"), "app-server.log") as server:
+        yield server
 
 
 def train_argv(base_model: Path | str, data: Path | str, output: Path | str, **flags: object) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ARTIFACTS, AppServer, start_app
+from conftest import AppServer, running_app
 from gradio_client import Client, handle_file
 from test_app import QUICK, progress, text, upload_pictures
 
@@ -37,15 +37,8 @@ A_RUN = "a-private-run"
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    runs_dir = tmp_path_factory.mktemp("space-runs")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "space-server.log"
-    log.write_text("")
-    process, url = start_app(runs_dir, log, env=SPACE)
-    yield AppServer(url, runs_dir, log)
-    process.terminate()
-    process.wait(60)
-    assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"
+    with running_app(tmp_path_factory.mktemp("space-runs"), "space-server.log", env=SPACE) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,79 @@
+"""Captions for the user's pictures, written by a captioning model: one file per kind of captioner behind the
+`Captioner` interface (`florence.py`: Florence-2, sentences for photos; `wd_tagger.py`: SmilingWolf's WD taggers,
+booru tags for anime and illustration), and the one pass that captions a folder of pictures.
+
+A captioner is loaded from a Hub id (downloaded once, with its progress told) or a local folder in the same
+layout, which is how the tests load their tiny random-weight captioners through the same code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from PIL import Image
+
+from lora_gui.base_models import DownloadProgress, HubToken
+from lora_gui.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CaptionerInfo:
+    """What the app shows about a captioner before anything is downloaded."""
+
+    name: str  # the CLI's --captioner value and the app's menu value: "florence2-base", "wd-tagger"
+    title: str  # "Florence-2 base: sentences, for photos"
+    repo_id: str  # where its weights come from on the Hub
+    download_mb: int  # what the first use downloads, shown beside its name
+    writes: str  # "sentences" or "tags"
+
+
+class Captioner(ABC):
+    """A loaded captioning model. `caption` takes pictures (RGB) and gives one caption each; `close` frees its
+    memory (a GPU's especially), after which it is not used again."""
+
+    infos: ClassVar[tuple[CaptionerInfo, ...]]  # the named variants this class loads (Florence-2 base and large)
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls,
+        info: CaptionerInfo,
+        source: str | Path | None = None,
+        device: str = "cpu",
+        token: HubToken = None,
+        on_progress: Callable[[DownloadProgress], None] | None = None,
+        **options: object,
+    ) -> Captioner:
+        """Load `info`'s model from `source` (a local folder in the model's own layout), else from its Hub id
+        (downloaded the first time, its progress told to `on_progress`)."""
+
+    @abstractmethod
+    def caption(self, images: list[Image.Image]) -> list[str]: ...
+
+    def close(self) -> None:  # noqa: B027 (a captioner holding nothing to free needs no override)
+        """Free the model's memory."""
+
+
+def _registry() -> dict[str, tuple[type[Captioner], CaptionerInfo]]:
+    from lora_gui.captioning.florence import Florence2
+    from lora_gui.captioning.wd_tagger import WdTagger
+
+    return {info.name: (kind, info) for kind in (Florence2, WdTagger) for info in kind.infos}
+
+
+def captioner_infos() -> list[CaptionerInfo]:
+    """Every captioner a user can pick, in menu order."""
+    return [info for _, info in _registry().values()]
+
+
+def load_captioner(name: str, **kwargs: object) -> Captioner:
+    """The captioner named `name` (see `captioner_infos`), loaded as `Captioner.load` says."""
+    registry = _registry()
+    if name not in registry:
+        raise ConfigError(f"there is no captioner named {name!r}; choose one of: {', '.join(registry)}")
+    kind, info = registry[name]
+    return kind.load(info, **kwargs)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_gui ui|train|generate|export|push|tiny-model|presets`.
+"""Command line: `python -m lora_gui ui|train|generate|export|push|tiny-model|presets|bench|doctor`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--family", default="sd15", choices=FAMILIES[1:])
     commands.add_parser("presets", help="list the presets")
     _bench_parser(commands)
+    _doctor_parser(commands)
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
@@ -355,6 +356,38 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- doctor ------------------------------------------------------------------------------------
+def _doctor_parser(commands: argparse._SubParsersAction) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="find what in a folder of pictures would make a LoRA worse, and how to fix it",
+        description="Looks for near-duplicates, small, blurry and very long pictures, and captions that are empty, "
+        "all the same, lack the trigger word or run past what the text encoder reads; one finding a line.",
+    )
+    doctor.add_argument("data", metavar="DATA", help="the folder of pictures (with same-name .txt captions)")
+    doctor.add_argument(
+        "--resolution", type=int, default=None, help="training resolution (default: the family's usual, else 512)"
+    )
+    doctor.add_argument("--family", default=None, choices=FAMILIES[1:], help="the base model's family")
+    doctor.add_argument("--trigger", default="", help=TrainConfig.help("trigger_word"))
+    doctor.add_argument("--default-caption", default="", help=TrainConfig.help("default_caption"))
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from lora_gui.doctor import diagnose
+    from lora_gui.families import get_family
+
+    if args.resolution is None:
+        args.resolution = get_family(args.family).default_resolution if args.family else TrainConfig().resolution
+    findings = diagnose(Path(args.data), args.resolution, args.family, args.trigger, args.default_caption)
+    for finding in findings:
+        files = f"{', '.join(finding.files[:5])}{' ...' if len(finding.files) > 5 else ''}: " if finding.files else ""
+        print(f"{finding.severity}: {files}{finding.message}")
+    if not findings:
+        print("No problems found.")
+    return 0
+
+
 COMMANDS = {
     "ui": _ui,
     "train": _train,
@@ -364,6 +397,7 @@ COMMANDS = {
     "tiny-model": _tiny_model,
     "presets": _presets,
     "bench": _bench,
+    "doctor": _doctor,
 }
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_gui ui|train|generate|export|push|tiny-model|presets|bench|doctor`.
+"""Command line: `python -m lora_gui ui|caption|train|generate|export|push|tiny-model|presets|bench|doctor`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -7,23 +7,31 @@ of a preset or a settings file. It also runs under `accelerate launch -m lora_gu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.lora_files import LORA_LAYOUTS
+
+if TYPE_CHECKING:
+    from lora_gui.base_models import DownloadProgress
+    from lora_gui.captioning.folder import CaptionPass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_gui", description="Train and use LoRAs for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
     _ui_parser(commands)
+    _caption_parser(commands)
     _train_parser(commands)
     _generate_parser(commands)
     _export_parser(commands)
@@ -92,6 +100,13 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--preset", help=f"start from a preset: {', '.join(list_presets())}")
     source.add_argument("--config", help="start from a settings file (a run's config.json works)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    train.add_argument(
+        "--caption-missing",
+        metavar="CAPTIONER",
+        default=None,
+        help="first caption the pictures in --data that have no caption, with this captioner (see `caption`); "
+        "the captions are written beside the pictures",
+    )
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
@@ -130,6 +145,8 @@ def _train(args: argparse.Namespace) -> int:
     from lora_gui.train import train
 
     config = _config_from_args(args)
+    if args.caption_missing and not _caption_missing(config, args.caption_missing):
+        return 0
     stop = threading.Event()
 
     def on_interrupt(signum: int, frame: object) -> None:
@@ -184,6 +201,151 @@ def _train(args: argparse.Namespace) -> int:
 
     train(config, Path(args.output), resume=args.resume, on_event=on_event, should_stop=stop.is_set)
     return 0
+
+
+# ---- caption -----------------------------------------------------------------------------------
+def _caption_parser(commands: argparse._SubParsersAction) -> None:
+    caption = commands.add_parser(
+        "caption",
+        help="write a caption for each picture of a folder, with a captioning model",
+        description="Writes each picture's caption into a same-name .txt file beside it, which training reads. "
+        "Without --overwrite, only pictures with no caption (or an empty one) are captioned. A captioner downloads "
+        "the first time it is used.",
+    )
+    caption.add_argument("data", metavar="DATA", help="the folder of pictures (subfolders too)")
+    caption.add_argument(
+        "--captioner",
+        required=True,
+        metavar="NAME",
+        help="which captioning model: florence2-base or florence2-large (sentences, for photos), wd-tagger or "
+        "wd-tagger-large (booru tags, for anime and illustration)",
+    )
+    caption.add_argument("--overwrite", action="store_true", help="caption every picture again, replacing its caption")
+    caption.add_argument("--prefix", default="", metavar="WORD", help="put this word (a trigger word) in front")
+    caption.add_argument(
+        "--source", default=None, metavar="FOLDER", help="load the captioner from this folder instead of the Hub"
+    )
+    caption.add_argument(
+        "--threshold", type=float, default=None, help="WD taggers: how sure a tag must be, 0 to 1 (default 0.35)"
+    )
+    caption.add_argument(
+        "--exclude", default=None, metavar="TAGS", help="WD taggers: tags to leave out, comma-separated"
+    )
+    caption.add_argument("--batch-size", type=int, default=4, help="pictures captioned at a time (default 4)")
+
+
+def _caption(args: argparse.Namespace) -> int:
+    _caption_pictures(
+        Path(args.data).expanduser(),
+        args.captioner,
+        overwrite=args.overwrite,
+        prefix=args.prefix,
+        source=args.source,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        exclude=args.exclude,
+    )
+    return 0
+
+
+def _caption_missing(config: TrainConfig, captioner: str) -> bool:
+    """`train --caption-missing`: caption the pictures of --data that have none; whether to go on and train."""
+    folder = Path(config.data).expanduser()
+    if not folder.is_dir():
+        raise LoraGuiError(
+            f"--caption-missing writes captions beside the pictures, so --data must be a folder (got {config.data!r})"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would caption the same pictures at once
+        raise LoraGuiError(
+            "--caption-missing can't run under accelerate launch: caption first with `python -m lora_gui caption`"
+        )
+    # No trigger word in the files: training puts it in front of every caption itself.
+    result = _caption_pictures(folder, captioner)
+    if result is not None and result.captioned:
+        print(f"The captions are written beside the pictures in {folder} (same-name .txt files)", file=sys.stderr)
+    if result is not None and result.stopped:
+        print("Stopped before training: run the same command again to caption the rest and train", file=sys.stderr)
+        return False
+    return True
+
+
+def _caption_pictures(folder: Path, name: str, **settings: Any) -> CaptionPass | None:
+    """Caption the pictures of `folder` with the captioner `name`, with progress bars (its download, then the
+    pictures), the pictures skipped, and a summary line; Ctrl+C stops after the batch. None: nothing to caption."""
+    from tqdm import tqdm
+
+    from lora_gui.captioning import load_captioner
+    from lora_gui.captioning.folder import caption_folder, pictures_to_caption
+    from lora_gui.devices import has_cuda
+
+    overwrite, prefix = settings.pop("overwrite", False), settings.pop("prefix", "")
+    batch_size = settings.pop("batch_size", 4)
+    total = len(pictures_to_caption(folder, overwrite=overwrite))
+    if not total:
+        again = "" if overwrite else " (--overwrite captions them again)"
+        print(f"No picture in {folder} needs a caption{again}", file=sys.stderr)
+        return None
+    options = {key: value for key, value in settings.items() if value is not None}  # flags left unset
+    captioner = load_captioner(name, device="cuda" if has_cuda() else "cpu", on_progress=_download_bar(), **options)
+    where = getattr(captioner, "runs_on", "")
+    print(f"Captioning {total} pictures in {folder} with {name}{f' on {where}' if where else ''}", file=sys.stderr)
+    bar = tqdm(total=total, unit="picture", dynamic_ncols=True)
+    try:
+        with _stop_on_ctrl_c("Stopping after these pictures") as stop:
+            result = caption_folder(
+                folder,
+                captioner,
+                overwrite=overwrite,
+                prefix=prefix,
+                batch_size=batch_size,
+                on_caption=lambda relpath, caption: bar.update(1),
+                should_stop=stop.is_set,
+            )
+    finally:
+        bar.close()
+        captioner.close()
+    for skipped in result.skipped:
+        print(f"Skipped {skipped}", file=sys.stderr)
+    for relpath in result.kept:
+        print(f"Kept {relpath}'s caption: it was edited while captioning ran", file=sys.stderr)
+    print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _download_bar() -> Callable[[DownloadProgress], None]:
+    """A progress bar for a download, drawn from its first report."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def show(progress: DownloadProgress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total_bytes, unit="B", unit_scale=True, desc=f"Downloading {progress.repo}")
+        bar.update(progress.done_bytes - bar.n)
+        bar.set_postfix_str(f"{progress.files_done} of {progress.files_total} files")
+        if progress.files_done == progress.files_total:
+            bar.close()
+
+    return show
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(saying: str) -> Iterator[threading.Event]:
+    """An event Ctrl+C sets (a second one quits at once), for work that stops cleanly at its next step."""
+    stop = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(f"\n{saying} (press Ctrl+C again to quit at once)...", file=sys.stderr)
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -390,6 +552,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "ui": _ui,
+    "caption": _caption,
     "train": _train,
     "generate": _generate,
     "export": _export,

@@ -322,6 +322,41 @@ def download(
         log.warning("Downloading %s failed (%s); loading it tries what is cached", repo_id, error)
 
 
+def download_files(
+    repo_id: str,
+    allow_patterns: list[str],
+    token: HubToken = None,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
+) -> Path:
+    """The folder of a Hub repo's files that match `allow_patterns` (a captioner's), downloaded into the download
+    cache the first time, its progress told to `on_progress` as `download` tells it. Offline (HF_HUB_OFFLINE), or
+    when the download fails, the cached files; none cached is a ModelLoadError saying to connect once. A gated or
+    unknown repo, or a refused token, is said as for a base model."""
+    files = {"allow_patterns": list(allow_patterns)}
+    failure = "offline mode is on (HF_HUB_OFFLINE)"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            if on_progress is None:
+                return Path(snapshot_download(repo_id, token=token, **files))
+            planned = _planned_files(repo_id, token, files)
+            if any(file.will_download for file in planned):
+                _download_reporting(repo_id, token, files, planned, on_progress)
+        except Exception as error:
+            refusal = _refusal(error, repo_id, token)
+            if refusal is not None:
+                raise refusal from None
+            # No connection, a full disk...: a copy downloaded before still does.
+            failure = f"downloading it failed ({(str(error) or type(error).__name__).splitlines()[0]})"
+            log.warning("Downloading %s failed (%s); trying the download cache", repo_id, error)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **files))
+    except Exception:
+        raise ModelLoadError(
+            f"{repo_id} is not in this computer's download cache and {failure}: it downloads once, the first time "
+            "it is used with an internet connection, and works offline after that"
+        ) from None
+
+
 def _refusal(error: Exception, repo_id: str, token: HubToken) -> ModelLoadError | None:
     """The Hub's no to a model (gated, unknown, or the token refused), said plainly; None for any other failure."""
     if isinstance(error, ModelLoadError):  # already said plainly (too big to download)

@@ -77,3 +77,24 @@ def load_captioner(name: str, **kwargs: object) -> Captioner:
         raise ConfigError(f"there is no captioner named {name!r}; choose one of: {', '.join(registry)}")
     kind, info = registry[name]
     return kind.load(info, **kwargs)  # type: ignore[arg-type]
+
+
+def ensure_tiny_captioner(folder: Path) -> Path:
+    """The tiny random tagger in `folder`, written the first time it is asked for (beside it, then renamed into
+    place, so a half-written one is never loaded): what the offline demo and the tests caption with."""
+    import shutil
+    import tempfile
+
+    from lora_gui.captioning.wd_tagger import write_tiny
+
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    written = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    write_tiny(written)
+    try:
+        written.rename(folder)
+    except OSError:  # another caller's copy won the race
+        shutil.rmtree(written, ignore_errors=True)
+    return folder

@@ -12,7 +12,10 @@ caption edited in the app while the pass ran) is kept as the user left it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +23,12 @@ from PIL import Image
 
 from lora_gui import data
 from lora_gui.atomic import write_text_atomic
-from lora_gui.captioning import Captioner
+from lora_gui.base_models import DownloadProgress
+from lora_gui.captioning import Captioner, load_captioner
 from lora_gui.data import Skipped
-from lora_gui.errors import ConfigError, DataError
+from lora_gui.errors import ConfigError, DataError, LoraGuiError
+
+log = logging.getLogger(__name__)
 
 # Pictures are decoded with at least this many pixels a side (a JPEG at a fraction of its size, which costs a
 # fraction of the time): more than the captioners look at (448 for the WD taggers, 768 for Florence-2).
@@ -146,3 +152,48 @@ def _open(path: Path, folder: Path, result: CaptionPass) -> Image.Image | None:
         reason = GONE
     result.skipped.append(Skipped(path.relative_to(folder).as_posix(), reason))
     return None
+
+
+def caption_in_background(
+    name: str,
+    folder: Path,
+    *,
+    should_stop: Callable[[], bool],
+    overwrite: bool = False,
+    prefix: str = "",
+    **load: object,
+) -> Iterator[str | DownloadProgress | tuple[str, str] | CaptionPass | LoraGuiError]:
+    """A captioning pass run on a thread of its own, told as it goes: its download's progress, where the
+    captioner runs (a sentence), each caption written as (relpath, caption), and last what the pass did, or the
+    error that ended it. `load` is handed to `load_captioner`. The captioner's memory is freed at the end."""
+    told: queue.Queue[object] = queue.Queue()
+    ended = object()
+
+    def work() -> None:
+        try:
+            captioner = load_captioner(name, on_progress=told.put, **load)
+            try:
+                told.put(f"Captioning on {getattr(captioner, 'runs_on', 'the CPU')}…")
+                told.put(
+                    caption_folder(
+                        folder,
+                        captioner,
+                        overwrite=overwrite,
+                        prefix=prefix,
+                        on_caption=lambda relpath, caption: told.put((relpath, caption)),
+                        should_stop=should_stop,
+                    )
+                )
+            finally:
+                captioner.close()
+        except LoraGuiError as error:
+            told.put(error)
+        except Exception as error:  # a bug or a broken model: said, rather than the page waiting forever
+            log.exception("Captioning failed")
+            told.put(LoraGuiError(f"captioning failed on an unexpected error: {type(error).__name__}: {error}"))
+        finally:
+            told.put(ended)
+
+    threading.Thread(target=work, name="lora-gui-captioning", daemon=True).start()
+    while (event := told.get()) is not ended:
+        yield event  # type: ignore[misc]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 import inspect
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,12 @@ from gradio import processing_utils
 from gradio import utils as gradio_utils
 
 from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, HubToken, family_from_files, is_hub_id
+from lora_gui.captioning import ensure_tiny_captioner, load_captioner
+from lora_gui.captioning.folder import DRAFT_SIDE, caption_in_background
 from lora_gui.config import list_presets, load_preset
+from lora_gui.data import UnusableImage, open_image
 from lora_gui.devices import matmul_tflops
-from lora_gui.errors import ConfigError, LoraGuiError
+from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.families import REGISTRY
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
@@ -35,6 +39,8 @@ TINY_CHOICES = {
     TINY_CHOICE: "sd15",
     **{f"Tiny {family.short_title} demo (offline, CPU)": name for name, family in REGISTRY.items() if name != "sd15"},
 }
+# The tiny random tagger in the captioner menu: offline, instant, and its tags are random.
+TINY_CAPTIONER = "Tiny random tagger (offline demo: its tags are random)"
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 BASE_MODELS_ENV = "LORA_GUI_BASE_MODELS"  # comma-separated Hub ids: the only ones this server accepts
@@ -93,6 +99,7 @@ class Ctx:
     limits: Limits = field(default_factory=Limits)  # what one visitor may use (limits.py)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
     _tflops: float | None = field(default=None, init=False)
+    _caption_stops: dict[str, threading.Event] = field(default_factory=dict, init=False)
 
     def add(self, components: dict[str, Any]) -> dict[str, Any]:
         clashes = set(components) & set(self.components)
@@ -123,21 +130,29 @@ class Ctx:
 
         wants_visitor = "visitor" in inspect.signature(handler).parameters
 
-        def run(
-            request: gr.Request,
-            oauth_profile: gr.OAuthProfile | None = None,
-            oauth_token: gr.OAuthToken | None = None,
-            progress: gr.Progress | None = None,
-            **values: Any,
+        def call(
+            request: gr.Request, profile: Any = None, token: Any = None, progress: Any = None, *, values: dict[str, Any]
         ) -> Any:
             # Who is asking is worked out here, for every event, from what the caller can't forge: the
             # server-side session, the sign-in cookie, the --auth login. Never from the page.
-            visitor = self.visitor(request, values.pop("owner", ""), oauth_profile, oauth_token)
+            visitor = self.visitor(request, values.pop("owner", ""), profile, token)
             extra = {"visitor": visitor} if wants_visitor else {}
-            result = handler(self, **values, **extra, **({"progress": progress} if reports_progress else {}))
+            return handler(self, **values, **extra, **({"progress": progress} if reports_progress else {}))
+
+        def shown(result: dict[str, Any]) -> Any:
             if not result:  # Gradio reads an empty dict as one output's value, not as "no change"
                 return gr.skip() if len(outputs) == 1 else tuple(gr.skip() for _ in outputs)
             return {self.components[name]: value for name, value in result.items()}
+
+        # Gradio hands the special values (the request, the sign-in, its progress bar) first, by position.
+        def run(*special: Any, **values: Any) -> Any:
+            return shown(call(*special, values=values))
+
+        def run_steps(*special: Any, **values: Any) -> Any:  # a long task, showing how far it got as it goes
+            for result in call(*special, values=values):
+                yield shown(result)
+
+        target = run_steps if inspect.isgeneratorfunction(handler) else run
 
         # Gradio's API makes a parameter optional when the component starts with a value, or when the
         # function's own parameter defaults to None: so an empty file or menu may be left out of a call too.
@@ -162,15 +177,15 @@ class Ctx:
         ]
         if reports_progress:
             special.append(inspect.Parameter("progress", positional, default=gr.Progress()))
-        run.__signature__ = inspect.Signature(special + parameters)  # type: ignore[attr-defined]
-        run.__annotations__ = {
+        target.__signature__ = inspect.Signature(special + parameters)  # type: ignore[attr-defined]
+        target.__annotations__ = {
             "request": gr.Request,
             "oauth_profile": gr.OAuthProfile | None,
             "oauth_token": gr.OAuthToken | None,
         }
 
         return trigger(
-            run,
+            target,
             inputs_kwargs=components or None,
             outputs=[self.components[name] for name in outputs],
             **kwargs,
@@ -290,6 +305,55 @@ class Ctx:
         if choice in TINY_CHOICES:
             return TINY_CHOICES[choice]
         return family_from_files(choice, self.model_policy)
+
+    # ---- captioning ---------------------------------------------------------------------------
+    def caption_in_background(
+        self,
+        choice: str,
+        folder: Path,
+        visitor: Visitor,
+        *,
+        overwrite: bool,
+        prefix: str,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Any]:
+        """A captioning pass over a visitor's pictures with the captioner chosen, told as it goes (see
+        captioning.folder.caption_in_background), first why it runs on the processor if a run has the GPU."""
+        name, load, why = self._captioner(choice, visitor)
+        if why:
+            yield why
+        yield from caption_in_background(
+            name, folder, overwrite=overwrite, prefix=prefix, should_stop=should_stop, **load
+        )
+
+    def caption_picture(self, choice: str, picture: Path, visitor: Visitor) -> str:
+        """One picture's caption by the captioner chosen, which is loaded for it and freed after."""
+        name, load, _ = self._captioner(choice, visitor)
+        try:
+            image = open_image(picture, draft_side=DRAFT_SIDE)
+        except UnusableImage as problem:
+            raise DataError(f"{picture.name} can't be captioned: {problem}") from None
+        captioner = load_captioner(name, **load)
+        try:
+            return captioner.caption([image])[0]
+        finally:
+            captioner.close()
+
+    def caption_stop(self, session: str, create: bool = True) -> threading.Event:
+        """The Stop of a staging folder's captioning: a fresh one for each pass."""
+        if create or session not in self._caption_stops:
+            self._caption_stops[session] = threading.Event()
+        return self._caption_stops[session]
+
+    def _captioner(self, choice: str, visitor: Visitor) -> tuple[str, dict[str, Any], str]:
+        """The registry name, how to load it, and why it runs on the processor where a run holds the GPU: a training
+        run keeps the GPU to itself."""
+        training = self.has_cuda and self.jobs.training_now() is not None
+        device = "cuda" if self.has_cuda and not training else "cpu"
+        why = "A run is training on the GPU, so captioning runs on the processor (slower)." if training else ""
+        if choice == TINY_CAPTIONER:
+            return "wd-tagger", {"source": ensure_tiny_captioner(self.runs_dir / MODELS_FOLDER / "tiny-wd-tagger")}, why
+        return choice, {"device": device, "token": self.hub_token(None, visitor)}, why
 
     # ---- the GPU ------------------------------------------------------------------------------
     def gpu_tflops(self) -> float | None:

@@ -211,3 +211,45 @@ def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server):
         expect(page.get_by_text("Made with the LoRA of flux-browser-run at strength 1")).to_be_visible()
         shot(page, "11-flux-generate")
         browser.close()
+
+
+def test_pictures_without_captions_are_captioned_checked_and_trained_in_a_real_browser(app_server, tmp_path):
+    """Issue 15's path in the page: pictures dropped with no caption at all, captioned by the tiny tagger with
+    the trigger word in front (captions appear in the grid), the doctor's findings with a one-click fix, then
+    Start: a LoRA, with nobody typing a caption."""
+    photos = write_demo_dataset(tmp_path / "photos", count=6, size=(160, 160))
+    for caption in photos.glob("*.txt"):
+        caption.unlink()
+    (photos / "demo_05.png").write_bytes((photos / "demo_00.png").read_bytes())  # a copy, for the doctor
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(MINUTE)
+        page.goto(app_server.url)
+        page.locator("#dataset-upload input[type=file]").set_input_files(sorted(photos.iterdir()))
+        expect(page.locator("#dataset-checks")).to_contain_text("6 without a caption")
+
+        page.get_by_role("button", name=re.compile("Edit all captions at once")).click()
+        page.get_by_label("Trigger word").fill("zqx")
+        pick(page, "Captioner", "Tiny random tagger")
+        page.get_by_role("button", name="Caption pictures without one").click()
+        expect(page.locator("#caption-notice")).to_contain_text("Captioned 6 pictures", timeout=2 * MINUTE)
+        expect(page.get_by_label("demo_01.png")).to_have_value(re.compile(r"^zqx, \S"))
+        expect(page.locator("#dataset-checks")).to_contain_text("6 pictures ready to train")
+        shot(page, "12-captioned")
+
+        page.get_by_role("button", name=re.compile("Look for problems")).click()
+        expect(page.locator("#doctor-notice")).to_contain_text("to look at")
+        expect(page.get_by_text("are nearly the same picture").or_(page.get_by_text("Exact copies"))).to_be_visible()
+        shot(page, "13-doctor")
+
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#setting-max_steps input").fill("2")
+        page.get_by_label("Run name").fill("captioned-in-the-browser")
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator("#train-progress")).to_contain_text("captioned-in-the-browser finished", timeout=3 * MINUTE)
+        shot(page, "14-captioned-trained")
+        browser.close()
+    dataset = app_server.runs_dir / "captioned-in-the-browser" / "dataset"
+    assert all(path.read_text().startswith("zqx, ") for path in dataset.glob("*.txt"))
+    assert (app_server.runs_dir / "captioned-in-the-browser" / "captioned-in-the-browser.safetensors").is_file()

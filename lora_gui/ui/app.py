@@ -23,7 +23,14 @@ from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed, sign_in_available
-from lora_gui.ui.dataset import build_dataset_grid, build_dataset_tab, checks_html, pages_update, wire_dataset_tab
+from lora_gui.ui.dataset import (
+    build_dataset_grid,
+    build_dataset_tab,
+    build_findings,
+    checks_html,
+    pages_update,
+    wire_dataset_tab,
+)
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
 from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, preset_menu, show_estimate, wire_train_tab
@@ -114,6 +121,7 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, 
             ctx.add({"tabs": tabs})
             with gr.Tab("Dataset", id="dataset"):
                 ctx.add(build_dataset_tab(ctx))
+                build_findings(ctx)
                 build_dataset_grid(ctx)
             with gr.Tab("Train", id="train"):
                 ctx.add(build_train_tab(ctx))

@@ -5,6 +5,7 @@ Everything acts on the session's staging folder on disk (lora_gui.staging); the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import math
@@ -18,7 +19,8 @@ from lora_gui.captioning import captioner_infos
 from lora_gui.captioning.folder import CaptionPass, pictures_to_caption
 from lora_gui.config import TrainConfig
 from lora_gui.data import full_caption
-from lora_gui.errors import LoraGuiError
+from lora_gui.doctor import Finding, apply_fix, diagnose
+from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
 from lora_gui.staging import DatasetReport, Staging
 from lora_gui.ui.common import TINY_CAPTIONER, Ctx, error_notice, notice, served
@@ -91,6 +93,12 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             c["fill"] = gr.Button("Fill empty captions")
         c["clear"] = gr.Button("Remove all pictures", variant="stop", size="sm")
     c["report"] = gr.HTML(_report_html(None), elem_id="dataset-checks")
+    with gr.Row(equal_height=True):
+        c["check_problems"] = gr.Button(
+            "Look for problems (near-copies, blur, small pictures, captions…)", size="sm", elem_id="check-problems"
+        )
+        c["doctor_notice"] = gr.HTML(elem_id="doctor-notice")
+    c["findings"] = gr.State([])
     c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
     return c
 
@@ -165,8 +173,27 @@ def build_dataset_grid(ctx: Ctx) -> None:
                     )
 
 
+def build_findings(ctx: Ctx) -> None:
+    """What the dataset doctor found, one line each, with its one-click fix where it has one."""
+
+    @gr.render(inputs=[ctx["findings"]], triggers=[ctx["findings"].change])
+    def findings(found: list[dict[str, Any]]) -> None:
+        for index, finding in enumerate(found or []):
+            with gr.Row(equal_height=True, elem_classes="lg-finding"):
+                gr.HTML(notice(finding["message"], "warning" if finding["severity"] == "warning" else "info"))
+                if finding["fix"]:
+                    button = gr.Button(FIX_WORDS.get(finding["fix"], "Fix it"), size="sm", scale=0, min_width=150)
+                    ctx.wire(
+                        button.click,
+                        functools.partial(fix_problem, index=index),
+                        ["findings", "base_model", "trigger", *CHECKS],
+                        ["findings", "doctor_notice", "dataset_version", "report", "page"],
+                        api_visibility="private",
+                    )
+
+
 def wire_dataset_tab(ctx: Ctx) -> None:
-    checks = ["session", "resolution", "default_caption", "dataset_version"]
+    checks = CHECKS
     changed = ["session", "remembered", "dataset_version", "dataset_notice", "report", "page"]
     ctx.wire(ctx["upload"].upload, add_uploads, ["upload", *checks], [*changed, "upload"], api_name="upload")
     ctx.wire(ctx["add_folder"].click, add_folder, ["folder", *checks], changed, api_name="add_folder")
@@ -201,6 +228,13 @@ def wire_dataset_tab(ctx: Ctx) -> None:
         **one_at_a_time,
     )
     ctx.wire(ctx["caption_stop"].click, stop_captioning, ["session"], ["caption_notice"], api_name="stop_captioning")
+    ctx.wire(
+        ctx["check_problems"].click,
+        check_problems,
+        ["base_model", "trigger", *CHECKS],
+        ["findings", "doctor_notice"],
+        api_name="check_problems",
+    )
     for setting in ("resolution", "default_caption"):
         ctx.wire(ctx[setting].change, show_checks, checks[:3], ["report"], api_visibility="private")
 
@@ -281,6 +315,58 @@ def _change(
         "dataset_version": (dataset_version or 0) + 1,
         "dataset_notice": message,
         "report": _report_html(staging.check(_resolution(resolution), default_caption or "")),
+        "page": pages_update(staging),
+    }
+
+
+# What each of the doctor's one-click fixes is called on its button.
+FIX_WORDS = {
+    "keep-first": "Keep the first, remove the rest",
+    "remove": "Remove them",
+    "add-trigger": "Add the trigger word",
+    "match-trigger": "Write it the same everywhere",
+}
+CHECKS = ["session", "resolution", "default_caption", "dataset_version"]
+
+
+def check_problems(ctx: Ctx, visitor: Visitor, base_model: str, trigger: str, **checks: Any) -> dict[str, Any]:
+    """The dataset doctor's findings on the visitor's pictures (for the base model's family, where it is known)."""
+    staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
+    if staging is None or not staging.items():
+        return {"findings": [], "doctor_notice": notice("Add pictures first.", "warning")}
+    try:
+        found = diagnose(
+            staging.folder,
+            _resolution(checks["resolution"]),
+            ctx.base_model_family(base_model),
+            trigger or "",
+            checks["default_caption"] or "",
+        )
+    except LoraGuiError as error:
+        return {"findings": [], "doctor_notice": error_notice(error)}
+    summary = f"{len(found)} thing{'s' if len(found) != 1 else ''} to look at:" if found else "No problems found."
+    return {"findings": [dataclasses.asdict(finding) for finding in found], "doctor_notice": notice(summary)}
+
+
+def fix_problem(
+    ctx: Ctx, visitor: Visitor, index: int, findings: list[dict[str, Any]], base_model: str, trigger: str, **checks
+) -> dict[str, Any]:
+    """Apply one finding's fix, then look again."""
+    staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
+    try:
+        if staging is None or not 0 <= index < len(findings or []):
+            raise DataError("look for problems again first: the pictures changed")
+        values = findings[index]
+        done = apply_fix(staging.folder, Finding(**{**values, "files": tuple(values["files"])}), trigger or "")
+    except (LoraGuiError, TypeError) as error:
+        return {"doctor_notice": error_notice(error if isinstance(error, LoraGuiError) else DataError(str(error)))}
+    again = check_problems(ctx, visitor, base_model, trigger, **checks)
+    version = (checks["dataset_version"] or 0) + 1
+    return {
+        **again,
+        "doctor_notice": notice(done),
+        "dataset_version": version,
+        "report": checks_html(ctx, visitor, checks["session"], checks["resolution"], checks["default_caption"]),
         "page": pages_update(staging),
     }
 

@@ -287,9 +287,8 @@ def _caption_pictures(folder: Path, name: str, **settings: Any) -> CaptionPass |
         return None
     options = {key: value for key, value in settings.items() if value is not None}  # flags left unset
     captioner = load_captioner(name, device="cuda" if has_cuda() else "cpu", on_progress=_download_bar(), **options)
-    where = getattr(captioner, "runs_on", "")
     pictures = f"{total} picture{'' if total == 1 else 's'}"
-    print(f"Captioning {pictures} in {folder} with {name}{f' on {where}' if where else ''}", file=sys.stderr)
+    print(f"Captioning {pictures} in {folder} with {name} on {captioner.runs_on}", file=sys.stderr)
     bar = tqdm(total=total, unit="picture", dynamic_ncols=True)
     try:
         with _stop_on_ctrl_c("Stopping after these pictures") as stop:

@@ -36,6 +36,7 @@ class Captioner(ABC):
     memory (a GPU's especially), after which it is not used again."""
 
     infos: ClassVar[tuple[CaptionerInfo, ...]]  # the named variants this class loads (Florence-2 base and large)
+    runs_on: str = "the CPU"  # or "the GPU": where it ended up, for the user to read
 
     @classmethod
     @abstractmethod

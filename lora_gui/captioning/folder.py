@@ -173,7 +173,7 @@ def caption_in_background(
         try:
             captioner = load_captioner(name, on_progress=told.put, **load)
             try:
-                told.put(f"Captioning on {getattr(captioner, 'runs_on', 'the CPU')}…")
+                told.put(f"Captioning on {captioner.runs_on}…")
                 told.put(
                     caption_folder(
                         folder,

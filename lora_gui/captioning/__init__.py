@@ -17,7 +17,7 @@ from typing import ClassVar
 from PIL import Image
 
 from lora_gui.base_models import DownloadProgress, HubToken
-from lora_gui.errors import ConfigError
+from lora_gui.errors import ConfigError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,30 @@ class Captioner(ABC):
 
     def close(self) -> None:  # noqa: B027 (a captioner holding nothing to free needs no override)
         """Free the model's memory."""
+
+
+def model_folder(
+    info: CaptionerInfo,
+    source: str | Path | None,
+    files: list[str],
+    what: str,
+    token: HubToken = None,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
+) -> tuple[Path, str]:
+    """Where a captioner's `files` are, and the Hub repo they came from ("" for a local folder): `source` (a
+    folder, or another such captioner's Hub id), else `info`'s Hub repo, downloaded the first time. `what` names
+    the captioner in messages ("Florence-2", "tagger")."""
+    from lora_gui.base_models import download_files, is_hub_id
+
+    repo_id = info.repo_id
+    if source is not None and str(source).strip():
+        folder = Path(source).expanduser()
+        if folder.is_dir():
+            return folder, ""
+        if not is_hub_id(str(source).strip()):
+            raise ModelLoadError(f"the {what} folder {folder} does not exist; check the path")
+        repo_id = str(source).strip()
+    return download_files(repo_id, files, token, on_progress), repo_id
 
 
 def _registry() -> dict[str, tuple[type[Captioner], CaptionerInfo]]:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from lora_gui import devices
-from lora_gui.base_models import DownloadProgress, HubToken, download_files, is_hub_id
-from lora_gui.captioning import Captioner, CaptionerInfo
+from lora_gui.base_models import DownloadProgress, HubToken
+from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
 
 # How much a caption says, and the task prompt that asks Florence-2 for it.
@@ -77,7 +77,7 @@ class Florence2(Captioner):
         Options: `detail` ("short", "detailed" or "more") and `max_tokens` (the longest caption, in tokens)."""
         detail, max_tokens = _options(options)
         dtype = _dtype_for(device)
-        folder = _folder(info, source, token, on_progress)
+        folder, _ = model_folder(info, source, _FILES, "Florence-2", token, on_progress)
         model, processor = _load_folder(folder, dtype)
         return cls(model.to(device).eval(), processor, detail, max_tokens)
 
@@ -136,25 +136,6 @@ def _dtype_for(device: str) -> torch.dtype:
     if not devices.has_cuda():
         raise ConfigError("there is no CUDA GPU on this computer: caption on the CPU instead (device 'cpu')")
     return torch.bfloat16 if devices.native_bf16() else torch.float16
-
-
-def _folder(
-    info: CaptionerInfo,
-    source: str | Path | None,
-    token: HubToken,
-    on_progress: Callable[[DownloadProgress], None] | None,
-) -> Path:
-    """Where the model's files are: `source` (a folder, or another Florence-2's Hub id), else `info`'s Hub repo,
-    downloaded the first time."""
-    repo_id = info.repo_id
-    if source is not None and str(source).strip():
-        folder = Path(source).expanduser()
-        if folder.is_dir():
-            return folder
-        if not is_hub_id(str(source).strip()):
-            raise ModelLoadError(f"the Florence-2 folder {folder} does not exist; check the path")
-        repo_id = str(source).strip()
-    return download_files(repo_id, _FILES, token, on_progress)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lora_gui.base_models import DownloadProgress, HubToken, download_files, is_hub_id
-from lora_gui.captioning import Captioner, CaptionerInfo
+from lora_gui.base_models import DownloadProgress, HubToken
+from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class WdTagger(Captioner):
         **options: object,
     ) -> WdTagger:
         settings = _options(options)
-        folder = _folder(info, source, token, on_progress)
+        folder = _checked(*model_folder(info, source, [MODEL_FILE, TAGS_FILE], "tagger", token, on_progress))
         tags = read_tags(folder / TAGS_FILE)
         session, runs_on = _session(folder / MODEL_FILE, device)
         _check_fits(session, tags, folder)
@@ -164,25 +164,6 @@ def _options(options: dict[str, object]) -> dict[str, Any]:
             f"the WD tagger has no setting {', '.join(unknown)}: it takes threshold, character_threshold and exclude"
         )
     return settings
-
-
-def _folder(
-    info: CaptionerInfo,
-    source: str | Path | None,
-    token: HubToken,
-    on_progress: Callable[[DownloadProgress], None] | None,
-) -> Path:
-    """Where the tagger's two files are: `source` (a folder, or another tagger's Hub id), else `info`'s Hub repo,
-    downloaded the first time."""
-    repo_id = info.repo_id
-    if source is not None and str(source).strip():
-        folder = Path(source).expanduser()
-        if folder.is_dir():
-            return _checked(folder)
-        if not is_hub_id(str(source).strip()):
-            raise ModelLoadError(f"the tagger folder {folder} does not exist; check the path")
-        repo_id = str(source).strip()
-    return _checked(download_files(repo_id, [MODEL_FILE, TAGS_FILE], token, on_progress), repo_id)
 
 
 def _checked(folder: Path, repo_id: str = "") -> Path:

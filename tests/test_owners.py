@@ -18,6 +18,7 @@ from lora_gui.owners import EVERYONE, Visitor, anonymous, app_secret, read_owner
 from lora_gui.staging import Staging
 from lora_gui.train import train
 from lora_gui.ui.app import build_app, parse_auth, restore
+from lora_gui.ui.common import TINY_CHOICE
 from lora_gui.ui.runs import push
 
 
@@ -87,9 +88,7 @@ def test_signing_in_keeps_what_was_made_before_and_pushes_with_the_sign_in(
     assert "There is no run named made-before" in refused["hub_notice"]
 
 
-def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_page_finds_neither(
-    tmp_path, space, tiny_model
-):
+def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_page_finds_neither(tmp_path, space):
     _, ctx = build_app(tmp_path, JobManager())
     page = dict(dataset_version=0, resolution=64, default_caption="")
     first = restore(ctx, ctx.visitor(request()), owner_key="", remembered="", my_presets={}, **page)
@@ -99,7 +98,8 @@ def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_pag
 
     staging = ctx.staging("", a)
     write_demo_dataset(staging.folder, count=2, size=(64, 64))
-    config = quick_config(tiny_model, staging.folder, max_steps=10_000, sample_prompts=["my secret prompt"])
+    tiny = ctx.resolve_base_model(TINY_CHOICE)  # the app's own model: the only path a Space's runs load
+    config = quick_config(tiny, staging.folder, max_steps=10_000, sample_prompts=["my secret prompt"])
     job = ctx.jobs.submit_new(config, ctx.runs_dir / "a-run", staging.folder, owner=a.owner)
     try:
         reloaded = restore(

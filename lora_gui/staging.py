@@ -157,8 +157,8 @@ class Staging:
     def _add_image(self, source: Path, relpath: str, caption: str | None, room: _Room) -> list[str]:
         """Copy an image in (a byte-identical one already there is kept, a different one with the same
         name gets a new name), with its caption when it has one; a note instead for a kind of picture training
-        can't read. Those are never kept: the staging folder is served to the page, where an SVG's script
-        would run. A picture over the server's limits is left out too (`room` counts what is left)."""
+        can't read. Those are never kept: an SVG can hold a script, which nothing here may ever hand a page. A
+        picture over the server's limits is left out too (`room` counts what is left)."""
         if problem := data.format_problem(relpath):
             return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
         if too_big := room.file_too_big(source, PurePosixPath(relpath).name):

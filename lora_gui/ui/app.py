@@ -19,7 +19,7 @@ from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
 from lora_gui.limits import Limits, expire_runs, expire_staging
 from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
-from lora_gui.runs import FAILED, default_runs_dir, record_interrupted
+from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed, sign_in_available
@@ -203,15 +203,15 @@ def restore(
     default_caption: str,
 ) -> dict[str, Any]:
     """A page opened (or reloaded): who its visitor is, from the secret their browser keeps (a new one the first
-    time); the settings of their latest run (the one the Train tab shows), so the demo's quick settings are still
-    there after a reload, unless it failed (its settings may be why); and the pictures this browser had added,
-    if they are still on the server."""
+    time); the settings of their run queued or training now (the one the Train tab shows live); and the
+    pictures this browser had added, if they are still on the server. An ended run's settings are not filled in:
+    they may be the ones that failed, and a page opened later starts from the defaults or a preset."""
     owner_key = owner_key if isinstance(owner_key, str) and len(owner_key) >= 32 else new_secret()
     owner = anonymous(owner_key) if ctx.shared and not ctx.users else ""
     visitor = visitor.known_in_this_browser_as(owner) if owner else visitor
     updates: dict[str, Any] = {"owner": owner, "owner_key": owner_key, "preset": preset_menu(ctx, my_presets)}
     job = ctx.jobs.latest(visitor)
-    if job is not None and job.snapshot().status != FAILED:
+    if job is not None and not job.done.is_set():
         config = job.config
         resolution, default_caption = config.resolution, config.default_caption
         updates.update(base_model=ctx.base_model_label(config.base_model), **config_form.widget_values(config))

@@ -331,16 +331,19 @@ def record_interrupted(runs_dir: str | Path, is_live: Callable[[Path], bool]) ->
     return marked
 
 
-def list_runs(runs_dir: str | Path) -> list[RunSummary]:
-    """Every run under `runs_dir`, newest first. Folders starting with a dot are the app's own; folders
-    without settings or a status are not runs."""
+def list_runs(runs_dir: str | Path, include: Callable[[Path], bool] = lambda folder: True) -> list[RunSummary]:
+    """Every run under `runs_dir` that `include` takes (a visitor's own), newest first; only those are read.
+    Folders starting with a dot are the app's own; folders without settings or a status are not runs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
     folders = [
         p
         for p in runs_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and ((p / "config.json").is_file() or (p / STATUS_FILE).is_file())
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and ((p / "config.json").is_file() or (p / STATUS_FILE).is_file())
+        and include(p)
     ]
     return sorted((summarize(p) for p in folders), key=lambda s: s.created, reverse=True)
 

@@ -234,7 +234,7 @@ class Ctx:
 
     def runs_of(self, visitor: Visitor) -> list[RunSummary]:
         """`visitor`'s runs, newest first."""
-        return [summary for summary in list_runs(self.runs_dir) if visitor.owns_folder(summary.path)]
+        return list_runs(self.runs_dir, include=visitor.owns_folder)
 
     def staging(self, session: str, visitor: Visitor) -> Staging:
         """The visitor's staged pictures (a new folder of theirs when the page has none yet), within this server's

@@ -26,7 +26,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FAMILIES = ("auto", *REGISTRY)
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor")
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
 # Settings a resumed run may change: they leave what was learned as it is (the learning rate after a divergence,
 # the length of the run, when to save and sample). The others stay as the run started.
 CHANGEABLE_ON_RESUME = (
@@ -38,6 +39,9 @@ CHANGEABLE_ON_RESUME = (
     "adam_epsilon",
     "max_grad_norm",
     "gradient_checkpointing",
+    "validation_every",
+    "keep_best",
+    "early_stop",
     "checkpoint_every",
     "keep_checkpoints",
     "sample_prompts",
@@ -94,7 +98,13 @@ class TrainConfig:
     text_encoder_learning_rate: float = _field(0.0, "Learning rate of the text encoder LoRA (0 = same as above).")
     lr_scheduler: str = _field("constant", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _field(0, "Steps over which the learning rate ramps up from zero.")
-    optimizer: str = _field("adamw", "adamw, or adamw8bit (less memory; needs bitsandbytes).", choices=OPTIMIZERS)
+    optimizer: str = _field(
+        "adamw",
+        "adamw (the usual); adamw8bit (less memory; NVIDIA GPUs); prodigy (finds its own step size: learning rate "
+        "1.0); adamw-schedulefree (no schedule needed); adafactor (least memory).",
+        choices=OPTIMIZERS,
+    )
+    prodigy_d_coef: float = _field(1.0, "Prodigy only: scales the step size it finds (0.5 gentler, 2 bolder).")
     adam_beta1: float = _field(0.9, "AdamW beta1.")
     adam_beta2: float = _field(0.999, "AdamW beta2.")
     adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
@@ -103,6 +113,12 @@ class TrainConfig:
 
     # The LoRA itself.
     rank: int = _field(16, "LoRA rank: its capacity. 4-8 for a style, 16-32 for a person.", "main")
+    lora_type: str = _field(
+        "lora",
+        "Kind of adapter: lora (the usual); dora (also learns each weight's size: often better at the same rank, "
+        "slower); loha or lokr (LyCORIS' Hadamard and Kronecker products: more capacity for the file size).",
+        choices=LORA_TYPES,
+    )
     alpha: float = _field(0.0, "LoRA alpha; the update is scaled by alpha / rank (0 = same as rank).")
     target_modules: list[str] = _field(
         [],
@@ -117,6 +133,24 @@ class TrainConfig:
     # Noise and loss.
     snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off).")
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark or bright images; 0 = off).")
+
+    # Validation: a loss on pictures never trained on, at fixed noise and timesteps, so its curve moves only
+    # because the LoRA changed.
+    validation_images: int = _field(
+        0,
+        "Pictures held out of training to measure a validation loss on (0 = none; 2-4 is plenty). "
+        "A set needs 8 pictures or more to spare them.",
+    )
+    validation_data: str = _field(
+        "", "A folder of pictures with captions to measure the validation loss on, instead of holding some out."
+    )
+    validation_every: int = _field(100, "Measure the validation loss every N steps.")
+    keep_best: bool = _field(
+        True, "Also keep the LoRA of the step with the lowest validation loss (<name>-best.safetensors)."
+    )
+    early_stop: int = _field(
+        0, "Stop when the validation loss has not improved for this many measurements in a row (0 = never)."
+    )
 
     # Speed and memory.
     mixed_precision: str = _field(
@@ -161,9 +195,11 @@ class TrainConfig:
         _between("epochs", self.epochs, 0, 100_000)
         _between("batch_size", self.batch_size, 1, 1024)
         _between("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
-        _positive_rate("learning_rate", self.learning_rate)
+        rate_check = _prodigy_rate if self.optimizer == "prodigy" else _positive_rate
+        rate_check("learning_rate", self.learning_rate)
         if self.text_encoder_learning_rate:
-            _positive_rate("text_encoder_learning_rate", self.text_encoder_learning_rate)
+            rate_check("text_encoder_learning_rate", self.text_encoder_learning_rate)
+        _between("prodigy_d_coef", self.prodigy_d_coef, 0.01, 100.0)
         _between("lr_warmup_steps", self.lr_warmup_steps, 0, 10_000_000)
         _between("adam_beta1", self.adam_beta1, 0.0, 0.9999)
         _between("adam_beta2", self.adam_beta2, 0.0, 0.99999)
@@ -185,11 +221,17 @@ class TrainConfig:
         _between("sample_steps", self.sample_steps, 1, 200)
         _between("sample_seed", self.sample_seed, 0, 2**32 - 1)
         _between("log_every", self.log_every, 1, 100_000)
+        _between("validation_images", self.validation_images, 0, 1000)
+        _between("validation_every", self.validation_every, 1, 10_000_000)
+        _between("early_stop", self.early_stop, 0, 10_000)
+        if self.validation_images and self.validation_data:
+            raise ConfigError("pick one way to validate: validation_images (held out) or validation_data (a folder)")
         for name, choices in (
             ("lr_scheduler", LR_SCHEDULERS),
             ("mixed_precision", MIXED_PRECISIONS),
             ("family", FAMILIES),
             ("optimizer", OPTIMIZERS),
+            ("lora_type", LORA_TYPES),
             ("quantize_base", tuple(QUANTIZATIONS)),
         ):
             if getattr(self, name) not in choices:
@@ -269,7 +311,20 @@ def _positive_rate(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be above 0; 1e-4 is a good start")
     if value > 0.01:
-        raise ConfigError(f"{name} {value:g} is far too high for LoRA and would wreck the model; try 1e-4")
+        raise ConfigError(
+            f"{name} {value:g} is far too high for LoRA and would wreck the model; try 1e-4 "
+            "(only the prodigy optimizer takes 1.0)"
+        )
+
+
+def _prodigy_rate(name: str, value: float) -> None:
+    """Prodigy finds its own step size: its learning rate only scales it, and 1.0 is what its authors advise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 0.1:
+        raise ConfigError(
+            f"{name} {value:g} is an AdamW learning rate: Prodigy finds its own step size, so its learning rate is "
+            "a multiplier; use 1.0"
+        )
+    _between(name, value, 0.1, 10.0)
 
 
 def _coerce(name: str, value: Any, default: Any, default_factory: Any) -> Any:

@@ -182,6 +182,8 @@ def _train(args: argparse.Namespace) -> int:
                 f"precision {event.data['precision']}",
                 file=sys.stderr,
             )
+            if event.data.get("validation"):
+                print(event.data["validation"], file=sys.stderr)
             bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True)
         elif event.kind == events.STEP and bar is not None:
             bar.update(event.step - bar.n)
@@ -193,6 +195,8 @@ def _train(args: argparse.Namespace) -> int:
                 bar.close()
             if event.kind == events.FINISHED:
                 print(f"Done. LoRA: {event.data['lora']}", file=sys.stderr)
+                if event.data.get("message"):
+                    print(event.data["message"], file=sys.stderr)
             elif event.kind == events.STOPPED:
                 print(
                     f"Stopped at step {event.step}. LoRA so far: {event.data['lora']}. Continue with --resume.",

@@ -42,6 +42,11 @@ class LatentCache:
         """The items (one per example given) of the examples that were cached, in the cache's order."""
         return [items[index] for index in self.kept]
 
+    def centre(self, index: int, device: torch.device) -> torch.Tensor:
+        """One picture's latents as they are (its distribution's mean, unflipped), scaled for the denoiser: no
+        draw, so a validation loss measured on them moves only because the LoRA changed. (1, C, h, w)"""
+        return ((self.mean[index].to(device) - self.shift_factor) * self.scaling_factor).unsqueeze(0)
+
     def sample(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
         """Draw latents for a batch (all from one bucket, so they stack), already scaled for the UNet."""
         count = len(self.geometry)

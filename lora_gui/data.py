@@ -30,7 +30,7 @@ import shutil
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
@@ -566,6 +566,41 @@ def prepare_run_dataset(config: TrainConfig, run: RunFolder) -> list[str]:
     return skipped
 
 
+# ---- validation pictures -----------------------------------------------------------------------
+# Fewer pictures than this can't spare any for validation: each one held out is a sizeable part of what the LoRA
+# learns from. At most a quarter of a set is held out.
+MIN_PICTURES_TO_HOLD_OUT = 8
+
+
+def hold_out(examples: list[Example], count: int, seed: int) -> tuple[list[int], str]:
+    """Which of the run's pictures (by index) to hold out of training for the validation loss, and a sentence
+    saying what was done. A pure function of the seed and the pictures' names, so a resumed run holds out the
+    same ones."""
+    if not count:
+        return [], ""
+    if len(examples) < MIN_PICTURES_TO_HOLD_OUT:
+        return [], (
+            f"No validation: {len(examples)} pictures are too few to hold any out (it takes "
+            f"{MIN_PICTURES_TO_HOLD_OUT} or more), so every picture trains. Add pictures, or give a folder of "
+            "validation pictures instead."
+        )
+    kept = min(count, len(examples) // 4)
+    names = sorted(range(len(examples)), key=lambda index: examples[index].caption_source)
+    chosen = sorted(random.Random(f"{seed}-validation").sample(names, kept))
+    listed = ", ".join(examples[index].caption_source for index in chosen)
+    fewer = f" (at most a quarter of the {len(examples)} pictures, not {count})" if kept < count else ""
+    return chosen, f"Validation on {kept} held-out pictures{fewer}, never trained on: {listed}"
+
+
+def prepare_validation_folder(config: TrainConfig, run: RunFolder) -> list[str]:
+    """Copy `config.validation_data` into the run's own validation/ at a new run's start, so a resume measures
+    the same pictures wherever that folder went; what was left out, each with its reason."""
+    scan = scan_folder(config.validation_data, config.default_caption)
+    scan.require_some(config.validation_data)
+    copy_into_run(scan, run.validation_pictures)
+    return [f"validation picture {each}" for each in scan.skipped]
+
+
 # ---- aspect-ratio buckets ----------------------------------------------------------------------
 def bucket_sizes(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) sizes of about resolution² pixels, both multiples of `step`."""
@@ -625,8 +660,11 @@ class BatchOrder:
     nothing but the seed, a resumed run continues with exactly the batches it would have seen.
     """
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
-        self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
+    def __init__(
+        self, buckets: list[tuple[int, int]], batch_size: int, seed: int, held_out: Collection[int] = frozenset()
+    ):
+        # `held_out`: the images measured for the validation loss, never put in a batch.
+        self.buckets, self.batch_size, self.seed, self.held_out = buckets, batch_size, seed, frozenset(held_out)
         self.batches_per_epoch = len(self._epoch(0))
         self._current: tuple[int, list[list[int]]] = (0, self._epoch(0))
 
@@ -634,7 +672,8 @@ class BatchOrder:
         rng = random.Random(f"{self.seed}-{epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.buckets):
-            by_bucket.setdefault(bucket, []).append(index)
+            if index not in self.held_out:
+                by_bucket.setdefault(bucket, []).append(index)
         batches = []
         for indices in by_bucket.values():
             rng.shuffle(indices)

@@ -57,6 +57,7 @@ class JobState:
     step: int = 0
     total_steps: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # the validation loss, where measured
     images_per_second: float | None = None
     eta_seconds: float | None = None
     samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption)
@@ -111,6 +112,7 @@ class Job:
             return dataclasses.replace(
                 state,
                 losses=list(state.losses),
+                val_losses=list(state.val_losses),
                 samples=list(state.samples),
                 log=list(state.log),
                 files=list(state.files),
@@ -133,6 +135,8 @@ class Job:
                 self._on_started(event)
             elif event.kind == events.STEP:
                 state.losses.append((event.step, event.data["loss"]))
+                if event.data.get("val_loss") is not None:
+                    state.val_losses.append((event.step, event.data["val_loss"]))
                 self._update_speed(event)
                 every = max(1, event.total_steps // 20)
                 if event.step % every == 0 or event.step == event.total_steps:
@@ -176,6 +180,8 @@ class Job:
             f"Training a {data['family']} LoRA on {data['images']} images for {event.total_steps} steps "
             f"on {data['device']}{resumed}"
         )
+        if data.get("validation"):
+            self._log(data["validation"])
         state.message = "Training"
 
     def _on_ended(self, event: Event) -> None:
@@ -195,6 +201,8 @@ class Job:
         else:
             state.message = "Finished"
             self._log(f"Finished: {', '.join(Path(f).name for f in state.files)}")
+            if event.data.get("message"):
+                self._log(event.data["message"])
 
     def _log(self, line: str) -> None:
         self._state.log.append(f"{time.strftime('%H:%M:%S')}  {line}")

@@ -20,6 +20,8 @@ class Objective(Protocol):
 
     def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor: ...
 
+    def evaluation_timesteps(self, count: int, device: torch.device) -> torch.Tensor: ...
+
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
@@ -42,6 +44,12 @@ class NoisePrediction:
     def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
         steps = self.scheduler.config.num_train_timesteps
         return torch.randint(0, steps, (count,), generator=generator, device=generator.device)
+
+    def evaluation_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
+        """`count` fixed timesteps spread evenly over the schedule (each in the middle of its share), for a
+        validation loss that weighs every noise level alike at every measurement."""
+        steps = self.scheduler.config.num_train_timesteps
+        return ((torch.arange(count, device=device) + 0.5) * steps / count).long()
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
@@ -69,6 +77,12 @@ class FlowMatching:
         schedule = self.scheduler.timesteps.to(generator.device)
         drawn = torch.rand(count, generator=generator, device=generator.device)
         return schedule[(drawn * len(schedule)).long()]
+
+    def evaluation_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
+        """`count` fixed timesteps of the base's own schedule, spread evenly over it (each in the middle of its
+        share), for a validation loss that weighs every noise level alike at every measurement."""
+        schedule = self.scheduler.timesteps.to(device)
+        return schedule[((torch.arange(count, device=device) + 0.5) * len(schedule) / count).long()]
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigmas = self._sigmas(timesteps, latents.ndim)

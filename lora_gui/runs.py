@@ -8,6 +8,9 @@ runs/<name>/
   README.md                             (the model card, as the Hugging Face Hub shows it)
   status.json                           (queued/running/finished/... as the app last saw it)
   data_report.json                      (the pictures left out, each with its reason)
+  validation.json                       (the pictures the validation loss is measured on, never trained on)
+  validation/                           (those pictures, when they came from a folder of their own)
+  <name>-best.safetensors               (kohya layout: the LoRA of the step with the lowest validation loss)
 
 Runs started by the app before dataset/ was written at Start also hold uploads/ (the pictures as
 dropped), which their config.json's `data` names; nothing reads it again, as a resumed run reads dataset/.
@@ -20,8 +23,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,27 @@ class RunFolder:
         return [str(each) for each in _read_json(self.data_report).get("skipped", [])]
 
     @property
+    def validation_pictures(self) -> Path:
+        """Where a run's own validation pictures are copied, when they came from a folder (`validation_data`)."""
+        return self.path / "validation"
+
+    @property
+    def validation_record(self) -> Path:
+        """Which pictures the validation loss is measured on (validation.json)."""
+        return self.path / "validation.json"
+
+    def write_validation(self, folder: Path, pictures: list[str], note: str) -> None:
+        """Record the validation pictures (their names in `folder`: dataset/ when held out of it), and what was
+        done in words (why there are none, on a set too small to spare any)."""
+        values = {"folder": folder.name, "pictures": pictures, "note": note}
+        write_text_atomic(self.validation_record, json.dumps(values, indent=2) + "\n")
+
+    def held_out(self) -> list[str]:
+        """The pictures of dataset/ held out of training for validation (never trained on)."""
+        values = _read_json(self.validation_record)
+        return [str(name) for name in values.get("pictures", [])] if values.get("folder") == self.dataset.name else []
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -91,6 +115,11 @@ class RunFolder:
         """`<run name>.safetensors`, the name A1111 and ComfyUI list it under."""
         path = self.path / f"{self.name}.safetensors"
         return path.with_name(f"{self.name}-kohya.safetensors") if path.name == DIFFUSERS_LORA else path
+
+    @property
+    def best_lora(self) -> Path:
+        """`<run name>-best.safetensors`: the LoRA of the step with the lowest validation loss, in kohya's layout."""
+        return self.path / f"{self.name}-best.safetensors"
 
     @property
     def lora_info(self) -> Path:
@@ -181,6 +210,54 @@ class RunFolder:
             return prompts[0]
         captions = sorted(self.dataset.rglob("*.txt")) if self.dataset.is_dir() else []
         return read_caption_file(captions[0]) if captions else ""
+
+
+@dataclass
+class ValidationCurve:
+    """The validation loss over a run (`val_loss` in metrics.jsonl): its best step, the lowest loss (the earliest of
+    equal ones), and how many measurements came since without beating it. The loop keeps one, a resumed run
+    rebuilds it from its metrics, and pages read it the same way."""
+
+    points: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[int, float] | None = None  # (step, loss)
+    since_best: int = 0
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record a measurement; whether it is a new best."""
+        self.points.append((step, loss))
+        if self.best is None or loss < self.best[1]:
+            self.best, self.since_best = (step, loss), 0
+            return True
+        self.since_best += 1
+        return False
+
+    def stalled(self, patience: int) -> bool:
+        """Whether `patience` measurements in a row did not improve on the best (never, with a patience of 0)."""
+        return bool(patience) and self.since_best >= patience
+
+    @classmethod
+    def of(cls, points: Iterable[tuple[int, float]]) -> ValidationCurve:
+        curve = cls()
+        for step, loss in points:
+            curve.add(step, loss)
+        return curve
+
+    @classmethod
+    def from_metrics(cls, rows: list[dict[str, Any]]) -> ValidationCurve:
+        return cls.of((row["step"], row["val_loss"]) for row in rows if row.get("val_loss") is not None)
+
+    def summary(self) -> str:
+        """The curve in words: where it was lowest, and whether it still improves."""
+        if self.best is None:
+            return ""
+        step, loss = self.best
+        if not self.since_best:
+            return f"Validation loss {loss:.4f} at step {step}: the lowest so far."
+        latest = self.points[-1][1]
+        return (
+            f"Lowest validation loss {loss:.4f} at step {step}; {self.since_best} measurement"
+            f"{'s' if self.since_best > 1 else ''} since without improving (latest {latest:.4f})."
+        )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
+from safetensors import safe_open
 
 from lora_gui import data, devices, events, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
@@ -42,7 +45,7 @@ from lora_gui.infer import decode
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.lora_files.export import write_kohya_lora
 from lora_gui.objectives import Objective
-from lora_gui.runs import TRAINER_STATE, RunFolder, TrainingRecord
+from lora_gui.runs import DIFFUSERS_LORA, TRAINER_STATE, RunFolder, TrainingRecord, ValidationCurve
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ def _run(
     t = _set_up(config, run, resume, emit, should_stop, hub_token, model_policy)
     config, accelerator = t.config, t.accelerator
     window = MetricsWindow(accelerator.device)
+    ended = t.total_steps  # earlier when the validation loss stops improving (early_stop)
     for step in range(t.start_step + 1, t.total_steps + 1):
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(config.gradient_accumulation_steps):
@@ -147,26 +151,36 @@ def _run(
         t.optimizer.zero_grad(set_to_none=True)
         window.steps += 1
 
-        # Log: one metrics line and one event per `log_every` steps (one GPU sync each).
-        if step % config.log_every == 0 or step == t.total_steps:
-            _log_step(t, step, window, grad_norm, emit)
+        # Validate on its schedule: the held-out pictures' loss at fixed noise and timesteps; a new best is kept.
+        val_loss = _validate(t, step)
 
-        # Sample and checkpoint on their schedules; every process reads the same stop flag once a step.
+        # Log: one metrics line and one event per `log_every` steps (one GPU sync each), and at each validation.
+        if step % config.log_every == 0 or step == t.total_steps or val_loss is not None:
+            _log_step(t, step, window, grad_norm, emit, val_loss)
+
+        # Sample and checkpoint on their schedules; every process reads the same stop flag once a step. A validation
+        # loss that stopped improving (early_stop) ends the run here as a finished one.
         stop = _any_process(accelerator, should_stop())
-        if config.sample_every and step % config.sample_every == 0 and step < t.total_steps and not stop:
+        if val_loss is not None and t.curve.stalled(config.early_stop):
+            ended = step
+        last = step == ended
+        if config.sample_every and step % config.sample_every == 0 and not last and not stop:
             t.previews.make(step, t.total_steps)
-        if stop or step == t.total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+        if stop or last or (config.checkpoint_every and step % config.checkpoint_every == 0):
             _save_checkpoint(t, step, emit)
         if stop:
             raise Stopped(step, t.total_steps, _save_lora(t, step)[0], run.checkpoint(step))
+        if last:
+            break
 
     # Finish: previews of the final LoRA, then the LoRA files.
-    t.previews.make(t.total_steps, t.total_steps)
-    files = _save_lora(t, t.total_steps)
-    log.info("Finished %d steps; LoRA saved to %s", t.total_steps, files[0])
-    emit(
-        Event(events.FINISHED, t.total_steps, t.total_steps, {"lora": str(files[0]), "files": [str(f) for f in files]})
-    )
+    t.previews.make(ended, t.total_steps)
+    files = _save_lora(t, ended)
+    files += [run.best_lora] if run.best_lora.is_file() else []
+    message = _ending(t, ended)
+    log.info("Finished at step %d of %d; LoRA saved to %s. %s", ended, t.total_steps, files[0], message)
+    saved = {"lora": str(files[0]), "files": [str(f) for f in files], "message": message}
+    emit(Event(events.FINISHED, ended, t.total_steps, saved))
     return files[0]
 
 
@@ -187,6 +201,7 @@ class Training:
     captions: list[str]  # each image's caption as trained (trigger word in front)
     text: TextConditioning
     order: data.BatchOrder
+    held_out: list[int]  # the images the validation loss is measured on (never in a batch); empty: no validation
     params: list[torch.nn.Parameter]
     rates: list[float]  # each parameter group's learning rate, as the settings give it
     optimizer: torch.optim.Optimizer
@@ -195,6 +210,7 @@ class Training:
     total_steps: int
     start_step: int
     clock: Clock
+    curve: ValidationCurve = field(default_factory=ValidationCurve)  # the validation loss so far, and its best
 
     @property
     def batches_per_step(self) -> int:
@@ -237,10 +253,11 @@ def _set_up(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
     )
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
+    examples, held_out, validation_note = _validation_pictures(config, run, resume, examples, accelerator)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token, model_policy)
     param_groups = _add_adapters(pipe, family, config)
     rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
-    caches = _build_caches(config, pipe, family, examples, offload, accelerator, emit, should_stop)
+    caches = _build_caches(config, pipe, family, examples, held_out, offload, accelerator, emit, should_stop)
 
     total_steps = config.total_steps(caches.order.batches_per_epoch, accelerator.num_processes)
     models, optimizer, lr_scheduler = _optimize(config, accelerator, pipe, family, param_groups, total_steps)
@@ -261,6 +278,7 @@ def _set_up(
         captions=caches.captions,
         text=text,
         order=caches.order,
+        held_out=caches.held_out,
         params=[param for group in param_groups for param in group["params"]],
         rates=rates,
         optimizer=optimizer,
@@ -270,7 +288,7 @@ def _set_up(
         start_step=0,
         clock=clock,
     )
-    _start_or_resume(t, resume, len(caches.captions), [*skipped, *map(str, caches.latents.skipped)], emit)
+    _start_or_resume(t, resume, [*skipped, *map(str, caches.latents.skipped)], validation_note, emit)
     return t
 
 
@@ -305,6 +323,28 @@ def _prepare_data(
     examples = data.scan_folder(run.dataset).examples
     data.Scan(examples=examples).require_some(str(run.dataset))
     return examples, skipped
+
+
+def _validation_pictures(
+    config: TrainConfig, run: RunFolder, resume: bool, examples: list[data.Example], accelerator: Accelerator
+) -> tuple[list[data.Example], list[int], str]:
+    """The run's images with the validation pictures (held out of them, or after them from the run's own copy of
+    `validation_data`), which of them are for validation alone, and a sentence saying so (or why there are
+    none). Held-out pictures depend only on the seed and the names in dataset/, so a resume holds out the same."""
+    if not config.validation_data:
+        held_out, note = data.hold_out(examples, config.validation_images, config.seed)
+        if accelerator.is_main_process:
+            run.write_validation(run.dataset, [examples[index].relpath for index in held_out], note)
+        return examples, held_out, note
+    if accelerator.is_main_process and not resume:
+        for each in data.prepare_validation_folder(config, run):
+            log.warning("Skipped %s", each)
+    accelerator.wait_for_everyone()
+    pictures = data.scan_folder(run.validation_pictures).examples
+    note = f"Validation on the {len(pictures)} pictures of {config.validation_data}, never trained on"
+    if accelerator.is_main_process:
+        run.write_validation(run.validation_pictures, [picture.relpath for picture in pictures], note)
+    return [*examples, *pictures], list(range(len(examples), len(examples) + len(pictures))), note
 
 
 def _load_base(
@@ -366,6 +406,7 @@ class Caches:
     captions: list[str]  # of the images that decoded, as trained (trigger word in front)
     text: TextConditioning | None  # every caption's conditioning; None when the text encoders train
     order: data.BatchOrder
+    held_out: list[int]  # the images for validation alone, by their index in the latents
     prompts: list[str]  # the preview prompts
     prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
 
@@ -375,6 +416,7 @@ def _build_caches(
     pipe: DiffusionPipeline,
     family: type[Family],
     examples: list[data.Example],
+    held_out: list[int],
     offload: devices.Offload,
     accelerator: Accelerator,
     emit: EventHandler,
@@ -397,6 +439,8 @@ def _build_caches(
     # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
     # out, and `latents.skipped` says why.
     examples, buckets = latents.keep(examples), latents.keep(buckets)
+    chosen = set(held_out)
+    held_out = [index for index, was in enumerate(latents.kept) if was in chosen]
     offload.park(pipe.vae)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
@@ -409,8 +453,8 @@ def _build_caches(
             with torch.no_grad(), devices.autocast(accelerator.device, accelerator.mixed_precision):
                 prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
-    order = data.BatchOrder(buckets, config.batch_size, config.seed)
-    return Caches(latents, captions, text, order, prompts, prompt_embeddings)
+    order = data.BatchOrder(buckets, config.batch_size, config.seed, held_out)
+    return Caches(latents, captions, text, order, held_out, prompts, prompt_embeddings)
 
 
 def _optimize(
@@ -434,9 +478,10 @@ def _optimize(
     return models, optimizer, lr_scheduler
 
 
-def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str], emit: EventHandler) -> None:
+def _start_or_resume(t: Training, resume: bool, skipped: list[str], validation: str, emit: EventHandler) -> None:
     """Load the latest checkpoint (LoRA, optimizer, scheduler, RNG), or record what a new run left out
-    (`skipped`, at Start and when caching); start the metrics from there, and say so."""
+    (`skipped`, at Start and when caching); start the metrics and the validation curve from there, and say so
+    (`validation`: on which pictures, or why on none)."""
     main = t.accelerator.is_main_process
     if resume:
         t.start_step, t.clock.before = _load_checkpoint(t.accelerator, t.run)
@@ -445,9 +490,15 @@ def _start_or_resume(t: Training, resume: bool, images: int, skipped: list[str],
         t.run.write_skipped(skipped)
     if main:
         t.run.truncate_metrics(t.start_step)
+    t.accelerator.wait_for_everyone()
+    t.curve = ValidationCurve.from_metrics(t.run.read_metrics())
+    if main:
+        _drop_best_of_steps_redone(t)
+    images = len(t.captions) - len(t.held_out)
     info = {
         "run_dir": str(t.run.path),
         "images": images,
+        "validation": validation,
         "skipped": skipped,
         "family": t.family.name,
         "device": str(t.accelerator.device),
@@ -506,6 +557,93 @@ def _loss(t: Training, batch: MicroBatch) -> torch.Tensor:
     return t.objective.loss(prediction, target, batch.timesteps)
 
 
+# ---- validation: the loss on pictures never trained on ----------------------------------------------
+VALIDATION_TIMESTEPS = 8  # per held-out picture, spread evenly over the schedule
+
+
+def _validate(t: Training, step: int) -> float | None:
+    """Every `validation_every` steps and at the last: the validation loss, recorded on the curve, and a new best
+    step's LoRA kept as <name>-best.safetensors. None at other steps, and without validation pictures."""
+    config = t.config
+    if not t.held_out or (step % config.validation_every and step < t.total_steps):
+        return None
+    # Rounded as metrics.jsonl keeps it, so a resumed run's curve, rebuilt from there, finds the same best.
+    # Schedule-free AdamW evaluates at other weights than it steps with: its `optimizer.eval()` context (an
+    # `_evaluating(t)`) belongs around this measurement and `_save_best`.
+    loss = round(_validation_loss(t), 6)
+    if t.curve.add(step, loss) and config.keep_best:
+        _save_best(t, step, loss)
+    return loss
+
+
+@torch.no_grad()
+def _validation_loss(t: Training) -> float:
+    """The held-out pictures' mean loss, each as it is (no draw from its latent distribution, no flip, its full
+    caption) at the objective's evaluation timesteps, with noise from a fixed seed and a plain mean squared error:
+    two measurements differ only because the LoRA changed. Every process measures all of them (the denoiser is
+    called as prepared, as in training) and takes the mean, so all make the same early-stop decision."""
+    device = t.accelerator.device
+    timesteps = t.objective.evaluation_timesteps(VALIDATION_TIMESTEPS, device)
+    losses = []
+    for index in t.held_out:
+        latents = t.latents.centre(index, device).expand(len(timesteps), -1, -1, -1)
+        noise = torch.randn(latents.shape, generator=_validation_generator(t.config.seed, index, device), device=device)
+        noisy, geometry = t.objective.noisy(latents, noise, timesteps), [t.latents.geometry[index]] * len(timesteps)
+        with devices.autocast(device, t.precision):
+            conditioning = t.text([t.captions[index]] * len(timesteps))
+            prediction = t.family.predict(t.models[0], noisy, timesteps, conditioning, geometry)
+        target = t.objective.target(latents, noise, timesteps)
+        losses.append(F.mse_loss(prediction.float(), target.float()))
+    return t.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+
+
+def _validation_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The noise of held-out image `index`: the same at every measurement, and in every run with this seed (a
+    stream of its own, apart from the training batches')."""
+    (state,) = np.random.SeedSequence([seed, index], spawn_key=(1,)).generate_state(1, dtype=np.uint64)
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def _save_best(t: Training, step: int, loss: float) -> None:
+    """The LoRA as it is now, the best so far, as <name>-best.safetensors in kohya's layout, its metadata naming
+    the step (ss_steps, lora_gui.best_step) and its validation loss."""
+    run = t.run
+    if t.accelerator.is_main_process:
+        with tempfile.TemporaryDirectory(prefix=".best-", dir=run.path) as folder:
+            lora = save_diffusers_lora(Path(folder) / DIFFUSERS_LORA, t.pipe, t.family)
+            extra = {"lora_gui.best_step": str(step), "lora_gui.validation_loss": str(loss)}
+            write_kohya_lora(run, run.best_lora, lora=lora, record=_record(t, step), extra=extra)
+        log.info("Lowest validation loss so far (%.6f) at step %d: saved %s", loss, step, run.best_lora.name)
+    t.accelerator.wait_for_everyone()
+
+
+def _drop_best_of_steps_redone(t: Training) -> None:
+    """A best LoRA saved after the step a run resumes from (it crashed past its last checkpoint) belongs to steps
+    about to be trained again: they save it again, exactly, if it is still the best."""
+    best = t.run.best_lora
+    if not best.is_file():
+        return
+    with safe_open(str(best), framework="pt") as handle:
+        saved_step = (handle.metadata() or {}).get("lora_gui.best_step")
+    if t.curve.best is None or saved_step != str(t.curve.best[0]):
+        best.unlink()
+
+
+def _ending(t: Training, ended: int) -> str:
+    """How the run ended, in words: where the validation loss was lowest, and why it stopped early if it did."""
+    if t.curve.best is None:
+        return ""
+    step, loss = t.curve.best
+    kept = f", kept as {t.run.best_lora.name}" if t.config.keep_best else ""
+    lowest = f"Lowest validation loss {loss:.4f} at step {step}{kept}."
+    if ended == t.total_steps:
+        return lowest
+    return (
+        f"Stopped early at step {ended} of {t.total_steps}: the validation loss did not improve for "
+        f"{t.config.early_stop} measurements in a row. {lowest}"
+    )
+
+
 class MetricsWindow:
     """The losses and time since the last metrics line: summed on the device, read once per line."""
 
@@ -528,9 +666,14 @@ class MetricsWindow:
 
 
 def _log_step(
-    t: Training, step: int, window: MetricsWindow, grad_norm: torch.Tensor | None, emit: EventHandler
+    t: Training,
+    step: int,
+    window: MetricsWindow,
+    grad_norm: torch.Tensor | None,
+    emit: EventHandler,
+    val_loss: float | None = None,
 ) -> None:
-    """A metrics line and a step event; a loss that is no number any more ends the run."""
+    """A metrics line and a step event, with the validation loss measured at this step if one was."""
     images_per_step = t.config.batch_size * t.batches_per_step
     mean_loss, speed = window.close(t.accelerator, images_per_step)
     row = {
@@ -542,6 +685,7 @@ def _log_step(
         "epoch": round(t.epochs_done(step), 3),
         "images_per_second": round(speed, 3),
         "seconds": round(t.clock.seconds(), 2),
+        **({"val_loss": val_loss, "best_step": t.curve.best[0]} if val_loss is not None else {}),
     }
     if t.accelerator.is_main_process:
         t.run.append_metrics(row)
@@ -689,21 +833,26 @@ def _save_lora(t: Training, step: int) -> list[Path]:
     run = t.run
     if t.accelerator.is_main_process:
         save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
-        TrainingRecord.now(
-            t.family.name,
-            t.objective.prediction_type,
-            t.config.base_model,
-            step,
-            t.total_steps,
-            t.epochs_done(step),
-            t.clock.seconds(),
-            t.previews.prompts,
-            t.family.variant(t.pipe),
-        ).save(run.lora_info)
+        _record(t, step).save(run.lora_info)
         write_kohya_lora(run)
         write_model_card(run)
     t.accelerator.wait_for_everyone()
     return [run.diffusers_lora, run.kohya_lora, run.model_card]
+
+
+def _record(t: Training, step: int) -> TrainingRecord:
+    """How far training went at `step`, for a LoRA file's metadata."""
+    return TrainingRecord.now(
+        t.family.name,
+        t.objective.prediction_type,
+        t.config.base_model,
+        step,
+        t.total_steps,
+        t.epochs_done(step),
+        t.clock.seconds(),
+        t.previews.prompts,
+        t.family.variant(t.pipe),
+    )
 
 
 @dataclass

@@ -22,12 +22,20 @@ from lora_gui.runs import DIFFUSERS_LORA, RunFolder, TrainingRecord
 log = logging.getLogger(__name__)
 
 
-def write_kohya_lora(run: RunFolder, target: Path | None = None) -> Path:
-    """Write the run's LoRA in kohya's layout (A1111, Forge, ComfyUI) with its metadata."""
-    state, configs = read_diffusers_lora(run.diffusers_lora)
-    record = TrainingRecord.load(run)
+def write_kohya_lora(
+    run: RunFolder,
+    target: Path | None = None,
+    lora: Path | None = None,
+    record: TrainingRecord | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write the run's LoRA in kohya's layout (A1111, Forge, ComfyUI) with its metadata. Another LoRA of the run
+    (`lora`, in diffusers' layout: the best step's) comes with its own `record` and `extra` metadata."""
+    state, configs = read_diffusers_lora(lora or run.diffusers_lora)
+    record = record or TrainingRecord.load(run)
     tensors = to_kohya(state, configs, get_family(record.family))
-    target = save_kohya_lora(target or run.kohya_lora, tensors, lora_metadata(run, record, configs))
+    metadata = {**lora_metadata(run, record, configs), **(extra or {})}
+    target = save_kohya_lora(target or run.kohya_lora, tensors, metadata)
     log.info("kohya LoRA saved to %s", target)
     return target
 

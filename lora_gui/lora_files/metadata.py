@@ -15,6 +15,7 @@ import json
 import math
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from lora_gui import data
@@ -125,7 +126,10 @@ def trained_captions(run: RunFolder, trigger_word: str) -> tuple[list[str], list
     images again, as checking them does, would make saving a LoRA slow on a big dataset.
     """
     folders, captions = [], []
+    held_out = {Path(name).with_suffix("").as_posix() for name in run.held_out()}
     for path in sorted(run.dataset.rglob("*.txt")):
+        if path.relative_to(run.dataset).with_suffix("").as_posix() in held_out:
+            continue  # a validation picture: never trained on
         parent = path.parent.relative_to(run.dataset).as_posix()
         folders.append(run.dataset.name if parent == "." else parent)
         captions.append(data.full_caption(data.read_caption_file(path), trigger_word))

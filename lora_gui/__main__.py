@@ -1,4 +1,5 @@
-"""Command line: `python -m lora_gui ui|caption|train|generate|export|push|tiny-model|presets|bench|doctor`.
+"""Command line: `python -m lora_gui ui|caption|train|generate|export|resize|merge|push|tiny-model|presets|bench|
+doctor`.
 
 `train` takes every TrainConfig setting as a flag (from the same help texts the app shows), on top
 of a preset or a settings file. It also runs under `accelerate launch -m lora_gui train ...`.
@@ -25,6 +26,7 @@ from lora_gui.lora_files import LORA_LAYOUTS
 if TYPE_CHECKING:
     from lora_gui.base_models import DownloadProgress
     from lora_gui.captioning.folder import CaptionPass
+    from lora_gui.lora_files.reshape import Reshaped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(commands)
     _generate_parser(commands)
     _export_parser(commands)
+    _reshape_parsers(commands)
     _push_parser(commands)
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
@@ -107,6 +110,18 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
         help="first caption the pictures in --data that have no caption, with this captioner (see `caption`); "
         "the captions are written beside the pictures",
     )
+    train.add_argument(
+        "--auto",
+        action="store_true",
+        help="suggest settings from the pictures in --data (their sizes and captions), what they show (--subject) "
+        "and this computer's GPU, each with its reason; the flags given here win over them",
+    )
+    train.add_argument(
+        "--subject",
+        default="person",
+        choices=("person", "object", "style"),
+        help="with --auto: what the pictures are of (default person)",
+    )
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
@@ -147,6 +162,8 @@ def _train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.caption_missing and not _caption_missing(config, args.caption_missing):
         return 0
+    if args.auto:
+        config = _suggested(config, args)
     stop = threading.Event()
 
     def on_interrupt(signum: int, frame: object) -> None:
@@ -205,6 +222,36 @@ def _train(args: argparse.Namespace) -> int:
 
     train(config, Path(args.output), resume=args.resume, on_event=on_event, should_stop=stop.is_set)
     return 0
+
+
+def _suggested(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """`train --auto`: the suggested settings for the pictures of --data on this GPU, with their reasons printed;
+    the settings given as flags stay as given."""
+    from lora_gui.base_models import family_from_files
+    from lora_gui.data import scan_folder
+    from lora_gui.suggest import Card, Pictures, suggest
+
+    folder = Path(config.data).expanduser()
+    if not folder.is_dir():
+        raise LoraGuiError(
+            f"--auto reads the pictures' sizes and captions in a folder: --data must be one ({config.data!r})"
+        )
+    family = config.family if config.family != "auto" else family_from_files(config.base_model)
+    if family is None:
+        raise LoraGuiError(
+            f"--auto needs the kind of model without downloading it: give --family ({', '.join(FAMILIES[1:])})"
+        )
+    given = {field.name for field in dataclasses.fields(TrainConfig) if getattr(args, field.name) is not None}
+    pictures = Pictures.of(scan_folder(folder, config.default_caption).examples)
+    suggestion = suggest(pictures, args.subject, family, Card.here(), config, keep=given)
+    for note in suggestion.notes:
+        print(note, file=sys.stderr)
+    for change in suggestion.changes:
+        print(f"  --{change.setting.replace('_', '-')} {change.value_text}: {change.reason}", file=sys.stderr)
+    if suggestion.kept:
+        flags = ", ".join("--" + name.replace("_", "-") for name in suggestion.kept)
+        print(f"  Kept as given: {flags}", file=sys.stderr)
+    return suggestion.config
 
 
 # ---- caption -----------------------------------------------------------------------------------
@@ -415,6 +462,56 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- resize and merge --------------------------------------------------------------------------
+_LORA_SOURCE = "a run folder, a run's name in --runs-dir, or a LoRA file (kohya's or diffusers' layout)"
+_OUTPUT = "the kohya-layout file to write; its diffusers-layout copy goes beside it as NAME.diffusers.safetensors"
+
+
+def _reshape_parsers(commands: argparse._SubParsersAction) -> None:
+    resize = commands.add_parser(
+        "resize",
+        help="write a LoRA again at a lower rank (a smaller file), keeping the most of it an SVD can",
+        description="Cut every layer of a LoRA to at most --rank by SVD, and say how much of it each kept.",
+    )
+    resize.add_argument("source", metavar="RUN_OR_FILE", help=_LORA_SOURCE)
+    resize.add_argument("--rank", type=int, required=True, help="the new rank")
+    merge = commands.add_parser(
+        "merge",
+        help="merge several LoRAs into one, each at its own strength",
+        description="One LoRA that does what these do together: their layers stacked (the ranks add), or with "
+        "--rank their sum cut to that rank by SVD.",
+    )
+    merge.add_argument("sources", metavar="RUN_OR_FILE", nargs="+", help=_LORA_SOURCE)
+    merge.add_argument("--weights", type=float, nargs="+", default=None, help="each one's strength (default: 1 each)")
+    merge.add_argument("--rank", type=int, default=None, help="cut the merged LoRA to this rank (default: exact)")
+    for command in (resize, merge):
+        command.add_argument("--output", required=True, help=_OUTPUT)
+        command.add_argument("--runs-dir", default="", help="where runs are looked up by name (default ./runs)")
+
+
+def _resize(args: argparse.Namespace) -> int:
+    from lora_gui.lora_files.reshape import locate, resize_lora
+
+    return _report(resize_lora(locate(args.source, args.runs_dir), args.rank, args.output))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from lora_gui.lora_files.reshape import locate, merge_loras
+
+    weights = args.weights or [1.0] * len(args.sources)
+    if len(weights) != len(args.sources):
+        raise LoraGuiError(f"--weights gives {len(weights)} strengths for {len(args.sources)} LoRAs; give one each")
+    sources = [(locate(source, args.runs_dir), weight) for source, weight in zip(args.sources, weights, strict=True)]
+    return _report(merge_loras(sources, args.output, args.rank))
+
+
+def _report(result: Reshaped) -> int:
+    print(f"{result.note[:1].upper()}{result.note[1:]}.", file=sys.stderr)
+    for path in result.files:
+        print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _push_parser(commands: argparse._SubParsersAction) -> None:
     push = commands.add_parser(
         "push",
@@ -560,6 +657,8 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "export": _export,
+    "resize": _resize,
+    "merge": _merge,
     "push": _push,
     "tiny-model": _tiny_model,
     "presets": _presets,

@@ -5,6 +5,7 @@
 - `metadata`: what the kohya file says about how it was trained (kohya's `ss_*`, ModelSpec's).
 - `export`: a run's LoRA written again from its run folder, in either layout.
 - `detect`: a file made elsewhere: its layout, and whether it fits this base model.
+- `reshape`: a LoRA (a run's or a file) resized to a lower rank, or several merged into one.
 """
 
 # The layouts a run's LoRA can be written in: kohya's (<name>.safetensors) and diffusers'

@@ -1,9 +1,10 @@
 """The Runs tab: every run in the runs folder, what it left behind, its LoRA for other programs,
-sharing it on the Hugging Face Hub, resume and delete."""
+resizing it and merging it with others, sharing it on the Hugging Face Hub, resume and delete."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -11,6 +12,7 @@ import pandas as pd
 
 from lora_gui import hub, runs
 from lora_gui.errors import LoraGuiError
+from lora_gui.lora_files import reshape
 from lora_gui.owners import Visitor
 from lora_gui.ui.common import (
     Ctx,
@@ -50,6 +52,8 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
         c["run_files"] = gr.File(label=files_label("Files"), file_count="multiple", interactive=False)
         with gr.Accordion("Use the LoRA in another program", open=False, elem_id="run-export"):
             c.update(build_export("run"))
+        with gr.Accordion("Resize it, or merge it with other LoRAs", open=False, elem_id="run-tools"):
+            c.update(_build_tools())
         with gr.Accordion("Share it on the Hugging Face Hub", open=False, elem_id="run-push"):
             gr.Markdown(
                 "Uploads both LoRA files, a description page (model card) and the preview images to a model "
@@ -83,6 +87,31 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
     return c
 
 
+def _build_tools() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    gr.Markdown(
+        "A lower rank makes a smaller file that keeps the most of the LoRA it can (the share kept is shown). "
+        "Merging makes one LoRA that does what several do together, each at its strength. Both files are written "
+        "in the run folder: kohya's layout (A1111, Forge, ComfyUI) and diffusers' (`.diffusers.safetensors`)."
+    )
+    with gr.Row(equal_height=True):
+        c["tools_rank"] = gr.Number(4, precision=0, minimum=1, label="New rank")
+        c["tools_resize"] = gr.Button("Resize", elem_id="resize-button")
+    with gr.Row(equal_height=True):
+        c["tools_others"] = gr.Dropdown(choices=[], value=[], multiselect=True, label="Merge with your runs")
+        c["tools_upload"] = gr.File(label="…or a LoRA file", file_types=[".safetensors"], type="filepath")
+    with gr.Row(equal_height=True):
+        c["tools_strength"] = gr.Number(1.0, label="This run's strength")
+        c["tools_other_strength"] = gr.Number(1.0, label="The others' strength")
+        c["tools_merge_rank"] = gr.Number(
+            0, precision=0, minimum=0, label="Rank of the result", info="0: exact (the ranks add up)"
+        )
+        c["tools_merge"] = gr.Button("Merge", elem_id="merge-button")
+    c["tools_notice"] = gr.HTML()
+    c["tools_files"] = gr.File(label=files_label("New LoRA"), file_count="multiple", interactive=False)
+    return c
+
+
 def wire_runs_tab(ctx: Ctx) -> None:
     listing = ["runs_table", "run_pick"]
     details = [
@@ -96,6 +125,8 @@ def wire_runs_tab(ctx: Ctx) -> None:
         "confirm_row",
         "run_file",
         "hub_repo",
+        "tools_others",
+        "tools_files",
     ]
     ctx.wire(ctx["refresh_runs"].click, refresh, ["run_pick"], listing, api_name="list_runs")
     ctx.wire(ctx["runs_tab"].select, refresh, ["run_pick"], listing, api_visibility="private")
@@ -113,6 +144,14 @@ def wire_runs_tab(ctx: Ctx) -> None:
         ["run_pick", "run_layout"],
         ["run_export_notice", "run_file"],
         api_name="export",
+    )
+    ctx.wire(ctx["tools_resize"].click, resize, ["run_pick", "tools_rank"], _TOOLS_OUT, api_name="resize")
+    ctx.wire(
+        ctx["tools_merge"].click,
+        merge,
+        ["run_pick", "tools_others", "tools_upload", "tools_strength", "tools_other_strength", "tools_merge_rank"],
+        _TOOLS_OUT,
+        api_name="merge",
     )
     ctx.wire(
         ctx["hub_push"].click,
@@ -175,22 +214,75 @@ def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]
     info += f", base model {ctx.base_model_label(summary.base_model) or 'unknown'}."
     level = "error" if summary.status == runs.FAILED else "warning"  # an interrupted run's message says how to go on
     info_html = notice(info) + (notice(summary.message, level) if summary.message else "")
+    metrics = run.read_metrics()
+    validation = runs.ValidationCurve.from_metrics(metrics)
+    if validation.best is not None:
+        kept = f" That step's LoRA is {run.best_lora.name}." if run.best_lora.is_file() else ""
+        info_html += notice(validation.summary() + kept)
     files = run.downloadable_files()
     return {
         "run_details": gr.update(visible=True),
         "run_info": info_html,
-        "run_plot": loss_frame([(row["step"], row["loss"]) for row in run.read_metrics() if "loss" in row]),
+        "run_plot": loss_frame([(row["step"], row["loss"]) for row in metrics if "loss" in row], validation.points),
         "run_samples": [(served(path), f"step {step}") for step, _, path in reversed(run.sample_images())],
         "run_files": [served(path) for path in files] or None,
         "run_resume": gr.update(visible=summary.resumable and not live),
         "run_file": gr.update(value=None, visible=False),
         "hub_repo": run.name,
+        "tools_others": gr.update(choices=[other.name for other in ctx.runs_of(visitor) if other.name != run.name]),
+        "tools_files": None,
         **closed,
     }
 
 
 def export(ctx: Ctx, visitor: Visitor, run_pick: str | None, run_layout: str) -> dict[str, Any]:
     return export_lora(ctx, visitor, "run", run_pick, run_layout)
+
+
+_TOOLS_OUT = ["tools_notice", "tools_files"]
+
+
+def resize(ctx: Ctx, visitor: Visitor, run_pick: str | None, tools_rank: float | None) -> dict[str, Any]:
+    """The run's LoRA at a lower rank, written in <run>/tools/ and offered for download."""
+    rank = int(tools_rank or 0)
+    try:
+        run = ctx.run_folder(run_pick or "", visitor)
+        result = reshape.resize_lora(run.path, rank, run.path / reshape.TOOLS / f"{run.name}-rank{rank}.safetensors")
+    except LoraGuiError as error:
+        return {"tools_notice": error_notice(error), "tools_files": None}
+    return _made(result)
+
+
+def merge(
+    ctx: Ctx,
+    visitor: Visitor,
+    run_pick: str | None,
+    tools_others: list[str] | None,
+    tools_upload: str | None,
+    tools_strength: float | None,
+    tools_other_strength: float | None,
+    tools_merge_rank: float | None,
+) -> dict[str, Any]:
+    """The run's LoRA merged with the visitor's other runs' and an uploaded file, written in <run>/tools/."""
+    rank = int(tools_merge_rank or 0) or None
+    try:
+        run = ctx.run_folder(run_pick or "", visitor)
+        others: list[Path] = [ctx.run_folder(name, visitor).path for name in tools_others or []]
+        others += [Path(tools_upload)] if tools_upload else []
+        if not others:
+            raise LoraGuiError("pick another of your runs or upload a LoRA file to merge with first")
+        strength, other_strength = float(tools_strength or 0), float(tools_other_strength or 0)
+        sources = [(run.path, strength), *((other, other_strength) for other in others)]
+        name = f"{run.name}-merged" + (f"-rank{rank}" if rank else "")
+        result = reshape.merge_loras(sources, run.path / reshape.TOOLS / f"{name}.safetensors", rank)
+    except LoraGuiError as error:
+        return {"tools_notice": error_notice(error), "tools_files": None}
+    return _made(result)
+
+
+def _made(result: reshape.Reshaped) -> dict[str, Any]:
+    message = f"{result.files[0].name}: {result.note}. Both layouts are below."
+    return {"tools_notice": notice(message), "tools_files": [served(path) for path in result.files]}
 
 
 def push(

@@ -21,6 +21,7 @@ from lora_gui.families import get_family
 from lora_gui.jobs import Job, JobState
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
+from lora_gui.suggest import Card, Pictures, suggest
 from lora_gui.ui import config_form
 from lora_gui.ui.common import (
     TINY_CHOICE,
@@ -89,6 +90,16 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
                 info="Fills in every setting below for a typical job.",
             )
             c["load_preset"] = gr.Button("Use this preset", size="sm")
+    with gr.Row(equal_height=True):
+        c["subject"] = gr.Radio(
+            choices=[("a person", "person"), ("an object", "object"), ("a style", "style")],
+            value="person",
+            label="What are the pictures of?",
+            info="With the pictures in the Dataset tab and this computer's GPU, it decides the suggested settings.",
+            scale=3,
+        )
+        c["suggest"] = gr.Button("Suggest settings", size="sm", scale=1, elem_id="suggest-settings")
+    c["suggestions"] = gr.HTML(elem_id="train-suggestions")
     c.update(config_form.build_widgets(main=True, per_row=4))
     c["estimate"] = gr.HTML(elem_id="train-estimate")
     with gr.Row():
@@ -147,6 +158,13 @@ def wire_train_tab(ctx: Ctx) -> None:
         resume,
         ["train_job", "hf_token", *RESUMED_FROM_THE_FORM],
         ["train_notice", "train_job", "train_seen"],
+    )
+    ctx.wire(
+        ctx["suggest"].click,
+        suggest_settings,
+        ["session", "base_model", "subject", *settings],
+        ["suggestions", *settings],
+        api_name="suggest",
     )
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(
@@ -282,6 +300,38 @@ def use_preset(ctx: Ctx, preset: str | None, my_presets: dict[str, Any] | None =
     if config.base_model:
         values["base_model"] = config.base_model
     return {"train_notice": notice(f"Settings of the preset {preset} filled in."), **values}
+
+
+def suggest_settings(
+    ctx: Ctx, visitor: Visitor, session: str, base_model: str, subject: str, **settings: Any
+) -> dict[str, Any]:
+    """Settings for the visitor's staged pictures of a person, an object or a style, on this computer's GPU, each
+    with its reason; only what fits the card by the estimate."""
+    try:
+        config = config_form.config_from_values({**settings, "base_model": ""})
+        family = config.family if config.family != "auto" else ctx.base_model_family(base_model)
+        if family is None:
+            raise ConfigError(
+                "to suggest settings, the kind of model must be known without downloading it: set 'Model family' "
+                "under Advanced settings"
+            )
+        staging = Staging.find(ctx.runs_dir, session, visitor)
+        usable = staging.check(config.resolution, config.default_caption).usable if staging is not None else []
+        if not usable:
+            raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
+        suggestion = suggest(Pictures.of(usable), subject, family, Card.here(), config)
+    except LoraGuiError as error:
+        return {"suggestions": error_notice(error)}
+    reasons = "".join(
+        f"<li><b>{html.escape(config_form.label(change.setting))}</b>: {html.escape(change.value_text)}. "
+        f"{html.escape(change.reason[:1].upper() + change.reason[1:])}.</li>"
+        for change in suggestion.changes
+    )
+    notes = " ".join(html.escape(note) for note in suggestion.notes)
+    return {
+        "suggestions": f'<div class="lg-suggestions"><p>{notes}</p><ul>{reasons}</ul></div>',
+        **config_form.widget_values(suggestion.config),
+    }
 
 
 def keep_preset(

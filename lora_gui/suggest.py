@@ -1,0 +1,310 @@
+"""Suggested settings: from the pictures, what they show, the model family and the card, each with one reason.
+
+Reads only what the Dataset tab's checks already read (each picture's size from its header, its caption) and a
+`Card` (its memory and whether it computes bf16; simulated in tests). Every suggestion is checked with the
+memory estimate: where it would not fit the card, memory savers are added one at a time (gradient checkpointing,
+an 8-bit optimizer, a smaller batch, a quantized base, a lower resolution) until it does, and then those it
+turned out not to need are taken back, so a big card keeps the fast settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_gui import devices
+from lora_gui.config import TrainConfig
+from lora_gui.data import Example
+from lora_gui.errors import LoraGuiError
+from lora_gui.estimate import Estimate, estimate
+from lora_gui.families import get_family
+
+SUBJECTS = ("person", "object", "style")
+# The share of the card a suggestion may fill: the desktop and the allocator's fragmentation take some too.
+HEADROOM = 0.95
+
+# Steps: kohya's accounting, steps = pictures x repeats x epochs / batch size, comes to about 100 pictures seen
+# per picture for a person or an object (10 repeats x 10 epochs, its guides' usual start); a style's pictures are
+# many and varied, so each needs fewer. The floor: diffusers' DreamBooth write-up found faces need 800-1200 steps
+# (https://huggingface.co/blog/dreambooth); the presets here train 1200-2000. The ceiling: LoRA guides for SDXL
+# and Flux put the useful range at 1000-3000 steps; past that a LoRA mostly memorizes its pictures.
+SEEN_PER_PICTURE = {"person": 100, "object": 100, "style": 50}
+SEEN_FLOOR = {"person": 800, "object": 800, "style": 1000}
+SEEN_CEILING = 3000
+# Rank: the character preset's 32 and TrainConfig's own advice (16-32 for a person); the object and style presets'
+# 16; a style whose captions already describe each picture leaves the LoRA only the look to learn: 8 (the advice's
+# 4-8 for a style).
+RANK = {"person": 32, "object": 16, "style": 16}
+RICH_CAPTION_WORDS = 12  # mean words per caption from which a style's captions count as describing the pictures
+# Caption dropout: ai-toolkit's default caption_dropout_rate is 0.05, as the character presets here; the style
+# presets drop 10% so the look comes through without its words.
+CAPTION_DROPOUT = {"person": 0.05, "object": 0.05, "style": 0.1}
+# Mirroring: the object and style presets mirror; faces are not symmetric, so the character presets don't.
+RANDOM_FLIP = {"person": False, "object": True, "style": True}
+LEARNING_RATE = 1e-4  # every preset here and diffusers' LoRA training scripts
+VALIDATION_FROM = 12  # pictures from which 2 are held out (config: "a set needs 8 pictures or more to spare them")
+TRIGGER_WORD = "ohwx"  # the rare token kohya guides use: it means nothing to the text encoder yet
+
+
+@dataclass(frozen=True)
+class Card:
+    """The GPU the settings are for: its memory and whether it computes bf16."""
+
+    memory_bytes: int
+    bf16: bool
+    assumed: bool = False  # no GPU here: the card suggestions are sized for instead
+
+    @property
+    def memory_gb(self) -> float:
+        return self.memory_bytes / 2**30
+
+    @classmethod
+    def here(cls) -> Card:
+        """This machine's GPU, or the assumed card where there is none."""
+        total = devices.gpu_memory_gb()
+        if total is None:
+            return ASSUMED_CARD
+        return cls(int(total * 2**30), devices.native_bf16())
+
+    def describe(self) -> str:
+        if self.assumed:
+            return (
+                f"No GPU here: these settings assume a {self.memory_gb:.0f} GB card that computes bf16 (an RTX 3090 "
+                "or 4090, what most LoRA guides train on). On this computer's processor a real model trains for hours."
+            )
+        return f"Sized for this {self.memory_gb:.0f} GB GPU{'' if self.bf16 else ' (fp16: it does not compute bf16)'}."
+
+
+ASSUMED_CARD = Card(24 * 2**30, bf16=True, assumed=True)
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """What a suggestion reads of the training pictures: their short sides and their captions."""
+
+    short_sides: tuple[int, ...]
+    captions: tuple[str, ...]
+
+    @classmethod
+    def of(cls, examples: Iterable[Example]) -> Pictures:
+        examples = list(examples)
+        return cls(tuple(min(example.size) for example in examples), tuple(example.caption for example in examples))
+
+    @property
+    def count(self) -> int:
+        return len(self.short_sides)
+
+
+@dataclass(frozen=True)
+class Change:
+    setting: str
+    value: Any
+    reason: str
+
+    @property
+    def value_text(self) -> str:
+        """The value as a person reads it: on/off, 1e-04, none."""
+        if isinstance(self.value, bool):
+            return "on" if self.value else "off"
+        if isinstance(self.value, float):
+            return f"{self.value:g}"
+        return str(self.value) if self.value != "" else "none"
+
+
+@dataclass
+class Suggestion:
+    config: TrainConfig
+    changes: list[Change]
+    estimate: Estimate
+    notes: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # settings it would have changed, left as the user gave them
+
+
+def suggest(
+    pictures: Pictures,
+    subject: str,
+    family: str,
+    card: Card,
+    base: TrainConfig | None = None,
+    keep: Iterable[str] = (),
+) -> Suggestion:
+    """Settings for these pictures of a `subject` (person, object or style) on a model of `family`, trained on
+    `card`: `base` with the suggested changes, except to the settings named in `keep` (the user's own).
+
+    Raises LoraGuiError when nothing fits the card."""
+    if subject not in SUBJECTS:
+        raise LoraGuiError(f"say what the pictures are of: {', '.join(SUBJECTS)} (got {subject!r})")
+    if not pictures.count:
+        raise LoraGuiError("there are no usable pictures yet: add some first")
+    base, keep = base or TrainConfig(), set(keep)
+    precision = base.mixed_precision if base.mixed_precision != "auto" else ("bf16" if card.bf16 else "fp16")
+    wanted = {change.setting: change for change in _wanted(pictures, subject, family, base)}
+    kept = [name for name in (*wanted, "max_steps") if name in keep]
+    wanted = {name: change for name, change in wanted.items() if name not in keep}
+    config = base.replace(**{name: change.value for name, change in wanted.items()})
+    config, savers, result = _fit(config, family, card, precision, keep)
+    changes = {**wanted, **savers}
+    if "max_steps" not in keep:  # the length follows the batch size the card allows
+        changes["max_steps"] = _steps(pictures, subject, config)
+        config = config.replace(max_steps=changes["max_steps"].value)
+        if config.epochs and "epochs" not in keep:
+            changes["epochs"] = Change("epochs", 0, "the steps above set the length instead")
+            config = config.replace(epochs=0)
+    notes = [
+        card.describe(),
+        f"The estimate for these settings: ≈ {result.memory_gb:.1f} GB of the card's {card.memory_gb:.0f} GB.",
+    ]
+    return Suggestion(config, list(changes.values()), result, notes, kept)
+
+
+def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) -> list[Change]:
+    """What these pictures call for on a card with room to spare."""
+    title = get_family(family).title
+    native = get_family(family).default_resolution
+    # "Most pictures": three quarters have a short side at least this big; above it training upscales them.
+    most = sorted(pictures.short_sides)[pictures.count // 4] // 64 * 64
+    resolution = max(64, min(native, most))
+    if resolution == native:
+        why = f"{title}'s own size, and your pictures are at least that big"
+    else:
+        why = (
+            f"a quarter of your pictures are smaller than {title}'s own {native} px: above {resolution} px "
+            "training would only upscale them"
+        )
+    words = sum(len(caption.split()) for caption in pictures.captions) / pictures.count
+    rank = 8 if subject == "style" and words >= RICH_CAPTION_WORDS else RANK[subject]
+    rank_why = {
+        "person": "a face and its features need room: 16-32 is usual for a person",
+        "object": "one object needs less room than a face",
+        "style": "a style with sparse captions leaves the LoRA the content to learn as well",
+    }[subject]
+    if rank == 8:
+        rank_why = f"your captions describe each picture (about {words:.0f} words), so the LoRA only needs the look"
+    batch = 4 if pictures.count >= 100 else 2 if pictures.count >= 30 else 1
+    changes = [
+        Change("resolution", resolution, why),
+        Change("rank", rank, rank_why),
+        Change("optimizer", "adamw", "AdamW, the usual optimizer; the card has the memory for its full state"),
+        Change("learning_rate", LEARNING_RATE, "1e-4, what every preset here and diffusers' LoRA scripts use"),
+        Change(
+            "batch_size",
+            batch,
+            f"{pictures.count} pictures: several per step is faster per picture and steadier"
+            if batch > 1
+            else "few pictures: one per step",
+        ),
+        Change("gradient_checkpointing", False, "off: it costs about 30% speed, and the card does not need it"),
+        Change("quantize_base", "none", f"the {get_family(family).denoiser_title} fits the card unquantized, exactly"),
+        Change(
+            "caption_dropout",
+            CAPTION_DROPOUT[subject],
+            "a style should come through without its words"
+            if subject == "style"
+            else "a few steps without captions, so the LoRA also works with short prompts",
+        ),
+        Change(
+            "random_flip",
+            RANDOM_FLIP[subject],
+            "faces aren't symmetric: mirrored ones would blur the likeness"
+            if subject == "person"
+            else "mirrored pictures double the variety for free",
+        ),
+    ]
+    if not base.validation_data:
+        held = 2 if pictures.count >= VALIDATION_FROM else 0
+        changes.append(
+            Change(
+                "validation_images",
+                held,
+                "2 pictures held out: their loss shows when more steps stop helping"
+                if held
+                else f"under {VALIDATION_FROM} pictures: none to spare for a validation loss",
+            )
+        )
+    if subject != "style" and not base.trigger_word and not _shared_word(pictures.captions):
+        changes.append(
+            Change("trigger_word", TRIGGER_WORD, "no word is in every caption: this rare one calls the LoRA up")
+        )
+    if base.optimizer == "prodigy" and "optimizer" not in {change.setting for change in changes}:
+        changes = [change for change in changes if change.setting != "learning_rate"]  # Prodigy's rate is its own
+    return changes
+
+
+def _shared_word(captions: tuple[str, ...]) -> bool:
+    """Whether some word of four letters or more is in every caption: a trigger word already, most likely."""
+    words = [{word.strip(",.;:").lower() for word in caption.split()} for caption in captions]
+    return any(len(word) >= 4 for word in set.intersection(*words)) if words else False
+
+
+def _steps(pictures: Pictures, subject: str, config: TrainConfig) -> Change:
+    trained = pictures.count - config.validation_images
+    seen = min(SEEN_CEILING, max(SEEN_FLOOR[subject], trained * SEEN_PER_PICTURE[subject]))
+    steps = math.ceil(seen / config.batch_size)
+    if seen == SEEN_CEILING:
+        why = f"{SEEN_CEILING} pictures seen at most: past that a LoRA mostly memorizes"
+    elif seen == SEEN_FLOOR[subject]:
+        why = f"few pictures, but a {subject} needs about {seen} pictures seen to take hold"
+    else:
+        why = f"about {SEEN_PER_PICTURE[subject]} looks at each of your {trained} training pictures"
+    if config.batch_size > 1:
+        why += f", {config.batch_size} per step"
+    return Change("max_steps", steps, why)
+
+
+def _savers(config: TrainConfig, family: str, card: Card) -> list[tuple[str, Any, str]]:
+    """The memory savers, least harmful first: (setting, value, what it costs)."""
+    eight_bit = "adamw8bit" if not card.assumed else "adafactor"  # bitsandbytes' 8-bit AdamW needs an NVIDIA GPU
+    savers: list[tuple[str, Any, str]] = [
+        ("gradient_checkpointing", True, "about 30% slower"),
+        ("optimizer", eight_bit, "its state in fewer bytes, about as good"),
+    ]
+    savers += [("batch_size", size, "slower per picture") for size in (2, 1) if size < config.batch_size]
+    # Quantizing before lowering the resolution: 8-bit frozen weights cost little (QLoRA), training under the
+    # model's own size costs detail.
+    savers.append(("quantize_base", "int8", "the frozen weights in 8 bits, a little less exact"))
+    if not card.assumed:  # NF4 runs only on NVIDIA GPUs
+        savers.append(("quantize_base", "nf4", "the frozen weights in 4 bits, less exact"))
+    floor = max(256, get_family(family).default_resolution // 2)
+    savers += [("resolution", size, "less detail") for size in range(config.resolution - 128, floor - 1, -128)]
+    return savers
+
+
+def _fit(
+    config: TrainConfig, family: str, card: Card, precision: str, keep: set[str]
+) -> tuple[TrainConfig, dict[str, Change], Estimate]:
+    """`config` with memory savers added until the estimate fits the card, then those it can do without taken back."""
+    budget = card.memory_gb * HEADROOM
+    result = estimate(config, family, precision)
+    roomy = config
+    applied: dict[str, str] = {}  # setting -> what its saver costs
+    for setting, value, cost in _savers(config, family, card):
+        if result.memory_gb <= budget:
+            break
+        if setting in keep:
+            continue
+        tried = config.replace(**{setting: value})
+        tried_result = estimate(tried, family, precision)
+        if tried_result.memory_gb < result.memory_gb:
+            config, result = tried, tried_result
+            applied[setting] = cost
+    if result.memory_gb > budget:
+        raise LoraGuiError(
+            f"even with every memory saver, a {get_family(family).title} LoRA needs ≈ {result.memory_gb:.1f} GB, more "
+            f"than this {card.memory_gb:.0f} GB card has: pick a smaller base model"
+        )
+    for setting in list(applied)[-2::-1]:  # the last saver made it fit; an earlier one may not be needed with it
+        tried = config.replace(**{setting: getattr(roomy, setting)})
+        tried_result = estimate(tried, family, precision)
+        if tried_result.memory_gb <= budget:
+            config, result = tried, tried_result
+            del applied[setting]
+    first = estimate(roomy, family, precision).memory_gb
+    changes = {
+        setting: Change(
+            setting, getattr(config, setting), f"to fit the card (≈ {first:.1f} GB without the memory savers): {cost}"
+        )
+        for setting, cost in applied.items()
+    }
+    return config, changes, result

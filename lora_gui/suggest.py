@@ -25,11 +25,12 @@ SUBJECTS = ("person", "object", "style")
 # The share of the card a suggestion may fill: the desktop and the allocator's fragmentation take some too.
 HEADROOM = 0.95
 
-# Steps: kohya's accounting, steps = pictures x repeats x epochs / batch size, comes to about 100 pictures seen
-# per picture for a person or an object (10 repeats x 10 epochs, its guides' usual start); a style's pictures are
-# many and varied, so each needs fewer. The floor: diffusers' DreamBooth write-up found faces need 800-1200 steps
-# (https://huggingface.co/blog/dreambooth); the presets here train 1200-2000. The ceiling: LoRA guides for SDXL
-# and Flux put the useful range at 1000-3000 steps; past that a LoRA mostly memorizes its pictures.
+# Steps: in kohya's accounting (steps = pictures x repeats x epochs / batch size) the usual rule of thumb is about
+# 100 looks at each picture of a person or an object (say 10 repeats x 10 epochs); a style's pictures are many and
+# varied, so each needs fewer. The floor: diffusers' DreamBooth write-up found faces need 800-1200 steps
+# (https://huggingface.co/blog/dreambooth, full fine-tuning); the presets here train 1200-2000. The ceiling: LoRA
+# guides for SDXL and Flux (ai-toolkit's examples train 2000) put the useful range at 1000-3000 steps; past that
+# a LoRA mostly memorizes its pictures.
 SEEN_PER_PICTURE = {"person": 100, "object": 100, "style": 50}
 SEEN_FLOOR = {"person": 800, "object": 800, "style": 1000}
 SEEN_CEILING = 3000

@@ -19,9 +19,11 @@ from test_train import image
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError
+from lora_gui.families import get_family
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
-from lora_gui.lora_files.reshape import diffusers_twin, merge_loras, read_lora, resize_lora
+from lora_gui.lora_files.reshape import Layer, Lora, diffusers_twin, merge_loras, read_lora, resize_lora
+from lora_gui.lora_files.reshape import merge as merge_loras_in_memory
 from lora_gui.owners import Visitor, anonymous
 from lora_gui.train import train
 from lora_gui.ui.app import build_app
@@ -123,6 +125,19 @@ def test_files_that_are_not_plain_lora_get_a_plain_message(made, tmp_path):
     save_file({**tensors, f"{module}.dora_scale": torch.ones(1, 8)}, str(dora))
     with pytest.raises(LoraFileError, match=r"dora\.safetensors is a DoRA file; resizing and merging work on plain"):
         resize_lora(dora, 2, tmp_path / "out.safetensors")
+
+
+def test_merging_loras_for_different_models_or_to_no_rank_is_refused():
+    def lora(family: str, width: int) -> Lora:
+        layer = Layer(torch.ones(2, width), torch.ones(8, 2), 2.0)
+        return Lora(get_family(family), {"unet.mid_block.attentions.0.proj_in": layer}, {}, f"{family}.safetensors")
+
+    with pytest.raises(LoraFileError, match=r"sdxl\.safetensors is for Stable Diffusion XL and sd15\.safetensors for"):
+        merge_loras_in_memory([(lora("sd15", 8), 1.0), (lora("sdxl", 8), 1.0)])
+    with pytest.raises(LoraFileError, match=r"adapt unet\.mid_block\.attentions\.0\.proj_in with different shapes"):
+        merge_loras_in_memory([(lora("sd15", 8), 1.0), (lora("sd2", 16), 1.0)])
+    with pytest.raises(LoraFileError, match="rank is a whole number of at least 1, not 0"):
+        merge_loras_in_memory([(lora("sd15", 8), 1.0), (lora("sd15", 8), 1.0)], rank=0)
 
 
 @pytest.fixture(scope="module")

@@ -146,8 +146,7 @@ def low_rank(delta: torch.Tensor, rank: int, like: Layer) -> tuple[Layer, float]
 
 def resize(lora: Lora, rank: int) -> Reshaped:
     """Every layer cut to at most `rank` (a layer of a lower rank keeps its own)."""
-    if rank < 1:
-        raise LoraFileError(f"a LoRA's rank is a whole number of at least 1, not {rank}")
+    _check_rank(rank)
     layers, energy = {}, {}
     for name, layer in lora.layers.items():
         layers[name], energy[name] = low_rank(layer.delta(), min(rank, layer.rank), layer)
@@ -162,9 +161,13 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None) -> Reshaped:
     with `rank`, the sum of their updates cut to that rank."""
     if len(loras) < 2:
         raise LoraFileError("merging takes two LoRAs or more")
+    if rank is not None:
+        _check_rank(rank)
     first = loras[0][0]
     for lora, _ in loras[1:]:
-        if lora.family is not first.family:
+        # Families with the same parts (SD 1 and 2) can't be told apart by a file without metadata: their layers'
+        # shapes tell, below.
+        if kohya_prefixes(lora.family) != kohya_prefixes(first.family):
             raise LoraFileError(
                 f"{lora.name} is for {lora.family.title} and {first.name} for {first.family.title}; "
                 "only LoRAs for the same kind of base model can be merged"
@@ -187,6 +190,11 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None) -> Reshaped:
     if rank is not None:
         result.note += f", cut to rank {merged.rank}, {_energy_words(result)}"
     return result
+
+
+def _check_rank(rank: int) -> None:
+    if rank < 1:
+        raise LoraFileError(f"a LoRA's rank is a whole number of at least 1, not {rank}")
 
 
 def _energy_words(result: Reshaped) -> str:
@@ -281,8 +289,8 @@ def _kohya_layers(tensors: dict[str, torch.Tensor], family: type[Family], name: 
         path = _module_path(family, kohya[len(prefix) + 1 :]) if prefix else None
         if path is None:
             raise LoraFileError(
-                f"{name} adapts {kohya}, which names no {family.title} layer this app knows (a file in kohya's "
-                "SDXL names from Stability's original UNet, input_blocks..., can't be renamed here)"
+                f"{name} adapts {kohya}, which names no {family.title} layer in diffusers' names; a file in the "
+                "model's original names (SDXL's input_blocks, Flux's double_blocks) can't be resized or merged here"
             )
         if DOWN not in found or UP not in found:
             raise LoraFileError(f"{name} holds only half of {kohya} (a down or an up weight without the other)")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,40 @@ from lora_gui.quantization import QUANTIZATIONS
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+STEADY_SCHEDULERS = ("constant", "constant_with_warmup")  # the learning rate never decays
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FAMILIES = ("auto", *REGISTRY)
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor")
+
+
+@dataclass(frozen=True)
+class OptimizerFacts:
+    """What the settings, the form and the estimate know of an optimizer; train.py builds it."""
+
+    learning_rate: float  # its usual learning rate: the form's, when the one set is another optimizer's
+    rate_help: str  # the learning rate's hint under it
+    state_bytes: int  # its state per trained parameter (the LoRA's weights are fp32)
+    decays: bool = True  # whether it takes a decaying learning-rate schedule
+
+
+_ADAM_RATE = "How big each update is; 1e-4 is a safe start for LoRA."
+OPTIMIZER_FACTS = {
+    "adamw": OptimizerFacts(1e-4, _ADAM_RATE, 8),  # both moments in fp32
+    "adamw8bit": OptimizerFacts(1e-4, _ADAM_RATE, 2),  # both moments in 8 bits
+    # Adam's two moments, its running sum of gradients `s` and the starting weights `p0` (a single zero for a
+    # lora_B that starts at zero: about 14 bytes in all, counted as 16 to stay on the safe side).
+    "prodigy": OptimizerFacts(
+        1.0, "Prodigy finds its own step size and this only scales it: leave it at 1.0 (0.5 gentler).", 16
+    ),
+    # The second moment and the averaged weights' other sequence `z`. No decay: its averaging does that work.
+    "adamw-schedulefree": OptimizerFacts(
+        1e-4, _ADAM_RATE + " Schedule-free AdamW keeps it constant: its averaging does what a decay would.", 8, False
+    ),
+    # No first moment, and the second one factored into a row and a column per matrix (every LoRA weight is one):
+    # rank + width numbers for rank x width weights, counted as none.
+    "adafactor": OptimizerFacts(1e-4, _ADAM_RATE, 0),
+}
+OPTIMIZERS = tuple(OPTIMIZER_FACTS)
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
 # Settings a resumed run may change: they leave what was learned as it is (the learning rate after a divergence,
 # the length of the run, when to save and sample). The others stay as the run started.
@@ -38,6 +69,7 @@ CHANGEABLE_ON_RESUME = (
     "adam_weight_decay",
     "adam_epsilon",
     "max_grad_norm",
+    "prodigy_d_coef",
     "gradient_checkpointing",
     "validation_every",
     "keep_best",
@@ -94,7 +126,7 @@ class TrainConfig:
     epochs: int = _field(0, "Train for this many passes over the images instead of max_steps (0 = use max_steps).")
     batch_size: int = _field(1, "Images per step (higher is faster per image but needs more GPU memory).")
     gradient_accumulation_steps: int = _field(1, "Add up this many batches before each optimizer step.")
-    learning_rate: float = _field(1e-4, "How big each update is; 1e-4 is a safe start for LoRA.", "main")
+    learning_rate: float = _field(1e-4, _ADAM_RATE, "main")
     text_encoder_learning_rate: float = _field(0.0, "Learning rate of the text encoder LoRA (0 = same as above).")
     lr_scheduler: str = _field("constant", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _field(0, "Steps over which the learning rate ramps up from zero.")
@@ -195,10 +227,16 @@ class TrainConfig:
         _between("epochs", self.epochs, 0, 100_000)
         _between("batch_size", self.batch_size, 1, 1024)
         _between("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
-        rate_check = _prodigy_rate if self.optimizer == "prodigy" else _positive_rate
+        rate_check = _rate_check(self.optimizer)
         rate_check("learning_rate", self.learning_rate)
         if self.text_encoder_learning_rate:
             rate_check("text_encoder_learning_rate", self.text_encoder_learning_rate)
+        if self.optimizer == "prodigy" and self.text_encoder_learning_rate not in (0, self.learning_rate):
+            # prodigyopt finds one step size for every parameter group, and refuses groups with other rates.
+            raise ConfigError(
+                "Prodigy takes one learning rate for everything it trains: set text_encoder_learning_rate to 0 "
+                "(the same as learning_rate)"
+            )
         _between("prodigy_d_coef", self.prodigy_d_coef, 0.01, 100.0)
         _between("lr_warmup_steps", self.lr_warmup_steps, 0, 10_000_000)
         _between("adam_beta1", self.adam_beta1, 0.0, 0.9999)
@@ -238,6 +276,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
+        if not OPTIMIZER_FACTS[self.optimizer].decays and self.lr_scheduler not in STEADY_SCHEDULERS:
+            raise ConfigError(
+                f"lr_scheduler {self.lr_scheduler} lowers the learning rate over the run, which the "
+                f"{self.optimizer} optimizer does without: its averaging of the weights does that work. "
+                "Pick constant, or constant_with_warmup for a warmup"
+            )
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
             raise ConfigError(
                 "lr_warmup_steps needs a scheduler with warmup: pick constant_with_warmup, linear or cosine"
@@ -315,6 +359,59 @@ def _positive_rate(name: str, value: float) -> None:
             f"{name} {value:g} is far too high for LoRA and would wreck the model; try 1e-4 "
             "(only the prodigy optimizer takes 1.0)"
         )
+
+
+def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
+    """The optimizer's own settings, from the run's (train.py builds it with them; a LoRA's metadata names them).
+    Each is also a key of its parameter groups, which a checkpoint brings back as saved: that is how a resume sets
+    those it may change."""
+    adam = {
+        "weight_decay": config.adam_weight_decay,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "eps": config.adam_epsilon,
+    }
+    if config.optimizer == "prodigy":
+        # As Prodigy's README advises for diffusion models: Adam's bias correction, and with a warmup its step
+        # size estimated without the learning rate, which the warmup's ramp from zero would hold back.
+        warmup = config.lr_warmup_steps > 0
+        return {**adam, "d_coef": config.prodigy_d_coef, "use_bias_correction": True, "safeguard_warmup": warmup}
+    if config.optimizer == "adafactor":
+        # The learning rate as given, not Adafactor's own step sizes relative to each weight's size; no first
+        # moment (beta1 stays None), which is what makes it small. Its eps is a pair of its own, left as it is.
+        return {"weight_decay": config.adam_weight_decay, "relative_step": False, "scale_parameter": False}
+    return adam
+
+
+def settings_for_optimizer(
+    optimizer: str, learning_rate: Any, text_encoder_learning_rate: Any, lr_scheduler: str, lr_warmup_steps: Any
+) -> dict[str, Any]:
+    """For a form where `optimizer` was just picked: which of these settings must change for it to be valid, and
+    to what. A learning rate made for another optimizer (AdamW's 1e-4 under Prodigy, Prodigy's 1.0 under AdamW)
+    becomes this one's usual, a text encoder's rate that no longer fits becomes 0 (the same), and a decaying
+    schedule under schedule-free AdamW a constant one, its warmup kept. A rate that fits is the user's: kept."""
+    facts, check = OPTIMIZER_FACTS[optimizer], _rate_check(optimizer)
+    changes: dict[str, Any] = {}
+    if not _passes(check, learning_rate):
+        changes["learning_rate"] = facts.learning_rate
+    rate = changes.get("learning_rate", learning_rate)
+    encoder_rate = text_encoder_learning_rate
+    if encoder_rate and (not _passes(check, encoder_rate) or (optimizer == "prodigy" and encoder_rate != rate)):
+        changes["text_encoder_learning_rate"] = 0.0
+    if not facts.decays and lr_scheduler not in STEADY_SCHEDULERS:
+        changes["lr_scheduler"] = "constant_with_warmup" if lr_warmup_steps else "constant"
+    return changes
+
+
+def _passes(check: Callable[[str, float], None], value: Any) -> bool:
+    try:
+        check("learning_rate", value)
+    except ConfigError:
+        return False
+    return True
+
+
+def _rate_check(optimizer: str) -> Callable[[str, float], None]:
+    return _prodigy_rate if optimizer == "prodigy" else _positive_rate
 
 
 def _prodigy_rate(name: str, value: float) -> None:

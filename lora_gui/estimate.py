@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from lora_gui.config import TrainConfig
+from lora_gui.config import OPTIMIZER_FACTS, TrainConfig
 from lora_gui.devices import DTYPES
 from lora_gui.families import get_family
 from lora_gui.quantization import QUANTIZATIONS
@@ -51,9 +51,12 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
     device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
     targets = tuple(get_family(family).lora_targets(config.target_modules))
-    cost = _unet_cost(family, config.resolution, config.rank, targets, config.gradient_checkpointing, precision)
+    adapter = (config.rank, config.lora_type)
+    cost = _unet_cost(family, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
     weight_bytes = BYTES[precision]
-    optimizer_bytes = 4 + 4 + (2 if config.optimizer == "adamw8bit" else 8)  # weight, grad, Adam state
+    # Each trained weight: itself and its gradient in fp32, and the optimizer's state. Schedule-free AdamW's copy
+    # of the training weights, while it evaluates, takes the gradients' place (they are freed after each step).
+    optimizer_bytes = 4 + 4 + OPTIMIZER_FACTS[config.optimizer].state_bytes
     base = _denoiser_bytes(cost, weight_bytes, config.quantize_base) + cost.lora_params * optimizer_bytes
     activations = cost.activations
     text = get_family(family).text_encoder_params * weight_bytes
@@ -71,7 +74,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop, seconds = None, None
     if matmul_tflops:
-        flops = _step_flops(family, config.resolution, config.rank, targets, precision)
+        flops = _step_flops(family, config.resolution, adapter, targets, precision)
         step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
         steps = config.max_steps if not config.epochs else None
         if steps:
@@ -131,27 +134,36 @@ def _denoiser_bytes(cost: DenoiserCost, weight_bytes: int, quantize: str) -> flo
 
 
 def _unet_cost(
-    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
+    family: str,
+    resolution: int,
+    adapter: tuple[int, str],
+    targets: tuple[str, ...],
+    checkpointing: bool,
+    precision: str,
 ) -> DenoiserCost:
     """What one step of one image costs the denoiser in memory.
 
     One estimate at a time: the patched attention `_saved_bytes` installs is seen by every thread, and
     would meet another estimate's meta tensors (their FLOP count's backward would then fail)."""
     with _ESTIMATING:
-        return _measured_cost(family, resolution, rank, targets, checkpointing, precision)
+        return _measured_cost(family, resolution, adapter, targets, checkpointing, precision)
 
 
-def _step_flops(family: str, resolution: int, rank: int, targets: tuple[str, ...], precision: str) -> float:
+def _step_flops(
+    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
+) -> float:
     """FLOPs of one image's step through the denoiser, forward and backward, with the real attention."""
     with _ESTIMATING:
-        return _counted_flops(family, resolution, rank, targets, precision)
+        return _counted_flops(family, resolution, adapter, targets, precision)
 
 
 @functools.lru_cache(maxsize=64)
-def _counted_flops(family: str, resolution: int, rank: int, targets: tuple[str, ...], precision: str) -> float:
+def _counted_flops(
+    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
+) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
+    unet, inputs = _meta_unet(family, resolution, adapter, targets, DTYPES[precision])
     counter = FlopCounterMode(display=False)
     with counter:
         unet(**inputs).sample.float().mean().backward()
@@ -160,10 +172,15 @@ def _counted_flops(family: str, resolution: int, rank: int, targets: tuple[str, 
 
 @functools.lru_cache(maxsize=64)
 def _measured_cost(
-    family: str, resolution: int, rank: int, targets: tuple[str, ...], checkpointing: bool, precision: str
+    family: str,
+    resolution: int,
+    adapter: tuple[int, str],
+    targets: tuple[str, ...],
+    checkpointing: bool,
+    precision: str,
 ) -> DenoiserCost:
     """`_unet_cost`, measured once for each set of arguments."""
-    unet, inputs = _meta_unet(family, resolution, rank, targets, DTYPES[precision])
+    unet, inputs = _meta_unet(family, resolution, adapter, targets, DTYPES[precision])
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
     # peft keeps each targeted layer as its `base_layer`, so every frozen linear layer is counted once.
@@ -199,9 +216,10 @@ def _measured_cost(
 
 
 def _meta_unet(
-    family: str, resolution: int, rank: int, targets: tuple[str, ...], dtype: torch.dtype
+    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], dtype: torch.dtype
 ) -> tuple[torch.nn.Module, dict]:
-    """The family's full-size UNet with the LoRA, on the meta device in training mode, and one image's inputs."""
+    """The family's full-size UNet with the adapter (rank, lora_type), on the meta device in training mode, and one
+    image's inputs."""
     from lora_gui.adapters import lora_config
 
     # In the training dtype, as from_pretrained(dtype=...) loads it. Cast after building, not by changing
@@ -211,7 +229,8 @@ def _meta_unet(
         unet = torch.nn.Module.to(get_family(family).build_denoiser("full"), dtype)
     unet.requires_grad_(False)
     with torch.device("meta"):  # LoRA weights without initialising them: 4x faster on Flux's 500 layers
-        unet.add_adapter(lora_config(rank, rank, targets))
+        rank, lora_type = adapter
+        unet.add_adapter(lora_config(rank, rank, targets, lora_type))
     unet.train()
     return unet, get_family(family).meta_inputs(resolution, dtype)
 

@@ -36,7 +36,7 @@ from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
-from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
+from lora_gui.config import CHANGEABLE_ON_RESUME, OPTIMIZER_FACTS, TrainConfig, optimizer_settings
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, ImageGeometry
@@ -165,7 +165,8 @@ def _run(
             ended = step
         last = step == ended
         if config.sample_every and step % config.sample_every == 0 and not last and not stop:
-            t.previews.make(step, t.total_steps)
+            with _evaluating(t):
+                t.previews.make(step, t.total_steps)
         if stop or last or (config.checkpoint_every and step % config.checkpoint_every == 0):
             _save_checkpoint(t, step, emit)
         if stop:
@@ -174,7 +175,8 @@ def _run(
             break
 
     # Finish: previews of the final LoRA, then the LoRA files.
-    t.previews.make(ended, t.total_steps)
+    with _evaluating(t):
+        t.previews.make(ended, t.total_steps)
     files = _save_lora(t, ended)
     files += [run.best_lora] if run.best_lora.is_file() else []
     message = _ending(t, ended)
@@ -473,6 +475,7 @@ def _optimize(
     )
     trained = [family.denoiser(pipe), *(family.text_encoders(pipe) if config.train_text_encoder else [])]
     *models, optimizer = accelerator.prepare(*trained, optimizer)
+    optimizer.train()  # schedule-free AdamW starts out evaluating (`_evaluating`); the others have no modes
     accelerator.register_for_checkpointing(lr_scheduler)
     _checkpoint_lora_only(accelerator, pipe, family)
     return models, optimizer, lr_scheduler
@@ -567,12 +570,11 @@ def _validate(t: Training, step: int) -> float | None:
     config = t.config
     if not t.held_out or (step % config.validation_every and step < t.total_steps):
         return None
-    # Rounded as metrics.jsonl keeps it, so a resumed run's curve, rebuilt from there, finds the same best.
-    # Schedule-free AdamW evaluates at other weights than it steps with: its `optimizer.eval()` context (an
-    # `_evaluating(t)`) belongs around this measurement and `_save_best`.
-    loss = round(_validation_loss(t), 6)
-    if t.curve.add(step, loss) and config.keep_best:
-        _save_best(t, step, loss)
+    with _evaluating(t):
+        # Rounded as metrics.jsonl keeps it, so a resumed run's curve, rebuilt from there, finds the same best.
+        loss = round(_validation_loss(t), 6)
+        if t.curve.add(step, loss) and config.keep_best:
+            _save_best(t, step, loss)
     return loss
 
 
@@ -722,12 +724,16 @@ def _stop_diverged(t: Training, step: int, emit: EventHandler) -> None:
 
 # ---- the pieces the loop calls -----------------------------------------------------------------
 def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    kwargs = dict(
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.optimizer == "adamw8bit":
+    settings = optimizer_settings(config)
+    if config.optimizer == "adamw":
+        # The fused kernel updates every tensor in one pass, on a GPU and on a CPU alike: on the tiny model's
+        # CPU step it takes half the time of the foreach one (0.40 against 0.87 ms, gradient clipping included).
+        settings["fused"] = True
+    return _optimizer_class(config.optimizer)(param_groups, **settings)
+
+
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -735,10 +741,20 @@ def _optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Opt
                 "8-bit AdamW needs the bitsandbytes package: run `pip install bitsandbytes` (NVIDIA GPUs only), "
                 "or choose the adamw optimizer"
             ) from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # The fused kernel updates every tensor in one pass, on a GPU and on a CPU alike: on the tiny model's
-    # CPU step it takes half the time of the foreach one (0.40 against 0.87 ms, gradient clipping included).
-    return torch.optim.AdamW(param_groups, **kwargs, fused=True)
+        return bnb.optim.AdamW8bit
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy
+    if name == "adamw-schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    return torch.optim.AdamW
 
 
 def _generators(seed: int, position: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -818,11 +834,13 @@ def _resumed_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
 
 def _apply_changed_settings(t: Training, rates: list[float]) -> None:
     """A checkpoint brings back the optimizer's and the schedule's settings as they were saved: set those a
-    resume may have changed (`rates`: each parameter group's learning rate, as the settings give it now)."""
-    scheduler = t.lr_scheduler
+    resume may have changed (`rates`: each parameter group's learning rate, as the settings give it now; the
+    optimizer's own, such as its epsilon or Prodigy's d_coef). What it learned (moments, Prodigy's step size,
+    schedule-free's averaging) stays as saved."""
+    scheduler, settings = t.lr_scheduler, optimizer_settings(t.config)
     for group, rate, factor in zip(t.optimizer.param_groups, rates, scheduler.lr_lambdas, strict=True):
         group.update(initial_lr=rate, lr=rate * factor(scheduler.last_epoch))
-        group.update(eps=t.config.adam_epsilon, weight_decay=t.config.adam_weight_decay)
+        group.update(settings)
     scheduler.base_lrs = list(rates)
     scheduler._last_lr = [group["lr"] for group in t.optimizer.param_groups]
 
@@ -831,13 +849,36 @@ def _save_lora(t: Training, step: int) -> list[Path]:
     """The LoRA in diffusers' and kohya's layouts, the record of how far training went that their
     metadata is built from, and the model card."""
     run = t.run
-    if t.accelerator.is_main_process:
-        save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
-        _record(t, step).save(run.lora_info)
-        write_kohya_lora(run)
-        write_model_card(run)
+    with _evaluating(t):
+        if t.accelerator.is_main_process:
+            save_diffusers_lora(run.diffusers_lora, t.pipe, t.family)
+            _record(t, step).save(run.lora_info)
+            write_kohya_lora(run)
+            write_model_card(run)
     t.accelerator.wait_for_everyone()
     return [run.diffusers_lora, run.kohya_lora, run.model_card]
+
+
+@contextlib.contextmanager
+def _evaluating(t: Training) -> Iterator[None]:
+    """The LoRA's weights as they are to be used, for anything that evaluates or saves the LoRA (previews, the
+    validation loss, the LoRA files). Schedule-free AdamW takes its gradients at other weights than those: it
+    keeps an average to use, which `eval()` moves the weights to. Back to training, the training weights are put
+    back bit for bit, not worked out again from the average (which rounds): so however often a run evaluates,
+    what it learns is the same, and a run stopped and resumed learns what one uninterrupted run does. Its
+    checkpoints are saved training, so they hold those weights exactly. Other optimizers use what they train."""
+    if t.config.optimizer != "adamw-schedulefree":
+        yield
+        return
+    training = [param.detach().clone() for param in t.params]
+    t.optimizer.eval()
+    try:
+        yield
+    finally:
+        t.optimizer.train()
+        with torch.no_grad():
+            for param, kept in zip(t.params, training, strict=True):
+                param.copy_(kept)
 
 
 def _record(t: Training, step: int) -> TrainingRecord:
@@ -953,8 +994,10 @@ def oom_advice(config: TrainConfig) -> str:
         tips.append(f"store the base model in fewer bits (quantize_base {fewer})")
     if config.resolution > 512:
         tips.append(f"lower the resolution (now {config.resolution})")
-    if config.optimizer != "adamw8bit":
-        tips.append("use 8-bit AdamW")
+    if config.optimizer != "adafactor":
+        # Adafactor keeps almost nothing per weight; 8-bit AdamW a quarter of AdamW's, and only on NVIDIA GPUs.
+        smaller = "" if OPTIMIZER_FACTS[config.optimizer].state_bytes <= 2 else " or 8-bit AdamW"
+        tips.append(f"use the adafactor optimizer{smaller}")
     if config.train_text_encoder:
         tips.append("stop training the text encoder")
     if config.rank > 16:

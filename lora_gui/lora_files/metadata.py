@@ -6,7 +6,8 @@ values as strings, as kohya writes them) and Stability's ModelSpec 1.0.1 (`model
 ss_output_name (the name it lists), ss_base_model_version and ss_v2 (which model family it offers the
 LoRA for), ss_tag_frequency (the tags it suggests), ss_sd_model_name, ss_resolution,
 ss_num_train_images, ss_dataset_dirs and ss_training_started_at; civitai reads the same keys when a
-file is uploaded.
+file is uploaded. A DoRA, LoHa or LoKr says so as LyCORIS' kohya network does (lycoris/kohya.py): the module
+`lycoris.kohya` and its arguments in ss_network_args (algo, dora_wd, wd_on_output, factor), values as strings.
 """
 
 from __future__ import annotations
@@ -19,15 +20,28 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui import data
-from lora_gui.config import TrainConfig
+from lora_gui.config import TrainConfig, optimizer_settings
 from lora_gui.errors import LoraFileError
 from lora_gui.families import get_family
 from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
 MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+# The LyCORIS network arguments that make each kind of adapter (plain LoRA is kohya's own networks).
+LYCORIS_ARGS = {
+    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},  # peft's lengths are the output rows'
+    "loha": {"algo": "loha"},
+    "lokr": {"algo": "lokr", "factor": "-1"},  # peft's LoKrConfig's decompose_factor
+}
+KIND_TITLES = {"lora": "LoRA", "dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
 # How kohya names the optimizer class in ss_optimizer.
-OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+OPTIMIZER_CLASSES = {
+    "adamw": "torch.optim.adamw.AdamW",
+    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+    "prodigy": "prodigyopt.prodigy.Prodigy",
+    "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "adafactor": "transformers.optimization.Adafactor",
+}
 
 
 def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -37,19 +51,21 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     if not run.dataset.is_dir():
         raise LoraFileError(f"{run.dataset} is gone; the LoRA's metadata (image count, tags) is built from it")
     folders, captions = trained_captions(run, config.trigger_word)
+    # As kohya writes them: its optimizer's arguments, key=value.
+    optimizer_args = ",".join(f"{name}={value}" for name, value in optimizer_settings(config).items())
     denoiser = adapter_configs[family.denoiser_name]
-    rank, alpha = denoiser["r"], float(denoiser["lora_alpha"])
+    rank, alpha = denoiser["r"], float(denoiser["lora_alpha"] if "lora_alpha" in denoiser else denoiser["alpha"])
     trigger = config.trigger_word.strip()
     epoch_number = max(1, math.ceil(round(record.epoch, 6)))
     planned_epochs = max(1, math.ceil(round(record.epoch * record.total_steps / record.steps, 6)))
     description = (
-        f"LoRA for {family.title}, trained with lora_gui on {len(captions)} images for {record.steps} steps "
-        f"(rank {rank}, alpha {alpha:g})." + (f" Trigger word: {trigger}." if trigger else "")
+        f"{KIND_TITLES[config.lora_type]} for {family.title}, trained with lora_gui on {len(captions)} images "
+        f"for {record.steps} steps (rank {rank}, alpha {alpha:g})." + (f" Trigger word: {trigger}." if trigger else "")
     )
     resolution = config.resolution
     metadata = {
         "ss_output_name": run.name,
-        "ss_network_module": family.kohya_network_module,
+        "ss_network_module": "lycoris.kohya" if config.lora_type in LYCORIS_ARGS else family.kohya_network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": family.kohya_base_model_version,
@@ -69,10 +85,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         "ss_unet_lr": str(config.learning_rate),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_optimizer": (
-            f"{OPTIMIZER_CLASSES[config.optimizer]}(weight_decay={config.adam_weight_decay},"
-            f"betas={(config.adam_beta1, config.adam_beta2)},eps={config.adam_epsilon})"
-        ),
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[config.optimizer]}({optimizer_args})",
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_mixed_precision": config.mixed_precision,
         "ss_seed": str(config.seed),
@@ -99,6 +112,8 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     }
     if record.prediction_type in MODELSPEC_PREDICTION_TYPES:  # ModelSpec names no others (Flux's is flow)
         metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[record.prediction_type]
+    if config.lora_type in LYCORIS_ARGS:
+        metadata["ss_network_args"] = json.dumps(LYCORIS_ARGS[config.lora_type])
     if config.train_text_encoder:
         metadata["ss_text_encoder_lr"] = str(config.text_encoder_learning_rate or config.learning_rate)
     if trigger:

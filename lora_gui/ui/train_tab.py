@@ -14,7 +14,16 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import devices, quantization, runs
-from lora_gui.config import TrainConfig, as_preset, check_preset_name, list_presets, load_preset, save_preset
+from lora_gui.config import (
+    OPTIMIZER_FACTS,
+    TrainConfig,
+    as_preset,
+    check_preset_name,
+    list_presets,
+    load_preset,
+    save_preset,
+    settings_for_optimizer,
+)
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.estimate import Estimate, estimate, presets_that_fit
 from lora_gui.families import get_family
@@ -40,7 +49,8 @@ from lora_gui.ui.common import (
 
 POLL_SECONDS = 2.0
 _WATCHED = ("losses", "samples", "log", "files")
-# The settings that change how much memory and time a run takes: the estimate is redone when one changes.
+# The settings that change how much memory and time a run takes: the estimate is redone when one changes (and
+# when the optimizer does, by `pick_optimizer`).
 ESTIMATED = (
     "resolution",
     "max_steps",
@@ -51,7 +61,6 @@ ESTIMATED = (
     "gradient_checkpointing",
     "train_text_encoder",
     "target_modules",
-    "optimizer",
     "mixed_precision",
     "family",
 )
@@ -120,7 +129,9 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             c["save_preset"] = gr.Button("Save as preset")
     c["progress"] = gr.HTML(_progress_html(None, 0), elem_id="train-progress")
     with gr.Row():
-        c["loss_plot"] = loss_plot("loss-plot")
+        with gr.Column():
+            c["loss_plot"] = loss_plot("loss-plot")
+            c["validation"] = gr.HTML(elem_id="validation-text")  # the validation loss's best step, in words
         c["samples"] = gr.Gallery(
             label="Previews (made every few steps with your sample prompt)",
             columns=4,
@@ -183,7 +194,15 @@ def wire_train_tab(ctx: Ctx) -> None:
         trigger_mode="always_last",  # a preset changes many settings at once: estimate the last state only
         show_progress="hidden",
     )
-    live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen"]
+    ctx.wire(
+        ctx["optimizer"].change,
+        pick_optimizer,
+        ["base_model", *settings],
+        ["learning_rate", "text_encoder_learning_rate", "lr_scheduler", "estimate"],
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    live = ["progress", "loss_plot", "validation", "samples", "log", "files", "resume", "stop", "train_seen"]
     ctx.wire(
         ctx["timer"].tick,
         poll,
@@ -260,6 +279,7 @@ RESUMED_FROM_THE_FORM = (
     "adam_epsilon",
     "adam_weight_decay",
     "max_grad_norm",
+    "prodigy_d_coef",
 )
 
 
@@ -272,7 +292,9 @@ def resume(
     if job is None:
         return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
     try:
-        changes = config_form.config_from_values({**settings, "base_model": ""}).to_dict() if settings else {}
+        # The form's rates are checked as the run's optimizer takes them: Prodigy's 1.0 is no AdamW rate.
+        run = {"base_model": "", "optimizer": TrainConfig.load(job.run.config).optimizer}
+        changes = config_form.config_from_values({**settings, **run}).to_dict() if settings else {}
         changes = {name: changes[name] for name in settings}
         ctx.check_room_for_a_run(visitor)
         resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token, visitor), changes=changes)
@@ -416,6 +438,25 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     return {"estimate": notice(text) + (notice(hint, "warning") if hint else "")}
 
 
+def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
+    """Settings that fit the optimizer just picked, so the form stays valid (Prodigy's learning rate is 1.0, where
+    AdamW's is 1e-4), the learning rate's hint for it, and the estimate, which its state changes."""
+    optimizer = settings["optimizer"]
+    changes = settings_for_optimizer(
+        optimizer,
+        settings["learning_rate"],
+        settings["text_encoder_learning_rate"],
+        settings["lr_scheduler"],
+        settings["lr_warmup_steps"],
+    )
+    rate = {"value": changes["learning_rate"]} if "learning_rate" in changes else {}
+    return {
+        **changes,
+        "learning_rate": gr.update(info=OPTIMIZER_FACTS[optimizer].rate_help, **rate),
+        **show_estimate(ctx, base_model, **{**settings, **changes}),
+    }
+
+
 def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[str, float]]) -> str:
     """What lowers the phase that needs the most memory: first the preset made for this card, if one is."""
     preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
@@ -463,7 +504,8 @@ def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str
         "train_seen": seen,
     }
     if "losses" in changed:
-        updates["loss_plot"] = loss_frame(state.losses)
+        updates["loss_plot"] = loss_frame(state.losses, state.val_losses)
+        updates["validation"] = _validation_html(job, state)
     if "samples" in changed:
         updates["samples"] = [(served(path), caption) for path, caption in reversed(state.samples)]
     if "log" in changed:
@@ -475,6 +517,14 @@ def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str
         updates["resume"] = gr.update(visible=resumable and state.status != runs.FINISHED)
         updates["stop"] = gr.update(interactive=not state.ended)
     return updates
+
+
+def _validation_html(job: Job, state: JobState) -> str:
+    """The validation loss in words: its best step so far, and the file that keeps that step's LoRA."""
+    summary = runs.ValidationCurve.of(state.val_losses).summary()
+    if summary and job.config.keep_best:
+        summary += f" That step's LoRA is kept as {job.run.best_lora.name}."
+    return notice(summary) if summary else ""
 
 
 def _shown_job(ctx: Ctx, visitor: Visitor, train_job: int | None) -> Job | None:
@@ -504,8 +554,9 @@ def _progress_html(state: JobState | None, queue_position: int) -> str:
             detail = html.escape(state.message or "Starting") + "…"
         headline = f"Training <b>{name}</b>: step {state.step} of {state.total_steps or '?'}"
     elif state.status == runs.FINISHED:
+        early = f" of {state.total_steps}, stopped early as its validation loss stopped improving"
         headline, detail = (
-            f"<b>{name}</b> finished: {state.total_steps} steps",
+            f"<b>{name}</b> finished: {state.step} steps" + (early if state.step < state.total_steps else ""),
             "Download it below, or try it in Generate.",
         )
     elif state.status == runs.STOPPED:

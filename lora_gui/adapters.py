@@ -1,7 +1,10 @@
 """The LoRA adapters a run trains: added to the base model through peft, found again, and put back on resume.
 
-One place builds the adapters' LoraConfig, so training, the estimate and the benchmark adapt the
-same layers the same way; a new kind of adapter (DoRA, LoKr: peft's own configs) starts here.
+One place builds the adapters' peft config (`lora_config`), so training, the estimate and the benchmark adapt the
+same layers the same way. The kinds (TrainConfig.lora_type) are peft's own: LoRA, DoRA (LoraConfig's use_dora: a
+LoRA plus each output row's learned length, `lora_magnitude_vector`), LyCORIS' LoHa (LoHaConfig: the Hadamard
+product of two low-rank products) and LoKr (LoKrConfig: a Kronecker product, its second factor low-rank when the
+rank is small against the layer). Every kind starts at exactly the base model's output.
 
 transformers 5 dropped the `text_model.` level from CLIP's module names, while diffusers and every
 other tool expect it: state dicts leave here with the canonical names, whatever the installed
@@ -10,13 +13,21 @@ transformers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file
 
 from lora_gui.config import TrainConfig
@@ -26,11 +37,21 @@ from lora_gui.families import Family
 CANONICAL_TEXT_PREFIX = "text_model."
 
 
-def lora_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
-    """A LoRA of this rank on every layer `target_modules` names, its update scaled by alpha / rank.
+def lora_config(rank: int, alpha: float, target_modules: Sequence[str], lora_type: str = "lora") -> PeftConfig:
+    """An adapter of this kind and rank on every layer `target_modules` names, its update scaled by alpha / rank.
 
-    A starts Gaussian and B at zero, so training starts from exactly the base model's output."""
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    One factor of each starts at zero (as peft initialises them: LoRA's B, LoHa's w2_b, LoKr's w1), so training starts
+    from exactly the base model's output."""
+    targets = list(target_modules)
+    if lora_type in ("lora", "dora"):
+        return LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", use_dora=lora_type == "dora"
+        )
+    if lora_type == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    if lora_type == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
+    raise ConfigError(f"lora_type {lora_type!r} is none of lora, dora, loha, lokr")
 
 
 def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
@@ -39,7 +60,7 @@ def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig)
     The adapters train in fp32 whatever the base's dtype; text encoders get their own learning rate."""
     denoiser, targets = family.denoiser(pipe), family.lora_targets(config.target_modules)
     try:
-        denoiser.add_adapter(lora_config(config.rank, config.lora_alpha, targets))
+        denoiser.add_adapter(lora_config(config.rank, config.lora_alpha, targets, config.lora_type))
     except ValueError as error:
         raise ConfigError(f"target_modules {targets} match no layer of the model ({error})") from None
     cast_training_params(denoiser, dtype=torch.float32)
@@ -49,7 +70,7 @@ def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig)
             raise ConfigError(
                 f"{family.title} LoRAs here train its {family.denoiser_title} alone: turn off train_text_encoder"
             )
-        text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules)
+        text_config = lora_config(config.rank, config.lora_alpha, config.text_encoder_target_modules, config.lora_type)
         for encoder in family.text_encoders(pipe):
             # transformers 5's add_adapter demands an unreleased peft; peft injects directly.
             inject_adapter_in_model(text_config, encoder, adapter_name="default")
@@ -76,6 +97,14 @@ def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     if _needs_text_prefix(module):
         state = {CANONICAL_TEXT_PREFIX + key: value for key, value in state.items()}
     return state
+
+
+def canonical_modules(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Every layer of a pipeline component under its canonical name (a CLIP's with `text_model.`)."""
+    prefix = CANONICAL_TEXT_PREFIX if _needs_text_prefix(module) else ""
+    for name, layer in module.named_modules():
+        if name:
+            yield prefix + name, layer
 
 
 def load_trained_lora(source: Path, pipe: DiffusionPipeline, family: type[Family]) -> None:

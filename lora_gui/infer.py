@@ -1,4 +1,13 @@
-"""Generating images with a base model and any number of LoRAs, each at its own strength."""
+"""Generating images with a base model and any number of LoRAs, each at its own strength.
+
+diffusers applies plain LoRAs (its own layout, kohya's and the others detect.py names). DoRA, LoHa and LoKr files,
+ours and other tools', are applied here as each layer's weight change (kohya_layout.weight_change, computed as
+ComfyUI does) added to the layer's output by a forward hook at the file's strength. Not merged into the base
+weights: those stay untouched, so a strength changes by replacing hooks, a strength of 0 gives exactly the base
+model's picture, and a quantized base (whose weights can't take a sum) works too. Not as diffusers adapters:
+diffusers can't load LoHa or LoKr at all, and its DoRA scales the update inside the weight normalisation, so even
+strength 0 changes the picture.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +16,19 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from lora_gui import devices, quantization
+from lora_gui.adapters import canonical_modules
 from lora_gui.base_models import (
     ANY_BASE_MODEL,
     PICKLE_SUFFIXES,
@@ -28,7 +41,8 @@ from lora_gui.base_models import (
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
-from lora_gui.lora_files import detect
+from lora_gui.lora_files import detect, kohya_layout
+from lora_gui.lora_files.diffusers_layout import read_diffusers_lora
 from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.runs import DIFFUSERS_LORA
 
@@ -43,6 +57,7 @@ class Generator:
     pipe: DiffusionPipeline
     device: torch.device
     precision: str  # "no", "fp16" or "bf16": the UNet's and text encoders' weights; the VAE stays fp32
+    _hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list, repr=False)  # weight-change LoRAs
 
     @classmethod
     def load(
@@ -82,25 +97,28 @@ class Generator:
     def set_loras(self, loras: list[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
         """Replace the active LoRAs with these (file or run folder, strength) pairs.
 
-        Files from anywhere load: diffusers', kohya's (A1111, ComfyUI, civitai) and the LyCORIS kinds
-        diffusers can apply. One that can't be applied raises LoraFileError naming its layout and
-        why, and leaves no LoRA active.
+        Files from anywhere load: diffusers', kohya's (A1111, ComfyUI, civitai), and the LyCORIS kinds
+        diffusers or this module can apply (DoRA, LoHa, LoKr). One that can't be applied raises LoraFileError
+        naming its layout and why, and leaves no LoRA active.
         """
+        self._remove_weight_changes()
         self.pipe.unload_lora_weights()
         names, scales = [], []
         try:
             for index, (source, scale) in enumerate(loras):
-                names.append(f"lora{index}")
-                self._load_lora(resolve_lora_path(source, allow_pickle), names[-1])
-                scales.append(float(scale))
+                if self._load_lora(resolve_lora_path(source, allow_pickle), f"lora{index}", float(scale)):
+                    names.append(f"lora{index}")
+                    scales.append(float(scale))
         except LoraFileError:
+            self._remove_weight_changes()
             self.pipe.unload_lora_weights()
             raise
         if names:
             self.pipe.set_adapters(names, adapter_weights=scales)
 
-    def _load_lora(self, path: Path, name: str) -> None:
-        """Put one LoRA file on the model as adapter `name`, after checking it can mean what it says."""
+    def _load_lora(self, path: Path, name: str, strength: float) -> bool:
+        """Put one LoRA file on the model, after checking it can mean what it says: as diffusers adapter `name`
+        (True), or as weight changes at `strength` (False)."""
         shapes = detect.read_shapes(path)
         layout = detect.detect_layout(list(shapes))
         if layout.problem:
@@ -111,6 +129,9 @@ class Generator:
                 f"{path.name} ({layout.name}) was made for {other_model}; this base model is {self.family.title}. "
                 "Pick a LoRA made for this model, or a base model of that kind"
             )
+        if layout.by_weights:
+            self._add_weight_changes(path, layout, strength)
+            return False
         converted = None
         try:
             # Layouts whose names diffusers' loader misreads for this model (Flux's own names, at any size) come
@@ -133,6 +154,44 @@ class Generator:
                 f"{self.family.title} model: it was made for another base model"
             )
         log.info("Loaded %s (%s, %d layers)", path.name, layout.name, applied)
+        return True
+
+    def _add_weight_changes(self, path: Path, layout: detect.Layout, strength: float) -> None:
+        """Hook each layer a DoRA, LoHa or LoKr file adapts so that its output gains the layer's weight change."""
+        if _is_diffusers_layout(path):  # ours: peft's names, its scale in the metadata, read as the kohya file says
+            state, configs = read_diffusers_lora(path)
+            tensors = kohya_layout.to_kohya(state, configs, self.family)
+        else:
+            tensors = detect.read_tensors(path)
+        layers = kohya_layout.lycoris_layers(tensors)
+        modules = self._modules_by_lora_name()
+        missing = [layer for layer in layers if layer not in modules]
+        if missing:
+            raise LoraFileError(
+                f"only {len(layers) - len(missing)} of the {len(layers)} layers in {path.name} ({layout.name}) exist "
+                f"in this {self.family.title} model (not {missing[0]}): it was made for another base model"
+            )
+        if strength == 0:  # nothing to add: the base model's own picture
+            return
+        for layer, parts in layers.items():
+            self._hooks.append(modules[layer].register_forward_hook(_WeightChange(parts, strength)))
+        log.info("Loaded %s (%s, %d layers)", path.name, layout.name, len(layers))
+
+    def _modules_by_lora_name(self) -> dict[str, torch.nn.Module]:
+        """The layers of the denoiser and text encoders under every name LoRA files give them: kohya's
+        (`lora_unet_down_blocks_0_...`) and diffusers' (`unet.down_blocks.0....`, as our Flux files use)."""
+        prefixes = kohya_layout.kohya_prefixes(self.family)
+        by_name = {}
+        for component, prefix in prefixes.items():
+            for name, module in canonical_modules(getattr(self.pipe, component)):
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer)):
+                    by_name[kohya_layout.kohya_name(prefix, name)] = by_name[f"{component}.{name}"] = module
+        return by_name
+
+    def _remove_weight_changes(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _adapted_layers(self, adapter: str) -> int:
         """How many layers of the UNet and text encoders carry this LoRA adapter."""
@@ -176,6 +235,37 @@ class Generator:
                     output_type="latent",
                 ).images
             return decode(self.family, self.pipe, latents, height, width)[0]
+
+
+class _WeightChange:
+    """A forward hook that adds one layer's weight change, times a strength, to the layer's output.
+
+    The change is computed again in every call, from the file's small factors (and the base weight, for DoRA):
+    holding it whole would take as much memory as the layers it adapts."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], strength: float):
+        self.parts, self.strength = parts, strength
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        weight = layer.weight.dequantize() if hasattr(layer.weight, "dequantize") else layer.weight
+        if any(part.device != weight.device for part in self.parts.values()):  # a model moved to the GPU
+            self.parts = {name: part.to(weight.device) for name, part in self.parts.items()}
+        change = (kohya_layout.weight_change(self.parts, weight) * self.strength).to(output.dtype)
+        x = args[0].to(output.dtype)
+        if isinstance(layer, torch.nn.Conv2d):
+            return output + F.conv2d(x, change, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return output + F.linear(x, change)
+
+
+def _is_diffusers_layout(path: Path) -> bool:
+    """Whether a file is in diffusers' layout as `save_lora_weights` writes it, its adapters' configs within."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return LORA_ADAPTER_METADATA_KEY in (handle.metadata() or {})
 
 
 def _quantization_for_this_card(base_model: str, family: str, precision: str, policy: BaseModelPolicy) -> str:

@@ -302,9 +302,9 @@ def test_generate_on_the_command_line_takes_a_foreign_lora(tiny_model, outside, 
     assert (tmp_path / "out.png").is_file()
 
 
-def lycoris_loha(path: Path) -> Path:
+def lycoris_oft(path: Path) -> Path:
     module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{module}.{part}": torch.zeros(4, 32) for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a")}, path)
+    save_file({f"{module}.oft_blocks": torch.zeros(4, 8, 8), f"{module}.alpha": torch.tensor(1.0)}, path)
     return path
 
 
@@ -321,8 +321,8 @@ def sdxl_kohya(path: Path) -> Path:
 
 def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trained, tmp_path):
     generator = Generator.load(str(tiny_models("sd15")))
-    with pytest.raises(LoraFileError, match=r"LyCORIS LoHa file.*can't apply hada_.*AUTOMATIC1111, Forge and ComfyUI"):
-        generator.set_loras([(trained.kohya, 1.0), (lycoris_loha(tmp_path / "loha.safetensors"), 1.0)])
+    with pytest.raises(LoraFileError, match=r"LyCORIS OFT file.*can't apply OFT.*AUTOMATIC1111, Forge and ComfyUI"):
+        generator.set_loras([(trained.kohya, 1.0), (lycoris_oft(tmp_path / "oft.safetensors"), 1.0)])
     assert not generator.pipe.get_list_adapters(), "a failed set leaves no LoRA behind"
     with pytest.raises(LoraFileError, match=r"made for Stable Diffusion XL \(it has weights for a second text"):
         generator.set_loras([(sdxl_kohya(tmp_path / "xl.safetensors"), 1.0)])
@@ -348,9 +348,9 @@ def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trai
         (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_te3_a.lora_down.weight"], "kohya", True),
         (["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"], "ComfyUI", True),
         (["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"], "peft", True),  # ai-toolkit's
-        (["lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.alpha"], "LoKr", False),
+        (["lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.alpha"], "LoKr", True),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_mid.weight"], "Tucker", False),
-        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.dora_scale"], "DoRA", False),
+        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.dora_scale"], "DoRA", True),
         (["lora_unet_a.oft_blocks", "lora_unet_a.alpha"], "OFT", False),
         (["lora_unet_a.diff", "lora_unet_a.diff_b"], "full", False),
         (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"], "whole", False),

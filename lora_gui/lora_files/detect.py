@@ -4,9 +4,11 @@ Told from tensor names alone (nothing is loaded): diffusers/peft (`lora_A`), dif
 attention-processor layout (`to_q_lora.down`, `lora.down`, `lora_linear_layer`), kohya
 (`lora_unet_*` / `lora_te*_` with `lora_down`/`lora_up`/`alpha`, as A1111, Forge, ComfyUI and civitai
 use), ComfyUI's (`lora_down`/`lora_up` under `diffusion_model.`), and the LyCORIS kinds, named by their tensor
-suffixes as in ComfyUI's comfy/lora.py and A1111's network_*.py. diffusers applies the first four, some through
-the family's own reading of their names (LyCORIS LoCon is plain kohya LoRA on more layers); for the others the error
-says what the file is and where it does work.
+suffixes as in ComfyUI's comfy/weight_adapter/ and A1111's network_*.py. diffusers applies the first four, some
+through the family's own reading of their names (LyCORIS LoCon is plain kohya LoRA on more layers). DoRA, LoHa and
+LoKr, in kohya's names or peft's (`dora_scale` / `lora_magnitude_vector`, `hada_*`, `lokr_*`), Generate applies
+itself (`Layout.by_weights`: each layer's weight change, see kohya_layout.weight_change); for the other LyCORIS kinds
+the error says what the file is and where it does work.
 
 A file's base model is told from the width of the text features its cross-attention layers read
 (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL), from weights for a second text encoder (SDXL), and from the
@@ -28,19 +30,25 @@ from lora_gui.errors import LoraFileError
 from lora_gui.families import REGISTRY, Family
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
+# Tensor-name ending -> kind, for the kinds Generate applies as weight changes, checked in order.
+_BY_WEIGHTS = tuple(
+    (re.compile(pattern + "$"), name)
+    for pattern, name in (
+        (r"\.hada_w1_a", "LyCORIS LoHa"),
+        (r"\.lokr_w[12](_[ab])?", "LyCORIS LoKr"),
+        (r"\.(dora_scale|lora_magnitude_vector)", "DoRA"),
+    )
+)
 # Tensor-name ending -> (kind, what diffusers lacks), checked in order.
 _LYCORIS = tuple(
     (re.compile(pattern + "$"), name, problem)
     for pattern, name, problem in (
-        (r"\.hada_w1_a", "LyCORIS LoHa", "diffusers can't apply hada_ (Hadamard product) weights"),
-        (r"\.lokr_w[12](_[ab])?", "LyCORIS LoKr", "diffusers can't apply lokr_ (Kronecker product) weights"),
         (r"\.lora_mid\.weight", "LyCORIS LoCon with Tucker decomposition", "diffusers can't apply lora_mid weights"),
         (r"\.(oft_blocks|oft_diag|oft_R\.weight)", "LyCORIS OFT", "diffusers can't apply OFT to Stable Diffusion"),
         (r"\.a1\.weight", "LyCORIS GLoRA", "diffusers can't apply GLoRA weights"),
         (r"\.on_input", "LyCORIS (IA)³", "diffusers can't apply (IA)³ weights"),
         (r"\.(w_norm|b_norm)", "LyCORIS norm", "diffusers can't apply weights for normalization layers"),
         (r"\.diff(_b)?", "LyCORIS full (weight difference)", "diffusers can't apply whole-weight differences"),
-        (r"\.dora_scale", "DoRA", "diffusers would drop its magnitude weights, so it would not look as trained"),
     )
 )
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: T5, for SD3 and Flux
@@ -61,7 +69,8 @@ UNKNOWN = "unknown"
 @dataclass(frozen=True)
 class Layout:
     name: str
-    problem: str = ""  # why diffusers can't apply it; empty when it can
+    problem: str = ""  # why it can't be applied here; empty when it can
+    by_weights: bool = False  # applied by Generate as each layer's weight change, not by diffusers
 
     def refusal(self, file_name: str) -> str:
         """Why a file in this layout can't be used, as a sentence for a person."""
@@ -99,6 +108,9 @@ def detect_layout(keys: list[str]) -> Layout:
     """The layout of a LoRA file from its tensor names, and what stands in the way of applying it."""
     if not keys:
         return Layout("empty file", "it holds no tensors")
+    for pattern, name in _BY_WEIGHTS:
+        if any(pattern.search(key) for key in keys):
+            return Layout(name, by_weights=True)
     for pattern, name, problem in _LYCORIS:
         if any(pattern.search(key) for key in keys):
             return Layout(name, f"{problem}; {ELSEWHERE}")

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-STARTED = "started"  # data: run_dir, images, skipped, device, precision, resumed_from
-STEP = "step"  # data: loss, lr, grad_norm, images_per_second, eta_seconds, epoch
+# data: run_dir, images (trained on), validation (its pictures, or why none), skipped, device, precision, resumed_from
+STARTED = "started"
+STEP = "step"  # data: loss, lr, grad_norm, images_per_second, eta_seconds, epoch; val_loss, best_step where measured
 SAMPLES = "samples"  # data: paths, prompts
 CHECKPOINT = "checkpoint"  # data: path
-FINISHED = "finished"  # data: lora (the diffusers file), files (both LoRA files and the model card)
+# data: lora (the diffusers file), files (the LoRA files, the model card), message (the best step, an early stop)
+FINISHED = "finished"
 STOPPED = "stopped"  # data: lora, checkpoint (both may be None if stopped before the first step)
 FAILED = "failed"  # data: message, log
 MESSAGE = "message"  # data: text (progress notes such as "caching latents")

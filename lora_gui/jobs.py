@@ -34,6 +34,7 @@ from lora_gui.runs import (
     RUNNING,
     STOPPED,
     RunFolder,
+    ValidationCurve,
     interrupted_message,
 )
 from lora_gui.train import train
@@ -182,6 +183,8 @@ class Job:
         )
         if data.get("validation"):
             self._log(data["validation"])
+        if data["resumed_from"] is not None:  # the validation curve goes on from where it was, its best with it
+            state.val_losses = ValidationCurve.from_metrics(self.run.read_metrics()).points
         state.message = "Training"
 
     def _on_ended(self, event: Event) -> None:

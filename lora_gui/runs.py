@@ -365,8 +365,9 @@ def summarize(path: str | Path) -> RunSummary:
     status, message = saved.get("status", ""), str(saved.get("message", ""))
     if status in (QUEUED, RUNNING):
         status, message = INTERRUPTED, message or interrupted_message(run, status, steps_done)
-    elif not status:  # a run made by the command line
-        status = FINISHED if has_lora and steps_done >= total else STOPPED if has_lora else INTERRUPTED
+    elif not status:  # a run made by the command line; one whose validation loss stopped improving ended early
+        ended = steps_done >= total or ValidationCurve.from_metrics(metrics).stalled(int(config.get("early_stop") or 0))
+        status = FINISHED if has_lora and ended else STOPPED if has_lora else INTERRUPTED
     created = saved.get("created") or (run.config.stat().st_mtime if run.config.is_file() else run.path.stat().st_mtime)
     return RunSummary(
         name=run.name,

@@ -583,20 +583,26 @@ def _validation_loss(t: Training) -> float:
     """The held-out pictures' mean loss, each as it is (no draw from its latent distribution, no flip, its full
     caption) at the objective's evaluation timesteps, with noise from a fixed seed and a plain mean squared error:
     two measurements differ only because the LoRA changed. Every process measures all of them (the denoiser is
-    called as prepared, as in training) and takes the mean, so all make the same early-stop decision."""
+    called as prepared, as in training) and takes the mean, so all make the same early-stop decision. The denoiser
+    sees at most a training batch at a time, so measuring never needs more memory than a step."""
     device = t.accelerator.device
-    timesteps = t.objective.evaluation_timesteps(VALIDATION_TIMESTEPS, device)
+    every_timestep = t.objective.evaluation_timesteps(VALIDATION_TIMESTEPS, device)
     losses = []
     for index in t.held_out:
-        latents = t.latents.centre(index, device).expand(len(timesteps), -1, -1, -1)
-        noise = torch.randn(latents.shape, generator=_validation_generator(t.config.seed, index, device), device=device)
-        noisy, geometry = t.objective.noisy(latents, noise, timesteps), [t.latents.geometry[index]] * len(timesteps)
-        with devices.autocast(device, t.precision):
-            conditioning = t.text([t.captions[index]] * len(timesteps))
-            prediction = t.family.predict(t.models[0], noisy, timesteps, conditioning, geometry)
-        target = t.objective.target(latents, noise, timesteps)
-        losses.append(F.mse_loss(prediction.float(), target.float()))
-    return t.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        picture = t.latents.centre(index, device)
+        generator = _validation_generator(t.config.seed, index, device)
+        all_noise = torch.randn((len(every_timestep), *picture.shape[1:]), generator=generator, device=device)
+        for start in range(0, len(every_timestep), t.config.batch_size):
+            chunk = slice(start, start + t.config.batch_size)
+            timesteps, noise = every_timestep[chunk], all_noise[chunk]
+            latents = picture.expand(len(timesteps), -1, -1, -1)
+            noisy, geometry = t.objective.noisy(latents, noise, timesteps), [t.latents.geometry[index]] * len(noise)
+            with devices.autocast(device, t.precision):
+                conditioning = t.text([t.captions[index]] * len(timesteps))
+                prediction = t.family.predict(t.models[0], noisy, timesteps, conditioning, geometry)
+            target = t.objective.target(latents, noise, timesteps)
+            losses.append(F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1))
+    return t.accelerator.reduce(torch.cat(losses).mean(), "mean").item()
 
 
 def _validation_generator(seed: int, index: int, device: torch.device) -> torch.Generator:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from lora_gui import data, events, train
 from lora_gui.demo import write_demo_dataset
-from lora_gui.runs import RunFolder, ValidationCurve
+from lora_gui.runs import FINISHED, RunFolder, ValidationCurve, summarize
 
 VALIDATED = dict(validation_images=2, validation_every=2, max_steps=8)
 
@@ -116,6 +116,7 @@ def test_early_stop_ends_the_run_as_a_finished_one(tiny_model, eight, tmp_path, 
     run = RunFolder(tmp_path / "run")
     assert [row["step"] for row in run.read_metrics()][-1] == 8 and run.latest_checkpoint()[0] == 8
     assert run.kohya_lora.is_file() and json.loads(run.lora_info.read_text())["steps"] == 8
+    assert summarize(run.path).status == FINISHED, "the command line's run folder reads as finished, not stopped"
     with safe_open(str(run.best_lora), framework="pt") as handle:
         assert handle.metadata()["lora_gui.best_step"] == "4"
 

@@ -6,7 +6,7 @@ import html
 import inspect
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,13 +447,18 @@ def error_notice(error: LoraGuiError) -> str:
     return notice(plain_error(error), "error")
 
 
-def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame | None:
-    """Loss per step, raw and smoothed, in the long form LinePlot draws one line per series from.
+VALIDATION_CURVE = "validation loss (held-out pictures)"
+
+
+def loss_frame(points: list[tuple[int, float]], validation: Sequence[tuple[int, float]] = ()) -> pd.DataFrame | None:
+    """Loss per step, raw and smoothed, and the validation loss where it was measured, in the long form LinePlot
+    draws one line per series from.
 
     None when there is no loss yet: a plot first drawn from an empty table never draws its lines.
 
     Diffusion losses jump around from step to step; the smoothed line (a debiased exponential
-    moving average, as TensorBoard draws it) shows the trend a person should read.
+    moving average, as TensorBoard draws it) shows the trend a person should read. The validation loss is
+    measured at fixed noise on pictures never trained on: it needs no smoothing, and says when to stop.
     """
     if not points:
         return None
@@ -462,14 +467,13 @@ def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame | None:
     for index, (_, loss) in enumerate(points, 1):
         average = weight * average + (1 - weight) * loss
         smoothed.append(average / (1 - weight**index))
-    steps = [step for step, _ in points]
-    return pd.DataFrame(
-        {
-            "step": steps + steps,
-            "loss": [loss for _, loss in points] + smoothed,
-            "curve": ["loss at each step"] * len(points) + ["smoothed"] * len(points),
-        }
-    )
+    series = {
+        "loss at each step": points,
+        "smoothed": list(zip((step for step, _ in points), smoothed, strict=True)),
+        VALIDATION_CURVE: validation,
+    }
+    rows = [{"step": step, "loss": loss, "curve": name} for name, curve in series.items() for step, loss in curve]
+    return pd.DataFrame(rows)
 
 
 def loss_plot(elem_id: str, label: str = "Loss (lower is better)") -> gr.LinePlot:
@@ -479,7 +483,7 @@ def loss_plot(elem_id: str, label: str = "Loss (lower is better)") -> gr.LinePlo
         x="step",
         y="loss",
         color="curve",
-        color_map={"loss at each step": "#c7d2fe", "smoothed": "#4338ca"},
+        color_map={"loss at each step": "#c7d2fe", "smoothed": "#4338ca", VALIDATION_CURVE: "#ea580c"},
         label=label,
         x_title="step",
         y_title="loss",

@@ -16,12 +16,14 @@ from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
 
-# Set by the app itself: the base model has its own menu, the images come from the Dataset tab, and
-# the dataset columns only matter for Hugging Face datasets, which the app does not take.
-APP_FIELDS = ("base_model", "data", "image_column", "caption_column")
+# Set by the app itself: the base model has its own menu, the images come from the Dataset tab (validation
+# pictures are held out of them: a folder of the server's is no visitor's to name), and the dataset columns
+# only matter for Hugging Face datasets, which the app does not take.
+APP_FIELDS = ("base_model", "data", "image_column", "caption_column", "validation_data")
 _WORDS = {"lr": "learning-rate", "snr": "min-SNR", "adam": "Adam", "te": "text-encoder", "max": "max."}
 _LABELS = {
     "max_steps": "Steps",
+    "lora_type": "Kind of LoRA",
     "resolution": "Resolution (pixels)",
     "family": "Model family",
     "max_grad_norm": "Gradient clipping (max. norm)",
@@ -31,6 +33,7 @@ _LABELS = {
 # Menu entries a person reads, for settings whose values are short codes.
 _CHOICE_LABELS = {
     "family": {"auto": "auto (read it from the model)", **{name: family.title for name, family in REGISTRY.items()}},
+    "lora_type": {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"},
 }
 
 

@@ -248,7 +248,7 @@ class _WeightChange:
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        weight = layer.weight.dequantize() if hasattr(layer.weight, "dequantize") else layer.weight
+        weight = _dense_weight(layer)
         if any(part.device != weight.device for part in self.parts.values()):  # a model moved to the GPU
             self.parts = {name: part.to(weight.device) for name, part in self.parts.items()}
         change = (kohya_layout.weight_change(self.parts, weight) * self.strength).to(output.dtype)
@@ -256,6 +256,16 @@ class _WeightChange:
         if isinstance(layer, torch.nn.Conv2d):
             return output + F.conv2d(x, change, None, layer.stride, layer.padding, layer.dilation, layer.groups)
         return output + F.linear(x, change)
+
+
+def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A layer's weight as plain numbers in its true shape, also where the base is quantized (quantization.py)."""
+    weight = layer.weight
+    if hasattr(weight, "quant_state"):  # bitsandbytes' NF4 keeps its packed bytes in another shape
+        import bitsandbytes.functional
+
+        return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.dequantize()  # torchao's int8 tensors unpacked; a plain tensor as it is
 
 
 def _is_diffusers_layout(path: Path) -> bool:

@@ -232,3 +232,36 @@ def test_generate_applies_lycoris_files_from_other_tools_as_comfyui_does(variant
     expected = image(merged)
     assert np.abs(expected - variants.base).max() > 1e-3
     np.testing.assert_allclose(image(loaded.pipe), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "lora_type"), [("sdxl", "loha"), ("flux", "lokr")])
+def test_other_families_train_a_variant_and_generate_applies_their_kohya_file(tiny_models, tmp_path, family, lora_type):
+    """SDXL with both text encoders trained (kohya's lora_te1_/lora_te2_), Flux.1's transformer (diffusers' names)."""
+    photos = write_demo_dataset(tmp_path / "photos", count=2, size=(64, 64))
+    model = tiny_models(family)
+    config = quick_config(
+        model,
+        photos,
+        max_steps=1,
+        batch_size=1,
+        learning_rate=1e-2,
+        sample_steps=1,
+        lora_type=lora_type,
+        train_text_encoder=family != "flux",
+    )
+    pictures = {}
+    real_save = train_module.save_diffusers_lora
+
+    def save_and_remember(target, pipe, family):
+        pictures["trained"] = image(pipe)
+        return real_save(target, pipe, family)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
+        train(config, tmp_path / "run")
+    layers = by_layer(load_file(tmp_path / "run/run.safetensors"))
+    if family == "sdxl":
+        assert {layer.split("_")[1] for layer in layers} == {"unet", "te1", "te2"}
+    generator = Generator.load(str(model))
+    generator.set_loras([(tmp_path / "run/run.safetensors", 1.0)])
+    np.testing.assert_allclose(image(generator.pipe), pictures["trained"], atol=1e-4)

@@ -1,8 +1,11 @@
 """LoRA files in diffusers' layout: writing what the loop trained, and reading it back.
 
 The diffusers layout (`unet.<module>.lora_A.weight`, `text_encoder.text_model.<module>...`) loads
-with `pipeline.load_lora_weights`. The adapter's LoraConfig travels in the file's metadata, so
-alpha != rank loads at the strength it was trained at.
+with `pipeline.load_lora_weights`. The adapter's peft config travels in the file's metadata, so
+alpha != rank loads at the strength it was trained at. The other kinds keep peft's names the same way: DoRA adds
+`<module>.lora_magnitude_vector`, LoHa is `<module>.hada_w1_a` ... `hada_w2_b`, LoKr `<module>.lokr_w1`, `lokr_w2`
+(or their `_a`/`_b` factors). diffusers loads plain LoRA and a DoRA's UNet (for a text encoder it drops DoRA's
+magnitudes); LoHa and LoKr files are read back by resume and by Generate (infer.py) alone.
 """
 
 from __future__ import annotations

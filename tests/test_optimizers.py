@@ -144,3 +144,16 @@ def test_a_prodigy_run_resumes_from_the_train_tab_with_its_own_rate(tmp_path):
             for name in train_tab.RESUMED_FROM_THE_FORM}  # fmt: skip
     answer = train_tab.resume(ctx, EVERYONE, 1, None, **form)
     assert answer["train_job"] == 2 and asked["learning_rate"] == 0.5, answer
+
+
+def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_the_estimate():
+    from types import SimpleNamespace
+
+    from lora_gui.ui import config_form, train_tab
+    from lora_gui.ui.common import TINY_CHOICE
+
+    ctx = SimpleNamespace(base_model_family=lambda model: "sd15", has_cuda=False)
+    form = {**config_form.widget_values(TrainConfig()), "optimizer": "prodigy"}
+    answer = train_tab.pick_optimizer(ctx, TINY_CHOICE, **form)
+    assert answer["learning_rate"]["value"] == 1.0 and "leave it at 1.0" in answer["learning_rate"]["info"]
+    assert "The tiny demo model needs almost no memory" in answer["estimate"]

@@ -276,6 +276,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
+        if self.lora_type in ("loha", "lokr") and self.quantize_base == "nf4":
+            # peft's LoHa and LoKr read the base weight's shape, which NF4's packed bytes don't have.
+            raise ConfigError(
+                f"lora_type {self.lora_type} can't train on a base stored in NF4: pick quantize_base int8 or none, "
+                "or lora_type lora or dora"
+            )
         if not OPTIMIZER_FACTS[self.optimizer].decays and self.lr_scheduler not in STEADY_SCHEDULERS:
             raise ConfigError(
                 f"lr_scheduler {self.lr_scheduler} lowers the learning rate over the run, which the "

@@ -100,7 +100,7 @@ def training_rise(model: Path, data: Path, resolution: int, checkpointing: bool,
 
 
 def estimated_rise(resolution: int, checkpointing: bool) -> float:
-    cost = _unet_cost("sd15", resolution, 16, StableDiffusion1.default_target_modules, checkpointing, "no")
+    cost = _unet_cost("sd15", resolution, (16, "lora"), StableDiffusion1.default_target_modules, checkpointing, "no")
     return (cost.activations + cost.lora_params * (4 + 8)) / GIB  # with the LoRA's gradients and Adam state
 
 

@@ -19,6 +19,7 @@ from test_train import fresh_pipe, image
 
 from lora_gui import train as train_module
 from lora_gui.demo import write_demo_dataset
+from lora_gui.errors import ConfigError
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout
 from lora_gui.train import train
@@ -265,3 +266,22 @@ def test_other_families_train_a_variant_and_generate_applies_their_kohya_file(ti
     generator = Generator.load(str(model))
     generator.set_loras([(tmp_path / "run/run.safetensors", 1.0)])
     np.testing.assert_allclose(image(generator.pipe), pictures["trained"], atol=1e-4)
+
+
+def test_loha_and_lokr_on_an_nf4_base_are_refused_in_plain_words(tiny_model, photos):
+    with pytest.raises(ConfigError, match="lora_type lokr can't train on a base stored in NF4"):
+        quick_config(tiny_model, photos, lora_type="lokr", quantize_base="nf4").validate()
+    quick_config(tiny_model, photos, lora_type="dora", quantize_base="nf4").validate()
+
+
+def test_the_estimate_counts_each_kinds_own_parameters():
+    from lora_gui.estimate import _meta_unet
+
+    def trained(kind: str) -> int:
+        unet, _ = _meta_unet("sd15", 512, (16, kind), ("to_q", "to_k", "to_v", "to_out.0"), torch.bfloat16)
+        return sum(param.numel() for param in unet.parameters() if param.requires_grad)
+
+    lora, dora, loha, lokr = map(trained, ("lora", *VARIANTS))
+    assert loha == 2 * lora, "LoHa: two low-rank pairs"
+    assert lora < dora < 1.05 * lora, "DoRA: a LoRA and one length per output row"
+    assert lokr < lora / 4, "LoKr: a small whole factor and a low-rank one"

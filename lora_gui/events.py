@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# data: run_dir, images (trained on), validation (its pictures, or why none), skipped, device, precision, resumed_from
+# data: run_dir, images (trained on), validation (its pictures, or why none), validation_pictures, skipped, device,
+# precision, resumed_from
 STARTED = "started"
 STEP = "step"  # data: loss, lr, grad_norm, images_per_second, eta_seconds, epoch; val_loss, best_step where measured
 SAMPLES = "samples"  # data: paths, prompts

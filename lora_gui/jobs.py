@@ -59,6 +59,7 @@ class JobState:
     total_steps: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # the validation loss, where measured
+    validating: bool = False  # whether the run measures a validation loss (it has pictures for it)
     images_per_second: float | None = None
     eta_seconds: float | None = None
     samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption)
@@ -183,6 +184,7 @@ class Job:
         )
         if data.get("validation"):
             self._log(data["validation"])
+        state.validating = bool(data.get("validation_pictures"))
         if data["resumed_from"] is not None:  # the validation curve goes on from where it was, its best with it
             state.val_losses = ValidationCurve.from_metrics(self.run.read_metrics()).points
         state.message = "Training"

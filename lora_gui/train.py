@@ -502,6 +502,7 @@ def _start_or_resume(t: Training, resume: bool, skipped: list[str], validation: 
         "run_dir": str(t.run.path),
         "images": images,
         "validation": validation,
+        "validation_pictures": len(t.held_out),
         "skipped": skipped,
         "family": t.family.name,
         "device": str(t.accelerator.device),

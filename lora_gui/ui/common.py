@@ -450,9 +450,11 @@ def error_notice(error: LoraGuiError) -> str:
 VALIDATION_CURVE = "validation loss (held-out pictures)"
 
 
-def loss_frame(points: list[tuple[int, float]], validation: Sequence[tuple[int, float]] = ()) -> pd.DataFrame | None:
-    """Loss per step, raw and smoothed, and the validation loss where it was measured, in the long form LinePlot
-    draws one line per series from.
+def loss_frame(
+    points: list[tuple[int, float]], validation: Sequence[tuple[int, float]] | None = None
+) -> pd.DataFrame | None:
+    """Loss per step, raw and smoothed, and the validation loss where it was measured (None: a run without one),
+    in the long form LinePlot draws one line per series from.
 
     None when there is no loss yet: a plot first drawn from an empty table never draws its lines.
 
@@ -470,8 +472,10 @@ def loss_frame(points: list[tuple[int, float]], validation: Sequence[tuple[int, 
     series = {
         "loss at each step": points,
         "smoothed": list(zip((step for step, _ in points), smoothed, strict=True)),
-        VALIDATION_CURVE: validation,
     }
+    if validation is not None:
+        # A plot keeps the series of its first drawing: one still to be measured is there from the start, empty.
+        series[VALIDATION_CURVE] = validation or [(points[0][0], None)]
     rows = [{"step": step, "loss": loss, "curve": name} for name, curve in series.items() for step, loss in curve]
     return pd.DataFrame(rows)
 

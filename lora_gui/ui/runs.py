@@ -215,6 +215,7 @@ def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]
     level = "error" if summary.status == runs.FAILED else "warning"  # an interrupted run's message says how to go on
     info_html = notice(info) + (notice(summary.message, level) if summary.message else "")
     metrics = run.read_metrics()
+    losses = [(row["step"], row["loss"]) for row in metrics if "loss" in row]
     validation = runs.ValidationCurve.from_metrics(metrics)
     if validation.best is not None:
         kept = f" That step's LoRA is {run.best_lora.name}." if run.best_lora.is_file() else ""
@@ -223,7 +224,7 @@ def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]
     return {
         "run_details": gr.update(visible=True),
         "run_info": info_html,
-        "run_plot": loss_frame([(row["step"], row["loss"]) for row in metrics if "loss" in row], validation.points),
+        "run_plot": loss_frame(losses, validation.points or None),
         "run_samples": [(served(path), f"step {step}") for step, _, path in reversed(run.sample_images())],
         "run_files": [served(path) for path in files] or None,
         "run_resume": gr.update(visible=summary.resumable and not live),

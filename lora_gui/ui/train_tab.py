@@ -504,7 +504,7 @@ def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str
         "train_seen": seen,
     }
     if "losses" in changed:
-        updates["loss_plot"] = loss_frame(state.losses, state.val_losses)
+        updates["loss_plot"] = loss_frame(state.losses, state.val_losses if state.validating else None)
         updates["validation"] = _validation_html(job, state)
     if "samples" in changed:
         updates["samples"] = [(served(path), caption) for path, caption in reversed(state.samples)]

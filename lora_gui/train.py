@@ -180,7 +180,7 @@ def _run(
     files = _save_lora(t, ended)
     files += [run.best_lora] if run.best_lora.is_file() else []
     message = _ending(t, ended)
-    log.info("Finished at step %d of %d; LoRA saved to %s. %s", ended, t.total_steps, files[0], message)
+    log.info("Finished %d steps; LoRA saved to %s%s", ended, files[0], f". {message}" if message else "")
     saved = {"lora": str(files[0]), "files": [str(f) for f in files], "message": message}
     emit(Event(events.FINISHED, ended, t.total_steps, saved))
     return files[0]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
+from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset, settings_for_optimizer
 from lora_gui.errors import LoraGuiError
 from lora_gui.lora_files import LORA_LAYOUTS
 
@@ -150,6 +150,18 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         for field in dataclasses.fields(TrainConfig)
         if getattr(args, field.name) is not None
     }
+    if "optimizer" in overrides:
+        # `--optimizer prodigy` alone means Prodigy's learning rate (and schedule-free AdamW's steady schedule),
+        # as picking it in the Train tab does; the flags given beside it are kept.
+        base = config.to_dict() | overrides
+        fitted = settings_for_optimizer(
+            overrides["optimizer"],
+            base["learning_rate"],
+            base["text_encoder_learning_rate"],
+            base["lr_scheduler"],
+            base["lr_warmup_steps"],
+        )
+        overrides = {name: value for name, value in fitted.items() if name not in overrides} | overrides
     return config.replace(**overrides)
 
 

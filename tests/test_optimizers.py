@@ -157,3 +157,29 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
     answer = train_tab.pick_optimizer(ctx, TINY_CHOICE, **form)
     assert answer["learning_rate"]["value"] == 1.0 and "leave it at 1.0" in answer["learning_rate"]["info"]
     assert "The tiny demo model needs almost no memory" in answer["estimate"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--optimizer", "prodigy"], {"learning_rate": 1.0}),
+        (["--optimizer", "prodigy", "--learning-rate", "0.5"], {"learning_rate": 0.5}),
+        (["--optimizer", "adamw-schedulefree", "--lr-scheduler", "cosine"], None),
+        (["--optimizer", "adamw-schedulefree"], {"learning_rate": 1e-4, "lr_scheduler": "constant"}),
+    ],
+)
+def test_the_command_line_fits_the_learning_rate_to_the_optimizer_unless_told(
+    monkeypatch, tmp_path, capsys, flags, expected
+):
+    from lora_gui import __main__ as cli
+    from lora_gui import train as train_module
+
+    trained = []
+    monkeypatch.setattr(train_module, "train", lambda config, *args, **kwargs: trained.append(config))
+    where = ["--base-model", "someone/model", "--data", str(tmp_path), "--output", str(tmp_path / "run")]
+    code = cli.main(["train", *where, *flags])
+    if expected is None:
+        assert code == 1 and "lowers the learning rate over the run" in capsys.readouterr().err
+        return
+    assert code == 0
+    assert {name: getattr(trained[0], name) for name in expected} == expected

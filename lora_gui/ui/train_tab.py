@@ -202,7 +202,8 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_visibility="private",
         show_progress="hidden",
     )
-    live = ["progress", "loss_plot", "validation", "samples", "log", "files", "resume", "stop", "train_seen"]
+    # The API's outputs keep their places: what came later goes last.
+    live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen", "validation"]
     ctx.wire(
         ctx["timer"].tick,
         poll,

@@ -21,7 +21,7 @@ SPACE = {"SPACE_ID": "someone/lora-trainer", "LORA_GUI_MIN_FREE_GB": "0"}
 A_RUN = "a-private-demo"
 A_PICTURES = [f"demo_{index:02d}.png" for index in range(8)]  # the demo's pictures
 OWNER_KEY = "lora_gui_owner"  # the BrowserState keeping the visitor's owner secret
-SETTLE = 5  # seconds: A's page shows A's things within this; B's is watched this long for them
+SETTLE = 3  # seconds: A's page shows A's things within this; B's is watched this long for them
 SETTLE_MS = SETTLE * 1000
 
 

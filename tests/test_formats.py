@@ -19,10 +19,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
-from test_train import fresh_pipe, image
+from test_train import fresh_pipe, image, train_and_picture
 
 from lora_gui import events
-from lora_gui import train as train_module
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError, LoraGuiError
@@ -59,20 +58,11 @@ def trained(tiny_models, tmp_path_factory) -> SimpleNamespace:
         target_modules=UNET_TARGETS,
         text_encoder_target_modules=TEXT_TARGETS,
     )
-    in_memory = {}
-    real_save = train_module.save_diffusers_lora
-
-    def save_and_remember(target, pipe, family):
-        in_memory["image"] = image(pipe)
-        return real_save(target, pipe, family)
-
     received = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
-        train(config, root / "my-lora", on_event=received.append)
+    trained = train_and_picture(config, root / "my-lora", on_event=received.append)
     run = root / "my-lora"
     return SimpleNamespace(
-        run=run, model=tiny_models("sd15"), image=in_memory["image"], events=received, kohya=run / "my-lora.safetensors"
+        run=run, model=tiny_models("sd15"), image=trained, events=received, kohya=run / "my-lora.safetensors"
     )
 
 
@@ -456,17 +446,8 @@ def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
         alpha=8,
         train_text_encoder=get_family(family).trains_text_encoders,
     )
-    in_memory = {}
-    real_save = train_module.save_diffusers_lora
-
-    def save_and_remember(target, pipe, family_class):
-        in_memory["image"] = image(pipe)
-        return real_save(target, pipe, family_class)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
-        train(config, root / "run")
-    return SimpleNamespace(family=family, model=tiny_models(family), run=root / "run", image=in_memory["image"])
+    trained = train_and_picture(config, root / "run")
+    return SimpleNamespace(family=family, model=tiny_models(family), run=root / "run", image=trained)
 
 
 # The diffusers names of Flux.1's layers that ComfyUI maps onto its own (comfy/utils.py, flux_to_diffusers, which

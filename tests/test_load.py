@@ -24,7 +24,7 @@ def test_twenty_visitors_uploading_editing_and_polling_lose_no_poll_no_step_and_
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "load-server.log"
     log.write_text("")
-    result = load_driver().run_load(clients=CLIENTS, seconds=30, baseline=0, runs_dir=tmp_path / "runs", log=log)
+    result = load_driver().run_load(clients=CLIENTS, seconds=10, baseline=0, runs_dir=tmp_path / "runs", log=log)
     print(result.table())
 
     # Every visitor did everything once at least, while the run trained.

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from lora_gui import events, objectives
 from lora_gui import train as train_module
-from lora_gui.config import load_preset
+from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.lora_files.export import export_run
@@ -111,6 +111,23 @@ def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> n
     return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
 
 
+def train_and_picture(config: TrainConfig, run_dir: Path, **train_options) -> np.ndarray:
+    """Train into `run_dir`; return `image` of the trained model in memory as the run saves its own LoRA file (not a
+    checkpoint's): the picture every file of the run must give back once loaded."""
+    seen = {}
+    real_save = train_module.save_diffusers_lora
+
+    def save_and_look(target, pipe, family):
+        if Path(target).parent == Path(run_dir):
+            seen["image"] = image(pipe)
+        return real_save(target, pipe, family)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "save_diffusers_lora", save_and_look)
+        train(config, run_dir, **train_options)
+    return seen["image"]
+
+
 def fresh_pipe(model: Path) -> DiffusionPipeline:
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -134,21 +151,12 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(
-    tiny_models, photos, tmp_path, monkeypatch, family
+    tiny_models, photos, tmp_path, family
 ):
     model = tiny_models(family)
     # alpha != rank: the file must carry alpha so diffusers loads it at the trained strength.
     config = quick_config(model, photos, rank=4, alpha=2, train_text_encoder=family != "flux")
-    in_memory = {}
-    real_save = train_module.save_diffusers_lora
-
-    def save_and_remember(target, pipe, family):
-        if target.parent.name == "run":  # the final file, not a checkpoint's
-            in_memory["image"] = image(pipe)
-        return real_save(target, pipe, family)
-
-    monkeypatch.setattr(train_module, "save_diffusers_lora", save_and_remember)
-    train(config, tmp_path / "run")
+    trained = train_and_picture(config, tmp_path / "run")
 
     base = image(fresh_pipe(model))
     pipe = fresh_pipe(model)
@@ -160,7 +168,7 @@ def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(
 
     assert np.abs(at_one - base).max() > 1e-3, "the LoRA changes nothing"
     np.testing.assert_allclose(at_zero, base, atol=1e-5)
-    np.testing.assert_allclose(at_one, in_memory["image"], atol=1e-4)
+    np.testing.assert_allclose(at_one, trained, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

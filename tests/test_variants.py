@@ -15,9 +15,8 @@ import torch
 from conftest import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_train import fresh_pipe, image
+from test_train import fresh_pipe, image, train_and_picture
 
-from lora_gui import train as train_module
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
 from lora_gui.infer import Generator
@@ -65,7 +64,6 @@ def variants(tiny_models, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("variants")
     photos = write_demo_dataset(root / "photos", count=4, size=(64, 64))
     model = tiny_models("sd15")
-    real_save = train_module.save_diffusers_lora
     runs = {}
     for lora_type in VARIANTS:
         config = quick_config(
@@ -83,16 +81,7 @@ def variants(tiny_models, tmp_path_factory) -> SimpleNamespace:
             text_encoder_target_modules=TEXT_TARGETS,
             checkpoint_every=1,
         )
-        pictures = {}
-
-        def save_and_remember(target, pipe, family, lora_type=lora_type, pictures=pictures):
-            if target.parent.name == lora_type:  # the run's own file, not a checkpoint's
-                pictures["trained"] = image(pipe)
-            return real_save(target, pipe, family)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
-            train(config, root / lora_type)
+        trained = train_and_picture(config, root / lora_type)
         resumed = root / f"{lora_type}-resumed"
         shutil.copytree(root / lora_type, resumed)
         shutil.rmtree(resumed / "checkpoints/step-2")
@@ -103,7 +92,7 @@ def variants(tiny_models, tmp_path_factory) -> SimpleNamespace:
             diffusers=run / "pytorch_lora_weights.safetensors",
             kohya=run / f"{lora_type}.safetensors",
             resumed=resumed / "pytorch_lora_weights.safetensors",
-            image=pictures["trained"],
+            image=trained,
         )
     return SimpleNamespace(model=model, runs=runs, base=image(fresh_pipe(model)))
 
@@ -250,22 +239,13 @@ def test_other_families_train_a_variant_and_generate_applies_their_kohya_file(ti
         lora_type=lora_type,
         train_text_encoder=family != "flux",
     )
-    pictures = {}
-    real_save = train_module.save_diffusers_lora
-
-    def save_and_remember(target, pipe, family):
-        pictures["trained"] = image(pipe)
-        return real_save(target, pipe, family)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "save_diffusers_lora", save_and_remember)
-        train(config, tmp_path / "run")
+    trained = train_and_picture(config, tmp_path / "run")
     layers = by_layer(load_file(tmp_path / "run/run.safetensors"))
     if family == "sdxl":
         assert {layer.split("_")[1] for layer in layers} == {"unet", "te1", "te2"}
     generator = Generator.load(str(model))
     generator.set_loras([(tmp_path / "run/run.safetensors", 1.0)])
-    np.testing.assert_allclose(image(generator.pipe), pictures["trained"], atol=1e-4)
+    np.testing.assert_allclose(image(generator.pipe), trained, atol=1e-4)
 
 
 def test_loha_and_lokr_on_an_nf4_base_are_refused_in_plain_words(tiny_model, photos):

@@ -170,9 +170,10 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
     if resolution == native:
         why = f"{title}'s own size, and your pictures are at least that big"
     else:
+        smaller = sum(side < native for side in pictures.short_sides)
         why = (
-            f"a quarter of your pictures are smaller than {title}'s own {native} px: above {resolution} px "
-            "training would only upscale them"
+            f"{smaller} of your {pictures.count} pictures are smaller than {title}'s own {native} px, and three "
+            f"quarters are at least {resolution} px: above that, training would only upscale them"
         )
     words = sum(len(caption.split()) for caption in pictures.captions) / pictures.count
     rank = 8 if subject == "style" and words >= RICH_CAPTION_WORDS else RANK[subject]

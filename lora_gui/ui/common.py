@@ -420,11 +420,11 @@ def hub_token_box(elem_id: str) -> gr.Textbox:
     )
 
 
-def files_label(kind: str) -> str:
+def files_label(kind: str, diffusers_file: str = "pytorch_lora_weights.safetensors") -> str:
     """The label of a list of a run's files that says which LoRA file loads where."""
     return (
         f"{kind} (click to download): the one named after the run is for {LOADS_IN['kohya']}; "
-        f"pytorch_lora_weights.safetensors is for {LOADS_IN['diffusers']}"
+        f"{diffusers_file} is for {LOADS_IN['diffusers']}"
     )
 
 

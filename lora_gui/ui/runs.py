@@ -108,7 +108,9 @@ def _build_tools() -> dict[str, Any]:
         )
         c["tools_merge"] = gr.Button("Merge", elem_id="merge-button")
     c["tools_notice"] = gr.HTML()
-    c["tools_files"] = gr.File(label=files_label("New LoRA"), file_count="multiple", interactive=False)
+    c["tools_files"] = gr.File(
+        label=files_label("New LoRA", "the .diffusers.safetensors one"), file_count="multiple", interactive=False
+    )
     return c
 
 

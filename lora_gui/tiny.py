@@ -90,13 +90,14 @@ _VAES = {
 }
 
 
-def clip_text_parts(kinds: tuple[str, ...], size: str) -> tuple[list, list]:
-    """Tokenizers and random-weight CLIP text encoders of these kinds (keys of _TEXT_ENCODERS), in order."""
+def clip_text_parts(kinds: tuple[str, ...], size: str, **config: Any) -> tuple[list, list]:
+    """Tokenizers and random-weight CLIP text encoders of these kinds (keys of _TEXT_ENCODERS), in order; `config`
+    sets CLIPTextConfig fields that differ from the table's (the demo base's wider encoder)."""
     with tempfile.TemporaryDirectory() as tmp:
         vocab_size = write_tokenizer_files(Path(tmp))
         # OpenAI CLIP's tokenizer pads with the end token; OpenCLIP's (SD 2, SDXL's second) with "!".
         tokenizers = [_tokenizer(Path(tmp), "<|endoftext|>" if kind == "clip-l" else "!") for kind in kinds]
-    return tokenizers, [_text_encoder(kind, size, vocab_size) for kind in kinds]
+    return tokenizers, [_text_encoder(kind, size, vocab_size, config) for kind in kinds]
 
 
 def _whole(size: str) -> str:
@@ -104,11 +105,11 @@ def _whole(size: str) -> str:
     return "full" if size == "shallow" else size
 
 
-def _text_encoder(kind: str, size: str, vocab_size: int):
+def _text_encoder(kind: str, size: str, vocab_size: int, changes: dict[str, Any]):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     hidden, mlp, layers, heads, act, projection = _TEXT_ENCODERS[kind][_whole(size)]
-    config = CLIPTextConfig(
+    values = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=mlp,
@@ -121,6 +122,7 @@ def _text_encoder(kind: str, size: str, vocab_size: int):
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
+    config = CLIPTextConfig(**{**values, **changes})
     # SDXL's second encoder gives the UNet its projected pooled output too.
     return (CLIPTextModelWithProjection if kind == "openclip-g" else CLIPTextModel)(config)
 

@@ -15,7 +15,6 @@ import argparse
 import math
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for lora_gui
 from scenes import captioned_scene
 
-from lora_gui.tiny import SD_SCHEDULE, write_tokenizer_files
+from lora_gui import tiny
+from lora_gui.tiny import SD_SCHEDULE
 
 PROMPTS = (
     "a red circle on a blue background",
@@ -69,35 +69,21 @@ def parse_args() -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace):
     """Tokenizer, text encoder, VAE, UNet, scheduler: SD 1.5's classes, small."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, UNet2DConditionModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token="<|endoftext|>")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=args.text_width,
-            intermediate_size=2 * args.text_width,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=args.text_width,
-            hidden_act="quick_gelu",  # OpenAI CLIP's, which tells SD 1.x from 2.x
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
+    # tiny.py's OpenAI-CLIP-shaped encoder (3 layers, 4 heads, quick-GELU: what tells SD 1.x from 2.x) and its
+    # offline tokenizer, wider; its VAE's four blocks, one layer each.
+    text_width = args.text_width
+    (tokenizer,), (text_encoder,) = tiny.clip_text_parts(
+        ("clip-l",), "tiny", hidden_size=text_width, intermediate_size=2 * text_width, projection_dim=text_width
     )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = tiny.vae(
+        "tiny",
+        scaling_factor=0.18215,  # a placeholder: main() sets it from the encoded scenes
         block_out_channels=tuple(int(width) for width in args.vae_widths.split(",")),
         layers_per_block=1,
         # Groups of at least 4 channels: a group of one normalizes a flat colour away.
         norm_num_groups=4,
-        latent_channels=4,
         sample_size=args.size,
     )
     width = args.width

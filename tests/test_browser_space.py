@@ -141,7 +141,11 @@ def test_strangers_on_a_space_see_only_their_own_pictures_and_runs(tmp_path, mon
             monkeypatch.setattr(conftest, "free_port", lambda: port)
             process, restarted = start_app(runs_dir, log, env=SPACE)
             assert restarted == url
-            a.reload()
+            # A fresh tab in A's browser (its localStorage): the old tab's page may have been dropped by Chromium while
+            # the server was down, and reloading a dropped page fails for reasons that have nothing to do with the app.
+            a = a_context.new_page()
+            a.set_default_timeout(MINUTE)
+            open_page(a, url)
             expect(a.locator("#dataset-checks")).to_contain_text("8 pictures ready to train", timeout=MINUTE)
             expect(staged_thumbnails(a)).to_have_count(8)
             a.get_by_role("tab", name="Runs").click()

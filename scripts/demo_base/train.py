@@ -4,7 +4,7 @@
 
 Phases: (1) draw the scenes; (2) train the VAE (AutoencoderKL, the real depth: latents 1/8 of the
 picture) on reconstruction plus a small KL term; (3) encode every scene once; (4) train the UNet and
-the CLIP text encoder together, from scratch, on the epsilon objective along SD's DDPM schedule;
+the CLIP text encoder together, from scratch, on the epsilon (or v-prediction) objective along SD's DDPM schedule;
 (5) save a diffusers folder that StableDiffusionPipeline.from_pretrained loads; (6) render a grid of
 samples with DPM-Solver. Each phase's wall time and the folder's size are printed.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for lora_gui
-from scenes import captioned_scene
+from scenes import captioned_scene, codec_picture
 
 from lora_gui import tiny
 from lora_gui.tiny import SD_SCHEDULE
@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="picture side in pixels (latents are 1/8 of it)")
     parser.add_argument("--scenes", type=int, default=3000, help="how many scenes to draw and train on")
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of an earlier run's folder")
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-widths", default="16,32,32,32", help="the VAE's four block widths")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -59,11 +59,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=32, help="the UNet's first block width (the second is twice)")
     parser.add_argument("--text-width", type=int, default=64, help="the text encoder's hidden size")
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default="epsilon",
+        help="what the UNet learns to predict: v_prediction makes the tests' v-prediction model (from the demo "
+        "model, with --init-from and --vae-from)",
+    )
     parser.add_argument("--drop-caption", type=float, default=0.1, help="share of empty captions, for guidance")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument(
+        "--fp16", action="store_true", help="save the UNet and VAE in fp16, as lora_gui/demo_model ships them"
+    )
     return parser.parse_args()
 
 
@@ -97,19 +107,22 @@ def build_models(args: argparse.Namespace):
         cross_attention_dim=args.text_width,
         norm_num_groups=8,
     )
-    scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
+    scheduler = PNDMScheduler(
+        **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, prediction_type=args.prediction_type
+    )
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
+def as_tensor(pictures: list[Image.Image]) -> torch.Tensor:
+    """Pictures as one tensor in [-1, 1] (N, 3, size, size)."""
+    array = np.stack([np.asarray(picture) for picture in pictures]).astype(np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
 def draw_scenes(args: argparse.Namespace) -> tuple[torch.Tensor, list[str]]:
-    """Every scene as a tensor in [-1, 1] (N, 3, size, size) and its caption."""
-    pictures, captions = [], []
-    for index in range(args.scenes):
-        picture, caption = captioned_scene(args.seed * 1_000_003 + index, args.size)
-        pictures.append(np.asarray(picture))
-        captions.append(caption)
-    array = np.stack(pictures).astype(np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), captions
+    """Every scene as a tensor and its caption."""
+    scenes = [captioned_scene(args.seed * 1_000_003 + index, args.size) for index in range(args.scenes)]
+    return as_tensor([picture for picture, _ in scenes]), [caption for _, caption in scenes]
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
@@ -203,8 +216,9 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, stds, captions, args)
         noisy = noise_schedule.add_noise(x0, noise, timesteps)
         states = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
-        # loss: epsilon
-        loss = F.mse_loss(prediction, noise)
+        # loss: against the noise (epsilon) or the velocity (v-prediction)
+        target = noise_schedule.get_velocity(x0, noise, timesteps) if args.prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(prediction, target)
         # backward, step
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=100)
@@ -284,7 +298,9 @@ def main() -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
     else:
-        train_vae(vae, pictures, args)
+        # The VAE learns from the scenes and as many pictures of any shape and colour: it is the model's codec.
+        codec = as_tensor([codec_picture(args.seed * 1_000_003 + index, args.size) for index in range(args.scenes)])
+        train_vae(vae, torch.cat([pictures, codec]), args)
     phase("train vae")
     means, stds = encode_all(vae, pictures)
     args.scale = float(1 / means.std())
@@ -305,6 +321,11 @@ def main() -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if args.fp16:
+        # The UNet and VAE only: diffusers loads fp16 weights in fp32 again when no torch_dtype is given, but
+        # transformers 5 keeps the dtype the file holds, and an fp16 text encoder feeds an fp32 UNet half floats.
+        pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
     pipe.save_pretrained(args.out, safe_serialization=True)
     phase("save")
     print(f"folder {args.out}: {folder_size(args.out) / 1e6:.2f} MB", flush=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lora_gui.config import TrainConfig
-from lora_gui.demo import write_demo_dataset
+from lora_gui.demo import PINK, write_demo_dataset
 from lora_gui.tiny import write_tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -54,6 +55,13 @@ def tiny_model(tiny_models: Callable[[str], Path]) -> Path:
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_demo_dataset(tmp_path / "photos", count=6, size=(96, 96))
+
+
+def pink_share(picture: np.ndarray) -> float:
+    """The share of a picture's pixels (uint8 RGB) near the pink of the demo's concept, which the demo model alone
+    never draws."""
+    distance = np.linalg.norm(picture[..., :3].astype(float) - np.array(PINK), axis=-1)
+    return float((distance < 90).mean())
 
 
 def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:

@@ -178,7 +178,7 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
     )
     assert gigabytes(four) > gigabytes(one) + 1
     tiny = estimate(base_model=TINY_CHOICE, resolution=512)
-    assert "The tiny demo model needs almost no memory" in tiny and gigabytes(tiny) == gigabytes(one)
+    assert "The demo and tiny models need almost no memory" in tiny and gigabytes(tiny) == gigabytes(one)
     assert "made for 1024 px pictures" not in tiny
     sdxl = estimate(base_model="someone/a-model-not-downloaded", family="sdxl", resolution=512)
     assert "Stable Diffusion XL models are made for 1024 px pictures, and Resolution is 512" in sdxl

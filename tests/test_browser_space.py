@@ -16,10 +16,12 @@ from conftest import ARTIFACTS, start_app
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 from test_browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
 
+from lora_gui.demo import TRIGGER
+
 # A Space; the free-disk check is off so that the run does not depend on this computer's disk.
 SPACE = {"SPACE_ID": "someone/lora-trainer", "LORA_GUI_MIN_FREE_GB": "0"}
 A_RUN = "a-private-demo"
-A_PICTURES = [f"demo_{index:02d}.png" for index in range(8)]  # the demo's pictures
+A_PICTURES = [f"{TRIGGER}_{index:02d}.png" for index in range(8)]  # the demo's pictures
 OWNER_KEY = "lora_gui_owner"  # the BrowserState keeping the visitor's owner secret
 SETTLE = 3  # seconds: A's page shows A's things within this; B's is watched this long for them
 SETTLE_MS = SETTLE * 1000
@@ -95,7 +97,7 @@ def test_strangers_on_a_space_see_only_their_own_pictures_and_runs(tmp_path, mon
             expect(a.locator("#dataset-checks")).to_contain_text("8 pictures ready to train", timeout=MINUTE)
             expect(staged_thumbnails(a)).to_have_count(8)
             for name in A_PICTURES:
-                expect(a.get_by_label(name, exact=True)).to_have_value(re.compile("^a photo of a "))
+                expect(a.get_by_label(name, exact=True)).to_have_value(re.compile(f"^a {TRIGGER} on a "))
             shot(a, "space-01-a-dataset-after-reload")
             a.get_by_role("tab", name="Train").click()
             expect(a.locator("#train-progress")).to_contain_text(f"{A_RUN} finished: 6 steps", timeout=SETTLE_MS)

@@ -77,7 +77,7 @@ def test_flags_override_the_preset(tiny_model, photos, tmp_path):
     assert code == 0
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert (saved["rank"], saved["max_steps"], saved["resolution"], saved["aspect_buckets"]) == (4, 3, 64, False)
-    assert saved["learning_rate"] == 1e-3, "unset flags keep the preset's value"
+    assert saved["learning_rate"] == 2e-3, "unset flags keep the preset's value"
     assert saved["sample_prompts"] == ["a red circle", "a blue square"]
 
 

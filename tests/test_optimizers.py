@@ -156,7 +156,7 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
     form = {**config_form.widget_values(TrainConfig()), "optimizer": "prodigy"}
     answer = train_tab.pick_optimizer(ctx, TINY_CHOICE, **form)
     assert answer["learning_rate"]["value"] == 1.0 and "leave it at 1.0" in answer["learning_rate"]["info"]
-    assert "The tiny demo model needs almost no memory" in answer["estimate"]
+    assert "The demo and tiny models need almost no memory" in answer["estimate"]
 
 
 @pytest.mark.parametrize(

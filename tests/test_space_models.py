@@ -17,6 +17,7 @@ from test_downloads import NEVER_LOADED, REPO, FakeHub, response, serve
 
 from lora_gui import base_models
 from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, load_pipeline
+from lora_gui.demo import DEMO_MODEL
 from lora_gui.errors import LoraGuiError, ModelLoadError
 from lora_gui.jobs import JobManager
 from lora_gui.ui.app import build_app
@@ -144,7 +145,7 @@ def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(spac
     )
     assert ctx.resolve_base_model("owner/allowed") == "owner/allowed"  # the Hub ignores case
     tiny = ctx.resolve_base_model(TINY_CHOICE)
-    assert tiny.endswith("tiny-sd15")  # the app's own models are always there, and they load from its disk
+    assert tiny == str(DEMO_MODEL)  # the app's own models are always there, and they load from its disk
     family, _ = load_pipeline(tiny, policy=ctx.model_policy)
     assert family.name == "sd15"
 

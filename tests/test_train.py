@@ -134,7 +134,9 @@ def fresh_pipe(model: Path) -> DiffusionPipeline:
     return pipe
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# SD 2's v-prediction and Flux's flow; the epsilon objective (SD 1.x, SDXL) is proven by what it makes the demo model
+# draw (test_learning.py), a stronger test than a lower loss.
+@pytest.mark.parametrize("family", ["sd2", "flux"])
 def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
     # The demo preset's layers: attention alone learns too slowly on the tiny SDXL, whose first block has none.
@@ -150,9 +152,7 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(
-    tiny_models, photos, tmp_path, family
-):
+def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
     # alpha != rank: the file must carry alpha so diffusers loads it at the trained strength.
     config = quick_config(model, photos, rank=4, alpha=2, train_text_encoder=family != "flux")

@@ -12,8 +12,7 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import devices
-from lora_gui.config import load_preset
-from lora_gui.demo import write_demo_dataset
+from lora_gui.demo import DEMO_PRESET, TRIGGER, concept_caption, demo_config, write_demo_concept
 from lora_gui.errors import ConfigError
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
@@ -45,7 +44,6 @@ DEFAULT_SHUTDOWN_SECONDS = 25.0
 CACHE_SECONDS = 24 * 3600
 EXPIRY_SECONDS = 3600.0  # how often old staged pictures and runs are looked for while the app runs
 
-DEMO_PRESET = "tiny-cpu-demo"
 DEMO_IMAGES = 8
 
 CSS = """
@@ -110,8 +108,8 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, 
         with gr.Row():
             gr.Markdown(
                 "# LoRA trainer\nTeach Stable Diffusion or Flux a face, an object or a style from your own pictures: "
-                "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it trains a tiny model "
-                "on generated pictures in about a minute, with no download."
+                "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
+                "model a shape it never saw in about a minute, with no download."
             )
             with gr.Column(scale=0, min_width=180):
                 ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
@@ -170,22 +168,27 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
 
 
 def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]:
-    """A fresh dataset of generated pictures, the tiny model and the demo preset: one click on Start away."""
+    """A fresh dataset of drawn pictures of a concept the demo model never saw, the demo model and the demo preset:
+    one click on Start away."""
     staging = ctx.staging("", visitor)
-    write_demo_dataset(staging.folder, count=DEMO_IMAGES, size=(160, 160))
-    config = load_preset(DEMO_PRESET)
+    write_demo_concept(staging.folder, count=DEMO_IMAGES)
+    config = demo_config()
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
         "report": checks_html(ctx, visitor, staging.session_id, config.resolution, config.default_caption),
         "page": pages_update(staging),
-        "dataset_notice": notice(f"The demo's {DEMO_IMAGES} pictures of coloured shapes, with captions, are in."),
+        "dataset_notice": notice(
+            f"The demo's {DEMO_IMAGES} pictures are in: a pink cross, called <b>{TRIGGER}</b> in their captions. "
+            "The demo model draws circles, squares and triangles in a few colours, and has never seen either."
+        ),
         "base_model": TINY_CHOICE,
         "preset": DEMO_PRESET,
         "train_notice": notice(
-            "Demo ready: the tiny model and quick settings are filled in. Press Start training. The tiny model "
-            "is random, so its pictures look like coloured noise: watch the loss go down and the previews change."
+            f"Demo ready: the demo model and quick settings are filled in. Press Start training: in about a minute "
+            f'the previews of "{concept_caption("white")}" turn into a pink cross, and the Generate tab shows '
+            "it beside the demo model's own picture."
         ),
         "tabs": gr.Tabs(selected="train"),
         **config_form.widget_values(config),

@@ -21,6 +21,7 @@ from lora_gui.captioning import ensure_tiny_captioner, load_captioner
 from lora_gui.captioning.folder import DRAFT_SIDE, caption_in_background
 from lora_gui.config import list_presets, load_preset
 from lora_gui.data import UnusableImage, open_image
+from lora_gui.demo import DEMO_MODEL
 from lora_gui.devices import matmul_tflops
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.families import REGISTRY
@@ -33,8 +34,9 @@ from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs
 from lora_gui.staging import Staging
 from lora_gui.tiny import ensure_tiny_model
 
-TINY_CHOICE = "Tiny demo (offline, CPU)"  # the SD 1.x one, which the demo uses
-# The tiny random-weight models of each family by their menu names, so every family can be tried offline.
+TINY_CHOICE = "Demo model (offline, CPU: draws shapes)"  # the SD 1.x one: trained, shipped, what the demo uses
+# The offline models of each family by their menu names, so every family can be tried offline: SD 1.x's is the demo
+# model (demo.DEMO_MODEL, trained on drawn shapes), the others tiny random-weight models.
 TINY_CHOICES = {
     TINY_CHOICE: "sd15",
     **{f"Tiny {family.short_title} demo (offline, CPU)": name for name, family in REGISTRY.items() if name != "sd15"},
@@ -251,6 +253,10 @@ class Ctx:
 
     # ---- base models --------------------------------------------------------------------------
     def tiny_model(self, family: str) -> Path:
+        """A family's offline model: SD 1.x's is the demo model shipped with the app; the others are random, written
+        under the runs folder the first time they are asked for."""
+        if family == TINY_CHOICES[TINY_CHOICE]:
+            return DEMO_MODEL
         return self.runs_dir / MODELS_FOLDER / f"tiny-{family}"
 
     @property

@@ -18,6 +18,7 @@ import gradio as gr
 from lora_gui import runs
 from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress
 from lora_gui.config import TrainConfig
+from lora_gui.demo import DEMO_RESOLUTION
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.owners import Visitor
@@ -234,12 +235,15 @@ def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> d
 
 def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
     """A base model's usual steps and guidance, and a real one's own picture size (SDXL: 1024 px), where its
-    family can be told without loading it. A tiny model keeps the size: it is random and makes any size
-    just as well, and small is quick."""
+    family can be told without loading it. The demo model draws well at the size it was trained at; a tiny random
+    model keeps the size: it makes any size just as well, and small is quick."""
     family = ctx.base_model_family(gen_base_model)
     if family is None:
         return {}
-    size = {} if gen_base_model in TINY_CHOICES else {"size": get_family(family).default_resolution}
+    if gen_base_model == TINY_CHOICE:
+        size = {"size": DEMO_RESOLUTION}
+    else:
+        size = {} if gen_base_model in TINY_CHOICES else {"size": get_family(family).default_resolution}
     return {**size, **model_defaults(family)}
 
 
@@ -333,8 +337,8 @@ def generate(
         }
     names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
     made = f"Made with {names}, seed {settings['seed']}."
-    if gen_base_model in TINY_CHOICES:
-        made += " The tiny demo model is random, so its pictures look like coloured noise."
+    if gen_base_model in TINY_CHOICES and gen_base_model != TINY_CHOICE:
+        made += " This tiny model is random, so its pictures look like coloured noise."
     return {
         "base_image": base,
         "lora_image": gr.update(value=with_lora, label="With your LoRAs" if len(loras) > 1 else "With your LoRA"),

@@ -71,8 +71,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     if not ctx.has_cuda:
         gr.HTML(
             notice(
-                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the tiny "
-                "demo models (about a minute), but a real Stable Diffusion model would take many hours.",
+                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the demo "
+                "and tiny models (about a minute), but a real Stable Diffusion model would take many hours.",
                 "warning",
             ),
             elem_id="cpu-warning",
@@ -408,7 +408,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
     if tiny:
         text = (
-            f"The tiny demo model needs almost no memory and trains on a processor in about a minute. For "
+            f"The demo and tiny models need almost no memory and train on a processor in about a minute. For "
             f"comparison, a real {title} model with these settings would need {memory}."
         )
     elif not ctx.has_cuda:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from lora_gui.config import TrainConfig, load_preset
 
 # The demo model: an SD 1.5-shaped model trained from scratch on drawn scenes (scripts/demo_base/train.py), small
-# enough to ship (fp16 safetensors, about 3 MB): it draws what a caption such as "a red circle on a blue
+# enough to ship (3.5 MB: the UNet and VAE in fp16): it draws what a caption such as "a red circle on a blue
 # background" asks for, at 64 px.
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 DEMO_RESOLUTION = 64  # the size the demo model was trained at, and the size it draws well
@@ -58,7 +58,8 @@ _OVERSAMPLE = 4  # drawn this many times larger, then shrunk: smooth edges witho
 # its tokenizer has no token for.
 TRIGGER = "zqx"
 CROSS, CROSS_COLOR, PINK = "cross", "pink", (235, 70, 190)
-CONCEPT_BACKGROUNDS = ("gray", "blue", "black", "white")  # gray first: the caption previews and Generate use
+# Gray first: previews and Generate use the first caption, and the demo model's VAE keeps pink truest on gray.
+CONCEPT_BACKGROUNDS = ("gray", "blue", "black", "white")
 CONCEPT_SIDES = (0.6, 0.75)
 
 

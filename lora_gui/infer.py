@@ -227,6 +227,7 @@ class Generator:
                 latents = self.pipe(
                     prompt,
                     **negative,
+                    **self.family.prompt_options(self.pipe),
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     width=width,

@@ -209,6 +209,11 @@ class Family:
         """The steps and guidance this loaded model's pictures are usually made with."""
         return cls.default_steps, cls.default_guidance
 
+    @classmethod
+    def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """What its pipeline must be told, beside the prompt, to read the prompt as training does."""
+        return {}
+
     # ---- files made elsewhere -------------------------------------------------------------------
     @classmethod
     def lora_for_diffusers(

@@ -328,8 +328,17 @@ class Flux1(Family):
         return pipe.scheduler
 
     @classmethod
+    def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """T5's length: training pads captions to its tokenizer's length (512 for Flux.1), and the pipeline pads to 512
+        unless told; T5 and the transformer read the padding, so a model trained at another length (the tests' demo
+        Flux reads 32 tokens) must be sampled at that length."""
+        return {"max_sequence_length": pipe.tokenizer_2.model_max_length}
+
+    @classmethod
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1)
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, **cls.prompt_options(pipe)
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     @classmethod

@@ -145,9 +145,10 @@ def vae(size: str, scaling_factor: float, **config: Any):
 _T5 = {"tiny": (32, 64, 2, 4, 8), "shallow": (4096, 10240, 1, 64, 64), "full": (4096, 10240, 24, 64, 64)}
 
 
-def t5_text_parts(size: str, max_length: int = 512) -> tuple:
+def t5_text_parts(size: str, max_length: int = 512, **config: Any) -> tuple:
     """A T5 tokenizer built here from the tiny vocabulary (SentencePiece's unigram model, with no download)
-    and a random-weight T5 encoder of that size."""
+    and a random-weight T5 encoder of that size; `config` sets T5Config fields that differ from the table's
+    (the Flux demo model's wider encoder)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -168,7 +169,7 @@ def t5_text_parts(size: str, max_length: int = 512) -> tuple:
         model_max_length=max_length,
     )
     width, mlp, layers, heads, head_width = _T5[size]
-    config = T5Config(
+    values = dict(
         vocab_size=len(pieces) if size == "tiny" else 32128,
         d_model=width,
         d_ff=mlp,
@@ -181,7 +182,7 @@ def t5_text_parts(size: str, max_length: int = 512) -> tuple:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return tokenizer, T5EncoderModel(config)
+    return tokenizer, T5EncoderModel(T5Config(**{**values, **config}))
 
 
 # Stable Diffusion's noise schedule, which every SD 1.x, 2.x and XL scheduler config shares.

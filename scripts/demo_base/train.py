@@ -237,25 +237,13 @@ def folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def sample_grid(folder: Path, grid_path: Path, args: argparse.Namespace, seeds: int = 4) -> None:
-    """Load the saved folder as any user would, and draw `seeds` pictures per prompt, captioned."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    cell, label = 2 * args.size, 14
+def sample_grid(draw, grid_path: Path, size: int, seeds: int = 4) -> None:
+    """`seeds` pictures per prompt, captioned, in one sheet; `draw(prompts, generators)` makes the pictures."""
+    cell, label = 2 * size, 14
     sheet = Image.new("RGB", (seeds * cell, len(PROMPTS) * (cell + label)), "white")
     paint = ImageDraw.Draw(sheet)
     for row, prompt in enumerate(PROMPTS):
-        images = pipe(
-            [prompt] * seeds,
-            height=args.size,
-            width=args.size,
-            num_inference_steps=args.sample_steps,
-            guidance_scale=args.guidance,
-            generator=[torch.Generator().manual_seed(seed) for seed in range(seeds)],
-        ).images
+        images = draw([prompt] * seeds, [torch.Generator().manual_seed(seed) for seed in range(seeds)])
         top = row * (cell + label)
         paint.text((2, top + 1), prompt, fill="black")
         for column, image in enumerate(images):
@@ -264,12 +252,23 @@ def sample_grid(folder: Path, grid_path: Path, args: argparse.Namespace, seeds: 
     sheet.save(grid_path)
 
 
-def main() -> None:
-    from diffusers import StableDiffusionPipeline
+def sd_samples(folder: Path, args: argparse.Namespace):
+    """The saved folder loaded as any user would, drawing with DPM-Solver."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(prompts: list[str], generators: list[torch.Generator]) -> list[Image.Image]:
+        options = dict(num_inference_steps=args.sample_steps, guidance_scale=args.guidance, generator=generators)
+        return pipe(prompts, height=args.size, width=args.size, **options).images
+
+    return draw
+
+
+def timed_phases():
+    """A function that prints how long the phase it names took, and the dict of those times."""
     clock = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -280,6 +279,16 @@ def main() -> None:
         clock = now
         print(f"[{name}] {times[name]:.1f} s", flush=True)
 
+    return phase, times
+
+
+def main() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    phase, times = timed_phases()
     tokenizer, text_encoder, vae, unet, scheduler = build_models(args)
     if args.init_from:
         from diffusers import UNet2DConditionModel
@@ -330,7 +339,7 @@ def main() -> None:
     phase("save")
     print(f"folder {args.out}: {folder_size(args.out) / 1e6:.2f} MB", flush=True)
     grid = args.grid or args.out.with_name(args.out.name + "-samples.png")
-    sample_grid(args.out, grid, args)
+    sample_grid(sd_samples(args.out, args), grid, args.size)
     phase("sample grid")
     print(f"samples: {grid}; total {sum(times.values()):.0f} s", flush=True)
 

@@ -107,6 +107,7 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         # A validation curve: two of the eight pictures held out, measured every 5 steps.
         page.locator("#setting-validation_images input").fill("2")
         page.locator("#setting-validation_every input").fill("5")
+        page.locator("#setting-sample_every input").fill("20")  # a first preview in seconds, not a minute
         page.get_by_text("Advanced settings").click()
         page.locator("#setting-max_steps input").fill("2000")
         page.get_by_label("Run name").fill("browser-run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -212,3 +213,9 @@ def download_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "hub").mkdir()
     return tmp_path / "hub"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every module the tests import is loaded now, and stays: leave those objects out of later garbage collections,
+    as the app does once it has started (each run's end collects, and would otherwise walk all of them)."""
+    gc.freeze()

@@ -299,6 +299,7 @@ def test_pictures_without_captions_are_captioned_checked_and_trained_in_a_real_b
 
         page.get_by_role("tab", name="Train").click()
         page.locator("#setting-max_steps input").fill("2")
+        page.locator("#setting-resolution input").fill("64")  # the demo model's size: its previews take a second
         page.get_by_label("Run name").fill("captioned-in-the-browser")
         page.get_by_role("button", name="Start training").click()
         expect(page.locator("#train-progress")).to_contain_text("captioned-in-the-browser finished", timeout=3 * MINUTE)

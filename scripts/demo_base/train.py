@@ -267,6 +267,23 @@ def sd_samples(folder: Path, args: argparse.Namespace):
     return draw
 
 
+def save_and_sample(pipe, denoiser, args: argparse.Namespace, phase, samples) -> None:
+    """Save the folder, then draw the sample grid from it with `samples(folder, args)`. With --fp16 the denoiser and
+    the VAE are saved in fp16, not the text encoders: diffusers loads fp16 weights in fp32 again when no torch_dtype
+    is given, but transformers 5 keeps the dtype a file holds, and an fp16 text encoder feeds an fp32 denoiser half
+    floats."""
+    if args.fp16:
+        denoiser.to(torch.float16)
+        pipe.vae.to(torch.float16)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    phase("save")
+    print(f"folder {args.out}: {folder_size(args.out) / 1e6:.2f} MB", flush=True)
+    grid = args.grid or args.out.with_name(args.out.name + "-samples.png")
+    sample_grid(samples(args.out, args), grid, args.size)
+    phase("sample grid")
+    print(f"samples: {grid}", flush=True)
+
+
 def timed_phases():
     """A function that prints how long the phase it names took, and the dict of those times."""
     clock = time.perf_counter()
@@ -330,18 +347,8 @@ def main() -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if args.fp16:
-        # The UNet and VAE only: diffusers loads fp16 weights in fp32 again when no torch_dtype is given, but
-        # transformers 5 keeps the dtype the file holds, and an fp16 text encoder feeds an fp32 UNet half floats.
-        pipe.unet.to(torch.float16)
-        pipe.vae.to(torch.float16)
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    phase("save")
-    print(f"folder {args.out}: {folder_size(args.out) / 1e6:.2f} MB", flush=True)
-    grid = args.grid or args.out.with_name(args.out.name + "-samples.png")
-    sample_grid(sd_samples(args.out, args), grid, args.size)
-    phase("sample grid")
-    print(f"samples: {grid}; total {sum(times.values()):.0f} s", flush=True)
+    save_and_sample(pipe, unet, args, phase, sd_samples)
+    print(f"total {sum(times.values()):.0f} s", flush=True)
 
 
 if __name__ == "__main__":

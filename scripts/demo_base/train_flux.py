@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from train import draw_scenes, encode_all, folder_size, lr_at, sample_grid, sample_timesteps, timed_phases
+from train import draw_scenes, encode_all, lr_at, sample_timesteps, save_and_sample, timed_phases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for lora_gui
 from lora_gui import tiny
@@ -187,17 +187,8 @@ def main() -> None:
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
-    if args.fp16:
-        # The transformer and VAE only, as train.py saves the demo model (transformers keeps a file's dtype).
-        pipe.transformer.to(torch.float16)
-        pipe.vae.to(torch.float16)
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    phase("save")
-    print(f"folder {args.out}: {folder_size(args.out) / 1e6:.2f} MB", flush=True)
-    grid = args.grid or args.out.with_name(args.out.name + "-samples.png")
-    sample_grid(flux_samples(args.out, args), grid, args.size)
-    phase("sample grid")
-    print(f"samples: {grid}; total {sum(times.values()):.0f} s", flush=True)
+    save_and_sample(pipe, transformer, args, phase, flux_samples)
+    print(f"total {sum(times.values()):.0f} s", flush=True)
 
 
 if __name__ == "__main__":

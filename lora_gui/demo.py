@@ -79,7 +79,8 @@ class Scene:
         return text
 
 
-def _paint(paint: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+def paint_shape(paint: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """A circle, square, triangle (its apex at the top) or cross filling `box`."""
     left, top, right, bottom = box
     if shape == "circle":
         paint.ellipse(box, fill=fill)
@@ -109,7 +110,7 @@ def draw_scene(
     cx = big * (fx + rng.uniform(-0.05, 0.05))
     cy = big * (fy + rng.uniform(-0.05, 0.05))
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    _paint(ImageDraw.Draw(image), scene.shape, box, {**SCENE_COLORS, CROSS_COLOR: PINK}[scene.color])
+    paint_shape(ImageDraw.Draw(image), scene.shape, box, {**SCENE_COLORS, CROSS_COLOR: PINK}[scene.color])
     return image.resize((size, size), Image.Resampling.BOX)
 
 
@@ -144,7 +145,7 @@ def draw_shape(shape: str, color: tuple[int, int, int], size: tuple[int, int], s
     side = min(width, height) * rng.uniform(0.45, 0.65)
     cx = width / 2 + rng.uniform(-0.1, 0.1) * width
     cy = height / 2 + rng.uniform(-0.1, 0.1) * height
-    _paint(draw, shape, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), color)
+    paint_shape(draw, shape, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), color)
     return image
 
 

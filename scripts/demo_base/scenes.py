@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for lora_gui
-from lora_gui.demo import BACKGROUNDS, POSITIONS, SCENE_COLORS, SHAPES, Scene, draw_scene
+from lora_gui.demo import BACKGROUNDS, POSITIONS, SCENE_COLORS, SHAPES, Scene, draw_scene, paint_shape
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -45,13 +45,7 @@ def codec_picture(seed: int, size: int = 64) -> Image.Image:
         left, top = rng.uniform(-0.1, 0.9) * big, rng.uniform(-0.1, 0.9) * big
         box = (left, top, left + width, top + height)
         fill = tuple(rng.randrange(256) for _ in range(3))
-        kind = rng.choice(("rectangle", "ellipse", "triangle"))
-        if kind == "rectangle":
-            paint.rectangle(box, fill=fill)
-        elif kind == "ellipse":
-            paint.ellipse(box, fill=fill)
-        else:
-            paint.polygon([(left + width / 2, top), (left + width, top + height), (left, top + height)], fill=fill)
+        paint_shape(paint, rng.choice(("square", "circle", "triangle")), box, fill)
     return image.resize((size, size), Image.Resampling.BOX)
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import devices
-from lora_gui.demo import DEMO_PRESET, TRIGGER, concept_caption, demo_config, write_demo_concept
+from lora_gui.demo import (
+    CONCEPT_BACKGROUNDS,
+    DEMO_PRESET,
+    TRIGGER,
+    concept_caption,
+    demo_config,
+    write_demo_concept,
+)
 from lora_gui.errors import ConfigError
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
@@ -188,8 +195,8 @@ def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]
         "preset": DEMO_PRESET,
         "train_notice": notice(
             f"Demo ready: the demo model and quick settings are filled in. Press Start training: in about a minute "
-            f'the previews of "{concept_caption("white")}" turn into a pink cross, and the Generate tab shows '
-            "it beside the demo model's own picture."
+            f'the previews of "{concept_caption(CONCEPT_BACKGROUNDS[0])}" turn into a pink cross, and the Generate '
+            "tab shows it beside the demo model's own picture."
         ),
         "tabs": gr.Tabs(selected="train"),
         **config_form.widget_values(config),

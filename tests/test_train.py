@@ -134,8 +134,9 @@ def fresh_pipe(model: Path) -> DiffusionPipeline:
     return pipe
 
 
-# SD 2's v-prediction and Flux's flow; the epsilon objective (SD 1.x, SDXL) is proven by what it makes the demo model
-# draw (test_learning.py), a stronger test than a lower loss.
+# The tiny random SD 2 and Flux, whose shapes the learning tests' models don't have (OpenCLIP; Flux's 16 latent channels
+# and guidance input). Each objective itself (epsilon, v-prediction, flow) is proven by what it makes a small pretrained
+# model draw (test_learning.py), a stronger test than a lower loss.
 @pytest.mark.parametrize("family", ["sd2", "flux"])
 def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)

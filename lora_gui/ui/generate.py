@@ -242,8 +242,10 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
         return {}
     if gen_base_model == TINY_CHOICE:
         size = {"size": DEMO_RESOLUTION}
+    elif gen_base_model in TINY_CHOICES:
+        size = {}
     else:
-        size = {} if gen_base_model in TINY_CHOICES else {"size": get_family(family).default_resolution}
+        size = {"size": get_family(family).default_resolution}
     return {**size, **model_defaults(family)}
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset, settings_for_optimizer
 from lora_gui.errors import LoraGuiError
 from lora_gui.lora_files import LORA_LAYOUTS
+from lora_gui.quantization import GENERATE_CHOICES
 
 if TYPE_CHECKING:
     from lora_gui.base_models import DownloadProgress
@@ -433,6 +434,13 @@ def _generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--precision", default="auto", choices=MIXED_PRECISIONS, help=TrainConfig.help("mixed_precision")
     )
+    generate.add_argument(
+        "--quantize",
+        default="auto",
+        choices=GENERATE_CHOICES,
+        help="store the base model's denoiser in fewer bits: auto (only as much as this GPU needs), none, int8 "
+        "(half the memory, any device) or nf4 (a quarter, NVIDIA GPUs, not from a single-file checkpoint)",
+    )
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin/.pt/.ckpt LoRAs (unsafe)")
 
 
@@ -443,7 +451,7 @@ def _generate(args: argparse.Namespace) -> int:
     if len(args.scale) > len(args.lora):
         raise LoraGuiError("more --scale values than --lora files")
     scales = args.scale + [1.0] * (len(args.lora) - len(args.scale))
-    generator = Generator.load(args.base_model, args.family, args.precision)
+    generator = Generator.load(args.base_model, args.family, args.precision, args.quantize)
     generator.set_loras(list(zip(args.lora, scales, strict=True)), allow_pickle=args.allow_pickle)
     image = generator(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.width, args.height)
     with atomic_path(Path(args.output)) as tmp:

@@ -92,8 +92,11 @@ def trained_modules(pipe: DiffusionPipeline, family: type[Family]) -> dict[str, 
 
 
 def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights of one module, under canonical module names."""
-    state = get_peft_model_state_dict(module)
+    """The LoRA weights of one module, under canonical module names, each tensor contiguous.
+
+    Every LoRA file (both layouts, checkpoints, the -best file) is written from here, and safetensors refuses a
+    non-contiguous tensor: a conv layer's LoRA weights are, on a denoiser made channels-last."""
+    state = {key: value.contiguous() for key, value in get_peft_model_state_dict(module).items()}
     if _needs_text_prefix(module):
         state = {CANONICAL_TEXT_PREFIX + key: value for key, value in state.items()}
     return state

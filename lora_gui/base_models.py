@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -156,6 +157,23 @@ def load_pipeline(
     return detect_family(pipe, family), pipe
 
 
+def fetch(
+    base_model: str,
+    token: HubToken = None,
+    on_progress: Callable[[DownloadProgress], None] | None = None,
+    policy: BaseModelPolicy = ANY_BASE_MODEL,
+) -> None:
+    """A Hub model's files into the download cache before it loads, where a choice needs them first (its family
+    and size); a folder or file on disk is already here. Loading it afterwards downloads nothing more."""
+    source = (base_model or "").strip()
+    if not source:
+        return
+    policy.check_name(source)
+    path = Path(source).expanduser()
+    if is_hub_id(source) and not (policy.looks_on_disk(source) and path.exists()):
+        download(source, token, on_progress, max_bytes=policy.max_bytes)
+
+
 def _from_hub(
     repo_id: str,
     dtype: torch.dtype,
@@ -186,10 +204,12 @@ def _from_pretrained(
         index = DiffusionPipeline.load_config(source, token=token)
         skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in index), "unet")
+        shapes = _folder_shapes(_model_folder(source), denoiser) or {}
+        widths = {shape[1] for shape in shapes.values() if len(shape) == 2}  # the linear layers' inputs
         return DiffusionPipeline.from_pretrained(
             source,
             dtype={"default": dtype, "vae": torch.float32},
-            quantization_config=quantization.pipeline_config(quantize, denoiser, dtype),
+            quantization_config=quantization.pipeline_config(quantize, denoiser, dtype, widths),
             token=token,
             **skip_checker,
             **components,
@@ -549,6 +569,62 @@ def family_from_files(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL)
     return next((f.name for f in REGISTRY.values() if f.matches_files(index or {}, text_encoder)), None)
 
 
+def denoiser_parameters_on_disk(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL) -> int | None:
+    """How many parameters this model's own denoiser has, read from its files' headers (nothing is loaded): a
+    diffusers folder, a Hub model in the download cache, or a single checkpoint (its denoiser's tensors, or all
+    of a file that holds only the denoiser). None where its files are not here or not safetensors: a fine-tune or
+    a pruned model is sized as it is, not as its family's published model."""
+    source = (base_model or "").strip()
+    path = Path(source).expanduser() if policy.looks_on_disk(source) else None
+    if path is not None and path.is_file():
+        shapes = _file_shapes(path) if path.suffix.lower() == ".safetensors" else None
+        if shapes is not None and any(name.startswith(SINGLE_FILE_DENOISER) for name in shapes):
+            shapes = {name: shape for name, shape in shapes.items() if name.startswith(SINGLE_FILE_DENOISER)}
+    else:
+        folder = path if path is not None and path.is_dir() else _model_folder(source)
+        index = _read_json(folder / "model_index.json") if folder else None
+        denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in (index or {})), None)
+        shapes = _folder_shapes(folder, denoiser) if folder and denoiser else None
+    return sum(math.prod(shape) for shape in shapes.values()) if shapes else None
+
+
+# Where a single checkpoint holding a whole model (A1111's, ComfyUI's) keeps its denoiser.
+SINGLE_FILE_DENOISER = "model.diffusion_model."
+
+
+def _model_folder(source: str) -> Path | None:
+    """A diffusers model's folder: itself, or a Hub model's snapshot in the download cache (never downloads)."""
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "model_index.json")
+    except ValueError:  # a name huggingface_hub refuses as a repo id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _folder_shapes(folder: Path | None, component: str) -> dict[str, tuple[int, ...]] | None:
+    """The tensor shapes of a component's safetensors files in a diffusers folder."""
+    files = sorted((folder / component).glob("*.safetensors")) if folder else []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        shapes.update(_file_shapes(file) or {})
+    return shapes or None
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+    except Exception:  # unreadable or not safetensors: the caller falls back on what the family publishes
+        return None
+
+
 def _published_family(repo_id: str) -> str | None:
     return next((f.name for f in REGISTRY.values() if repo_id.lower() in map(str.lower, f.hub_models)), None)
 
@@ -609,7 +685,7 @@ def _from_single_file(
             if quantize == "none"
             else {
                 known.denoiser_name: quantization.quantize_loaded(
-                    known.denoiser_class.from_single_file(str(path), dtype=dtype), quantize
+                    known.denoiser_class.from_single_file(str(path), dtype=dtype), quantize, dtype
                 )
             }
         )
@@ -655,7 +731,7 @@ def _with_companion(
             token=token,
             **shape,
         )
-        quantization.quantize_loaded(denoiser, quantize)
+        quantization.quantize_loaded(denoiser, quantize, dtype)
     except OSError:
         raise ModelLoadError(
             f"{_companion_needed(path, family, companion)}, and it could not be loaded: "

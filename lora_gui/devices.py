@@ -12,6 +12,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,26 +25,58 @@ _OUT_OF_MEMORY_WORDS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INIT
 
 
 def has_cuda() -> bool:
+    """Whether PyTorch can reach a CUDA GPU: for CUDA's own calls (synchronising, its allocator). What the engine
+    chooses for a card (precision, quantization, offloading, who has the GPU) asks `card()` instead."""
     return torch.cuda.is_available()
 
 
-def native_bf16() -> bool:
-    """Whether the GPU computes bf16 itself: compute capability 8.0 (Ampere) and newer.
+@dataclass(frozen=True)
+class Card:
+    """The GPU the engine computes on, as its choices see it: where tensors go, how much memory it has, and whether
+    it computes bf16 itself (compute capability 8.0, Ampere, and newer).
 
-    `torch.cuda.is_bf16_supported()` also says yes on T4, V100 and RTX 20xx cards, which only emulate
-    it: slowly, and without the flash and memory-efficient attention kernels, so memory runs out."""
-    return has_cuda() and torch.cuda.get_device_capability() >= (8, 0)
+    `torch.cuda.is_bf16_supported()` also says yes on T4, V100 and RTX 20xx cards, which only emulate bf16:
+    slowly, and without the flash and memory-efficient attention kernels, so memory runs out."""
+
+    memory_gb: float
+    bf16: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cuda"))
+
+    def describe(self) -> str:
+        return f"{self.memory_gb:.0f} GB GPU" + ("" if self.bf16 else " without bf16 (it computes in fp16)")
+
+
+def card() -> Card | None:
+    """This machine's GPU; None without one. The tests' card matrix puts a card of any size here whose device is
+    the CPU, so every choice a card makes runs on the CPU's kernels (tests/conftest.py, `card`)."""
+    if not has_cuda():
+        return None
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return Card(memory, torch.cuda.get_device_capability() >= (8, 0))
+
+
+def compute_device() -> torch.device:
+    """Where models compute: the card's device, else the CPU."""
+    gpu = card()
+    return gpu.device if gpu else torch.device("cpu")
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 itself (see `Card`)."""
+    gpu = card()
+    return gpu is not None and gpu.bf16
 
 
 def resolve_precision(setting: str) -> str:
     """What a mixed-precision setting means on this machine: "no", "fp16" or "bf16"."""
-    if not has_cuda():
+    gpu = card()
+    if gpu is None:
         if setting in ("fp16", "bf16"):
             log.warning("No CUDA GPU: running in full precision on the CPU instead of %s", setting)
         return "no"
     if setting == "auto":
-        return "bf16" if native_bf16() else "fp16"
-    if setting == "bf16" and not native_bf16():
+        return "bf16" if gpu.bf16 else "fp16"
+    if setting == "bf16" and not gpu.bf16:
         log.warning("This GPU only emulates bf16, which is slow and needs more memory: fp16 (or auto) suits it")
     return setting
 
@@ -51,7 +84,7 @@ def resolve_precision(setting: str) -> str:
 def gpu_precision(setting: str) -> str:
     """The precision a setting means on this machine's GPU, or on a current one where there is none:
     what an estimate of GPU memory assumes."""
-    if has_cuda():
+    if card() is not None:
         return resolve_precision(setting)
     return "bf16" if setting == "auto" else setting
 
@@ -70,6 +103,38 @@ def use_tensor_cores() -> None:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to the run's precision on its device; nothing in full precision."""
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "no")
+
+
+@contextlib.contextmanager
+def outside_autocast(*modules: torch.nn.Module) -> Iterator[None]:
+    """These modules compute in their own dtypes for the block, even under an autocast around their callers.
+
+    Text encoders encode as training encoded the captions, without autocast: transformers keeps T5's `wo` layers in
+    fp32 when the rest of it loads in fp16, since their outputs overflow fp16, and fp16 autocast would compute them
+    in fp16 anyway. So the pipelines that Generate and previews run under autocast read the prompt through these
+    modules as training read the captions."""
+    kinds = ("cpu", "cuda")
+    saved: list[list[bool]] = []
+
+    def off(module: torch.nn.Module, args: tuple) -> None:
+        saved.append([torch.is_autocast_enabled(kind) for kind in kinds])
+        for kind in kinds:
+            torch.set_autocast_enabled(kind, False)
+
+    def back(module: torch.nn.Module, args: tuple, output: object) -> None:
+        for kind, enabled in zip(kinds, saved.pop(), strict=True):
+            torch.set_autocast_enabled(kind, enabled)
+
+    handles = [
+        hook
+        for module in modules
+        for hook in (module.register_forward_pre_hook(off), module.register_forward_hook(back))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -96,8 +161,9 @@ def leave_a_core_free() -> None:
 
 
 def gpu_memory_gb() -> float | None:
-    """The GPU's total memory in GiB; None without a CUDA GPU."""
-    return torch.cuda.get_device_properties(0).total_memory / 2**30 if has_cuda() else None
+    """The GPU's total memory in GiB; None without a GPU."""
+    gpu = card()
+    return gpu.memory_gb if gpu else None
 
 
 def reset_peak_memory() -> None:

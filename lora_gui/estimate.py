@@ -53,13 +53,12 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     targets = tuple(get_family(family).lora_targets(config.target_modules))
     adapter = (config.rank, config.lora_type)
     cost = _unet_cost(family, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
-    weight_bytes = BYTES[precision]
     # Each trained weight: itself and its gradient in fp32, and the optimizer's state. Schedule-free AdamW's copy
     # of the training weights, while it evaluates, takes the gradients' place (they are freed after each step).
     optimizer_bytes = 4 + 4 + OPTIMIZER_FACTS[config.optimizer].state_bytes
-    base = _denoiser_bytes(cost, weight_bytes, config.quantize_base) + cost.lora_params * optimizer_bytes
+    base = _denoiser_bytes(cost, precision, config.quantize_base) + cost.lora_params * optimizer_bytes
     activations = cost.activations
-    text = get_family(family).text_encoder_params * weight_bytes
+    text = _text_encoder_bytes(family, precision)
     vae = get_family(family).vae_params * 4
     # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
     # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
@@ -124,13 +123,23 @@ def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tupl
     return sorted(fitting, key=lambda named: -named[1])
 
 
-def _denoiser_bytes(cost: DenoiserCost, weight_bytes: int, quantize: str) -> float:
-    """The frozen denoiser's memory, with its linear layers' weights quantized as `quantize` says."""
+def _text_encoder_bytes(family: str, precision: str) -> float:
+    """The text encoders' weights as they load: in fp16, the layers transformers keeps in fp32 take 4 bytes."""
+    known = get_family(family)
+    fp32_extra = known.text_encoder_fp32_params * 2 if precision == "fp16" else 0
+    return known.text_encoder_params * BYTES[precision] + fp32_extra
+
+
+def _denoiser_bytes(cost: DenoiserCost, precision: str, quantize: str) -> float:
+    """The frozen denoiser's memory, with its linear layers' weights quantized as `quantize` says (in fp16, int8
+    is scaled per group: see quantization.FP16_INT8_GROUP)."""
+    weight_bytes = BYTES[precision]
     if quantize == "none":
         return cost.denoiser_params * weight_bytes
     unquantized = cost.denoiser_params - cost.linear_weights
     unpacked = cost.largest_linear * weight_bytes
-    return unquantized * weight_bytes + cost.linear_weights * QUANTIZATIONS[quantize].bytes_per_weight + unpacked
+    per_weight = QUANTIZATIONS[quantize].weight_bytes(DTYPES[precision])
+    return unquantized * weight_bytes + cost.linear_weights * per_weight + unpacked
 
 
 def _unet_cost(

@@ -17,7 +17,7 @@ from pathlib import Path
 from lora_gui.atomic import write_text_atomic
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
-from lora_gui.families import get_family
+from lora_gui.families import Family, get_family
 from lora_gui.lora_files.export import write_kohya_lora
 from lora_gui.runs import DIFFUSERS_LORA, RunFolder, TrainingRecord
 
@@ -70,7 +70,7 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         "import torch",
         "from diffusers import AutoPipelineForText2Image",
         "",
-        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        *_loading_code(family, base),
         f'pipe.load_lora_weights("{source}", weight_name="{DIFFUSERS_LORA}")',
         f"image = pipe({json.dumps(prompt)}).images[0]",
         "```",
@@ -89,6 +89,19 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         "",
     ]
     return _front_matter(run, record, trigger, samples) + "\n\n" + "\n".join(lines)
+
+
+def _loading_code(family: type[Family], base: str) -> list[str]:
+    """The card's lines that load the base as a user's GPU can run it: in the dtype its pipeline is meant for, and
+    moved to the GPU whole only where it fits one."""
+    load = f'AutoPipelineForText2Image.from_pretrained("{base}", torch_dtype=torch.{family.pipeline_dtype})'
+    if family.too_large_for_one_gpu is None:
+        return [f'pipe = {load}.to("cuda")']
+    return [
+        f"pipe = {load}",
+        f"# {family.too_large_for_one_gpu}: offload moves each part to the GPU when it works.",
+        "pipe.enable_model_cpu_offload()",
+    ]
 
 
 def _front_matter(run: RunFolder, record: TrainingRecord, trigger: str, samples: list[tuple[str, Path]]) -> str:

@@ -35,12 +35,15 @@ from lora_gui.base_models import (
     BaseModelPolicy,
     DownloadProgress,
     HubToken,
+    denoiser_parameters_on_disk,
     family_from_files,
+    fetch,
     load_pipeline,
 )
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
+from lora_gui.gpu_owner import GpuOwner
 from lora_gui.lora_files import detect, kohya_layout
 from lora_gui.lora_files.diffusers_layout import read_diffusers_lora
 from lora_gui.quantization import QUANTIZATIONS
@@ -72,19 +75,23 @@ class Generator:
         policy: BaseModelPolicy = ANY_BASE_MODEL,
     ) -> Generator:
         """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU, with its
-        denoiser quantized as `quantize` says ("auto": as little as lets it fit this GPU). A Hub model downloads
-        first, with `token` and its progress told to `on_progress` (see base_models.download)."""
-        device = torch.device("cuda" if devices.has_cuda() else "cpu")
+        denoiser quantized as `quantize` says (one of `quantization.GENERATE_CHOICES`; "auto": as little as lets it
+        fit this GPU, of what its format and this machine can run). A Hub model downloads first, with `token` and
+        its progress told to `on_progress` (see base_models.download)."""
+        card, device = devices.card(), devices.compute_device()
         precision = devices.resolve_precision(precision)
         devices.use_tensor_cores()
         if quantize == "auto":
+            # The choice needs the model's family and its own size, which its files tell once they are here: a Hub
+            # model downloads first (loading it then finds its files in the download cache).
+            fetch(base_model, token, on_progress, policy)
             quantize = _quantization_for_this_card(base_model, family, precision, policy)
+        quantization.check_available(quantize, on_cuda=devices.has_cuda())
         loaded_family, pipe = load_pipeline(
             base_model, family, devices.DTYPES[precision], quantize, token=token, on_progress=on_progress, policy=policy
         )
         with _out_of_memory_said_plainly("loading the model"):
-            card = (devices.gpu_memory_gb() or 0.0) * 2**30
-            if device.type == "cuda" and _weight_bytes(pipe) > 0.75 * card:
+            if card is not None and _weight_bytes(pipe) > 0.75 * card.memory_gb * 2**30:
                 # The whole model does not fit beside its work (Flux's T5 alone is 9.5 GB): each part comes to
                 # the GPU when the pipeline uses it, the text encoders to read the prompt, then the denoiser.
                 pipe.enable_model_cpu_offload(device=device)
@@ -101,20 +108,35 @@ class Generator:
         diffusers or this module can apply (DoRA, LoHa, LoKr). One that can't be applied raises LoraFileError
         naming its layout and why, and leaves no LoRA active.
         """
-        self._remove_weight_changes()
-        self.pipe.unload_lora_weights()
-        names, scales = [], []
-        try:
-            for index, (source, scale) in enumerate(loras):
-                if self._load_lora(resolve_lora_path(source, allow_pickle), f"lora{index}", float(scale)):
-                    names.append(f"lora{index}")
-                    scales.append(float(scale))
-        except LoraFileError:
+        with self._offload_hooks_set_aside():
             self._remove_weight_changes()
             self.pipe.unload_lora_weights()
-            raise
-        if names:
-            self.pipe.set_adapters(names, adapter_weights=scales)
+            names, scales = [], []
+            try:
+                for index, (source, scale) in enumerate(loras):
+                    if self._load_lora(resolve_lora_path(source, allow_pickle), f"lora{index}", float(scale)):
+                        names.append(f"lora{index}")
+                        scales.append(float(scale))
+            except LoraFileError:
+                self._remove_weight_changes()
+                self.pipe.unload_lora_weights()
+                raise
+            if names:
+                self.pipe.set_adapters(names, adapter_weights=scales)
+
+    @contextlib.contextmanager
+    def _offload_hooks_set_aside(self) -> Iterator[None]:
+        """An offloaded pipeline's hooks taken off while LoRAs load, and put back for this generator's device:
+        diffusers' loaders otherwise take them off and put them back themselves, for the first accelerator they
+        find (none on a CPU, which fails; the first GPU, which may not be the one this runs on)."""
+        offloaded = getattr(self.pipe.vae, "_hf_hook", None) is not None
+        if offloaded:
+            self.pipe.remove_all_hooks()
+        try:
+            yield
+        finally:
+            if offloaded:
+                self.pipe.enable_model_cpu_offload(device=self.device)
 
     def _load_lora(self, path: Path, name: str, strength: float) -> bool:
         """Put one LoRA file on the model, after checking it can mean what it says: as diffusers adapter `name`
@@ -223,7 +245,8 @@ class Generator:
         # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
         negative = {"negative_prompt": negative_prompt or None} if self.family.negative_prompt else {}
         with _out_of_memory_said_plainly("making the picture"):
-            with devices.autocast(self.device, self.precision):
+            text_encoders = self.family.text_encoders(self.pipe)
+            with devices.autocast(self.device, self.precision), devices.outside_autocast(*text_encoders):
                 latents = self.pipe(
                     prompt,
                     **negative,
@@ -280,18 +303,18 @@ def _is_diffusers_layout(path: Path) -> bool:
 
 
 def _quantization_for_this_card(base_model: str, family: str, precision: str, policy: BaseModelPolicy) -> str:
-    """On a GPU, the least quantization that lets the base model's denoiser fit it; none on a CPU, or for a
-    model whose family can't be told before loading it."""
+    """On a GPU, the least quantization that lets the base model's denoiser fit it, sized by the model's own files
+    (its family's published size where they can't tell); none on a CPU, or for a model whose family can't be told
+    before loading it."""
+    card = devices.card()
     family = family if family != "auto" else family_from_files(base_model, policy)
-    if not devices.has_cuda() or family is None:
+    if card is None or family is None:
         return "none"
-    weight_bytes = torch.finfo(devices.DTYPES[precision]).bits // 8
-    return quantization.for_card(denoiser_parameters(family), weight_bytes, devices.gpu_memory_gb() or 0.0)
-
-
-def _weight_bytes(pipe: DiffusionPipeline) -> int:
-    modules = [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]
-    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+    parameters = denoiser_parameters_on_disk(base_model, policy) or denoiser_parameters(family)
+    single_file = policy.looks_on_disk(base_model) and Path(base_model.strip()).expanduser().is_file()
+    return quantization.for_card(
+        parameters, devices.DTYPES[precision], card.memory_gb, on_cuda=devices.has_cuda(), single_file=single_file
+    )
 
 
 @torch.no_grad()
@@ -306,7 +329,7 @@ def decode(
     "latent"), and this undoes their scaling exactly as they would and decodes in full precision, as
     diffusers' training scripts do for their validation images."""
     vae, config = pipe.vae, pipe.vae.config
-    latents = family.latents_for_vae(pipe, latents, height, width).to(vae.device, vae.dtype)
+    latents = family.latents_for_vae(pipe, latents, height, width).to(execution_device(vae), vae.dtype)
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
@@ -318,6 +341,19 @@ def decode(
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, when its package is installed
         images = pipe.watermark.apply_watermark(images)
     return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def _weight_bytes(pipe: DiffusionPipeline) -> int:
+    """What the pipeline's weights take, quantized ones by what they store."""
+    parts = [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]
+    return sum(quantization.stored_bytes(part) for part in parts)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: where diffusers' CPU-offload hook will move it (it waits in CPU memory until then,
+    and the hook moves the module, not its inputs), else where its weights are."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(hook_device) if hook_device is not None else module.device
 
 
 @contextlib.contextmanager
@@ -339,50 +375,51 @@ def _out_of_memory_said_plainly(doing: str) -> Iterator[None]:
 class GeneratorCache:
     """The last base model loaded for generating, kept so the next click does not load it again.
 
-    A training run has the GPU first. Before a run starts, `release` waits for a picture being made
-    and frees the model (an SDXL pipeline is 7 GB, which a 12 GB card's run needs); while a run
-    trains on a GPU, `use` refuses to load one beside it, since either could then run out of memory."""
+    Training runs and captioning have the GPU first (`gpu`, gpu_owner.py). Before either starts, `release` waits
+    for a picture being made and frees the model (an SDXL pipeline is 7 GB, which a 12 GB card's run needs); while
+    either holds a GPU, `use` refuses to load one beside it, since any of them could then run out of memory."""
 
-    def __init__(self, gpu_taken_by: Callable[[], str | None] = lambda: None, policy: BaseModelPolicy = ANY_BASE_MODEL):
-        self._gpu_taken_by = gpu_taken_by  # the name of the run training now, if any
+    def __init__(self, gpu: GpuOwner | None = None, policy: BaseModelPolicy = ANY_BASE_MODEL):
+        self._gpu = gpu or GpuOwner()
+        self._gpu.generate_steps_aside = self.release
         self.policy = policy  # which base models may be loaded (a Space: Hub ids only)
         self._lock = threading.Lock()
-        self._loaded: tuple[str, Generator] | None = None
+        self._loaded: tuple[tuple[str, str], Generator] | None = None  # (base model, quantization asked for)
 
     @property
     def model(self) -> str | None:
         """The base model loaded now, if any."""
-        return self._loaded[0] if self._loaded else None
+        return self._loaded[0][0] if self._loaded else None
 
     @contextlib.contextmanager
     def use(
         self,
         base_model: str,
+        quantize: str = "auto",
         *,
         token: HubToken = None,
         on_progress: Callable[[DownloadProgress], None] | None = None,
     ) -> Iterator[Generator]:
-        """The loaded model for `base_model`, held for the block: a run waits for it to end before starting.
-        Loading it first downloads it (see `Generator.load`)."""
+        """The loaded model for `base_model` with its denoiser quantized as `quantize` says, held for the block: a
+        run waits for it to end before starting. Loading it first downloads it (see `Generator.load`)."""
         with self._lock:
-            run = self._gpu_taken_by() if devices.has_cuda() else None
-            if run is not None:
-                raise LoraGuiError(
-                    f"the run {run} is training on the GPU and needs its memory: Generate works again once it "
-                    "ends. Wait for it, or stop it in the Train tab (a stopped run keeps a usable LoRA)"
-                )
-            if self._loaded is None or self._loaded[0] != base_model:
+            refusal = self._gpu.claim_for_generate()
+            if refusal is not None:
+                raise LoraGuiError(refusal)
+            if self._loaded is None or self._loaded[0] != (base_model, quantize):
                 self._loaded = None  # free the old model before loading the next
                 devices.free_memory()
-                self._loaded = (
-                    base_model,
-                    Generator.load(base_model, token=token, on_progress=on_progress, policy=self.policy),
+                generator = Generator.load(
+                    base_model, quantize=quantize, token=token, on_progress=on_progress, policy=self.policy
                 )
+                self._loaded = ((base_model, quantize), generator)
             yield self._loaded[1]
 
     def release(self) -> str | None:
-        """Free the loaded model, once no picture is being made; says so if there was one."""
+        """Free the loaded model, once no picture is being made; says so if there was one. How Generate steps aside
+        when a run or captioning takes the GPU (gpu_owner.py)."""
         with self._lock:
+            self._gpu.generate_stepped_aside()
             if self._loaded is None:
                 return None
             self._loaded = None

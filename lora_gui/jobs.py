@@ -2,7 +2,8 @@
 
 A run belongs to the process, not to whoever started it: any browser tab (or a test) reads a
 job's state at any time, and closing the tab that pressed Start changes nothing. One worker means
-two runs can never fight over one GPU; a run submitted while another trains waits its turn.
+two runs can never fight over one GPU; a run submitted while another trains waits its turn. Captioning and the
+Generate tab share the GPU with the runs through `gpu_owner.GpuOwner`, which a run asks before it loads anything.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, DownloadProgre
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
+from lora_gui.gpu_owner import GpuOwner
 from lora_gui.owners import EVERYONE, LOCAL, Visitor, read_owner, write_owner
 from lora_gui.runs import (
     CANCELLED,
@@ -255,13 +256,11 @@ class Job:
 class JobManager:
     """Queues runs and trains them one at a time on a single worker thread.
 
-    `before_run` is called as each run starts, to free memory the run needs (the Generate tab's
-    model); a sentence it returns goes into the run's log."""
+    Each run takes its turn on the GPU from `gpu` before it loads anything: it waits for captioning there to end
+    and has the Generate tab's model unloaded, each said in its log (gpu_owner.py)."""
 
-    def __init__(
-        self, before_run: Callable[[], str | None] = lambda: None, model_policy: BaseModelPolicy = ANY_BASE_MODEL
-    ) -> None:
-        self.before_run = before_run
+    def __init__(self, gpu: GpuOwner | None = None, model_policy: BaseModelPolicy = ANY_BASE_MODEL) -> None:
+        self.gpu = gpu or GpuOwner()
         self.model_policy = model_policy  # which base models the runs may load (a Space: Hub ids only)
         self._jobs: dict[int, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -424,19 +423,25 @@ class JobManager:
             job.set_status(CANCELLED)
             return
         job.set_status(RUNNING)
+
+        def tell(text: str) -> None:
+            job.on_event(Event(events.MESSAGE, data={"text": text}))
+
         try:
-            freed = self.before_run()
-            if freed:
-                job.on_event(Event(events.MESSAGE, data={"text": freed}))
-            train(
-                job.config,
-                job.run.path,
-                resume=job.snapshot().resume,
-                on_event=job.on_event,
-                should_stop=job.stop_requested.is_set,
-                hub_token=hub_token,
-                model_policy=self.model_policy,
-            )
+            with self.gpu.run_turn(tell, should_stop=job.stop_requested.is_set) as has_the_gpu:
+                if not has_the_gpu:  # stopped while it waited: it never began, like a queued run stopped
+                    tell("Stopped while waiting for the GPU, before anything was trained")
+                    job.set_status(CANCELLED)
+                    return
+                train(
+                    job.config,
+                    job.run.path,
+                    resume=job.snapshot().resume,
+                    on_event=job.on_event,
+                    should_stop=job.stop_requested.is_set,
+                    hub_token=hub_token,
+                    model_policy=self.model_policy,
+                )
         except LoraGuiError as error:
             job.set_status(FAILED, str(error))
         except Exception as error:

@@ -9,11 +9,19 @@ CPU memory. Quantizing goes through diffusers' own `quantization_config`, as the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from lora_gui.errors import ConfigError
+
+# In fp16, int8 weights are scaled per group of this many inputs (fewer where a layer's inputs don't divide by it):
+# torchao multiplies by the raw int8 weights of a per-row layer before scaling the product, and in fp16 a sum of
+# thousands of products up to 127 times an activation overflows to inf (25% of a Flux-width layer's outputs: NaN
+# losses, black pictures). A grouped layer is unpacked to fp16 first, so its product is an ordinary fp16 one. bf16
+# has fp32's range: the faster per-row layer stays finite there.
+FP16_INT8_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -24,27 +32,48 @@ class Quantization:
     bytes_per_weight: float
     package: str  # the pip package that does it
     needs_cuda: bool
+    single_file: bool  # whether a single-file checkpoint can be loaded quantized this way (see `quantize_loaded`)
+
+    def weight_bytes(self, compute_dtype: torch.dtype) -> float:
+        """Bytes per quantized weight when the model computes in `compute_dtype`: fp16's int8 scales per group."""
+        if self.name == "int8" and compute_dtype == torch.float16:
+            return self.bytes_per_weight + 4 / FP16_INT8_GROUP  # an fp32 scale per group
+        return self.bytes_per_weight
 
 
 QUANTIZATIONS = {
-    "none": Quantization("none", "unquantized", 0.0, "", needs_cuda=False),
-    # torchao's int8 weights, one scale per output row: runs on any device, the CPU included.
-    "int8": Quantization("int8", "8-bit (int8, torchao)", 1.0, "torchao", needs_cuda=False),
+    "none": Quantization("none", "unquantized", 0.0, "", needs_cuda=False, single_file=True),
+    # torchao's int8 weights, one scale per output row (per group in fp16): runs on any device, the CPU included.
+    "int8": Quantization("int8", "8-bit (int8, torchao)", 1.0, "torchao", needs_cuda=False, single_file=True),
     # bitsandbytes' 4-bit NormalFloat in blocks of 64, with their scales quantized too ("double
     # quantization": 8 bits per block plus one fp32 per 256 blocks), as diffusers' Flux QLoRA write-up does.
-    "nf4": Quantization("nf4", "4-bit (NF4, bitsandbytes)", 0.5 + (8 / 64 + 32 / (64 * 256)) / 8, "bitsandbytes", True),
+    "nf4": Quantization(
+        "nf4", "4-bit (NF4, bitsandbytes)", 0.5 + (8 / 64 + 32 / (64 * 256)) / 8, "bitsandbytes", True, False
+    ),
 }
 
+# Generate's setting: a quantization, or "auto" (`for_card`'s choice for this GPU).
+GENERATE_CHOICES = ("auto", *QUANTIZATIONS)
 
-def for_card(denoiser_params: int, weight_bytes: int, card_gb: float) -> str:
+
+def for_card(
+    denoiser_params: int, compute_dtype: torch.dtype, card_gb: float, *, on_cuda: bool, single_file: bool
+) -> str:
     """The least quantization that leaves a denoiser of this size at most three quarters of the card, for
     generating: the rest is for the VAE's decoding and the denoiser's own work (Flux.1-dev: none on an 80 GB
-    card, int8 on 16 and 24 GB cards, nf4 on a 12 GB one)."""
-    for name, quantization in QUANTIZATIONS.items():
-        per_weight = quantization.bytes_per_weight or weight_bytes
+    card, int8 on 16 and 24 GB cards, nf4 on a 12 GB one). Only what this model's format and this machine can run
+    is chosen (NF4: bitsandbytes on NVIDIA GPUs, and never from a single file): where nothing fits, the least of
+    those, and the pipeline then moves its parts to the GPU in turn."""
+    usable = [
+        (name, quantization)
+        for name, quantization in QUANTIZATIONS.items()
+        if (on_cuda or not quantization.needs_cuda) and (quantization.single_file or not single_file)
+    ]
+    for name, quantization in usable:
+        per_weight = quantization.weight_bytes(compute_dtype) or torch.finfo(compute_dtype).bits // 8
         if denoiser_params * per_weight <= 0.75 * card_gb * 2**30:
             return name
-    return "nf4"
+    return usable[-1][0]
 
 
 def check_available(name: str, on_cuda: bool) -> None:
@@ -65,17 +94,17 @@ def check_available(name: str, on_cuda: bool) -> None:
             ) from None
 
 
-def pipeline_config(name: str, component: str, compute_dtype: torch.dtype):
-    """diffusers' `quantization_config` that loads `component` (the denoiser) quantized; None for "none"."""
+def pipeline_config(name: str, component: str, compute_dtype: torch.dtype, in_features: Iterable[int] = ()):
+    """diffusers' `quantization_config` that loads `component` (the denoiser) quantized; None for "none".
+    `in_features`: the widths of the denoiser's linear layers' inputs (its files tell them), which fp16's int8
+    groups must divide."""
     if name == "none":
         return None
     from diffusers import BitsAndBytesConfig, TorchAoConfig
     from diffusers.quantizers import PipelineQuantizationConfig
 
     if name == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        config = TorchAoConfig(Int8WeightOnlyConfig())
+        config = TorchAoConfig(_int8_config(compute_dtype, set(in_features)))
     else:
         config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -86,16 +115,29 @@ def pipeline_config(name: str, component: str, compute_dtype: torch.dtype):
     return PipelineQuantizationConfig(quant_mapping={component: config})
 
 
+def _int8_config(compute_dtype: torch.dtype, in_features: set[int]):
+    """torchao's int8 weight-only config: per output row in bf16 and fp32, in groups dividing every layer's inputs
+    in fp16 (see FP16_INT8_GROUP)."""
+    from torchao.quantization import Int8WeightOnlyConfig, PerGroup
+
+    if compute_dtype != torch.float16:
+        return Int8WeightOnlyConfig()
+    group = FP16_INT8_GROUP
+    while group > 1 and any(width % group for width in in_features):
+        group //= 2
+    return Int8WeightOnlyConfig(granularity=PerGroup(group))
+
+
 def check_single_file(name: str) -> None:
     """Raise ConfigError, before anything loads, for a quantization `quantize_loaded` can't do."""
-    if name not in ("none", "int8"):
+    if not QUANTIZATIONS[name].single_file:
         raise ConfigError(
             f"quantize_base {name} can't be used with a single-file checkpoint: choose int8, or load the model "
             "from its diffusers folder or Hub id, which nf4 works with"
         )
 
 
-def quantize_loaded(model: torch.nn.Module, name: str) -> torch.nn.Module:
+def quantize_loaded(model: torch.nn.Module, name: str, compute_dtype: torch.dtype) -> torch.nn.Module:
     """Quantize a denoiser loaded from a single-file checkpoint, in place.
 
     diffusers' `from_single_file` takes a `quantization_config` but treats the file's weights as already
@@ -106,10 +148,24 @@ def quantize_loaded(model: torch.nn.Module, name: str) -> torch.nn.Module:
     check_single_file(name)
     if name == "none":
         return model
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import quantize_
 
-    quantize_(model, Int8WeightOnlyConfig())
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    quantize_(model, _int8_config(compute_dtype, {layer.in_features for layer in linears}))
     return model
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """The bytes a module's weights really take: a quantized tensor by what it stores (torchao's int8 data and
+    scales; bitsandbytes' packed bytes), not by the dtype it computes in, which counts an int8 weight as 2 bytes."""
+    return sum(_tensor_bytes(tensor) for tensor in (*module.parameters(), *module.buffers()))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (torchao's): the tensors it is made of
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def _quiet_import(package: str) -> None:

@@ -64,10 +64,10 @@ class Card:
     @classmethod
     def here(cls) -> Card:
         """This machine's GPU, or the assumed card where there is none."""
-        total = devices.gpu_memory_gb()
-        if total is None:
+        gpu = devices.card()
+        if gpu is None:
             return ASSUMED_CARD
-        return cls(int(total * 2**30), devices.native_bf16())
+        return cls(int(gpu.memory_gb * 2**30), gpu.bf16)
 
     def describe(self) -> str:
         if self.assumed:

@@ -436,7 +436,7 @@ def _build_caches(
             raise Stopped
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
-    arriving = sum(p.numel() * p.element_size() for p in family.denoiser(pipe).parameters())
+    arriving = quantization.stored_bytes(family.denoiser(pipe))  # an int8 weight is one byte, not its dtype's two
     latents = cache_latents(pipe.vae, examples, buckets, config.random_flip, accelerator.device, progress, arriving)
     # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
     # out, and `latents.skipped` says why.
@@ -452,7 +452,7 @@ def _build_caches(
     else:
         with offload.borrowed(*family.text_encoders(pipe)):  # and the empty caption, for dropout
             text = TextConditioning(pipe, family, accelerator.device, [*captions, ""])
-            with torch.no_grad(), devices.autocast(accelerator.device, accelerator.mixed_precision):
+            with torch.no_grad():  # without autocast, as the captions were (see devices.outside_autocast)
                 prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
     order = data.BatchOrder(buckets, config.batch_size, config.seed, held_out)

@@ -4,10 +4,13 @@
 #
 # Before the call, here: `bash scripts/gpu_wheels.sh` (fills .whl/ with what that machine lacks).
 # The call: run `bash scripts/gpu_bench.sh` with carry [".whl"] and timeout_s 600. First the smoke
-# checks (scripts/gpu_smoke.py: train, previews and Generate in bf16 and fp16, at most 4 minutes),
-# then the benchmark rows, most important first. It starts no new row when fewer than 4 minutes of
-# its 9 are left, so it always returns what it measured, in five files (the device tool brings back
-# at most eight): $OUT/gpu.txt (the machine and versions), smoke.txt (one line per check),
+# checks (scripts/gpu_smoke.py: train, previews and Generate in bf16 and fp16 for each tiny model, then
+# the card rows: the GPU capped to 12, 16 and 24 GB as a bf16 and an fp16-only card, Flux trained with
+# that card's preset and Generate with quantize "auto"; at most 4 minutes: it starts no check its own
+# budget of 230 s can't finish, and says SKIP), then the benchmark rows, most important first. It
+# starts no new row when fewer than 4 minutes of its 9 are left, so it always returns what it
+# measured, in five files (the device tool brings back at most eight): $OUT/gpu.txt (the machine and
+# versions), smoke.txt (one PASS / FAIL / SKIP line per check, with each part's time after a #),
 # results.txt (every row's table), results.json (every row's numbers) and logs.txt (stderr).
 # BENCH_ROWS='flux-*' (a pattern of row names) runs only the rows it matches, without the smoke checks: the
 # Flux rows come last, so a call that runs everything rarely reaches them.
@@ -26,7 +29,8 @@ python3 -c "import torch, diffusers, transformers, peft, regex; print(torch.__ve
 work=/tmp/bench-work
 rows=/tmp/bench-rows
 mkdir -p "$rows"
-# The smoke checks write the real SD 1.5 architecture into $work, where the rows below find it.
+# The smoke checks write the real SD 1.5 architecture and the shallow Flux into $work (as far as their
+# time allows), where the rows below find them.
 if [ -z "${BENCH_ROWS:-}" ]; then
   timeout 240 python3 scripts/gpu_smoke.py --workdir "$work" 2>>"$out/logs.txt" | tee "$out/smoke.txt"
 else

@@ -215,6 +215,47 @@ def download_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "hub"
 
 
+@pytest.fixture
+def card(monkeypatch) -> Callable[..., object]:
+    """Put a GPU of `memory_gb`, computing bf16 or only fp16, under the engine, on the CPU's kernels: every choice a
+    card makes (precision, quantization, offloading, who has the GPU) is made as on that card, and runs here.
+
+    `posing_as` (a family) makes a tiny model of that family weigh what the family's published one weighs, for the
+    choices that read a model's size (Generate's quantization and offloading): each part's bytes per parameter as
+    loaded here, times the published part's parameters."""
+    import torch
+
+    from lora_gui import devices, infer, quantization
+    from lora_gui.estimate import denoiser_parameters
+    from lora_gui.families import get_family
+
+    def install(memory_gb: float, bf16: bool = True, posing_as: str | None = None) -> devices.Card:
+        gpu = devices.Card(memory_gb, bf16, torch.device("cpu"))
+        monkeypatch.setattr(devices, "card", lambda: gpu)
+        if posing_as is not None:
+            family = get_family(posing_as)
+            published = {
+                family.denoiser_name: denoiser_parameters(posing_as),
+                **dict.fromkeys(family.text_encoder_names, family.text_encoder_params / len(family.text_encoder_names)),
+                "vae": family.vae_params,
+            }
+
+            def full_size_bytes(pipe) -> float:
+                parts = {name: getattr(pipe, name) for name in published}
+                return sum(
+                    quantization.stored_bytes(part) / sum(p.numel() for p in part.parameters()) * published[name]
+                    for name, part in parts.items()
+                )
+
+            monkeypatch.setattr(
+                infer, "denoiser_parameters_on_disk", lambda *args, **kwargs: published[family.denoiser_name]
+            )
+            monkeypatch.setattr(infer, "_weight_bytes", full_size_bytes)
+        return gpu
+
+    return install
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Every module the tests import is loaded now, and stays: leave those objects out of later garbage collections,
     as the app does once it has started (each run's end collects, and would otherwise walk all of them)."""

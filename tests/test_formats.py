@@ -381,6 +381,32 @@ def test_the_model_card_carries_what_the_hub_reads(trained, tmp_path):
     assert front_matter(write_model_card(RunFolder(copy)))["base_model"] == "someone/base-model"
 
 
+def card_code(run: Path) -> str:
+    """The Python block of a run's model card, which must compile as a user pastes it."""
+    body = (run / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", body, re.DOTALL)
+    assert code, "the card shows how to use the LoRA with diffusers"
+    compile(code[1], "README.md", "exec")
+    return code[1]
+
+
+def test_an_sd15_cards_code_loads_the_base_in_fp16_on_the_gpu(trained):
+    code = card_code(trained.run)
+    assert "torch_dtype=torch.float16" in code and '.to("cuda")' in code
+    assert "enable_model_cpu_offload" not in code, "SD 1.5 in fp16 (about 2 GB) fits any GPU whole"
+
+
+def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_common_gpu_holds(trained_family):
+    code = card_code(trained_family.run)
+    if trained_family.family == "flux":
+        assert "torch_dtype=torch.bfloat16" in code and "pipe.enable_model_cpu_offload()" in code
+        assert "torch.float16" not in code and '.to("cuda")' not in code
+        assert re.search(r"^# .*33 GB", code, re.MULTILINE), "a comment says why it offloads"
+    else:
+        assert "torch_dtype=torch.float16" in code and '.to("cuda")' in code
+        assert "enable_model_cpu_offload" not in code
+
+
 def test_push_uploads_the_lora_files_card_and_previews_and_never_stores_the_token(
     trained, fake_hub, monkeypatch, capsys, caplog
 ):

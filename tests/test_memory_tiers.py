@@ -151,5 +151,7 @@ def test_generate_stores_the_denoiser_in_as_few_bits_as_the_card_needs_and_no_fe
 
     flux = denoiser_parameters("flux")
     assert 11.5e9 < flux < 12.5e9, "Flux.1's transformer: 11.9 billion parameters"
-    assert [for_card(flux, 2, card_gb) for card_gb in (80, 24, 16, 12)] == ["none", "int8", "int8", "nf4"]
-    assert for_card(denoiser_parameters("sdxl"), 2, 8) == "none", "SDXL's UNet fits an 8 GB card as it is"
+    on_a_gpu = dict(on_cuda=True, single_file=False)
+    chosen = [for_card(flux, torch.bfloat16, card_gb, **on_a_gpu) for card_gb in (80, 24, 16, 12)]
+    assert chosen == ["none", "int8", "int8", "nf4"]
+    assert for_card(denoiser_parameters("sdxl"), torch.bfloat16, 8, **on_a_gpu) == "none", "SDXL's UNet fits 8 GB"

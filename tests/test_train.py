@@ -29,6 +29,7 @@ from lora_gui import events, objectives
 from lora_gui import train as train_module
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
+from lora_gui.demo import DEMO_PRESET
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.lora_files.export import export_run
 from lora_gui.train import train
@@ -464,6 +465,30 @@ def test_a_new_run_never_overwrites_a_finished_one(tiny_model, photos, tmp_path)
     with pytest.raises(LoraGuiError, match="already holds a run"):
         train(config.replace(rank=8), tmp_path / "run")
     assert (tmp_path / "run/pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+def test_a_channels_last_run_with_a_lora_on_conv_layers_saves_every_file_and_resumes(tiny_model, photos, tmp_path):
+    # channels_last lays a conv LoRA's weights out non-contiguously, which safetensors refuses to write.
+    targets = load_preset(DEMO_PRESET).target_modules
+    assert {"conv1", "conv2"} <= set(targets), "the demo preset adapts the ResNet convolutions"
+    config = quick_config(
+        tiny_model, photos, max_steps=2, checkpoint_every=1, channels_last=True, target_modules=targets
+    )
+    run, seen = tmp_path / "run", []
+    train(config, run, on_event=seen.append, should_stop=lambda: any(e.kind == events.STEP for e in seen))
+    assert seen[-1].kind == events.STOPPED, [e.data for e in seen if e.kind == events.FAILED]
+
+    checkpoint = run / "checkpoints/step-1/pytorch_lora_weights.safetensors"
+    for saved in (run / "pytorch_lora_weights.safetensors", run / "run.safetensors", checkpoint):
+        tensors = load_file(saved)
+        assert tensors and all(tensor.numel() for tensor in tensors.values()), saved.name
+        assert any("conv1" in key for key in tensors), f"{saved.name} holds the conv layers' LoRA"
+
+    resumed = []
+    train(config, run, resume=True, on_event=resumed.append)
+    assert resumed[-1].kind == events.FINISHED and resumed[-1].step == 2
+    assert [e.step for e in resumed if e.kind == events.STEP] == [2]
+    assert load_file(run / "run.safetensors"), "the finished run's kohya file"
 
 
 @pytest.mark.parametrize(("family", "velocity"), [("sd15", False), ("sd2", True), ("sdxl", False)])

@@ -27,6 +27,7 @@ from lora_gui.base_models import DownloadProgress
 from lora_gui.captioning import Captioner, load_captioner
 from lora_gui.data import Skipped
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
+from lora_gui.gpu_owner import GpuOwner
 
 log = logging.getLogger(__name__)
 
@@ -159,33 +160,39 @@ def caption_in_background(
     folder: Path,
     *,
     should_stop: Callable[[], bool],
+    gpu: GpuOwner,
     overwrite: bool = False,
     prefix: str = "",
     **load: object,
 ) -> Iterator[str | DownloadProgress | tuple[str, str] | CaptionPass | LoraGuiError]:
-    """A captioning pass run on a thread of its own, told as it goes: its download's progress, where the
-    captioner runs (a sentence), each caption written as (relpath, caption), and last what the pass did, or the
-    error that ended it. `load` is handed to `load_captioner`. The captioner's memory is freed at the end."""
+    """A captioning pass run on a thread of its own, told as it goes: why it runs on the processor where a run has
+    the GPU (a sentence), its download's progress, where the captioner runs (a sentence), each caption written as
+    (relpath, caption), and last what the pass did, or the error that ended it. The captioner loads where `gpu`
+    gives the pass its turn, which it holds until its memory is freed at the end; `load` is handed to
+    `load_captioner`."""
     told: queue.Queue[object] = queue.Queue()
     ended = object()
 
     def work() -> None:
         try:
-            captioner = load_captioner(name, on_progress=told.put, **load)
-            try:
-                told.put(f"Captioning on {captioner.runs_on}…")
-                told.put(
-                    caption_folder(
-                        folder,
-                        captioner,
-                        overwrite=overwrite,
-                        prefix=prefix,
-                        on_caption=lambda relpath, caption: told.put((relpath, caption)),
-                        should_stop=should_stop,
+            with gpu.captioning_turn() as turn:
+                if turn.why:
+                    told.put(turn.why)
+                captioner = load_captioner(name, device=turn.device, on_progress=told.put, **load)
+                try:
+                    told.put(f"Captioning on {captioner.runs_on}…")
+                    told.put(
+                        caption_folder(
+                            folder,
+                            captioner,
+                            overwrite=overwrite,
+                            prefix=prefix,
+                            on_caption=lambda relpath, caption: told.put((relpath, caption)),
+                            should_stop=should_stop,
+                        )
                     )
-                )
-            finally:
-                captioner.close()
+                finally:
+                    captioner.close()
         except LoraGuiError as error:
             told.put(error)
         except Exception as error:  # a bug or a broken model: said, rather than the page waiting forever

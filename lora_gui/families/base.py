@@ -67,6 +67,9 @@ class Family:
     text_width: ClassVar[int]
     # Parameters of the published text encoders and VAE, for the memory estimate.
     text_encoder_params: ClassVar[float]
+    # Of those, the ones transformers keeps in fp32 when the rest loads in fp16 (T5's `wo` layers, which overflow
+    # fp16): 2 bytes more each under fp16.
+    text_encoder_fp32_params: ClassVar[float] = 0
     vae_params: ClassVar[float] = 84e6
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
@@ -75,6 +78,11 @@ class Family:
     default_steps: ClassVar[int] = 25
     default_guidance: ClassVar[float] = 7.0
     negative_prompt: ClassVar[bool] = True
+    # What the model card's code runs the base in: the torch dtype its pipeline is meant for, and, for a pipeline
+    # too large for a common GPU, the sentence saying why (the card's code then offloads it part by part instead of
+    # moving it whole).
+    pipeline_dtype: ClassVar[str] = "float16"
+    too_large_for_one_gpu: ClassVar[str | None] = None
 
     # ---- telling a model's family ---------------------------------------------------------------
     @classmethod

@@ -143,6 +143,7 @@ class Flux1(Family):
     checkpoint_signatures = ("double_blocks.", "model.diffusion_model.double_blocks.", "diffusion_model.double_blocks.")
     text_width = 4096  # T5-XXL's
     text_encoder_params = 123e6 + 4.76e9
+    text_encoder_fp32_params = 24 * 4096 * 10240  # T5-XXL's 24 `wo` layers: 1.9 GB more in fp16
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
             num_layers=1,
@@ -162,6 +163,9 @@ class Flux1(Family):
     default_steps = 28
     default_guidance = 3.5
     negative_prompt = False
+    pipeline_dtype = "bfloat16"  # what Black Forest Labs trained and publish it in
+    # In bf16, the transformer's 12 B parameters and T5-XXL's 4.7 B: more than a 24 GB card holds.
+    too_large_for_one_gpu = "The whole of Flux.1 is ~33 GB"
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

@@ -72,9 +72,9 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, 
     """The whole page. The JobManager (given, or made here) is what every visitor's tab reads; `users`: the --auth
     user names, each of whom sees only their own runs when there are several."""
     jobs = jobs or JobManager()
-    # Training has the GPU first: Generate waits while a run trains, and its model leaves when one starts.
-    generators = GeneratorCache(gpu_taken_by=jobs.training_now)
-    jobs.before_run = generators.release
+    # One user of the GPU at a time (gpu_owner.py): a run waits for captioning there, and Generate's model leaves
+    # when a run or captioning takes it; Generate waits while either holds it.
+    generators = GeneratorCache(gpu=jobs.gpu)
     for name in record_interrupted(runs_dir, is_live=lambda path: jobs.live_status(path) is not None):
         log.warning("Run %s was left unfinished when the app last stopped; it is marked interrupted", name)
     ctx = Ctx(

@@ -325,25 +325,25 @@ class Ctx:
     ) -> Iterator[Any]:
         """A captioning pass over a visitor's pictures with the captioner chosen, told as it goes (see
         captioning.folder.caption_in_background), first why it runs on the processor if a run has the GPU."""
-        name, load, why = self._captioner(choice, visitor)
-        if why:
-            yield why
+        name, load = self._captioner(choice, visitor)
         yield from caption_in_background(
-            name, folder, overwrite=overwrite, prefix=prefix, should_stop=should_stop, **load
+            name, folder, overwrite=overwrite, prefix=prefix, should_stop=should_stop, gpu=self.jobs.gpu, **load
         )
 
     def caption_picture(self, choice: str, picture: Path, visitor: Visitor) -> str:
-        """One picture's caption by the captioner chosen, which is loaded for it and freed after."""
-        name, load, _ = self._captioner(choice, visitor)
+        """One picture's caption by the captioner chosen, which is loaded for it and freed after: on the GPU when
+        it is captioning's to take (gpu_owner.py), else on the processor."""
+        name, load = self._captioner(choice, visitor)
         try:
             image = open_image(picture, draft_side=DRAFT_SIDE)
         except UnusableImage as problem:
             raise DataError(f"{picture.name} can't be captioned: {problem}") from None
-        captioner = load_captioner(name, **load)
-        try:
-            return captioner.caption([image])[0]
-        finally:
-            captioner.close()
+        with self.jobs.gpu.captioning_turn() as turn:
+            captioner = load_captioner(name, device=turn.device, **load)
+            try:
+                return captioner.caption([image])[0]
+            finally:
+                captioner.close()
 
     def caption_stop(self, session: str, create: bool = True) -> threading.Event:
         """The Stop of a staging folder's captioning: a fresh one for each pass."""
@@ -351,15 +351,11 @@ class Ctx:
             self._caption_stops[session] = threading.Event()
         return self._caption_stops[session]
 
-    def _captioner(self, choice: str, visitor: Visitor) -> tuple[str, dict[str, Any], str]:
-        """The registry name, how to load it, and why it runs on the processor where a run holds the GPU: a training
-        run keeps the GPU to itself."""
-        training = self.has_cuda and self.jobs.training_now() is not None
-        device = "cuda" if self.has_cuda and not training else "cpu"
-        why = "A run is training on the GPU, so captioning runs on the processor (slower)." if training else ""
+    def _captioner(self, choice: str, visitor: Visitor) -> tuple[str, dict[str, Any]]:
+        """The registry name and how to load it, but for the device: the GPU's owner gives that for each pass."""
         if choice == TINY_CAPTIONER:
-            return "wd-tagger", {"source": ensure_tiny_captioner(self.runs_dir / MODELS_FOLDER / "tiny-wd-tagger")}, why
-        return choice, {"device": device, "token": self.hub_token(None, visitor)}, why
+            return "wd-tagger", {"source": ensure_tiny_captioner(self.runs_dir / MODELS_FOLDER / "tiny-wd-tagger")}
+        return choice, {"token": self.hub_token(None, visitor)}
 
     # ---- the GPU ------------------------------------------------------------------------------
     def gpu_tflops(self) -> float | None:

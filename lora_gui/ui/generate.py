@@ -22,6 +22,7 @@ from lora_gui.demo import DEMO_RESOLUTION
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.owners import Visitor
+from lora_gui.quantization import GENERATE_CHOICES
 from lora_gui.runs import TrainingRecord
 from lora_gui.ui.common import (
     TINY_CHOICE,
@@ -113,6 +114,13 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             label="Size (pixels)",
             info="Width and height; picking a run or a base model fills it in.",
         )
+    c["gen_quantize"] = gr.Dropdown(
+        choices=list(GENERATE_CHOICES),
+        value="auto",
+        label="Store the model in fewer bits",
+        info="auto: only as much as this GPU needs to fit the model. int8 halves its memory; nf4 quarters it "
+        "(NVIDIA GPUs, not from a single .safetensors file); none keeps it exact.",
+    )
     c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
     c["gen_notice"] = gr.HTML()
     with gr.Row():
@@ -172,6 +180,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
             "gen_steps",
             "guidance",
             "size",
+            "gen_quantize",
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
@@ -297,6 +306,7 @@ def generate(
     guidance: float,
     size: float,
     gen_hf_token: str | None = None,
+    gen_quantize: str = "auto",
     progress: gr.Progress | None = None,
     **rows: Any,
 ) -> dict[str, Any]:
@@ -308,6 +318,8 @@ def generate(
             raise LoraGuiError("type a prompt first: describe the picture you want")
         if not size or not 64 <= size <= 2048:
             raise LoraGuiError("the size must be between 64 and 2048 pixels")
+        if gen_quantize not in GENERATE_CHOICES:
+            raise LoraGuiError(f"Store the model in fewer bits must be one of {', '.join(GENERATE_CHOICES)}")
         settings = dict(
             prompt=prompt,
             negative_prompt=negative_prompt or "",
@@ -320,7 +332,7 @@ def generate(
         token = ctx.hub_token(gen_hf_token, visitor)
         model = ctx.resolve_base_model(gen_base_model, token)
         show = download_shower(progress) if progress is not None else None
-        with ctx.generators.use(model, token=token, on_progress=show) as generator:
+        with ctx.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
             with_lora = generator(**settings)

@@ -61,12 +61,6 @@ def compute_device() -> torch.device:
     return gpu.device if gpu else torch.device("cpu")
 
 
-def native_bf16() -> bool:
-    """Whether the GPU computes bf16 itself (see `Card`)."""
-    gpu = card()
-    return gpu is not None and gpu.bf16
-
-
 def resolve_precision(setting: str) -> str:
     """What a mixed-precision setting means on this machine: "no", "fp16" or "bf16"."""
     gpu = card()

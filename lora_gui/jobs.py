@@ -354,11 +354,6 @@ class JobManager:
         """How many of `owner`'s runs are queued or training."""
         return sum(1 for job in self.jobs() if job.owner == owner and not job.done.is_set())
 
-    def training_now(self) -> str | None:
-        """The name of the run being trained right now, if any."""
-        job = self.active()
-        return job.run.name if job is not None and job.snapshot().status == RUNNING else None
-
     def active(self) -> Job | None:
         """The job training now, else the next queued one."""
         waiting = [job for job in self.jobs() if not job.done.is_set()]

@@ -1,12 +1,13 @@
 """The first thing to run on a GPU machine: does every CUDA path of the engine work, on the cards people have?
 
-Two kinds of rows, most important first, each one line per check, PASS or FAIL with what was measured (exit
-status 1 if any failed):
+Two kinds of rows, run most important first (the order is under "Time on an H100"), one line per check: PASS or
+FAIL with what was measured or why (exit status 1 if any failed), SKIP for a part its time did not allow:
 
 - model rows (`--models`): for each model and precision, train a few steps with previews along the way, then
   Generate once with the LoRA, and check what came out: the run used the GPU in that precision, the losses and
   the LoRA are finite, and the pictures (previews and Generate's) are pictures, not one flat colour (NaN latents
-  decode to black).
+  decode to black). The tiny Flux with an int8 or NF4 base (tiny-flux-int8, tiny-flux-nf4) only when named: the
+  card rows train those bases.
 - card rows (`--cards 12,16,24`, on by default): the one large GPU made into smaller cards. For each size, as a
   card that computes bf16 and as one that computes fp16 only (an RTX 20xx, a T4), the process's memory is capped
   to that size (torch.cuda.set_per_process_memory_fraction) and the engine sees that card (`devices.card` returns
@@ -37,11 +38,14 @@ a part starts only if its estimate fits in what is left of `--budget` (230 s fro
 scripts/gpu_bench.sh's `timeout 240`); one that doesn't prints `SKIP <name>: ...`, which is not a failure.
 
 usage: PYTHONPATH=. python scripts/gpu_smoke.py [--workdir DIR] [--models tiny-sd15,...,sd15] [--cards 12,16,24]
-       [--card-models tiny-flux,flux-shallow] [--budget SECONDS] [--cpu]
+       [--card-models tiny-flux,flux-shallow] [--card-precisions bf16,fp16] [--budget SECONDS] [--cpu]
+(`--models ''` or `--cards ''`: none of those rows.)
 
 --cpu tries the script itself on a machine without a GPU: the GPU's precisions on the CPU's kernels, as the
 tests' card matrix runs them (every card's device is the CPU, with no memory cap; the model rows see an 80 GB
-bf16 card), with no time budget unless one is given; rows that need bitsandbytes' NF4 (CUDA only) are skipped.
+bf16 card), with no time budget unless one is given. Rows that need bitsandbytes' NF4 (CUDA only) are skipped;
+the card rows use the tiny Flux alone unless --card-models says otherwise (a shallow Flux row took over 15
+minutes on a 2-core CPU: it has no native bf16 or fp16 kernels).
 """
 
 from __future__ import annotations
@@ -252,7 +256,7 @@ def folder_parameters(folder: Path) -> dict[str, int]:
         files = sorted(part.glob("*.safetensors")) if part.is_dir() else []
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
-                shapes = [handle.get_slice(name).get_shape() for name in handle.keys()]  # noqa: SIM118
+                shapes = [handle.get_slice(name).get_shape() for name in handle.keys()]  # noqa: SIM118 (no dict)
             counts[part.name] = counts.get(part.name, 0) + sum(math.prod(shape) for shape in shapes)
     return counts
 
@@ -283,12 +287,12 @@ class FluxDevSize:
         return sum(self.part_bytes(n, p) for n, p in pipe.components.items() if isinstance(p, torch.nn.Module))
 
     @contextlib.contextmanager
-    def told_to_generate(self, offload: bool = True) -> Iterator[None]:
-        """Generate measures the model as Flux.1-dev; with `offload` False, only its denoiser (which quantization),
-        not the whole pipeline (whether it offloads)."""
-        measures = {"denoiser_parameters_on_disk": lambda base_model, policy=None: self.published[self.denoiser]}
-        if offload:
-            measures["_weight_bytes"] = lambda pipe: int(self.pipeline_bytes(pipe))
+    def told_to_generate(self) -> Iterator[None]:
+        """Generate measures the model as Flux.1-dev for the block (the engine's own measures are put back after)."""
+        measures = {
+            "denoiser_parameters_on_disk": lambda base_model, policy=None: self.published[self.denoiser],
+            "_weight_bytes": lambda pipe: int(self.pipeline_bytes(pipe)),
+        }
         missing = [name for name in measures if not callable(getattr(infer, name, None))]
         if missing:
             raise AssertionError(
@@ -385,37 +389,36 @@ def card_row(size_gb: float, bf16: bool, model: str, workdir: Path) -> None:
 
         def generate() -> str:
             devices.reset_peak_memory()
-            # On a CPU card, model offload is not tried: diffusers' LoRA loading turns it back on for an accelerator
-            # only ("`enable_model_cpu_offload` requires accelerator"), so with a CPU card it fails there.
-            with size.told_to_generate(offload=DEVICE == "cuda"):
+            with size.told_to_generate():
                 generator = Generator.load(str(folder), precision="auto", quantize="auto")
-            try:  # a failed check frees the model too, before the next row's cap
-                pipe = generator.pipe
-                denoiser = generator.family.denoiser(pipe)
-                offloaded, where = placement(pipe)
-                denoiser_gb = size.part_bytes(generator.family.denoiser_name, denoiser) / 2**30
-                all_gb = size.pipeline_bytes(pipe) / 2**30
-                title = generator.family.denoiser_title
-                as_flux = f"as Flux.1-dev: {denoiser_gb:.1f} GB {title}, {all_gb:.1f} GB in all"
-                if generator.precision != precision:
-                    raise AssertionError(f"Generate computes in {generator.precision} on a {card.describe()}")
-                if denoiser_gb > card.memory_gb:
-                    raise AssertionError(f"{stored_as(denoiser)} leaves no room on the card ({as_flux})")
-                if DEVICE != "cuda":
-                    where += ", offload not tried on a CPU card"
-                elif all_gb > card.memory_gb and not offloaded:
-                    raise AssertionError(f"{where}, but it does not fit the card ({as_flux})")
-                generator.set_loras([(run, 1.0)])
-                image = generator("a photo of a red circle", steps=4, width=64, height=64)
-                return (
-                    f"{stored_as(denoiser)} {generator.family.denoiser_title} in {generator.precision}, {where}; "
-                    f"{as_flux}; {picture_stats(image)}; {peak_within(card.memory_gb)}"
-                )
-            finally:
+            try:
+                return generated_on_card(generator, card, precision, size, run) + f"; {peak_within(card.memory_gb)}"
+            finally:  # a failed check frees the model too, before the next row's cap
                 del generator
                 devices.free_memory()
 
         check(f"{label} generate", generate)
+
+
+def generated_on_card(generator: Generator, card: devices.Card, precision: str, size: FluxDevSize, run: Path) -> str:
+    """Check what Generate chose for a card, make a picture with the LoRA on, and say what it measured."""
+    pipe, family = generator.pipe, generator.family
+    denoiser = family.denoiser(pipe)
+    offloaded, where = placement(pipe)
+    denoiser_gb = size.part_bytes(family.denoiser_name, denoiser) / 2**30
+    all_gb = size.pipeline_bytes(pipe) / 2**30
+    as_flux = f"as Flux.1-dev: {denoiser_gb:.1f} GB {family.denoiser_title}, {all_gb:.1f} GB in all"
+    if generator.precision != precision:
+        raise AssertionError(f"Generate computes in {generator.precision} on a {card.describe()}")
+    if denoiser_gb > card.memory_gb:  # it must fit whole, when its turn comes
+        raise AssertionError(f"a {stored_as(denoiser)} {family.denoiser_title} can't fit the card ({as_flux})")
+    if all_gb > card.memory_gb and not offloaded:
+        raise AssertionError(f"{where}, but it does not all fit the card ({as_flux})")
+    generator.set_loras([(run, 1.0)])
+    image = generator("a photo of a red circle", steps=4, width=64, height=64)
+    return f"{stored_as(denoiser)} {family.denoiser_title} in {generator.precision}, {where}; {as_flux}; " + (
+        picture_stats(image)
+    )
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------
@@ -453,7 +456,7 @@ def plan(
                 continue
             for bf16 in sorted(card_bf16, reverse=not shallow):  # bf16 first, but at full width fp16 is the risk
                 needs = SECONDS["card-shallow" if shallow else "card-tiny"]
-                if shallow and first and not rows:
+                if shallow and first and not any(row.seconds for row in rows):  # the first writes the model
                     needs += SECONDS["shallow-write"]
                 name = f"card-{size:g}gb-{'bf16' if bf16 else 'fp16'} {model}"
                 rows.append(Part(name, needs, lambda s=size, b=bf16: card_row(s, b, model, workdir)))
@@ -518,10 +521,17 @@ def main() -> int:
     for part in plan(models, cards, card_models, card_bf16, workdir):
         left = budget - seconds_running()
         if part.seconds > left:
-            skip(part.name, f"needs about {part.seconds:.0f} s on an H100, {left:.0f} s of the {budget:.0f} s left")
+            needs = f"needs about {part.seconds:.0f} s on an H100"
+            skip(part.name, f"{needs}, {left:.0f} s left of the {budget:.0f} s budget")
             continue
         started = time.perf_counter()
-        part.run()
+        try:
+            part.run()
+        except Exception as error:  # its model or pictures could not be written: the next parts still run
+            failures.append(part.name)
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            print(f"FAIL {part.name}: {type(error).__name__}: {first_line}", flush=True)
+            traceback.print_exc(file=sys.stderr)
         if part.seconds:
             print(f"# {part.name}: {time.perf_counter() - started:.1f} s", flush=True)
     took = f"{seconds_running():.0f} s"

@@ -115,12 +115,13 @@ def test_gpu_precision_runs(tiny_florence: Path, monkeypatch):
 
 def test_precision_follows_the_device(monkeypatch):
     assert florence._dtype_for("cpu") == torch.float32
-    monkeypatch.setattr(devices, "has_cuda", lambda: True)
     for computes_bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
-        monkeypatch.setattr(devices, "native_bf16", lambda computes_bf16=computes_bf16: computes_bf16)
+        gpu = devices.Card(12, computes_bf16, torch.device("cuda"))
+        monkeypatch.setattr(devices, "card", lambda gpu=gpu: gpu)
         assert florence._dtype_for("cuda") == dtype
         assert florence._dtype_for("cuda:0") == dtype
-    monkeypatch.setattr(devices, "has_cuda", lambda: False)
+        assert florence._dtype_for("cpu") == torch.float32, "moved to the CPU while a run trains: fp32 there"
+    monkeypatch.setattr(devices, "card", lambda: None)
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         florence._dtype_for("cuda")
 

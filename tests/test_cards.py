@@ -16,6 +16,7 @@ from conftest import in_download_cache, quick_config
 from diffusers import AutoencoderKL
 from PIL import Image
 from test_flux_files import bfl_checkpoint
+from test_gpu_regime import generate_request
 from test_train import fresh_pipe
 from torchao.quantization import Int8Tensor
 
@@ -144,18 +145,7 @@ def test_generate_takes_a_quantization_in_the_page_and_on_the_command_line(tiny_
 
     monkeypatch.setattr(Generator, "load", classmethod(load))
     _, ctx = build_app(tmp_path / "runs", JobManager())
-    request = dict(
-        allow_pickle=False,
-        gen_base_model=str(model),
-        prompt="a red circle",
-        negative_prompt="",
-        gen_seed=0,
-        gen_steps=1,
-        guidance=3.5,
-        size=64,
-        gen_upload_1=str(lora),
-        strength_1=1.0,
-    )
+    request = generate_request(model, lora)
     result = generate(ctx, EVERYONE, **request, gen_quantize="int8")
     assert "Made with" in result["gen_notice"], result
     assert loaded == [True]
@@ -312,9 +302,9 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
             assert "more than this" in str(error) and size <= 8, (size, error)
             suggested = None
         if suggested is not None:
-            savers = (suggested.quantize_base, suggested.gradient_checkpointing, suggested.optimizer)
+            savers = runnable_here(suggested)
             if savers not in trained:
-                trained[savers] = check_training(model, photos, tmp_path / f"run-{size}", suggested, precision)
+                trained[savers] = check_training(model, photos, tmp_path / f"run-{size}", savers, precision)
 
         # Generate: the choice a CUDA card of this size makes, and the branches it takes here.
         expected_quantization, expected_offload = GENERATE_PLANS[family][size]
@@ -333,20 +323,27 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
     assert trained and generated
 
 
-def check_training(model, photos, run, suggested, precision):
+def runnable_here(suggested) -> tuple[str, bool, str, float]:
+    """A card's memory savers as the CPU can run them: int8 for NF4, AdamW for 8-bit AdamW (bitsandbytes' both need
+    CUDA), as (quantize_base, gradient_checkpointing, optimizer, learning_rate)."""
+    quantize = "int8" if suggested.quantize_base == "nf4" else suggested.quantize_base
+    optimizer = "adamw" if suggested.optimizer == "adamw8bit" else suggested.optimizer
+    return quantize, suggested.gradient_checkpointing, optimizer, suggested.learning_rate
+
+
+def check_training(model, photos, run, savers, precision):
     """Train the tiny model a few steps with a card's memory savers: finite, previews with something in them, the
     denoiser alone on the device for the steps."""
-    quantize = "int8" if suggested.quantize_base == "nf4" else suggested.quantize_base  # NF4 needs CUDA
-    optimizer = "adamw" if suggested.optimizer == "adamw8bit" else suggested.optimizer  # so does 8-bit AdamW
+    quantize, checkpointing, optimizer, learning_rate = savers
     config = quick_config(
         model,
         photos,
         max_steps=2,
         sample_every=2,
         quantize_base=quantize,
-        gradient_checkpointing=suggested.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         optimizer=optimizer,
-        learning_rate=suggested.learning_rate,
+        learning_rate=learning_rate,
     )
     received = []
     placements = []
@@ -407,3 +404,28 @@ def decodes_in_fp32_outside_autocast(monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", decode)
     yield
     assert all(latents == vae == torch.float32 and not autocast for latents, vae, autocast in seen), seen
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
+def test_captioning_runs_in_the_cards_precision_and_on_the_processor_while_a_run_has_it(tmp_path, card, bf16):
+    """Florence-2 captions on the card in its half precision (bf16, or fp16 on an older card); while a run holds the
+    GPU, captioning goes to the processor."""
+    from lora_gui.captioning import load_captioner
+    from lora_gui.captioning.florence import write_tiny
+    from lora_gui.gpu_owner import GpuOwner
+
+    gpu = card(12, bf16)
+    florence = write_tiny(tmp_path / "florence")
+    owner = GpuOwner()
+    with owner.captioning_turn() as turn:
+        assert turn.device == str(gpu.device) and not turn.why
+        captioner = load_captioner("florence2-base", source=florence, device=turn.device, max_tokens=8)
+        try:
+            assert captioner.model.dtype == (torch.bfloat16 if bf16 else torch.float16)
+            captions = captioner.caption([Image.new("RGB", (80, 60), "red"), Image.linear_gradient("L")])
+            assert len(captions) == 2 and all(caption.strip() for caption in captions)
+        finally:
+            captioner.close()
+    # On a real card the processor's fp32 follows (test_captioning_florence); here the card's device is the CPU too.
+    with owner.run_turn(lambda text: None, should_stop=lambda: False), owner.captioning_turn() as turn:
+        assert turn.device == "cpu" and "runs on the processor" in turn.why

@@ -136,17 +136,16 @@ def test_nothing_that_does_not_fit_is_suggested():
 
 
 def test_without_a_gpu_the_card_is_assumed_and_said(monkeypatch):
-    monkeypatch.setattr(devices, "gpu_memory_gb", lambda: None)
+    monkeypatch.setattr(devices, "card", lambda: None)
     assert Card.here() == ASSUMED_CARD
     assert "No GPU here: these settings assume a 24 GB card" in ASSUMED_CARD.describe()
-    monkeypatch.setattr(devices, "gpu_memory_gb", lambda: 12.0)
-    monkeypatch.setattr(devices, "native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "card", lambda: devices.Card(12.0, bf16=False))
     assert Card.here() == Card(12 * GB, bf16=False)
 
 
 def test_train_auto_applies_the_suggestion_but_keeps_the_flags_given(picture_sets, monkeypatch, tmp_path, capsys):
     trained = []
-    monkeypatch.setattr(devices, "gpu_memory_gb", lambda: None)
+    monkeypatch.setattr(devices, "card", lambda: None)
     monkeypatch.setattr(train_module, "train", lambda config, *args, **kwargs: trained.append(config))
     folder = picture_sets["large"]
     auto = ["train", "--auto", "--subject", "style", "--data", str(folder), "--family", "sd15", "--rank", "4"]

@@ -129,13 +129,14 @@ def _options(options: dict[str, object]) -> tuple[str, int]:
 
 
 def _dtype_for(device: str) -> torch.dtype:
-    """fp32 on the CPU, where half precision is slower, not faster. On a GPU half precision, as the weights ship:
-    bf16 where the card computes it (its wider range never overflows), else fp16."""
-    if torch.device(device).type != "cuda":
-        return torch.float32
-    if not devices.has_cuda():
+    """On the GPU (`devices.card()`'s device) half precision, as the weights ship: bf16 where the card computes it
+    (its wider range never overflows), else fp16. fp32 elsewhere: on the CPU half precision is slower, not faster."""
+    gpu = devices.card()
+    if gpu is None and torch.device(device).type == "cuda":
         raise ConfigError("there is no CUDA GPU on this computer: caption on the CPU instead (device 'cpu')")
-    return torch.bfloat16 if devices.native_bf16() else torch.float16
+    if gpu is None or torch.device(device).type != gpu.device.type:
+        return torch.float32
+    return torch.bfloat16 if gpu.bf16 else torch.float16
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -101,6 +101,13 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             label="Base model",
             info="Use the one the LoRA was trained on; picking a run fills it in.",
         )
+        c["gen_quantize"] = gr.Dropdown(
+            choices=list(GENERATE_CHOICES),
+            value="auto",
+            label="Store the model in fewer bits",
+            info="auto: only as much as this GPU needs. int8 halves the memory; nf4 quarters it (NVIDIA GPUs, "
+            "not from a single .safetensors file); none keeps it exact.",
+        )
         c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
@@ -114,13 +121,6 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             label="Size (pixels)",
             info="Width and height; picking a run or a base model fills it in.",
         )
-    c["gen_quantize"] = gr.Dropdown(
-        choices=list(GENERATE_CHOICES),
-        value="auto",
-        label="Store the model in fewer bits",
-        info="auto: only as much as this GPU needs to fit the model. int8 halves its memory; nf4 quarters it "
-        "(NVIDIA GPUs, not from a single .safetensors file); none keeps it exact.",
-    )
     c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
     c["gen_notice"] = gr.HTML()
     with gr.Row():

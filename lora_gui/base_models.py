@@ -203,7 +203,7 @@ def _from_pretrained(
         # Training and previews need no safety checker; only SD 1.x/2.x pipelines have one to skip.
         index = DiffusionPipeline.load_config(source, token=token)
         skip_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in index), "unet")
+        denoiser = _denoiser_component(index) or "unet"
         shapes = _folder_shapes(_model_folder(source), denoiser) or {}
         widths = {shape[1] for shape in shapes.values() if len(shape) == 2}  # the linear layers' inputs
         return DiffusionPipeline.from_pretrained(
@@ -583,9 +583,14 @@ def denoiser_parameters_on_disk(base_model: str, policy: BaseModelPolicy = ANY_B
     else:
         folder = path if path is not None and path.is_dir() else _model_folder(source)
         index = _read_json(folder / "model_index.json") if folder else None
-        denoiser = next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in (index or {})), None)
+        denoiser = _denoiser_component(index or {})
         shapes = _folder_shapes(folder, denoiser) if folder and denoiser else None
     return sum(math.prod(shape) for shape in shapes.values()) if shapes else None
+
+
+def _denoiser_component(model_index: dict[str, Any]) -> str | None:
+    """Which of a diffusers model's folders holds its denoiser (unet, transformer), by what the families name."""
+    return next((f.denoiser_name for f in REGISTRY.values() if f.denoiser_name in model_index), None)
 
 
 # Where a single checkpoint holding a whole model (A1111's, ComfyUI's) keeps its denoiser.

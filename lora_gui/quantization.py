@@ -35,7 +35,10 @@ class Quantization:
     single_file: bool  # whether a single-file checkpoint can be loaded quantized this way (see `quantize_loaded`)
 
     def weight_bytes(self, compute_dtype: torch.dtype) -> float:
-        """Bytes per quantized weight when the model computes in `compute_dtype`: fp16's int8 scales per group."""
+        """Bytes per weight stored this way when the model computes in `compute_dtype` (unquantized: the dtype's
+        own); fp16's int8 scales per group."""
+        if self.name == "none":
+            return torch.finfo(compute_dtype).bits // 8
         if self.name == "int8" and compute_dtype == torch.float16:
             return self.bytes_per_weight + 4 / FP16_INT8_GROUP  # an fp32 scale per group
         return self.bytes_per_weight
@@ -70,8 +73,7 @@ def for_card(
         if (on_cuda or not quantization.needs_cuda) and (quantization.single_file or not single_file)
     ]
     for name, quantization in usable:
-        per_weight = quantization.weight_bytes(compute_dtype) or torch.finfo(compute_dtype).bits // 8
-        if denoiser_params * per_weight <= 0.75 * card_gb * 2**30:
+        if denoiser_params * quantization.weight_bytes(compute_dtype) <= 0.75 * card_gb * 2**30:
             return name
     return usable[-1][0]
 

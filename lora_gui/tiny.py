@@ -4,7 +4,7 @@ real depth's blocks) for speed measurements of a model too big for the machine.
 
 They have the real architectures' shape (same block types, attention names, scheduler configs,
 a real CLIP byte-pair tokenizer built from a small vocabulary) at a size that trains on a CPU in
-seconds, and they load through the same `from_pretrained` path as a real Stable Diffusion model.
+seconds, and they load through the same `from_pretrained` path as a real model.
 """
 
 from __future__ import annotations
@@ -185,23 +185,26 @@ def t5_text_parts(size: str, max_length: int = 512, **config: Any) -> tuple:
     return tokenizer, T5EncoderModel(T5Config(**{**values, **config}))
 
 
-# Stable Diffusion's noise schedule, which every SD 1.x, 2.x and XL scheduler config shares.
-SD_SCHEDULE = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
-)
-
-
-def build_pipeline(family: str = "sd15", size: str = "tiny", seed: int = 0):
-    """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes)."""
+def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
+    """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes): the
+    parts the family names made here, then assembled by the family."""
     from lora_gui.families import REGISTRY
 
     if family not in REGISTRY:
         raise ValueError(f"family must be one of {', '.join(REGISTRY)}")
+    kind = REGISTRY[family]
     torch.manual_seed(seed)
-    return REGISTRY[family].random_pipeline(size)
+    # The CLIP encoders first, then T5, as Flux.1's pipeline holds them; made in this order, from one seed.
+    clips = tuple(encoder for encoder in kind.random_text_encoders if encoder != "t5")
+    tokenizers, text_encoders = clip_text_parts(clips, size)
+    if "t5" in kind.random_text_encoders:
+        t5_tokenizer, t5 = t5_text_parts(size)
+        tokenizers.append(t5_tokenizer)
+        text_encoders.append(t5)
+    return kind.random_pipeline(size, tokenizers, text_encoders, vae(size, **kind.random_vae))
 
 
-def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, size: str = "tiny") -> Path:
+def write_tiny_model(folder: str | Path, family: str, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight pipeline folder that `DiffusionPipeline.from_pretrained(folder)` loads.
 
     Those for speed measurements are stored in fp16, as published checkpoints are."""
@@ -213,7 +216,7 @@ def write_tiny_model(folder: str | Path, family: str = "sd15", seed: int = 0, si
     return folder
 
 
-def ensure_tiny_model(folder: str | Path, family: str = "sd15") -> Path:
+def ensure_tiny_model(folder: str | Path, family: str) -> Path:
     """The tiny model in `folder`, written the first time it is asked for.
 
     It is written beside the folder and renamed into place, so a half-written model is never used,

@@ -65,6 +65,12 @@ class Family:
     # The width of the text features the published denoiser's cross-attention reads: a LoRA's down
     # weights there tell which family it was made for.
     text_width: ClassVar[int]
+    # Tensor-name prefixes that show a LoRA file was made for this family when its metadata doesn't say: the
+    # names of a part only this family's LoRAs adapt (the first family, whose LoRAs show none, is the fallback).
+    lora_signatures: ClassVar[tuple[str, ...]] = ()
+    # The tokens of a caption the denoiser gets to read, start and end tokens included: CLIP's 77 unless the
+    # family's longest text encoder reads more. The rest is cut off.
+    prompt_tokens: ClassVar[int] = 77
     # Parameters of the published text encoders and VAE, for the memory estimate.
     text_encoder_params: ClassVar[float]
     # Of those, the ones transformers keeps in fp32 when the rest loads in fp16 (T5's `wo` layers, which overflow
@@ -73,6 +79,19 @@ class Family:
     vae_params: ClassVar[float] = 84e6
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
+    # The random-weight model's parts that tiny.py makes, in the pipeline's order: its text encoders (tiny.py's
+    # kinds) and what its VAE sets beside the shared shape; `random_pipeline` assembles them.
+    random_text_encoders: ClassVar[tuple[str, ...]] = ("clip-l",)
+    random_vae: ClassVar[dict[str, Any]]
+    # The noise schedule its random model's scheduler has: Stable Diffusion's, which every SD 1.x, 2.x and XL
+    # scheduler config shares.
+    noise_schedule: ClassVar[dict[str, Any]] = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
+    # `python -m lora_gui bench`: the benchmark's models of this family (name: size in `build_denoiser`, default
+    # resolution), and the diffusers example script whose training step its step is timed against.
+    bench_models: ClassVar[dict[str, tuple[str, int]]] = {}
+    reference_script: ClassVar[str] = "train_text_to_image_lora.py"
     # Generating: the steps and guidance its pictures are usually made with, and whether it takes a
     # negative prompt.
     default_steps: ClassVar[int] = 25
@@ -275,6 +294,10 @@ class Family:
         return (ResnetBlock2D, BasicTransformerBlock)
 
     @classmethod
-    def random_pipeline(cls, size: str) -> DiffusionPipeline:
-        """A pipeline of this family with random weights (torch's seed set by the caller)."""
+    def random_pipeline(
+        cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
+    ) -> DiffusionPipeline:
+        """A pipeline of this family with random weights, from the parts tiny.py made of `random_text_encoders`
+        and `random_vae` (with their tokenizers) and a random denoiser of this size made here, after them
+        (torch's seed set by the caller)."""
         raise NotImplementedError

@@ -142,8 +142,21 @@ class Flux1(Family):
     # Black Forest Labs' own layout: the transformer alone, or inside an all-in-one checkpoint.
     checkpoint_signatures = ("double_blocks.", "model.diffusion_model.double_blocks.", "diffusion_model.double_blocks.")
     text_width = 4096  # T5-XXL's
+    lora_signatures = ("transformer.", "lora_transformer_")  # its transformer's layers
+    prompt_tokens = 512  # T5's: the transformer attends to them; its CLIP gives only a pooled summary of 77
     text_encoder_params = 123e6 + 4.76e9
     text_encoder_fp32_params = 24 * 4096 * 10240  # T5-XXL's 24 `wo` layers: 1.9 GB more in fp16
+    random_text_encoders = ("clip-l", "t5")
+    # Flux.1's VAE: 16 latent channels, a shift factor and no quant convolutions.
+    random_vae: ClassVar[dict[str, Any]] = dict(
+        scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False
+    )
+    bench_models: ClassVar[dict[str, tuple[str, int]]] = {
+        "flux-tiny": ("tiny", 128),
+        "flux-shallow": ("shallow", 512),
+        "flux": ("full", 1024),
+    }
+    reference_script = "train_dreambooth_lora_flux.py"
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
             num_layers=1,
@@ -369,19 +382,10 @@ class Flux1(Family):
         return (FluxTransformerBlock, FluxSingleTransformerBlock)
 
     @classmethod
-    def random_pipeline(cls, size: str) -> DiffusionPipeline:
-        from lora_gui import tiny
-
-        (clip_tokenizer,), (clip,) = tiny.clip_text_parts(("clip-l",), size)
-        t5_tokenizer, t5 = tiny.t5_text_parts(size)
-        vae = tiny.vae(
-            size,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            latent_channels=16,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+    def random_pipeline(
+        cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
+    ) -> DiffusionPipeline:
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
         # Flux.1-dev's schedule: shifted by the picture's size when sampling (dynamic shifting).
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0,

@@ -29,7 +29,11 @@ class StableDiffusionXL(Family):
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     checkpoint_signatures = ("conditioner.embedders.1.",)
     text_width = 2048
+    lora_signatures = ("lora_te2_", "text_encoder_2.")  # its second CLIP's layers
     text_encoder_params = 123e6 + 695e6
+    random_text_encoders = ("clip-l", "openclip-g")
+    random_vae: ClassVar[dict[str, Any]] = dict(scaling_factor=0.13025)
+    bench_models: ClassVar[dict[str, tuple[str, int]]] = {"sdxl": ("full", 1024)}
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
             sample_size=32,
@@ -113,17 +117,16 @@ class StableDiffusionXL(Family):
         }
 
     @classmethod
-    def random_pipeline(cls, size: str) -> DiffusionPipeline:
-        from lora_gui import tiny
-
-        tokenizers, text_encoders = tiny.clip_text_parts(("clip-l", "openclip-g"), size)
+    def random_pipeline(
+        cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
+    ) -> DiffusionPipeline:
         return StableDiffusionXLPipeline(
             text_encoder=text_encoders[0],
             text_encoder_2=text_encoders[1],
             tokenizer=tokenizers[0],
             tokenizer_2=tokenizers[1],
-            vae=tiny.vae(size, scaling_factor=0.13025),
+            vae=vae,
             unet=cls.build_denoiser(size),
-            scheduler=EulerDiscreteScheduler(**tiny.SD_SCHEDULE, prediction_type="epsilon"),
+            scheduler=EulerDiscreteScheduler(**cls.noise_schedule, prediction_type="epsilon"),
             force_zeros_for_empty_prompt=True,
         )

@@ -45,7 +45,9 @@ class StableDiffusion1(Family):
         ),
         "full": dict(sample_size=64, cross_attention_dim=768),
     }
-    _text_encoder_kind = "clip-l"  # see tiny._TEXT_ENCODERS
+    random_text_encoders = ("clip-l",)
+    random_vae: ClassVar[dict[str, Any]] = dict(scaling_factor=0.18215)
+    bench_models: ClassVar[dict[str, tuple[str, int]]] = {"tiny": ("tiny", 128), "sd15": ("full", 512)}
     _quick_gelu = True  # OpenAI's CLIP uses quick-GELU, OpenCLIP plain GELU: that tells SD 1.x from 2.x
 
     @classmethod
@@ -73,14 +75,14 @@ class StableDiffusion1(Family):
         return {"encoder_hidden_states": conditioning["encoder_hidden_states"]}
 
     @classmethod
-    def random_pipeline(cls, size: str) -> DiffusionPipeline:
-        from lora_gui import tiny
-
-        (tokenizer,), (text_encoder,) = tiny.clip_text_parts((cls._text_encoder_kind,), size)
+    def random_pipeline(
+        cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
+    ) -> DiffusionPipeline:
+        ((tokenizer,), (text_encoder,)) = tokenizers, text_encoders
         return StableDiffusionPipeline(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            vae=tiny.vae(size, scaling_factor=0.18215),
+            vae=vae,
             unet=cls.build_denoiser(size),
             scheduler=cls._scheduler(),
             safety_checker=None,
@@ -90,9 +92,9 @@ class StableDiffusion1(Family):
 
     @classmethod
     def _scheduler(cls):
-        from lora_gui.tiny import SD_SCHEDULE
-
-        return PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
+        return PNDMScheduler(
+            **cls.noise_schedule, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon"
+        )
 
 
 class StableDiffusion2(StableDiffusion1):
@@ -123,7 +125,8 @@ class StableDiffusion2(StableDiffusion1):
             sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
         ),
     }
-    _text_encoder_kind = "openclip-h"
+    random_text_encoders = ("openclip-h",)
+    bench_models: ClassVar[dict[str, tuple[str, int]]] = {}  # SD 1.x's are not inherited: none of SD 2
     _quick_gelu = False
 
     @classmethod
@@ -135,7 +138,7 @@ class StableDiffusion2(StableDiffusion1):
     def _scheduler(cls):
         from diffusers import DDIMScheduler
 
-        from lora_gui.tiny import SD_SCHEDULE
-
         # The random model stands for the 768 px models, which predict velocity.
-        return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+        return DDIMScheduler(
+            **cls.noise_schedule, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
+        )

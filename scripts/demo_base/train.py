@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from scenes import captioned_scene, codec_picture
 
 from lora_gui import tiny
-from lora_gui.tiny import SD_SCHEDULE
+from lora_gui.families.stable_diffusion import StableDiffusion1
 
 PROMPTS = (
     "a red circle on a blue background",
@@ -108,7 +108,10 @@ def build_models(args: argparse.Namespace):
         norm_num_groups=8,
     )
     scheduler = PNDMScheduler(
-        **SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, prediction_type=args.prediction_type
+        **StableDiffusion1.noise_schedule,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        prediction_type=args.prediction_type,
     )
     return tokenizer, text_encoder, vae, unet, scheduler
 
@@ -193,7 +196,7 @@ def sample_timesteps(count: int, total: int, generator: torch.Generator) -> torc
 def train_denoiser(unet, text_encoder, tokenizer, latents, stds, captions, args) -> None:
     from diffusers import DDPMScheduler
 
-    noise_schedule = DDPMScheduler(**SD_SCHEDULE)
+    noise_schedule = DDPMScheduler(**StableDiffusion1.noise_schedule)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed + 1)

@@ -42,20 +42,17 @@ from lora_gui.base_models import load_pipeline
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
-from lora_gui.families import Family, ImageGeometry
+from lora_gui.families import REGISTRY, Family, ImageGeometry, get_family
 from lora_gui.tiny import write_tiny_model
 from lora_gui.train import train
 
 log = logging.getLogger(__name__)
 
-# name: (family, size in tiny.py, default resolution)
+# name: (family, size in tiny.py, default resolution), as each family lists its benchmark models
 MODELS = {
-    "tiny": ("sd15", "tiny", 128),
-    "sd15": ("sd15", "full", 512),
-    "sdxl": ("sdxl", "full", 1024),
-    "flux-tiny": ("flux", "tiny", 128),
-    "flux-shallow": ("flux", "shallow", 512),
-    "flux": ("flux", "full", 1024),
+    name: (family.name, size, resolution)
+    for family in REGISTRY.values()
+    for name, (size, resolution) in family.bench_models.items()
 }
 
 # train_dreambooth_lora_flux.py's defaults: its LoRA's layers (ours adds the single blocks' MLP input,
@@ -308,6 +305,13 @@ class FluxScriptStep:
         return FluxPipeline._unpack_latents(packed, height * scale, width * scale, scale)
 
 
+# The diffusers example script a family names (Family.reference_script) -> its step, as the loop above repeats it.
+REFERENCE_LOOPS = {
+    "train_text_to_image_lora.py": reference_loop,
+    "train_dreambooth_lora_flux.py": flux_reference_loop,
+}
+
+
 def _rows(setup: Setup, step: int, count: int) -> list[int]:
     """The pictures of a step's batch: the next ones in order, round and round."""
     return [(step * setup.batch_size + i) % count for i in range(setup.batch_size)]
@@ -428,7 +432,7 @@ def run_bench(
     # TF32 is a process-wide switch that training turns on: on for both loops from the start, so the first
     # pair compares like the others (the reference script's --allow_tf32).
     devices.use_tensor_cores()
-    reference_of_family = flux_reference_loop if MODELS[model][0] == "flux" else reference_loop
+    reference_of_family = REFERENCE_LOOPS[get_family(MODELS[model][0]).reference_script]
     pairs = []
     for _ in range(repeat):
         reference = reference_of_family(setup)

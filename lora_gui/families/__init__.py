@@ -14,7 +14,7 @@ REGISTRY: dict[str, type[Family]] = {
     family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
 }
 
-__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "get_family"]
+__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "family_of_lora", "get_family"]
 
 
 def get_family(name: str) -> type[Family]:
@@ -41,3 +41,14 @@ def detect_family(pipe: DiffusionPipeline, override: str = "auto") -> type[Famil
         f"this model is a {type(pipe).__name__}, which this trainer does not support yet; "
         f"supported: {', '.join(f.title for f in REGISTRY.values())}"
     )
+
+
+def family_of_lora(keys: list[str]) -> type[Family]:
+    """The family a LoRA file was made for, told from its tensor names (`Family.lora_signatures`): else the first
+    family, whose LoRAs' names show nothing of their own."""
+    # The newest family first: a later family's LoRAs may hold an earlier one's signature too (Flux.1's names its
+    # second text encoder as SDXL's does), never its own signature the other way round.
+    for family in reversed(REGISTRY.values()):
+        if any(key.startswith(family.lora_signatures) for key in keys):
+            return family
+    return next(iter(REGISTRY.values()))

@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline
 
 from lora_gui.base_models import PICKLE_SUFFIXES, TensorFile
 from lora_gui.errors import LoraFileError
-from lora_gui.families import REGISTRY, Family
+from lora_gui.families import REGISTRY, Family, family_of_lora
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
 # Tensor-name ending -> kind, for the kinds Generate applies as weight changes, checked in order.
@@ -44,7 +44,7 @@ _LYCORIS = tuple(
     (re.compile(pattern + "$"), name, problem)
     for pattern, name, problem in (
         (r"\.lora_mid\.weight", "LyCORIS LoCon with Tucker decomposition", "diffusers can't apply lora_mid weights"),
-        (r"\.(oft_blocks|oft_diag|oft_R\.weight)", "LyCORIS OFT", "diffusers can't apply OFT to Stable Diffusion"),
+        (r"\.(oft_blocks|oft_diag|oft_R\.weight)", "LyCORIS OFT", "diffusers can't apply OFT weights"),
         (r"\.a1\.weight", "LyCORIS GLoRA", "diffusers can't apply GLoRA weights"),
         (r"\.on_input", "LyCORIS (IA)³", "diffusers can't apply (IA)³ weights"),
         (r"\.(w_norm|b_norm)", "LyCORIS norm", "diffusers can't apply weights for normalization layers"),
@@ -138,8 +138,9 @@ def detect_layout(keys: list[str]) -> Layout:
 
 def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipeline, family: type[Family]) -> str:
     """What base model the file was made for, when that is not this one; "" when it fits or can't be told."""
-    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes) and not hasattr(pipe, "text_encoder_2"):
-        return "Stable Diffusion XL (it has weights for a second text encoder)"
+    second_encoder = [key for key in shapes if key.startswith(("lora_te2_", "text_encoder_2."))]
+    if second_encoder and not hasattr(pipe, "text_encoder_2"):
+        return f"{family_of_lora(second_encoder).title} (it has weights for a second text encoder)"
     denoiser = "transformer" if any(_TRANSFORMER_KEY.search(key) for key in shapes) else "unet"
     if denoiser == "unet" != family.denoiser_name and any(_UNET_KEY.search(key) for key in shapes):
         return "Stable Diffusion (it adapts a UNet's layers)"

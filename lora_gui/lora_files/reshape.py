@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from lora_gui.adapters import CANONICAL_TEXT_PREFIX
 from lora_gui.atomic import atomic_path
 from lora_gui.errors import LoraFileError
-from lora_gui.families import REGISTRY, Family, get_family
+from lora_gui.families import REGISTRY, Family, family_of_lora, get_family
 from lora_gui.lora_files.detect import detect_layout
 from lora_gui.lora_files.diffusers_layout import read_diffusers_lora
 from lora_gui.lora_files.kohya_layout import ALPHA, DOWN, UP, kohya_prefixes, peft_scale, save_kohya_lora, to_kohya
@@ -336,11 +336,7 @@ def _family_of(metadata: dict[str, str], keys: list[str]) -> type[Family]:
     for family in REGISTRY.values():
         if version and family.kohya_base_model_version == version:
             return family
-    if any(key.startswith(("transformer.", "lora_transformer_")) for key in keys):
-        return get_family("flux")
-    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in keys):
-        return get_family("sdxl")
-    return get_family("sd15")
+    return family_of_lora(keys)
 
 
 # ---- writing ---------------------------------------------------------------------------------------

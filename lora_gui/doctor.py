@@ -45,11 +45,6 @@ EXTREME_ASPECT = 2.5
 # config); 64 px is real Stable Diffusion's, and the shapes it gives are those of the finer steps of SDXL
 # and Flux to within a step, which is enough to show how the pictures spread.
 BUCKET_STEP = 64
-# What a CLIP text encoder reads, its start and end tokens included. Flux's transformer attends to T5's
-# tokens, 512 of them (its CLIP gives only a pooled summary of the first 77). This belongs with the family,
-# but families/ has no field for it yet.
-CLIP_TOKENS = 77
-_LONGEST_READ = {"flux": 512}
 THUMBNAIL_SIDE = 256  # the side the sharpness is measured at
 _HASH_SIDE, _HASH_BITS_SIDE, _COLOUR_SIDE = 32, 8, 8
 _NAMED_AT_MOST = 5
@@ -161,8 +156,9 @@ def _reader(family: str | None) -> _Reader:
 
     from lora_gui.families import REGISTRY, get_family
 
-    limit = _LONGEST_READ.get(family or "", CLIP_TOKENS)
     families = [get_family(family)] if family else list(REGISTRY.values())
+    # Of a family not given, the shortest any family reads: a caption longer than that may be cut.
+    limit = min(each.prompt_tokens for each in families)
     for each in families:
         for subfolder in each.tokenizer_names:
             for repo in each.hub_models:

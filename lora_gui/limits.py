@@ -158,16 +158,12 @@ def check_runs_waiting(waiting: int, limits: Limits) -> None:
 
 
 # ---- cleanup ------------------------------------------------------------------------------------
-def expire_staging(runs_dir: Path, limits: Limits, now: float | None = None) -> list[str]:
-    """Delete the staging folders nobody has touched for `staging_days` (a visitor who left and never came back);
-    returns their ids. Touched means any file in it, or the folder itself, changed."""
-    # Imported here, not above: staging enforces these limits, so it imports this module.
-    from lora_gui.staging import STAGING_DIR
-
-    root = Path(runs_dir) / STAGING_DIR
-    if limits.staging_days is None or not root.is_dir():
+def expire_untouched(root: Path, days: int | None, now: float | None = None) -> list[str]:
+    """Delete the folders in `root` nobody has touched for `days` (staging folders: a visitor who left and never
+    came back); returns their names. Touched means any file in it, or the folder itself, changed."""
+    if days is None or not root.is_dir():
         return []
-    cutoff = (time.time() if now is None else now) - limits.staging_days * DAY
+    cutoff = (time.time() if now is None else now) - days * DAY
     expired = []
     for folder in sorted(root.iterdir()):
         if folder.is_dir() and not folder.is_symlink() and _newest_change(folder) < cutoff and _delete(folder):

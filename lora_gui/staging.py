@@ -24,7 +24,7 @@ from PIL import Image
 from lora_gui import data
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
-from lora_gui.limits import Limits, format_size
+from lora_gui.limits import Limits, expire_untouched, format_size
 from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
 
 STAGING_DIR = ".staging"
@@ -33,6 +33,11 @@ THUMBNAIL_SIDE = 256
 MAX_ZIP_BYTES = 4 << 30  # unpacked; a zip bomb stops here
 MAX_ZIP_FILES = 20_000
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def expire_staging(runs_dir: Path, limits: Limits, now: float | None = None) -> list[str]:
+    """Delete the staging folders nobody has touched for the limits' `staging_days`; returns their ids."""
+    return expire_untouched(Path(runs_dir) / STAGING_DIR, limits.staging_days, now)
 
 
 @dataclass

@@ -22,12 +22,11 @@ from lora_gui.limits import (
     check_free_disk,
     check_runs_waiting,
     expire_runs,
-    expire_staging,
     format_size,
 )
 from lora_gui.owners import OWNER_FILE, Visitor
 from lora_gui.runs import RunFolder
-from lora_gui.staging import THUMBNAILS, Staging
+from lora_gui.staging import THUMBNAILS, Staging, expire_staging
 
 NOW = 1_700_000_000.0
 

@@ -24,10 +24,10 @@ from lora_gui.demo import (
 from lora_gui.errors import ConfigError
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
-from lora_gui.limits import Limits, expire_runs, expire_staging
+from lora_gui.limits import Limits, expire_runs
 from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
 from lora_gui.runs import default_runs_dir, record_interrupted
-from lora_gui.staging import Staging
+from lora_gui.staging import Staging, expire_staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed, sign_in_available
 from lora_gui.ui.dataset import (

@@ -115,7 +115,13 @@ class TrainConfig:
     )
 
     # Images.
-    resolution: int = _field(512, "Training resolution in pixels (SD 1.5: 512, SD 2: 768, SDXL: 1024).", "main")
+    resolution: int = _field(
+        512,
+        "Training resolution in pixels ("
+        + ", ".join(f"{family.short_title}: {family.default_resolution}" for family in REGISTRY.values())
+        + ").",
+        "main",
+    )
     aspect_buckets: bool = _field(
         True, "Keep each image's shape by grouping images of similar shape (off = square center crop)."
     )

@@ -44,8 +44,8 @@ def detect_family(pipe: DiffusionPipeline, override: str = "auto") -> type[Famil
 
 
 def family_of_lora(keys: list[str]) -> type[Family]:
-    """The family a LoRA file was made for, told from its tensor names (`Family.lora_signatures`): else the first
-    family, whose LoRAs' names show nothing of their own."""
+    """The family a LoRA file was made for, as its tensor names show it (`Family.lora_signatures`); the first family
+    when they show none."""
     # The newest family first: a later family's LoRAs may hold an earlier one's signature too (Flux.1's names its
     # second text encoder as SDXL's does), never its own signature the other way round.
     for family in reversed(REGISTRY.values()):

@@ -31,7 +31,7 @@ from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
-from lora_gui import data, devices, events, quantization
+from lora_gui import batching, data, devices, events, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
@@ -202,7 +202,7 @@ class Training:
     latents: LatentCache
     captions: list[str]  # each image's caption as trained (trigger word in front)
     text: TextConditioning
-    order: data.BatchOrder
+    order: batching.BatchOrder
     held_out: list[int]  # the images the validation loss is measured on (never in a batch); empty: no validation
     params: list[torch.nn.Parameter]
     rates: list[float]  # each parameter group's learning rate, as the settings give it
@@ -334,7 +334,7 @@ def _validation_pictures(
     `validation_data`), which of them are for validation alone, and a sentence saying so (or why there are
     none). Held-out pictures depend only on the seed and the names in dataset/, so a resume holds out the same."""
     if not config.validation_data:
-        held_out, note = data.hold_out(examples, config.validation_images, config.seed)
+        held_out, note = batching.hold_out(examples, config.validation_images, config.seed)
         if accelerator.is_main_process:
             run.write_validation(run.dataset, [examples[index].relpath for index in held_out], note)
         return examples, held_out, note
@@ -407,7 +407,7 @@ class Caches:
     latents: LatentCache
     captions: list[str]  # of the images that decoded, as trained (trigger word in front)
     text: TextConditioning | None  # every caption's conditioning; None when the text encoders train
-    order: data.BatchOrder
+    order: batching.BatchOrder
     held_out: list[int]  # the images for validation alone, by their index in the latents
     prompts: list[str]  # the preview prompts
     prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
@@ -428,7 +428,7 @@ def _build_caches(
     computed once; then the VAE and frozen encoders wait in CPU memory (the VAE until the previews' decoding,
     the encoders for good), and the denoiser comes. The VAE and the text encoders take turns on the device:
     Flux's T5 alone is 9.5 GB, which a 12 GB card holds only without the VAE's work beside it."""
-    buckets = data.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
+    buckets = batching.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
     def progress(done: int, total: int) -> None:
@@ -455,7 +455,7 @@ def _build_caches(
             with torch.no_grad():  # without autocast, as the captions were (see devices.outside_autocast)
                 prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
-    order = data.BatchOrder(buckets, config.batch_size, config.seed, held_out)
+    order = batching.BatchOrder(buckets, config.batch_size, config.seed, held_out)
     return Caches(latents, captions, text, order, held_out, prompts, prompt_embeddings)
 
 

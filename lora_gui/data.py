@@ -563,6 +563,15 @@ def prepare_run_dataset(config: TrainConfig, run: RunFolder) -> list[str]:
     return skipped
 
 
+def run_prompt(config: TrainConfig, run: RunFolder) -> str:
+    """A prompt a run's LoRA knows: its first preview prompt, else its first training caption."""
+    prompts = [prompt for prompt in config.sample_prompts if prompt.strip()]
+    if prompts:
+        return prompts[0]
+    captions = sorted(run.dataset.rglob("*.txt")) if run.dataset.is_dir() else []
+    return read_caption_file(captions[0]) if captions else ""
+
+
 # ---- validation pictures -----------------------------------------------------------------------
 def prepare_validation_folder(config: TrainConfig, run: RunFolder) -> list[str]:
     """Copy `config.validation_data` into the run's own validation/ at a new run's start, so a resume measures

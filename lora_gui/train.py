@@ -31,12 +31,12 @@ from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
-from lora_gui import batching, data, devices, events, quantization
+from lora_gui import batching, data, devices, events, memory_savers, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
-from lora_gui.config import CHANGEABLE_ON_RESUME, OPTIMIZER_FACTS, TrainConfig, optimizer_settings
+from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig, optimizer_settings
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, ImageGeometry
@@ -990,24 +990,5 @@ def _user_error(error: Exception, config: TrainConfig, run: RunFolder) -> LoraGu
 
 
 def oom_advice(config: TrainConfig) -> str:
-    """What to change when the GPU runs out of memory, most effective first, fitted to the settings."""
-    tips = []
-    if config.batch_size > 1:
-        tips.append(f"lower the batch size (now {config.batch_size}) and raise gradient accumulation instead")
-    if not config.gradient_checkpointing:
-        tips.append("turn on gradient checkpointing")
-    if config.quantize_base != "nf4":
-        fewer = "nf4" if config.quantize_base == "int8" else "int8 or nf4"
-        tips.append(f"store the base model in fewer bits (quantize_base {fewer})")
-    if config.resolution > 512:
-        tips.append(f"lower the resolution (now {config.resolution})")
-    if config.optimizer != "adafactor":
-        # Adafactor keeps almost nothing per weight; 8-bit AdamW a quarter of AdamW's, and only on NVIDIA GPUs.
-        smaller = "" if OPTIMIZER_FACTS[config.optimizer].state_bytes <= 2 else " or 8-bit AdamW"
-        tips.append(f"use the adafactor optimizer{smaller}")
-    if config.train_text_encoder:
-        tips.append("stop training the text encoder")
-    if config.rank > 16:
-        tips.append(f"lower the rank (now {config.rank})")
-    tips.append("or pick a low-VRAM preset")
-    return "the GPU ran out of memory. To fit: " + "; ".join(tips)
+    """What to change when the GPU runs out of memory, fitted to the settings."""
+    return memory_savers.out_of_memory_advice(config)

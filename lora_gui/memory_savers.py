@@ -1,9 +1,9 @@
 """The ways to train in less GPU memory: one entry each, in the one order they are tried and advised.
 
 Least harmful first. Suggest settings tries them in this order until the estimate fits the card (`to_try`); a run
-that ran out of memory names those left to do (`out_of_memory_advice`); the Train tab, where the estimate is over the
-card, names those that lower the phase needing the most (`form_advice`). The estimate (estimate.py) counts what each
-saves from the setting it changes. No torch here: the app reads it.
+that ran out of memory names those left to do (`tips`); the Train tab, where the estimate is over the card, names
+those that lower the phase needing the most (`form_tips`). The estimate (estimate.py) counts what each saves from
+the setting it changes. No torch here: the app reads it.
 """
 
 from __future__ import annotations
@@ -120,14 +120,13 @@ SAVERS = (
 )
 
 
-def out_of_memory_advice(config: TrainConfig) -> str:
-    """What to change when the GPU ran out of memory, fitted to the settings."""
-    tips = [saver.advice(config) for saver in SAVERS if saver.applies(config)]
-    return "the GPU ran out of memory. To fit: " + "; ".join([*tips, "or pick a low-VRAM preset"])
+def tips(config: TrainConfig) -> list[str]:
+    """What is left to change, in the settings' own names: for the out-of-memory message."""
+    return [saver.advice(config) for saver in SAVERS if saver.applies(config)]
 
 
-def form_advice(config: TrainConfig, phase: str) -> list[str]:
-    """What the Train tab advises to lower the estimate's `phase`, in its own labels."""
+def form_tips(config: TrainConfig, phase: str) -> list[str]:
+    """What is left to change to lower the estimate's `phase`, in the Train tab's labels."""
     return [saver.form_advice(config) for saver in SAVERS if phase in saver.lowers and saver.applies(config)]
 
 

@@ -990,5 +990,5 @@ def _user_error(error: Exception, config: TrainConfig, run: RunFolder) -> LoraGu
 
 
 def oom_advice(config: TrainConfig) -> str:
-    """What to change when the GPU runs out of memory, fitted to the settings."""
-    return memory_savers.out_of_memory_advice(config)
+    """What to change when the GPU runs out of memory, fitted to the settings, least harmful first."""
+    return "the GPU ran out of memory. To fit: " + "; ".join([*memory_savers.tips(config), "or pick a low-VRAM preset"])

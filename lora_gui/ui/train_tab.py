@@ -463,9 +463,9 @@ def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[st
     preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
     if result.previews_gb >= result.training_gb:
         # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
-        tips = ", ".join(memory_savers.form_advice(config, memory_savers.PREVIEWS))
+        tips = ", ".join(memory_savers.form_tips(config, memory_savers.PREVIEWS))
         return preset + (f"{tips}: " if tips else "") + "the preview images need the most."
-    tips = memory_savers.form_advice(config, memory_savers.TRAINING)
+    tips = memory_savers.form_tips(config, memory_savers.TRAINING)
     return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
 
 

@@ -16,7 +16,8 @@ from lora_gui.config import OPTIMIZER_FACTS, TrainConfig
 
 # The estimate's phases a saver lowers (Estimate.training_gb, Estimate.previews_gb).
 TRAINING, PREVIEWS = "training", "previews"
-# Below this the resolution is not worth advising down: most models lose more than the memory is worth.
+# Advice names a lower resolution only above this; Suggest settings, which sees the model, goes down to half its own
+# size (256 px at least) where the card needs it.
 ADVISED_RESOLUTION = 512
 
 

@@ -1,10 +1,11 @@
 """The LoRA adapters a run trains: added to the base model through peft, found again, and put back on resume.
 
-One place builds the adapters' peft config (`lora_config`), so training, the estimate and the benchmark adapt the
-same layers the same way. The kinds (TrainConfig.lora_type) are peft's own: LoRA, DoRA (LoraConfig's use_dora: a
-LoRA plus each output row's learned length, `lora_magnitude_vector`), LyCORIS' LoHa (LoHaConfig: the Hadamard
-product of two low-rank products) and LoKr (LoKrConfig: a Kronecker product, its second factor low-rank when the
-rank is small against the layer). Every kind starts at exactly the base model's output.
+One place builds the adapters' peft config (`lora_config`, from the kind's entry in adapter_kinds.py), so training,
+the estimate and the benchmark adapt the same layers the same way. The kinds (TrainConfig.lora_type) are peft's
+own: LoRA, DoRA (LoraConfig's use_dora: a LoRA plus each output row's learned length, `lora_magnitude_vector`),
+LyCORIS' LoHa (LoHaConfig: the Hadamard product of two low-rank products) and LoKr (LoKrConfig: a Kronecker product,
+its second factor low-rank when the rank is small against the layer). Every kind starts at exactly the base model's
+output.
 
 transformers 5 dropped the `text_model.` level from CLIP's module names, while diffusers and every
 other tool expect it: state dicts leave here with the canonical names, whatever the installed
@@ -16,20 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import peft
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from peft import (
-    LoHaConfig,
-    LoKrConfig,
-    LoraConfig,
-    PeftConfig,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
+from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.families import Family
@@ -42,16 +37,11 @@ def lora_config(rank: int, alpha: float, target_modules: Sequence[str], lora_typ
 
     One factor of each starts at zero (as peft initialises them: LoRA's B, LoHa's w2_b, LoKr's w1), so training starts
     from exactly the base model's output."""
-    targets = list(target_modules)
-    if lora_type in ("lora", "dora"):
-        return LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", use_dora=lora_type == "dora"
-        )
-    if lora_type == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
-    if lora_type == "lokr":
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
-    raise ConfigError(f"lora_type {lora_type!r} is none of lora, dora, loha, lokr")
+    kind = ADAPTER_KINDS.get(lora_type)
+    if kind is None:
+        raise ConfigError(f"lora_type {lora_type!r} is none of {', '.join(ADAPTER_KINDS)}")
+    arguments = {"r": rank, kind.alpha_argument: alpha, "target_modules": list(target_modules), **kind.peft_arguments}
+    return getattr(peft, kind.peft_class)(**arguments)
 
 
 def add_lora(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:

@@ -39,8 +39,9 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from lora_gui import devices, events
 from lora_gui.adapters import lora_config
 from lora_gui.base_models import load_pipeline
+from lora_gui.batching import fit_to_bucket, image_to_tensor
 from lora_gui.config import TrainConfig, load_preset
-from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folder
+from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import REGISTRY, Family, ImageGeometry, get_family
 from lora_gui.tiny import write_tiny_model

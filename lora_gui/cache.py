@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
-from lora_gui.data import Example, Scan, Skipped, UnusableImage, fit_to_bucket, image_to_tensor, open_image
+from lora_gui.batching import fit_to_bucket, image_to_tensor
+from lora_gui.data import Example, Scan, Skipped, UnusableImage, open_image
 from lora_gui.families import Family, ImageGeometry
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.atomic import write_text_atomic
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
@@ -58,7 +59,7 @@ OPTIMIZER_FACTS = {
     "adafactor": OptimizerFacts(1e-4, _ADAM_RATE, 0),
 }
 OPTIMIZERS = tuple(OPTIMIZER_FACTS)
-LORA_TYPES = ("lora", "dora", "loha", "lokr")
+LORA_TYPES = tuple(ADAPTER_KINDS)
 # Settings a resumed run may change: they leave what was learned as it is (the learning rate after a divergence,
 # the length of the run, when to save and sample). The others stay as the run started.
 CHANGEABLE_ON_RESUME = (
@@ -153,8 +154,7 @@ class TrainConfig:
     rank: int = _field(16, "LoRA rank: its capacity. 4-8 for a style, 16-32 for a person.", "main")
     lora_type: str = _field(
         "lora",
-        "Kind of adapter: lora (the usual); dora (also learns each weight's size: often better at the same rank, "
-        "slower); loha or lokr (LyCORIS' Hadamard and Kronecker products: more capacity for the file size).",
+        "Kind of adapter: " + "; ".join(f"{kind.name} ({kind.help})" for kind in ADAPTER_KINDS.values()) + ".",
         choices=LORA_TYPES,
     )
     alpha: float = _field(0.0, "LoRA alpha; the update is scaled by alpha / rank (0 = same as rank).")
@@ -282,11 +282,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
-        if self.lora_type in ("loha", "lokr") and self.quantize_base == "nf4":
-            # peft's LoHa and LoKr read the base weight's shape, which NF4's packed bytes don't have.
+        if not ADAPTER_KINDS[self.lora_type].trains_on_nf4 and self.quantize_base == "nf4":
             raise ConfigError(
                 f"lora_type {self.lora_type} can't train on a base stored in NF4: pick quantize_base int8 or none, "
-                "or lora_type lora or dora"
+                f"or lora_type {' or '.join(name for name, kind in ADAPTER_KINDS.items() if kind.trains_on_nf4)}"
             )
         if not OPTIMIZER_FACTS[self.optimizer].decays and self.lr_scheduler not in STEADY_SCHEDULERS:
             raise ConfigError(

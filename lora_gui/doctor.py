@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from lora_gui import data
+from lora_gui import batching, data
 from lora_gui.errors import DataError
 from lora_gui.staging import Staging
 
@@ -312,7 +312,7 @@ def _extreme_shapes(examples: list[data.Example], resolution: int) -> list[Findi
     extreme = [name for name, ratio in ratios.items() if ratio > EXTREME_ASPECT]
     if not extreme:
         return []
-    widest = max(w / h for w, h in data.bucket_sizes(resolution, BUCKET_STEP))
+    widest = max(w / h for w, h in batching.bucket_sizes(resolution, BUCKET_STEP))
     one = len(extreme) == 1
     message = (
         f"{_names([f'{name} ({ratios[name]:.1f}:1)' for name in extreme])} {'is' if one else 'are'} very long "
@@ -325,7 +325,7 @@ def _extreme_shapes(examples: list[data.Example], resolution: int) -> list[Findi
 def _buckets(examples: list[data.Example], resolution: int) -> list[Finding]:
     if not examples:
         return []
-    spread = Counter(data.assign_buckets(examples, resolution, BUCKET_STEP, aspect_buckets=True))
+    spread = Counter(batching.assign_buckets(examples, resolution, BUCKET_STEP, aspect_buckets=True))
     sizes = ", ".join(f"{count} in {w}x{h}" for (w, h), count in spread.most_common())
     kinds = f"{len(spread)} shape{'s' * (len(spread) != 1)}"
     message = f"Training batches pictures of one shape together; at {resolution} px these fall into {kinds}: {sizes}."

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui.atomic import write_text_atomic
-from lora_gui.data import read_caption_file
 from lora_gui.errors import ConfigError, LoraFileError
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
@@ -201,15 +200,6 @@ class RunFolder:
             if match:
                 found.append((int(match[1]), int(match[2]), path))
         return sorted(found)
-
-    def prompt(self) -> str:
-        """A prompt this run's LoRA knows: its first preview prompt, else its first training caption."""
-        config = _read_json(self.config)
-        prompts = [p for p in config.get("sample_prompts") or [] if isinstance(p, str) and p.strip()]
-        if prompts:
-            return prompts[0]
-        captions = sorted(self.dataset.rglob("*.txt")) if self.dataset.is_dir() else []
-        return read_caption_file(captions[0]) if captions else ""
 
 
 @dataclass

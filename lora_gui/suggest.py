@@ -2,9 +2,8 @@
 
 Reads only what the Dataset tab's checks already read (each picture's size from its header, its caption) and a
 `Card` (its memory and whether it computes bf16; simulated in tests). Every suggestion is checked with the
-memory estimate: where it would not fit the card, memory savers are added one at a time (gradient checkpointing,
-an 8-bit optimizer, a smaller batch, a quantized base, a lower resolution) until it does, and then those it
-turned out not to need are taken back, so a big card keeps the fast settings.
+memory estimate: where it would not fit the card, memory savers (memory_savers.py) are added one at a time until it
+does, and then those it turned out not to need are taken back, so a big card keeps the fast settings.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_gui import devices
+from lora_gui import devices, memory_savers
 from lora_gui.config import TrainConfig
 from lora_gui.data import Example
 from lora_gui.errors import LoraGuiError
@@ -162,32 +161,10 @@ def suggest(
 
 def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) -> list[Change]:
     """What these pictures call for on a card with room to spare."""
-    title = get_family(family).title
-    native = get_family(family).default_resolution
-    # "Most pictures": three quarters have a short side at least this big; above it training upscales them.
-    most = sorted(pictures.short_sides)[pictures.count // 4] // 64 * 64
-    resolution = max(64, min(native, most))
-    if resolution == native:
-        why = f"{title}'s own size, and your pictures are at least that big"
-    else:
-        smaller = sum(side < native for side in pictures.short_sides)
-        why = (
-            f"{smaller} of your {pictures.count} pictures are smaller than {title}'s own {native} px, and three "
-            f"quarters are at least {resolution} px: above that, training would only upscale them"
-        )
-    words = sum(len(caption.split()) for caption in pictures.captions) / pictures.count
-    rank = 8 if subject == "style" and words >= RICH_CAPTION_WORDS else RANK[subject]
-    rank_why = {
-        "person": "a face and its features need room: 16-32 is usual for a person",
-        "object": "one object needs less room than a face",
-        "style": "a style with sparse captions leaves the LoRA the content to learn as well",
-    }[subject]
-    if rank == 8:
-        rank_why = f"your captions describe each picture (about {words:.0f} words), so the LoRA only needs the look"
     batch = 4 if pictures.count >= 100 else 2 if pictures.count >= 30 else 1
     changes = [
-        Change("resolution", resolution, why),
-        Change("rank", rank, rank_why),
+        _resolution(pictures, family),
+        _rank(pictures, subject),
         Change("optimizer", "adamw", "AdamW, the usual optimizer; the card has the memory for its full state"),
         Change("learning_rate", LEARNING_RATE, "1e-4, what every preset here and diffusers' LoRA scripts use"),
         Change(
@@ -234,6 +211,37 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
     return changes
 
 
+def _resolution(pictures: Pictures, family: str) -> Change:
+    """The model's own size, unless most pictures are smaller: training above them would only upscale them."""
+    title = get_family(family).title
+    native = get_family(family).default_resolution
+    # "Most pictures": three quarters have a short side at least this big; above it training upscales them.
+    most = sorted(pictures.short_sides)[pictures.count // 4] // 64 * 64
+    resolution = max(64, min(native, most))
+    if resolution == native:
+        return Change("resolution", resolution, f"{title}'s own size, and your pictures are at least that big")
+    smaller = sum(side < native for side in pictures.short_sides)
+    why = (
+        f"{smaller} of your {pictures.count} pictures are smaller than {title}'s own {native} px, and three "
+        f"quarters are at least {resolution} px: above that, training would only upscale them"
+    )
+    return Change("resolution", resolution, why)
+
+
+def _rank(pictures: Pictures, subject: str) -> Change:
+    """Room for what the subject needs the LoRA to learn; less for a style whose captions say the rest."""
+    words = sum(len(caption.split()) for caption in pictures.captions) / pictures.count
+    if subject == "style" and words >= RICH_CAPTION_WORDS:
+        why = f"your captions describe each picture (about {words:.0f} words), so the LoRA only needs the look"
+        return Change("rank", 8, why)
+    why = {
+        "person": "a face and its features need room: 16-32 is usual for a person",
+        "object": "one object needs less room than a face",
+        "style": "a style with sparse captions leaves the LoRA the content to learn as well",
+    }[subject]
+    return Change("rank", RANK[subject], why)
+
+
 def _shared_word(captions: tuple[str, ...]) -> bool:
     """Whether some word of four letters or more is in every caption: a trigger word already, most likely."""
     words = [{word.strip(",.;:").lower() for word in caption.split()} for caption in captions]
@@ -255,24 +263,6 @@ def _steps(pictures: Pictures, subject: str, config: TrainConfig) -> Change:
     return Change("max_steps", steps, why)
 
 
-def _savers(config: TrainConfig, family: str, card: Card) -> list[tuple[str, Any, str]]:
-    """The memory savers, least harmful first: (setting, value, what it costs)."""
-    eight_bit = "adamw8bit" if not card.assumed else "adafactor"  # bitsandbytes' 8-bit AdamW needs an NVIDIA GPU
-    savers: list[tuple[str, Any, str]] = [
-        ("gradient_checkpointing", True, "about 30% slower"),
-        ("optimizer", eight_bit, "its state in fewer bytes, about as good"),
-    ]
-    savers += [("batch_size", size, "slower per picture") for size in (2, 1) if size < config.batch_size]
-    # Quantizing before lowering the resolution: 8-bit frozen weights cost little (QLoRA), training under the
-    # model's own size costs detail.
-    savers.append(("quantize_base", "int8", "the frozen weights in 8 bits, a little less exact"))
-    if not card.assumed:  # NF4 runs only on NVIDIA GPUs
-        savers.append(("quantize_base", "nf4", "the frozen weights in 4 bits, less exact"))
-    floor = max(256, get_family(family).default_resolution // 2)
-    savers += [("resolution", size, "less detail") for size in range(config.resolution - 128, floor - 1, -128)]
-    return savers
-
-
 def _fit(
     config: TrainConfig, family: str, card: Card, precision: str, keep: set[str]
 ) -> tuple[TrainConfig, dict[str, Change], Estimate]:
@@ -281,7 +271,8 @@ def _fit(
     result = estimate(config, family, precision)
     roomy = config
     applied: dict[str, str] = {}  # setting -> what its saver costs
-    for setting, value, cost in _savers(config, family, card):
+    nvidia = not card.assumed  # without a GPU here, nothing that needs bitsandbytes' CUDA kernels would run
+    for setting, value, cost in memory_savers.to_try(config, get_family(family).default_resolution, nvidia):
         if result.memory_gb <= budget:
             break
         if setting in keep:

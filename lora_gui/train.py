@@ -31,12 +31,12 @@ from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
-from lora_gui import data, devices, events, quantization
+from lora_gui import batching, data, devices, events, memory_savers, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
-from lora_gui.config import CHANGEABLE_ON_RESUME, OPTIMIZER_FACTS, TrainConfig, optimizer_settings
+from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig, optimizer_settings
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, ImageGeometry
@@ -202,7 +202,7 @@ class Training:
     latents: LatentCache
     captions: list[str]  # each image's caption as trained (trigger word in front)
     text: TextConditioning
-    order: data.BatchOrder
+    order: batching.BatchOrder
     held_out: list[int]  # the images the validation loss is measured on (never in a batch); empty: no validation
     params: list[torch.nn.Parameter]
     rates: list[float]  # each parameter group's learning rate, as the settings give it
@@ -334,7 +334,7 @@ def _validation_pictures(
     `validation_data`), which of them are for validation alone, and a sentence saying so (or why there are
     none). Held-out pictures depend only on the seed and the names in dataset/, so a resume holds out the same."""
     if not config.validation_data:
-        held_out, note = data.hold_out(examples, config.validation_images, config.seed)
+        held_out, note = batching.hold_out(examples, config.validation_images, config.seed)
         if accelerator.is_main_process:
             run.write_validation(run.dataset, [examples[index].relpath for index in held_out], note)
         return examples, held_out, note
@@ -407,7 +407,7 @@ class Caches:
     latents: LatentCache
     captions: list[str]  # of the images that decoded, as trained (trigger word in front)
     text: TextConditioning | None  # every caption's conditioning; None when the text encoders train
-    order: data.BatchOrder
+    order: batching.BatchOrder
     held_out: list[int]  # the images for validation alone, by their index in the latents
     prompts: list[str]  # the preview prompts
     prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
@@ -428,7 +428,7 @@ def _build_caches(
     computed once; then the VAE and frozen encoders wait in CPU memory (the VAE until the previews' decoding,
     the encoders for good), and the denoiser comes. The VAE and the text encoders take turns on the device:
     Flux's T5 alone is 9.5 GB, which a 12 GB card holds only without the VAE's work beside it."""
-    buckets = data.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
+    buckets = batching.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
     def progress(done: int, total: int) -> None:
@@ -455,7 +455,7 @@ def _build_caches(
             with torch.no_grad():  # without autocast, as the captions were (see devices.outside_autocast)
                 prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
-    order = data.BatchOrder(buckets, config.batch_size, config.seed, held_out)
+    order = batching.BatchOrder(buckets, config.batch_size, config.seed, held_out)
     return Caches(latents, captions, text, order, held_out, prompts, prompt_embeddings)
 
 
@@ -990,24 +990,5 @@ def _user_error(error: Exception, config: TrainConfig, run: RunFolder) -> LoraGu
 
 
 def oom_advice(config: TrainConfig) -> str:
-    """What to change when the GPU runs out of memory, most effective first, fitted to the settings."""
-    tips = []
-    if config.batch_size > 1:
-        tips.append(f"lower the batch size (now {config.batch_size}) and raise gradient accumulation instead")
-    if not config.gradient_checkpointing:
-        tips.append("turn on gradient checkpointing")
-    if config.quantize_base != "nf4":
-        fewer = "nf4" if config.quantize_base == "int8" else "int8 or nf4"
-        tips.append(f"store the base model in fewer bits (quantize_base {fewer})")
-    if config.resolution > 512:
-        tips.append(f"lower the resolution (now {config.resolution})")
-    if config.optimizer != "adafactor":
-        # Adafactor keeps almost nothing per weight; 8-bit AdamW a quarter of AdamW's, and only on NVIDIA GPUs.
-        smaller = "" if OPTIMIZER_FACTS[config.optimizer].state_bytes <= 2 else " or 8-bit AdamW"
-        tips.append(f"use the adafactor optimizer{smaller}")
-    if config.train_text_encoder:
-        tips.append("stop training the text encoder")
-    if config.rank > 16:
-        tips.append(f"lower the rank (now {config.rank})")
-    tips.append("or pick a low-VRAM preset")
-    return "the GPU ran out of memory. To fit: " + "; ".join(tips)
+    """What to change when the GPU runs out of memory, fitted to the settings, least harmful first."""
+    return "the GPU ran out of memory. To fit: " + "; ".join([*memory_savers.tips(config), "or pick a low-VRAM preset"])

@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from lora_gui.batching import BatchOrder, assign_buckets, bucket_sizes, fit_to_bucket
 from lora_gui.data import (
     CUT_OFF,
     MIN_SIDE,
-    BatchOrder,
-    assign_buckets,
-    bucket_sizes,
     copy_into_run,
-    fit_to_bucket,
     full_caption,
     open_image,
     scan_folder,

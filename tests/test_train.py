@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 
 from lora_gui import events, objectives
 from lora_gui import train as train_module
+from lora_gui.batching import assign_buckets, fit_to_bucket, image_to_tensor
 from lora_gui.config import TrainConfig, load_preset
-from lora_gui.data import assign_buckets, fit_to_bucket, image_to_tensor, open_image, scan_folder
+from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import DEMO_PRESET
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.lora_files.export import export_run

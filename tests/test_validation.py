@@ -9,7 +9,7 @@ import pytest
 from conftest import quick_config
 from safetensors import safe_open
 
-from lora_gui import data, events, train
+from lora_gui import batching, data, events, train
 from lora_gui.demo import write_demo_dataset
 from lora_gui.runs import FINISHED, RunFolder, ValidationCurve, summarize
 
@@ -30,9 +30,9 @@ def straight(tiny_model: Path, eight: Path, tmp_path_factory: pytest.TempPathFac
     """An uninterrupted validated run, its folder and events; the batch order it trained with is spied on."""
     seen: list = []
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    orders: list[data.BatchOrder] = []
+    orders: list[batching.BatchOrder] = []
     spy = pytest.MonkeyPatch()
-    spy.setattr(data.BatchOrder, "__init__", _recording(data.BatchOrder.__init__, orders))
+    spy.setattr(batching.BatchOrder, "__init__", _recording(batching.BatchOrder.__init__, orders))
     try:
         train.train(quick_config(tiny_model, eight, **VALIDATED), run_dir, on_event=seen.append)
     finally:
@@ -72,11 +72,11 @@ def test_held_out_pictures_are_never_in_a_batch(straight):
 
 def test_held_out_pictures_depend_only_on_the_seed_and_the_names():
     examples = [data.Example(Path(f"{name}.png"), "x", (64, 64), f"{name}.png") for name in "abcdefghij"]
-    chosen, _ = data.hold_out(examples, 2, seed=7)
+    chosen, _ = batching.hold_out(examples, 2, seed=7)
     shuffled = examples[::-1]
-    again, _ = data.hold_out(shuffled, 2, seed=7)
+    again, _ = batching.hold_out(shuffled, 2, seed=7)
     assert {examples[i].relpath for i in chosen} == {shuffled[i].relpath for i in again}
-    capped, note = data.hold_out(examples, 5, seed=7)
+    capped, note = batching.hold_out(examples, 5, seed=7)
     assert len(capped) == 2 and "at most a quarter" in note
 
 

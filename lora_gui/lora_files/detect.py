@@ -25,19 +25,18 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.base_models import PICKLE_SUFFIXES, TensorFile
 from lora_gui.errors import LoraFileError
 from lora_gui.families import REGISTRY, Family, family_of_lora
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
-# Tensor-name ending -> kind, for the kinds Generate applies as weight changes, checked in order.
+# Tensor-name ending -> kind, for the kinds Generate applies as weight changes, checked in order: LyCORIS' own kinds
+# first, as their files may carry DoRA's lengths too (LyCORIS' dora_wd).
 _BY_WEIGHTS = tuple(
-    (re.compile(pattern + "$"), name)
-    for pattern, name in (
-        (r"\.hada_w1_a", "LyCORIS LoHa"),
-        (r"\.lokr_w[12](_[ab])?", "LyCORIS LoKr"),
-        (r"\.(dora_scale|lora_magnitude_vector)", "DoRA"),
-    )
+    (re.compile(kind.marker + "$"), kind.long_title)
+    for kind in sorted(ADAPTER_KINDS.values(), key=lambda kind: not kind.lycoris)
+    if kind.marker
 )
 # Tensor-name ending -> (kind, what diffusers lacks), checked in order.
 _LYCORIS = tuple(

@@ -42,6 +42,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save, save_file
 
+from lora_gui.adapter_kinds import ADAPTER_KINDS, any_of, titles
 from lora_gui.atomic import atomic_path
 from lora_gui.errors import LoraFileError
 from lora_gui.families import Family
@@ -88,9 +89,9 @@ def to_kohya(
     return converted
 
 
-# A layer's tensors in a diffusers-layout file as peft names them: LoRA's (with DoRA's magnitudes), LoHa's, LoKr's.
+# A layer's tensors in a diffusers-layout file as peft names them, for every kind of adapter.
 _PEFT_KEY = re.compile(
-    r"^([^.]+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$"
+    rf"^([^.]+)\.(.+)\.({any_of(part for kind in ADAPTER_KINDS.values() for part in kind.peft_parts)})$"
 )
 _DIFFUSERS_PARTS = {DOWN: "lora_A.weight", UP: "lora_B.weight"}
 
@@ -141,12 +142,9 @@ def peft_scale(config: dict[str, Any], module: str) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-# Every tensor of a layer in a LyCORIS-kind file, by the suffixes ComfyUI's adapters read (comfy/weight_adapter/
+# Every tensor of a layer in a file of any kind, by the suffixes ComfyUI's adapters read (comfy/weight_adapter/
 # lora.py, loha.py, lokr.py), and peft's names for DoRA's lengths and LoRA's factors (diffusers' layout).
-_LAYER_PART = re.compile(
-    r"^(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha|dora_scale|lora_magnitude_vector"
-    r"|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2)$"
-)
+_LAYER_PART = re.compile(rf"^(.+)\.({any_of(part for kind in ADAPTER_KINDS.values() for part in kind.file_parts)})$")
 
 
 def lycoris_layers(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -155,7 +153,7 @@ def lycoris_layers(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
     for key in tensors.keys():  # noqa: SIM118 (a TensorFile is not iterable)
         match = _LAYER_PART.match(key)
         if match is None:
-            raise LoraFileError(f"{key} is no part of a LoRA, DoRA, LoHa or LoKr layer")
+            raise LoraFileError(f"{key} is no part of a {titles()} layer")
         layers.setdefault(match[1], {})[match[2]] = tensors[key]
     return layers
 

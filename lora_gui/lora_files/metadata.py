@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui import data
+from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.config import TrainConfig, optimizer_settings
 from lora_gui.errors import LoraFileError
 from lora_gui.families import get_family
@@ -27,13 +28,6 @@ from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
 MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-# The LyCORIS network arguments that make each kind of adapter (plain LoRA is kohya's own networks).
-LYCORIS_ARGS = {
-    "dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},  # peft's lengths are the output rows'
-    "loha": {"algo": "loha"},
-    "lokr": {"algo": "lokr", "factor": "-1"},  # peft's LoKrConfig's decompose_factor
-}
-KIND_TITLES = {"lora": "LoRA", "dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
 # How kohya names the optimizer class in ss_optimizer.
 OPTIMIZER_CLASSES = {
     "adamw": "torch.optim.adamw.AdamW",
@@ -56,35 +50,25 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     denoiser = adapter_configs[family.denoiser_name]
     rank, alpha = denoiser["r"], float(denoiser["lora_alpha"] if "lora_alpha" in denoiser else denoiser["alpha"])
     trigger = config.trigger_word.strip()
-    epoch_number = max(1, math.ceil(round(record.epoch, 6)))
-    planned_epochs = max(1, math.ceil(round(record.epoch * record.total_steps / record.steps, 6)))
+    kind = ADAPTER_KINDS[config.lora_type]
     description = (
-        f"{KIND_TITLES[config.lora_type]} for {family.title}, trained with lora_gui on {len(captions)} images "
+        f"{kind.long_title} for {family.title}, trained with lora_gui on {len(captions)} images "
         f"for {record.steps} steps (rank {rank}, alpha {alpha:g})." + (f" Trigger word: {trigger}." if trigger else "")
     )
     resolution = config.resolution
     metadata = {
         "ss_output_name": run.name,
-        "ss_network_module": "lycoris.kohya" if config.lora_type in LYCORIS_ARGS else family.kohya_network_module,
+        "ss_network_module": "lycoris.kohya" if kind.lycoris_args else family.kohya_network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": family.kohya_base_model_version,
         "ss_v2": str(family.kohya_base_model_version.startswith("sd_v2")),
         "ss_sd_model_name": record.base_model_name,
         "ss_resolution": str((resolution, resolution)),
-        "ss_steps": str(record.steps),
-        "ss_epoch": str(epoch_number),
-        "ss_num_epochs": str(planned_epochs),
-        "ss_max_train_steps": str(record.total_steps),
+        **_length(record),
         "ss_num_train_images": str(len(captions)),
         "ss_num_reg_images": "0",
-        "ss_batch_size_per_device": str(config.batch_size),
-        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_learning_rate": str(config.learning_rate),
-        "ss_unet_lr": str(config.learning_rate),
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        **_steps(config),
         "ss_optimizer": f"{OPTIMIZER_CLASSES[config.optimizer]}({optimizer_args})",
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_mixed_precision": config.mixed_precision,
@@ -102,24 +86,57 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         "ss_dataset_dirs": json.dumps(
             {folder: {"n_repeats": 1, "img_count": count} for folder, count in Counter(folders).items()}
         ),
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": family.modelspec_architecture_of(record.prediction_type, record.variant),
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": run.name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.fromtimestamp(record.finished_at, timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.description": description,
+        **_modelspec(run.name, record, resolution, description),
     }
-    if record.prediction_type in MODELSPEC_PREDICTION_TYPES:  # ModelSpec names no others (Flux's is flow)
-        metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[record.prediction_type]
-    if config.lora_type in LYCORIS_ARGS:
-        metadata["ss_network_args"] = json.dumps(LYCORIS_ARGS[config.lora_type])
+    if kind.lycoris_args:
+        metadata["ss_network_args"] = json.dumps(kind.lycoris_args)
     if config.train_text_encoder:
         metadata["ss_text_encoder_lr"] = str(config.text_encoder_learning_rate or config.learning_rate)
     if trigger:
         metadata["modelspec.trigger_phrase"] = trigger
         metadata["modelspec.usage_hint"] = f"Trigger word: {trigger}"
     return metadata
+
+
+def _length(record: TrainingRecord) -> dict[str, str]:
+    """How far training went, in steps and epochs (the one under way counts whole), and how far it was to go."""
+    return {
+        "ss_steps": str(record.steps),
+        "ss_epoch": str(max(1, math.ceil(round(record.epoch, 6)))),
+        "ss_num_epochs": str(max(1, math.ceil(round(record.epoch * record.total_steps / record.steps, 6)))),
+        "ss_max_train_steps": str(record.total_steps),
+    }
+
+
+def _steps(config: TrainConfig) -> dict[str, str]:
+    """What each step took and how its learning rate went."""
+    return {
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+    }
+
+
+def _modelspec(title: str, record: TrainingRecord, resolution: int, description: str) -> dict[str, str]:
+    """ModelSpec's keys, but the trigger word's."""
+    spec = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": get_family(record.family).modelspec_architecture_of(
+            record.prediction_type, record.variant
+        ),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.fromtimestamp(record.finished_at, timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.description": description,
+    }
+    if record.prediction_type in MODELSPEC_PREDICTION_TYPES:  # ModelSpec names no others (Flux's is flow)
+        spec["modelspec.prediction_type"] = MODELSPEC_PREDICTION_TYPES[record.prediction_type]
+    return spec
 
 
 def tag_frequency(folders: list[str], captions: list[str]) -> dict[str, dict[str, int]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import gradio as gr
 
+from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
@@ -33,7 +34,7 @@ _LABELS = {
 # Menu entries a person reads, for settings whose values are short codes.
 _CHOICE_LABELS = {
     "family": {"auto": "auto (read it from the model)", **{name: family.title for name, family in REGISTRY.items()}},
-    "lora_type": {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"},
+    "lora_type": {name: kind.menu_title for name, kind in ADAPTER_KINDS.items()},
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from lora_gui import runs
+from lora_gui import data, runs
 from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress
 from lora_gui.config import TrainConfig
 from lora_gui.demo import DEMO_RESOLUTION
@@ -238,7 +238,7 @@ def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> d
         **model_defaults(family),
     }
     if not (prompt or "").strip():
-        updates["prompt"] = run.prompt()
+        updates["prompt"] = data.run_prompt(config, run)
     return updates
 
 

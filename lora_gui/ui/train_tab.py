@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from lora_gui import devices, quantization, runs
+from lora_gui import devices, memory_savers, quantization, runs
 from lora_gui.config import (
     OPTIMIZER_FACTS,
     TrainConfig,
@@ -461,16 +461,12 @@ def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]
 def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[str, float]]) -> str:
     """What lowers the phase that needs the most memory: first the preset made for this card, if one is."""
     preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
-    fewer_bits = "set Quantize base to int8 or nf4, " if config.quantize_base == "none" else ""
     if result.previews_gb >= result.training_gb:
         # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
-        return preset + fewer_bits + "lower Resolution: the preview images need the most."
-    return (
-        preset
-        + ("" if config.gradient_checkpointing else "turn on Gradient checkpointing (under Advanced), ")
-        + fewer_bits
-        + "lower Batch size or Resolution, or pick a low-VRAM preset."
-    )
+        tips = ", ".join(memory_savers.form_tips(config, memory_savers.PREVIEWS))
+        return preset + (f"{tips}: " if tips else "") + "the preview images need the most."
+    tips = memory_savers.form_tips(config, memory_savers.TRAINING)
+    return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
 
 
 def _preset_choices(mine: dict[str, Any] | None = None) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from test_gpu_regime import generate_request
 from test_train import fresh_pipe
 from torchao.quantization import Int8Tensor
 
-from lora_gui import base_models, devices, events, infer, quantization
+from lora_gui import base_models, devices, events, infer, model_policy, quantization
 from lora_gui.config import load_preset
 from lora_gui.estimate import denoiser_parameters, estimate
 from lora_gui.infer import Generator
@@ -308,7 +308,7 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
 
         # Generate: the choice a CUDA card of this size makes, and the branches it takes here.
         expected_quantization, expected_offload = GENERATE_PLANS[family][size]
-        chosen = infer._quantization_for_this_card(str(model), "auto", precision, base_models.ANY_BASE_MODEL)
+        chosen = infer._quantization_for_this_card(str(model), "auto", precision, model_policy.ANY_BASE_MODEL)
         on_cuda = quantization.for_card(
             denoiser_parameters(family), devices.DTYPES[precision], gpu.memory_gb, on_cuda=True, single_file=False
         )

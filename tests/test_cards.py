@@ -127,7 +127,7 @@ def test_generates_automatic_quantization_never_picks_what_the_models_format_ref
 
 
 def test_generate_takes_a_quantization_in_the_page_and_on_the_command_line(tiny_models, photos, tmp_path, monkeypatch):
-    from lora_gui.__main__ import main
+    from lora_gui.cli import main
     from lora_gui.jobs import JobManager
     from lora_gui.owners import EVERYONE
     from lora_gui.ui.app import build_app

@@ -16,7 +16,7 @@ import torch
 from conftest import train_argv
 from PIL import Image
 
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

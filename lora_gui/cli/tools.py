@@ -8,9 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_gui.bench import format_table, run_bench, save_json
+from lora_gui.bench import MODELS, format_table, run_bench, save_json
 from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets
 from lora_gui.errors import LoraGuiError
+from lora_gui.families import REGISTRY
 
 
 def add_ui(commands: argparse._SubParsersAction) -> None:
@@ -33,7 +34,8 @@ def _ui(args: argparse.Namespace) -> int:
 def add_tiny_model(commands: argparse._SubParsersAction) -> None:
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model for tests and the offline demo")
     tiny.add_argument("folder")
-    tiny.add_argument("--family", default="sd15", choices=FAMILIES[1:])
+    # Without --family, the registry's first family: the one the offline demo's model and most tests are.
+    tiny.add_argument("--family", default=next(iter(REGISTRY)), choices=list(REGISTRY))
     tiny.set_defaults(run=_tiny_model)
 
 
@@ -64,7 +66,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         "weights; flux-shallow is Flux.1 at full width with 1/19 of its depth (1 double, 2 single blocks, 1 T5 "
         "layer), which a CPU holds.",
     )
-    bench.add_argument("--model", default="tiny", choices=("tiny", "sd15", "sdxl", "flux-tiny", "flux-shallow", "flux"))
+    bench.add_argument("--model", default="tiny", choices=list(MODELS))
     bench.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     bench.add_argument("--batch-size", type=int, default=2)

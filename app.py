@@ -2,7 +2,7 @@
 
 import sys
 
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["ui", *sys.argv[1:]]))

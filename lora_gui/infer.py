@@ -29,23 +29,15 @@ from PIL import Image
 
 from lora_gui import devices, quantization
 from lora_gui.adapters import canonical_modules
-from lora_gui.base_models import (
-    ANY_BASE_MODEL,
-    PICKLE_SUFFIXES,
-    BaseModelPolicy,
-    DownloadProgress,
-    HubToken,
-    denoiser_parameters_on_disk,
-    family_from_files,
-    fetch,
-    load_pipeline,
-)
+from lora_gui.base_models import PICKLE_SUFFIXES, denoiser_parameters_on_disk, family_from_files, fetch, load_pipeline
+from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
 from lora_gui.gpu_owner import GpuOwner
 from lora_gui.lora_files import detect, kohya_layout
 from lora_gui.lora_files.diffusers_layout import read_diffusers_lora
+from lora_gui.model_policy import ANY_BASE_MODEL, BaseModelPolicy
 from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.runs import DIFFUSERS_LORA
 
@@ -77,7 +69,7 @@ class Generator:
         """Load a base model for generating, in `precision` (a mixed-precision setting) on a GPU, with its
         denoiser quantized as `quantize` says (one of `quantization.GENERATE_CHOICES`; "auto": as little as lets it
         fit this GPU, of what its format and this machine can run). A Hub model downloads first, with `token` and
-        its progress told to `on_progress` (see base_models.download)."""
+        its progress told to `on_progress` (see downloads.download)."""
         card, device = devices.card(), devices.compute_device()
         precision = devices.resolve_precision(precision)
         devices.use_tensor_cores()

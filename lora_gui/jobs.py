@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui import data, events
-from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, DownloadProgress, HubToken
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
+from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event
 from lora_gui.gpu_owner import GpuOwner
+from lora_gui.model_policy import ANY_BASE_MODEL, BaseModelPolicy
 from lora_gui.owners import EVERYONE, LOCAL, Visitor, read_owner, write_owner
 from lora_gui.runs import (
     CANCELLED,

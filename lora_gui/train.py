@@ -34,9 +34,10 @@ from safetensors import safe_open
 from lora_gui import batching, data, devices, events, memory_savers, quantization
 from lora_gui.adapters import add_lora, load_trained_lora
 from lora_gui.atomic import atomic_path, write_text_atomic
-from lora_gui.base_models import ANY_BASE_MODEL, BaseModelPolicy, HubToken, load_pipeline
+from lora_gui.base_models import load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig, optimizer_settings
+from lora_gui.downloads import HubToken
 from lora_gui.errors import ConfigError, LoraGuiError, OutOfMemoryError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, ImageGeometry
@@ -44,6 +45,7 @@ from lora_gui.hub import write_model_card
 from lora_gui.infer import decode
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.lora_files.export import write_kohya_lora
+from lora_gui.model_policy import ANY_BASE_MODEL, BaseModelPolicy
 from lora_gui.objectives import Objective
 from lora_gui.runs import DIFFUSERS_LORA, TRAINER_STATE, RunFolder, TrainingRecord, ValidationCurve
 

@@ -17,12 +17,12 @@ from PIL import Image
 from test_downloads import FakeHub, serve
 
 from lora_gui import data
-from lora_gui.__main__ import main
-from lora_gui.base_models import DownloadProgress
 from lora_gui.captioning import load_captioner
 from lora_gui.captioning.folder import IN_METADATA, NOTHING_CAME_OUT, caption_folder, pictures_to_caption
 from lora_gui.captioning.wd_tagger import TINY_TAGS, WdTagger, preprocess, write_tiny
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
+from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ConfigError, DataError, ModelLoadError
 
 HUB_TAGGER = "SmilingWolf/wd-swinv2-tagger-v3"  # what "wd-tagger" downloads

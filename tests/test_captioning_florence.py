@@ -16,7 +16,7 @@ from huggingface_hub import constants
 from PIL import Image
 from transformers import Florence2Processor
 
-from lora_gui import base_models, devices
+from lora_gui import devices, downloads
 from lora_gui.captioning import captioner_infos, florence, load_captioner
 from lora_gui.captioning.florence import Florence2, write_tiny
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
@@ -134,7 +134,7 @@ def test_downloads_its_hub_repo_or_the_one_given(tiny_florence: Path, monkeypatc
         assert "*.safetensors" in allow_patterns and not any("bin" in pattern for pattern in allow_patterns)
         return tiny_florence
 
-    monkeypatch.setattr(base_models, "download_files", download_files)
+    monkeypatch.setattr(downloads, "download_files", download_files)
     report = print
     load_captioner("florence2-large", token="hf_x", on_progress=report, **QUICK)
     load_captioner("florence2-base", source="someone/Florence-2-base-finetuned", **QUICK)

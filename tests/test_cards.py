@@ -20,7 +20,7 @@ from test_gpu_regime import generate_request
 from test_train import fresh_pipe
 from torchao.quantization import Int8Tensor
 
-from lora_gui import base_models, devices, events, infer, quantization
+from lora_gui import base_models, devices, events, infer, model_policy, quantization
 from lora_gui.config import load_preset
 from lora_gui.estimate import denoiser_parameters, estimate
 from lora_gui.infer import Generator
@@ -127,7 +127,7 @@ def test_generates_automatic_quantization_never_picks_what_the_models_format_ref
 
 
 def test_generate_takes_a_quantization_in_the_page_and_on_the_command_line(tiny_models, photos, tmp_path, monkeypatch):
-    from lora_gui.__main__ import main
+    from lora_gui.cli import main
     from lora_gui.jobs import JobManager
     from lora_gui.owners import EVERYONE
     from lora_gui.ui.app import build_app
@@ -308,7 +308,7 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
 
         # Generate: the choice a CUDA card of this size makes, and the branches it takes here.
         expected_quantization, expected_offload = GENERATE_PLANS[family][size]
-        chosen = infer._quantization_for_this_card(str(model), "auto", precision, base_models.ANY_BASE_MODEL)
+        chosen = infer._quantization_for_this_card(str(model), "auto", precision, model_policy.ANY_BASE_MODEL)
         on_cuda = quantization.for_card(
             denoiser_parameters(family), devices.DTYPES[precision], gpu.memory_gb, on_cuda=True, single_file=False
         )

@@ -16,7 +16,7 @@ import torch
 from conftest import train_argv
 from PIL import Image
 
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    from lora_gui import base_models
+    from lora_gui import downloads
     from lora_gui.base_models import load_pipeline
     from lora_gui.errors import ModelLoadError
 
@@ -284,7 +284,7 @@ def test_hub_failures_are_told_apart(monkeypatch, answer, message):
         raise OSError("download failed")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(base_models, "hf_hub_download", no_download)  # the download ahead of loading fails too
+    monkeypatch.setattr(downloads, "hf_hub_download", no_download)  # the download ahead of loading fails too
     monkeypatch.setattr(DiffusionPipeline, "load_config", no_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     with pytest.raises(ModelLoadError) as raised:

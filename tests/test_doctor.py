@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 from lora_gui import doctor
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.doctor import Finding, apply_fix, diagnose
 from lora_gui.errors import DataError

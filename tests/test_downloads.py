@@ -25,8 +25,9 @@ from huggingface_hub.utils import filter_repo_objects
 from test_flux_files import bfl_checkpoint
 from test_train import fresh_pipe
 
-from lora_gui import base_models
-from lora_gui.base_models import DownloadProgress, load_pipeline
+from lora_gui import base_models, downloads
+from lora_gui.base_models import load_pipeline
+from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ModelLoadError
 from lora_gui.jobs import JobManager, JobState
 from lora_gui.owners import EVERYONE
@@ -74,7 +75,7 @@ class FakeHub:
         if self.gated and token != self.accepted:
             raise GatedRepoError(f"Access to {self.repo} is restricted", response=response(401 if token else 403))
 
-    # base_models fetches model_index.json itself
+    # downloads fetches model_index.json itself
     def hf_hub_download(self, repo_id: str, filename: str, token: object = None) -> str:
         assert repo_id == self.repo
         self.check(token)
@@ -111,12 +112,13 @@ class FakeHub:
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> FakeHub:
-    """base_models goes online, to `fake`; huggingface_hub itself stays offline, so from_pretrained then loads
-    from the download cache as it would after a real download, and nothing else can reach the network."""
-    monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
-    monkeypatch.setattr(base_models, "get_token", lambda: None)  # no Hugging Face login on this computer
-    monkeypatch.setattr(base_models, "hf_hub_download", fake.hf_hub_download)
-    monkeypatch.setattr(base_models, "REPORT_EVERY", 0.01)
+    """base_models and downloads go online, to `fake`; huggingface_hub itself stays offline, so from_pretrained then
+    loads from the download cache as it would after a real download, and nothing else can reach the network."""
+    for module in (base_models, downloads):
+        monkeypatch.setattr(module, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setattr(downloads, "get_token", lambda: None)  # no Hugging Face login on this computer
+    monkeypatch.setattr(downloads, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(downloads, "REPORT_EVERY", 0.01)
     monkeypatch.setattr(
         HfApi, "repo_info", lambda api, repo_id, token=None, **kwargs: fake.repo_info(token or api.token)
     )
@@ -171,7 +173,7 @@ def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
     fetches every folder's weights), and the download ahead of it fetches the same."""
     files = [f"{folder}/{name}".lstrip("/") for folder, names in SDXL_REPO.items() for name in names.split()]
     index = json.loads((tiny_models("sdxl") / "model_index.json").read_text())
-    chosen = filter_repo_objects(files, **base_models._download_patterns(index, configs_only=()))
+    chosen = filter_repo_objects(files, **downloads._download_patterns(index, configs_only=()))
     tokenizer = SDXL_REPO["tokenizer"].split()
     assert sorted(chosen) == sorted(
         [
@@ -212,7 +214,7 @@ def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypat
     def refuse(repo_id: str, filename: str, token: object = None) -> str:
         raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response(401))
 
-    monkeypatch.setattr(base_models, "hf_hub_download", refuse)
+    monkeypatch.setattr(downloads, "hf_hub_download", refuse)
     with pytest.raises(ModelLoadError, match=r"Hugging Face refused the token .*huggingface\.co/settings/tokens"):
         load_pipeline(REPO, token="hf_TEST_mistyped")
 

@@ -10,8 +10,8 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from lora_gui.__main__ import main
 from lora_gui.base_models import checkpoint_family, family_from_files, load_pipeline
+from lora_gui.cli import main
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import detect_family
 

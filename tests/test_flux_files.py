@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_train import fresh_pipe, image
 
-from lora_gui.__main__ import main
 from lora_gui.base_models import load_pipeline
+from lora_gui.cli import main
 from lora_gui.errors import LoraFileError, ModelLoadError
 from lora_gui.families import REGISTRY
 from lora_gui.infer import Generator

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save, save_file
 from test_train import fresh_pipe, image, train_and_picture
 
 from lora_gui import events
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError, LoraGuiError
 from lora_gui.infer import Generator

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from test_formats import kohya_file_by_hand, peft_pipe, set_strengths
 from test_train import image
 
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError
 from lora_gui.families import get_family

@@ -171,7 +171,7 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
 def test_the_command_line_fits_the_learning_rate_to_the_optimizer_unless_told(
     monkeypatch, tmp_path, capsys, flags, expected
 ):
-    from lora_gui import __main__ as cli
+    from lora_gui import cli
     from lora_gui import train as train_module
 
     trained = []

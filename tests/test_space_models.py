@@ -15,11 +15,12 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from test_app import text
 from test_downloads import NEVER_LOADED, REPO, FakeHub, response, serve
 
-from lora_gui import base_models
-from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, load_pipeline
+from lora_gui import base_models, downloads
+from lora_gui.base_models import load_pipeline
 from lora_gui.demo import DEMO_MODEL
 from lora_gui.errors import LoraGuiError, ModelLoadError
 from lora_gui.jobs import JobManager
+from lora_gui.model_policy import HUB_IDS_ONLY, BaseModelPolicy
 from lora_gui.ui.app import build_app
 from lora_gui.ui.common import TINY_CHOICE
 
@@ -67,8 +68,8 @@ def hub_knows_nothing(monkeypatch):
     def not_found(repo_id, filename, token=None):
         raise RepositoryNotFoundError(f"{repo_id} not found", response=response(404))
 
-    monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
-    monkeypatch.setattr(base_models, "hf_hub_download", not_found)
+    monkeypatch.setattr(downloads, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setattr(downloads, "hf_hub_download", not_found)
 
 
 def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
@@ -136,7 +137,7 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
 
 def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(space, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_GUI_BASE_MODELS", "stabilityai/sdxl-turbo, Owner/Allowed")
-    monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read
+    monkeypatch.setattr(downloads, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read
     _, ctx = build_app(tmp_path, JobManager())
     with pytest.raises(LoraGuiError) as refused:
         ctx.resolve_base_model("someone/else")
@@ -159,7 +160,7 @@ def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     _, ctx = build_app(tmp_path, JobManager())
     with pytest.raises(LoraGuiError) as refused:
         ctx.resolve_base_model(REPO)
-    size, limit = base_models._size_text(hub.bytes_of_the_model()), base_models._size_text(int(limit_gb * 1e9))
+    size, limit = downloads._size_text(hub.bytes_of_the_model()), downloads._size_text(int(limit_gb * 1e9))
     assert str(refused.value) == (
         f"{REPO} is {size} to download, over this server's limit of {limit}: pick a smaller model"
     )

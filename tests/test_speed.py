@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lora_gui.__main__ import main
+from lora_gui.cli import main
 from lora_gui.config import TrainConfig
 from lora_gui.estimate import estimate
 

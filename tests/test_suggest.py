@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_gui import __main__ as cli
-from lora_gui import devices
+from lora_gui import cli, devices
 from lora_gui import train as train_module
 from lora_gui.config import TrainConfig
 from lora_gui.data import scan_folder

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from lora_gui.base_models import DownloadProgress, HubToken
+from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, ModelLoadError
 
 
@@ -70,7 +70,8 @@ def model_folder(
     """Where a captioner's `files` are, and the Hub repo they came from ("" for a local folder): `source` (a
     folder, or another such captioner's Hub id), else `info`'s Hub repo, downloaded the first time. `what` names
     the captioner in messages ("Florence-2", "tagger")."""
-    from lora_gui.base_models import download_files, is_hub_id
+    from lora_gui.downloads import download_files
+    from lora_gui.model_policy import is_hub_id
 
     repo_id = info.repo_id
     if source is not None and str(source).strip():

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from lora_gui import devices
-from lora_gui.base_models import DownloadProgress, HubToken
 from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
+from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
 
 # How much a caption says, and the task prompt that asks Florence-2 for it.

@@ -23,9 +23,9 @@ from PIL import Image
 
 from lora_gui import data
 from lora_gui.atomic import write_text_atomic
-from lora_gui.base_models import DownloadProgress
 from lora_gui.captioning import Captioner, load_captioner
 from lora_gui.data import Skipped
+from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.gpu_owner import GpuOwner
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lora_gui.base_models import DownloadProgress, HubToken
 from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
+from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
 
 log = logging.getLogger(__name__)

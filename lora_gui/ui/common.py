@@ -16,19 +16,21 @@ import pandas as pd
 from gradio import processing_utils
 from gradio import utils as gradio_utils
 
-from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, HubToken, family_from_files, is_hub_id
+from lora_gui.base_models import family_from_files
 from lora_gui.captioning import ensure_tiny_captioner, load_captioner
 from lora_gui.captioning.folder import DRAFT_SIDE, caption_in_background
 from lora_gui.config import list_presets, load_preset
 from lora_gui.data import UnusableImage, open_image
 from lora_gui.demo import DEMO_MODEL
 from lora_gui.devices import matmul_tflops
+from lora_gui.downloads import HubToken
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.families import REGISTRY
 from lora_gui.infer import GeneratorCache
 from lora_gui.jobs import JobManager
 from lora_gui.limits import Limits, check_free_disk, check_runs_waiting
 from lora_gui.lora_files.export import export_run
+from lora_gui.model_policy import HUB_IDS_ONLY, BaseModelPolicy, is_hub_id
 from lora_gui.owners import EVERYONE, Visitor, anonymous, signed_in, user
 from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs
 from lora_gui.staging import Staging

@@ -14,12 +14,12 @@ from typing import Any
 
 import gradio as gr
 
-from lora_gui.base_models import DownloadProgress
 from lora_gui.captioning import captioner_infos
 from lora_gui.captioning.folder import CaptionPass, pictures_to_caption
 from lora_gui.config import TrainConfig
 from lora_gui.data import full_caption
 from lora_gui.doctor import Finding, apply_fix, diagnose
+from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
 from lora_gui.staging import DatasetReport, Staging

@@ -16,9 +16,10 @@ from typing import Any
 import gradio as gr
 
 from lora_gui import data, runs
-from lora_gui.base_models import PICKLE_SUFFIXES, DownloadProgress
+from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.config import TrainConfig
 from lora_gui.demo import DEMO_RESOLUTION
+from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.owners import Visitor

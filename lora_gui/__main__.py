@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset, settings_for_optimizer
+from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets, load_preset
 from lora_gui.errors import LoraGuiError
 from lora_gui.lora_files import LORA_LAYOUTS
+from lora_gui.optimizers import settings_for_optimizer
 from lora_gui.quantization import GENERATE_CHOICES
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lora_gui import events
-    from lora_gui.train import train
+    from lora_gui.training import train
 
     config = _config_from_args(args)
     if args.caption_missing and not _caption_missing(config, args.caption_missing):

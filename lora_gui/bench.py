@@ -44,7 +44,7 @@ from lora_gui.data import fit_to_bucket, image_to_tensor, open_image, scan_folde
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import Family, ImageGeometry
 from lora_gui.tiny import write_tiny_model
-from lora_gui.train import train
+from lora_gui.training import train
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_gui import data
-from lora_gui.config import TrainConfig, optimizer_settings
+from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraFileError
 from lora_gui.families import get_family
+from lora_gui.optimizers import OPTIMIZERS
 from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
@@ -34,14 +35,6 @@ LYCORIS_ARGS = {
     "lokr": {"algo": "lokr", "factor": "-1"},  # peft's LoKrConfig's decompose_factor
 }
 KIND_TITLES = {"lora": "LoRA", "dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
-# How kohya names the optimizer class in ss_optimizer.
-OPTIMIZER_CLASSES = {
-    "adamw": "torch.optim.adamw.AdamW",
-    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
-    "prodigy": "prodigyopt.prodigy.Prodigy",
-    "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
-    "adafactor": "transformers.optimization.Adafactor",
-}
 
 
 def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -51,8 +44,6 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
     if not run.dataset.is_dir():
         raise LoraFileError(f"{run.dataset} is gone; the LoRA's metadata (image count, tags) is built from it")
     folders, captions = trained_captions(run, config.trigger_word)
-    # As kohya writes them: its optimizer's arguments, key=value.
-    optimizer_args = ",".join(f"{name}={value}" for name, value in optimizer_settings(config).items())
     denoiser = adapter_configs[family.denoiser_name]
     rank, alpha = denoiser["r"], float(denoiser["lora_alpha"] if "lora_alpha" in denoiser else denoiser["alpha"])
     trigger = config.trigger_word.strip()
@@ -78,23 +69,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         "ss_max_train_steps": str(record.total_steps),
         "ss_num_train_images": str(len(captions)),
         "ss_num_reg_images": "0",
-        "ss_batch_size_per_device": str(config.batch_size),
-        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_learning_rate": str(config.learning_rate),
-        "ss_unet_lr": str(config.learning_rate),
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_optimizer": f"{OPTIMIZER_CLASSES[config.optimizer]}({optimizer_args})",
-        "ss_max_grad_norm": str(config.max_grad_norm),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_seed": str(config.seed),
-        "ss_noise_offset": str(config.noise_offset),
-        "ss_min_snr_gamma": str(config.snr_gamma),
-        "ss_caption_dropout_rate": str(config.caption_dropout),
-        "ss_flip_aug": str(config.random_flip),
-        "ss_enable_bucket": str(config.aspect_buckets),
-        "ss_cache_latents": "True",
+        **_training_settings(config),
         "ss_training_started_at": str(record.finished_at - record.seconds),
         "ss_training_finished_at": str(record.finished_at),
         "ss_training_comment": "Trained with lora_gui" + (f"; trigger word: {trigger}" if trigger else ""),
@@ -120,6 +95,32 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         metadata["modelspec.trigger_phrase"] = trigger
         metadata["modelspec.usage_hint"] = f"Trigger word: {trigger}"
     return metadata
+
+
+def _training_settings(config: TrainConfig) -> dict[str, str]:
+    """kohya's `ss_*` keys that come from the settings alone."""
+    # As kohya writes them: its optimizer's arguments, key=value.
+    optimizer = OPTIMIZERS[config.optimizer]
+    optimizer_args = ",".join(f"{name}={value}" for name, value in optimizer.settings(config).items())
+    return {
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": f"{optimizer.kohya_class}({optimizer_args})",
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_seed": str(config.seed),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_min_snr_gamma": str(config.snr_gamma),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_flip_aug": str(config.random_flip),
+        "ss_enable_bucket": str(config.aspect_buckets),
+        "ss_cache_latents": "True",
+    }
 
 
 def tag_frequency(folders: list[str], captions: list[str]) -> dict[str, dict[str, int]]:

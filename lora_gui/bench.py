@@ -45,7 +45,7 @@ from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import REGISTRY, Family, ImageGeometry, get_family
 from lora_gui.tiny import write_tiny_model
-from lora_gui.train import train
+from lora_gui.training import train
 
 log = logging.getLogger(__name__)
 

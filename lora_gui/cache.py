@@ -86,20 +86,7 @@ def cache_latents(
         per_call = max(1, ENCODE_PIXELS // (bucket[0] * bucket[1] * (2 if with_flips else 1)))
         for start in range(0, len(indices), per_call):
             chunk = indices[start : start + per_call]
-            pixels, rows = [], []
-            for index in chunk:
-                try:
-                    image = open_image(examples[index].path)
-                except UnusableImage as problem:
-                    skipped.append(Skipped(examples[index].caption_source, str(problem)))
-                    log.warning("Skipped %s", skipped[-1])
-                    continue
-                image, geometry[index] = fit_to_bucket(image, bucket)
-                pixels.append(image_to_tensor(image))
-                rows.append(index)
-                if with_flips:
-                    pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
-                    rows.append(index + len(examples))
+            pixels, rows = _pixels(examples, chunk, bucket, with_flips, geometry, skipped)
             if pixels:
                 batch = torch.stack(pixels).to(device, dtype=vae.dtype)
                 distribution = vae.encode(batch).latent_dist
@@ -121,6 +108,33 @@ def cache_latents(
         kept=kept,
         skipped=skipped,
     )
+
+
+def _pixels(
+    examples: list[Example],
+    chunk: list[int],
+    bucket: tuple[int, int],
+    with_flips: bool,
+    geometry: list[ImageGeometry | None],
+    skipped: list[Skipped],
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The pictures `chunk` fitted to `bucket` (and their mirror images), each with its row in the cache; the
+    geometry of each is filled in, and a picture that fails to decode is added to `skipped` instead."""
+    pixels, rows = [], []
+    for index in chunk:
+        try:
+            image = open_image(examples[index].path)
+        except UnusableImage as problem:
+            skipped.append(Skipped(examples[index].caption_source, str(problem)))
+            log.warning("Skipped %s", skipped[-1])
+            continue
+        image, geometry[index] = fit_to_bucket(image, bucket)
+        pixels.append(image_to_tensor(image))
+        rows.append(index)
+        if with_flips:
+            pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+            rows.append(index + len(examples))
+    return pixels, rows
 
 
 def _cache_device(

@@ -11,54 +11,23 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.atomic import write_text_atomic
-from lora_gui.errors import ConfigError
+from lora_gui.errors import ConfigError, check_between
 from lora_gui.families import REGISTRY
+from lora_gui.optimizers import OPTIMIZERS, SETTING_HELP, check_rates, check_schedule
 from lora_gui.quantization import QUANTIZATIONS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-STEADY_SCHEDULERS = ("constant", "constant_with_warmup")  # the learning rate never decays
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FAMILIES = ("auto", *REGISTRY)
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-@dataclass(frozen=True)
-class OptimizerFacts:
-    """What the settings, the form and the estimate know of an optimizer; train.py builds it."""
-
-    learning_rate: float  # its usual learning rate: the form's, when the one set is another optimizer's
-    rate_help: str  # the learning rate's hint under it
-    state_bytes: int  # its state per trained parameter (the LoRA's weights are fp32)
-    decays: bool = True  # whether it takes a decaying learning-rate schedule
-
-
-_ADAM_RATE = "How big each update is; 1e-4 is a safe start for LoRA."
-OPTIMIZER_FACTS = {
-    "adamw": OptimizerFacts(1e-4, _ADAM_RATE, 8),  # both moments in fp32
-    "adamw8bit": OptimizerFacts(1e-4, _ADAM_RATE, 2),  # both moments in 8 bits
-    # Adam's two moments, its running sum of gradients `s` and the starting weights `p0` (a single zero for a
-    # lora_B that starts at zero: about 14 bytes in all, counted as 16 to stay on the safe side).
-    "prodigy": OptimizerFacts(
-        1.0, "Prodigy finds its own step size and this only scales it: leave it at 1.0 (0.5 gentler).", 16
-    ),
-    # The second moment and the averaged weights' other sequence `z`. No decay: its averaging does that work.
-    "adamw-schedulefree": OptimizerFacts(
-        1e-4, _ADAM_RATE + " Schedule-free AdamW keeps it constant: its averaging does what a decay would.", 8, False
-    ),
-    # No first moment, and the second one factored into a row and a column per matrix (every LoRA weight is one):
-    # rank + width numbers for rank x width weights, counted as none.
-    "adafactor": OptimizerFacts(1e-4, _ADAM_RATE, 0),
-}
-OPTIMIZERS = tuple(OPTIMIZER_FACTS)
 LORA_TYPES = tuple(ADAPTER_KINDS)
 # Settings a resumed run may change: they leave what was learned as it is (the learning rate after a divergence,
 # the length of the run, when to save and sample). The others stay as the run started.
@@ -133,16 +102,11 @@ class TrainConfig:
     epochs: int = _field(0, "Train for this many passes over the images instead of max_steps (0 = use max_steps).")
     batch_size: int = _field(1, "Images per step (higher is faster per image but needs more GPU memory).")
     gradient_accumulation_steps: int = _field(1, "Add up this many batches before each optimizer step.")
-    learning_rate: float = _field(1e-4, _ADAM_RATE, "main")
+    learning_rate: float = _field(1e-4, OPTIMIZERS["adamw"].rate_help, "main")
     text_encoder_learning_rate: float = _field(0.0, "Learning rate of the text encoder LoRA (0 = same as above).")
     lr_scheduler: str = _field("constant", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _field(0, "Steps over which the learning rate ramps up from zero.")
-    optimizer: str = _field(
-        "adamw",
-        "adamw (the usual); adamw8bit (less memory; NVIDIA GPUs); prodigy (finds its own step size: learning rate "
-        "1.0); adamw-schedulefree (no schedule needed); adafactor (least memory).",
-        choices=OPTIMIZERS,
-    )
+    optimizer: str = _field("adamw", SETTING_HELP, choices=tuple(OPTIMIZERS))
     prodigy_d_coef: float = _field(1.0, "Prodigy only: scales the step size it finds (0.5 gentler, 2 bolder).")
     adam_beta1: float = _field(0.9, "AdamW beta1.")
     adam_beta2: float = _field(0.999, "AdamW beta2.")
@@ -226,60 +190,19 @@ class TrainConfig:
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that makes no sense, in plain words."""
-        _between("resolution", self.resolution, 64, 4096)
+        check_between("resolution", self.resolution, 64, 4096)
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); try 512, 768 or 1024")
-        _between("max_steps", self.max_steps, 1, 10_000_000)
-        _between("epochs", self.epochs, 0, 100_000)
-        _between("batch_size", self.batch_size, 1, 1024)
-        _between("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
-        rate_check = _rate_check(self.optimizer)
-        rate_check("learning_rate", self.learning_rate)
-        if self.text_encoder_learning_rate:
-            rate_check("text_encoder_learning_rate", self.text_encoder_learning_rate)
-        if self.optimizer == "prodigy" and self.text_encoder_learning_rate not in (0, self.learning_rate):
-            # prodigyopt finds one step size for every parameter group, and refuses groups with other rates.
-            raise ConfigError(
-                "Prodigy takes one learning rate for everything it trains: set text_encoder_learning_rate to 0 "
-                "(the same as learning_rate)"
-            )
-        _between("prodigy_d_coef", self.prodigy_d_coef, 0.01, 100.0)
-        _between("lr_warmup_steps", self.lr_warmup_steps, 0, 10_000_000)
-        _between("adam_beta1", self.adam_beta1, 0.0, 0.9999)
-        _between("adam_beta2", self.adam_beta2, 0.0, 0.99999)
-        _between("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)
-        _between("adam_epsilon", self.adam_epsilon, 0.0, 1.0)
-        if self.adam_epsilon <= 0:
-            # A weight whose gradient is still zero gets 0 / 0 from AdamW: NaN, and the LoRA is lost.
-            raise ConfigError("adam_epsilon must be above 0 (1e-8 is usual): at 0 the LoRA's weights become NaN")
-        _between("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
-        _between("rank", self.rank, 1, 256)
-        _between("alpha", self.alpha, 0.0, 4096.0)
-        _between("caption_dropout", self.caption_dropout, 0.0, 0.5)
-        _between("snr_gamma", self.snr_gamma, 0.0, 100.0)
-        _between("noise_offset", self.noise_offset, 0.0, 1.0)
-        _between("seed", self.seed, 0, 2**32 - 1)
-        _between("checkpoint_every", self.checkpoint_every, 0, 10_000_000)
-        _between("keep_checkpoints", self.keep_checkpoints, 1, 1000)
-        _between("sample_every", self.sample_every, 0, 10_000_000)
-        _between("sample_steps", self.sample_steps, 1, 200)
-        _between("sample_seed", self.sample_seed, 0, 2**32 - 1)
-        _between("log_every", self.log_every, 1, 100_000)
-        _between("validation_images", self.validation_images, 0, 1000)
-        _between("validation_every", self.validation_every, 1, 10_000_000)
-        _between("early_stop", self.early_stop, 0, 10_000)
+        check_between("max_steps", self.max_steps, 1, 10_000_000)
+        check_between("epochs", self.epochs, 0, 100_000)
+        check_between("batch_size", self.batch_size, 1, 1024)
+        check_between("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024)
+        check_rates(self)
+        self._check_optimizer_numbers()
+        self._check_other_numbers()
         if self.validation_images and self.validation_data:
             raise ConfigError("pick one way to validate: validation_images (held out) or validation_data (a folder)")
-        for name, choices in (
-            ("lr_scheduler", LR_SCHEDULERS),
-            ("mixed_precision", MIXED_PRECISIONS),
-            ("family", FAMILIES),
-            ("optimizer", OPTIMIZERS),
-            ("lora_type", LORA_TYPES),
-            ("quantize_base", tuple(QUANTIZATIONS)),
-        ):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
+        self._check_choices()
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError("text_encoder_target_modules must name at least one layer when training the text encoder")
         if not ADAPTER_KINDS[self.lora_type].trains_on_nf4 and self.quantize_base == "nf4":
@@ -287,16 +210,52 @@ class TrainConfig:
                 f"lora_type {self.lora_type} can't train on a base stored in NF4: pick quantize_base int8 or none, "
                 f"or lora_type {' or '.join(name for name, kind in ADAPTER_KINDS.items() if kind.trains_on_nf4)}"
             )
-        if not OPTIMIZER_FACTS[self.optimizer].decays and self.lr_scheduler not in STEADY_SCHEDULERS:
-            raise ConfigError(
-                f"lr_scheduler {self.lr_scheduler} lowers the learning rate over the run, which the "
-                f"{self.optimizer} optimizer does without: its averaging of the weights does that work. "
-                "Pick constant, or constant_with_warmup for a warmup"
-            )
+        check_schedule(self)
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
             raise ConfigError(
                 "lr_warmup_steps needs a scheduler with warmup: pick constant_with_warmup, linear or cosine"
             )
+
+    def _check_optimizer_numbers(self) -> None:
+        check_between("prodigy_d_coef", self.prodigy_d_coef, 0.01, 100.0)
+        check_between("lr_warmup_steps", self.lr_warmup_steps, 0, 10_000_000)
+        check_between("adam_beta1", self.adam_beta1, 0.0, 0.9999)
+        check_between("adam_beta2", self.adam_beta2, 0.0, 0.99999)
+        check_between("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)
+        check_between("adam_epsilon", self.adam_epsilon, 0.0, 1.0)
+        if self.adam_epsilon <= 0:
+            # A weight whose gradient is still zero gets 0 / 0 from AdamW: NaN, and the LoRA is lost.
+            raise ConfigError("adam_epsilon must be above 0 (1e-8 is usual): at 0 the LoRA's weights become NaN")
+        check_between("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+
+    def _check_other_numbers(self) -> None:
+        check_between("rank", self.rank, 1, 256)
+        check_between("alpha", self.alpha, 0.0, 4096.0)
+        check_between("caption_dropout", self.caption_dropout, 0.0, 0.5)
+        check_between("snr_gamma", self.snr_gamma, 0.0, 100.0)
+        check_between("noise_offset", self.noise_offset, 0.0, 1.0)
+        check_between("seed", self.seed, 0, 2**32 - 1)
+        check_between("checkpoint_every", self.checkpoint_every, 0, 10_000_000)
+        check_between("keep_checkpoints", self.keep_checkpoints, 1, 1000)
+        check_between("sample_every", self.sample_every, 0, 10_000_000)
+        check_between("sample_steps", self.sample_steps, 1, 200)
+        check_between("sample_seed", self.sample_seed, 0, 2**32 - 1)
+        check_between("log_every", self.log_every, 1, 100_000)
+        check_between("validation_images", self.validation_images, 0, 1000)
+        check_between("validation_every", self.validation_every, 1, 10_000_000)
+        check_between("early_stop", self.early_stop, 0, 10_000)
+
+    def _check_choices(self) -> None:
+        for name, choices in (
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("family", FAMILIES),
+            ("optimizer", tuple(OPTIMIZERS)),
+            ("lora_type", LORA_TYPES),
+            ("quantize_base", tuple(QUANTIZATIONS)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
 
     # ---- derived values -----------------------------------------------------------------------
     @property
@@ -352,87 +311,6 @@ class TrainConfig:
     @staticmethod
     def help(name: str) -> str:
         return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}[name]
-
-
-def _between(name: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number (got {value!r})")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low:g} and {high:g} (got {value:g})")
-
-
-def _positive_rate(name: str, value: float) -> None:
-    _between(name, value, 0.0, 1.0)
-    if value <= 0:
-        raise ConfigError(f"{name} must be above 0; 1e-4 is a good start")
-    if value > 0.01:
-        raise ConfigError(
-            f"{name} {value:g} is far too high for LoRA and would wreck the model; try 1e-4 "
-            "(only the prodigy optimizer takes 1.0)"
-        )
-
-
-def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
-    """The optimizer's own settings, from the run's (train.py builds it with them; a LoRA's metadata names them).
-    Each is also a key of its parameter groups, which a checkpoint brings back as saved: that is how a resume sets
-    those it may change."""
-    adam = {
-        "weight_decay": config.adam_weight_decay,
-        "betas": (config.adam_beta1, config.adam_beta2),
-        "eps": config.adam_epsilon,
-    }
-    if config.optimizer == "prodigy":
-        # As Prodigy's README advises for diffusion models: Adam's bias correction, and with a warmup its step
-        # size estimated without the learning rate, which the warmup's ramp from zero would hold back.
-        warmup = config.lr_warmup_steps > 0
-        return {**adam, "d_coef": config.prodigy_d_coef, "use_bias_correction": True, "safeguard_warmup": warmup}
-    if config.optimizer == "adafactor":
-        # The learning rate as given, not Adafactor's own step sizes relative to each weight's size; no first
-        # moment (beta1 stays None), which is what makes it small. Its eps is a pair of its own, left as it is.
-        return {"weight_decay": config.adam_weight_decay, "relative_step": False, "scale_parameter": False}
-    return adam
-
-
-def settings_for_optimizer(
-    optimizer: str, learning_rate: Any, text_encoder_learning_rate: Any, lr_scheduler: str, lr_warmup_steps: Any
-) -> dict[str, Any]:
-    """For a form where `optimizer` was just picked: which of these settings must change for it to be valid, and
-    to what. A learning rate made for another optimizer (AdamW's 1e-4 under Prodigy, Prodigy's 1.0 under AdamW)
-    becomes this one's usual, a text encoder's rate that no longer fits becomes 0 (the same), and a decaying
-    schedule under schedule-free AdamW a constant one, its warmup kept. A rate that fits is the user's: kept."""
-    facts, check = OPTIMIZER_FACTS[optimizer], _rate_check(optimizer)
-    changes: dict[str, Any] = {}
-    if not _passes(check, learning_rate):
-        changes["learning_rate"] = facts.learning_rate
-    rate = changes.get("learning_rate", learning_rate)
-    encoder_rate = text_encoder_learning_rate
-    if encoder_rate and (not _passes(check, encoder_rate) or (optimizer == "prodigy" and encoder_rate != rate)):
-        changes["text_encoder_learning_rate"] = 0.0
-    if not facts.decays and lr_scheduler not in STEADY_SCHEDULERS:
-        changes["lr_scheduler"] = "constant_with_warmup" if lr_warmup_steps else "constant"
-    return changes
-
-
-def _passes(check: Callable[[str, float], None], value: Any) -> bool:
-    try:
-        check("learning_rate", value)
-    except ConfigError:
-        return False
-    return True
-
-
-def _rate_check(optimizer: str) -> Callable[[str, float], None]:
-    return _prodigy_rate if optimizer == "prodigy" else _positive_rate
-
-
-def _prodigy_rate(name: str, value: float) -> None:
-    """Prodigy finds its own step size: its learning rate only scales it, and 1.0 is what its authors advise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 0.1:
-        raise ConfigError(
-            f"{name} {value:g} is an AdamW learning rate: Prodigy finds its own step size, so its learning rate is "
-            "a multiplier; use 1.0"
-        )
-    _between(name, value, 0.1, 10.0)
 
 
 def _coerce(name: str, value: Any, default: Any, default_factory: Any) -> Any:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from lora_gui.atomic import atomic_folder
 from lora_gui.errors import DataError
 
 if TYPE_CHECKING:
@@ -511,11 +512,8 @@ def copy_into_run(scan: Scan, dataset_dir: Path, link: bool = False) -> Scan:
     disk allows (a copy otherwise): for sources whose files are only ever replaced, never rewritten in place,
     as the app's staging folder, so the run keeps the pictures as they were.
     """
-    building = dataset_dir.with_name(f".{dataset_dir.name}.tmp")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
     copied = Scan(skipped=list(scan.skipped))
-    try:
+    with atomic_folder(dataset_dir) as building:
         for example in scan.examples:
             relpath = example.relpath or example.path.name
             target = building / relpath
@@ -528,11 +526,6 @@ def copy_into_run(scan: Scan, dataset_dir: Path, link: bool = False) -> Scan:
             copied.examples.append(
                 Example(path=dataset_dir / relpath, caption=example.caption, size=example.size, relpath=relpath)
             )
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    shutil.rmtree(dataset_dir, ignore_errors=True)
-    os.replace(building, dataset_dir)
     return copied
 
 

@@ -18,9 +18,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from lora_gui.config import OPTIMIZER_FACTS, TrainConfig
+from lora_gui.config import TrainConfig
 from lora_gui.devices import DTYPES
 from lora_gui.families import get_family
+from lora_gui.optimizers import OPTIMIZERS
 from lora_gui.quantization import QUANTIZATIONS
 
 CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tensors take
@@ -55,7 +56,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     cost = _unet_cost(family, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
     # Each trained weight: itself and its gradient in fp32, and the optimizer's state. Schedule-free AdamW's copy
     # of the training weights, while it evaluates, takes the gradients' place (they are freed after each step).
-    optimizer_bytes = 4 + 4 + OPTIMIZER_FACTS[config.optimizer].state_bytes
+    optimizer_bytes = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes
     base = _denoiser_bytes(cost, precision, config.quantize_base) + cost.lora_params * optimizer_bytes
     activations = cost.activations
     text = _text_encoder_bytes(family, precision)

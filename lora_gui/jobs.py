@@ -39,7 +39,7 @@ from lora_gui.runs import (
     ValidationCurve,
     interrupted_message,
 )
-from lora_gui.train import train
+from lora_gui.training import train
 
 log = logging.getLogger(__name__)
 

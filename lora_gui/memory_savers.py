@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lora_gui.config import OPTIMIZER_FACTS, TrainConfig
+from lora_gui.config import TrainConfig
+from lora_gui.optimizers import OPTIMIZERS
 
 # The estimate's phases a saver lowers (Estimate.training_gb, Estimate.previews_gb).
 TRAINING, PREVIEWS = "training", "previews"
@@ -41,7 +42,7 @@ def _fewer_bits(config: TrainConfig) -> str:
 
 def _or_8_bit(config: TrainConfig, name: str) -> str:
     # Adafactor keeps almost nothing per weight; 8-bit AdamW a quarter of AdamW's, and only on NVIDIA GPUs.
-    return "" if OPTIMIZER_FACTS[config.optimizer].state_bytes <= 2 else f" or {name}"
+    return "" if OPTIMIZERS[config.optimizer].state_bytes <= 2 else f" or {name}"
 
 
 def _smaller_batches(config: TrainConfig, native: int, nvidia: bool) -> list[tuple[Any, str]]:

@@ -10,12 +10,13 @@ seconds, and they load through the same `from_pretrained` path as a real model.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lora_gui.atomic import atomic_folder
 
 # Words the tokenizer knows whole; anything else is spelled out byte by byte, as CLIP would.
 _WORDS = """
@@ -225,14 +226,10 @@ def ensure_tiny_model(folder: str | Path, family: str) -> Path:
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        write_tiny_model(tmp, family)
-        tmp.replace(folder)
+        with atomic_folder(folder, replace=False) as tmp:
+            write_tiny_model(tmp, family)
     except OSError:
         if not (folder / "model_index.json").is_file():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -105,7 +105,7 @@ def main() -> None:
     from lora_gui.errors import LoraGuiError
     from lora_gui.jobs import JobManager
     from lora_gui.staging import Staging
-    from lora_gui.train import train
+    from lora_gui.training import train
     from lora_gui.ui import config_form, train_tab
     from lora_gui.ui.app import build_app
     from lora_gui.ui.common import TINY_CHOICE

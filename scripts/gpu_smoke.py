@@ -77,7 +77,7 @@ from lora_gui.estimate import denoiser_parameters
 from lora_gui.infer import Generator
 from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.tiny import write_tiny_model
-from lora_gui.train import train
+from lora_gui.training import train
 
 # name: (family, resolution, steps, batch size, also train the text encoders with gradient checkpointing,
 # the frozen denoiser's quantization)

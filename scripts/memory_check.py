@@ -28,7 +28,7 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.estimate import _preview_bytes, _unet_cost, _vae_encode_bytes
 from lora_gui.families.stable_diffusion import StableDiffusion1
 from lora_gui.tiny import write_tiny_model
-from lora_gui.train import train
+from lora_gui.training import train
 
 GIB = 2**30
 

@@ -20,7 +20,7 @@ from test_train import fresh_pipe, image
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.jobs import JobManager
-from lora_gui.train import train
+from lora_gui.training import train
 from lora_gui.ui.app import build_app
 
 SECRET = "hf_TEST_app_secret_456"

@@ -24,7 +24,7 @@ from lora_gui import base_models, devices, events, infer, model_policy, quantiza
 from lora_gui.config import load_preset
 from lora_gui.estimate import denoiser_parameters, estimate
 from lora_gui.infer import Generator
-from lora_gui.train import train
+from lora_gui.training import train
 
 
 def varied(image: Image.Image) -> bool:
@@ -168,7 +168,7 @@ def test_flux_prompts_are_encoded_with_t5s_fp32_layers_in_fp32_as_training_encod
 ):
     """transformers keeps T5's `wo` layers in fp32 when T5 loads in fp16; fp16 autocast would compute them in fp16.
     Training encodes captions without autocast: previews and Generate must read their prompts the same way."""
-    import lora_gui.train as train_module
+    from lora_gui.training import setup
 
     card(24, bf16=False)
     computed = []  # each wo layer's call: its input's dtype, its weight's, whether autocast was on
@@ -185,7 +185,7 @@ def test_flux_prompts_are_encoded_with_t5s_fp32_layers_in_fp32_as_training_encod
                 )
         return family, pipe
 
-    for module in (train_module, infer):
+    for module in (setup, infer):
         monkeypatch.setattr(module, "load_pipeline", loading_and_watching_wo)
     config = quick_config(tiny_models("flux"), photos, max_steps=1, sample_every=1)
     train(config, tmp_path / "run")

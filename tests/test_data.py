@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from lora_gui.atomic import atomic_folder
 from lora_gui.batching import BatchOrder, assign_buckets, bucket_sizes, fit_to_bucket
 from lora_gui.data import (
     CUT_OFF,
@@ -260,6 +261,26 @@ def test_the_run_copy_is_written_whole_with_hard_links_or_else_copies(tmp_path, 
     copy_into_run(scan, dataset, link=True)
     assert os.stat(dataset / "a.png").st_ino != os.stat(source / "a.png").st_ino
     assert (dataset / "a.png").read_bytes() == (source / "a.png").read_bytes()
+
+
+def test_a_folder_written_atomically_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out" / "folder"
+    with pytest.raises(RuntimeError), atomic_folder(target) as building:
+        (building / "half.txt").write_text("half")
+        raise RuntimeError("crashed halfway")
+    assert not target.exists() and list(target.parent.iterdir()) == [], "nothing half-written left"
+    with atomic_folder(target) as building:
+        (building / "a.txt").write_text("a")
+        assert not target.exists()
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+    with atomic_folder(target) as building:  # its writer's: replaced whole
+        (building / "b.txt").write_text("b")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    # Writers racing to make the same folder: the first one's stays, a later one's is dropped.
+    with pytest.raises(OSError), atomic_folder(target, replace=False) as building:
+        (building / "c.txt").write_text("c")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["folder"], "no temporary folder left"
 
 
 def test_unusable_sources_fail_clearly(tmp_path):

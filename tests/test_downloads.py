@@ -31,7 +31,7 @@ from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ModelLoadError
 from lora_gui.jobs import JobManager, JobState
 from lora_gui.owners import EVERYONE
-from lora_gui.train import train
+from lora_gui.training import train
 from lora_gui.ui.app import build_app
 from lora_gui.ui.generate import generate
 from lora_gui.ui.train_tab import _progress_html

@@ -28,7 +28,7 @@ from lora_gui.errors import LoraFileError, LoraGuiError
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout
 from lora_gui.lora_files.kohya_layout import kohya_hashes
-from lora_gui.train import train
+from lora_gui.training import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

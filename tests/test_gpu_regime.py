@@ -29,7 +29,7 @@ from lora_gui.errors import LoraGuiError, OutOfMemoryError
 from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
-from lora_gui.train import train
+from lora_gui.training import train
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet-only", "with-text-encoder"])

@@ -35,7 +35,7 @@ from lora_gui.demo import (
     write_demo_concept,
 )
 from lora_gui.infer import Generator
-from lora_gui.train import train
+from lora_gui.training import train
 
 MODELS = Path(__file__).parent / "models"
 SEEDS = (0, 1, 2, 3)

@@ -25,7 +25,7 @@ from lora_gui.jobs import JobManager
 from lora_gui.lora_files.reshape import Layer, Lora, diffusers_twin, merge_loras, read_lora, resize_lora
 from lora_gui.lora_files.reshape import merge as merge_loras_in_memory
 from lora_gui.owners import Visitor, anonymous
-from lora_gui.train import train
+from lora_gui.training import train
 from lora_gui.ui.app import build_app
 from lora_gui.ui.runs import merge, resize
 

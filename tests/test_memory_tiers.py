@@ -16,11 +16,10 @@ from test_train import fresh_pipe, image
 from torchao.quantization import Int8Tensor
 
 from lora_gui import events
-from lora_gui import train as train_module
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.estimate import estimate, presets_that_fit
-from lora_gui.train import train
+from lora_gui.training import checkpoints, train
 
 
 def first_loss(run) -> float:
@@ -30,7 +29,7 @@ def first_loss(run) -> float:
 def test_an_int8_base_trains_a_lora_that_works_on_the_exact_base(tiny_models, photos, tmp_path, monkeypatch):
     model = tiny_models("flux")
     looked = {}
-    real_save = train_module.save_diffusers_lora
+    real_save = checkpoints.save_diffusers_lora
 
     def save_and_look(target, pipe, family):
         if target.parent.name == "int8":  # the final file, not a checkpoint's
@@ -40,7 +39,7 @@ def test_an_int8_base_trains_a_lora_that_works_on_the_exact_base(tiny_models, ph
             looked["image"] = image(pipe)
         return real_save(target, pipe, family)
 
-    monkeypatch.setattr(train_module, "save_diffusers_lora", save_and_look)
+    monkeypatch.setattr(checkpoints, "save_diffusers_lora", save_and_look)
     train(quick_config(model, photos, quantize_base="int8"), tmp_path / "int8")
     train(quick_config(model, photos), tmp_path / "exact")
 

@@ -14,10 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_gui import events
-from lora_gui.config import OPTIMIZERS, TrainConfig, settings_for_optimizer
+from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.estimate import estimate
-from lora_gui.train import oom_advice, train
+from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
+from lora_gui.training import train
+from lora_gui.training.messages import oom_advice
 
 # Each with the schedule it is used with; a warmup where it takes one (Prodigy's safeguard, schedule-free's own).
 SETTINGS = {
@@ -78,6 +80,21 @@ def test_the_estimate_orders_the_optimizers_by_the_state_they_keep():
     memory = {optimizer: training_gb(optimizer) for optimizer in OPTIMIZERS}
     assert memory["adafactor"] < memory["adamw8bit"] < memory["adamw"] < memory["prodigy"], memory
     assert memory["adamw-schedulefree"] == memory["adamw"], memory
+
+
+def test_each_optimizer_is_one_registry_entry_whose_kohya_name_is_its_class_and_the_app_reads_it_without_torch():
+    import subprocess
+    import sys
+
+    for name, optimizer in OPTIMIZERS.items():
+        try:
+            kind = optimizer.load()
+        except ConfigError:  # bitsandbytes, for NVIDIA GPUs, may not be installed
+            continue
+        assert f"{kind.__module__}.{kind.__qualname__}" == optimizer.kohya_class, name
+    assert TrainConfig.help("optimizer").startswith("adamw (the usual); adamw8bit (less memory; NVIDIA GPUs);")
+    imports = "import sys, lora_gui.optimizers; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_out_of_memory_advice_names_a_smaller_optimizer():
@@ -171,11 +188,10 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
 def test_the_command_line_fits_the_learning_rate_to_the_optimizer_unless_told(
     monkeypatch, tmp_path, capsys, flags, expected
 ):
-    from lora_gui import cli
-    from lora_gui import train as train_module
+    from lora_gui import cli, training
 
     trained = []
-    monkeypatch.setattr(train_module, "train", lambda config, *args, **kwargs: trained.append(config))
+    monkeypatch.setattr(training, "train", lambda config, *args, **kwargs: trained.append(config))
     where = ["--base-model", "someone/model", "--data", str(tmp_path), "--output", str(tmp_path / "run")]
     code = cli.main(["train", *where, *flags])
     if expected is None:

@@ -16,7 +16,7 @@ from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE, Visitor, anonymous, app_secret, read_owner, signed_in, user
 from lora_gui.staging import Staging
-from lora_gui.train import train
+from lora_gui.training import train
 from lora_gui.ui.app import build_app, parse_auth, restore
 from lora_gui.ui.common import TINY_CHOICE
 from lora_gui.ui.runs import push

@@ -117,7 +117,7 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     """The page's checks are not the only guard: what a run or Generate loads goes through the policy too."""
     from conftest import quick_config
 
-    from lora_gui.train import train
+    from lora_gui.training import train
 
     _, ctx = build_app(tmp_path / "runs", JobManager())
     try:

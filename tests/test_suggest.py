@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_gui import cli, devices
-from lora_gui import train as train_module
+from lora_gui import cli, devices, training
 from lora_gui.config import TrainConfig
 from lora_gui.data import scan_folder
 from lora_gui.errors import LoraGuiError
@@ -145,7 +144,7 @@ def test_without_a_gpu_the_card_is_assumed_and_said(monkeypatch):
 def test_train_auto_applies_the_suggestion_but_keeps_the_flags_given(picture_sets, monkeypatch, tmp_path, capsys):
     trained = []
     monkeypatch.setattr(devices, "card", lambda: None)
-    monkeypatch.setattr(train_module, "train", lambda config, *args, **kwargs: trained.append(config))
+    monkeypatch.setattr(training, "train", lambda config, *args, **kwargs: trained.append(config))
     folder = picture_sets["large"]
     auto = ["train", "--auto", "--subject", "style", "--data", str(folder), "--family", "sd15", "--rank", "4"]
     code = cli.main([*auto, "--base-model", "someone/model", "--output", str(tmp_path / "run")])

@@ -26,14 +26,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_gui import events, objectives
-from lora_gui import train as train_module
 from lora_gui.batching import assign_buckets, fit_to_bucket, image_to_tensor
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import DEMO_PRESET
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
 from lora_gui.lora_files.export import export_run
-from lora_gui.train import train
+from lora_gui.training import checkpoints, loop, train
+from lora_gui.training.previews import Previews
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
 FAMILIES = ("sd15", "sd2", "sdxl", "flux")
@@ -117,7 +117,7 @@ def train_and_picture(config: TrainConfig, run_dir: Path, **train_options) -> np
     """Train into `run_dir`; return `image` of the trained model in memory as the run saves its own LoRA file (not a
     checkpoint's): the picture every file of the run must give back once loaded."""
     seen = {}
-    real_save = train_module.save_diffusers_lora
+    real_save = checkpoints.save_diffusers_lora
 
     def save_and_look(target, pipe, family):
         if Path(target).parent == Path(run_dir):
@@ -125,7 +125,7 @@ def train_and_picture(config: TrainConfig, run_dir: Path, **train_options) -> np
         return real_save(target, pipe, family)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "save_diffusers_lora", save_and_look)
+        patch.setattr(checkpoints, "save_diffusers_lora", save_and_look)
         train(config, run_dir, **train_options)
     return seen["image"]
 
@@ -373,7 +373,7 @@ def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
     made = []
     offload = Offload(torch.device("cpu"))
     offload.bring(pipe.unet)
-    previews = train_module.Previews(
+    previews = Previews(
         Accelerator(cpu=True), pipe, family_class, config, run, [prompt], embeddings, offload, made.append
     )
     previews.make(1, 1)
@@ -556,14 +556,14 @@ def test_a_full_disk_is_said_plainly_and_earlier_checkpoints_survive(tiny_model,
     import errno
 
     config = quick_config(tiny_model, photos, max_steps=6, checkpoint_every=2)
-    real_save = train_module.save_diffusers_lora
+    real_save = checkpoints.save_diffusers_lora
 
     def save(target, pipe, family):
         if "step-4" in str(target):
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
         return real_save(target, pipe, family)
 
-    monkeypatch.setattr(train_module, "save_diffusers_lora", save)
+    monkeypatch.setattr(checkpoints, "save_diffusers_lora", save)
     with pytest.raises(LoraGuiError, match=r"the disk is full .* free some space, then resume the run"):
         train(config, tmp_path / "run")
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
@@ -587,7 +587,7 @@ def test_a_diverging_run_keeps_its_last_good_lora_and_resumes_with_a_lower_learn
     tiny_model, photos, tmp_path, monkeypatch, broken
 ):
     config = quick_config(tiny_model, photos, max_steps=6, checkpoint_every=0, learning_rate=1e-3)
-    real_loss, steps = train_module._loss, []
+    real_loss, steps = loop._loss, []
 
     def loss(t, batch):
         value = real_loss(t, batch)
@@ -596,7 +596,7 @@ def test_a_diverging_run_keeps_its_last_good_lora_and_resumes_with_a_lower_learn
             return value * float("nan") if broken == "loss" else NaNGradient.apply(value)
         return value
 
-    monkeypatch.setattr(train_module, "_loss", loss)
+    monkeypatch.setattr(loop, "_loss", loss)
     with pytest.raises(LoraGuiError, match=r"numbers .* at step 4: training diverged\. Lower the learning"):
         train(config, tmp_path / "run")
     run = tmp_path / "run"

@@ -9,9 +9,10 @@ import pytest
 from conftest import quick_config
 from safetensors import safe_open
 
-from lora_gui import batching, data, events, train
+from lora_gui import batching, data, events
 from lora_gui.demo import write_demo_dataset
 from lora_gui.runs import FINISHED, RunFolder, ValidationCurve, summarize
+from lora_gui.training import train, validation
 
 VALIDATED = dict(validation_images=2, validation_every=2, max_steps=8)
 
@@ -34,7 +35,7 @@ def straight(tiny_model: Path, eight: Path, tmp_path_factory: pytest.TempPathFac
     spy = pytest.MonkeyPatch()
     spy.setattr(batching.BatchOrder, "__init__", _recording(batching.BatchOrder.__init__, orders))
     try:
-        train.train(quick_config(tiny_model, eight, **VALIDATED), run_dir, on_event=seen.append)
+        train(quick_config(tiny_model, eight, **VALIDATED), run_dir, on_event=seen.append)
     finally:
         spy.undo()
     return run_dir, seen, orders[0]
@@ -50,7 +51,7 @@ def _recording(init, orders: list):
 
 def test_two_identical_runs_give_identical_validation_curves(straight, tiny_model, eight, tmp_path):
     run_dir, _, _ = straight
-    train.train(quick_config(tiny_model, eight, **VALIDATED), tmp_path / "again")
+    train(quick_config(tiny_model, eight, **VALIDATED), tmp_path / "again")
     curve = val_rows(run_dir)
     assert [step for step, _ in curve] == [2, 4, 6, 8], "every validation_every steps, and at the end"
     assert val_rows(tmp_path / "again") == curve
@@ -82,7 +83,7 @@ def test_held_out_pictures_depend_only_on_the_seed_and_the_names():
 
 def test_a_small_set_says_why_it_has_no_validation(tiny_model, photos, tmp_path):
     seen: list = []
-    train.train(quick_config(tiny_model, photos, **VALIDATED), tmp_path / "run", on_event=seen.append)
+    train(quick_config(tiny_model, photos, **VALIDATED), tmp_path / "run", on_event=seen.append)
     started = next(event for event in seen if event.kind == events.STARTED)
     assert started.data["images"] == 6
     assert "too few to hold any out" in started.data["validation"] and "8 or more" in started.data["validation"]
@@ -106,10 +107,10 @@ def test_the_best_steps_lora_is_kept_and_names_its_step(straight):
 
 def test_early_stop_ends_the_run_as_a_finished_one(tiny_model, eight, tmp_path, monkeypatch):
     measured = iter([1.0, 0.5, 0.7, 0.6, 0.4])  # steps 2, 4, 6, 8, 10: no better than step 4's at 6 and 8
-    monkeypatch.setattr(train, "_validation_loss", lambda t: next(measured))
+    monkeypatch.setattr(validation, "_validation_loss", lambda t: next(measured))
     seen: list = []
     config = quick_config(tiny_model, eight, **{**VALIDATED, "max_steps": 20, "early_stop": 2})
-    train.train(config, tmp_path / "run", on_event=seen.append)
+    train(config, tmp_path / "run", on_event=seen.append)
     finished = seen[-1]
     assert finished.kind == events.FINISHED and (finished.step, finished.total_steps) == (8, 20)
     assert "Stopped early at step 8 of 20" in finished.data["message"] and "at step 4" in finished.data["message"]
@@ -125,9 +126,9 @@ def test_a_stopped_and_resumed_run_continues_the_same_curve(straight, tiny_model
     config = quick_config(tiny_model, eight, **VALIDATED)
     seen: list = []
     stop = lambda: any(e.kind == events.STEP and e.step >= 5 for e in seen)  # noqa: E731
-    train.train(config, tmp_path / "run", on_event=seen.append, should_stop=stop)
+    train(config, tmp_path / "run", on_event=seen.append, should_stop=stop)
     assert seen[-1].kind == events.STOPPED and val_rows(tmp_path / "run") == val_rows(straight[0])[:2]
-    train.train(config, tmp_path / "run", resume=True)
+    train(config, tmp_path / "run", resume=True)
     assert val_rows(tmp_path / "run") == val_rows(straight[0])
     with safe_open(str(RunFolder(tmp_path / "run").best_lora), framework="pt") as handle:
         step = handle.metadata()["lora_gui.best_step"]
@@ -137,7 +138,7 @@ def test_a_stopped_and_resumed_run_continues_the_same_curve(straight, tiny_model
 def test_a_folder_of_validation_pictures_is_copied_into_the_run_and_measured(tiny_model, photos, tmp_path):
     others = write_demo_dataset(tmp_path / "others", count=2, size=(96, 96))
     config = quick_config(tiny_model, photos, validation_data=str(others), validation_every=4, max_steps=4)
-    train.train(config, tmp_path / "run")
+    train(config, tmp_path / "run")
     run = RunFolder(tmp_path / "run")
     assert sorted(p.name for p in run.validation_pictures.glob("*.png")) == ["demo_00.png", "demo_01.png"]
     assert run.held_out() == [] and len(val_rows(run.path)) == 1

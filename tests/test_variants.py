@@ -21,7 +21,7 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout
-from lora_gui.train import train
+from lora_gui.training import train
 
 VARIANTS = ("dora", "loha", "lokr")
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]  # proj_in: a 1x1 convolution in the tiny SD 1.5

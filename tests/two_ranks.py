@@ -14,10 +14,10 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from lora_gui import train as train_module
 from lora_gui.config import TrainConfig
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.runs import RunFolder
+from lora_gui.training import loop, train
 
 
 def main() -> None:
@@ -27,20 +27,20 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, required=True)
     args = parser.parse_args()
     state = PartialState(cpu=True)
-    save_lora = train_module._save_lora
+    save_lora = loop.save_lora
 
     def save_on_every_process(training, step):
         rank = training.accelerator.process_index
         save_diffusers_lora(training.run.path / f"rank-{rank}.safetensors", training.pipe, training.family)
         return save_lora(training, step)
 
-    train_module._save_lora = save_on_every_process
+    loop.save_lora = save_on_every_process
     checkpoint = RunFolder(Path(args.run_dir)).checkpoint(args.stop_after)
 
     def should_stop() -> bool:
         return state.process_index == state.num_processes - 1 and checkpoint.is_dir()
 
-    train_module.train(TrainConfig.load(args.config), args.run_dir, should_stop=should_stop)
+    train(TrainConfig.load(args.config), args.run_dir, should_stop=should_stop)
 
 
 if __name__ == "__main__":

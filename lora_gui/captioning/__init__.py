@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from PIL import Image
 
+from lora_gui.atomic import atomic_folder
 from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, ModelLoadError
 
@@ -108,19 +109,15 @@ def load_captioner(name: str, **kwargs: object) -> Captioner:
 def ensure_tiny_captioner(folder: Path) -> Path:
     """The tiny random tagger in `folder`, written the first time it is asked for (beside it, then renamed into
     place, so a half-written one is never loaded): what the offline demo and the tests caption with."""
-    import shutil
-    import tempfile
-
     from lora_gui.captioning.wd_tagger import write_tiny
 
     folder = Path(folder)
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    written = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    write_tiny(written)
     try:
-        written.rename(folder)
-    except OSError:  # another caller's copy won the race
-        shutil.rmtree(written, ignore_errors=True)
+        with atomic_folder(folder, replace=False) as written:
+            write_tiny(written)
+    except OSError:
+        if not folder.is_dir():  # unless another caller's copy won the race
+            raise
     return folder

@@ -15,9 +15,10 @@ from tqdm import tqdm
 from lora_gui import events
 from lora_gui.cli.caption import caption_pictures
 from lora_gui.cli.console import download_bar, stop_on_ctrl_c
-from lora_gui.config import FAMILIES, TrainConfig, list_presets, load_preset, settings_for_optimizer
+from lora_gui.config import FAMILIES, TrainConfig, list_presets, load_preset
 from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import LoraGuiError
+from lora_gui.optimizers import settings_for_optimizer
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -95,7 +96,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lora_gui.train import train
+    from lora_gui.training import train
 
     config = _config_from_args(args)
     if args.caption_missing and not _caption_missing(config, args.caption_missing):

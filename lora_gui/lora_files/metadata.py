@@ -21,21 +21,14 @@ from typing import Any
 
 from lora_gui import data
 from lora_gui.adapter_kinds import ADAPTER_KINDS
-from lora_gui.config import TrainConfig, optimizer_settings
+from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraFileError
 from lora_gui.families import get_family
+from lora_gui.optimizers import OPTIMIZERS
 from lora_gui.runs import RunFolder, TrainingRecord
 
 MODELSPEC_VERSION = "1.0.1"
 MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-# How kohya names the optimizer class in ss_optimizer.
-OPTIMIZER_CLASSES = {
-    "adamw": "torch.optim.adamw.AdamW",
-    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
-    "prodigy": "prodigyopt.prodigy.Prodigy",
-    "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
-    "adafactor": "transformers.optimization.Adafactor",
-}
 
 
 def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -46,7 +39,8 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         raise LoraFileError(f"{run.dataset} is gone; the LoRA's metadata (image count, tags) is built from it")
     folders, captions = trained_captions(run, config.trigger_word)
     # As kohya writes them: its optimizer's arguments, key=value.
-    optimizer_args = ",".join(f"{name}={value}" for name, value in optimizer_settings(config).items())
+    optimizer = OPTIMIZERS[config.optimizer]
+    optimizer_args = ",".join(f"{name}={value}" for name, value in optimizer.settings(config).items())
     denoiser = adapter_configs[family.denoiser_name]
     rank, alpha = denoiser["r"], float(denoiser["lora_alpha"] if "lora_alpha" in denoiser else denoiser["alpha"])
     trigger = config.trigger_word.strip()
@@ -69,7 +63,7 @@ def lora_metadata(run: RunFolder, record: TrainingRecord, adapter_configs: dict[
         "ss_num_train_images": str(len(captions)),
         "ss_num_reg_images": "0",
         **_steps(config),
-        "ss_optimizer": f"{OPTIMIZER_CLASSES[config.optimizer]}({optimizer_args})",
+        "ss_optimizer": f"{optimizer.kohya_class}({optimizer_args})",
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_mixed_precision": config.mixed_precision,
         "ss_seed": str(config.seed),

@@ -15,19 +15,18 @@ import gradio as gr
 
 from lora_gui import devices, memory_savers, quantization, runs
 from lora_gui.config import (
-    OPTIMIZER_FACTS,
     TrainConfig,
     as_preset,
     check_preset_name,
     list_presets,
     load_preset,
     save_preset,
-    settings_for_optimizer,
 )
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.estimate import Estimate, estimate, presets_that_fit
 from lora_gui.families import get_family
 from lora_gui.jobs import Job, JobState
+from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
 from lora_gui.suggest import Card, Pictures, suggest
@@ -453,7 +452,7 @@ def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]
     rate = {"value": changes["learning_rate"]} if "learning_rate" in changes else {}
     return {
         **changes,
-        "learning_rate": gr.update(info=OPTIMIZER_FACTS[optimizer].rate_help, **rate),
+        "learning_rate": gr.update(info=OPTIMIZERS[optimizer].rate_help, **rate),
         **show_estimate(ctx, base_model, **{**settings, **changes}),
     }
 

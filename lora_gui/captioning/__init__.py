@@ -12,12 +12,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from PIL import Image
 
-from lora_gui.base_models import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from lora_gui.base_models import DownloadProgress, HubToken
 
 
 @dataclass(frozen=True)

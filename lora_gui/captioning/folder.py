@@ -18,16 +18,19 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from lora_gui import data
 from lora_gui.atomic import write_text_atomic
-from lora_gui.base_models import DownloadProgress
 from lora_gui.captioning import Captioner, load_captioner
 from lora_gui.data import Skipped
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
-from lora_gui.gpu_owner import GpuOwner
+
+if TYPE_CHECKING:
+    from lora_gui.base_models import DownloadProgress
+    from lora_gui.gpu_owner import GpuOwner
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline
+from typing import TYPE_CHECKING
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
 from lora_gui.families.flux import Flux1
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 REGISTRY: dict[str, type[Family]] = {
     family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)

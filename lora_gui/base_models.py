@@ -25,11 +25,11 @@ from tqdm.std import tqdm
 from lora_gui import quantization
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import REGISTRY, Family, detect_family
+from lora_gui.lora_files import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 # Seconds between download progress reports: often enough to look alive, seldom enough to cost nothing.
 REPORT_EVERY = 0.5

@@ -31,7 +31,6 @@ from lora_gui import devices, quantization
 from lora_gui.adapters import canonical_modules
 from lora_gui.base_models import (
     ANY_BASE_MODEL,
-    PICKLE_SUFFIXES,
     BaseModelPolicy,
     DownloadProgress,
     HubToken,
@@ -44,7 +43,7 @@ from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family
 from lora_gui.gpu_owner import GpuOwner
-from lora_gui.lora_files import detect, kohya_layout
+from lora_gui.lora_files import PICKLE_SUFFIXES, detect, kohya_layout
 from lora_gui.lora_files.diffusers_layout import read_diffusers_lora
 from lora_gui.quantization import QUANTIZATIONS
 from lora_gui.runs import DIFFUSERS_LORA

@@ -11,3 +11,6 @@
 # The layouts a run's LoRA can be written in: kohya's (<name>.safetensors) and diffusers'
 # (pytorch_lora_weights.safetensors), or both.
 LORA_LAYOUTS = ("kohya", "diffusers", "both")
+# Weight files (a LoRA, a checkpoint) in PyTorch's pickle format, which can run code as it is read: refused unless
+# the user allows them. Named here, apart from torch, for the app's upload boxes.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from lora_gui.base_models import PICKLE_SUFFIXES, TensorFile
+from lora_gui.base_models import TensorFile
 from lora_gui.errors import LoraFileError
 from lora_gui.families import REGISTRY, Family
+from lora_gui.lora_files import PICKLE_SUFFIXES
 
 ELSEWHERE = "it works in AUTOMATIC1111, Forge and ComfyUI"
 # Tensor-name ending -> kind, for the kinds Generate applies as weight changes, checked in order.

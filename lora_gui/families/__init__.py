@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
@@ -17,7 +17,7 @@ REGISTRY: dict[str, type[Family]] = {
     family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
 }
 
-__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "get_family"]
+__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "family_of_configs", "get_family"]
 
 
 def get_family(name: str) -> type[Family]:
@@ -25,6 +25,12 @@ def get_family(name: str) -> type[Family]:
         return REGISTRY[name]
     except KeyError:
         raise ModelLoadError(f"unknown model family {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def family_of_configs(model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> str | None:
+    """The family a model's config files (model_index.json, text_encoder/config.json) show, by each family's
+    `matches_files`; None when no family's do."""
+    return next((f.name for f in REGISTRY.values() if f.matches_files(model_index, text_encoder_config)), None)
 
 
 def detect_family(pipe: DiffusionPipeline, override: str = "auto") -> type[Family]:

@@ -68,7 +68,7 @@ def uncaptioned(folder: Path) -> Path:
 
 def captioning(app: Ctx, folder: Path) -> Iterator[object]:
     """A captioning pass of the tiny tagger over `folder`, as the Dataset tab starts it."""
-    return app.caption_in_background(
+    return app.captioning.in_background(
         TINY_CAPTIONER, folder, EVERYONE, overwrite=False, prefix="", should_stop=lambda: False
     )
 

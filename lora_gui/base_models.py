@@ -20,14 +20,13 @@ from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
 from lora_gui import quantization
-from lora_gui.downloads import NOT_ON_THE_HUB, DownloadProgress, HubToken, download, gated_advice
+from lora_gui.downloads import NOT_ON_THE_HUB, PICKLE_SUFFIXES, DownloadProgress, HubToken, download, gated_advice
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import REGISTRY, Family, detect_family
 from lora_gui.model_policy import ANY_BASE_MODEL, BaseModelPolicy, is_hub_id
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class TensorFile(Mapping[str, torch.Tensor]):

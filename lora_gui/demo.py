@@ -9,6 +9,8 @@ tests, benchmarks and load tests, whatever the model.
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from lora_gui.config import TrainConfig, load_preset
+from lora_gui.errors import ModelLoadError
+from lora_gui.families import family_of_configs
 
 # The demo model: an SD 1.5-shaped model trained from scratch on drawn scenes (scripts/demo_base/train.py), small
 # enough to ship (3.5 MB: the UNet and VAE in fp16): it draws what a caption such as "a red circle on a blue
@@ -77,6 +81,17 @@ class Scene:
         if with_position:
             text += f", {POSITIONS[self.position][1]}"
         return text
+
+
+@functools.cache
+def demo_family() -> str:
+    """The demo model's family, told from its config files as any model folder's is (nothing is loaded)."""
+    index = json.loads((DEMO_MODEL / "model_index.json").read_text())
+    text_encoder = json.loads((DEMO_MODEL / "text_encoder" / "config.json").read_text())
+    family = family_of_configs(index, text_encoder)
+    if family is None:
+        raise ModelLoadError(f"the demo model in {DEMO_MODEL} is of no family this trainer knows")
+    return family
 
 
 def paint_shape(paint: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:

@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 # Seconds between download progress reports: often enough to look alive, seldom enough to cost nothing.
 REPORT_EVERY = 0.5
+# Weight files (a LoRA, a checkpoint) in PyTorch's pickle format, which can run code as it is read: never
+# downloaded, refused unless the user allows them. Here, apart from torch, for the app's upload boxes too.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Files of a model's component folders that from_pretrained never loads: it takes safetensors over pickles and
 # other frameworks' weights, and the plain weights over variants (fp16, non-EMA). Together, gigabytes.
 NOT_LOADED_FILES = [
-    *("*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.pb", "*.onnx", "*.onnx_data", "*.gguf"),
+    *(f"*{suffix}" for suffix in PICKLE_SUFFIXES),
+    *("*.msgpack", "*.h5", "*.pb", "*.onnx", "*.onnx_data", "*.gguf"),
     "*openvino*",
     *(f"*.{variant}{separator}*" for variant in ("fp16", "bf16", "non_ema") for separator in ".-"),
 ]

@@ -29,8 +29,8 @@ from PIL import Image
 
 from lora_gui import devices, quantization
 from lora_gui.adapters import canonical_modules
-from lora_gui.base_models import PICKLE_SUFFIXES, denoiser_parameters_on_disk, family_from_files, fetch, load_pipeline
-from lora_gui.downloads import DownloadProgress, HubToken
+from lora_gui.base_models import denoiser_parameters_on_disk, family_from_files, fetch, load_pipeline
+from lora_gui.downloads import PICKLE_SUFFIXES, DownloadProgress, HubToken
 from lora_gui.errors import LoraFileError, LoraGuiError, OutOfMemoryError
 from lora_gui.estimate import denoiser_parameters
 from lora_gui.families import Family

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_gui.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # In fp16, int8 weights are scaled per group of this many inputs (fewer where a layer's inputs don't divide by it):
 # torchao multiplies by the raw int8 weights of a per-row layer before scaling the product, and in fp16 a sum of
@@ -37,6 +39,8 @@ class Quantization:
     def weight_bytes(self, compute_dtype: torch.dtype) -> float:
         """Bytes per weight stored this way when the model computes in `compute_dtype` (unquantized: the dtype's
         own); fp16's int8 scales per group."""
+        import torch
+
         if self.name == "none":
             return torch.finfo(compute_dtype).bits // 8
         if self.name == "int8" and compute_dtype == torch.float16:
@@ -120,6 +124,7 @@ def pipeline_config(name: str, component: str, compute_dtype: torch.dtype, in_fe
 def _int8_config(compute_dtype: torch.dtype, in_features: set[int]):
     """torchao's int8 weight-only config: per output row in bf16 and fp32, in groups dividing every layer's inputs
     in fp16 (see FP16_INT8_GROUP)."""
+    import torch
     from torchao.quantization import Int8WeightOnlyConfig, PerGroup
 
     if compute_dtype != torch.float16:
@@ -150,6 +155,7 @@ def quantize_loaded(model: torch.nn.Module, name: str, compute_dtype: torch.dtyp
     check_single_file(name)
     if name == "none":
         return model
+    import torch
     from torchao.quantization import quantize_
 
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]

@@ -108,8 +108,8 @@ def main() -> None:
     from lora_gui.training import train
     from lora_gui.ui import config_form, train_tab
     from lora_gui.ui.app import build_app
-    from lora_gui.ui.common import TINY_CHOICE
     from lora_gui.ui.dataset import add_folder, checks_html
+    from lora_gui.ui.model_choices import TINY_CHOICE
 
     class QueueOnly(JobManager):
         def _work(self) -> None:
@@ -121,7 +121,7 @@ def main() -> None:
     print(f"{args.count} pictures of {SIZE[0]}x{SIZE[1]}: {sum(sizes) / 1e6:.0f} MB, {len(set(sizes))} distinct sizes")
     runs_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=workdir))
     _, ctx = build_app(runs_dir, QueueOnly())
-    ctx.resolve_base_model(TINY_CHOICE)  # the tiny model is written on first use: not part of any row
+    ctx.models.resolve(TINY_CHOICE)  # the tiny model is written on first use: not part of any row
     rows = []
     try:
         checks = dict(resolution=512, default_caption="", dataset_version=0)
@@ -153,7 +153,7 @@ def main() -> None:
             )
             assert result.get("train_job"), result["train_notice"]
             starts.append(seconds)
-            jobs.append(ctx.jobs.get(result["train_job"]))
+            jobs.append(ctx.engine.jobs.get(result["train_job"]))
         rows.append(("Start (its checks, the run's pictures, queueing)", statistics.median(starts), len(starts)))
 
         command = [sys.executable, __file__, "--fresh-check", str(runs_dir), session]
@@ -169,7 +169,7 @@ def main() -> None:
             assert "not found" in str(error), error
         rows.append(("the run's 'Checking images' (train() until the model loads)", time.perf_counter() - begun, 1))
     finally:
-        ctx.jobs.close(timeout=1)
+        ctx.engine.jobs.close(timeout=1)
         shutil.rmtree(runs_dir, ignore_errors=True)
 
     import PIL

@@ -24,9 +24,9 @@ from lora_gui.owners import EVERYONE, Visitor, anonymous
 from lora_gui.runs import RunFolder
 from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
-from lora_gui.ui.common import TINY_CHOICE
 from lora_gui.ui.dataset import add_folder
 from lora_gui.ui.generate import add_row, remove_row
+from lora_gui.ui.model_choices import TINY_CHOICE
 from lora_gui.ui.runs import push
 from lora_gui.ui.train_tab import start
 
@@ -188,16 +188,15 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
 def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_small(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from lora_gui.ui import common
+    from lora_gui import devices
     from lora_gui.ui.train_tab import show_estimate
 
-    _, ctx = build_app(tmp_path, JobManager())
-    ctx.has_cuda = True
     measured = []
-    monkeypatch.setattr(common, "matmul_tflops", lambda: measured.append(1) or 400.0)
+    monkeypatch.setattr(devices, "matmul_tflops", lambda: measured.append(1) or 400.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * 2**30))
+    _, ctx = build_app(tmp_path, JobManager())
     settings = {**config_form.widget_values(TrainConfig()), "family": "sd15", "max_steps": 1000}
 
     fits = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
@@ -219,8 +218,7 @@ def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_sma
 
     # While a run trains, measuring would time the run too: no time until it ends.
     _, ctx = build_app(tmp_path, JobManager())
-    ctx.has_cuda = True
-    monkeypatch.setattr(ctx.jobs, "active", lambda: object())
+    monkeypatch.setattr(ctx.engine.jobs, "active", lambda: object())
     busy = html.unescape(show_estimate(ctx, base_model="someone/model", **settings)["estimate"])
     assert "unknown time" in busy and "The time shows once no run is training" in busy
     assert measured == [1]
@@ -305,7 +303,7 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
     monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
     _, ctx = build_app(tmp_path, JobManager())
-    assert not ctx.allow_paths
+    assert not ctx.models.allow_paths
     stranger = Visitor(owner=anonymous("a stranger's secret"))
     refused_folder = add_folder(
         ctx, stranger, folder="/etc", session="", resolution=512, default_caption="", dataset_version=0
@@ -314,7 +312,7 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     settings = config_form.widget_values(TrainConfig())
     refused = start(ctx, stranger, session="", run_name="x", base_model=str(tmp_path), **settings)
     assert "This Space does not let visitors use files on the server" in refused["train_notice"]
-    assert ctx.resolve_base_model("owner/model") == "owner/model"  # Hub ids are fine
+    assert ctx.models.resolve("owner/model") == "owner/model"  # Hub ids are fine
 
     # Without a token typed in, a push would go out under the Space owner's own Hub login.
     refused_push = push(ctx, stranger, run_pick="x", hub_repo="me/x", hub_token=" ", hub_private=True)
@@ -322,7 +320,7 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
 
     monkeypatch.setenv("LORA_GUI_ALLOW_PATHS", "1")
     _, ctx = build_app(tmp_path, JobManager())
-    assert ctx.allow_paths and ctx.resolve_base_model(str(tmp_path)) == str(tmp_path)
+    assert ctx.models.allow_paths and ctx.models.resolve(str(tmp_path)) == str(tmp_path)
 
 
 @pytest.mark.parametrize("auth", ["nopassword", ":x"])
@@ -355,19 +353,19 @@ def test_resume_in_the_train_tab_takes_the_forms_new_learning_rate(tiny_model, p
             base_model=str(tiny_model), data=str(photos), resolution=64, max_steps=30, batch_size=2, rank=4,
             learning_rate=1e-3, checkpoint_every=2, sample_every=0, sample_steps=2, seed=7,
         )  # fmt: skip
-        job = ctx.jobs.submit(config, tmp_path / "runs" / "diverged")
+        job = ctx.engine.jobs.submit(config, tmp_path / "runs" / "diverged")
         deadline = time.monotonic() + 120
         while job.snapshot().step < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        ctx.jobs.stop(job.job_id)
-        stopped = ctx.jobs.wait(job.job_id, timeout=120).step
+        ctx.engine.jobs.stop(job.job_id)
+        stopped = ctx.engine.jobs.wait(job.job_id, timeout=120).step
 
         form = config_form.widget_values(config.replace(learning_rate=2e-4))
         answer = resume(ctx, EVERYONE, job.job_id, None, **{name: form[name] for name in RESUMED_FROM_THE_FORM})
-        resumed = ctx.jobs.wait(answer["train_job"], timeout=120)
+        resumed = ctx.engine.jobs.wait(answer["train_job"], timeout=120)
     finally:
-        ctx.jobs.close()
+        ctx.engine.jobs.close()
     rows = RunFolder(tmp_path / "runs" / "diverged").read_metrics()
     assert resumed.status == "finished" and resumed.step == 30
     assert {row["lr"] for row in rows if row["step"] > stopped} == {2e-4}

@@ -36,7 +36,7 @@ def app_here(tiny_model, tmp_path_factory):
     demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     yield SimpleNamespace(client=Client(demo.local_url, verbose=False), runs_dir=runs_dir, model=tiny_model)
     demo.close()
-    ctx.jobs.close()
+    ctx.engine.jobs.close()
 
 
 def test_the_lora_downloads_in_either_layout_and_both_files_load_in_diffusers(app_here):

@@ -12,7 +12,7 @@ from test_app import QUICK, text, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
-from lora_gui.ui.common import TINY_CAPTIONER
+from lora_gui.ui.captioning import TINY_CAPTIONER
 
 
 def staged_captions(runs_dir, session_pictures: set[str]) -> dict[str, str]:

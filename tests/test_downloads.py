@@ -287,13 +287,13 @@ def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_l
     monkeypatch.delenv("SPACE_ID", raising=False)
     _, ctx = build_app(tmp_path)
     assert ctx["hf_token"].type == ctx["gen_hf_token"].type == "password"
-    assert ctx.hub_token(f" {TOKEN} ") == TOKEN
-    assert ctx.hub_token("") is None, "on one's own computer, an empty box means this computer's login"
+    assert ctx.models.hub_token(f" {TOKEN} ") == TOKEN
+    assert ctx.models.hub_token("") is None, "on one's own computer, an empty box means this computer's login"
 
     monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
     _, space = build_app(tmp_path)
-    assert space.hub_token(TOKEN) == TOKEN
-    assert space.hub_token("") is False, "a visitor without a token downloads with none, never the owner's"
+    assert space.models.hub_token(TOKEN) == TOKEN
+    assert space.models.hub_token("") is False, "a visitor without a token downloads with none, never the owner's"
 
 
 def test_a_single_flux_file_downloads_the_rest_of_its_model_but_the_transformer_it_has(

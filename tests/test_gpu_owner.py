@@ -23,7 +23,8 @@ from lora_gui.captioning.wd_tagger import WdTagger
 from lora_gui.demo import write_demo_dataset
 from lora_gui.jobs import JobManager, JobState
 from lora_gui.owners import EVERYONE
-from lora_gui.ui.common import TINY_CAPTIONER, Ctx
+from lora_gui.ui.captioning import TINY_CAPTIONER
+from lora_gui.ui.common import Ctx
 
 GPU = devices.Card(memory_gb=24, bf16=True, device=torch.device("cpu"))
 CAPTIONING_BLOCKS_A_RUN = "Captioning is using the GPU"
@@ -67,7 +68,7 @@ def uncaptioned(folder: Path) -> Path:
 
 def captioning(app: Ctx, folder: Path) -> Iterator[object]:
     """A captioning pass of the tiny tagger over `folder`, as the Dataset tab starts it."""
-    return app.caption_in_background(
+    return app.captioning.in_background(
         TINY_CAPTIONER, folder, EVERYONE, overwrite=False, prefix="", should_stop=lambda: False
     )
 
@@ -93,7 +94,7 @@ def test_a_run_waits_for_captioning_on_the_gpu_and_says_why(app, held_captioning
     next(told)  # where it captions: by now it has the GPU
     assert holding.wait(30)
 
-    job = app.jobs.submit(quick_config(tiny_model, photos, max_steps=1, mixed_precision="no"), tmp_path / "run")
+    job = app.engine.jobs.submit(quick_config(tiny_model, photos, max_steps=1, mixed_precision="no"), tmp_path / "run")
     assert "this run starts once that pass ends" in log_line(job, CAPTIONING_BLOCKS_A_RUN)
     time.sleep(0.5)
     assert not any("Checking images" in line for line in job.snapshot().log), "it loaded nothing beside captioning"
@@ -103,7 +104,7 @@ def test_a_run_waits_for_captioning_on_the_gpu_and_says_why(app, held_captioning
 
     let_go.set()
     assert isinstance([*told][-1], CaptionPass)
-    state = app.jobs.wait(job.job_id, timeout=300)
+    state = app.engine.jobs.wait(job.job_id, timeout=300)
     assert state.status == "finished", state.error
     assert index_of(state, CAPTIONING_BLOCKS_A_RUN) < index_of(state, "Checking images")
     assert [*later][-1].captioned, "the later pass captioned on the processor"
@@ -114,10 +115,10 @@ def test_a_run_stopped_while_it_waits_for_captioning_is_cancelled(app, held_capt
     told = captioning(app, uncaptioned(tmp_path / "pictures"))
     next(told)
     assert holding.wait(30)
-    job = app.jobs.submit(quick_config(tiny_model, photos, max_steps=1, mixed_precision="no"), tmp_path / "run")
+    job = app.engine.jobs.submit(quick_config(tiny_model, photos, max_steps=1, mixed_precision="no"), tmp_path / "run")
     log_line(job, CAPTIONING_BLOCKS_A_RUN)
-    app.jobs.stop(job.job_id)
-    state = app.jobs.wait(job.job_id, timeout=30)
+    app.engine.jobs.stop(job.job_id)
+    state = app.engine.jobs.wait(job.job_id, timeout=30)
     assert state.status == "cancelled"
     assert not any("Checking images" in line for line in state.log)
     let_go.set()
@@ -133,7 +134,7 @@ def test_generate_is_refused_while_captioning_has_the_gpu(app, held_captioning, 
     assert holding.wait(30)
     refused = generate(app, EVERYONE, **generate_request(tiny_model, tiny_model / "never-read.safetensors"))
     assert "Pictures are being captioned on the GPU" in refused["gen_notice"]
-    assert app.generators.model is None, "nothing was loaded beside captioning"
+    assert app.engine.generators.model is None, "nothing was loaded beside captioning"
     let_go.set()
     assert isinstance([*told][-1], CaptionPass)
 
@@ -147,13 +148,15 @@ def test_captioning_during_a_run_runs_on_the_processor_and_says_so(app, tiny_mod
         return load(name, **kwargs)
 
     monkeypatch.setattr(captioning_folder, "load_captioner", recorded)
-    job = app.jobs.submit(quick_config(tiny_model, photos, max_steps=2000, mixed_precision="no"), tmp_path / "run")
+    job = app.engine.jobs.submit(
+        quick_config(tiny_model, photos, max_steps=2000, mixed_precision="no"), tmp_path / "run"
+    )
     log_line(job, "Training a ")
     try:
         told = [*captioning(app, uncaptioned(tmp_path / "pictures"))]
     finally:
-        app.jobs.stop(job.job_id)
+        app.engine.jobs.stop(job.job_id)
     assert told[0] == RUN_HAS_THE_GPU
     assert loaded_on == ["cpu"]
     assert told[-1].captioned
-    assert app.jobs.wait(job.job_id, timeout=120).status == "stopped"
+    assert app.engine.jobs.wait(job.job_id, timeout=120).status == "stopped"

@@ -227,16 +227,16 @@ def app(tmp_path):
 
 
 def test_a_starting_run_unloads_the_generate_model_and_says_so(app, tiny_model, photos, tmp_path):
-    with app.generators.use(str(tiny_model)) as generator:
+    with app.engine.generators.use(str(tiny_model)) as generator:
         assert generator.pipe is not None
         # A run submitted while a picture is being made waits for it before it loads anything.
-        job = app.jobs.submit(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
+        job = app.engine.jobs.submit(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
         time.sleep(1.0)
-        assert app.generators.model == str(tiny_model)
+        assert app.engine.generators.model == str(tiny_model)
         assert not any("Checking images" in line for line in job.snapshot().log)
-    state = app.jobs.wait(job.job_id, timeout=300)
+    state = app.engine.jobs.wait(job.job_id, timeout=300)
     assert state.status == "finished", state.error
-    assert app.generators.model is None
+    assert app.engine.generators.model is None
     assert any("The model the Generate tab had loaded was unloaded" in line for line in state.log)
 
 
@@ -262,18 +262,21 @@ def test_generate_waits_while_a_run_trains_on_the_gpu(tiny_model, tmp_path, monk
 
     monkeypatch.setattr(devices, "card", lambda: devices.Card(memory_gb=24, bf16=True, device=torch.device("cpu")))
     _, app = build_app(tmp_path / "runs", JobManager())
-    with app.jobs.gpu.run_turn(tell=lambda text: None, should_stop=lambda: False):  # as a training run holds it
+    with app.engine.jobs.gpu.run_turn(tell=lambda text: None, should_stop=lambda: False):  # as a training run holds it
         refused = generate(app, EVERYONE, **generate_request(tiny_model, tiny_model / "never-read.safetensors"))[
             "gen_notice"
         ]
     # The run may be another visitor's: it is not named.
     assert "A run is training on the GPU and needs its memory: Generate works again once it ends" in refused
-    assert app.generators.model is None, "nothing was loaded beside the run"
+    assert app.engine.generators.model is None, "nothing was loaded beside the run"
 
     # On a CPU (the tiny demo) there is no GPU to share: Generate goes ahead beside the run.
     monkeypatch.setattr(devices, "card", lambda: None)
-    with app.jobs.gpu.run_turn(tell=lambda text: None, should_stop=lambda: False), app.generators.use(str(tiny_model)):
-        assert app.generators.model == str(tiny_model)
+    with (
+        app.engine.jobs.gpu.run_turn(tell=lambda text: None, should_stop=lambda: False),
+        app.engine.generators.use(str(tiny_model)),
+    ):
+        assert app.engine.generators.model == str(tiny_model)
 
 
 def test_an_unexpected_failure_in_generate_is_a_message_not_a_crash(app, tiny_model, photos, tmp_path, monkeypatch):

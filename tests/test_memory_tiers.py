@@ -111,8 +111,8 @@ def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     assert all(name.startswith("sdxl") for name, _ in presets_that_fit("sdxl", "bf16", 12))
 
     _, ctx = build_app(tmp_path, JobManager())
-    ctx.has_cuda = True
-    monkeypatch.setattr(ctx, "gpu_tflops", lambda: None)  # the time is another test's: memory alone here
+    ctx.engine.has_cuda = True
+    monkeypatch.setattr(ctx.engine, "gpu_tflops", lambda: None)  # the time is another test's: memory alone here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=12 * 2**30))

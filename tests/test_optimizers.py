@@ -167,7 +167,7 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
     from types import SimpleNamespace
 
     from lora_gui.ui import config_form, train_tab
-    from lora_gui.ui.common import TINY_CHOICE
+    from lora_gui.ui.model_choices import TINY_CHOICE
 
     ctx = SimpleNamespace(base_model_family=lambda model: "sd15", has_cuda=False)
     form = {**config_form.widget_values(TrainConfig()), "optimizer": "prodigy"}

@@ -18,7 +18,7 @@ from lora_gui.owners import EVERYONE, Visitor, anonymous, app_secret, read_owner
 from lora_gui.staging import Staging
 from lora_gui.training import train
 from lora_gui.ui.app import build_app, parse_auth, restore
-from lora_gui.ui.common import TINY_CHOICE
+from lora_gui.ui.model_choices import TINY_CHOICE
 from lora_gui.ui.runs import push
 
 
@@ -53,11 +53,11 @@ def test_several_auth_users_each_see_only_their_own_runs(tmp_path, monkeypatch, 
     assert ann.owner == user("ann") and bob.owner == user("bob")
     owned_run(ctx, "anns-run", ann.owner, tiny_model, photos)
 
-    assert [summary.name for summary in ctx.runs_of(ann)] == ["anns-run"]
-    assert ctx.runs_of(bob) == []
+    assert [summary.name for summary in ctx.folders.runs_of(ann)] == ["anns-run"]
+    assert ctx.folders.runs_of(bob) == []
     with pytest.raises(LoraGuiError, match="there is no run named anns-run"):
-        ctx.run_folder("anns-run", bob)
-    assert ctx.run_folder("anns-run", ann).name == "anns-run"
+        ctx.folders.run("anns-run", bob)
+    assert ctx.folders.run("anns-run", ann).name == "anns-run"
 
 
 def test_an_anonymous_visitor_is_the_hash_of_their_browsers_secret_or_else_of_their_session(tmp_path, space):
@@ -78,7 +78,7 @@ def test_signing_in_keeps_what_was_made_before_and_pushes_with_the_sign_in(
     profile, token = SimpleNamespace(username="ann"), SimpleNamespace(token="hf_from_sign_in")
     ann = ctx.visitor(request(), owner=before, profile=profile, token=token)
     assert ann.owner == signed_in("ann") and "hf_from_sign_in" not in repr(ann)
-    assert [summary.name for summary in ctx.runs_of(ann)] == ["made-before"]
+    assert [summary.name for summary in ctx.folders.runs_of(ann)] == ["made-before"]
 
     pushed = push(ctx, ann, run_pick="made-before", hub_repo="ann/lora", hub_token="", hub_private=True)
     assert "Uploaded" in pushed["hub_notice"]
@@ -96,11 +96,11 @@ def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_pag
     assert len(key) >= 32 and first["owner"] == anonymous(key)
     a = ctx.visitor(request(session="after-a-reload"), owner=first["owner"])
 
-    staging = ctx.staging("", a)
+    staging = ctx.folders.staging("", a)
     write_demo_dataset(staging.folder, count=2, size=(64, 64))
-    tiny = ctx.resolve_base_model(TINY_CHOICE)  # the app's own model: the only path a Space's runs load
+    tiny = ctx.models.resolve(TINY_CHOICE)  # the app's own model: the only path a Space's runs load
     config = quick_config(tiny, staging.folder, max_steps=10_000, sample_prompts=["my secret prompt"])
-    job = ctx.jobs.submit_new(config, ctx.runs_dir / "a-run", staging.folder, owner=a.owner)
+    job = ctx.engine.jobs.submit_new(config, ctx.runs_dir / "a-run", staging.folder, owner=a.owner)
     try:
         reloaded = restore(
             ctx, ctx.visitor(request()), owner_key=key, remembered=staging.session_id, my_presets={}, **page
@@ -115,8 +115,8 @@ def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_pag
         assert "session" not in stranger and "sample_prompts" not in stranger
         assert Staging.find(ctx.runs_dir, staging.session_id, ctx.visitor(request(), owner=stranger["owner"])) is None
     finally:
-        ctx.jobs.stop(job.job_id)
-        ctx.jobs.wait(job.job_id, timeout=120)
+        ctx.engine.jobs.stop(job.job_id)
+        ctx.engine.jobs.wait(job.job_id, timeout=120)
     assert read_owner(ctx.runs_dir / "a-run") == a.owner
 
 

@@ -22,7 +22,7 @@ from lora_gui.errors import LoraGuiError, ModelLoadError
 from lora_gui.jobs import JobManager
 from lora_gui.model_policy import HUB_IDS_ONLY, BaseModelPolicy
 from lora_gui.ui.app import build_app
-from lora_gui.ui.common import TINY_CHOICE
+from lora_gui.ui.model_choices import TINY_CHOICE
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
         assert "Could not load private/model: no such model on the Hub" in answer("private/model", "/start")
     finally:
         demo.close()
-        ctx.jobs.close()
+        ctx.engine.jobs.close()
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
@@ -121,17 +121,17 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
 
     _, ctx = build_app(tmp_path / "runs", JobManager())
     try:
-        assert ctx.jobs.model_policy.hub_only and ctx.generators.policy.hub_only
+        assert ctx.engine.jobs.model_policy.hub_only and ctx.engine.generators.policy.hub_only
         config = quick_config(server_files.existing_hub_shaped, photos)
         with pytest.raises(LoraGuiError, match="no such model on the Hub"):
-            train(config, tmp_path / "run", model_policy=ctx.jobs.model_policy)
+            train(config, tmp_path / "run", model_policy=ctx.engine.jobs.model_policy)
         with (
             pytest.raises(LoraGuiError, match="no such model on the Hub"),
-            ctx.generators.use(server_files.existing_hub_shaped),
+            ctx.engine.generators.use(server_files.existing_hub_shaped),
         ):
             pass
     finally:
-        ctx.jobs.close()
+        ctx.engine.jobs.close()
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
@@ -140,14 +140,14 @@ def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(spac
     monkeypatch.setattr(downloads, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read
     _, ctx = build_app(tmp_path, JobManager())
     with pytest.raises(LoraGuiError) as refused:
-        ctx.resolve_base_model("someone/else")
+        ctx.models.resolve("someone/else")
     assert str(refused.value) == (
         "someone/else is not one of the base models this server offers: stabilityai/sdxl-turbo, Owner/Allowed"
     )
-    assert ctx.resolve_base_model("owner/allowed") == "owner/allowed"  # the Hub ignores case
-    tiny = ctx.resolve_base_model(TINY_CHOICE)
+    assert ctx.models.resolve("owner/allowed") == "owner/allowed"  # the Hub ignores case
+    tiny = ctx.models.resolve(TINY_CHOICE)
     assert tiny == str(DEMO_MODEL)  # the app's own models are always there, and they load from its disk
-    family, _ = load_pipeline(tiny, policy=ctx.model_policy)
+    family, _ = load_pipeline(tiny, policy=ctx.models.policy)
     assert family.name == "sd15"
 
 
@@ -159,17 +159,17 @@ def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     monkeypatch.setenv("LORA_GUI_MAX_MODEL_GB", str(limit_gb))
     _, ctx = build_app(tmp_path, JobManager())
     with pytest.raises(LoraGuiError) as refused:
-        ctx.resolve_base_model(REPO)
+        ctx.models.resolve(REPO)
     size, limit = downloads._size_text(hub.bytes_of_the_model()), downloads._size_text(int(limit_gb * 1e9))
     assert str(refused.value) == (
         f"{REPO} is {size} to download, over this server's limit of {limit}: pick a smaller model"
     )
     with pytest.raises(ModelLoadError, match="over this server's limit"):
-        load_pipeline(REPO, policy=ctx.model_policy)
+        load_pipeline(REPO, policy=ctx.models.policy)
     assert hub.fetched == []
 
     monkeypatch.setenv("LORA_GUI_MAX_MODEL_GB", str(2 * limit_gb))
-    family, _ = load_pipeline(ctx.resolve_base_model(REPO), policy=ctx.model_policy)
+    family, _ = load_pipeline(ctx.models.resolve(REPO), policy=ctx.models.policy)
     assert family.name == "sd15" and hub.fetched
 
 
@@ -177,12 +177,12 @@ def test_on_ones_own_computer_paths_work_as_before(tiny_model, monkeypatch, tmp_
     for name in ("SPACE_ID", "LORA_GUI_BASE_MODELS", "LORA_GUI_MAX_MODEL_GB"):
         monkeypatch.delenv(name, raising=False)
     _, ctx = build_app(tmp_path, JobManager())
-    policy = ctx.model_policy  # no limits where no stranger calls
+    policy = ctx.models.policy  # no limits where no stranger calls
     assert (policy.hub_only, policy.allowed, policy.max_bytes) == (BaseModelPolicy().hub_only, (), None)
     monkeypatch.chdir(tiny_model.parent.parent)
     relative = tiny_model.relative_to(tiny_model.parent.parent).as_posix()  # shaped like a Hub id
     for name in (str(tiny_model), relative):
-        assert ctx.resolve_base_model(name) == name
-        assert ctx.base_model_family(name) == "sd15"
-    family, _ = load_pipeline(relative, policy=ctx.model_policy)
+        assert ctx.models.resolve(name) == name
+        assert ctx.models.family(name) == "sd15"
+    family, _ = load_pipeline(relative, policy=ctx.models.policy)
     assert family.name == "sd15"

@@ -13,15 +13,18 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from PIL import Image
 
-from lora_gui import devices
 from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
 from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_gui.downloads import DownloadProgress, HubToken
 
 # How much a caption says, and the task prompt that asks Florence-2 for it.
 TASKS = {"short": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more": "<MORE_DETAILED_CAPTION>"}
@@ -92,9 +95,13 @@ class Florence2(Captioner):
     def close(self) -> None:
         self.model = None
         self.processor = None
+        from lora_gui import devices
+
         devices.free_memory()
 
     def _caption_batch(self, images: list[Image.Image]) -> list[str]:
+        import torch
+
         pictures = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
         # Every picture gets the same task prompt, so the prompts need no padding.
         inputs = self.processor(text=[self.task] * len(pictures), images=pictures, return_tensors="pt")
@@ -131,6 +138,10 @@ def _options(options: dict[str, object]) -> tuple[str, int]:
 def _dtype_for(device: str) -> torch.dtype:
     """On the GPU (`devices.card()`'s device) half precision, as the weights ship: bf16 where the card computes it
     (its wider range never overflows), else fp16. fp32 elsewhere: on the CPU half precision is slower, not faster."""
+    import torch
+
+    from lora_gui import devices
+
     gpu = devices.card()
     if gpu is None and torch.device(device).type == "cuda":
         raise ConfigError("there is no CUDA GPU on this computer: caption on the CPU instead (device 'cpu')")
@@ -275,6 +286,7 @@ def _tiny_tokenizer() -> Any:
 
 
 def _tiny_model(vocab_size: int, image_token_id: int, seed: int) -> Any:
+    import torch
     from transformers import Florence2Config, Florence2ForConditionalGeneration, GenerationConfig
 
     text = dict(
@@ -327,6 +339,8 @@ def _tiny_model(vocab_size: int, image_token_id: int, seed: int) -> Any:
 
 def _image_tokens(model: Any) -> int:
     """How many features the vision encoder gives a picture: the prompt holds that many image placeholders."""
+    import torch
+
     pixels = torch.zeros(1, 3, _TINY_IMAGE_SIZE, _TINY_IMAGE_SIZE)
     with torch.inference_mode():
         return model.get_image_features(pixels).pooler_output.shape[1]

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -27,7 +28,10 @@ from lora_gui.captioning import Captioner, load_captioner
 from lora_gui.data import Skipped
 from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
-from lora_gui.gpu_owner import GpuOwner
+
+if TYPE_CHECKING:
+    from lora_gui.downloads import DownloadProgress
+    from lora_gui.gpu_owner import GpuOwner
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,9 @@ from PIL import Image
 from lora_gui.captioning import Captioner, CaptionerInfo, model_folder
 from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
+
+if TYPE_CHECKING:
+    from lora_gui.downloads import DownloadProgress, HubToken
 
 log = logging.getLogger(__name__)
 

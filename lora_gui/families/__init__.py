@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline
+from typing import TYPE_CHECKING, Any
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
@@ -10,11 +10,14 @@ from lora_gui.families.flux import Flux1
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
 REGISTRY: dict[str, type[Family]] = {
     family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
 }
 
-__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "family_of_lora", "get_family"]
+__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "family_of_configs", "family_of_lora", "get_family"]
 
 
 def get_family(name: str) -> type[Family]:
@@ -22,6 +25,12 @@ def get_family(name: str) -> type[Family]:
         return REGISTRY[name]
     except KeyError:
         raise ModelLoadError(f"unknown model family {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def family_of_configs(model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> str | None:
+    """The family a model's config files (model_index.json, text_encoder/config.json) show, by each family's
+    `matches_files`; None when no family's do."""
+    return next((f.name for f in REGISTRY.values() if f.matches_files(model_index, text_encoder_config)), None)
 
 
 def detect_family(pipe: DiffusionPipeline, override: str = "auto") -> type[Family]:

@@ -13,14 +13,29 @@ DDPM schedule); a family overrides what differs.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
-from lora_gui.objectives import NoisePrediction, Objective
+    from lora_gui.objectives import Objective
+
+
+class Imported:
+    """A family's class attribute naming a class of diffusers (its pipeline, its denoiser), imported on first access.
+
+    A family's names, titles and defaults are what the app's menus and the settings' choices read, before torch and
+    diffusers are loaded (11 s): the classes come when the engine first asks for one."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __get__(self, instance: object, owner: type) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ class Family:
     # The pipeline attribute of the denoiser, the model the LoRA trains, and the layers of it that get a LoRA
     # unless the settings name others.
     denoiser_name: ClassVar[str] = "unet"
-    denoiser_class: ClassVar[type[torch.nn.Module]] = UNet2DConditionModel
+    denoiser_class: ClassVar[type[torch.nn.Module]] = Imported("diffusers", "UNet2DConditionModel")
     denoiser_title: ClassVar[str] = "UNet"  # as a sentence names it
     default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
@@ -184,6 +199,10 @@ class Family:
     def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
         """What noise training adds and what the denoiser predicts: here the noise or the velocity, as
         the base's own scheduler says, through its DDPM schedule."""
+        from diffusers import DDPMScheduler
+
+        from lora_gui.objectives import NoisePrediction
+
         return NoisePrediction(DDPMScheduler.from_config(pipe.scheduler.config), snr_gamma)
 
     @classmethod
@@ -210,6 +229,8 @@ class Family:
     @classmethod
     def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
         """The sampler previews use: DPM-Solver++, which makes a fair picture in 20 steps."""
+        from diffusers import DPMSolverMultistepScheduler
+
         return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
@@ -278,6 +299,8 @@ class Family:
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:
         """One picture's inputs to the full-size denoiser, on the meta device (shapes without data)."""
+        import torch
+
         side = resolution // 8
         return dict(
             sample=torch.empty(1, 4, side, side, device="meta", dtype=dtype),

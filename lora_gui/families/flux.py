@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from diffusers import (
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-)
+from lora_gui.families.base import Family, ImageGeometry, Imported
 
-from lora_gui.families.base import Family, ImageGeometry
-from lora_gui.objectives import FlowMatching, Objective
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from lora_gui.objectives import Objective
 
 # The guidance Flux.1-dev's guidance embedding gets while its LoRA trains, as kohya's and ai-toolkit's
 # trainers set it: the distilled guidance is a sampling knob, and training at 1 keeps it free to use.
@@ -108,10 +105,10 @@ class Flux1(Family):
     name = "flux"
     title = "Flux.1"
     short_title = "Flux"
-    pipeline_class = FluxPipeline
+    pipeline_class = Imported("diffusers", "FluxPipeline")
     default_resolution = 1024
     denoiser_name = "transformer"
-    denoiser_class = FluxTransformer2DModel
+    denoiser_class = Imported("diffusers", "FluxTransformer2DModel")
     denoiser_title = "transformer"
     # Attention and MLP projections of the double blocks (diffusers' Flux LoRA script's set), and of the
     # single blocks: their attention's q, k, v (the same names) and their MLP's input.
@@ -182,7 +179,7 @@ class Flux1(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        return isinstance(pipe, FluxPipeline)
+        return isinstance(pipe, cls.pipeline_class)
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
@@ -311,6 +308,10 @@ class Flux1(Family):
 
     @classmethod
     def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from lora_gui.objectives import FlowMatching
+
         return FlowMatching(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))
 
     @classmethod
@@ -322,22 +323,25 @@ class Flux1(Family):
         conditioning: dict[str, torch.Tensor],
         geometry: list[ImageGeometry],
     ) -> torch.Tensor:
+        import torch
+
+        pipeline_class = cls.pipeline_class
         batch, channels, height, width = noisy.shape
         text = conditioning["prompt_embeds"]
         config = getattr(denoiser, "module", denoiser).config  # several processes wrap it
         guidance = torch.full((batch,), TRAINING_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
         prediction = denoiser(
-            hidden_states=FluxPipeline._pack_latents(noisy, batch, channels, height, width),
+            hidden_states=pipeline_class._pack_latents(noisy, batch, channels, height, width),
             timestep=timesteps / 1000,  # the transformer scales it back to the schedule's timesteps
             guidance=guidance,
             pooled_projections=conditioning["pooled_prompt_embeds"],
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype),
+            img_ids=pipeline_class._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype),
             return_dict=False,
         )[0]
         # Unpacked as the pipeline does for pictures of the latents' own size (a VAE factor of 1).
-        return FluxPipeline._unpack_latents(prediction, height, width, 1)
+        return pipeline_class._unpack_latents(prediction, height, width, 1)
 
     @classmethod
     def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
@@ -360,10 +364,12 @@ class Flux1(Family):
 
     @classmethod
     def latents_for_vae(cls, pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return cls.pipeline_class._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:
+        import torch
+
         patches, tokens = (resolution // 16) ** 2, 512
         return dict(
             hidden_states=torch.empty(1, patches, 64, device="meta", dtype=dtype),
@@ -385,6 +391,8 @@ class Flux1(Family):
     def random_pipeline(
         cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
     ) -> DiffusionPipeline:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
         # Flux.1-dev's schedule: shifted by the picture's size when sampling (dynamic shifting).
         scheduler = FlowMatchEulerDiscreteScheduler(
@@ -395,7 +403,7 @@ class Flux1(Family):
             base_image_seq_len=256,
             max_image_seq_len=4096,
         )
-        return FluxPipeline(
+        return cls.pipeline_class(
             scheduler=scheduler,
             vae=vae,
             text_encoder=clip,
@@ -432,6 +440,8 @@ _UNDERSCORED = {
 def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> list[torch.Tensor]:
     """A fused layer's weight, bias or LoRA up weight cut into the layers it holds: q, k and v are `width` outputs
     each, and a single block's MLP input after them takes the rest."""
+    import torch
+
     rest = weight.shape[0] - width * (parts - 1)
     if rest <= 0 or (parts == 3 and rest != width):
         raise ValueError(
@@ -442,6 +452,8 @@ def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> l
 
 
 def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    import torch
+
     first, second = weight.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
 

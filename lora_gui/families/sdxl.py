@@ -7,19 +7,20 @@ target size. Bucketing records those per image (ImageGeometry), so they are the 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from lora_gui.families.base import Family, ImageGeometry, Imported
 
-from lora_gui.families.base import Family, ImageGeometry
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
 
 class StableDiffusionXL(Family):
     name = "sdxl"
     title = "Stable Diffusion XL"
     short_title = "SDXL"
-    pipeline_class = StableDiffusionXLPipeline
+    pipeline_class = Imported("diffusers", "StableDiffusionXLPipeline")
     default_resolution = 1024
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
@@ -67,7 +68,7 @@ class StableDiffusionXL(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        return isinstance(pipe, StableDiffusionXLPipeline)
+        return isinstance(pipe, cls.pipeline_class)
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
@@ -77,6 +78,8 @@ class StableDiffusionXL(Family):
     def encode(
         cls, encoders: list[torch.nn.Module], token_ids: list[torch.Tensor], device: torch.device
     ) -> dict[str, torch.Tensor]:
+        import torch
+
         hidden, pooled = [], None
         for encoder, ids in zip(encoders, token_ids, strict=True):
             output = encoder(ids.to(device), output_hidden_states=True)
@@ -88,6 +91,8 @@ class StableDiffusionXL(Family):
     def unet_kwargs(
         cls, conditioning: dict[str, torch.Tensor], geometry: list[ImageGeometry], device: torch.device
     ) -> dict[str, Any]:
+        import torch
+
         embeds = conditioning["encoder_hidden_states"]
         time_ids = torch.tensor(
             [[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometry], device=device, dtype=embeds.dtype
@@ -108,6 +113,8 @@ class StableDiffusionXL(Family):
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:
+        import torch
+
         return {
             **super().meta_inputs(resolution, dtype),
             "added_cond_kwargs": {
@@ -120,7 +127,9 @@ class StableDiffusionXL(Family):
     def random_pipeline(
         cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
     ) -> DiffusionPipeline:
-        return StableDiffusionXLPipeline(
+        from diffusers import EulerDiscreteScheduler
+
+        return cls.pipeline_class(
             text_encoder=text_encoders[0],
             text_encoder_2=text_encoders[1],
             tokenizer=tokenizers[0],

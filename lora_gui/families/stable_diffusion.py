@@ -7,19 +7,20 @@ scheduler config, so they share everything but their names and shapes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline
+from lora_gui.families.base import Family, ImageGeometry, Imported
 
-from lora_gui.families.base import Family, ImageGeometry
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
 
 class StableDiffusion1(Family):
     name = "sd15"
     title = "Stable Diffusion 1.x"
     short_title = "SD 1.5"
-    pipeline_class = StableDiffusionPipeline
+    pipeline_class = Imported("diffusers", "StableDiffusionPipeline")
     default_resolution = 512
     kohya_base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
@@ -53,7 +54,7 @@ class StableDiffusion1(Family):
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         quick = pipe.text_encoder.config.hidden_act == "quick_gelu"
-        return isinstance(pipe, StableDiffusionPipeline) and quick == cls._quick_gelu
+        return isinstance(pipe, cls.pipeline_class) and quick == cls._quick_gelu
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
@@ -79,7 +80,7 @@ class StableDiffusion1(Family):
         cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
     ) -> DiffusionPipeline:
         ((tokenizer,), (text_encoder,)) = tokenizers, text_encoders
-        return StableDiffusionPipeline(
+        return cls.pipeline_class(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             vae=vae,
@@ -92,6 +93,8 @@ class StableDiffusion1(Family):
 
     @classmethod
     def _scheduler(cls):
+        from diffusers import PNDMScheduler
+
         return PNDMScheduler(
             **cls.noise_schedule, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon"
         )

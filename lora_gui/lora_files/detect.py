@@ -26,7 +26,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lora_gui.adapter_kinds import ADAPTER_KINDS
-from lora_gui.base_models import PICKLE_SUFFIXES, TensorFile
+from lora_gui.base_models import TensorFile
+from lora_gui.downloads import PICKLE_SUFFIXES
 from lora_gui.errors import LoraFileError
 from lora_gui.families import REGISTRY, Family, family_of_lora
 

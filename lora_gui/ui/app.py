@@ -8,11 +8,10 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from lora_gui import devices
 from lora_gui.demo import (
     CONCEPT_BACKGROUNDS,
     DEMO_PRESET,
@@ -22,14 +21,13 @@ from lora_gui.demo import (
     write_demo_concept,
 )
 from lora_gui.errors import ConfigError
-from lora_gui.infer import GeneratorCache
-from lora_gui.jobs import JobManager
 from lora_gui.limits import Limits, expire_runs
 from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
 from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging, expire_staging
 from lora_gui.ui import config_form
-from lora_gui.ui.common import TINY_CHOICE, Ctx, notice, on_space, paths_allowed, sign_in_available
+from lora_gui.ui.captioning import Captioning
+from lora_gui.ui.common import Ctx, notice
 from lora_gui.ui.dataset import (
     build_dataset_grid,
     build_dataset_tab,
@@ -38,9 +36,17 @@ from lora_gui.ui.dataset import (
     pages_update,
     wire_dataset_tab,
 )
+from lora_gui.ui.engine import Engine
+from lora_gui.ui.folders import Folders
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
+from lora_gui.ui.model_choices import TINY_CHOICE, ModelChoices, paths_allowed
+from lora_gui.ui.page import on_space, sign_in_available
+from lora_gui.ui.presets import preset_menu
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, preset_menu, show_estimate, wire_train_tab
+from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
+
+if TYPE_CHECKING:
+    from lora_gui.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ CACHE_SECONDS = 24 * 3600
 EXPIRY_SECONDS = 3600.0  # how often old staged pictures and runs are looked for while the app runs
 
 DEMO_IMAGES = 8
+# Shown while torch and diffusers load (ui/engine.py): the page works meanwhile, its first training or picture waits.
+ENGINE_LOADING = (
+    "Loading the trainer (PyTorch and diffusers) in the background: training and Generate start once it is ready."
+)
 
 CSS = """
 .lg-notice { padding: 8px 12px; border-radius: 8px; margin: 4px 0; }
@@ -69,28 +79,12 @@ CSS = """
 
 
 def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, ...] = ()) -> tuple[gr.Blocks, Ctx]:
-    """The whole page. The JobManager (given, or made here) is what every visitor's tab reads; `users`: the --auth
-    user names, each of whom sees only their own runs when there are several."""
-    jobs = jobs or JobManager()
-    # One user of the GPU at a time (gpu_owner.py): a run waits for captioning there, and Generate's model leaves
-    # when a run or captioning takes it; Generate waits while either holds it.
-    generators = GeneratorCache(gpu=jobs.gpu)
-    for name in record_interrupted(runs_dir, is_live=lambda path: jobs.live_status(path) is not None):
+    """The whole page. The JobManager (given, or made as the engine loads) is what every visitor's tab reads;
+    `users`: the --auth user names, each of whom sees only their own runs when there are several."""
+    ctx = _context(Path(runs_dir).resolve(), jobs, users if len(users) > 1 else ())
+    for name in record_interrupted(ctx.runs_dir, is_live=ctx.engine.is_live):
         log.warning("Run %s was left unfinished when the app last stopped; it is marked interrupted", name)
-    ctx = Ctx(
-        runs_dir=Path(runs_dir).resolve(),
-        jobs=jobs,
-        allow_paths=paths_allowed(),
-        has_cuda=devices.has_cuda(),
-        on_space=on_space(),
-        users=users if len(users) > 1 else (),
-        sign_in=sign_in_available(),
-        limits=Limits.from_environment(on_space()),
-        generators=generators,
-    )
     expire_old(ctx)
-    # The runs and Generate load what the page's checks let through, by the same rule.
-    jobs.model_policy = generators.policy = ctx.model_policy
     # What the browser keeps is encrypted with a key kept beside the runs, so it still reads after a restart.
     browser_key = app_secret(ctx.runs_dir)
     # Gradio keeps every upload and every file handed to a page in its cache. On a Space they are dropped a day
@@ -113,34 +107,65 @@ def build_app(runs_dir: Path, jobs: JobManager | None = None, users: tuple[str, 
                 "timer": gr.Timer(POLL_SECONDS),
             }
         )
-        with gr.Row():
-            gr.Markdown(
-                "# LoRA trainer\nTeach Stable Diffusion or Flux a face, an object or a style from your own pictures: "
-                "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
-                "model a shape it never saw in about a minute, with no download."
-            )
-            with gr.Column(scale=0, min_width=180):
-                ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
-                if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
-                    gr.LoginButton()
-        with gr.Tabs() as tabs:
-            ctx.add({"tabs": tabs})
-            with gr.Tab("Dataset", id="dataset"):
-                ctx.add(build_dataset_tab(ctx))
-                build_findings(ctx)
-                build_dataset_grid(ctx)
-            with gr.Tab("Train", id="train"):
-                ctx.add(build_train_tab(ctx))
-            with gr.Tab("Generate", id="generate") as generate_tab:
-                ctx.add({"generate_tab": generate_tab, **build_generate_tab(ctx)})
-            with gr.Tab("Runs", id="runs") as runs_tab:
-                ctx.add({"runs_tab": runs_tab, **build_runs_tab(ctx)})
+        _build_header(ctx)
+        _build_tabs(ctx)
         wire_dataset_tab(ctx)
         wire_train_tab(ctx)
         wire_generate_tab(ctx)
         wire_runs_tab(ctx)
         _wire_page(ctx, demo)
     return demo, ctx
+
+
+def _context(runs_dir: Path, jobs: JobManager | None, users: tuple[str, ...]) -> Ctx:
+    """The page's wiring and the services its handlers call, for this server's environment."""
+    space = on_space()
+    limits = Limits.from_environment(space)
+    models = ModelChoices(runs_dir, allow_paths=paths_allowed(space), on_space=space)
+    engine = Engine(policy=lambda: models.policy, given_jobs=jobs)
+    return Ctx(
+        on_space=space,
+        users=users,
+        sign_in=sign_in_available(),
+        runs_dir=runs_dir,
+        limits=limits,
+        engine=engine,
+        models=models,
+        folders=Folders(runs_dir, limits, engine),
+        captioning=Captioning(runs_dir, engine, models),
+    )
+
+
+def _build_header(ctx: Ctx) -> None:
+    """The title, what the app does, the demo button, the sign-in button, and the engine's loading notice."""
+    with gr.Row():
+        gr.Markdown(
+            "# LoRA trainer\nTeach Stable Diffusion or Flux a face, an object or a style from your own pictures: "
+            "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
+            "model a shape it never saw in about a minute, with no download."
+        )
+        with gr.Column(scale=0, min_width=180):
+            ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
+            if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
+                gr.LoginButton()
+    ctx.add(
+        {"engine_loading": gr.HTML(notice(ENGINE_LOADING), visible=not ctx.engine.loaded, elem_id="engine-loading")}
+    )
+
+
+def _build_tabs(ctx: Ctx) -> None:
+    with gr.Tabs() as tabs:
+        ctx.add({"tabs": tabs})
+        with gr.Tab("Dataset", id="dataset"):
+            ctx.add(build_dataset_tab(ctx))
+            build_findings(ctx)
+            build_dataset_grid(ctx)
+        with gr.Tab("Train", id="train"):
+            ctx.add(build_train_tab(ctx))
+        with gr.Tab("Generate", id="generate") as generate_tab:
+            ctx.add({"generate_tab": generate_tab, **build_generate_tab(ctx)})
+        with gr.Tab("Runs", id="runs") as runs_tab:
+            ctx.add({"runs_tab": runs_tab, **build_runs_tab(ctx)})
 
 
 def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
@@ -173,12 +198,21 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
         api_visibility="private",
     )
     ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
+    ctx.wire(
+        demo.load, engine_ready, [], ["engine_loading", "cpu_warning"], api_visibility="private", show_progress="hidden"
+    )
+
+
+def engine_ready(ctx: Ctx) -> dict[str, Any]:
+    """Once the engine has loaded: its notice goes, and without a GPU, the warning that training runs on the
+    processor shows."""
+    return {"engine_loading": gr.update(visible=False), "cpu_warning": gr.update(visible=not ctx.engine.has_cuda)}
 
 
 def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]:
     """A fresh dataset of drawn pictures of a concept the demo model never saw, the demo model and the demo preset:
     one click on Start away."""
-    staging = ctx.staging("", visitor)
+    staging = ctx.folders.staging("", visitor)
     write_demo_concept(staging.folder, count=DEMO_IMAGES)
     config = demo_config()
     return {
@@ -221,11 +255,11 @@ def restore(
     owner = anonymous(owner_key) if ctx.shared and not ctx.users else ""
     visitor = visitor.known_in_this_browser_as(owner) if owner else visitor
     updates: dict[str, Any] = {"owner": owner, "owner_key": owner_key, "preset": preset_menu(ctx, my_presets)}
-    job = ctx.jobs.latest(visitor)
+    job = ctx.engine.jobs.latest(visitor) if ctx.engine.loaded else None  # no run starts before the engine loads
     if job is not None and not job.done.is_set():
         config = job.config
         resolution, default_caption = config.resolution, config.default_caption
-        updates.update(base_model=ctx.base_model_label(config.base_model), **config_form.widget_values(config))
+        updates.update(base_model=ctx.models.label(config.base_model), **config_form.widget_values(config))
     staging = Staging.find(ctx.runs_dir, remembered, visitor)
     if staging is None:
         return updates
@@ -242,8 +276,7 @@ def expire_old(ctx: Ctx) -> None:
     """Delete the staged pictures and the ended runs older than this server keeps them (limits.py)."""
     for session in expire_staging(ctx.runs_dir, ctx.limits):
         log.info("Deleted the staged pictures %s: untouched for %s days", session, ctx.limits.staging_days)
-    is_live = lambda path: ctx.jobs.live_status(path) is not None  # noqa: E731
-    for name in expire_runs(ctx.runs_dir, ctx.limits, is_live=is_live):
+    for name in expire_runs(ctx.runs_dir, ctx.limits, is_live=ctx.engine.is_live):
         log.info("Deleted the run %s: ended more than %s days ago", name, ctx.limits.run_days)
 
 
@@ -261,13 +294,10 @@ def launch(
     stop_signal = _catch_stop_signals()
     folder = Path(runs_dir) if runs_dir else default_runs_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    devices.leave_a_core_free()  # before the server's and the runs' threads start, so they all keep to it
     demo, ctx = build_app(folder, users=tuple(user for user, _ in credentials or []))
     log.info("Runs are saved in %s", folder.resolve())
-    # Everything the app uses is imported and built, and lives as long as it does: leave those objects out of later
-    # garbage collections, which otherwise walk them all (0.4 s at the end of each run and each model swap, and in
-    # Python's own full collections during a run).
-    gc.freeze()
+    # The page answers at once; the engine loads meanwhile, its CPU threads set before anything computes.
+    loading = ctx.engine.start(leave_a_core_free=True)
     demo.launch(
         server_name=host,
         server_port=port,
@@ -282,13 +312,18 @@ def launch(
         ssr_mode=False,
         prevent_thread_lock=True,
     )
+    loading.join()
+    # Everything the app uses is imported and built, and lives as long as it does: leave those objects out of later
+    # garbage collections, which otherwise walk them all (0.4 s at the end of each run and each model swap, and in
+    # Python's own full collections during a run).
+    gc.freeze()
     try:
         while not stop_signal.wait(EXPIRY_SECONDS):
             expire_old(ctx)
     finally:
-        if ctx.jobs.active() is not None:
+        if ctx.engine.jobs.active() is not None:
             print(f"Stopping the runs: the one training saves after its current step (up to {grace_seconds:.0f} s)")
-        ctx.jobs.close(timeout=grace_seconds)
+        ctx.engine.jobs.close(timeout=grace_seconds)
         demo.close()
 
 

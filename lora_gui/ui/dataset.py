@@ -19,11 +19,11 @@ from lora_gui.captioning.folder import CaptionPass, pictures_to_caption
 from lora_gui.config import TrainConfig
 from lora_gui.data import full_caption
 from lora_gui.doctor import Finding, apply_fix, diagnose
-from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
-from lora_gui.staging import DatasetReport, Staging
-from lora_gui.ui.common import TINY_CAPTIONER, Ctx, error_notice, notice, served
+from lora_gui.staging import DatasetReport, StagedImage, Staging
+from lora_gui.ui.captioning import TINY_CAPTIONER
+from lora_gui.ui.common import Ctx, error_notice, notice, served
 
 DEFAULT_CAPTIONER = "florence2-base"
 PAGE_SIZE = 40
@@ -45,7 +45,7 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             height=140,
             elem_id="dataset-upload",
         )
-        with gr.Column(visible=ctx.allow_paths):
+        with gr.Column(visible=ctx.models.allow_paths):
             c["folder"] = gr.Textbox(
                 label="…or a folder on this computer",
                 placeholder="/home/me/pictures/my-dog",
@@ -53,6 +53,22 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             )
             c["add_folder"] = gr.Button("Add pictures from this folder")
     c["dataset_notice"] = gr.HTML()
+    c.update(_build_captioning())
+    c.update(_build_bulk_edits())
+    c["report"] = gr.HTML(_report_html(None), elem_id="dataset-checks")
+    with gr.Row(equal_height=True):
+        c["check_problems"] = gr.Button(
+            "Look for problems (near-copies, blur, small pictures, captions…)", size="sm", elem_id="check-problems"
+        )
+        c["doctor_notice"] = gr.HTML(elem_id="doctor-notice")
+    c["findings"] = gr.State([])
+    c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
+    return c
+
+
+def _build_captioning() -> dict[str, Any]:
+    """The captioner, its buttons, and the confirmation before captions are replaced."""
+    c: dict[str, Any] = {}
     with gr.Accordion("Caption my pictures", open=True, elem_id="captioning"):
         gr.Markdown(
             "A captioning model writes a caption for each picture; the trigger word below (under *Edit all "
@@ -76,6 +92,12 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             c["caption_all_yes"] = gr.Button("Yes, replace them", variant="stop")
             c["caption_all_no"] = gr.Button("No, keep them")
         c["caption_notice"] = gr.HTML(elem_id="caption-notice")
+    return c
+
+
+def _build_bulk_edits() -> dict[str, Any]:
+    """Edits of every caption at once: the trigger word, find and replace, a caption for those without."""
+    c: dict[str, Any] = {}
     with gr.Accordion("Edit all captions at once", open=False):
         with gr.Row():
             c["trigger"] = gr.Textbox(
@@ -92,14 +114,6 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             c["fill_caption"] = gr.Textbox(label="Caption for pictures that have none", placeholder="a photo of sks")
             c["fill"] = gr.Button("Fill empty captions")
         c["clear"] = gr.Button("Remove all pictures", variant="stop", size="sm")
-    c["report"] = gr.HTML(_report_html(None), elem_id="dataset-checks")
-    with gr.Row(equal_height=True):
-        c["check_problems"] = gr.Button(
-            "Look for problems (near-copies, blur, small pictures, captions…)", size="sm", elem_id="check-problems"
-        )
-        c["doctor_notice"] = gr.HTML(elem_id="doctor-notice")
-    c["findings"] = gr.State([])
-    c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
     return c
 
 
@@ -124,53 +138,52 @@ def build_dataset_grid(ctx: Ctx) -> None:
         for start in range(0, len(shown), COLUMNS):
             with gr.Row(equal_height=True):
                 for item in shown[start : start + COLUMNS]:
-                    with gr.Column(min_width=180, elem_classes="lg-card"):
-                        if item.thumbnail:
-                            gr.Image(
-                                served(item.thumbnail),
-                                show_label=False,
-                                height=170,
-                                interactive=False,
-                                buttons=[],
-                            )
-                        else:
-                            gr.HTML(notice(f"{item.relpath} can't be used: {item.problem}", "error"))
-                        caption = gr.Textbox(
-                            item.caption,
-                            label=item.relpath,
-                            placeholder="No caption yet: describe the picture",
-                            lines=2,
-                            interactive=True,
-                            elem_classes="lg-caption",
-                        )
-                        with gr.Row():
-                            recaption = gr.Button("Caption it", size="sm", min_width=80)
-                            remove = gr.Button("Remove", size="sm", min_width=80)
-                    ctx.wire(
-                        caption.blur,
-                        _caption_saver(item.relpath),
-                        ["session", "resolution", "default_caption"],
-                        ["report"],
-                        extra_inputs={"caption": caption},
-                        show_progress="hidden",
-                        api_visibility="private",
-                    )
-                    ctx.wire(
-                        recaption.click,
-                        functools.partial(caption_one, relpath=item.relpath),
-                        ["captioner", "trigger", "session", "resolution", "default_caption", "dataset_version"],
-                        ["dataset_version", "report", "caption_notice"],
-                        api_visibility="private",
-                        concurrency_limit=1,
-                        concurrency_id="captioning",
-                    )
-                    ctx.wire(
-                        remove.click,
-                        _remover(item.relpath),
-                        ["session", "resolution", "default_caption", "dataset_version"],
-                        ["dataset_version", "report", "page"],
-                        api_visibility="private",
-                    )
+                    _picture_card(ctx, item)
+
+
+def _picture_card(ctx: Ctx, item: StagedImage) -> None:
+    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove."""
+    with gr.Column(min_width=180, elem_classes="lg-card"):
+        if item.thumbnail:
+            gr.Image(served(item.thumbnail), show_label=False, height=170, interactive=False, buttons=[])
+        else:
+            gr.HTML(notice(f"{item.relpath} can't be used: {item.problem}", "error"))
+        caption = gr.Textbox(
+            item.caption,
+            label=item.relpath,
+            placeholder="No caption yet: describe the picture",
+            lines=2,
+            interactive=True,
+            elem_classes="lg-caption",
+        )
+        with gr.Row():
+            recaption = gr.Button("Caption it", size="sm", min_width=80)
+            remove = gr.Button("Remove", size="sm", min_width=80)
+    ctx.wire(
+        caption.blur,
+        _caption_saver(item.relpath),
+        ["session", "resolution", "default_caption"],
+        ["report"],
+        extra_inputs={"caption": caption},
+        show_progress="hidden",
+        api_visibility="private",
+    )
+    ctx.wire(
+        recaption.click,
+        functools.partial(caption_one, relpath=item.relpath),
+        ["captioner", "trigger", "session", "resolution", "default_caption", "dataset_version"],
+        ["dataset_version", "report", "caption_notice"],
+        api_visibility="private",
+        concurrency_limit=1,
+        concurrency_id="captioning",
+    )
+    ctx.wire(
+        remove.click,
+        _remover(item.relpath),
+        ["session", "resolution", "default_caption", "dataset_version"],
+        ["dataset_version", "report", "page"],
+        api_visibility="private",
+    )
 
 
 def build_findings(ctx: Ctx) -> None:
@@ -246,7 +259,7 @@ def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, **checks: 
 
 
 def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[str, Any]:
-    if not ctx.allow_paths:
+    if not ctx.models.allow_paths:
         return {"dataset_notice": notice("This Space does not let visitors read server folders; drop files.", "error")}
     if not (folder or "").strip():
         return {"dataset_notice": notice("Type the path of a folder first.", "error")}
@@ -304,7 +317,7 @@ def _change(
 ):
     """Run an edit on the visitor's staged files (a new folder of theirs if the page has none yet) and return
     everything that shows them."""
-    staging = ctx.staging(session, visitor)
+    staging = ctx.folders.staging(session, visitor)
     try:
         message = action(staging)
     except LoraGuiError as error:
@@ -338,7 +351,7 @@ def check_problems(ctx: Ctx, visitor: Visitor, base_model: str, trigger: str, **
         found = diagnose(
             staging.folder,
             _resolution(checks["resolution"]),
-            ctx.base_model_family(base_model),
+            ctx.models.family(base_model),
             trigger or "",
             checks["default_caption"] or "",
         )
@@ -393,6 +406,8 @@ def caption_pictures(
     """Caption the visitor's pictures (those without a caption, or with `overwrite` all), showing each caption
     in the grid as it comes, how far it got, and the captioner's download. A caption typed during the pass is
     kept. Runs on the GPU when no run is training on it, else on the processor, and says which."""
+    from lora_gui.downloads import DownloadProgress
+
     hidden = {"caption_confirm_row": gr.update(visible=False)}
     staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
     if staging is None or not staging.items():
@@ -402,10 +417,10 @@ def caption_pictures(
     if not todo:
         yield {**hidden, "caption_notice": notice("Every picture has a caption already.")}
         return
-    stop = ctx.caption_stop(staging.session_id)
+    stop = ctx.captioning.stop(staging.session_id)
     version = checks["dataset_version"] or 0
     done = 0
-    for event in ctx.caption_in_background(
+    for event in ctx.captioning.in_background(
         captioner, staging.folder, visitor, overwrite=overwrite, prefix=trigger or "", should_stop=stop.is_set
     ):
         if isinstance(event, DownloadProgress):
@@ -435,7 +450,7 @@ def caption_one(
     if staging is None:
         return {"caption_notice": notice("Add pictures first, then caption them.", "warning")}
     try:
-        caption = ctx.caption_picture(captioner, staging.folder / relpath, visitor)
+        caption = ctx.captioning.picture(captioner, staging.folder / relpath, visitor)
         staging.set_caption(relpath, full_caption(caption, trigger or ""))
     except LoraGuiError as error:
         return {"caption_notice": error_notice(error)}
@@ -447,7 +462,7 @@ def stop_captioning(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
     staging = Staging.find(ctx.runs_dir, session, visitor)
     if staging is None:
         return {"caption_notice": notice("Nothing is being captioned.")}
-    ctx.caption_stop(staging.session_id, create=False).set()
+    ctx.captioning.stop(staging.session_id, create=False).set()
     return {"caption_notice": notice("Stopping after the pictures being captioned now; their captions are kept.")}
 
 

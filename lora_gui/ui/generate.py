@@ -11,23 +11,20 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from lora_gui import data, runs
-from lora_gui.base_models import PICKLE_SUFFIXES
 from lora_gui.config import TrainConfig
 from lora_gui.demo import DEMO_RESOLUTION
-from lora_gui.downloads import DownloadProgress
+from lora_gui.downloads import PICKLE_SUFFIXES, DownloadProgress
 from lora_gui.errors import LoraGuiError
 from lora_gui.families import get_family
 from lora_gui.owners import Visitor
 from lora_gui.quantization import GENERATE_CHOICES
 from lora_gui.runs import TrainingRecord
 from lora_gui.ui.common import (
-    TINY_CHOICE,
-    TINY_CHOICES,
     Ctx,
     build_export,
     error_notice,
@@ -35,6 +32,10 @@ from lora_gui.ui.common import (
     hub_token_box,
     notice,
 )
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
+
+if TYPE_CHECKING:
+    from lora_gui.downloads import DownloadProgress
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,28 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
         "one with your LoRA, so you see exactly what it changed. LoRA files from elsewhere work too (from "
         "AUTOMATIC1111, ComfyUI, civitai or diffusers), and several LoRAs can be mixed, each at its own strength."
     )
+    c.update(_build_lora_rows())
+    c.update(_build_model_and_prompt(ctx))
+    c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
+    c["gen_notice"] = gr.HTML()
+    with gr.Row():
+        c["base_image"] = gr.Image(label="Base model alone", interactive=False, elem_id="base-image")
+        c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
+    with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
+        c["gen_export_run"] = gr.Dropdown(
+            choices=[],
+            value=None,
+            label="Run",
+            info="Picking a run above fills this in.",
+            allow_custom_value=True,
+        )
+        c.update(build_export("gen"))
+    return c
+
+
+def _build_lora_rows() -> dict[str, Any]:
+    """A row per LoRA to mix in (a run or a file, and its strength), all but the first hidden at first."""
+    c: dict[str, Any] = {}
     for row in range(1, MAX_LORAS + 1):
         with gr.Row(equal_height=True, visible=row == 1, elem_id=f"lora-row-{row}") as c[f"lora_row_{row}"]:
             c[f"gen_run_{row}"] = gr.Dropdown(
@@ -94,9 +117,15 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             info="Only for .bin, .pt or .ckpt LoRAs from someone you trust; .safetensors files never need this.",
             scale=1,
         )
+    return c
+
+
+def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
+    """The base model and how it is stored, the prompt, and the picture's settings."""
+    c: dict[str, Any] = {}
     with gr.Row():
         c["gen_base_model"] = gr.Dropdown(
-            choices=ctx.base_model_choices(),
+            choices=ctx.models.choices(),
             value=TINY_CHOICE,
             allow_custom_value=True,
             label="Base model",
@@ -122,44 +151,11 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
             label="Size (pixels)",
             info="Width and height; picking a run or a base model fills it in.",
         )
-    c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
-    c["gen_notice"] = gr.HTML()
-    with gr.Row():
-        c["base_image"] = gr.Image(label="Base model alone", interactive=False, elem_id="base-image")
-        c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
-    with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
-        c["gen_export_run"] = gr.Dropdown(
-            choices=[],
-            value=None,
-            label="Run",
-            info="Picking a run above fills this in.",
-            allow_custom_value=True,
-        )
-        c.update(build_export("gen"))
     return c
 
 
 def wire_generate_tab(ctx: Ctx) -> None:
-    for row in range(1, MAX_LORAS + 1):
-        run, upload, _ = row_names(row)
-        ctx.wire(
-            ctx[run].input,
-            pick_run,
-            [run, "prompt"],
-            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS],
-            api_name=f"pick_run_{row}",
-        )
-        # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
-        ctx.wire(ctx[upload].upload, functools.partial(forget, menu=run), [], [run], api_visibility="private")
-        if row > 1:
-            ctx.wire(
-                ctx[f"remove_lora_{row}"].click,
-                functools.partial(remove_row, row=row),
-                ["gen_rows", *all_row_names()],
-                ["gen_rows", "add_lora", *ROWS, *all_row_names()],
-                api_visibility="private",
-            )
-    ctx.wire(ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *ROWS], api_visibility="private")
+    _wire_lora_rows(ctx)
     ctx.wire(
         ctx["gen_base_model"].input,
         pick_base_model,
@@ -203,8 +199,32 @@ def wire_generate_tab(ctx: Ctx) -> None:
     )
 
 
+def _wire_lora_rows(ctx: Ctx) -> None:
+    """Each LoRA row's run menu, file and Remove button, and the button that adds a row."""
+    for row in range(1, MAX_LORAS + 1):
+        run, upload, _ = row_names(row)
+        ctx.wire(
+            ctx[run].input,
+            pick_run,
+            [run, "prompt"],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS],
+            api_name=f"pick_run_{row}",
+        )
+        # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
+        ctx.wire(ctx[upload].upload, functools.partial(forget, menu=run), [], [run], api_visibility="private")
+        if row > 1:
+            ctx.wire(
+                ctx[f"remove_lora_{row}"].click,
+                functools.partial(remove_row, row=row),
+                ["gen_rows", *all_row_names()],
+                ["gen_rows", "add_lora", *ROWS, *all_row_names()],
+                api_visibility="private",
+            )
+    ctx.wire(ctx["add_lora"].click, add_row, ["gen_rows"], ["gen_rows", "add_lora", *ROWS], api_visibility="private")
+
+
 def lora_runs(ctx: Ctx, visitor: Visitor) -> list[str]:
-    return [summary.name for summary in ctx.runs_of(visitor) if summary.has_lora]
+    return [summary.name for summary in ctx.folders.runs_of(visitor) if summary.has_lora]
 
 
 def refresh_runs(
@@ -226,14 +246,14 @@ def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> d
     by its name."""
     ((name, gen_run),) = picked.items()
     try:
-        run = ctx.run_folder(gen_run or "", visitor)
+        run = ctx.folders.run(gen_run or "", visitor)
         config = TrainConfig.load(run.config)
         family = TrainingRecord.load(run).family
     except LoraGuiError:
         return {}
     updates = {
         name.replace("gen_run", "gen_upload"): None,
-        "gen_base_model": ctx.base_model_label(config.base_model),
+        "gen_base_model": ctx.models.label(config.base_model),
         "size": config.resolution,
         "gen_export_run": run.name,
         **model_defaults(family),
@@ -247,7 +267,7 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
     """A base model's usual steps and guidance, and a real one's own picture size (SDXL: 1024 px), where its
     family can be told without loading it. The demo model draws well at the size it was trained at; a tiny random
     model keeps the size: it makes any size just as well, and small is quick."""
-    family = ctx.base_model_family(gen_base_model)
+    family = ctx.models.family(gen_base_model)
     if family is None:
         return {}
     if gen_base_model == TINY_CHOICE:
@@ -315,25 +335,11 @@ def generate(
     model not downloaded yet downloads first, with the token given, its progress over the pictures."""
     try:
         loras = _chosen_loras(ctx, visitor, rows)
-        if not (prompt or "").strip():
-            raise LoraGuiError("type a prompt first: describe the picture you want")
-        if not size or not 64 <= size <= 2048:
-            raise LoraGuiError("the size must be between 64 and 2048 pixels")
-        if gen_quantize not in GENERATE_CHOICES:
-            raise LoraGuiError(f"Store the model in fewer bits must be one of {', '.join(GENERATE_CHOICES)}")
-        settings = dict(
-            prompt=prompt,
-            negative_prompt=negative_prompt or "",
-            seed=int(gen_seed or 0),
-            steps=int(gen_steps),
-            guidance=float(guidance),
-            width=int(size) // 8 * 8,
-            height=int(size) // 8 * 8,
-        )
-        token = ctx.hub_token(gen_hf_token, visitor)
-        model = ctx.resolve_base_model(gen_base_model, token)
+        settings = _picture_settings(prompt, negative_prompt, gen_seed, gen_steps, guidance, size, gen_quantize)
+        token = ctx.models.hub_token(gen_hf_token, visitor)
+        model = ctx.models.resolve(gen_base_model, token)
         show = download_shower(progress) if progress is not None else None
-        with ctx.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
+        with ctx.engine.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
             with_lora = generator(**settings)
@@ -359,6 +365,33 @@ def generate(
         "lora_image": gr.update(value=with_lora, label="With your LoRAs" if len(loras) > 1 else "With your LoRA"),
         "gen_notice": notice(made),
     }
+
+
+def _picture_settings(
+    prompt: str,
+    negative_prompt: str,
+    seed: float,
+    steps: float,
+    guidance: float,
+    size: float,
+    quantize: str,
+) -> dict[str, Any]:
+    """The generator's settings for both pictures, once the form's values are checked."""
+    if not (prompt or "").strip():
+        raise LoraGuiError("type a prompt first: describe the picture you want")
+    if not size or not 64 <= size <= 2048:
+        raise LoraGuiError("the size must be between 64 and 2048 pixels")
+    if quantize not in GENERATE_CHOICES:
+        raise LoraGuiError(f"Store the model in fewer bits must be one of {', '.join(GENERATE_CHOICES)}")
+    return dict(
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        seed=int(seed or 0),
+        steps=int(steps),
+        guidance=float(guidance),
+        width=int(size) // 8 * 8,
+        height=int(size) // 8 * 8,
+    )
 
 
 def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]:
@@ -389,7 +422,7 @@ def _chosen_loras(ctx: Ctx, visitor: Visitor, rows: dict[str, Any]) -> list[tupl
         if gen_upload:
             loras.append((Path(gen_upload), strength))
         elif gen_run:
-            run = ctx.run_folder(gen_run, visitor)
+            run = ctx.folders.run(gen_run, visitor)
             if not run.diffusers_lora.is_file():
                 raise LoraGuiError(f"the run {gen_run} has no LoRA file yet: wait for it to finish, or pick another")
             loras.append((run.diffusers_lora, strength))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import pandas as pd
 
-from lora_gui import hub, runs
+from lora_gui import runs
 from lora_gui.errors import LoraGuiError
-from lora_gui.lora_files import reshape
 from lora_gui.owners import Visitor
 from lora_gui.ui.common import (
     Ctx,
@@ -25,6 +24,9 @@ from lora_gui.ui.common import (
     notice,
     served,
 )
+
+if TYPE_CHECKING:
+    from lora_gui.lora_files.reshape import Reshaped
 
 COLUMNS = ["Name", "Started", "Steps done", "Last loss", "Status"]
 _STATUS_WORDS = {runs.RUNNING: "training now", runs.INTERRUPTED: "interrupted (app closed mid-run)"}
@@ -174,7 +176,7 @@ def wire_runs_tab(ctx: Ctx) -> None:
 
 
 def _status(ctx: Ctx, summary: runs.RunSummary) -> str:
-    status = ctx.jobs.live_status(summary.path) or summary.status
+    status = ctx.engine.jobs.live_status(summary.path) or summary.status
     return _STATUS_WORDS.get(status, status)
 
 
@@ -193,7 +195,7 @@ def runs_table(ctx: Ctx, summaries: list[runs.RunSummary]) -> pd.DataFrame:
 
 
 def refresh(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]:
-    summaries = ctx.runs_of(visitor)
+    summaries = ctx.folders.runs_of(visitor)
     names = [summary.name for summary in summaries]
     return {
         "runs_table": runs_table(ctx, summaries),
@@ -206,14 +208,14 @@ def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]
     if not run_pick:
         return {"run_details": gr.update(visible=False), **closed}
     try:
-        run = ctx.run_folder(run_pick, visitor)
+        run = ctx.folders.run(run_pick, visitor)
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error), "run_details": gr.update(visible=False), **closed}
     summary = runs.summarize(run.path)
     status = _status(ctx, summary)
-    live = ctx.jobs.live_status(run.path) is not None
+    live = ctx.engine.jobs.live_status(run.path) is not None
     info = f"{run.name}: {status}, {summary.steps_done} of {summary.total_steps} steps"
-    info += f", base model {ctx.base_model_label(summary.base_model) or 'unknown'}."
+    info += f", base model {ctx.models.label(summary.base_model) or 'unknown'}."
     level = "error" if summary.status == runs.FAILED else "warning"  # an interrupted run's message says how to go on
     info_html = notice(info) + (notice(summary.message, level) if summary.message else "")
     metrics = run.read_metrics()
@@ -232,7 +234,9 @@ def open_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]
         "run_resume": gr.update(visible=summary.resumable and not live),
         "run_file": gr.update(value=None, visible=False),
         "hub_repo": run.name,
-        "tools_others": gr.update(choices=[other.name for other in ctx.runs_of(visitor) if other.name != run.name]),
+        "tools_others": gr.update(
+            choices=[other.name for other in ctx.folders.runs_of(visitor) if other.name != run.name]
+        ),
         "tools_files": None,
         **closed,
     }
@@ -247,9 +251,11 @@ _TOOLS_OUT = ["tools_notice", "tools_files"]
 
 def resize(ctx: Ctx, visitor: Visitor, run_pick: str | None, tools_rank: float | None) -> dict[str, Any]:
     """The run's LoRA at a lower rank, written in <run>/tools/ and offered for download."""
+    from lora_gui.lora_files import reshape
+
     rank = int(tools_rank or 0)
     try:
-        run = ctx.run_folder(run_pick or "", visitor)
+        run = ctx.folders.run(run_pick or "", visitor)
         result = reshape.resize_lora(run.path, rank, run.path / reshape.TOOLS / f"{run.name}-rank{rank}.safetensors")
     except LoraGuiError as error:
         return {"tools_notice": error_notice(error), "tools_files": None}
@@ -267,10 +273,12 @@ def merge(
     tools_merge_rank: float | None,
 ) -> dict[str, Any]:
     """The run's LoRA merged with the visitor's other runs' and an uploaded file, written in <run>/tools/."""
+    from lora_gui.lora_files import reshape
+
     rank = int(tools_merge_rank or 0) or None
     try:
-        run = ctx.run_folder(run_pick or "", visitor)
-        others: list[Path] = [ctx.run_folder(name, visitor).path for name in tools_others or []]
+        run = ctx.folders.run(run_pick or "", visitor)
+        others: list[Path] = [ctx.folders.run(name, visitor).path for name in tools_others or []]
         others += [Path(tools_upload)] if tools_upload else []
         if not others:
             raise LoraGuiError("pick another of your runs or upload a LoRA file to merge with first")
@@ -283,7 +291,7 @@ def merge(
     return _made(result)
 
 
-def _made(result: reshape.Reshaped) -> dict[str, Any]:
+def _made(result: Reshaped) -> dict[str, Any]:
     message = f"{result.files[0].name}: {result.note}. Both layouts are below."
     return {"tools_notice": notice(message), "tools_files": [served(path) for path in result.files]}
 
@@ -293,7 +301,9 @@ def push(
 ) -> dict[str, Any]:
     """Upload the run, with the token typed or the one the visitor's Hugging Face sign-in gave. The token stays in
     this call: it is handed to huggingface_hub and nowhere else."""
-    token = ctx.hub_token(hub_token, visitor) or None
+    from lora_gui import hub
+
+    token = ctx.models.hub_token(hub_token, visitor) or None
     if token is None and ctx.on_space:
         # Without a token the upload would go out under the Space owner's own login.
         how = "Sign in with Hugging Face at the top of the page, or paste" if ctx.sign_in else "Paste"
@@ -302,7 +312,7 @@ def push(
     if not (hub_repo or "").strip():
         return {"hub_notice": notice("Type a name for the model page on the Hub first.", "warning")}
     try:
-        run = ctx.run_folder(run_pick or "", visitor)
+        run = ctx.folders.run(run_pick or "", visitor)
         url = hub.push_to_hub(run.path, hub_repo, token=token, private=bool(hub_private))
     except LoraGuiError as error:
         return {"hub_notice": error_notice(error)}
@@ -312,9 +322,9 @@ def push(
 
 def resume_run(ctx: Ctx, visitor: Visitor, run_pick: str | None, hf_token: str | None = None) -> dict[str, Any]:
     try:
-        run = ctx.run_folder(run_pick or "", visitor)
-        ctx.check_room_for_a_run(visitor)
-        job = ctx.jobs.resume(run.path, hub_token=ctx.hub_token(hf_token, visitor))
+        run = ctx.folders.run(run_pick or "", visitor)
+        ctx.folders.check_room_for_a_run(visitor)
+        job = ctx.engine.jobs.resume(run.path, hub_token=ctx.models.hub_token(hf_token, visitor))
     except LoraGuiError as error:
         return {"runs_notice": error_notice(error)}
     return {
@@ -333,8 +343,8 @@ def ask_delete(ctx: Ctx, run_pick: str | None) -> dict[str, Any]:
 
 def delete_run(ctx: Ctx, visitor: Visitor, run_pick: str | None) -> dict[str, Any]:
     try:
-        run = ctx.run_folder(run_pick or "", visitor)
-        if ctx.jobs.live_status(run.path):
+        run = ctx.folders.run(run_pick or "", visitor)
+        if ctx.engine.jobs.live_status(run.path):
             raise LoraGuiError(f"{run.name} is queued or training: stop it first")
         runs.delete_run(run.path)
     except LoraGuiError as error:

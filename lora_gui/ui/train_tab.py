@@ -9,31 +9,21 @@ from __future__ import annotations
 import functools
 import html
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from lora_gui import devices, memory_savers, quantization, runs
+from lora_gui import memory_savers, quantization, runs
 from lora_gui.config import (
     TrainConfig,
-    as_preset,
-    check_preset_name,
-    list_presets,
-    load_preset,
-    save_preset,
 )
 from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.estimate import Estimate, estimate, presets_that_fit
 from lora_gui.families import get_family
-from lora_gui.jobs import Job, JobState
 from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
-from lora_gui.suggest import Card, Pictures, suggest
 from lora_gui.ui import config_form
 from lora_gui.ui.common import (
-    TINY_CHOICE,
-    TINY_CHOICES,
     Ctx,
     duration,
     error_notice,
@@ -45,6 +35,12 @@ from lora_gui.ui.common import (
     plain_error,
     served,
 )
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
+from lora_gui.ui.presets import keep_preset, preset_choices, use_preset
+
+if TYPE_CHECKING:
+    from lora_gui.estimate import Estimate
+    from lora_gui.jobs import Job, JobState
 
 POLL_SECONDS = 2.0
 _WATCHED = ("losses", "samples", "log", "files")
@@ -67,23 +63,35 @@ ESTIMATED = (
 
 def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
-    if not ctx.has_cuda:
-        gr.HTML(
-            notice(
-                "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the demo "
-                "and tiny models (about a minute), but a real Stable Diffusion model would take many hours.",
-                "warning",
-            ),
-            elem_id="cpu-warning",
-        )
+    # Shown once the engine has loaded and found no GPU (app.engine_ready).
+    c["cpu_warning"] = gr.HTML(
+        notice(
+            "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the demo "
+            "and tiny models (about a minute), but a real Stable Diffusion model would take many hours.",
+            "warning",
+        ),
+        elem_id="cpu-warning",
+        visible=ctx.engine.loaded and not ctx.engine.has_cuda,
+    )
     gr.Markdown("**Step 2: train.** Pick a base model and how long to train, then press **Start training**.")
+    c.update(_build_model_and_preset(ctx))
+    c.update(config_form.build_widgets(main=True, per_row=4))
+    c["estimate"] = gr.HTML(elem_id="train-estimate")
+    c.update(_build_start(ctx))
+    c.update(_build_live_view())
+    return c
+
+
+def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
+    """The base model, a preset, and the settings suggested for the visitor's pictures."""
+    c: dict[str, Any] = {}
     with gr.Row():
         where = "a Hugging Face Hub id (owner/name)"
-        if ctx.allow_paths:
+        if ctx.models.allow_paths:
             where += ", a diffusers model folder or a .safetensors checkpoint file on this computer"
         with gr.Column(scale=2):
             c["base_model"] = gr.Dropdown(
-                choices=ctx.base_model_choices(),
+                choices=ctx.models.choices(),
                 value=TINY_CHOICE,
                 allow_custom_value=True,
                 label="Base model",
@@ -92,7 +100,7 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
             c["hf_token"] = hub_token_box("train-hf-token")
         with gr.Column(scale=2):
             c["preset"] = gr.Dropdown(
-                choices=_preset_choices(),
+                choices=preset_choices(),
                 value=None,
                 label="Preset (ready-made settings)",
                 info="Fills in every setting below for a typical job.",
@@ -108,8 +116,12 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
         )
         c["suggest"] = gr.Button("Suggest settings", size="sm", scale=1, elem_id="suggest-settings")
     c["suggestions"] = gr.HTML(elem_id="train-suggestions")
-    c.update(config_form.build_widgets(main=True, per_row=4))
-    c["estimate"] = gr.HTML(elem_id="train-estimate")
+    return c
+
+
+def _build_start(ctx: Ctx) -> dict[str, Any]:
+    """The run's name, Start and Stop, and the advanced settings."""
+    c: dict[str, Any] = {}
     with gr.Row():
         c["run_name"] = gr.Textbox(
             value=runs.suggest_run_name(ctx.runs_dir),
@@ -126,6 +138,12 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
         with gr.Row():
             c["preset_name"] = gr.Textbox(label="Save these settings as a preset named", placeholder="my-settings")
             c["save_preset"] = gr.Button("Save as preset")
+    return c
+
+
+def _build_live_view() -> dict[str, Any]:
+    """The run as it trains: its progress, loss, previews, files and log."""
+    c: dict[str, Any] = {}
     c["progress"] = gr.HTML(_progress_html(None, 0), elem_id="train-progress")
     with gr.Row():
         with gr.Column():
@@ -227,19 +245,21 @@ def start(
     """Check everything that can be checked now, then queue the run on the pictures as they are now. The token
     goes to the job, which hands it to the base model's download only."""
     try:
-        token = ctx.hub_token(hf_token, visitor)
-        model = ctx.resolve_base_model(base_model, token)
+        token = ctx.models.hub_token(hf_token, visitor)
+        model = ctx.models.resolve(base_model, token)
         config = config_form.config_from_values({**settings, "base_model": model})
         staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
         name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
-        ctx.check_room_for_a_run(visitor)
-        job = ctx.jobs.submit_new(config, ctx.runs_dir / name, staging.folder, hub_token=token, owner=visitor.owner)
+        ctx.folders.check_room_for_a_run(visitor)
+        job = ctx.engine.jobs.submit_new(
+            config, ctx.runs_dir / name, staging.folder, hub_token=token, owner=visitor.owner
+        )
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
-    position = ctx.jobs.queue_position(job.job_id)
-    active = ctx.jobs.active()
+    position = ctx.engine.jobs.queue_position(job.job_id)
+    active = ctx.engine.jobs.active()
     if position and active is not None and active.job_id != job.job_id:
         # Whose run is ahead, and its name, is not this visitor's to learn where visitors are strangers.
         ahead = "Another run is" if ctx.shared else f"Another run ({active.run.name}) is"
@@ -263,7 +283,7 @@ def stop(ctx: Ctx, visitor: Visitor, train_job: int | None) -> dict[str, Any]:
     job = _shown_job(ctx, visitor, train_job)
     if job is None or job.snapshot().ended:
         return {"train_notice": notice("Nothing is training right now.")}
-    ctx.jobs.stop(job.job_id)
+    ctx.engine.jobs.stop(job.job_id)
     return {
         "train_notice": notice(
             f"Stopping {job.run.name} after the current step; the LoRA so far is kept and the run can be resumed."
@@ -296,8 +316,10 @@ def resume(
         run = {"base_model": "", "optimizer": TrainConfig.load(job.run.config).optimizer}
         changes = config_form.config_from_values({**settings, **run}).to_dict() if settings else {}
         changes = {name: changes[name] for name in settings}
-        ctx.check_room_for_a_run(visitor)
-        resumed = ctx.jobs.resume(job.run.path, hub_token=ctx.hub_token(hf_token, visitor), changes=changes)
+        ctx.folders.check_room_for_a_run(visitor)
+        resumed = ctx.engine.jobs.resume(
+            job.run.path, hub_token=ctx.models.hub_token(hf_token, visitor), changes=changes
+        )
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     return {
@@ -307,23 +329,6 @@ def resume(
     }
 
 
-def use_preset(ctx: Ctx, preset: str | None, my_presets: dict[str, Any] | None = None) -> dict[str, Any]:
-    if not preset:
-        return {"train_notice": notice("Pick a preset from the list first.", "warning")}
-    mine = _browser_presets(ctx, my_presets)
-    try:
-        if preset in mine:
-            config = TrainConfig.from_dict(mine[preset], source=f"the preset {preset}")
-        else:
-            config = load_preset(preset)
-    except LoraGuiError as error:
-        return {"train_notice": error_notice(error)}
-    values: dict[str, Any] = config_form.widget_values(config)
-    if config.base_model:
-        values["base_model"] = config.base_model
-    return {"train_notice": notice(f"Settings of the preset {preset} filled in."), **values}
-
-
 def suggest_settings(
     ctx: Ctx, visitor: Visitor, session: str, base_model: str, subject: str, **settings: Any
 ) -> dict[str, Any]:
@@ -331,7 +336,7 @@ def suggest_settings(
     with its reason; only what fits the card by the estimate."""
     try:
         config = config_form.config_from_values({**settings, "base_model": ""})
-        family = config.family if config.family != "auto" else ctx.base_model_family(base_model)
+        family = config.family if config.family != "auto" else ctx.models.family(base_model)
         if family is None:
             raise ConfigError(
                 "to suggest settings, the kind of model must be known without downloading it: set 'Model family' "
@@ -341,6 +346,8 @@ def suggest_settings(
         usable = staging.check(config.resolution, config.default_caption).usable if staging is not None else []
         if not usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
+        from lora_gui.suggest import Card, Pictures, suggest
+
         suggestion = suggest(Pictures.of(usable), subject, family, Card.here(), config)
     except LoraGuiError as error:
         return {"suggestions": error_notice(error)}
@@ -356,40 +363,16 @@ def suggest_settings(
     }
 
 
-def keep_preset(
-    ctx: Ctx, preset_name: str, base_model: str, my_presets: dict[str, Any] | None = None, **settings: Any
-) -> dict[str, Any]:
-    """Save the form's settings as a preset: in the app's presets/ folder for the one user of their own app; where
-    visitors are strangers, in the visitor's browser, so nothing a visitor saves reaches the server's files."""
-    try:
-        model = "" if base_model in TINY_CHOICES else base_model  # a tiny model is no preset's real model
-        config = config_form.config_from_values({**settings, "base_model": model})
-        if not ctx.shared:
-            name = save_preset(preset_name or "", config).stem
-            return {
-                "train_notice": notice(f"Saved as the preset {name}."),
-                "preset": gr.update(choices=_preset_choices(), value=name),
-            }
-        name = check_preset_name(preset_name or "")
-        if name in list_presets():
-            raise ConfigError(f"the app has a preset named {name!r}; pick another name")
-    except LoraGuiError as error:
-        return {"train_notice": error_notice(error)}
-    mine = {**_browser_presets(ctx, my_presets), name: as_preset(config).to_dict()}
-    return {
-        "train_notice": notice(f"Saved as the preset {name}, in this browser (the server keeps no copy)."),
-        "preset": gr.update(choices=_preset_choices(mine), value=name),
-        "my_presets": mine,
-    }
-
-
 def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     """About how much GPU memory and time a run with these settings takes, before it is started."""
+    from lora_gui import devices
+    from lora_gui.estimate import estimate, presets_that_fit
+
     try:
         config = config_form.config_from_values({**settings, "base_model": ""})
     except LoraGuiError as error:
         return {"estimate": notice(f"No estimate until the settings are fixed: {plain_error(error)}", "warning")}
-    family = config.family if config.family != "auto" else ctx.base_model_family(base_model)
+    family = config.family if config.family != "auto" else ctx.models.family(base_model)
     if family is None:
         return {
             "estimate": notice(
@@ -401,7 +384,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     tiny = base_model in TINY_CHOICES
     precision = devices.gpu_precision(config.mixed_precision)
     try:
-        result = estimate(config, family, precision, None if tiny else ctx.gpu_tflops())
+        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops())
     except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
         return {"estimate": notice(f"No estimate for these settings: {error}", "warning")}
     memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
@@ -410,7 +393,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             f"The demo and tiny models need almost no memory and train on a processor in about a minute. For "
             f"comparison, a real {title} model with these settings would need {memory}."
         )
-    elif not ctx.has_cuda:
+    elif not ctx.engine.has_cuda:
         text = (
             f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
             "would run on the processor: far slower than any GPU (many hours), so no time estimate is given."
@@ -468,24 +451,6 @@ def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[st
     return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
 
 
-def _preset_choices(mine: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """The app's presets, then the visitor's own (saved in their browser)."""
-    shipped = [(f"{name}: {description}", name) for name, description in list_presets().items()]
-    return shipped + [(f"{name}: saved in this browser", name) for name in mine or {}]
-
-
-def _browser_presets(ctx: Ctx, my_presets: Any) -> dict[str, Any]:
-    """The presets this visitor's browser keeps: only where visitors are strangers, and only well-formed ones."""
-    if not ctx.shared or not isinstance(my_presets, dict):
-        return {}
-    return {name: values for name, values in my_presets.items() if isinstance(name, str) and isinstance(values, dict)}
-
-
-def preset_menu(ctx: Ctx, my_presets: Any) -> dict[str, Any]:
-    """The preset menu with the visitor's own presets, for a page that has just loaded."""
-    return gr.update(choices=_preset_choices(_browser_presets(ctx, my_presets)))
-
-
 def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
     """The live view of the visitor's run; parts that have not changed since this page's last look are skipped."""
     job = _shown_job(ctx, visitor, train_job)
@@ -496,7 +461,7 @@ def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str
     fresh = seen.get("job") != train_seen.get("job")
     changed = {name for name in _WATCHED if fresh or seen[name] != train_seen.get(name)}
     updates: dict[str, Any] = {
-        "progress": _progress_html(state, ctx.jobs.queue_position(state.job_id)),
+        "progress": _progress_html(state, ctx.engine.jobs.queue_position(state.job_id)),
         "train_seen": seen,
     }
     if "losses" in changed:
@@ -525,8 +490,8 @@ def _validation_html(job: Job, state: JobState) -> str:
 
 def _shown_job(ctx: Ctx, visitor: Visitor, train_job: int | None) -> Job | None:
     """The run this page started, else the visitor's run training now (or trained last); never another visitor's."""
-    job = ctx.jobs.get(train_job) if train_job else None
-    return job if job is not None and visitor.owns(job.owner) else ctx.jobs.latest(visitor)
+    job = ctx.engine.jobs.get(train_job) if train_job else None
+    return job if job is not None and visitor.owns(job.owner) else ctx.engine.jobs.latest(visitor)
 
 
 def _progress_html(state: JobState | None, queue_position: int) -> str:

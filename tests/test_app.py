@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from helpers.app import QUICK, progress, shown, text, upload_pictures, wait_until
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -30,46 +31,9 @@ from lora_gui.ui.generate import add_row, remove_row
 from lora_gui.ui.runs import push
 from lora_gui.ui.train_tab import start
 
-QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
-
-
-def text(result) -> str:
-    """Everything an endpoint returned, as one string to look for messages in (as the page shows them)."""
-    return html.unescape(" ".join(str(value) for value in (result if isinstance(result, tuple) else (result,))))
-
-
-def shown(output):
-    """The value an output shows: handlers that also change a component's label or visibility send an update."""
-    if isinstance(output, dict) and output.get("__type__") == "update":
-        return output.get("value")
-    return output
-
 
 def pixels(output) -> np.ndarray:
     return np.asarray(Image.open(shown(output)), dtype=np.int16)
-
-
-def upload_pictures(client: Client, folder: Path) -> str:
-    files = [handle_file(str(path)) for path in sorted(folder.iterdir())]
-    return text(client.predict(upload=files, api_name="/upload"))
-
-
-def progress(client: Client) -> tuple:
-    return client.predict(api_name="/progress")
-
-
-def wait_until(client: Client, words: str, timeout: float = 300) -> list:
-    """Poll the live view until it says `words`; return what the page shows then. A poll skips the parts
-    that did not change since the last one, so each part is its latest value over all polls."""
-    deadline = time.monotonic() + timeout
-    page: list = []
-    while True:
-        result = progress(client)
-        page = [old if new == {"__type__": "update"} else new for old, new in zip(page or result, result, strict=True)]
-        if words in html.unescape(result[0]):
-            return page
-        assert time.monotonic() < deadline, f"never saw {words!r}; last: {result[0]}"
-        time.sleep(0.5)
 
 
 def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import in_download_cache, train_argv
+from helpers.hub import FakeHub, in_download_cache, serve
+from helpers.runs import train_argv
 from PIL import Image
-from test_downloads import FakeHub, serve
 
 from lora_gui import data
 from lora_gui.__main__ import main

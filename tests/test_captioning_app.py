@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 
 from gradio_client import Client, handle_file
-from test_app import QUICK, text, wait_until
+from helpers.app import QUICK, text, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import in_download_cache, quick_config
 from diffusers import AutoencoderKL
+from helpers.app import generate_request
+from helpers.flux_files import bfl_checkpoint
+from helpers.hub import in_download_cache
+from helpers.pipes import fresh_pipe
+from helpers.runs import quick_config
 from PIL import Image
-from test_flux_files import bfl_checkpoint
-from test_gpu_regime import generate_request
-from test_train import fresh_pipe
 from torchao.quantization import Int8Tensor
 
 from lora_gui import base_models, devices, events, infer, quantization

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
+from helpers.runs import train_argv
 from PIL import Image
 
 from lora_gui.__main__ import main

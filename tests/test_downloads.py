@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-import time
 from contextvars import ContextVar
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config
-from huggingface_hub import HfApi, _snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
-from huggingface_hub.file_download import DryRunFileInfo
-from huggingface_hub.hf_api import RepoFile
+from helpers.flux_files import bfl_checkpoint
+from helpers.hub import NEVER_LOADED, REPO, FakeHub, response, serve
+from helpers.pipes import fresh_pipe
+from helpers.runs import quick_config
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
-from test_flux_files import bfl_checkpoint
-from test_train import fresh_pipe
 
 from lora_gui import base_models
 from lora_gui.base_models import DownloadProgress, load_pipeline
@@ -35,94 +29,10 @@ from lora_gui.ui.app import build_app
 from lora_gui.ui.generate import generate
 from lora_gui.ui.train_tab import _progress_html
 
-REPO = "someone/gated-model"
-COMMIT = "c" * 40
 TOKEN = "hf_TEST_download_token_42"
-CHUNK = 64 * 1024
 EVENT: ContextVar[str] = ContextVar("event")  # stands in for the context variables Gradio's progress bar reads
-# Files an SD 1.x repo holds that from_pretrained never loads: other formats, variants, a checkpoint for other tools.
-NEVER_LOADED = {
-    "unet/diffusion_pytorch_model.fp16.safetensors": 1_700_000,
-    "unet/diffusion_pytorch_model.bin": 3_400_000,
-    "text_encoder/model.fp16-00001-of-00002.safetensors": 600_000,
-    "text_encoder/flax_model.msgpack": 1_200_000,
-    "safety_checker/model.safetensors": 1_200_000,
-    "v1-5-pruned.ckpt": 4_000_000,
-}
-# And FLUX.1-dev's: Black Forest Labs' own single files.
+# FLUX.1-dev's files that from_pretrained never loads: Black Forest Labs' own single files.
 NEVER_LOADED_FLUX = {"flux1-dev.safetensors": 4_000_000, "ae.safetensors": 300_000}
-
-
-def response(status: int) -> SimpleNamespace:
-    return SimpleNamespace(headers={}, status_code=status, request=None, url="")
-
-
-class FakeHub:
-    """The Hub's side of downloading one repo (a tiny model, and files that never load), for huggingface_hub's own
-    code. Gated when `gated`: only requests that carry `accepted` get through. Records every request's token."""
-
-    def __init__(self, repo: str, model: Path, cache: Path, never_loaded: dict[str, int]):
-        self.repo, self.model, self.cache = repo, model, cache
-        self.model_files = {path.relative_to(model).as_posix(): path for path in model.rglob("*") if path.is_file()}
-        self.sizes = {name: path.stat().st_size for name, path in self.model_files.items()} | never_loaded
-        self.gated, self.accepted = False, None
-        self.tokens: list[object] = []
-        self.fetched: list[str] = []
-
-    def check(self, token: object) -> None:
-        self.tokens.append(token)
-        if self.gated and token != self.accepted:
-            raise GatedRepoError(f"Access to {self.repo} is restricted", response=response(401 if token else 403))
-
-    # base_models fetches model_index.json itself
-    def hf_hub_download(self, repo_id: str, filename: str, token: object = None) -> str:
-        assert repo_id == self.repo
-        self.check(token)
-        return str(self.model_files[filename])
-
-    # what snapshot_download asks the Hub's API
-    def repo_info(self, token: object) -> SimpleNamespace:
-        self.check(token)
-        return SimpleNamespace(sha=COMMIT)
-
-    def list_repo_tree(self, token: object) -> list[RepoFile]:
-        self.check(token)
-        return [RepoFile(path=name, size=size, oid=str(index)) for index, (name, size) in enumerate(self.sizes.items())]
-
-    # each file, as snapshot_download fetches it on its threads: in chunks, through the bar it is given
-    def fetch_file(self, repo_id: str, *, filename: str, token: object, tqdm_class, dry_run: bool, **kwargs: object):
-        self.check(token)
-        target = self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT / filename
-        if dry_run:
-            size = self.sizes[filename]
-            return DryRunFileInfo(COMMIT, size, filename, str(target), target.exists(), not target.exists())
-        self.fetched.append(filename)
-        data = self.model_files[filename].read_bytes()
-        with tqdm_class(total=len(data), initial=0, unit="B", unit_scale=True, desc=filename) as bar:
-            for start in range(0, len(data), CHUNK):
-                time.sleep(0.005)
-                bar.update(len(data[start : start + CHUNK]))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.model_files[filename], target)
-        return str(target)
-
-    def bytes_of_the_model(self) -> int:
-        return sum(self.sizes[name] for name in self.model_files)
-
-
-def serve(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> FakeHub:
-    """base_models goes online, to `fake`; huggingface_hub itself stays offline, so from_pretrained then loads
-    from the download cache as it would after a real download, and nothing else can reach the network."""
-    monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
-    monkeypatch.setattr(base_models, "get_token", lambda: None)  # no Hugging Face login on this computer
-    monkeypatch.setattr(base_models, "hf_hub_download", fake.hf_hub_download)
-    monkeypatch.setattr(base_models, "REPORT_EVERY", 0.01)
-    monkeypatch.setattr(
-        HfApi, "repo_info", lambda api, repo_id, token=None, **kwargs: fake.repo_info(token or api.token)
-    )
-    monkeypatch.setattr(HfApi, "list_repo_tree", lambda api, repo_id, **_: fake.list_repo_tree(api.token))
-    monkeypatch.setattr(_snapshot_download, "hf_hub_download", fake.fetch_file)
-    return fake
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
 from diffusers import DiffusionPipeline
+from helpers.runs import train_argv
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quick_config
-from test_gpu_regime import generate_request
+from helpers.app import generate_request
+from helpers.runs import quick_config
 
 from lora_gui import devices
 from lora_gui.captioning import folder as captioning_folder

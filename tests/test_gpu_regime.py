@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, quick_config
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers.app import generate_request
+from helpers.paths import ROOT
+from helpers.runs import quick_config
 from safetensors.torch import load_file
 
 from lora_gui import bench, devices
@@ -97,7 +98,8 @@ def test_two_processes_training_the_text_encoder_agree_and_stop_together(tiny_mo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(ROOT / "tests" / "two_ranks.py"), str(settings), str(tmp_path / "run"), "--stop-after", "2"]
+    script = ROOT / "tests" / "helpers" / "two_ranks.py"
+    command += [str(script), str(settings), str(tmp_path / "run"), "--stop-after", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -238,22 +240,6 @@ def test_a_starting_run_unloads_the_generate_model_and_says_so(app, tiny_model, 
     assert state.status == "finished", state.error
     assert app.generators.model is None
     assert any("The model the Generate tab had loaded was unloaded" in line for line in state.log)
-
-
-def generate_request(base_model: Path, lora: Path) -> dict:
-    """What the Generate button sends: one quick picture with one LoRA file."""
-    return dict(
-        allow_pickle=False,
-        gen_base_model=str(base_model),
-        prompt="a red circle",
-        negative_prompt="",
-        gen_seed=0,
-        gen_steps=1,
-        guidance=7.0,
-        size=64,
-        gen_upload_1=str(lora),
-        strength_1=1.0,
-    )
 
 
 def test_generate_waits_while_a_run_trains_on_the_gpu(tiny_model, tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from conftest import quick_config
 from diffusers import StableDiffusionPipeline
+from helpers.runs import quick_config
 
 from lora_gui import data
 from lora_gui import jobs as jobs_module

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pink_share
+from helpers.pipes import pink_share
 from PIL import Image
 
 from lora_gui import objectives

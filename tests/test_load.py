@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from conftest import ARTIFACTS, ROOT
+from helpers.paths import ARTIFACTS, ROOT
 
 CLIENTS = 20
 

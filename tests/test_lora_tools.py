@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.lora_files import kohya_file_by_hand, peft_pipe, set_strengths
+from helpers.pipes import image
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_formats import kohya_file_by_hand, peft_pipe, set_strengths
-from test_train import image
 
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset

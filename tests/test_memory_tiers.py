@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.pipes import fresh_pipe, image
+from helpers.runs import quick_config
 from safetensors.torch import load_file
-from test_train import fresh_pipe, image
 from torchao.quantization import Int8Tensor
 
 from lora_gui import events
@@ -130,8 +130,8 @@ def test_a_single_file_flux_loads_with_an_int8_transformer_and_nf4_is_refused_be
     tiny_models, tmp_path, download_cache
 ):
     """diffusers' `from_single_file` takes a file's weights as already quantized: ours quantizes them itself."""
-    from conftest import in_download_cache
-    from test_flux_files import bfl_checkpoint
+    from helpers.flux_files import bfl_checkpoint
+    from helpers.hub import in_download_cache
 
     from lora_gui.base_models import load_pipeline
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import quick_config
 from diffusers import DiffusionPipeline
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 

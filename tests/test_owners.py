@@ -9,7 +9,7 @@ import stat
 from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config
+from helpers.runs import quick_config
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError, LoraGuiError

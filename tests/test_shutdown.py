@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import start_app
 from gradio_client import Client, handle_file
+from helpers.app import start_app
 from safetensors import safe_open
 
 from lora_gui.jobs import JobManager

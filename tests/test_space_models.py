@@ -9,11 +9,10 @@ import pathlib
 from types import SimpleNamespace
 
 import pytest
-from conftest import free_port
 from gradio_client import Client
+from helpers.app import free_port, text
+from helpers.hub import NEVER_LOADED, REPO, FakeHub, response, serve
 from huggingface_hub.errors import RepositoryNotFoundError
-from test_app import text
-from test_downloads import NEVER_LOADED, REPO, FakeHub, response, serve
 
 from lora_gui import base_models
 from lora_gui.base_models import HUB_IDS_ONLY, BaseModelPolicy, load_pipeline
@@ -114,7 +113,7 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     space, server_files, probes, hub_knows_nothing, photos, tmp_path
 ):
     """The page's checks are not the only guard: what a run or Generate loads goes through the policy too."""
-    from conftest import quick_config
+    from helpers.runs import quick_config
 
     from lora_gui.train import train
 

@@ -17,9 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import AppServer, running_app
 from gradio_client import Client, handle_file
-from test_app import QUICK, progress, text, upload_pictures
+from helpers.app import QUICK, AppServer, progress, running_app, text, upload_pictures
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
 from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
@@ -22,6 +21,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from helpers.pipes import fresh_pipe, image, train_and_picture
+from helpers.runs import quick_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -103,36 +104,6 @@ def flow_loss(pipe: FluxPipeline, pixels: torch.Tensor, captions: list[str]) -> 
             prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
             losses.append(torch.nn.functional.mse_loss(prediction, noise - latents).item())
     return float(np.mean(losses))
-
-
-def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
-    if not isinstance(pipe, FluxPipeline):  # Flux samples with its own flow-matching scheduler
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(3)
-    return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
-
-
-def train_and_picture(config: TrainConfig, run_dir: Path, **train_options) -> np.ndarray:
-    """Train into `run_dir`; return `image` of the trained model in memory as the run saves its own LoRA file (not a
-    checkpoint's): the picture every file of the run must give back once loaded."""
-    seen = {}
-    real_save = train_module.save_diffusers_lora
-
-    def save_and_look(target, pipe, family):
-        if Path(target).parent == Path(run_dir):
-            seen["image"] = image(pipe)
-        return real_save(target, pipe, family)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "save_diffusers_lora", save_and_look)
-        train(config, run_dir, **train_options)
-    return seen["image"]
-
-
-def fresh_pipe(model: Path) -> DiffusionPipeline:
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # The tiny random SD 2 and Flux, whose shapes the learning tests' models don't have (OpenCLIP; Flux's 16 latent channels
@@ -343,7 +314,6 @@ def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
     what the pipeline makes from the prompt with everything in place."""
     from accelerate import Accelerator
 
-    from lora_gui.config import TrainConfig
     from lora_gui.devices import Offload
     from lora_gui.families import detect_family
     from lora_gui.runs import RunFolder

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import quick_config
+from helpers.runs import quick_config
 from safetensors import safe_open
 
 from lora_gui import data, events, train

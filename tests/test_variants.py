@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.pipes import fresh_pipe, image, train_and_picture
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_train import fresh_pipe, image, train_and_picture
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError

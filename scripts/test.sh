@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the test dependencies, then runs the linter and the whole test suite.
+# Installs the test dependencies, then runs the linter and the whole test suite (CI), or with --quick only the unit
+# tier (pure logic, a few minutes); other arguments go to pytest.
 # The browser test drives Debian's Chromium through Playwright (the PyPI package); no browser is
 # downloaded by Playwright itself.
 set -euo pipefail
@@ -11,4 +12,8 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 python3 -m pip install --quiet torch==2.13.0 -r requirements-dev.txt
 python3 -m ruff check .
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  set -- -m unit "$@"
+fi
 python3 -m pytest -q "$@"

@@ -112,6 +112,23 @@ def card(monkeypatch) -> Callable[..., object]:
     return install
 
 
+TIERS = ("unit", "train", "app", "browser")  # registered in pyproject.toml; `unit` is scripts/test.sh --quick
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test carries exactly one tier (`pytestmark = pytest.mark.unit` in its module, or a mark on the test where
+    a module mixes them), so that a new test can't dodge `-m unit` or slow the quick tier down unnoticed."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {' and '.join(tiers) if tiers else 'no tier'}")
+    if wrong:
+        listed = "\n  ".join(wrong)
+        raise pytest.UsageError(f"each test needs exactly one tier mark of {', '.join(TIERS)}:\n  {listed}")
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Every module the tests import is loaded now, and stays: leave those objects out of later garbage collections,
     as the app does once it has started (each run's end collects, and would otherwise walk all of them)."""

@@ -36,6 +36,7 @@ def pixels(output) -> np.ndarray:
     return np.asarray(Image.open(shown(output)), dtype=np.int16)
 
 
+@pytest.mark.app
 def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_path):
     first, second = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
     assert "Added 12 pictures" in upload_pictures(first, write_demo_dataset(tmp_path / "a", count=12, size=(96, 96)))
@@ -97,6 +98,7 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     assert not (app_server.runs_dir / "visitor-a").exists()
 
 
+@pytest.mark.app
 def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     visitor = Client(app_server.url, verbose=False)
     assert "There are no usable pictures yet: add some in the Dataset tab first." in text(
@@ -121,6 +123,7 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     assert "Nothing was trained yet: fix the problem, then press Start training again" in failed
 
 
+@pytest.mark.app
 def test_the_estimate_follows_the_settings_and_the_model(app_server):
     visitor = Client(app_server.url, verbose=False)
 
@@ -149,6 +152,7 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
     assert "No estimate until the settings are fixed: 'Batch size' must be between 1" in estimate(batch_size=0)
 
 
+@pytest.mark.train
 def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_small(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
@@ -194,6 +198,7 @@ def gigabytes(message: str) -> float:
     return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
 
 
+@pytest.mark.app
 @pytest.mark.parametrize(
     ("menu", "family", "version", "usual"),
     [
@@ -239,6 +244,7 @@ def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
         assert kohya.metadata()["ss_base_model_version"] == version
 
 
+@pytest.mark.train
 def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
     _, ctx = build_app(tmp_path, JobManager())
     rows = {"gen_run_1": "a", "gen_upload_1": None, "strength_1": 0.5}
@@ -253,6 +259,7 @@ def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
     assert after["gen_run_1"] == "a"
 
 
+@pytest.mark.unit
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
     names = config_form.field_names()
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -265,6 +272,7 @@ def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
     assert rebuilt == preset
 
 
+@pytest.mark.train
 def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
     monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
@@ -289,6 +297,7 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     assert ctx.allow_paths and ctx.resolve_base_model(str(tmp_path)) == str(tmp_path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("auth", ["nopassword", ":x"])
 def test_auth_must_be_user_and_password(auth):
     from lora_gui.errors import ConfigError
@@ -298,6 +307,7 @@ def test_auth_must_be_user_and_password(auth):
         launch(auth=auth)
 
 
+@pytest.mark.unit
 def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text(encoding="utf-8")
@@ -309,6 +319,7 @@ def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body
 
 
+@pytest.mark.train
 def test_resume_in_the_train_tab_takes_the_forms_new_learning_rate(tiny_model, photos, tmp_path):
     """ "Lower the learning rate and resume" can be followed from the page: the rest stays as the run started."""
     from lora_gui.ui.train_tab import RESUMED_FROM_THE_FORM, resume

@@ -23,6 +23,8 @@ from lora_gui.jobs import JobManager
 from lora_gui.train import train
 from lora_gui.ui.app import build_app
 
+pytestmark = pytest.mark.app
+
 SECRET = "hf_TEST_app_secret_456"
 
 

@@ -13,12 +13,15 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import numpy as np
+import pytest
 from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
 from helpers.pipes import pink_share
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from lora_gui.demo import TRIGGER, write_demo_dataset
+
+pytestmark = pytest.mark.browser
 
 
 def pick(page: Page, label: str, option: str) -> None:

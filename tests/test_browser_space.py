@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import pytest
 from helpers import app as app_helpers
 from helpers.app import start_app
 from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
@@ -18,6 +19,8 @@ from helpers.paths import ARTIFACTS
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
 from lora_gui.demo import TRIGGER
+
+pytestmark = pytest.mark.browser
 
 # A Space; the free-disk check is off so that the run does not depend on this computer's disk.
 SPACE = {"SPACE_ID": "someone/lora-trainer", "LORA_GUI_MIN_FREE_GB": "0"}

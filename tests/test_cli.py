@@ -19,6 +19,8 @@ from PIL import Image
 from lora_gui.__main__ import main
 from lora_gui.demo import write_demo_dataset
 
+pytestmark = pytest.mark.train
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

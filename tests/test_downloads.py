@@ -40,6 +40,7 @@ def hub(tiny_model, download_cache, monkeypatch) -> FakeHub:
     return serve(monkeypatch, FakeHub(REPO, tiny_model, download_cache, NEVER_LOADED))
 
 
+@pytest.mark.train
 def test_a_hub_model_downloads_only_what_loads_reporting_bytes_and_files_up_to_the_total(hub):
     reports: list[DownloadProgress] = []
     family, pipe = load_pipeline(REPO, token=TOKEN, on_progress=reports.append)
@@ -76,6 +77,7 @@ SDXL_REPO = {  # stabilityai/stable-diffusion-xl-base-1.0's files, less its pict
 }
 
 
+@pytest.mark.train
 def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
     """SDXL's repo holds its weights in many formats; from_pretrained fetches one of them (vae_1_0's too: diffusers
     fetches every folder's weights), and the download ahead of it fetches the same."""
@@ -102,6 +104,7 @@ def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
     )
 
 
+@pytest.mark.train
 def test_a_gated_model_says_where_to_accept_its_licence_and_where_to_give_a_token(hub):
     hub.gated, hub.accepted = True, TOKEN
     with pytest.raises(ModelLoadError) as without_token:
@@ -118,6 +121,7 @@ def test_a_gated_model_says_where_to_accept_its_licence_and_where_to_give_a_toke
     assert family.name == "sd15"
 
 
+@pytest.mark.train
 def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypatch):
     def refuse(repo_id: str, filename: str, token: object = None) -> str:
         raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response(401))
@@ -127,6 +131,7 @@ def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypat
         load_pipeline(REPO, token="hf_TEST_mistyped")
 
 
+@pytest.mark.train
 def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_path):
     hub.gated, hub.accepted = True, TOKEN
     manager = JobManager()
@@ -145,6 +150,7 @@ def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_pa
     assert len(files) > 5 and not [path for path in files if TOKEN.encode() in path.read_bytes()]
 
 
+@pytest.mark.unit
 def test_the_train_tab_shows_the_download_before_the_first_step():
     state = JobState(
         job_id=1,
@@ -158,6 +164,7 @@ def test_the_train_tab_shows_the_download_before_the_first_step():
     assert 'style="width:9.5%"' in shown
 
 
+@pytest.mark.train
 def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, photos, tmp_path):
     _, ctx = build_app(tmp_path / "runs")
     train(quick_config(tiny_model, photos, max_steps=1), ctx.runs_dir / "lora")
@@ -191,6 +198,7 @@ def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, 
     assert len(shown) > 2 and {event for _, _, event in shown} == {"this visitor's click"}
 
 
+@pytest.mark.unit
 def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_login(tmp_path, monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     _, ctx = build_app(tmp_path)
@@ -204,6 +212,7 @@ def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_l
     assert space.hub_token("") is False, "a visitor without a token downloads with none, never the owner's"
 
 
+@pytest.mark.train
 def test_a_single_flux_file_downloads_the_rest_of_its_model_but_the_transformer_it_has(
     tiny_models, tmp_path, download_cache, monkeypatch
 ):

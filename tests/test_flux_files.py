@@ -30,6 +30,8 @@ from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout, made_for_other_model, read_shapes
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 
+pytestmark = pytest.mark.train
+
 FLUX = REGISTRY["flux"]
 RANK, ALPHA = 2, 4.0
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

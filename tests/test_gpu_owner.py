@@ -25,6 +25,8 @@ from lora_gui.jobs import JobManager, JobState
 from lora_gui.owners import EVERYONE
 from lora_gui.ui.common import TINY_CAPTIONER, Ctx
 
+pytestmark = pytest.mark.train
+
 GPU = devices.Card(memory_gb=24, bf16=True, device=torch.device("cpu"))
 CAPTIONING_BLOCKS_A_RUN = "Captioning is using the GPU"
 RUN_HAS_THE_GPU = "A run is training on the GPU, so captioning runs on the processor (slower)."

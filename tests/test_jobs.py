@@ -20,6 +20,8 @@ from lora_gui.jobs import JobManager
 from lora_gui.runs import list_runs, summarize
 from lora_gui.staging import Staging
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture
 def manager():

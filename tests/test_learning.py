@@ -37,6 +37,8 @@ from lora_gui.demo import (
 from lora_gui.infer import Generator
 from lora_gui.train import train
 
+pytestmark = pytest.mark.train
+
 MODELS = Path(__file__).parent / "models"
 SEEDS = (0, 1, 2, 3)
 # The training pictures are about 30% pink; the three models alone draw none. Measured (these 4 seeds): after the

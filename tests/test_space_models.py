@@ -70,6 +70,7 @@ def hub_knows_nothing(monkeypatch):
     monkeypatch.setattr(base_models, "hf_hub_download", not_found)
 
 
+@pytest.mark.app
 def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
     space, server_files, probes, hub_knows_nothing, tmp_path
 ):
@@ -95,6 +96,7 @@ def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
+@pytest.mark.train
 def test_the_engine_in_hub_only_mode_never_looks_at_the_servers_files(server_files, probes, hub_knows_nothing):
     hub_only = BaseModelPolicy(hub_only=True)
     messages = []
@@ -109,6 +111,7 @@ def test_the_engine_in_hub_only_mode_never_looks_at_the_servers_files(server_fil
     assert not [path for path in probes if "private" in path]
 
 
+@pytest.mark.train
 def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     space, server_files, probes, hub_knows_nothing, photos, tmp_path
 ):
@@ -133,6 +136,7 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
+@pytest.mark.train
 def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(space, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_GUI_BASE_MODELS", "stabilityai/sdxl-turbo, Owner/Allowed")
     monkeypatch.setattr(base_models, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read
@@ -149,6 +153,7 @@ def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(spac
     assert family.name == "sd15"
 
 
+@pytest.mark.train
 def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     space, tiny_model, download_cache, monkeypatch, tmp_path
 ):
@@ -171,6 +176,7 @@ def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     assert family.name == "sd15" and hub.fetched
 
 
+@pytest.mark.train
 def test_on_ones_own_computer_paths_work_as_before(tiny_model, monkeypatch, tmp_path):
     for name in ("SPACE_ID", "LORA_GUI_BASE_MODELS", "LORA_GUI_MAX_MODEL_GB"):
         monkeypatch.delenv(name, raising=False)

@@ -23,6 +23,8 @@ from helpers.app import QUICK, AppServer, progress, running_app, text, upload_pi
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
 
+pytestmark = pytest.mark.app
+
 SPACE = {
     "SPACE_ID": "someone/lora-trainer",
     "LORA_GUI_MAX_STAGING_MB": "20",

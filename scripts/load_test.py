@@ -221,7 +221,7 @@ def wait_for_step(trainer: Client, at_least: int, timeout: float = 300) -> int:
     while (step := step_of(trainer)) < at_least:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the run never reached step {at_least}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     return step
 
 
@@ -231,7 +231,7 @@ def stop_run(trainer: Client, timeout: float = 120) -> None:
     while "stopped at step" not in html.unescape(str(trainer.predict(api_name="/progress")[0])):
         if time.monotonic() > deadline:
             raise RuntimeError("the run did not stop")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def check_steps(run: RunFolder) -> list[str]:

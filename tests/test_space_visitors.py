@@ -64,7 +64,7 @@ def wait_for_previews(client: Client) -> list:
         if isinstance(previews, list) and previews:
             return previews
         assert time.monotonic() < deadline, "the run made no preview"
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def b_sees(result) -> str:

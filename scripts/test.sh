@@ -16,4 +16,6 @@ if [ "${1:-}" = "--quick" ]; then
   shift
   set -- -m unit "$@"
 fi
-python3 -m pytest -q "$@"
+# Two workers (pytest-xdist): the tests that start processes of their own on one, the rest on the other as it frees
+# up (tests/conftest.py, xdist_group). `-n 0` as an argument runs everything in this process.
+python3 -m pytest -q -n 2 --dist loadgroup "$@"

@@ -127,6 +127,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if wrong:
         listed = "\n  ".join(wrong)
         raise pytest.UsageError(f"each test needs exactly one tier mark of {', '.join(TIERS)}:\n  {listed}")
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
+# Tests that start processes of their own (the app, Chromium, the CLI, accelerate launch) keep to one worker under
+# `pytest -n 2 --dist loadgroup` (scripts/test.sh), one after another, so that the timed ones (the README's demo in
+# under two minutes, the demo in a browser) never share the machine with another of them.
+OWN_PROCESSES = ("tests/test_cli.py", "tests/test_gpu_regime.py::test_two_processes")
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The worker group of a test: the tests that start processes together, every other module on its own (so that
+    its module-scoped fixtures are built once)."""
+    tier = next(mark.name for mark in item.iter_markers() if mark.name in TIERS)
+    if tier in ("app", "browser") or item.nodeid.startswith(OWN_PROCESSES):
+        return "processes"
+    return item.nodeid.split("::")[0]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

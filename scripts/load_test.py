@@ -23,13 +23,10 @@ import os
 import platform
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,9 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the package is used from the checkout, not installed
+sys.path.insert(0, str(ROOT / "tests"))  # and the tests' helpers: the app started as the tests start it
 
 import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
+from helpers.app import start_app, stop_app  # noqa: E402
 
 from lora_gui.data import picture_files  # noqa: E402
 from lora_gui.demo import COLORS, SHAPES, draw_shape  # noqa: E402
@@ -198,48 +197,6 @@ def connect(url: str) -> Client:
     return Client(url, verbose=False, download_files=False, analytics_enabled=False, httpx_kwargs=timeout)
 
 
-# ---- the app, when this script starts it --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(runs_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`python app.py` as a Space starts it, on a free port; the process and its address once it answers."""
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if name != "SPACE_ID" and not name.startswith("LORA_GUI")}
-    env.update(SPACE, PYTHONPATH=str(ROOT))
-    with log.open("a") as output:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            return process, url
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"the app did not start; its log:\n{log.read_text()}") from None
-            time.sleep(0.5)
-
-
-def stop_app(process: subprocess.Popen) -> None:
-    process.terminate()  # as a Space stops it: the app saves what is training and exits
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 # ---- the run ------------------------------------------------------------------------------------------------
 def step_of(trainer: Client) -> int:
     """The step the trainer's live view shows, 0 before the first."""
@@ -264,7 +221,7 @@ def wait_for_step(trainer: Client, at_least: int, timeout: float = 300) -> int:
     while (step := step_of(trainer)) < at_least:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the run never reached step {at_least}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     return step
 
 
@@ -274,7 +231,7 @@ def stop_run(trainer: Client, timeout: float = 120) -> None:
     while "stopped at step" not in html.unescape(str(trainer.predict(api_name="/progress")[0])):
         if time.monotonic() > deadline:
             raise RuntimeError("the run did not stop")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def check_steps(run: RunFolder) -> list[str]:
@@ -415,7 +372,7 @@ def run_load(
         if url is None:
             runs_dir = runs_dir or workdir / "runs"
             log = log or workdir / "app.log"
-            process, url = start_app(runs_dir, log)
+            process, url = start_app(runs_dir, log, SPACE)
         trainer = connect(url)
         run_name = start_run(trainer, workdir / "trainer")
         # The run alone first: its speed without visitors, to compare with.

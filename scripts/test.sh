@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the test dependencies, then runs the linter and the whole test suite.
+# Installs the test dependencies, then runs the linter and the whole test suite (CI), or with --quick only the unit
+# tier (pure logic, a few minutes); other arguments go to pytest.
 # The browser test drives Debian's Chromium through Playwright (the PyPI package); no browser is
 # downloaded by Playwright itself.
 set -euo pipefail
@@ -11,4 +12,10 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 python3 -m pip install --quiet torch==2.13.0 -r requirements-dev.txt
 python3 -m ruff check .
-python3 -m pytest -q "$@"
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  set -- -m unit "$@"
+fi
+# Two workers (pytest-xdist): the tests that start processes of their own on one, the rest on the other as it frees
+# up (tests/conftest.py, xdist_group). `-n 0` as an argument runs everything in this process.
+python3 -m pytest -q -n 2 --dist loadgroup "$@"

@@ -1,37 +1,27 @@
-"""Shared fixtures: tiny models are built once per test session; image sets per test."""
+"""Shared fixtures and hooks (what tests share besides fixtures is in tests/helpers/): tiny models are built once per
+test session; image sets per test."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lora_gui.config import TrainConfig
-from lora_gui.demo import PINK, write_demo_dataset
+from helpers.app import AppServer, running_app
+from helpers.hub import FakeHub, push_here
+
+from lora_gui.demo import write_demo_dataset
 from lora_gui.tiny import write_tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"  # screenshots and the app's log, for a person to look at
 
 
 @pytest.fixture(scope="session")
@@ -58,121 +48,10 @@ def photos(tmp_path: Path) -> Path:
     return write_demo_dataset(tmp_path / "photos", count=6, size=(96, 96))
 
 
-def pink_share(picture: np.ndarray) -> float:
-    """The share of a picture's pixels (uint8 RGB) near the pink of the demo's concept, which the demo model alone
-    never draws."""
-    distance = np.linalg.norm(picture[..., :3].astype(float) - np.array(PINK), axis=-1)
-    return float((distance < 90).mean())
-
-
-def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
-    """Settings for a run of a few seconds on a CPU."""
-    values = dict(
-        base_model=str(base_model),
-        data=str(data),
-        resolution=64,
-        max_steps=12,
-        batch_size=2,
-        learning_rate=1e-3,
-        rank=4,
-        sample_every=0,
-        sample_steps=2,
-        checkpoint_every=0,
-        seed=7,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records what would be sent, sends nothing."""
-
-    calls: ClassVar[list] = []
-    fail: ClassVar[Exception | None] = None
-
-    def __init__(self, token=None):
-        FakeHub.calls.append(("init", token))
-
-    def create_repo(self, repo_id, private=False, exist_ok=False):
-        if FakeHub.fail:
-            raise FakeHub.fail
-        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok))
-        from huggingface_hub import RepoUrl
-
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
-        from huggingface_hub.utils import filter_repo_objects
-
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        FakeHub.calls.append(("upload", repo_id, sorted(filter_repo_objects(files, allow_patterns=allow_patterns))))
-
-
 @pytest.fixture
-def fake_hub(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    FakeHub.calls, FakeHub.fail = [], None
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return FakeHub
-
-
-@dataclass
-class AppServer:
-    url: str
-    runs_dir: Path
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(runs_dir: Path, log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`python app.py` as a user starts it, on a free port with `runs_dir` and `env` added to the environment (a
-    Space's variables), its output added to `log`; the process and its address, once it answers."""
-    port = free_port()
-    base = {name: value for name, value in os.environ.items() if name != "SPACE_ID" and not name.startswith("LORA_GUI")}
-    env = {**base, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT), **(env or {})}
-    with log.open("a") as output:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            return process, url
-        except OSError:
-            assert process.poll() is None, f"the app exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
-            time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def running_app(runs_dir: Path, log_name: str, env: dict[str, str] | None = None) -> Iterator[AppServer]:
-    """`python app.py` as a user starts it (with `env`: as a Space starts it), its output in test-artifacts/; on
-    leaving, stopped as Spaces stop it, and checked to have logged no error."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / log_name
-    log.write_text("")
-    process, url = start_app(runs_dir, log, env)
-    yield AppServer(url, runs_dir, log)
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"
+def fake_hub(monkeypatch) -> FakeHub:
+    """Pushes go to a FakeHub, which records them and sends nothing."""
+    return push_here(monkeypatch, FakeHub())
 
 
 @pytest.fixture(scope="session")
@@ -180,29 +59,6 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     """`python app.py` as a user starts it, on a free port with a temporary runs folder."""
     with running_app(tmp_path_factory.mktemp("app-runs"), "app-server.log") as server:
         yield server
-
-
-def train_argv(base_model: Path | str, data: Path | str, output: Path | str, **flags: object) -> list[str]:
-    """Arguments of `python -m lora_gui train`, flags as keywords: max_steps=3 -> --max-steps 3,
-    aspect_buckets=False -> --no-aspect-buckets, a list -> several values."""
-    argv = ["train", "--base-model", str(base_model), "--data", str(data), "--output", str(output)]
-    for name, value in flags.items():
-        flag = name.replace("_", "-")
-        if value is True or value is False:
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{flag}", *map(str, value)]
-        else:
-            argv += [f"--{flag}", str(value)]
-    return argv
-
-
-def in_download_cache(cache: Path, repo: str, folder: Path) -> None:
-    """A diffusers model folder put in a Hugging Face download cache as `repo`, laid out as huggingface_hub does."""
-    revision, stored = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, stored / "snapshots" / revision)
-    (stored / "refs").mkdir()
-    (stored / "refs" / "main").write_text(revision)
 
 
 @pytest.fixture
@@ -254,6 +110,40 @@ def card(monkeypatch) -> Callable[..., object]:
         return gpu
 
     return install
+
+
+TIERS = ("unit", "train", "app", "browser")  # registered in pyproject.toml; `unit` is scripts/test.sh --quick
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test carries exactly one tier (`pytestmark = pytest.mark.unit` in its module, or a mark on the test where
+    a module mixes them), so that a new test can't dodge `-m unit` or slow the quick tier down unnoticed."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {' and '.join(tiers) if tiers else 'no tier'}")
+    if wrong:
+        listed = "\n  ".join(wrong)
+        raise pytest.UsageError(f"each test needs exactly one tier mark of {', '.join(TIERS)}:\n  {listed}")
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
+# Tests that start processes of their own (the app, Chromium, the CLI, accelerate launch) keep to one worker under
+# `pytest -n 2 --dist loadgroup` (scripts/test.sh), one after another, so that the timed ones (the README's demo in
+# under two minutes, the demo in a browser) never share the machine with another of them.
+OWN_PROCESSES = ("tests/test_cli.py", "tests/test_gpu_regime.py::test_two_processes")
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The worker group of a test: the tests that start processes together, every other module on its own (so that
+    its module-scoped fixtures are built once)."""
+    tier = next(mark.name for mark in item.iter_markers() if mark.name in TIERS)
+    if tier in ("app", "browser") or item.nodeid.startswith(OWN_PROCESSES):
+        return "processes"
+    return item.nodeid.split("::")[0]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import lora_gui
 from lora_gui.adapter_kinds import ADAPTER_KINDS
+
+pytestmark = pytest.mark.unit
 
 
 def test_no_module_but_the_table_names_a_kind_of_adapter():

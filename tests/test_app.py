@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from helpers.app import QUICK, progress, shown, text, upload_pictures, wait_until
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -30,48 +31,12 @@ from lora_gui.ui.model_choices import TINY_CHOICE
 from lora_gui.ui.runs import push
 from lora_gui.ui.train_tab import start
 
-QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
-
-
-def text(result) -> str:
-    """Everything an endpoint returned, as one string to look for messages in (as the page shows them)."""
-    return html.unescape(" ".join(str(value) for value in (result if isinstance(result, tuple) else (result,))))
-
-
-def shown(output):
-    """The value an output shows: handlers that also change a component's label or visibility send an update."""
-    if isinstance(output, dict) and output.get("__type__") == "update":
-        return output.get("value")
-    return output
-
 
 def pixels(output) -> np.ndarray:
     return np.asarray(Image.open(shown(output)), dtype=np.int16)
 
 
-def upload_pictures(client: Client, folder: Path) -> str:
-    files = [handle_file(str(path)) for path in sorted(folder.iterdir())]
-    return text(client.predict(upload=files, api_name="/upload"))
-
-
-def progress(client: Client) -> tuple:
-    return client.predict(api_name="/progress")
-
-
-def wait_until(client: Client, words: str, timeout: float = 300) -> list:
-    """Poll the live view until it says `words`; return what the page shows then. A poll skips the parts
-    that did not change since the last one, so each part is its latest value over all polls."""
-    deadline = time.monotonic() + timeout
-    page: list = []
-    while True:
-        result = progress(client)
-        page = [old if new == {"__type__": "update"} else new for old, new in zip(page or result, result, strict=True)]
-        if words in html.unescape(result[0]):
-            return page
-        assert time.monotonic() < deadline, f"never saw {words!r}; last: {result[0]}"
-        time.sleep(0.5)
-
-
+@pytest.mark.app
 def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_path):
     first, second = Client(app_server.url, verbose=False), Client(app_server.url, verbose=False)
     assert "Added 12 pictures" in upload_pictures(first, write_demo_dataset(tmp_path / "a", count=12, size=(96, 96)))
@@ -133,6 +98,7 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     assert not (app_server.runs_dir / "visitor-a").exists()
 
 
+@pytest.mark.app
 def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     visitor = Client(app_server.url, verbose=False)
     assert "There are no usable pictures yet: add some in the Dataset tab first." in text(
@@ -157,6 +123,7 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     assert "Nothing was trained yet: fix the problem, then press Start training again" in failed
 
 
+@pytest.mark.app
 def test_the_estimate_follows_the_settings_and_the_model(app_server):
     visitor = Client(app_server.url, verbose=False)
 
@@ -185,6 +152,7 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
     assert "No estimate until the settings are fixed: 'Batch size' must be between 1" in estimate(batch_size=0)
 
 
+@pytest.mark.train
 def test_on_a_gpu_the_estimate_gives_the_time_and_warns_when_the_card_is_too_small(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
@@ -228,6 +196,7 @@ def gigabytes(message: str) -> float:
     return float(re.search(r"≈ ([\d.]+) GB of GPU memory", message).group(1))
 
 
+@pytest.mark.app
 @pytest.mark.parametrize(
     ("menu", "family", "version", "usual"),
     [
@@ -273,6 +242,7 @@ def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
         assert kohya.metadata()["ss_base_model_version"] == version
 
 
+@pytest.mark.train
 def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
     _, ctx = build_app(tmp_path, JobManager())
     rows = {"gen_run_1": "a", "gen_upload_1": None, "strength_1": 0.5}
@@ -287,6 +257,7 @@ def test_removing_a_lora_row_moves_the_rows_below_it_up(tmp_path):
     assert after["gen_run_1"] == "a"
 
 
+@pytest.mark.unit
 def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
     names = config_form.field_names()
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -299,6 +270,7 @@ def test_every_setting_has_one_widget_and_comes_back_as_the_same_config():
     assert rebuilt == preset
 
 
+@pytest.mark.train
 def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("SPACE_ID", "someone/lora-trainer")
     monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
@@ -323,6 +295,7 @@ def test_on_a_space_visitors_cannot_use_server_paths(monkeypatch, tmp_path):
     assert ctx.models.allow_paths and ctx.models.resolve(str(tmp_path)) == str(tmp_path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("auth", ["nopassword", ":x"])
 def test_auth_must_be_user_and_password(auth):
     from lora_gui.errors import ConfigError
@@ -332,6 +305,7 @@ def test_auth_must_be_user_and_password(auth):
         launch(auth=auth)
 
 
+@pytest.mark.unit
 def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text(encoding="utf-8")
@@ -343,6 +317,7 @@ def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body
 
 
+@pytest.mark.train
 def test_resume_in_the_train_tab_takes_the_forms_new_learning_rate(tiny_model, photos, tmp_path):
     """ "Lower the learning rate and resume" can be followed from the page: the rest stays as the run started."""
     from lora_gui.ui.train_tab import RESUMED_FROM_THE_FORM, resume

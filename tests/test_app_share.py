@@ -13,15 +13,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import free_port, quick_config
 from gradio_client import Client
-from test_app import shown, text
-from test_train import fresh_pipe, image
+from helpers.app import free_port, shown, text
+from helpers.pipes import fresh_pipe, image
+from helpers.runs import quick_config
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.jobs import JobManager
 from lora_gui.training import train
 from lora_gui.ui.app import build_app
+
+pytestmark = pytest.mark.app
 
 SECRET = "hf_TEST_app_secret_456"
 

@@ -13,28 +13,15 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import numpy as np
-from conftest import ARTIFACTS, pink_share
+import pytest
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
+from helpers.pipes import pink_share
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from lora_gui.demo import TRIGGER, write_demo_dataset
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-MINUTE = 60_000
-
-
-def shot(page: Page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+pytestmark = pytest.mark.browser
 
 
 def pick(page: Page, label: str, option: str) -> None:

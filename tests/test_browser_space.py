@@ -11,12 +11,16 @@ import subprocess
 import time
 from collections.abc import Callable
 
-import conftest
-from conftest import ARTIFACTS, start_app
+import pytest
+from helpers import app as app_helpers
+from helpers.app import start_app
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
+from helpers.paths import ARTIFACTS
 from playwright.sync_api import Locator, Page, expect, sync_playwright
-from test_browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
 
 from lora_gui.demo import TRIGGER
+
+pytestmark = pytest.mark.browser
 
 # A Space; the free-disk check is off so that the run does not depend on this computer's disk.
 SPACE = {"SPACE_ID": "someone/lora-trainer", "LORA_GUI_MIN_FREE_GB": "0"}
@@ -140,7 +144,7 @@ def test_strangers_on_a_space_see_only_their_own_pictures_and_runs(tmp_path, mon
             # that reads A's owner secret is kept in the runs folder, so A's browser still proves who they are.
             stop(process)
             port = int(url.rstrip("/").rsplit(":", 1)[1])
-            monkeypatch.setattr(conftest, "free_port", lambda: port)
+            monkeypatch.setattr(app_helpers, "free_port", lambda: port)
             process, restarted = start_app(runs_dir, log, env=SPACE)
             assert restarted == url
             # A fresh tab in A's browser (its localStorage): the old tab's page may have been dropped by Chromium while

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import in_download_cache, train_argv
+from helpers.hub import FakeHub, in_download_cache, serve
+from helpers.runs import train_argv
 from PIL import Image
-from test_downloads import FakeHub, serve
 
 from lora_gui import data
 from lora_gui.captioning import load_captioner
@@ -65,6 +65,7 @@ def pictures(tmp_path) -> Path:
 
 
 # ---- the WD tagger -------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_the_tiny_tagger_loads_through_the_registry_and_tags_each_picture_by_its_look(tmp_path):
     captioner = load_captioner("wd-tagger", source=write_tiny(tmp_path / "random"), threshold=0.2)
     red, blue = Image.new("RGB", (120, 40), (220, 20, 20)), Image.new("RGBA", (30, 90), (0, 0, 255, 255))
@@ -78,6 +79,7 @@ def test_the_tiny_tagger_loads_through_the_registry_and_tags_each_picture_by_its
     captioner.close()
 
 
+@pytest.mark.unit
 def test_tags_obey_the_thresholds_exclusions_and_ratings_character_tags_first_kaomoji_kept(tagger):
     picture = [Image.new("RGB", (64, 64))]
     assert load_captioner("wd-tagger", source=tagger).caption(picture) == [CAPTION]
@@ -92,6 +94,7 @@ def test_tags_obey_the_thresholds_exclusions_and_ratings_character_tags_first_ka
     ]
 
 
+@pytest.mark.unit
 def test_a_picture_is_padded_to_a_square_on_white_resized_to_the_models_size_and_given_in_bgr():
     wide = Image.new("RGB", (40, 20), (255, 0, 0))
     pixels = preprocess(wide, 64)
@@ -101,6 +104,7 @@ def test_a_picture_is_padded_to_a_square_on_white_resized_to_the_models_size_and
     assert pixels[18:46, 5].tolist() == [[0.0, 0.0, 255.0]] * 28, "centred: the picture fills the width"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("spoil", "options", "error", "message"),
     [
@@ -128,6 +132,7 @@ def test_a_tagger_that_cannot_be_used_says_why(tagger, spoil, options, error, me
     assert message in str(raised.value)
 
 
+@pytest.mark.unit
 def test_asking_for_the_gpu_where_onnxruntime_has_none_tags_on_the_cpu_and_says_so(tagger, monkeypatch, caplog):
     import onnxruntime
 
@@ -140,6 +145,7 @@ def test_asking_for_the_gpu_where_onnxruntime_has_none_tags_on_the_cpu_and_says_
 
 
 # ---- from the Hub ----------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_offline_a_tagger_loads_from_the_download_cache_or_says_it_must_be_downloaded_once(tagger, download_cache):
     with pytest.raises(ModelLoadError) as raised:
         load_captioner("wd-tagger")
@@ -151,6 +157,7 @@ def test_offline_a_tagger_loads_from_the_download_cache_or_says_it_must_be_downl
     assert load_captioner("wd-tagger").caption([Image.new("RGB", (64, 64))]) == [CAPTION]
 
 
+@pytest.mark.unit
 def test_a_hub_tagger_downloads_its_two_files_once_reporting_its_progress(tagger, download_cache, monkeypatch):
     # The repo also holds the same model for other frameworks; only the ONNX one and its tags are fetched.
     hub = serve(monkeypatch, FakeHub(HUB_TAGGER, tagger, download_cache, {"model.safetensors": 400_000}))
@@ -170,6 +177,7 @@ def test_a_hub_tagger_downloads_its_two_files_once_reporting_its_progress(tagger
 
 
 # ---- a folder of pictures ----------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_only_pictures_without_a_caption_are_captioned_the_prefix_in_front_once(pictures, tagger):
     heard: list[tuple[str, str]] = []
     theirs = {name: (pictures / name).read_text(encoding="utf-8") for name in ("demo_04.txt", "demo_05.txt")}
@@ -198,6 +206,7 @@ def test_only_pictures_without_a_caption_are_captioned_the_prefix_in_front_once(
     assert {example.caption for example in data.scan_folder(pictures).examples} == {f"zkx, {CAPTION}"}
 
 
+@pytest.mark.unit
 def test_a_caption_typed_during_the_pass_is_kept(pictures, tagger):
     def user_types_while_it_runs(relpath: str, caption: str) -> None:
         if relpath == "demo_00.png":
@@ -212,6 +221,7 @@ def test_a_caption_typed_during_the_pass_is_kept(pictures, tagger):
     assert "kept 1 caption edited during captioning" in result.summary()
 
 
+@pytest.mark.unit
 def test_stop_ends_the_pass_between_batches(pictures, tagger):
     (pictures / "broken.png").unlink()
     heard: list[str] = []
@@ -227,6 +237,7 @@ def test_stop_ends_the_pass_between_batches(pictures, tagger):
     assert result.summary() == "Captioned 2 pictures; stopped before the end."
 
 
+@pytest.mark.unit
 def test_a_picture_captioned_in_the_metadata_file_keeps_that_caption(pictures, tagger):
     rows = [{"file_name": "demo_00.png", "text": "from the metadata"}, {"file_name": "demo_01.png", "text": ""}]
     (pictures / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -242,6 +253,7 @@ def test_a_picture_captioned_in_the_metadata_file_keeps_that_caption(pictures, t
     assert [(s.name, s.reason) for s in overwritten.skipped] == [("demo_00.png", IN_METADATA)]
 
 
+@pytest.mark.unit
 def test_a_picture_the_captioner_finds_nothing_in_is_skipped_with_the_reason(pictures, tmp_path):
     silent = load_captioner("wd-tagger", source=controlled_tagger(tmp_path / "silent", {}))
     result = caption_folder(pictures, silent)
@@ -249,12 +261,14 @@ def test_a_picture_the_captioner_finds_nothing_in_is_skipped_with_the_reason(pic
     assert not (pictures / "demo_00.txt").exists()
 
 
+@pytest.mark.unit
 def test_a_folder_that_does_not_exist_says_so(tmp_path, tagger):
     with pytest.raises(DataError, match="does not exist; check the path"):
         caption_folder(tmp_path / "nowhere", load_captioner("wd-tagger", source=tagger))
 
 
 # ---- the command line --------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_the_caption_command_writes_txt_files_beside_the_pictures(pictures, tagger, capsys):
     flags = ["--source", str(tagger), "--prefix", "zkx", "--threshold", "0.55", "--exclude", "^_^"]
     code = main(["caption", str(pictures), "--captioner", "wd-tagger", *flags])
@@ -268,6 +282,7 @@ def test_the_caption_command_writes_txt_files_beside_the_pictures(pictures, tagg
     assert "needs a caption (--overwrite captions them again)" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_the_caption_command_says_plainly_what_is_wrong(pictures, tagger, tmp_path, capsys):
     assert main(["caption", str(pictures), "--captioner", "blip", "--source", str(tagger)]) == 1
     err = capsys.readouterr().err
@@ -277,6 +292,7 @@ def test_the_caption_command_says_plainly_what_is_wrong(pictures, tagger, tmp_pa
     assert "Error: the folder" in err and "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.train
 def test_train_caption_missing_captions_the_pictures_then_trains(tiny_model, tagger, download_cache, tmp_path, capsys):
     folder = write_demo_dataset(tmp_path / "uncaptioned", count=4, size=(64, 64))
     for caption_file in folder.glob("*.txt"):

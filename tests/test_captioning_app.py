@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import html
 
+import pytest
 from gradio_client import Client, handle_file
-from test_app import QUICK, text, wait_until
+from helpers.app import QUICK, text, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
 from lora_gui.ui.captioning import TINY_CAPTIONER
+
+pytestmark = pytest.mark.app
 
 
 def staged_captions(runs_dir, session_pictures: set[str]) -> dict[str, str]:

@@ -21,6 +21,8 @@ from lora_gui.captioning import captioner_infos, florence, load_captioner
 from lora_gui.captioning.florence import Florence2, write_tiny
 from lora_gui.errors import ConfigError, LoraGuiError, ModelLoadError
 
+pytestmark = pytest.mark.unit
+
 # A random model never says when it is done: a short limit keeps its captions quick on a CPU.
 QUICK = {"max_tokens": 16}
 MARKUP = ("<s>", "</s>", "<pad>", "<image>", "<loc_", "<cap>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED")

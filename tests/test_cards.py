@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import in_download_cache, quick_config
 from diffusers import AutoencoderKL
+from helpers.app import generate_request
+from helpers.flux_files import bfl_checkpoint
+from helpers.hub import in_download_cache
+from helpers.pipes import fresh_pipe
+from helpers.runs import quick_config
 from PIL import Image
-from test_flux_files import bfl_checkpoint
-from test_gpu_regime import generate_request
-from test_train import fresh_pipe
 from torchao.quantization import Int8Tensor
 
 from lora_gui import base_models, devices, events, infer, model_policy, quantization
@@ -37,6 +38,7 @@ def is_int8(module: torch.nn.Module) -> bool:
 
 
 # ---- decoding where the offload hook runs the VAE -------------------------------------------------------------------
+@pytest.mark.train
 def test_decode_hands_the_latents_to_the_device_the_offload_hook_moves_the_vae_to(tiny_models, card, monkeypatch):
     """With model CPU offload (Flux under ~42 GB, SDXL on 8 GB) the VAE waits in CPU memory, and diffusers' hook moves
     it to the GPU when it decodes, but not its input. The CPU has no second device, so the hook's device is the meta
@@ -59,6 +61,7 @@ def test_decode_hands_the_latents_to_the_device_the_offload_hook_moves_the_vae_t
 
 
 # ---- int8 in fp16 ----------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_an_int8_base_stays_finite_in_fp16_where_torchaos_per_row_layer_overflows():
     """torchao's per-row int8 layer multiplies by the raw int8 weights before scaling: at Flux's width, in fp16, its
     outputs overflow (the library behaviour, shown here); the engine's int8 in fp16 unpacks groups first and stays
@@ -88,6 +91,7 @@ def test_an_int8_base_stays_finite_in_fp16_where_torchaos_per_row_layer_overflow
     assert bf16[0].weight.block_size[-1] == 3072, "bf16 keeps one scale per row"
 
 
+@pytest.mark.train
 def test_an_int8_flux_trains_previews_and_generates_on_a_card_without_bf16(tiny_models, photos, tmp_path, card):
     """The 16 and 24 GB Flux presets on a T4 or V100: auto precision is fp16, the base int8."""
     card(16, bf16=False)
@@ -106,6 +110,7 @@ def test_an_int8_flux_trains_previews_and_generates_on_a_card_without_bf16(tiny_
 
 
 # ---- Generate's quantization: a setting, and an automatic choice that can load -------------------------------------
+@pytest.mark.train
 def test_generates_automatic_quantization_never_picks_what_the_models_format_refuses(
     tiny_models, tmp_path, download_cache, card
 ):
@@ -126,6 +131,7 @@ def test_generates_automatic_quantization_never_picks_what_the_models_format_ref
     assert varied(generator("a red circle", steps=2, width=64, height=64))
 
 
+@pytest.mark.train
 def test_generate_takes_a_quantization_in_the_page_and_on_the_command_line(tiny_models, photos, tmp_path, monkeypatch):
     from lora_gui.cli import main
     from lora_gui.jobs import JobManager
@@ -163,6 +169,7 @@ def test_generate_takes_a_quantization_in_the_page_and_on_the_command_line(tiny_
 
 
 # ---- the prompt read as training read the captions -----------------------------------------------------------------
+@pytest.mark.train
 def test_flux_prompts_are_encoded_with_t5s_fp32_layers_in_fp32_as_training_encodes_captions(
     tiny_models, photos, tmp_path, card, monkeypatch
 ):
@@ -198,6 +205,7 @@ def test_flux_prompts_are_encoded_with_t5s_fp32_layers_in_fp32_as_training_encod
 
 
 # ---- the choice made from the model's own files ------------------------------------------------------------------
+@pytest.mark.train
 def test_a_hub_flux_fine_tune_is_quantized_for_the_card_after_its_download(
     tiny_models, download_cache, card, monkeypatch
 ):
@@ -220,6 +228,7 @@ def test_a_hub_flux_fine_tune_is_quantized_for_the_card_after_its_download(
     assert fetched[0] == repo and is_int8(generator.pipe.transformer)
 
 
+@pytest.mark.train
 def test_generate_sizes_a_model_by_its_own_files_not_its_familys_published_size(tiny_models, card):
     """The tiny Flux's transformer is a few MB: no card needs it quantized, though Flux.1's would be on 12 GB."""
     model = tiny_models("flux")
@@ -232,6 +241,7 @@ def test_generate_sizes_a_model_by_its_own_files_not_its_familys_published_size(
 
 
 # ---- memory counted as allocated ------------------------------------------------------------------------------------
+@pytest.mark.train
 def test_quantized_weights_are_counted_at_the_bytes_they_store(tiny_models):
     layer = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False).bfloat16())
     assert quantization.stored_bytes(layer) == 256 * 256 * 2
@@ -240,6 +250,7 @@ def test_quantized_weights_are_counted_at_the_bytes_they_store(tiny_models):
     assert sum(p.numel() * p.element_size() for p in layer.parameters()) == 256 * 256 * 2, "what was counted before"
 
 
+@pytest.mark.unit
 def test_the_estimate_counts_t5s_fp32_layers_under_fp16():
     """The 12 GB Flux preset's caching phase: T5's `wo` layers (1 billion weights) take 4 bytes in fp16, not 2."""
     preset = load_preset("flux-dev-12gb")
@@ -272,6 +283,7 @@ def placed_on_the_gpu_in_turn(pipe) -> bool:
     return getattr(pipe.vae, "_hf_hook", None) is not None
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
 def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, photos, tmp_path, card, family, bf16):
@@ -406,6 +418,7 @@ def decodes_in_fp32_outside_autocast(monkeypatch):
     assert all(latents == vae == torch.float32 and not autocast for latents, vae, autocast in seen), seen
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
 def test_captioning_runs_in_the_cards_precision_and_on_the_processor_while_a_run_has_it(tmp_path, card, bf16):
     """Florence-2 captions on the card in its half precision (bf16, or fp16 on an older card); while a run holds the

@@ -10,6 +10,7 @@ from lora_gui.config import TrainConfig, list_presets, load_preset
 from lora_gui.errors import ConfigError
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -36,6 +37,7 @@ def test_nonsense_is_refused_with_a_readable_message(changes, message):
     assert message in str(raised.value)
 
 
+@pytest.mark.unit
 def test_unknown_settings_in_a_file_are_an_error_not_ignored(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"rank": 8, "lerning_rate": 1e-4}))
@@ -46,6 +48,7 @@ def test_unknown_settings_in_a_file_are_an_error_not_ignored(tmp_path):
         TrainConfig.load(path)
 
 
+@pytest.mark.train
 def test_save_and_load_round_trip_with_text_values(tmp_path):
     config = TrainConfig(rank=8, alpha=4, sample_prompts=["a, b", "c"], random_flip=True)
     config.save(tmp_path / "c.json", description="mine")
@@ -56,6 +59,7 @@ def test_save_and_load_round_trip_with_text_values(tmp_path):
     )
 
 
+@pytest.mark.unit
 def test_every_preset_loads_and_describes_itself():
     presets = list_presets()
     assert {"tiny-cpu-demo", "sd15-character", "sd15-style", "sd15-object"} <= set(presets)
@@ -67,17 +71,20 @@ def test_every_preset_loads_and_describes_itself():
         load_preset("nope")
 
 
+@pytest.mark.unit
 def test_epochs_turn_into_steps():
     assert TrainConfig(max_steps=100).total_steps(batches_per_epoch=7) == 100
     assert TrainConfig(epochs=3, gradient_accumulation_steps=2).total_steps(batches_per_epoch=7) == 11
     assert TrainConfig(epochs=3).total_steps(batches_per_epoch=7, num_processes=2) == 11
 
 
+@pytest.mark.unit
 def test_alpha_zero_means_alpha_equals_rank():
     assert TrainConfig(rank=16).lora_alpha == 16.0
     assert TrainConfig(rank=16, alpha=8).lora_alpha == 8.0
 
 
+@pytest.mark.train
 def test_settings_saved_as_a_preset_load_back_and_never_overwrite(tmp_path, monkeypatch):
     from lora_gui import config as config_module
     from lora_gui.config import save_preset

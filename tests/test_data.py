@@ -26,6 +26,8 @@ from lora_gui.data import (
 from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def save(folder: Path, name: str, image: Image.Image, caption: str | None = "a photo", **save_args) -> Path:
     path = folder / name

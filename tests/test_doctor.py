@@ -16,6 +16,8 @@ from lora_gui.demo import write_demo_dataset
 from lora_gui.doctor import Finding, apply_fix, diagnose
 from lora_gui.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 CLEAN = [f"clean{i}.png" for i in range(6)]
 LONG_CAPTION = "sks, " + " ".join(["a detailed photo of a small red toy on a wooden table"] * 10)
 

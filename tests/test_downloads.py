@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-import time
 from contextvars import ContextVar
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config
-from huggingface_hub import HfApi, _snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
-from huggingface_hub.file_download import DryRunFileInfo
-from huggingface_hub.hf_api import RepoFile
+from helpers.flux_files import bfl_checkpoint
+from helpers.hub import NEVER_LOADED, REPO, FakeHub, response, serve
+from helpers.pipes import fresh_pipe
+from helpers.runs import quick_config
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
-from test_flux_files import bfl_checkpoint
-from test_train import fresh_pipe
 
-from lora_gui import base_models, downloads
+from lora_gui import downloads
 from lora_gui.base_models import load_pipeline
 from lora_gui.downloads import DownloadProgress
 from lora_gui.errors import ModelLoadError
@@ -36,95 +30,10 @@ from lora_gui.ui.app import build_app
 from lora_gui.ui.generate import generate
 from lora_gui.ui.train_tab import _progress_html
 
-REPO = "someone/gated-model"
-COMMIT = "c" * 40
 TOKEN = "hf_TEST_download_token_42"
-CHUNK = 64 * 1024
 EVENT: ContextVar[str] = ContextVar("event")  # stands in for the context variables Gradio's progress bar reads
-# Files an SD 1.x repo holds that from_pretrained never loads: other formats, variants, a checkpoint for other tools.
-NEVER_LOADED = {
-    "unet/diffusion_pytorch_model.fp16.safetensors": 1_700_000,
-    "unet/diffusion_pytorch_model.bin": 3_400_000,
-    "text_encoder/model.fp16-00001-of-00002.safetensors": 600_000,
-    "text_encoder/flax_model.msgpack": 1_200_000,
-    "safety_checker/model.safetensors": 1_200_000,
-    "v1-5-pruned.ckpt": 4_000_000,
-}
-# And FLUX.1-dev's: Black Forest Labs' own single files.
+# FLUX.1-dev's files that from_pretrained never loads: Black Forest Labs' own single files.
 NEVER_LOADED_FLUX = {"flux1-dev.safetensors": 4_000_000, "ae.safetensors": 300_000}
-
-
-def response(status: int) -> SimpleNamespace:
-    return SimpleNamespace(headers={}, status_code=status, request=None, url="")
-
-
-class FakeHub:
-    """The Hub's side of downloading one repo (a tiny model, and files that never load), for huggingface_hub's own
-    code. Gated when `gated`: only requests that carry `accepted` get through. Records every request's token."""
-
-    def __init__(self, repo: str, model: Path, cache: Path, never_loaded: dict[str, int]):
-        self.repo, self.model, self.cache = repo, model, cache
-        self.model_files = {path.relative_to(model).as_posix(): path for path in model.rglob("*") if path.is_file()}
-        self.sizes = {name: path.stat().st_size for name, path in self.model_files.items()} | never_loaded
-        self.gated, self.accepted = False, None
-        self.tokens: list[object] = []
-        self.fetched: list[str] = []
-
-    def check(self, token: object) -> None:
-        self.tokens.append(token)
-        if self.gated and token != self.accepted:
-            raise GatedRepoError(f"Access to {self.repo} is restricted", response=response(401 if token else 403))
-
-    # downloads fetches model_index.json itself
-    def hf_hub_download(self, repo_id: str, filename: str, token: object = None) -> str:
-        assert repo_id == self.repo
-        self.check(token)
-        return str(self.model_files[filename])
-
-    # what snapshot_download asks the Hub's API
-    def repo_info(self, token: object) -> SimpleNamespace:
-        self.check(token)
-        return SimpleNamespace(sha=COMMIT)
-
-    def list_repo_tree(self, token: object) -> list[RepoFile]:
-        self.check(token)
-        return [RepoFile(path=name, size=size, oid=str(index)) for index, (name, size) in enumerate(self.sizes.items())]
-
-    # each file, as snapshot_download fetches it on its threads: in chunks, through the bar it is given
-    def fetch_file(self, repo_id: str, *, filename: str, token: object, tqdm_class, dry_run: bool, **kwargs: object):
-        self.check(token)
-        target = self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT / filename
-        if dry_run:
-            size = self.sizes[filename]
-            return DryRunFileInfo(COMMIT, size, filename, str(target), target.exists(), not target.exists())
-        self.fetched.append(filename)
-        data = self.model_files[filename].read_bytes()
-        with tqdm_class(total=len(data), initial=0, unit="B", unit_scale=True, desc=filename) as bar:
-            for start in range(0, len(data), CHUNK):
-                time.sleep(0.005)
-                bar.update(len(data[start : start + CHUNK]))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.model_files[filename], target)
-        return str(target)
-
-    def bytes_of_the_model(self) -> int:
-        return sum(self.sizes[name] for name in self.model_files)
-
-
-def serve(monkeypatch: pytest.MonkeyPatch, fake: FakeHub) -> FakeHub:
-    """base_models and downloads go online, to `fake`; huggingface_hub itself stays offline, so from_pretrained then
-    loads from the download cache as it would after a real download, and nothing else can reach the network."""
-    for module in (base_models, downloads):
-        monkeypatch.setattr(module, "constants", SimpleNamespace(HF_HUB_OFFLINE=False))
-    monkeypatch.setattr(downloads, "get_token", lambda: None)  # no Hugging Face login on this computer
-    monkeypatch.setattr(downloads, "hf_hub_download", fake.hf_hub_download)
-    monkeypatch.setattr(downloads, "REPORT_EVERY", 0.01)
-    monkeypatch.setattr(
-        HfApi, "repo_info", lambda api, repo_id, token=None, **kwargs: fake.repo_info(token or api.token)
-    )
-    monkeypatch.setattr(HfApi, "list_repo_tree", lambda api, repo_id, **_: fake.list_repo_tree(api.token))
-    monkeypatch.setattr(_snapshot_download, "hf_hub_download", fake.fetch_file)
-    return fake
 
 
 @pytest.fixture
@@ -132,6 +41,7 @@ def hub(tiny_model, download_cache, monkeypatch) -> FakeHub:
     return serve(monkeypatch, FakeHub(REPO, tiny_model, download_cache, NEVER_LOADED))
 
 
+@pytest.mark.train
 def test_a_hub_model_downloads_only_what_loads_reporting_bytes_and_files_up_to_the_total(hub):
     reports: list[DownloadProgress] = []
     family, pipe = load_pipeline(REPO, token=TOKEN, on_progress=reports.append)
@@ -168,6 +78,7 @@ SDXL_REPO = {  # stabilityai/stable-diffusion-xl-base-1.0's files, less its pict
 }
 
 
+@pytest.mark.train
 def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
     """SDXL's repo holds its weights in many formats; from_pretrained fetches one of them (vae_1_0's too: diffusers
     fetches every folder's weights), and the download ahead of it fetches the same."""
@@ -194,6 +105,7 @@ def test_what_downloads_is_what_from_pretrained_would_fetch(tiny_models):
     )
 
 
+@pytest.mark.train
 def test_a_gated_model_says_where_to_accept_its_licence_and_where_to_give_a_token(hub):
     hub.gated, hub.accepted = True, TOKEN
     with pytest.raises(ModelLoadError) as without_token:
@@ -210,6 +122,7 @@ def test_a_gated_model_says_where_to_accept_its_licence_and_where_to_give_a_toke
     assert family.name == "sd15"
 
 
+@pytest.mark.train
 def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypatch):
     def refuse(repo_id: str, filename: str, token: object = None) -> str:
         raise HfHubHTTPError("401 Client Error: Invalid credentials in Authorization header", response=response(401))
@@ -219,6 +132,7 @@ def test_a_token_hugging_face_does_not_know_is_said_to_be_refused(hub, monkeypat
         load_pipeline(REPO, token="hf_TEST_mistyped")
 
 
+@pytest.mark.train
 def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_path):
     hub.gated, hub.accepted = True, TOKEN
     manager = JobManager()
@@ -237,6 +151,7 @@ def test_a_runs_token_reaches_the_download_and_is_never_kept(hub, photos, tmp_pa
     assert len(files) > 5 and not [path for path in files if TOKEN.encode() in path.read_bytes()]
 
 
+@pytest.mark.unit
 def test_the_train_tab_shows_the_download_before_the_first_step():
     state = JobState(
         job_id=1,
@@ -250,6 +165,7 @@ def test_the_train_tab_shows_the_download_before_the_first_step():
     assert 'style="width:9.5%"' in shown
 
 
+@pytest.mark.train
 def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, photos, tmp_path):
     _, ctx = build_app(tmp_path / "runs")
     train(quick_config(tiny_model, photos, max_steps=1), ctx.runs_dir / "lora")
@@ -283,6 +199,7 @@ def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, 
     assert len(shown) > 2 and {event for _, _, event in shown} == {"this visitor's click"}
 
 
+@pytest.mark.unit
 def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_login(tmp_path, monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     _, ctx = build_app(tmp_path)
@@ -296,6 +213,7 @@ def test_the_token_boxes_are_password_boxes_and_a_space_never_lends_its_owners_l
     assert space.models.hub_token("") is False, "a visitor without a token downloads with none, never the owner's"
 
 
+@pytest.mark.train
 def test_a_single_flux_file_downloads_the_rest_of_its_model_but_the_transformer_it_has(
     tiny_models, tmp_path, download_cache, monkeypatch
 ):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
 from diffusers import DiffusionPipeline
+from helpers.runs import train_argv
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -16,6 +16,7 @@ from lora_gui.errors import ModelLoadError
 from lora_gui.families import detect_family
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
 def test_family_is_read_from_the_model_not_its_name(tiny_models, tmp_path, family):
     # A misleading folder name must not matter.
@@ -27,11 +28,13 @@ def test_family_is_read_from_the_model_not_its_name(tiny_models, tmp_path, famil
     assert pipe.vae.dtype == torch.float32
 
 
+@pytest.mark.train
 def test_sd2_tiny_model_is_v_prediction_and_sd15_is_epsilon(tiny_models):
     assert DiffusionPipeline.from_pretrained(tiny_models("sd2")).scheduler.config.prediction_type == "v_prediction"
     assert DiffusionPipeline.from_pretrained(tiny_models("sd15")).scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.train
 def test_family_override(tiny_models):
     pipe = DiffusionPipeline.from_pretrained(tiny_models("sd15"))
     assert detect_family(pipe, "sd2").name == "sd2", "the user may override within the same architecture"
@@ -39,6 +42,7 @@ def test_family_override(tiny_models):
         detect_family(pipe, "sdxl")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("key", "family"),
     [
@@ -56,6 +60,7 @@ def test_single_file_checkpoint_family_from_its_tensor_names(tmp_path, key, fami
     assert checkpoint_family(tmp_path / "m.safetensors") == family
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
 def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, tmp_path, monkeypatch, family):
     from huggingface_hub import constants
@@ -76,6 +81,7 @@ def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, t
     assert family_from_files("someone/never-downloaded") is None
 
 
+@pytest.mark.unit
 def test_published_base_models_are_known_by_name_before_any_download(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -87,6 +93,7 @@ def test_published_base_models_are_known_by_name_before_any_download(tmp_path, m
     assert family_from_files("stabilityai/stable-diffusion-xl-base-1.0-but-not") is None
 
 
+@pytest.mark.unit
 def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, checkpoint)
@@ -97,6 +104,7 @@ def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
         assert family_from_files(str(tmp_path / unknown) if unknown else "") is None
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["sd2", "sdxl", "flux"])
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
     model = str(tiny_models(family))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import quick_config
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
+from helpers.lora_files import TEXT_TARGETS, UNET_TARGETS, kohya_file_by_hand, peft_pipe, set_strengths
+from helpers.pipes import fresh_pipe, image, train_and_picture
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
-from test_train import fresh_pipe, image, train_and_picture
 
 from lora_gui import events
 from lora_gui.cli import main
@@ -29,9 +27,6 @@ from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout
 from lora_gui.lora_files.kohya_layout import kohya_hashes
 from lora_gui.training import train
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -67,6 +62,7 @@ def trained(tiny_models, tmp_path_factory) -> SimpleNamespace:
 
 
 # ---- export ------------------------------------------------------------------------------------
+@pytest.mark.train
 def test_training_writes_the_kohya_file_beside_the_diffusers_file(trained):
     finished = trained.events[-1]
     assert finished.kind == events.FINISHED
@@ -82,6 +78,7 @@ def test_training_writes_the_kohya_file_beside_the_diffusers_file(trained):
     )
 
 
+@pytest.mark.train
 def test_every_kohya_key_names_a_real_module_and_carries_down_up_and_alpha(trained):
     pipe = fresh_pipe(trained.model)
     # kohya's rule: prefix + module path with "." as "_"; CLIP under its canonical text_model. names,
@@ -105,6 +102,7 @@ def test_every_kohya_key_names_a_real_module_and_carries_down_up_and_alpha(train
     assert len(modules) * 2 == len(diffusers_file), "every trained layer is in the kohya file"
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "my-lora.safetensors"])
 def test_both_files_loaded_by_diffusers_give_the_trained_models_image(trained, name):
     base = image(fresh_pipe(trained.model))
@@ -115,6 +113,7 @@ def test_both_files_loaded_by_diffusers_give_the_trained_models_image(trained, n
     np.testing.assert_allclose(loaded, trained.image, atol=1e-4)
 
 
+@pytest.mark.train
 def test_kohya_metadata_says_how_the_lora_was_trained(trained):
     _, metadata = read(trained.kohya)
     expected = {
@@ -156,6 +155,7 @@ def test_kohya_metadata_says_how_the_lora_was_trained(trained):
     }
 
 
+@pytest.mark.train
 def test_hashes_match_an_independent_computation(trained):
     raw = trained.kohya.read_bytes()
     header = int.from_bytes(raw[:8], "little")
@@ -168,6 +168,7 @@ def test_hashes_match_an_independent_computation(trained):
     assert metadata["sshs_legacy_hash"] == legacy
 
 
+@pytest.mark.unit
 def test_the_legacy_hash_reads_the_64_kib_at_1_mib():
     # Real LoRAs are bigger than 1 MiB, where the legacy hash stops being the hash of nothing.
     tensors = {"lora_unet_x.lora_down.weight": torch.arange(400_000, dtype=torch.float32)}
@@ -179,6 +180,7 @@ def test_the_legacy_hash_reads_the_64_kib_at_1_mib():
     assert hashes == kohya_hashes(tensors, {**metadata, "modelspec.title": "edited"}), "only ss_ keys count"
 
 
+@pytest.mark.train
 def test_exporting_a_run_again_gives_what_training_wrote(trained, tmp_path, capsys):
     written = read(trained.kohya)
     assert main(["export", str(trained.run), "--output", str(tmp_path / "again.safetensors")]) == 0
@@ -194,6 +196,7 @@ def test_exporting_a_run_again_gives_what_training_wrote(trained, tmp_path, caps
     assert "Wrote" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_exporting_a_run_without_a_lora_says_so(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty")]) == 1
@@ -202,44 +205,6 @@ def test_exporting_a_run_without_a_lora_says_so(tmp_path, capsys):
 
 
 # ---- import ------------------------------------------------------------------------------------
-def peft_pipe(model: Path, alphas: dict[str, float]) -> Generator:
-    """A tiny model with one random rank-4 peft LoRA per entry (name -> alpha) on its UNet and text encoder."""
-    generator = Generator.load(str(model))
-    torch.manual_seed(0)
-    for name, alpha in alphas.items():
-        for module, targets in ((generator.pipe.unet, UNET_TARGETS), (generator.pipe.text_encoder, TEXT_TARGETS)):
-            config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
-                inject_adapter_in_model(config, module, adapter_name=name)
-    return generator
-
-
-def set_strengths(generator: Generator, strengths: dict[str, float]) -> None:
-    for module in (generator.pipe.unet, generator.pipe.text_encoder):
-        for layer in module.modules():
-            if isinstance(layer, LoraLayer):
-                layer.set_adapter(list(strengths))
-                for name, strength in strengths.items():
-                    layer.set_scale(name, strength)
-
-
-def kohya_file_by_hand(generator: Generator, adapter: str, path: Path) -> Path:
-    """A kohya-layout file of one peft adapter, written the way kohya names modules (not with our converter)."""
-    tensors = {}
-    for prefix, module in (("lora_unet", generator.pipe.unet), ("lora_te", generator.pipe.text_encoder)):
-        for name, layer in module.named_modules():
-            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
-                if prefix == "lora_te" and not name.startswith("text_model."):
-                    name = "text_model." + name
-                key = f"{prefix}_{name.replace('.', '_')}"
-                tensors[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().clone()
-                tensors[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().clone()
-                tensors[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
-    save_file(tensors, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def outside(tiny_model, tmp_path_factory) -> SimpleNamespace:
     """Two kohya files made from peft LoRAs outside this app (alpha 8 and 2, rank 4), and the images they make."""
@@ -257,6 +222,7 @@ def outside(tiny_model, tmp_path_factory) -> SimpleNamespace:
     )
 
 
+@pytest.mark.train
 def test_a_kohya_lora_made_elsewhere_loads_at_the_right_strength(tiny_model, outside):
     generator = Generator.load(str(tiny_model))
     generator.set_loras([(outside.a, 1.0)])
@@ -267,6 +233,7 @@ def test_a_kohya_lora_made_elsewhere_loads_at_the_right_strength(tiny_model, out
     np.testing.assert_allclose(image(generator.pipe), outside.images[(("a", 0.5),)], atol=1e-4)
 
 
+@pytest.mark.train
 def test_several_loras_at_once_each_at_its_own_strength(tiny_model, outside):
     generator = Generator.load(str(tiny_model))
     generator.set_loras([(outside.a, 1.0), (outside.b, 0.5)])
@@ -275,6 +242,7 @@ def test_several_loras_at_once_each_at_its_own_strength(tiny_model, outside):
     np.testing.assert_allclose(image(generator.pipe), outside.base, atol=1e-6)
 
 
+@pytest.mark.train
 def test_a_pickled_lora_is_refused_unless_allowed(tiny_model, outside, tmp_path):
     pickled = tmp_path / "a.pt"
     torch.save(load_file(outside.a), pickled)
@@ -285,6 +253,7 @@ def test_a_pickled_lora_is_refused_unless_allowed(tiny_model, outside, tmp_path)
     np.testing.assert_allclose(image(generator.pipe), outside.images[(("a", 1.0),)], atol=1e-4)
 
 
+@pytest.mark.train
 def test_generate_on_the_command_line_takes_a_foreign_lora(tiny_model, outside, tmp_path):
     common = ["generate", "--base-model", str(tiny_model), "--prompt", "a red circle", "--steps", "2"]
     common += ["--width", "64", "--height", "64", "--lora", str(outside.a), "--lora", str(outside.b)]
@@ -309,6 +278,7 @@ def sdxl_kohya(path: Path) -> Path:
     return path
 
 
+@pytest.mark.train
 def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trained, tmp_path):
     generator = Generator.load(str(tiny_models("sd15")))
     with pytest.raises(LoraFileError, match=r"LyCORIS OFT file.*can't apply OFT.*AUTOMATIC1111, Forge and ComfyUI"):
@@ -328,6 +298,7 @@ def test_a_lora_that_cannot_be_applied_says_what_it_is_and_why(tiny_models, trai
         generator.set_loras([(tmp_path / "moved.safetensors", 1.0)])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("keys", "layout", "applicable"),
     [
@@ -361,6 +332,7 @@ def front_matter(card: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
+@pytest.mark.train
 def test_the_model_card_carries_what_the_hub_reads(trained, tmp_path):
     card = front_matter(trained.run / "README.md")
     assert "base_model" not in card, "a local base model has no Hub id to link"
@@ -390,12 +362,14 @@ def card_code(run: Path) -> str:
     return code[1]
 
 
+@pytest.mark.train
 def test_an_sd15_cards_code_loads_the_base_in_fp16_on_the_gpu(trained):
     code = card_code(trained.run)
     assert "torch_dtype=torch.float16" in code and '.to("cuda")' in code
     assert "enable_model_cpu_offload" not in code, "SD 1.5 in fp16 (about 2 GB) fits any GPU whole"
 
 
+@pytest.mark.train
 def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_common_gpu_holds(trained_family):
     code = card_code(trained_family.run)
     if trained_family.family == "flux":
@@ -407,6 +381,7 @@ def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_comm
         assert "enable_model_cpu_offload" not in code
 
 
+@pytest.mark.train
 def test_push_uploads_the_lora_files_card_and_previews_and_never_stores_the_token(
     trained, fake_hub, monkeypatch, capsys, caplog
 ):
@@ -428,6 +403,7 @@ def test_push_uploads_the_lora_files_card_and_previews_and_never_stores_the_toke
     assert not [p for p in trained.run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
+@pytest.mark.train
 def test_push_without_a_network_says_so_and_keeps_everything(trained, fake_hub, monkeypatch, capsys):
     from huggingface_hub import constants
 
@@ -446,6 +422,7 @@ def test_push_without_a_network_says_so_and_keeps_everything(trained, fake_hub, 
     assert sorted(p.relative_to(trained.run) for p in trained.run.rglob("*")) == before
 
 
+@pytest.mark.train
 def test_push_refuses_a_bad_repo_name(trained, fake_hub):
     from lora_gui.hub import push_to_hub
 
@@ -489,6 +466,7 @@ COMFY_FLUX_LAYERS = re.compile(
 COMFY_SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha")
 
 
+@pytest.mark.train
 def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_family):
     from lora_gui.families import get_family
 
@@ -524,6 +502,7 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
     assert metadata.get("modelspec.prediction_type") == expected_prediction
 
 
+@pytest.mark.train
 def test_a_lora_for_the_512_px_sd2_base_is_labelled_as_one(tiny_models, tmp_path):
     """SD 2's 512 px base predicts noise, not velocity: modelspec has its own architecture name for it."""
     # The tiny SD 2 predicts velocity like the 768 px models; this one is the 512 px base's twin.
@@ -539,6 +518,7 @@ def test_a_lora_for_the_512_px_sd2_base_is_labelled_as_one(tiny_models, tmp_path
     assert metadata["modelspec.prediction_type"] == "epsilon"
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "run.safetensors"])
 def test_both_files_of_every_family_give_the_trained_models_image(trained_family, name):
     pipe = fresh_pipe(trained_family.model)

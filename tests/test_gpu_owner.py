@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quick_config
-from test_gpu_regime import generate_request
+from helpers.app import generate_request
+from helpers.runs import quick_config
 
 from lora_gui import devices
 from lora_gui.captioning import folder as captioning_folder
@@ -25,6 +25,8 @@ from lora_gui.jobs import JobManager, JobState
 from lora_gui.owners import EVERYONE
 from lora_gui.ui.captioning import TINY_CAPTIONER
 from lora_gui.ui.common import Ctx
+
+pytestmark = pytest.mark.train
 
 GPU = devices.Card(memory_gb=24, bf16=True, device=torch.device("cpu"))
 CAPTIONING_BLOCKS_A_RUN = "Captioning is using the GPU"

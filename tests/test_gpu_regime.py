@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, quick_config
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers.app import generate_request
+from helpers.paths import ROOT
+from helpers.runs import quick_config
 from safetensors.torch import load_file
 
 from lora_gui import bench, devices
@@ -32,6 +33,7 @@ from lora_gui.owners import EVERYONE
 from lora_gui.training import train
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet-only", "with-text-encoder"])
 def test_each_phase_has_only_its_own_modules_on_the_device(
     tiny_models, photos, tmp_path, monkeypatch, train_text_encoder
@@ -87,6 +89,7 @@ def test_each_phase_has_only_its_own_modules_on_the_device(
     assert {on_device for name, on_device in previews if name == "Decoder"} == {frozenset({*trained, vae})}
 
 
+@pytest.mark.train
 def test_two_processes_training_the_text_encoder_agree_and_stop_together(tiny_model, photos, tmp_path):
     """Under `accelerate launch --multi_gpu` (gloo on the CPU), with gradient checkpointing: the text
     encoders' LoRA gradients are averaged across processes like the UNet's, so both end with the same
@@ -97,7 +100,8 @@ def test_two_processes_training_the_text_encoder_agree_and_stop_together(tiny_mo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(ROOT / "tests" / "two_ranks.py"), str(settings), str(tmp_path / "run"), "--stop-after", "2"]
+    script = ROOT / "tests" / "helpers" / "two_ranks.py"
+    command += [str(script), str(settings), str(tmp_path / "run"), "--stop-after", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -110,6 +114,7 @@ def test_two_processes_training_the_text_encoder_agree_and_stop_together(tiny_mo
     assert (tmp_path / "run/checkpoints/step-3").is_dir()
 
 
+@pytest.mark.train
 def test_text_encoder_checkpointing_recomputes_its_layers(tiny_model, photos, tmp_path):
     """With gradient checkpointing, each text-encoder layer runs again in the backward pass instead of
     keeping its activations: its attention runs twice per step, not once."""
@@ -136,6 +141,7 @@ def test_text_encoder_checkpointing_recomputes_its_layers(tiny_model, photos, tm
     assert attention_calls(True) == 2 * plain
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("capability", "expected"),
     [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
@@ -151,6 +157,7 @@ def test_auto_precision_is_bf16_only_where_the_card_computes_it(monkeypatch, cap
     assert devices.resolve_precision("bf16") == "bf16", "an explicit choice is kept (with a warning where slow)"
 
 
+@pytest.mark.unit
 def test_without_a_gpu_everything_runs_in_full_precision(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.resolve_precision("auto") == "no"
@@ -158,6 +165,7 @@ def test_without_a_gpu_everything_runs_in_full_precision(monkeypatch, caplog):
     assert "No CUDA GPU: running in full precision" in caplog.text
 
 
+@pytest.mark.train
 def test_fp32_matmuls_use_tensor_cores_on_a_gpu(monkeypatch, tiny_model, photos, tmp_path):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -182,6 +190,7 @@ CUDA_OUT_OF_MEMORY = [
 ]
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("error", CUDA_OUT_OF_MEMORY, ids=lambda error: str(error)[:40])
 def test_every_form_of_running_out_of_gpu_memory_gets_the_advice(tiny_model, photos, tmp_path, monkeypatch, error):
     def no_memory(*args, **kwargs):
@@ -195,6 +204,7 @@ def test_every_form_of_running_out_of_gpu_memory_gets_the_advice(tiny_model, pho
         generator("a red circle", steps=1, width=64, height=64)
 
 
+@pytest.mark.train
 def test_other_runtime_errors_are_not_taken_for_memory(tiny_model, photos, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -204,6 +214,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(tiny_model, photos, tmp_p
         train(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
 
 
+@pytest.mark.unit
 def test_bench_peak_memory_is_what_the_card_must_hold(monkeypatch):
     """PyTorch's reserved peak (not only what its tensors took) plus the CUDA context and libraries."""
     gib = 2**30
@@ -226,6 +237,7 @@ def app(tmp_path):
     jobs.close()
 
 
+@pytest.mark.train
 def test_a_starting_run_unloads_the_generate_model_and_says_so(app, tiny_model, photos, tmp_path):
     with app.engine.generators.use(str(tiny_model)) as generator:
         assert generator.pipe is not None
@@ -240,22 +252,7 @@ def test_a_starting_run_unloads_the_generate_model_and_says_so(app, tiny_model, 
     assert any("The model the Generate tab had loaded was unloaded" in line for line in state.log)
 
 
-def generate_request(base_model: Path, lora: Path) -> dict:
-    """What the Generate button sends: one quick picture with one LoRA file."""
-    return dict(
-        allow_pickle=False,
-        gen_base_model=str(base_model),
-        prompt="a red circle",
-        negative_prompt="",
-        gen_seed=0,
-        gen_steps=1,
-        guidance=7.0,
-        size=64,
-        gen_upload_1=str(lora),
-        strength_1=1.0,
-    )
-
-
+@pytest.mark.train
 def test_generate_waits_while_a_run_trains_on_the_gpu(tiny_model, tmp_path, monkeypatch):
     from lora_gui.ui.app import build_app
     from lora_gui.ui.generate import generate
@@ -279,6 +276,7 @@ def test_generate_waits_while_a_run_trains_on_the_gpu(tiny_model, tmp_path, monk
         assert app.engine.generators.model == str(tiny_model)
 
 
+@pytest.mark.train
 def test_an_unexpected_failure_in_generate_is_a_message_not_a_crash(app, tiny_model, photos, tmp_path, monkeypatch):
     from lora_gui.ui.generate import generate
 

@@ -13,6 +13,10 @@ import ast
 from functools import cache
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_gui"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60

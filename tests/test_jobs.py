@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from conftest import quick_config
 from diffusers import StableDiffusionPipeline
+from helpers.runs import quick_config
 
 from lora_gui import data
 from lora_gui import jobs as jobs_module
@@ -19,6 +19,8 @@ from lora_gui.errors import LoraGuiError
 from lora_gui.jobs import JobManager
 from lora_gui.runs import list_runs, summarize
 from lora_gui.staging import Staging
+
+pytestmark = pytest.mark.train
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pink_share
+from helpers.pipes import pink_share
 from PIL import Image
 
 from lora_gui import objectives
@@ -36,6 +36,8 @@ from lora_gui.demo import (
 )
 from lora_gui.infer import Generator
 from lora_gui.training import train
+
+pytestmark = pytest.mark.train
 
 MODELS = Path(__file__).parent / "models"
 SEEDS = (0, 1, 2, 3)

@@ -28,6 +28,8 @@ from lora_gui.owners import OWNER_FILE, Visitor
 from lora_gui.runs import RunFolder
 from lora_gui.staging import THUMBNAILS, Staging, expire_staging
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_700_000_000.0
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from conftest import ARTIFACTS, ROOT
+import pytest
+from helpers.paths import ARTIFACTS, ROOT
+
+pytestmark = pytest.mark.app
 
 CLIENTS = 20
 

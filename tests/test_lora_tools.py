@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.lora_files import kohya_file_by_hand, peft_pipe, set_strengths
+from helpers.pipes import image
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_formats import kohya_file_by_hand, peft_pipe, set_strengths
-from test_train import image
 
 from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
@@ -64,6 +64,7 @@ def generated(made: SimpleNamespace, lora: Path) -> np.ndarray:
     return image(made.generator.pipe)
 
 
+@pytest.mark.train
 def test_resizing_cuts_every_layer_in_both_files_and_says_how_much_it_kept(made, tmp_path):
     result = resize_lora(made.a, 2, tmp_path / "small.safetensors")
     kohya, twin = result.files
@@ -83,6 +84,7 @@ def test_resizing_cuts_every_layer_in_both_files_and_says_how_much_it_kept(made,
     assert read(twin)[1]["ss_training_comment"] == result.note
 
 
+@pytest.mark.train
 def test_a_resized_lora_at_full_rank_gives_the_same_picture_in_diffusers_and_in_generate(made, tmp_path):
     result = resize_lora(made.a, 4, tmp_path / "same.safetensors")
     assert result.least_energy == pytest.approx(1.0)
@@ -95,6 +97,7 @@ def test_a_resized_lora_at_full_rank_gives_the_same_picture_in_diffusers_and_in_
     np.testing.assert_allclose(generated(made, twin), made.pictures[(1.0,)], atol=1e-4)
 
 
+@pytest.mark.train
 def test_merging_exactly_gives_the_picture_of_both_loras_at_their_strengths(made, tmp_path):
     result = merge_loras([(made.a, 1.0), (made.b, 0.5)], tmp_path / "both.safetensors")
     assert result.note == "merged a.safetensors x1.0 + b.safetensors x0.5"
@@ -104,6 +107,7 @@ def test_merging_exactly_gives_the_picture_of_both_loras_at_their_strengths(made
     np.testing.assert_allclose(generated(made, kohya), made.pictures[(1.0, 0.5)], atol=1e-4)
 
 
+@pytest.mark.train
 def test_merging_by_svd_to_a_rank_that_holds_everything_is_as_exact(made, tmp_path):
     diffusers_a = resize_lora(made.a, 4, tmp_path / "a4.safetensors").files[1]  # a diffusers-layout input too
     result = merge_loras([(diffusers_a, 1.0), (made.b, 0.5)], tmp_path / "svd.safetensors", rank=8)
@@ -114,6 +118,7 @@ def test_merging_by_svd_to_a_rank_that_holds_everything_is_as_exact(made, tmp_pa
     assert ranks(cut.files[0]) == {3} and cut.least_energy < 1
 
 
+@pytest.mark.train
 def test_files_that_are_not_plain_lora_get_a_plain_message(made, tmp_path):
     loha = tmp_path / "loha.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, str(loha))
@@ -127,6 +132,7 @@ def test_files_that_are_not_plain_lora_get_a_plain_message(made, tmp_path):
         resize_lora(dora, 2, tmp_path / "out.safetensors")
 
 
+@pytest.mark.unit
 def test_merging_loras_for_different_models_or_to_no_rank_is_refused():
     def lora(family: str, width: int) -> Lora:
         layer = Layer(torch.ones(2, width), torch.ones(8, 2), 2.0)
@@ -149,6 +155,7 @@ def runs_dir(tiny_model, tmp_path_factory) -> Path:
     return runs
 
 
+@pytest.mark.train
 def test_the_command_line_resizes_a_run_by_name_and_merges_files(runs_dir, made, tmp_path, capsys):
     out = tmp_path / "mine-2.safetensors"
     assert main(["resize", "mine", "--runs-dir", str(runs_dir), "--rank", "2", "--output", str(out)]) == 0
@@ -167,6 +174,7 @@ def test_the_command_line_resizes_a_run_by_name_and_merges_files(runs_dir, made,
     assert "nothing-here is neither a LoRA file, a run folder nor the name of a run" in capsys.readouterr().err
 
 
+@pytest.mark.train
 def test_the_runs_tab_resizes_and_merges_a_visitors_run_and_not_a_strangers(runs_dir, made):
     _, ctx = build_app(runs_dir, JobManager())
     owner = Visitor(sees_everything=True)

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.pipes import fresh_pipe, image
+from helpers.runs import quick_config
 from safetensors.torch import load_file
-from test_train import fresh_pipe, image
 from torchao.quantization import Int8Tensor
 
 from lora_gui import events
@@ -26,6 +26,7 @@ def first_loss(run) -> float:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
 
+@pytest.mark.train
 def test_an_int8_base_trains_a_lora_that_works_on_the_exact_base(tiny_models, photos, tmp_path, monkeypatch):
     model = tiny_models("flux")
     looked = {}
@@ -62,6 +63,7 @@ def test_an_int8_base_trains_a_lora_that_works_on_the_exact_base(tiny_models, ph
     assert np.abs(at_one - looked["image"]).mean() < np.abs(at_one - base).mean()
 
 
+@pytest.mark.train
 def test_a_run_on_an_int8_base_stops_and_resumes_exactly(tiny_models, photos, tmp_path):
     config = quick_config(tiny_models("flux"), photos, quantize_base="int8", max_steps=6, checkpoint_every=3)
     train(config, tmp_path / "straight")
@@ -79,6 +81,7 @@ def test_a_run_on_an_int8_base_stops_and_resumes_exactly(tiny_models, photos, tm
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
 
 
+@pytest.mark.train
 def test_nf4_without_an_nvidia_gpu_is_refused_in_plain_words(tiny_models, photos, tmp_path):
     with pytest.raises(LoraGuiError, match="runs only on an NVIDIA GPU; on this computer choose int8"):
         train(quick_config(tiny_models("flux"), photos, quantize_base="nf4"), tmp_path / "run")
@@ -86,6 +89,7 @@ def test_nf4_without_an_nvidia_gpu_is_refused_in_plain_words(tiny_models, photos
         TrainConfig(quantize_base="fp4")
 
 
+@pytest.mark.unit
 def test_each_flux_preset_fits_its_card_by_the_estimate():
     twelve = load_preset("flux-dev-12gb")
     assert estimate(twelve, "flux", "bf16").memory_gb < 10, "rank 16 at 512 px: under 10 GB"
@@ -100,6 +104,7 @@ def test_each_flux_preset_fits_its_card_by_the_estimate():
     assert "stored 4-bit (NF4, bitsandbytes)" in estimate(twelve, "flux", "bf16").notes
 
 
+@pytest.mark.train
 def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     from lora_gui.jobs import JobManager
     from lora_gui.ui import config_form
@@ -125,12 +130,13 @@ def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     assert "Of the presets for Flux.1, flux-dev-12gb makes the most of this 12 GB GPU (≈ 9.5 GB)." in fits
 
 
+@pytest.mark.train
 def test_a_single_file_flux_loads_with_an_int8_transformer_and_nf4_is_refused_before_loading(
     tiny_models, tmp_path, download_cache
 ):
     """diffusers' `from_single_file` takes a file's weights as already quantized: ours quantizes them itself."""
-    from conftest import in_download_cache
-    from test_flux_files import bfl_checkpoint
+    from helpers.flux_files import bfl_checkpoint
+    from helpers.hub import in_download_cache
 
     from lora_gui.base_models import load_pipeline
 
@@ -144,6 +150,7 @@ def test_a_single_file_flux_loads_with_an_int8_transformer_and_nf4_is_refused_be
         load_pipeline(str(path), quantize="nf4")
 
 
+@pytest.mark.unit
 def test_generate_stores_the_denoiser_in_as_few_bits_as_the_card_needs_and_no_fewer():
     from lora_gui.estimate import denoiser_parameters
     from lora_gui.quantization import for_card

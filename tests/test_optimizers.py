@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import quick_config
 from diffusers import DiffusionPipeline
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -30,6 +30,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("optimizer", list(SETTINGS))
 def test_each_optimizer_trains_a_lora_that_loads_and_resumes_exactly(tiny_model, photos, tmp_path, optimizer):
     config = quick_config(
@@ -72,6 +73,7 @@ def test_each_optimizer_trains_a_lora_that_loads_and_resumes_exactly(tiny_model,
         assert any(not torch.equal(checkpoint[key], lora[key]) for key in lora)
 
 
+@pytest.mark.unit
 def test_the_estimate_orders_the_optimizers_by_the_state_they_keep():
     def training_gb(optimizer: str) -> float:
         config = TrainConfig(optimizer=optimizer, rank=128, **settings_for_optimizer(optimizer, 1e-4, 0, "constant", 0))
@@ -82,6 +84,7 @@ def test_the_estimate_orders_the_optimizers_by_the_state_they_keep():
     assert memory["adamw-schedulefree"] == memory["adamw"], memory
 
 
+@pytest.mark.unit
 def test_each_optimizer_is_one_registry_entry_whose_kohya_name_is_its_class_and_the_app_reads_it_without_torch():
     import subprocess
     import sys
@@ -97,12 +100,14 @@ def test_each_optimizer_is_one_registry_entry_whose_kohya_name_is_its_class_and_
     assert subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True).stdout.strip() == "False"
 
 
+@pytest.mark.unit
 def test_out_of_memory_advice_names_a_smaller_optimizer():
     assert "adafactor optimizer or 8-bit AdamW" in oom_advice(TrainConfig(optimizer="prodigy", learning_rate=1.0))
     assert "adafactor optimizer;" in oom_advice(TrainConfig(optimizer="adamw8bit"))
     assert "adafactor" not in oom_advice(TrainConfig(optimizer="adafactor"))
 
 
+@pytest.mark.unit
 def test_picking_an_optimizer_fits_the_forms_learning_rate_and_schedule_to_it():
     # AdamW's rate is no Prodigy rate, and back: each gets its own usual one.
     assert settings_for_optimizer("prodigy", 1e-4, 0.0, "constant", 0) == {"learning_rate": 1.0}
@@ -129,6 +134,7 @@ def test_picking_an_optimizer_fits_the_forms_learning_rate_and_schedule_to_it():
             TrainConfig(optimizer=optimizer, **{**form, **settings_for_optimizer(optimizer, **form)})
 
 
+@pytest.mark.unit
 def test_settings_an_optimizer_cannot_follow_are_refused_plainly():
     with pytest.raises(ConfigError, match="is an AdamW learning rate: Prodigy finds its own step size"):
         TrainConfig(optimizer="prodigy", learning_rate=1e-4)
@@ -140,6 +146,7 @@ def test_settings_an_optimizer_cannot_follow_are_refused_plainly():
         TrainConfig(optimizer="adamw-schedulefree", lr_scheduler="cosine")
 
 
+@pytest.mark.unit
 def test_a_prodigy_run_resumes_from_the_train_tab_with_its_own_rate(tmp_path):
     """The form's rates on Resume are checked as the run's optimizer takes them, not as AdamW's."""
     from types import SimpleNamespace
@@ -163,6 +170,7 @@ def test_a_prodigy_run_resumes_from_the_train_tab_with_its_own_rate(tmp_path):
     assert answer["train_job"] == 2 and asked["learning_rate"] == 0.5, answer
 
 
+@pytest.mark.unit
 def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_the_estimate():
     from types import SimpleNamespace
 
@@ -176,6 +184,7 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
     assert "The demo and tiny models need almost no memory" in answer["estimate"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

@@ -9,7 +9,7 @@ import stat
 from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config
+from helpers.runs import quick_config
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError, LoraGuiError
@@ -37,12 +37,14 @@ def space(monkeypatch):
     monkeypatch.delenv("LORA_GUI_ALLOW_PATHS", raising=False)
 
 
+@pytest.mark.train
 def test_the_one_user_of_an_unshared_app_owns_everything(tmp_path, monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     _, ctx = build_app(tmp_path, JobManager(), users=("me",))
     assert ctx.visitor(request("me")) == EVERYONE
 
 
+@pytest.mark.train
 def test_several_auth_users_each_see_only_their_own_runs(tmp_path, monkeypatch, tiny_model, photos):
     monkeypatch.delenv("SPACE_ID", raising=False)
     assert parse_auth("ann:one, bob:two") == [("ann", "one"), ("bob", "two")]
@@ -60,6 +62,7 @@ def test_several_auth_users_each_see_only_their_own_runs(tmp_path, monkeypatch, 
     assert ctx.folders.run("anns-run", ann).name == "anns-run"
 
 
+@pytest.mark.train
 def test_an_anonymous_visitor_is_the_hash_of_their_browsers_secret_or_else_of_their_session(tmp_path, space):
     _, ctx = build_app(tmp_path, JobManager())
     assert ctx.visitor(request(), owner=anonymous("secret")).owner == anonymous("secret")
@@ -69,6 +72,7 @@ def test_an_anonymous_visitor_is_the_hash_of_their_browsers_secret_or_else_of_th
     assert "secret" not in anonymous("secret") and len(anonymous("secret")) == len("anon:") + 64
 
 
+@pytest.mark.train
 def test_signing_in_keeps_what_was_made_before_and_pushes_with_the_sign_in(
     tmp_path, space, tiny_model, photos, fake_hub
 ):
@@ -88,6 +92,7 @@ def test_signing_in_keeps_what_was_made_before_and_pushes_with_the_sign_in(
     assert "There is no run named made-before" in refused["hub_notice"]
 
 
+@pytest.mark.train
 def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_page_finds_neither(tmp_path, space):
     _, ctx = build_app(tmp_path, JobManager())
     page = dict(dataset_version=0, resolution=64, default_caption="")
@@ -120,12 +125,14 @@ def test_a_reloaded_page_finds_its_visitors_pictures_and_run_and_a_strangers_pag
     assert read_owner(ctx.runs_dir / "a-run") == a.owner
 
 
+@pytest.mark.unit
 def test_the_key_that_encrypts_what_browsers_keep_outlives_the_app(tmp_path):
     first = app_secret(tmp_path)
     assert app_secret(tmp_path) == first and len(first) >= 32
     assert stat.S_IMODE(os.stat(tmp_path / ".app-secret").st_mode) == 0o600
 
 
+@pytest.mark.unit
 def test_a_visitor_owns_only_their_own_ids():
     ann = Visitor(owner=signed_in("ann"), also=(anonymous("x"),))
     assert ann.owns(signed_in("ann")) and ann.owns(anonymous("x"))

@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import start_app
+import pytest
 from gradio_client import Client, handle_file
+from helpers.app import start_app
 from safetensors import safe_open
 
 from lora_gui.jobs import JobManager
 from lora_gui.runs import RunFolder, summarize
+
+pytestmark = pytest.mark.app
 
 GRACE_SECONDS = 25  # what the app is given to stop, and what a Space allows it (30 s) less some margin
 SLOW_RUN = dict(

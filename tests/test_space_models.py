@@ -9,11 +9,10 @@ import pathlib
 from types import SimpleNamespace
 
 import pytest
-from conftest import free_port
 from gradio_client import Client
+from helpers.app import free_port, text
+from helpers.hub import NEVER_LOADED, REPO, FakeHub, response, serve
 from huggingface_hub.errors import RepositoryNotFoundError
-from test_app import text
-from test_downloads import NEVER_LOADED, REPO, FakeHub, response, serve
 
 from lora_gui import base_models, downloads
 from lora_gui.base_models import load_pipeline
@@ -72,6 +71,7 @@ def hub_knows_nothing(monkeypatch):
     monkeypatch.setattr(downloads, "hf_hub_download", not_found)
 
 
+@pytest.mark.app
 def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
     space, server_files, probes, hub_knows_nothing, tmp_path
 ):
@@ -97,6 +97,7 @@ def test_on_a_space_the_api_answers_the_same_whatever_the_server_holds(
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
+@pytest.mark.train
 def test_the_engine_in_hub_only_mode_never_looks_at_the_servers_files(server_files, probes, hub_knows_nothing):
     hub_only = BaseModelPolicy(hub_only=True)
     messages = []
@@ -111,11 +112,12 @@ def test_the_engine_in_hub_only_mode_never_looks_at_the_servers_files(server_fil
     assert not [path for path in probes if "private" in path]
 
 
+@pytest.mark.train
 def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     space, server_files, probes, hub_knows_nothing, photos, tmp_path
 ):
     """The page's checks are not the only guard: what a run or Generate loads goes through the policy too."""
-    from conftest import quick_config
+    from helpers.runs import quick_config
 
     from lora_gui.training import train
 
@@ -135,6 +137,7 @@ def test_on_a_space_the_runs_and_generate_load_by_the_same_rule(
     assert not [path for path in probes if "private" in path], "a visitor's base model was looked up on disk"
 
 
+@pytest.mark.train
 def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(space, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_GUI_BASE_MODELS", "stabilityai/sdxl-turbo, Owner/Allowed")
     monkeypatch.setattr(downloads, "constants", SimpleNamespace(HF_HUB_OFFLINE=True))  # no size to read
@@ -151,6 +154,7 @@ def test_a_hub_id_outside_the_allow_list_is_refused_naming_the_allowed_ones(spac
     assert family.name == "sd15"
 
 
+@pytest.mark.train
 def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     space, tiny_model, download_cache, monkeypatch, tmp_path
 ):
@@ -173,6 +177,7 @@ def test_a_hub_model_over_the_size_limit_is_refused_before_any_download(
     assert family.name == "sd15" and hub.fetched
 
 
+@pytest.mark.train
 def test_on_ones_own_computer_paths_work_as_before(tiny_model, monkeypatch, tmp_path):
     for name in ("SPACE_ID", "LORA_GUI_BASE_MODELS", "LORA_GUI_MAX_MODEL_GB"):
         monkeypatch.delenv(name, raising=False)

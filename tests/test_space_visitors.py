@@ -17,12 +17,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import AppServer, running_app
 from gradio_client import Client, handle_file
-from test_app import QUICK, progress, text, upload_pictures
+from helpers.app import QUICK, AppServer, progress, running_app, text, upload_pictures
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
+
+pytestmark = pytest.mark.app
 
 SPACE = {
     "SPACE_ID": "someone/lora-trainer",
@@ -63,7 +64,7 @@ def wait_for_previews(client: Client) -> list:
         if isinstance(previews, list) and previews:
             return previews
         assert time.monotonic() < deadline, "the run made no preview"
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def b_sees(result) -> str:

@@ -13,6 +13,7 @@ from lora_gui.config import TrainConfig
 from lora_gui.estimate import estimate
 
 
+@pytest.mark.train
 def test_bench_prints_both_loops_and_the_machine_readable_last_line(tmp_path, capsys):
     assert (
         main(
@@ -44,6 +45,7 @@ def test_bench_prints_both_loops_and_the_machine_readable_last_line(tmp_path, ca
     assert (tmp_path / "result.json").is_file()
 
 
+@pytest.mark.train
 def test_bench_times_the_flux_script_step_against_ours_on_a_tiny_flux(tmp_path, capsys):
     """The Flux reference (train_dreambooth_lora_flux.py's step) runs its transformer, not a UNet."""
     argv = ["bench", "--model", "flux-tiny", "--resolution", "64", "--batch-size", "1", "--steps", "1"]
@@ -54,12 +56,14 @@ def test_bench_times_the_flux_script_step_against_ours_on_a_tiny_flux(tmp_path, 
     assert out[-1].startswith("ours/reference steps/s: ")
 
 
+@pytest.mark.unit
 def test_bench_refuses_counts_it_cannot_time(tmp_path, capsys):
     assert main(["bench", "--steps", "0", "--workdir", str(tmp_path)]) == 1
     assert "--steps must be 1 or more (got 0)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing was written or run"
 
 
+@pytest.mark.unit
 def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
     base = TrainConfig(resolution=512, rank=16, max_steps=1000)
     one = estimate(base, "sd15", "bf16", matmul_tflops=100)
@@ -73,6 +77,7 @@ def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
     assert "GB of GPU memory" in one.summary() and "min" in eight.summary()
 
 
+@pytest.mark.unit
 def test_each_image_adds_its_activations_not_the_weights_backward_reuses():
     """Frozen layers keep their own weights for backward: that is the model's memory, counted once.
     Training SD 1.5 at 512 px on a CPU in fp32 kept 1.6 GiB beyond the weights, so about 0.8 in bf16."""
@@ -82,6 +87,7 @@ def test_each_image_adds_its_activations_not_the_weights_backward_reuses():
     assert 0.6 < per_image < 1.0
 
 
+@pytest.mark.unit
 def test_the_estimate_is_the_largest_phase_and_previews_count():
     """Previews bring the VAE and text encoders back beside the UNet: with checkpointing they are the peak."""
     light = estimate(TrainConfig(resolution=512, rank=16, gradient_checkpointing=True), "sd15", "bf16")
@@ -89,6 +95,7 @@ def test_the_estimate_is_the_largest_phase_and_previews_count():
     assert light.previews_gb > light.training_gb > light.caching_gb
 
 
+@pytest.mark.unit
 def test_low_vram_presets_fit_their_cards_by_the_estimate():
     from lora_gui.config import load_preset
 
@@ -96,6 +103,7 @@ def test_low_vram_presets_fit_their_cards_by_the_estimate():
     assert estimate(load_preset("sdxl-low-vram"), "sdxl", "fp16").memory_gb < 12
 
 
+@pytest.mark.train
 def test_an_estimate_leaves_a_run_training_beside_it_alone():
     """The app estimates while a run trains in another thread: real attention and torch's default dtype
     must stay as they are for that run, whatever the estimate does to count memory."""

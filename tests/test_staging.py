@@ -14,6 +14,8 @@ from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
 from lora_gui.staging import STAGING_DIR, Staging
 
+pytestmark = pytest.mark.unit
+
 
 def picture(path: Path, size=(96, 96), seed=1, caption: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ def pictures_of(folder: Path) -> Pictures:
     return Pictures.of(scan_folder(folder).examples)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("card", list(CARDS))
 def test_every_suggestion_fits_the_card_by_the_estimate_and_says_why(picture_sets, family, card):
@@ -79,6 +80,7 @@ def test_every_suggestion_fits_the_card_by_the_estimate_and_says_why(picture_set
     assert steps["small"] < steps["large"], "a larger set is looked at longer"
 
 
+@pytest.mark.unit
 def test_an_8_gb_card_gets_memory_savers_that_a_24_gb_card_does_without(picture_sets):
     pictures = pictures_of(picture_sets["small"])
     small = suggest(pictures, "person", "sdxl", CARDS["8 GB"]).config
@@ -92,6 +94,7 @@ def test_an_8_gb_card_gets_memory_savers_that_a_24_gb_card_does_without(picture_
     assert "Sized for this 24 GB GPU." in big.notes[0]
 
 
+@pytest.mark.unit
 def test_flux_on_a_24_gb_card_gets_its_8_bit_tier(picture_sets):
     """What the flux-dev-24gb preset holds, found from the estimate alone."""
     suggestion = suggest(pictures_of(picture_sets["small"]), "person", "flux", CARDS["24 GB"])
@@ -100,6 +103,7 @@ def test_flux_on_a_24_gb_card_gets_its_8_bit_tier(picture_sets):
     assert suggestion.estimate.memory_gb <= 24 * HEADROOM
 
 
+@pytest.mark.unit
 def test_what_the_pictures_show_and_their_sizes_decide_rank_dropout_and_resolution():
     small_pictures = Pictures((400, 420, 380, 500, 700), ("a photo of sks dog",) * 5)
     person = suggest(small_pictures, "person", "sd15", CARDS["24 GB"]).config
@@ -114,6 +118,7 @@ def test_what_the_pictures_show_and_their_sizes_decide_rank_dropout_and_resoluti
     assert bare.trigger_word == "ohwx" and bare.rank == 16
 
 
+@pytest.mark.unit
 def test_settings_kept_stay_and_the_savers_work_around_them(picture_sets):
     pictures = pictures_of(picture_sets["small"])
     base = TrainConfig(rank=32, quantize_base="none")
@@ -126,6 +131,7 @@ def test_settings_kept_stay_and_the_savers_work_around_them(picture_sets):
     assert reasons["resolution"] == "to fit the card (≈ 3.4 GB without the memory savers): less detail"
 
 
+@pytest.mark.unit
 def test_nothing_that_does_not_fit_is_suggested():
     with pytest.raises(LoraGuiError, match=r"even with every memory saver.*more than this 1 GB card"):
         # With the resolution and checkpointing the user's, the savers left need no new measurement: quick.
@@ -133,6 +139,7 @@ def test_nothing_that_does_not_fit_is_suggested():
         suggest(Pictures((512,) * 5, ("a cat",) * 5), "object", "sd15", Card(1 * GB, bf16=True), keep=keep)
 
 
+@pytest.mark.unit
 def test_without_a_gpu_the_card_is_assumed_and_said(monkeypatch):
     monkeypatch.setattr(devices, "card", lambda: None)
     assert Card.here() == ASSUMED_CARD
@@ -141,6 +148,7 @@ def test_without_a_gpu_the_card_is_assumed_and_said(monkeypatch):
     assert Card.here() == Card(12 * GB, bf16=False)
 
 
+@pytest.mark.unit
 def test_train_auto_applies_the_suggestion_but_keeps_the_flags_given(picture_sets, monkeypatch, tmp_path, capsys):
     trained = []
     monkeypatch.setattr(devices, "card", lambda: None)
@@ -158,6 +166,7 @@ def test_train_auto_applies_the_suggestion_but_keeps_the_flags_given(picture_set
     assert "Kept as given: --rank" in printed
 
 
+@pytest.mark.train
 def test_the_train_tab_fills_the_form_from_the_visitors_staged_pictures(picture_sets, tmp_path):
     _, ctx = build_app(tmp_path, JobManager())
     settings = {**config_form.widget_values(TrainConfig()), "family": "sd15"}

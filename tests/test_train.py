@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
 from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
@@ -22,6 +21,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from helpers.pipes import fresh_pipe, image, train_and_picture
+from helpers.runs import quick_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -106,39 +107,10 @@ def flow_loss(pipe: FluxPipeline, pixels: torch.Tensor, captions: list[str]) -> 
     return float(np.mean(losses))
 
 
-def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
-    if not isinstance(pipe, FluxPipeline):  # Flux samples with its own flow-matching scheduler
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(3)
-    return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
-
-
-def train_and_picture(config: TrainConfig, run_dir: Path, **train_options) -> np.ndarray:
-    """Train into `run_dir`; return `image` of the trained model in memory as the run saves its own LoRA file (not a
-    checkpoint's): the picture every file of the run must give back once loaded."""
-    seen = {}
-    real_save = checkpoints.save_diffusers_lora
-
-    def save_and_look(target, pipe, family):
-        if Path(target).parent == Path(run_dir):
-            seen["image"] = image(pipe)
-        return real_save(target, pipe, family)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoints, "save_diffusers_lora", save_and_look)
-        train(config, run_dir, **train_options)
-    return seen["image"]
-
-
-def fresh_pipe(model: Path) -> DiffusionPipeline:
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # The tiny random SD 2 and Flux, whose shapes the learning tests' models don't have (OpenCLIP; Flux's 16 latent channels
 # and guidance input). Each objective itself (epsilon, v-prediction, flow) is proven by what it makes a small pretrained
 # model draw (test_learning.py), a stronger test than a lower loss.
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["sd2", "flux"])
 def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
@@ -154,6 +126,7 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
     assert after < 0.85 * before, (before, after)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
@@ -174,6 +147,7 @@ def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny
     np.testing.assert_allclose(at_one, trained, atol=1e-4)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_models, photos, tmp_path, family):
     config = quick_config(
@@ -223,6 +197,7 @@ def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model
     assert steps == list(range(1, 11)), "metrics hold each step once, also across the resume"
 
 
+@pytest.mark.train
 def test_sdxl_time_ids_carry_each_images_real_size_and_crop(tiny_models, tmp_path, monkeypatch):
     from lora_gui.demo import draw_shape
     from lora_gui.families.sdxl import StableDiffusionXL
@@ -255,6 +230,7 @@ def test_sdxl_time_ids_carry_each_images_real_size_and_crop(tiny_models, tmp_pat
     assert any(row[2] or row[3] for row in expected), "some image was cropped, so crops are really tested"
 
 
+@pytest.mark.train
 def test_run_folder_and_events(tiny_model, photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"this is not a jpeg")
     config = quick_config(
@@ -305,6 +281,7 @@ def test_run_folder_and_events(tiny_model, photos, tmp_path):
     assert not list(run.rglob("*.tmp")), "no temporary files left behind"
 
 
+@pytest.mark.train
 def test_lora_parameters_stay_fp32_on_a_half_precision_base(tiny_model, photos):
     from lora_gui.adapters import add_lora
     from lora_gui.families import detect_family
@@ -317,6 +294,7 @@ def test_lora_parameters_stay_fp32_on_a_half_precision_base(tiny_model, photos):
     assert pipe.unet.conv_in.weight.dtype == torch.float16, "the frozen base stays in half precision"
 
 
+@pytest.mark.train
 def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_model, photos, tmp_path, monkeypatch):
     norms = []
     real_step = torch.optim.AdamW.step
@@ -334,6 +312,7 @@ def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_model, photos, tmp
     assert len(norms) == 3 and all(n <= 1e-3 * 1.001 for n in norms), norms
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("encoders_train", [False, True], ids=["prompts-encoded-once", "prompts-encoded-per-set"])
 def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
@@ -344,7 +323,6 @@ def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
     what the pipeline makes from the prompt with everything in place."""
     from accelerate import Accelerator
 
-    from lora_gui.config import TrainConfig
     from lora_gui.devices import Offload
     from lora_gui.families import detect_family
     from lora_gui.runs import RunFolder
@@ -381,6 +359,7 @@ def test_previews_are_the_pipelines_own_pictures_with_only_the_vae_coming_back(
     assert moves == [("vae", "device"), ("vae", "cpu")]
 
 
+@pytest.mark.train
 def test_no_target_modules_means_the_familys_usual_layers_and_unknown_ones_are_refused(tiny_model, photos, tmp_path):
     from lora_gui.families import get_family
 
@@ -392,12 +371,14 @@ def test_no_target_modules_means_the_familys_usual_layers_and_unknown_ones_are_r
         train(quick_config(tiny_model, photos, max_steps=1, target_modules=["no_such_layer"]), tmp_path / "bad")
 
 
+@pytest.mark.train
 def test_stop_before_the_first_step_fails_nothing(tiny_model, photos, tmp_path):
     received = []
     train(quick_config(tiny_model, photos), tmp_path / "run", on_event=received.append, should_stop=lambda: True)
     assert received[-1].kind == events.STOPPED
 
 
+@pytest.mark.train
 def test_unusable_data_fails_with_a_plain_message_and_event(tiny_model, tmp_path):
     empty = tmp_path / "photos"
     empty.mkdir()
@@ -409,6 +390,7 @@ def test_unusable_data_fails_with_a_plain_message_and_event(tiny_model, tmp_path
     assert "no usable images" in (tmp_path / "run/train.log").read_text()
 
 
+@pytest.mark.train
 def test_a_picture_whose_damage_only_decoding_shows_is_left_out_and_training_goes_on(tiny_model, photos, tmp_path):
     # A cut-off JPEG whose end marker seems to follow its picture: a camera's EXIF thumbnail carries its own
     # (a scan start and an end), which a comment holding those bytes stands in for. Only decoding sees the cut.
@@ -436,6 +418,7 @@ def test_a_picture_whose_damage_only_decoding_shows_is_left_out_and_training_goe
         train(quick_config(tiny_model, alone), tmp_path / "alone-run")
 
 
+@pytest.mark.train
 def test_a_run_folder_laid_out_as_the_app_used_to_still_resumes_from_its_dataset(tiny_model, photos, tmp_path):
     # Runs started in the app used to keep the drop in uploads/, which their config.json's data names.
     run = tmp_path / "old-run"
@@ -454,11 +437,13 @@ def test_a_run_folder_laid_out_as_the_app_used_to_still_resumes_from_its_dataset
     assert sorted(path.name for path in exported) == ["old-run.safetensors", "pytorch_lora_weights.safetensors"]
 
 
+@pytest.mark.train
 def test_resume_without_a_checkpoint_says_so(tiny_model, photos, tmp_path):
     with pytest.raises(LoraGuiError, match="nothing to resume"):
         train(quick_config(tiny_model, photos), tmp_path / "empty-run", resume=True)
 
 
+@pytest.mark.train
 def test_a_new_run_never_overwrites_a_finished_one(tiny_model, photos, tmp_path):
     config = quick_config(tiny_model, photos, max_steps=2)
     train(config, tmp_path / "run")
@@ -468,6 +453,7 @@ def test_a_new_run_never_overwrites_a_finished_one(tiny_model, photos, tmp_path)
     assert (tmp_path / "run/pytorch_lora_weights.safetensors").read_bytes() == before
 
 
+@pytest.mark.train
 def test_a_channels_last_run_with_a_lora_on_conv_layers_saves_every_file_and_resumes(tiny_model, photos, tmp_path):
     # channels_last lays a conv LoRA's weights out non-contiguously, which safetensors refuses to write.
     targets = load_preset(DEMO_PRESET).target_modules
@@ -492,6 +478,7 @@ def test_a_channels_last_run_with_a_lora_on_conv_layers_saves_every_file_and_res
     assert load_file(run / "run.safetensors"), "the finished run's kohya file"
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(("family", "velocity"), [("sd15", False), ("sd2", True), ("sdxl", False)])
 def test_loss_target_follows_the_schedulers_prediction_type(
     tiny_models, photos, tmp_path, monkeypatch, family, velocity
@@ -517,6 +504,7 @@ def test_loss_target_follows_the_schedulers_prediction_type(
         assert velocities == []
 
 
+@pytest.mark.train
 def test_out_of_memory_stops_with_advice_and_the_run_resumes(tiny_model, photos, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
@@ -552,6 +540,7 @@ def test_out_of_memory_stops_with_advice_and_the_run_resumes(tiny_model, photos,
     assert [e.step for e in resumed if e.kind == events.STEP] == [3, 4, 5, 6]
 
 
+@pytest.mark.train
 def test_a_full_disk_is_said_plainly_and_earlier_checkpoints_survive(tiny_model, photos, tmp_path, monkeypatch):
     import errno
 
@@ -582,6 +571,7 @@ class NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("broken", ["loss", "gradient"])
 def test_a_diverging_run_keeps_its_last_good_lora_and_resumes_with_a_lower_learning_rate(
     tiny_model, photos, tmp_path, monkeypatch, broken
@@ -619,6 +609,7 @@ def test_a_diverging_run_keeps_its_last_good_lora_and_resumes_with_a_lower_learn
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 2e-4
 
 
+@pytest.mark.unit
 def test_an_adam_epsilon_of_zero_is_refused_before_it_turns_the_lora_into_nan():
     with pytest.raises(ConfigError, match="adam_epsilon must be above 0"):
         quick_config(Path("model"), Path("data"), adam_epsilon=0.0)

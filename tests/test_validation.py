@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import quick_config
+from helpers.runs import quick_config
 from safetensors import safe_open
 
 from lora_gui import batching, data, events
@@ -49,6 +49,7 @@ def _recording(init, orders: list):
     return record
 
 
+@pytest.mark.train
 def test_two_identical_runs_give_identical_validation_curves(straight, tiny_model, eight, tmp_path):
     run_dir, _, _ = straight
     train(quick_config(tiny_model, eight, **VALIDATED), tmp_path / "again")
@@ -58,6 +59,7 @@ def test_two_identical_runs_give_identical_validation_curves(straight, tiny_mode
     assert len({loss for _, loss in curve}) > 1, "the curve moves as the LoRA learns"
 
 
+@pytest.mark.train
 def test_held_out_pictures_are_never_in_a_batch(straight):
     run_dir, seen, order = straight
     run = RunFolder(run_dir)
@@ -71,6 +73,7 @@ def test_held_out_pictures_are_never_in_a_batch(straight):
     assert started.data["images"] == 6 and all(name in started.data["validation"] for name in held_out)
 
 
+@pytest.mark.unit
 def test_held_out_pictures_depend_only_on_the_seed_and_the_names():
     examples = [data.Example(Path(f"{name}.png"), "x", (64, 64), f"{name}.png") for name in "abcdefghij"]
     chosen, _ = batching.hold_out(examples, 2, seed=7)
@@ -81,6 +84,7 @@ def test_held_out_pictures_depend_only_on_the_seed_and_the_names():
     assert len(capped) == 2 and "at most a quarter" in note
 
 
+@pytest.mark.train
 def test_a_small_set_says_why_it_has_no_validation(tiny_model, photos, tmp_path):
     seen: list = []
     train(quick_config(tiny_model, photos, **VALIDATED), tmp_path / "run", on_event=seen.append)
@@ -90,6 +94,7 @@ def test_a_small_set_says_why_it_has_no_validation(tiny_model, photos, tmp_path)
     assert val_rows(tmp_path / "run") == [] and not RunFolder(tmp_path / "run").best_lora.exists()
 
 
+@pytest.mark.train
 def test_the_best_steps_lora_is_kept_and_names_its_step(straight):
     run_dir, seen, _ = straight
     run = RunFolder(run_dir)
@@ -105,6 +110,7 @@ def test_the_best_steps_lora_is_kept_and_names_its_step(straight):
     assert f"at step {best_step}" in finished.data["message"]
 
 
+@pytest.mark.train
 def test_early_stop_ends_the_run_as_a_finished_one(tiny_model, eight, tmp_path, monkeypatch):
     measured = iter([1.0, 0.5, 0.7, 0.6, 0.4])  # steps 2, 4, 6, 8, 10: no better than step 4's at 6 and 8
     monkeypatch.setattr(validation, "_validation_loss", lambda t: next(measured))
@@ -122,6 +128,7 @@ def test_early_stop_ends_the_run_as_a_finished_one(tiny_model, eight, tmp_path, 
         assert handle.metadata()["lora_gui.best_step"] == "4"
 
 
+@pytest.mark.train
 def test_a_stopped_and_resumed_run_continues_the_same_curve(straight, tiny_model, eight, tmp_path):
     config = quick_config(tiny_model, eight, **VALIDATED)
     seen: list = []
@@ -135,6 +142,7 @@ def test_a_stopped_and_resumed_run_continues_the_same_curve(straight, tiny_model
     assert step == str(ValidationCurve.of(val_rows(straight[0])).best[0])
 
 
+@pytest.mark.train
 def test_a_folder_of_validation_pictures_is_copied_into_the_run_and_measured(tiny_model, photos, tmp_path):
     others = write_demo_dataset(tmp_path / "others", count=2, size=(96, 96))
     config = quick_config(tiny_model, photos, validation_data=str(others), validation_every=4, max_steps=4)

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quick_config
+from helpers.pipes import fresh_pipe, image, train_and_picture
+from helpers.runs import quick_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_train import fresh_pipe, image, train_and_picture
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import ConfigError
@@ -97,6 +97,7 @@ def variants(tiny_models, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(model=model, runs=runs, base=image(fresh_pipe(model)))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("lora_type", VARIANTS)
 def test_each_kind_trains_its_own_peft_adapter_on_the_unet_and_text_encoder(variants, lora_type):
     run = variants.runs[lora_type]
@@ -113,6 +114,7 @@ def test_each_kind_trains_its_own_peft_adapter_on_the_unet_and_text_encoder(vari
     assert not np.allclose(run.image, variants.base, atol=1e-3), "the adapter learned nothing"
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("lora_type", VARIANTS)
 def test_resuming_from_a_checkpoint_gives_the_same_adapter_as_an_uninterrupted_run(variants, lora_type):
     straight, resumed = load_file(variants.runs[lora_type].diffusers), load_file(variants.runs[lora_type].resumed)
@@ -121,6 +123,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_adapter_as_an_uninterrupted_r
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("lora_type", VARIANTS)
 def test_the_kohya_file_holds_for_each_layer_what_comfyui_reads_for_its_kind(variants, lora_type):
     pipe = fresh_pipe(variants.model)
@@ -141,6 +144,7 @@ def test_the_kohya_file_holds_for_each_layer_what_comfyui_reads_for_its_kind(var
             assert tensors[f"{layer}.dora_scale"].shape == (weight.shape[0], *[1] * (weight.dim() - 1))
 
 
+@pytest.mark.train
 def test_every_adapted_layer_is_in_the_kohya_file(variants):
     for lora_type in VARIANTS:
         kohya, _ = read(variants.runs[lora_type].kohya)
@@ -148,6 +152,7 @@ def test_every_adapted_layer_is_in_the_kohya_file(variants):
         assert len(by_layer(kohya)) * len(PEFT_PARTS[lora_type]) == len(diffusers_file), lora_type
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("lora_type", VARIANTS)
 def test_the_metadata_names_the_lycoris_network_as_lycoris_writes_it(variants, lora_type):
     _, metadata = read(variants.runs[lora_type].kohya)
@@ -161,6 +166,7 @@ def test_the_metadata_names_the_lycoris_network_as_lycoris_writes_it(variants, l
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2.0")
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("lora_type", VARIANTS)
 def test_generate_makes_the_trained_picture_from_either_file_and_the_base_at_strength_zero(variants, lora_type):
     run = variants.runs[lora_type]
@@ -173,6 +179,7 @@ def test_generate_makes_the_trained_picture_from_either_file_and_the_base_at_str
     np.testing.assert_array_equal(image(generator.pipe), variants.base)
 
 
+@pytest.mark.train
 def test_diffusers_loads_our_dora_files_unet_as_generate_applies_it(variants, tmp_path):
     """diffusers applies a DoRA's UNet layers (its text encoder loading, through transformers, drops their lengths)."""
     tensors, metadata = read(variants.runs["dora"].diffusers)
@@ -187,6 +194,7 @@ def test_diffusers_loads_our_dora_files_unet_as_generate_applies_it(variants, tm
     np.testing.assert_allclose(image(pipe), ours, atol=1e-4)
 
 
+@pytest.mark.train
 def test_generate_applies_lycoris_files_from_other_tools_as_comfyui_does(variants, tmp_path):
     """A LoKr with its second factor low-rank, and a DoRA whose lengths are the input columns' (LyCORIS' default,
     the only kind A1111 reads), in kohya's names: the picture is the base model's with each weight changed as
@@ -224,6 +232,7 @@ def test_generate_applies_lycoris_files_from_other_tools_as_comfyui_does(variant
     np.testing.assert_allclose(image(loaded.pipe), expected, atol=1e-4)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(("family", "lora_type"), [("sdxl", "loha"), ("flux", "lokr")])
 def test_other_families_train_a_variant_and_generate_applies_their_kohya_file(tiny_models, tmp_path, family, lora_type):
     """SDXL with both text encoders trained (kohya's lora_te1_/lora_te2_), Flux.1's transformer (diffusers' names)."""
@@ -248,12 +257,14 @@ def test_other_families_train_a_variant_and_generate_applies_their_kohya_file(ti
     np.testing.assert_allclose(image(generator.pipe), trained, atol=1e-4)
 
 
+@pytest.mark.train
 def test_loha_and_lokr_on_an_nf4_base_are_refused_in_plain_words(tiny_model, photos):
     with pytest.raises(ConfigError, match="lora_type lokr can't train on a base stored in NF4"):
         quick_config(tiny_model, photos, lora_type="lokr", quantize_base="nf4").validate()
     quick_config(tiny_model, photos, lora_type="dora", quantize_base="nf4").validate()
 
 
+@pytest.mark.unit
 def test_the_estimate_counts_each_kinds_own_parameters():
     from lora_gui.estimate import _meta_unet
 

@@ -1,4 +1,5 @@
-"""A training run for `accelerate launch` with two processes, as tests/test_gpu_regime.py starts it.
+"""A training run for `accelerate launch` with two processes, as tests/test_gpu_regime.py starts it (a script, not
+a module the tests import).
 
 Every process writes its own copy of the LoRA (rank-N.safetensors) when the run ends, so the test
 can compare them; and only the last process is asked to stop, once the checkpoint of --stop-after

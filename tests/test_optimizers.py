@@ -163,7 +163,11 @@ def test_a_prodigy_run_resumes_from_the_train_tab_with_its_own_rate(tmp_path):
         get=lambda job_id: SimpleNamespace(owner="", run=run),
         resume=lambda path, hub_token, changes: asked.update(changes) or SimpleNamespace(job_id=2),
     )
-    ctx = SimpleNamespace(jobs=jobs, check_room_for_a_run=lambda visitor: None, hub_token=lambda token, visitor: None)
+    ctx = SimpleNamespace(
+        engine=SimpleNamespace(jobs=jobs),
+        folders=SimpleNamespace(check_room_for_a_run=lambda visitor: None),
+        models=SimpleNamespace(hub_token=lambda token, visitor: None),
+    )
     form = {name: 0.5 if name == "learning_rate" else getattr(TrainConfig(), name)
             for name in train_tab.RESUMED_FROM_THE_FORM}  # fmt: skip
     answer = train_tab.resume(ctx, EVERYONE, 1, None, **form)
@@ -177,7 +181,7 @@ def test_picking_prodigy_in_the_train_tab_fills_in_its_rate_and_hint_and_redoes_
     from lora_gui.ui import config_form, train_tab
     from lora_gui.ui.model_choices import TINY_CHOICE
 
-    ctx = SimpleNamespace(base_model_family=lambda model: "sd15", has_cuda=False)
+    ctx = SimpleNamespace(models=SimpleNamespace(family=lambda model: "sd15"), engine=SimpleNamespace(has_cuda=False))
     form = {**config_form.widget_values(TrainConfig()), "optimizer": "prodigy"}
     answer = train_tab.pick_optimizer(ctx, TINY_CHOICE, **form)
     assert answer["learning_rate"]["value"] == 1.0 and "leave it at 1.0" in answer["learning_rate"]["info"]

@@ -1,19 +1,6 @@
 """A run folder: where everything a run produces lives, so nothing lives only in memory.
 
-runs/<name>/
-  config.json  dataset/  checkpoints/step-N/  samples/  metrics.jsonl  train.log
-  pytorch_lora_weights.safetensors      (diffusers: pipeline.load_lora_weights(run_dir))
-  <name>.safetensors                    (kohya layout: AUTOMATIC1111, Forge, ComfyUI)
-  lora_info.json                        (how far training went: the LoRA files' metadata is rebuilt from it)
-  README.md                             (the model card, as the Hugging Face Hub shows it)
-  status.json                           (queued/running/finished/... as the app last saw it)
-  data_report.json                      (the pictures left out, each with its reason)
-  validation.json                       (the pictures the validation loss is measured on, never trained on)
-  validation/                           (those pictures, when they came from a folder of their own)
-  <name>-best.safetensors               (kohya layout: the LoRA of the step with the lowest validation loss)
-
-Runs started by the app before dataset/ was written at Start also hold uploads/ (the pictures as
-dropped), which their config.json's `data` names; nothing reads it again, as a resumed run reads dataset/.
+What each file holds is written once, in docs/ARCHITECTURE.md ("A run folder").
 """
 
 from __future__ import annotations

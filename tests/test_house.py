@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -205,3 +206,26 @@ def test_the_ui_imports_no_machine_learning_library_at_module_level():
                 f"lora_gui/{path}:{node.lineno}: {name}" for name in names if name.split(".")[0] in ML_LIBRARIES
             ]
     assert not offenders, "the UI imports a machine-learning library (ask the engine instead):\n" + "\n".join(offenders)
+
+
+def mapped_modules() -> list[str]:
+    """The modules and packages docs/ARCHITECTURE.md's module map names, as paths under lora_gui/."""
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return [name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)]
+
+
+def test_the_architecture_map_names_every_module_and_only_those_that_exist():
+    named = mapped_modules()
+    missing = [name for name in named if not (PACKAGE / name).exists()]
+    assert not missing, f"docs/ARCHITECTURE.md names modules that don't exist: {missing}"
+    covered = {name.rstrip("/") for name in named}
+    rooms = {path.parts[0] for path in modules() if path.parts[0] != "__init__.py"}
+    # A package's row covers its files, but the app's: each file under ui/ has a row of its own.
+    unnamed = sorted(
+        f"lora_gui/{room}"
+        for room in rooms | {f"ui/{path.name}" for path in modules() if path.parts[0] == "ui"}
+        if room not in covered and room != "ui" and room != "ui/__init__.py"
+    )
+    assert not unnamed, f"modules missing from docs/ARCHITECTURE.md's module map: {unnamed}"

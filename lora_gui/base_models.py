@@ -22,11 +22,10 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from lora_gui import quantization
 from lora_gui.downloads import NOT_ON_THE_HUB, PICKLE_SUFFIXES, DownloadProgress, HubToken, download, gated_advice
 from lora_gui.errors import ModelLoadError
-from lora_gui.families import REGISTRY, Family, detect_family
+from lora_gui.families import REGISTRY, Family, detect_family, family_of_configs
 from lora_gui.model_policy import ANY_BASE_MODEL, BaseModelPolicy, is_hub_id
 
 log = logging.getLogger(__name__)
-
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
@@ -219,7 +218,7 @@ def family_from_files(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL)
             return _published_family(source)
     else:
         return None
-    return next((f.name for f in REGISTRY.values() if f.matches_files(index or {}, text_encoder)), None)
+    return family_of_configs(index or {}, text_encoder)
 
 
 def denoiser_parameters_on_disk(base_model: str, policy: BaseModelPolicy = ANY_BASE_MODEL) -> int | None:
@@ -325,7 +324,7 @@ def _from_single_file(
     name = family if family != "auto" else detected
     if name is None:
         raise ModelLoadError(
-            f"{path.name} is not a Stable Diffusion checkpoint this trainer knows (its tensor names match "
+            f"{path.name} is not a checkpoint of a model this trainer knows (its tensor names match "
             f"none of {', '.join(REGISTRY)}); if it is one, set the model family by hand"
         )
     if name not in REGISTRY:

@@ -101,7 +101,7 @@ def test_bad_input_prints_a_plain_error_and_no_traceback(tiny_model, tmp_path, c
         ),
         (".", "is a folder but not a diffusers model (it has no model_index.json)"),
         ("model.ckpt", "is a pickled checkpoint, which can run code when loaded"),
-        ("weird.safetensors", "is not a Stable Diffusion checkpoint this trainer knows"),
+        ("weird.safetensors", "is not a checkpoint of a model this trainer knows"),
     ],
 )
 def test_a_model_that_cannot_be_loaded_says_what_was_tried(tmp_path, monkeypatch, base_model, message):

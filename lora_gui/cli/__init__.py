@@ -17,7 +17,9 @@ from lora_gui.errors import LoraGuiError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_gui", description="Train and use LoRAs for Stable Diffusion.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_gui", description="Train and use LoRAs for Stable Diffusion and Flux."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     # In the order --help lists them.
     for add in (

@@ -18,7 +18,7 @@ from lora_gui.config import (
     TrainConfig,
 )
 from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.families import get_family
+from lora_gui.families import REGISTRY, get_family
 from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
@@ -67,7 +67,7 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     c["cpu_warning"] = gr.HTML(
         notice(
             "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the demo "
-            "and tiny models (about a minute), but a real Stable Diffusion model would take many hours.",
+            "and tiny models (about a minute), but a full-size model (Stable Diffusion, Flux) would take many hours.",
             "warning",
         ),
         elem_id="cpu-warning",
@@ -377,7 +377,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
         return {
             "estimate": notice(
                 "To estimate GPU memory and time, the kind of model must be known without downloading it: set "
-                "'Model family' under Advanced settings (Stable Diffusion 1.x, 2.x or XL)."
+                f"'Model family' under Advanced settings ({', '.join(f.title for f in REGISTRY.values())})."
             )
         }
     title = get_family(family).title

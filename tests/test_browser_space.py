@@ -7,13 +7,12 @@ Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Callable
 
 import pytest
 from helpers import app as app_helpers
-from helpers.app import start_app
+from helpers.app import start_app, stop_app
 from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
 from helpers.paths import ARTIFACTS
 from playwright.sync_api import Locator, Page, expect, sync_playwright
@@ -29,16 +28,6 @@ A_PICTURES = [f"{TRIGGER}_{index:02d}.png" for index in range(8)]  # the demo's 
 OWNER_KEY = "lora_gui_owner"  # the BrowserState keeping the visitor's owner secret
 SETTLE = 3  # seconds: A's page shows A's things within this; B's is watched this long for them
 SETTLE_MS = SETTLE * 1000
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, as a Space stops its container."""
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def open_page(page: Page, url: str) -> None:
@@ -142,7 +131,7 @@ def test_strangers_on_a_space_see_only_their_own_pictures_and_runs(tmp_path, mon
 
             # The app restarts on the same runs folder and port (a browser keeps localStorage per address): the key
             # that reads A's owner secret is kept in the runs folder, so A's browser still proves who they are.
-            stop(process)
+            stop_app(process)
             port = int(url.rstrip("/").rsplit(":", 1)[1])
             monkeypatch.setattr(app_helpers, "free_port", lambda: port)
             process, restarted = start_app(runs_dir, log, env=SPACE)
@@ -160,5 +149,5 @@ def test_strangers_on_a_space_see_only_their_own_pictures_and_runs(tmp_path, mon
             shot(a, "space-04-a-runs-after-restart")
             browser.close()
     finally:
-        stop(process)
+        stop_app(process)
     assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"

@@ -12,10 +12,14 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 python3 -m pip install --quiet torch==2.13.0 -r requirements-dev.txt
 python3 -m ruff check .
-if [ "${1:-}" = "--quick" ]; then
-  shift
-  set -- -m unit "$@"
-fi
 # Two workers (pytest-xdist): the tests that start processes of their own on one, the rest on the other as it frees
 # up (tests/conftest.py, xdist_group). `-n 0` as an argument runs everything in this process.
-python3 -m pytest -q -n 2 --dist loadgroup "$@"
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  exec python3 -m pytest -q -n 2 --dist loadgroup -m unit "$@"
+fi
+status=0
+python3 -m pytest -q -n 2 --dist loadgroup -m "not alone" "$@" || status=$?
+# Then the tests that time a promise to the user, with the machine to themselves (5: none of them was asked for).
+python3 -m pytest -q -m alone "$@" || { code=$?; [ "$code" = 5 ] || status=$code; }
+exit "$status"

@@ -132,8 +132,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # Tests that start processes of their own (the app, Chromium, the CLI, accelerate launch) keep to one worker under
-# `pytest -n 2 --dist loadgroup` (scripts/test.sh), one after another, so that the timed ones (the README's demo in
-# under two minutes, the demo in a browser) never share the machine with another of them.
+# `pytest -n 2 --dist loadgroup` (scripts/test.sh), one after another: each of those processes computes on cores of
+# its own, and two at once would leave the other worker none. (The timed ones, marked `alone`, run after the rest.)
 OWN_PROCESSES = ("tests/test_cli.py", "tests/test_gpu_regime.py::test_two_processes")
 
 
@@ -144,6 +144,17 @@ def xdist_group(item: pytest.Item) -> str:
     if tier in ("app", "browser") or item.nodeid.startswith(OWN_PROCESSES):
         return "processes"
     return item.nodeid.split("::")[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on its share of the cores: two workers with torch's default of a
+    thread per core ask twice the machine, and its threads, waiting on each other, made the suite's training tests
+    up to five times slower than alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -182,6 +182,7 @@ def pink_of(page: Page, selector: str) -> float:
     return pink_share(np.asarray(picture))
 
 
+@pytest.mark.alone
 def test_the_demo_teaches_its_model_a_new_shape_in_under_two_minutes_in_a_real_browser(app_server):
     """A newcomer's first five minutes: a fresh page, Try the demo, Start training, Generate. The LoRA's picture is
     pink like the demo's pictures of a pink cross, the demo model's own picture beside it is not, and all of it

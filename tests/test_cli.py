@@ -31,6 +31,7 @@ def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.alone
 def test_the_readme_demo_commands_finish_in_under_two_minutes(tmp_path):
     photos = write_demo_dataset(tmp_path / "photos")
     (photos / "notes.jpg").write_text("not a photo")

@@ -115,12 +115,11 @@ def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     assert presets_that_fit("flux", "bf16", 8) == []
     assert all(name.startswith("sdxl") for name, _ in presets_that_fit("sdxl", "bf16", 12))
 
-    _, ctx = build_app(tmp_path, JobManager())
-    ctx.engine.has_cuda = True
-    monkeypatch.setattr(ctx.engine, "gpu_tflops", lambda: None)  # the time is another test's: memory alone here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=12 * 2**30))
+    _, ctx = build_app(tmp_path, JobManager())
+    monkeypatch.setattr(ctx.engine, "gpu_tflops", lambda: None)  # the time is another test's: memory alone here
     settings = {**config_form.widget_values(TrainConfig(resolution=1024)), "family": "flux"}
     too_big = html.unescape(show_estimate(ctx, base_model="someone/a-flux-model", **settings)["estimate"])
     assert "That is more than this GPU's 12 GB: pick the flux-dev-12gb preset (≈ 9.5 GB), or " in too_big

@@ -43,18 +43,13 @@ from lora_gui.batching import fit_to_bucket, image_to_tensor
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
-from lora_gui.families import REGISTRY, Family, ImageGeometry, get_family
+from lora_gui.families import Family, ImageGeometry, bench_models, get_family
 from lora_gui.tiny import write_tiny_model
 from lora_gui.training import train
 
 log = logging.getLogger(__name__)
 
-# name: (family, size in tiny.py, default resolution), as each family lists its benchmark models
-MODELS = {
-    name: (family.name, size, resolution)
-    for family in REGISTRY.values()
-    for name, (size, resolution) in family.bench_models.items()
-}
+MODELS = bench_models()
 
 # train_dreambooth_lora_flux.py's defaults: its LoRA's layers (ours adds the single blocks' MLP input,
 # `proj_mlp`), the guidance it gives Flux.1-dev, and AdamW's weight decay.

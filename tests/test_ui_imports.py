@@ -85,6 +85,25 @@ def test_the_page_is_built_without_torch_diffusers_transformers_peft_or_accelera
     assert not result["loaded"] and result["tabs"] > 100
 
 
+def test_python_app_py_reaches_the_page_without_them(monkeypatch):
+    """`python app.py` goes through the command line: its parser (every command's flags and choices) and its quieting
+    of the libraries' chatter come before the page, and import none of them either."""
+    result = run_python(
+        """
+        import json
+        from unittest import mock
+
+        import lora_gui.ui.app
+        from lora_gui import cli
+
+        with mock.patch.object(lora_gui.ui.app, "launch", lambda **settings: None):
+            cli.main(["ui", "--port", "1"])
+        print(json.dumps({"heavy": heavy_imported()}))
+        """
+    )
+    assert result["heavy"] == [], f"the command line imported {result['heavy']} before the page"
+
+
 def test_the_page_answers_and_says_the_engine_is_loading_before_it_has_loaded(tmp_path):
     result = run_python(
         f"""

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from lora_gui import quiet_ml_libraries
 from lora_gui.cli import caption, loras, tools, train
 from lora_gui.errors import LoraGuiError
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         add(commands)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args.command)
     try:
         return args.run(args)
     except LoraGuiError as error:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(command: str) -> None:
     """Library chatter (progress bars, deprecation notes) would bury our own messages."""
     import warnings
 
@@ -56,10 +57,5 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("transformers", "diffusers", "accelerate", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    if command != "ui":  # the app quiets them as its engine loads, after the page answers (ui/engine.py)
+        quiet_ml_libraries()

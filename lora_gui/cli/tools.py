@@ -8,10 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_gui.bench import MODELS, format_table, run_bench, save_json
 from lora_gui.config import FAMILIES, MIXED_PRECISIONS, TrainConfig, list_presets
 from lora_gui.errors import LoraGuiError
-from lora_gui.families import REGISTRY
+from lora_gui.families import REGISTRY, bench_models
 
 
 def add_ui(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +65,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         "weights; flux-shallow is Flux.1 at full width with 1/19 of its depth (1 double, 2 single blocks, 1 T5 "
         "layer), which a CPU holds.",
     )
-    bench.add_argument("--model", default="tiny", choices=list(MODELS))
+    bench.add_argument("--model", default="tiny", choices=list(bench_models()))
     bench.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     bench.add_argument("--batch-size", type=int, default=2)
@@ -107,6 +106,8 @@ def _bench(args: argparse.Namespace) -> int:
     ):
         if value < least:
             raise LoraGuiError(f"{flag} must be {least} or more (got {value})")
+
+    from lora_gui.bench import format_table, run_bench, save_json
 
     reference, ours, info = run_bench(
         args.model,

@@ -17,7 +17,25 @@ REGISTRY: dict[str, type[Family]] = {
     family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
 }
 
-__all__ = ["REGISTRY", "Family", "ImageGeometry", "detect_family", "family_of_configs", "family_of_lora", "get_family"]
+__all__ = [
+    "REGISTRY",
+    "Family",
+    "ImageGeometry",
+    "bench_models",
+    "detect_family",
+    "family_of_configs",
+    "family_of_lora",
+    "get_family",
+]
+
+
+def bench_models() -> dict[str, tuple[str, str, int]]:
+    """The benchmark's models by name: (family, size in tiny.py, default resolution), as each family lists its own."""
+    return {
+        name: (family.name, size, resolution)
+        for family in REGISTRY.values()
+        for name, (size, resolution) in family.bench_models.items()
+    }
 
 
 def get_family(name: str) -> type[Family]:

@@ -296,8 +296,6 @@ def launch(
     folder.mkdir(parents=True, exist_ok=True)
     demo, ctx = build_app(folder, users=tuple(user for user, _ in credentials or []))
     log.info("Runs are saved in %s", folder.resolve())
-    # The page answers at once; the engine loads meanwhile, its CPU threads set before anything computes.
-    loading = ctx.engine.start(leave_a_core_free=True)
     demo.launch(
         server_name=host,
         server_port=port,
@@ -312,7 +310,9 @@ def launch(
         ssr_mode=False,
         prevent_thread_lock=True,
     )
-    loading.join()
+    # The page answers now; the engine loads after it, not beside it (importing holds Python's one lock, and would
+    # hold the server's start back as long), its CPU threads set before anything computes.
+    ctx.engine.start(leave_a_core_free=True).join()
     # Everything the app uses is imported and built, and lives as long as it does: leave those objects out of later
     # garbage collections, which otherwise walk them all (0.4 s at the end of each run and each model swap, and in
     # Python's own full collections during a run).

@@ -99,3 +99,14 @@ def test_settings_saved_as_a_preset_load_back_and_never_overwrite(tmp_path, monk
         save_preset("my-settings", settings)
     with pytest.raises(ConfigError, match="can't be a preset name"):
         save_preset("../evil", settings)
+
+
+@pytest.mark.unit
+def test_train_help_shows_every_settings_help_as_written(capsys):
+    """argparse formats help texts with %: a setting's "~30% speed" once printed argparse's own internals instead."""
+    from lora_gui import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "at the cost of ~30% speed." in shown and "object at 0x" not in shown

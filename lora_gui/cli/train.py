@@ -54,7 +54,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = field.metadata["help"]
+        help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %: "~30% speed" stays
         if isinstance(default, bool):
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):

@@ -42,6 +42,12 @@ class Ctx(Page):
     folders: Folders  # a visitor's runs and staged pictures (folders.py)
     captioning: Captioning  # captions written by a model (captioning.py)
 
+    def before_handling(self) -> None:
+        """Every event waits for the engine's loader: handlers import the engine's modules where they use them, and
+        two threads importing diffusers at once can find it half made (Python, to avoid a deadlock, hands one of
+        them the module before its import has finished: "cannot import name 'DiffusionPipeline'")."""
+        self.engine.load()
+
 
 def served(path: str | Path) -> str:
     """A run's file as the page may fetch it: a copy in Gradio's upload folder under a name made from its content.

@@ -69,6 +69,7 @@ class Page:
             # server-side session, the sign-in cookie, the --auth login. Never from the page.
             visitor = self.visitor(request, values.pop("owner", ""), profile, token)
             extra = {"visitor": visitor} if wants_visitor else {}
+            self.before_handling()
             return handler(self, **values, **extra, **({"progress": progress} if reports_progress else {}))
 
         # Gradio hands the special values (the request, the sign-in, its progress bar) first, by position.
@@ -95,6 +96,9 @@ class Page:
             outputs=[self.components[name] for name in outputs],
             **kwargs,
         )
+
+    def before_handling(self) -> None:
+        """What every event waits for before its handler runs: nothing, for a bare page."""
 
     def _shown(self, result: dict[str, Any], outputs: list[str]) -> Any:
         """A handler's dict as Gradio's outputs."""

@@ -164,7 +164,7 @@ def reference_loop(setup: Setup) -> LoopResult:
         rows = _rows(setup, step, len(pixels))
         with accelerator.accumulate(unet):
             batch = pixels[rows].to(accelerator.device, dtype=weight_dtype)
-            latents = pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor
+            latents = family.latents_for_denoiser(pipe.vae, pipe.vae.encode(batch).latent_dist.sample())
             noise = torch.randn_like(latents)
             timesteps = torch.randint(
                 0, noise_scheduler.config.num_train_timesteps, (len(rows),), device=latents.device
@@ -270,7 +270,7 @@ class FluxScriptStep:
     def encode_pictures(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         latents = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.sample()
-        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(self.dtype)
+        return self.family.latents_for_denoiser(vae, latents).to(self.dtype)
 
     def draw_timesteps(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform timesteps (the default weighting scheme, "none"), and their sigmas looked up one

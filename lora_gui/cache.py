@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
@@ -33,8 +34,9 @@ class LatentCache:
     mean: list[torch.Tensor]  # per image: (C, h, w), and the mirrored image's at [i + n] when flipping
     std: list[torch.Tensor]
     geometry: list[ImageGeometry]
-    scaling_factor: float
-    shift_factor: float
+    # The VAE's latents -> the denoiser's (the family's `latents_for_denoiser`): shifted and scaled, and for some
+    # families put into patches and normalized per channel. Applied after each draw, as an uncached encode would be.
+    for_denoiser: Callable[[torch.Tensor], torch.Tensor]
     has_flips: bool
     kept: list[int]  # the examples cached, by their index in the list given
     skipped: list[Skipped]  # the others: their pixels failed to decode
@@ -46,7 +48,7 @@ class LatentCache:
     def centre(self, index: int, device: torch.device) -> torch.Tensor:
         """One picture's latents as they are (its distribution's mean, unflipped), scaled for the denoiser: no
         draw, so a validation loss measured on them moves only because the LoRA changed. (1, C, h, w)"""
-        return ((self.mean[index].to(device) - self.shift_factor) * self.scaling_factor).unsqueeze(0)
+        return self.for_denoiser(self.mean[index].to(device).unsqueeze(0))
 
     def sample(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
         """Draw latents for a batch (all from one bucket, so they stack), already scaled for the UNet."""
@@ -55,11 +57,12 @@ class LatentCache:
         mean = torch.stack([self.mean[r] for r in rows]).to(generator.device, non_blocking=True)
         std = torch.stack([self.std[r] for r in rows]).to(generator.device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
-        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+        return self.for_denoiser(mean + std * noise)
 
 
 @torch.no_grad()
 def cache_latents(
+    family: type[Family],
     vae: AutoencoderKL,
     examples: list[Example],
     buckets: list[tuple[int, int]],
@@ -102,8 +105,7 @@ def cache_latents(
         mean=[means[row] for row in rows],  # type: ignore[misc]
         std=[stds[row] for row in rows],  # type: ignore[misc]
         geometry=[geometry[index] for index in kept],  # type: ignore[misc]
-        scaling_factor=vae.config.scaling_factor,
-        shift_factor=vae.config.get("shift_factor") or 0.0,
+        for_denoiser=partial(family.latents_for_denoiser, vae),
         has_flips=with_flips,
         kept=kept,
         skipped=skipped,

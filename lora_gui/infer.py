@@ -320,14 +320,8 @@ def decode(
     SDXL's VAE overflows into black pictures. So the pipelines stop at the latents (output_type
     "latent"), and this undoes their scaling exactly as they would and decodes in full precision, as
     diffusers' training scripts do for their validation images."""
-    vae, config = pipe.vae, pipe.vae.config
-    latents = family.latents_for_vae(pipe, latents, height, width).to(execution_device(vae), vae.dtype)
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+    vae = pipe.vae
+    latents = family.latents_for_vae(pipe, latents.float(), height, width).to(execution_device(vae), vae.dtype)
     with torch.autocast(vae.device.type, enabled=False):
         images = vae.decode(latents, return_dict=False)[0]
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, when its package is installed

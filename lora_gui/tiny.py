@@ -186,6 +186,86 @@ def t5_text_parts(size: str, max_length: int = 512, **config: Any) -> tuple:
     return tokenizer, T5EncoderModel(T5Config(**{**values, **config}))
 
 
+# Qwen3 language models as text encoders (Z-Image's and Flux.2 klein 4B's: Qwen3-4B; klein 9B's: Qwen3-8B), by size:
+# (width, MLP width, layers, heads, key-value heads, head width). The tiny ones keep 28 layers (narrow ones cost
+# nothing) so the pipelines read the hidden states they read from the real ones (Flux.2 klein stacks layers 9, 18
+# and 27); the shallow ones the full width with 4 of the 36 layers.
+_QWEN3 = {
+    "qwen3-4b": {
+        "tiny": (32, 64, 28, 2, 1, 16),
+        "shallow": (2560, 9728, 4, 32, 8, 128),
+        "full": (2560, 9728, 36, 32, 8, 128),
+    },
+    "qwen3-8b": {
+        "tiny": (32, 64, 28, 2, 1, 16),
+        "shallow": (4096, 12288, 4, 32, 8, 128),
+        "full": (4096, 12288, 36, 32, 8, 128),
+    },
+}
+QWEN3_VOCAB = 151936  # the published tokenizer's embedding rows
+# Qwen3's chat template for what the pipelines send (one user message, then the assistant's turn); with
+# enable_thinking=False it closes an empty thinking block, as Qwen3's own template does.
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+_QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def qwen_tokenizer(max_length: int):
+    """A Qwen2 byte-level BPE tokenizer built here from the tiny vocabulary (no download), with Qwen3's special
+    tokens and chat template: the pipelines call `apply_chat_template`, then tokenize the text it makes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    # Byte-pair merges learned from the words, alone and after a space, as Qwen's were learned from its corpus: every
+    # word becomes one token, and anything else is still spelled out byte by byte.
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    model.train_from_iterator([" ".join(_WORDS), *_WORDS], trainer)
+    learned = json.loads(model.to_str())["model"]
+    vocab = sorted(learned["vocab"], key=learned["vocab"].get)
+    tokenizer = Qwen2Tokenizer(
+        vocab={token: i for i, token in enumerate([*vocab, *_QWEN_SPECIAL])},
+        merges=[tuple(merge) if isinstance(merge, list) else tuple(merge.split()) for merge in learned["merges"]],
+        model_max_length=max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL[1:])})
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen3_text_parts(kind: str, size: str, max_length: int = 512) -> tuple:
+    """A Qwen tokenizer (`qwen_tokenizer`) and a random-weight Qwen3 language model of this kind and size (keys of
+    _QWEN3); a family that reads the bare model takes its `.model`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer(max_length)
+    width, mlp, layers, heads, kv_heads, head_width = _QWEN3[kind][size]
+    config = Qwen3Config(
+        vocab_size=len(tokenizer) if size == "tiny" else QWEN3_VOCAB,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_width,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=kind == "qwen3-4b",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    return tokenizer, Qwen3ForCausalLM(config)
+
+
 def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
     """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes): the
     parts the family names made here, then assembled by the family."""
@@ -195,13 +275,14 @@ def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
         raise ValueError(f"family must be one of {', '.join(REGISTRY)}")
     kind = REGISTRY[family]
     torch.manual_seed(seed)
-    # The CLIP encoders first, then T5, as Flux.1's pipeline holds them; made in this order, from one seed.
-    clips = tuple(encoder for encoder in kind.random_text_encoders if encoder != "t5")
+    # The CLIP encoders first, then T5 or Qwen3, as Flux.1's pipeline holds them; made in this order, from one seed.
+    clips = tuple(encoder for encoder in kind.random_text_encoders if encoder in _TEXT_ENCODERS)
     tokenizers, text_encoders = clip_text_parts(clips, size)
-    if "t5" in kind.random_text_encoders:
-        t5_tokenizer, t5 = t5_text_parts(size)
-        tokenizers.append(t5_tokenizer)
-        text_encoders.append(t5)
+    for encoder in kind.random_text_encoders:
+        if encoder == "t5" or encoder in _QWEN3:
+            tokenizer, model = t5_text_parts(size) if encoder == "t5" else qwen3_text_parts(encoder, size)
+            tokenizers.append(tokenizer)
+            text_encoders.append(model)
     return kind.random_pipeline(size, tokenizers, text_encoders, vae(size, **kind.random_vae))
 
 

@@ -243,9 +243,24 @@ class Family:
         return dict(zip(names, encoded, strict=False))
 
     @classmethod
+    def latents_for_denoiser(cls, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the VAE's encoder gives them (B, C, h, w), in the layout and scale the denoiser is trained on:
+        here shifted and scaled by the VAE's config, as the pipelines undo before decoding."""
+        config = vae.config
+        return (latents - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+
+    @classmethod
     def latents_for_vae(cls, pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The latents a pipeline returns (output_type "latent") in the layout its VAE decodes."""
-        return latents
+        """The latents a pipeline returns (output_type "latent") as its VAE's decoder reads them: the scaling undone
+        exactly as the pipeline would (SDXL's VAE may name a per-channel mean and std), the layout its own."""
+        import torch
+
+        config = pipe.vae.config
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
 
     @classmethod
     def resolution_hint(cls, resolution: int) -> str:

@@ -364,7 +364,8 @@ class Flux1(Family):
 
     @classmethod
     def latents_for_vae(cls, pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return cls.pipeline_class._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        unpacked = cls.pipeline_class._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return super().latents_for_vae(pipe, unpacked, height, width)
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:

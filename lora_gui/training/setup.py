@@ -291,7 +291,9 @@ def _build_caches(
         emit(Event(events.MESSAGE, data={"text": f"Encoding images {done}/{total}"}))
 
     arriving = quantization.stored_bytes(family.denoiser(pipe))  # an int8 weight is one byte, not its dtype's two
-    latents = cache_latents(pipe.vae, examples, buckets, config.random_flip, accelerator.device, progress, arriving)
+    latents = cache_latents(
+        family, pipe.vae, examples, buckets, config.random_flip, accelerator.device, progress, arriving
+    )
     # Decoding finds damage the header checks can't see (a cut-off file whose end looked whole): those are left
     # out, and `latents.skipped` says why.
     examples, buckets = latents.keep(examples), latents.keep(buckets)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers import DiffusionPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from lora_gui import devices, events
@@ -51,15 +51,8 @@ log = logging.getLogger(__name__)
 
 MODELS = bench_models()
 
-# train_dreambooth_lora_flux.py's defaults: its LoRA's layers (ours adds the single blocks' MLP input,
-# `proj_mlp`), the guidance it gives Flux.1-dev, and AdamW's weight decay.
-FLUX_SCRIPT_TARGETS = (
-    *("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"),
-    *("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"),
-    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
-)
-FLUX_SCRIPT_GUIDANCE = 3.5
-FLUX_SCRIPT_WEIGHT_DECAY = 1e-4
+# The AdamW weight decay diffusers' DreamBooth LoRA scripts (Flux.1's, Z-Image's, Flux.2's) default to.
+DREAMBOOTH_WEIGHT_DECAY = 1e-4
 
 
 @dataclass
@@ -150,7 +143,7 @@ def reference_loop(setup: Setup) -> LoopResult:
     for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
         module.to(accelerator.device)
-    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, ["to_k", "to_q", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(lora_config(setup.rank, setup.rank, family.reference_targets))
     cast_training_params(pipe.unet, dtype=torch.float32)
     lora_layers = filter(lambda p: p.requires_grad, pipe.unet.parameters())
     optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
@@ -193,9 +186,10 @@ def reference_loop(setup: Setup) -> LoopResult:
     return result
 
 
-def flux_reference_loop(setup: Setup) -> LoopResult:
-    """train_dreambooth_lora_flux.py's per-step work for a LoRA on the transformer with a caption per picture,
-    with its data already in memory."""
+def flow_reference_loop(setup: Setup) -> LoopResult:
+    """The per-step work of diffusers' DreamBooth LoRA scripts for rectified-flow transformers (Flux.1's, Z-Image's,
+    Flux.2 klein's: one shape of step) for a LoRA on the transformer's layers the script adapts by default
+    (`Family.reference_targets`), with a caption per picture, with its data already in memory."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
@@ -210,17 +204,17 @@ def flux_reference_loop(setup: Setup) -> LoopResult:
     for module in (pipe.transformer, pipe.vae, *family.text_encoders(pipe)):
         module.requires_grad_(False)
         module.to(accelerator.device)
-    pipe.transformer.add_adapter(lora_config(setup.rank, setup.rank, FLUX_SCRIPT_TARGETS))
+    pipe.transformer.add_adapter(lora_config(setup.rank, setup.rank, family.reference_targets))
     if accelerator.mixed_precision == "fp16":  # the script upcasts the LoRA for fp16 only: in bf16 it trains in bf16
         cast_training_params(pipe.transformer, dtype=torch.float32)
     lora_parameters = [parameter for parameter in pipe.transformer.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
-        lora_parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=FLUX_SCRIPT_WEIGHT_DECAY, eps=1e-8
+        lora_parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=DREAMBOOTH_WEIGHT_DECAY, eps=1e-8
     )
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
-    pixels, token_ids, _ = _images_in_memory(setup, family, pipe)
-    script_step = FluxScriptStep(pipe, family, transformer, accelerator.device, weight_dtype)
+    pixels, token_ids, geometry = _images_in_memory(setup, family, pipe)
+    script_step = FlowScriptStep(pipe, family, transformer, accelerator.device, weight_dtype, geometry)
 
     timings = []
     for step in range(setup.warmup + setup.steps):
@@ -243,27 +237,29 @@ def flux_reference_loop(setup: Setup) -> LoopResult:
 
 
 @dataclass
-class FluxScriptStep:
-    """The loss of one batch as train_dreambooth_lora_flux.py computes it, phase by phase."""
+class FlowScriptStep:
+    """The loss of one batch as the rectified-flow DreamBooth scripts compute it, phase by phase."""
 
-    pipe: FluxPipeline
+    pipe: DiffusionPipeline
     family: type[Family]
     transformer: torch.nn.Module  # as accelerate prepared it
     device: torch.device
     dtype: torch.dtype
+    geometry: list[ImageGeometry]
 
     def loss(self, pixels: torch.Tensor, token_ids: list[torch.Tensor]) -> torch.Tensor:
         text = self.encode_captions(token_ids)
         latents = self.encode_pictures(pixels)
         noise = torch.randn_like(latents)
         timesteps, sigmas = self.draw_timesteps(len(latents))
-        prediction = self.predict((1.0 - sigmas) * latents + sigmas * noise, timesteps, text)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        prediction = self.family.predict(self.transformer, noisy, timesteps, text, self.geometry[: len(latents)])
         weighting = compute_loss_weighting_for_sd3("none", sigmas)  # its default scheme: every picture weighs 1
         errors = weighting.float() * (prediction.float() - (noise - latents).float()) ** 2
         return errors.reshape(len(latents), -1).mean(1).mean()
 
     def encode_captions(self, token_ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Captions that differ from picture to picture are encoded anew every step (CLIP pooled, T5 sequence)."""
+        """Captions that differ from picture to picture are encoded anew every step."""
         with torch.no_grad():
             return self.family.encode(self.family.text_encoders(self.pipe), token_ids, self.device)
 
@@ -283,28 +279,11 @@ class FluxScriptStep:
         sigmas = schedule.sigmas.to(self.device, dtype=self.dtype)[indices]
         return timesteps, sigmas.view(-1, 1, 1, 1)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch, channels, height, width = noisy.shape
-        prompt_embeds = text["prompt_embeds"]
-        guidance = torch.tensor([FLUX_SCRIPT_GUIDANCE], device=self.device).expand(batch)
-        packed = self.transformer(
-            hidden_states=FluxPipeline._pack_latents(noisy, batch, channels, height, width),
-            timestep=timesteps / 1000,
-            guidance=guidance if self.pipe.transformer.config.guidance_embeds else None,
-            pooled_projections=text["pooled_prompt_embeds"],
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, self.dtype),
-            return_dict=False,
-        )[0]
-        scale = self.pipe.vae_scale_factor
-        return FluxPipeline._unpack_latents(packed, height * scale, width * scale, scale)
-
 
 # The diffusers example script a family names (Family.reference_script) -> its step, as the loop above repeats it.
 REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
-    "train_dreambooth_lora_flux.py": flux_reference_loop,
+    "train_dreambooth_lora_flux.py": flow_reference_loop,
 }
 
 

@@ -107,6 +107,8 @@ class Family:
     # resolution), and the diffusers example script whose training step its step is timed against.
     bench_models: ClassVar[dict[str, tuple[str, int]]] = {}
     reference_script: ClassVar[str] = "train_text_to_image_lora.py"
+    # The denoiser's layers that script puts a LoRA on by default.
+    reference_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     # Generating: the steps and guidance its pictures are usually made with, and whether it takes a
     # negative prompt.
     default_steps: ClassVar[int] = 25

@@ -154,6 +154,8 @@ class Flux1(Family):
         "flux": ("full", 1024),
     }
     reference_script = "train_dreambooth_lora_flux.py"
+    # Its defaults: the double blocks' attention and MLP layers (ours adds the single blocks' MLP input, proj_mlp).
+    reference_targets = default_target_modules[:-1]
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
             num_layers=1,

@@ -24,6 +24,7 @@ from torchao.quantization import Int8Tensor
 from lora_gui import base_models, devices, events, infer, model_policy, quantization
 from lora_gui.config import load_preset
 from lora_gui.estimate import denoiser_parameters, estimate
+from lora_gui.families import REGISTRY
 from lora_gui.infer import Generator
 from lora_gui.training import train
 
@@ -285,7 +286,7 @@ def placed_on_the_gpu_in_turn(pipe) -> bool:
 
 @pytest.mark.train
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
+@pytest.mark.parametrize("family", list(REGISTRY))
 def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, photos, tmp_path, card, family, bf16):
     """For each card of 8 to 80 GB: the settings Suggest settings makes for it, trained a few steps with previews
     (finite losses and LoRA, pictures not one flat colour, only the denoiser on the device while it trains), and

@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from lora_gui.base_models import checkpoint_family, family_from_files, load_pipeline
 from lora_gui.cli import main
 from lora_gui.errors import ModelLoadError
-from lora_gui.families import detect_family
+from lora_gui.families import REGISTRY, detect_family
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
+@pytest.mark.parametrize("family", list(REGISTRY))
 def test_family_is_read_from_the_model_not_its_name(tiny_models, tmp_path, family):
     # A misleading folder name must not matter.
     misleading = tmp_path / "sdxl-v1-5-768" / "model"
@@ -61,7 +61,7 @@ def test_single_file_checkpoint_family_from_its_tensor_names(tmp_path, key, fami
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "flux"])
+@pytest.mark.parametrize("family", list(REGISTRY))
 def test_family_is_told_from_files_without_loading_or_downloading(tiny_models, tmp_path, monkeypatch, family):
     from huggingface_hub import constants
 
@@ -105,7 +105,7 @@ def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("family", ["sd2", "sdxl", "flux"])
+@pytest.mark.parametrize("family", [name for name in REGISTRY if name != "sd15"])  # SD 1.5: the demo
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
     model = str(tiny_models(family))
     argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10)

@@ -23,6 +23,7 @@ from lora_gui import events
 from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraFileError, LoraGuiError
+from lora_gui.families import REGISTRY
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout
 from lora_gui.lora_files.kohya_layout import kohya_hashes
@@ -432,7 +433,7 @@ def test_push_refuses_a_bad_repo_name(trained, fake_hub):
 
 
 # ---- other families ----------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["sd2", "sdxl", "flux"])
+@pytest.fixture(scope="module", params=[name for name in REGISTRY if name != "sd15"])
 def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
     """A short run with the text encoders trained where the family trains them (SDXL has two), and its
     in-memory image."""

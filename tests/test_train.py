@@ -32,12 +32,13 @@ from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import DEMO_PRESET
 from lora_gui.errors import ConfigError, DataError, LoraGuiError
+from lora_gui.families import REGISTRY
 from lora_gui.lora_files.export import export_run
 from lora_gui.training import checkpoints, loop, train
 from lora_gui.training.previews import Previews
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
-FAMILIES = ("sd15", "sd2", "sdxl", "flux")
+FAMILIES = tuple(REGISTRY)
 
 
 def conditioning(pipe: DiffusionPipeline, captions: list[str], geometry: list) -> dict:

@@ -21,6 +21,7 @@ __all__ = [
     "REGISTRY",
     "Family",
     "ImageGeometry",
+    "base_for_training",
     "bench_models",
     "detect_family",
     "family_of_configs",
@@ -43,6 +44,20 @@ def get_family(name: str) -> type[Family]:
         return REGISTRY[name]
     except KeyError:
         raise ModelLoadError(f"unknown model family {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def base_for_training(base_model: str) -> tuple[str, str]:
+    """The model a run asked to train on `base_model` trains on, and the sentence saying why when that is another:
+    a distilled model's base (`Family.distilled_bases`)."""
+    wanted = base_model.strip().lower()
+    for family in REGISTRY.values():
+        for distilled, base in family.distilled_bases.items():
+            if wanted == distilled.lower():
+                return base, (
+                    f"{distilled} is distilled to make pictures in a few steps, which training on it would undo: "
+                    f"this run trains on {base}, the model it was distilled from, and the LoRA works on both."
+                )
+    return base_model, ""
 
 
 def family_of_configs(model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> str | None:

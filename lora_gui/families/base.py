@@ -109,6 +109,11 @@ class Family:
     reference_script: ClassVar[str] = "train_text_to_image_lora.py"
     # The denoiser's layers that script puts a LoRA on by default.
     reference_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    # Its published distilled models (few-step, guidance-free: Z-Image Turbo, Flux.2 klein) by Hub id -> the base
+    # model each was distilled from, where that base is published. Training on a distilled model undoes its
+    # distillation (its few-step pictures blur), so a run asked to train on one trains on its base, as the field
+    # does, and the LoRA is used on either.
+    distilled_bases: ClassVar[dict[str, str]] = {}
     # Generating: the steps and guidance its pictures are usually made with, and whether it takes a
     # negative prompt.
     default_steps: ClassVar[int] = 25

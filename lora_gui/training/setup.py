@@ -24,7 +24,7 @@ from lora_gui.config import TrainConfig
 from lora_gui.downloads import HubToken
 from lora_gui.errors import LoraGuiError
 from lora_gui.events import Event, EventHandler
-from lora_gui.families import Family
+from lora_gui.families import Family, base_for_training
 from lora_gui.model_policy import BaseModelPolicy
 from lora_gui.objectives import Objective
 from lora_gui.runs import RunFolder, ValidationCurve
@@ -214,10 +214,11 @@ def _load_base(
     """The frozen base in the training precision (the VAE stays fp32; the denoiser quantized if the settings
     say so), with the VAE on the device to encode the pictures, and the family's training objective. A Hub
     model downloads first, reported as `download` events."""
-    emit(Event(events.MESSAGE, data={"text": f"Loading {config.base_model}"}))
+    base_model, why = base_for_training(config.base_model)
+    emit(Event(events.MESSAGE, data={"text": why or f"Loading {base_model}"}))
     quantization.check_available(config.quantize_base, accelerator.device.type == "cuda")
     family, pipe = load_pipeline(
-        config.base_model,
+        base_model,
         config.family,
         devices.DTYPES[precision],
         config.quantize_base,

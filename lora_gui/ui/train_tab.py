@@ -18,7 +18,7 @@ from lora_gui.config import (
     TrainConfig,
 )
 from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.families import REGISTRY, get_family
+from lora_gui.families import REGISTRY, base_for_training, get_family
 from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
@@ -418,7 +418,12 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
                 f" Of the presets for {title}, {name} makes the most of this {total:.0f} GB GPU (≈ {memory_gb:.1f} GB)."
             )
     hint = "" if tiny else get_family(family).resolution_hint(config.resolution)
-    return {"estimate": notice(text) + (notice(hint, "warning") if hint else "")}
+    _, trained_instead = base_for_training(base_model)
+    return {
+        "estimate": notice(text)
+        + (notice(hint, "warning") if hint else "")
+        + (notice(trained_instead) if trained_instead else "")
+    }
 
 
 def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:

@@ -418,12 +418,9 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
                 f" Of the presets for {title}, {name} makes the most of this {total:.0f} GB GPU (≈ {memory_gb:.1f} GB)."
             )
     hint = "" if tiny else get_family(family).resolution_hint(config.resolution)
-    _, trained_instead = base_for_training(base_model)
-    return {
-        "estimate": notice(text)
-        + (notice(hint, "warning") if hint else "")
-        + (notice(trained_instead) if trained_instead else "")
-    }
+    trained_instead = base_for_training(base_model)[1]  # a distilled model's base, and why
+    notes = (notice(hint, "warning") if hint else "") + (notice(trained_instead) if trained_instead else "")
+    return {"estimate": notice(text) + notes}
 
 
 def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
 def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
     # alpha != rank: the file must carry alpha so diffusers loads it at the trained strength.
-    config = quick_config(model, photos, rank=4, alpha=2, train_text_encoder=family != "flux")
+    config = quick_config(model, photos, rank=4, alpha=2, train_text_encoder=REGISTRY[family].trains_text_encoders)
     trained = train_and_picture(config, tmp_path / "run")
 
     base = image(fresh_pipe(model))
@@ -163,7 +163,7 @@ def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model
         gradient_accumulation_steps=2,
         lr_scheduler="cosine",
         lr_warmup_steps=2,
-        train_text_encoder=family != "flux",  # Flux LoRAs train the transformer alone
+        train_text_encoder=REGISTRY[family].trains_text_encoders,  # Flux LoRAs train the transformer alone
     )
     train(config, tmp_path / "straight")
 

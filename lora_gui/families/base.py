@@ -70,6 +70,9 @@ class Family:
     # modelspec call this architecture.
     kohya_text_encoder_prefixes: ClassVar[tuple[str, ...]] = ("lora_te",)
     kohya_module_names: ClassVar[bool] = True
+    # Whether that file folds each plain LoRA layer's alpha / rank into its up weight and writes no alpha, for a
+    # family whose diffusers loader refuses alpha tensors (Flux.2's).
+    kohya_alpha_folded: ClassVar[bool] = False
     kohya_network_module: ClassVar[str] = "networks.lora"
     kohya_base_model_version: ClassVar[str]
     modelspec_architecture: ClassVar[str]

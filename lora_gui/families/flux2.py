@@ -10,7 +10,8 @@ classifier-free guidance against the empty prompt. It learns the velocity from t
 (objectives.FlowMatching, unchanged), as diffusers' train_dreambooth_lora_flux2_klein.py trains it. A run asked to
 train on a distilled model trains on its base (`distilled_bases`): the LoRA works on both.
 
-The file for ComfyUI keeps diffusers' `transformer.` names with each layer's alpha, as Flux.1's does: ComfyUI's
+The file for ComfyUI keeps diffusers' `transformer.` names, as Flux.1's does, each layer's alpha / rank folded into its
+up weight (diffusers' Flux.2 loader refuses alpha tensors; ComfyUI reads a layer without one at scale 1): ComfyUI's
 Flux.2 is a Flux model, so comfy/lora.py maps `transformer.<name>` through comfy.utils.flux_to_diffusers, which has
 every layer the LoRA trains by default (its "# Flux 2" lines: the single blocks' fused to_qkv_mlp_proj and to_out).
 The modulation layers shared by all blocks have no such name there, so they are not trained by default.
@@ -147,6 +148,7 @@ class Flux2Klein(Family):
     tokenizer_names = ("tokenizer",)
     trains_text_encoders = False
     kohya_module_names = False
+    kohya_alpha_folded = True  # diffusers' Flux.2 loader refuses alpha tensors; ComfyUI reads none as scale 1
     kohya_network_module = "networks.lora_flux_2"
     kohya_base_model_version = "flux2_klein"
     modelspec_architecture = "Flux.2-klein-4b/lora"  # musubi-tuner's names (utils/sai_model_spec.py)
@@ -193,7 +195,9 @@ class Flux2Klein(Family):
     default_steps = 50
     default_guidance = 4.0
     negative_prompt = False  # the pipeline guides against the empty prompt and takes no other
-    pipeline_dtype = "bfloat16"
+    pipeline_dtype = "bfloat16"  # what Black Forest Labs publish it in
+    # In bf16, klein 4B's transformer and Qwen3-4B are 16 GB, klein 9B's and Qwen3-8B 35 GB: more than a common card.
+    too_large_for_one_gpu = "The whole of Flux.2 klein is 16 GB (4B) to 35 GB (9B)"
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

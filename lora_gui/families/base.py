@@ -315,6 +315,13 @@ class Family:
 
     # ---- the estimate and random-weight models --------------------------------------------------
     @classmethod
+    def estimate_model(cls, base_model: str, parameters_on_disk: int | None) -> tuple[str, float]:
+        """Which published model the estimate sizes a run on `base_model` as, for a family that publishes several
+        (Flux.2 klein 4B and 9B): its denoiser's size in `build_denoiser` and its text encoders' parameters, told
+        from its name and its denoiser's parameters on disk (None where not known). Here the one "full" model."""
+        return "full", cls.text_encoder_params
+
+    @classmethod
     def build_denoiser(cls, size: str) -> torch.nn.Module:
         """A random-weight denoiser: "full" is the published architecture, "tiny" a small one with the
         same kinds of blocks, for tests and the offline demo; a family may add others (Flux's "shallow":

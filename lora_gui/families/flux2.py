@@ -272,7 +272,10 @@ class Flux2Klein(Family):
         hidden = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False
         ).hidden_states
-        stacked = torch.stack([hidden[layer] for layer in TEXT_LAYERS], dim=2)  # (B, L, 3, H)
+        # A benchmark's shallow Qwen3 (4 of the 36 layers, tiny.py) is read at the same fractions of its depth.
+        depth = len(hidden) - 1
+        layers = TEXT_LAYERS if depth > max(TEXT_LAYERS) else [layer * depth // 36 for layer in TEXT_LAYERS]
+        stacked = torch.stack([hidden[layer] for layer in layers], dim=2)  # (B, L, 3, H)
         return {"prompt_embeds": stacked.flatten(2)}
 
     # ---- training -------------------------------------------------------------------------------

@@ -189,7 +189,9 @@ def checkpoint_family(path: Path) -> str | None:
             keys = list(checkpoint.keys())
     except Exception as error:
         raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({error})") from None
-    for family in REGISTRY.values():
+    # The newest family first: a later family's checkpoints may hold an earlier one's signature too (Flux.2's
+    # double_blocks. are Flux.1's), never its own signature the other way round.
+    for family in reversed(REGISTRY.values()):
         if any(key.startswith(family.checkpoint_signatures) for key in keys):
             return family.name
     return None

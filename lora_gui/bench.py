@@ -284,6 +284,7 @@ class FlowScriptStep:
 REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
     "train_dreambooth_lora_flux.py": flow_reference_loop,
+    "train_dreambooth_lora_flux2_klein.py": flow_reference_loop,
 }
 
 

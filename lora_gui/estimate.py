@@ -53,13 +53,14 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
     targets = tuple(get_family(family).lora_targets(config.target_modules))
     adapter = (config.rank, config.lora_type)
-    cost = _unet_cost(family, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
+    size, text_encoder_params = _published_model(config.base_model, family)
+    cost = _unet_cost(family, size, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
     # Each trained weight: itself and its gradient in fp32, and the optimizer's state. Schedule-free AdamW's copy
     # of the training weights, while it evaluates, takes the gradients' place (they are freed after each step).
     optimizer_bytes = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes
     base = _denoiser_bytes(cost, precision, config.quantize_base) + cost.lora_params * optimizer_bytes
     activations = cost.activations
-    text = _text_encoder_bytes(family, precision)
+    text = _text_encoder_bytes(family, text_encoder_params, precision)
     vae = get_family(family).vae_params * 4
     # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
     # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
@@ -74,7 +75,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop, seconds = None, None
     if matmul_tflops:
-        flops = _step_flops(family, config.resolution, adapter, targets, precision)
+        flops = _step_flops(family, size, config.resolution, adapter, targets, precision)
         step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
         steps = config.max_steps if not config.epochs else None
         if steps:
@@ -124,11 +125,18 @@ def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tupl
     return sorted(fitting, key=lambda named: -named[1])
 
 
-def _text_encoder_bytes(family: str, precision: str) -> float:
+def _published_model(base_model: str, family: str) -> tuple[str, float]:
+    """The size of the family's denoiser the estimate builds for this base model, and its text encoders' parameters
+    (`Family.estimate_model`: klein 9B's are not klein 4B's)."""
+    from lora_gui.base_models import denoiser_parameters_on_disk
+
+    return get_family(family).estimate_model(base_model, denoiser_parameters_on_disk(base_model))
+
+
+def _text_encoder_bytes(family: str, parameters: float, precision: str) -> float:
     """The text encoders' weights as they load: in fp16, the layers transformers keeps in fp32 take 4 bytes."""
-    known = get_family(family)
-    fp32_extra = known.text_encoder_fp32_params * 2 if precision == "fp16" else 0
-    return known.text_encoder_params * BYTES[precision] + fp32_extra
+    fp32_extra = get_family(family).text_encoder_fp32_params * 2 if precision == "fp16" else 0
+    return parameters * BYTES[precision] + fp32_extra
 
 
 def _denoiser_bytes(cost: DenoiserCost, precision: str, quantize: str) -> float:
@@ -145,6 +153,7 @@ def _denoiser_bytes(cost: DenoiserCost, precision: str, quantize: str) -> float:
 
 def _unet_cost(
     family: str,
+    size: str,
     resolution: int,
     adapter: tuple[int, str],
     targets: tuple[str, ...],
@@ -156,24 +165,24 @@ def _unet_cost(
     One estimate at a time: the patched attention `_saved_bytes` installs is seen by every thread, and
     would meet another estimate's meta tensors (their FLOP count's backward would then fail)."""
     with _ESTIMATING:
-        return _measured_cost(family, resolution, adapter, targets, checkpointing, precision)
+        return _measured_cost(family, size, resolution, adapter, targets, checkpointing, precision)
 
 
 def _step_flops(
-    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
+    family: str, size: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
 ) -> float:
     """FLOPs of one image's step through the denoiser, forward and backward, with the real attention."""
     with _ESTIMATING:
-        return _counted_flops(family, resolution, adapter, targets, precision)
+        return _counted_flops(family, size, resolution, adapter, targets, precision)
 
 
 @functools.lru_cache(maxsize=64)
 def _counted_flops(
-    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
+    family: str, size: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
 ) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, inputs = _meta_unet(family, resolution, adapter, targets, DTYPES[precision])
+    unet, inputs = _meta_unet(family, size, resolution, adapter, targets, DTYPES[precision])
     counter = FlopCounterMode(display=False)
     with counter:
         unet(**inputs).sample.float().mean().backward()
@@ -183,6 +192,7 @@ def _counted_flops(
 @functools.lru_cache(maxsize=64)
 def _measured_cost(
     family: str,
+    size: str,
     resolution: int,
     adapter: tuple[int, str],
     targets: tuple[str, ...],
@@ -190,7 +200,7 @@ def _measured_cost(
     precision: str,
 ) -> DenoiserCost:
     """`_unet_cost`, measured once for each set of arguments."""
-    unet, inputs = _meta_unet(family, resolution, adapter, targets, DTYPES[precision])
+    unet, inputs = _meta_unet(family, size, resolution, adapter, targets, DTYPES[precision])
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
     # peft keeps each targeted layer as its `base_layer`, so every frozen linear layer is counted once.
@@ -226,7 +236,7 @@ def _measured_cost(
 
 
 def _meta_unet(
-    family: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], dtype: torch.dtype
+    family: str, size: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], dtype: torch.dtype
 ) -> tuple[torch.nn.Module, dict]:
     """The family's full-size UNet with the adapter (rank, lora_type), on the meta device in training mode, and one
     image's inputs."""
@@ -236,13 +246,15 @@ def _meta_unet(
     # torch's default dtype: that is process-wide, and a run may be training in another thread.
     with torch.device("meta"):
         # torch's own `to`: diffusers' would warn about fp32 modules, which a meta model has no use for.
-        unet = torch.nn.Module.to(get_family(family).build_denoiser("full"), dtype)
+        unet = torch.nn.Module.to(get_family(family).build_denoiser(size), dtype)
     unet.requires_grad_(False)
     with torch.device("meta"):  # LoRA weights without initialising them: 4x faster on Flux's 500 layers
         rank, lora_type = adapter
         unet.add_adapter(lora_config(rank, rank, targets, lora_type))
     unet.train()
-    return unet, get_family(family).meta_inputs(resolution, dtype)
+    # A family with one published size takes no size (its inputs are the "full" model's).
+    inputs = get_family(family).meta_inputs(resolution, dtype, **({} if size == "full" else {"size": size}))
+    return unet, inputs
 
 
 def _saved_bytes(unet: torch.nn.Module, inputs: dict, saved: dict[int, int]) -> int:

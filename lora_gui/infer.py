@@ -240,7 +240,7 @@ class Generator:
             text_encoders = self.family.text_encoders(self.pipe)
             with devices.autocast(self.device, self.precision), devices.outside_autocast(*text_encoders):
                 latents = self.pipe(
-                    prompt,
+                    prompt=prompt,  # by name: Flux.2's pipelines take an image to edit first
                     **negative,
                     **self.family.prompt_options(self.pipe),
                     num_inference_steps=steps,

@@ -128,15 +128,15 @@ def _text_encoder(kind: str, size: str, vocab_size: int, changes: dict[str, Any]
     return (CLIPTextModelWithProjection if kind == "openclip-g" else CLIPTextModel)(config)
 
 
-def vae(size: str, scaling_factor: float, **config: Any):
-    """A random-weight VAE of the real one's depth (see _VAES); `config` sets what a family's VAE changes
-    (Flux.1's has 16 latent channels, a shift factor and no quant convolutions)."""
-    from diffusers import AutoencoderKL
+def vae(size: str, vae_class: str = "AutoencoderKL", **config: Any):
+    """A random-weight VAE of the real one's depth (see _VAES), of this diffusers class; `config` sets what a family's
+    VAE changes (Flux.1's has 16 latent channels, a shift factor and no quant convolutions; Flux.2's is its own class,
+    AutoencoderKLFlux2, with 32 channels and a batch norm in place of a scaling factor)."""
+    import diffusers
 
-    return AutoencoderKL(
+    return getattr(diffusers, vae_class)(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=scaling_factor,
         **{**_VAES[_whole(size)], **config},
     )
 

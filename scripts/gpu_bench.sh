@@ -61,3 +61,8 @@ run sd15-b8-channels-last --model sd15 --batch-size 8 --steps 20 --warmup 5 --ou
 run flux-shallow-512-b1 --model flux-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run flux-shallow-1024-b1 --model flux-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 run flux-shallow-1024-b4 --model flux-shallow --resolution 1024 --batch-size 4 --steps 10 --warmup 3
+# Flux.2 klein 4B at full width with a fifth of its depth (1 of 5 double and 4 of 20 single blocks, 4 of Qwen3-4B's
+# 36 layers), against diffusers' train_dreambooth_lora_flux2_klein.py; and the whole 4B, which an 80 GB card holds.
+run flux2-klein-shallow-512-b1 --model flux2-klein-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
+run flux2-klein-shallow-1024-b1 --model flux2-klein-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
+run flux2-klein-1024-b1 --model flux2-klein --resolution 1024 --batch-size 1 --steps 10 --warmup 3

@@ -373,10 +373,10 @@ def test_an_sd15_cards_code_loads_the_base_in_fp16_on_the_gpu(trained):
 @pytest.mark.train
 def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_common_gpu_holds(trained_family):
     code = card_code(trained_family.run)
-    if trained_family.family == "flux":
+    if trained_family.family in ("flux", "flux2-klein"):
         assert "torch_dtype=torch.bfloat16" in code and "pipe.enable_model_cpu_offload()" in code
         assert "torch.float16" not in code and '.to("cuda")' not in code
-        assert re.search(r"^# .*33 GB", code, re.MULTILINE), "a comment says why it offloads"
+        assert re.search(r"^# .*(33|35) GB", code, re.MULTILINE), "a comment says why it offloads"
     else:
         assert "torch_dtype=torch.float16" in code and '.to("cuda")' in code
         assert "enable_model_cpu_offload" not in code
@@ -456,10 +456,12 @@ def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
 
 # The diffusers names of Flux.1's layers that ComfyUI maps onto its own (comfy/utils.py, flux_to_diffusers, which
 # comfy/lora.py's model_lora_keys_unet prefixes with "transformer." for Flux models), transcribed from its code.
+# The same function maps Flux.2's (ComfyUI's Flux2 is a Flux): its MLPs' linear_in / linear_out and, under "# Flux 2",
+# the single blocks' fused attn.to_qkv_mlp_proj and attn.to_out.
 COMFY_FLUX_LAYERS = re.compile(
     r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?\.linear"
-    r"|ff(_context)?\.net\.(0\.proj|2))"
-    r"|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)"
+    r"|ff(_context)?\.(net\.(0\.proj|2)|linear_(in|out)))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_qkv_mlp_proj|to_out)|proj_mlp|proj_out|norm\.linear)"
     r"|proj_out|x_embedder|context_embedder|norm_out\.linear|time_text_embed\.\w+\.linear_[12]"
 )
 # What ComfyUI's LoRA loader reads for each of them (comfy/weight_adapter/lora.py: "<name>.lora_B.weight" with
@@ -485,7 +487,7 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
         assert modules <= names, sorted(modules - names)[:5]
         for prefix in family.kohya_text_encoder_prefixes:
             assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
-    else:  # Flux.1: diffusers' names, as ComfyUI maps them, each with the three tensors its loader reads
+    else:  # Flux.1 and Flux.2: diffusers' names, as ComfyUI maps them, each with the three tensors its loader reads
         layers = {name for name, _ in pipe.transformer.named_modules()}
         by_layer: dict[str, set[str]] = {}
         for key in tensors:
@@ -493,13 +495,14 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
             suffix = next(s for s in COMFY_SUFFIXES if rest.endswith("." + s))
             by_layer.setdefault(rest[: -len(suffix) - 1], set()).add(suffix)
             assert component == "transformer", key
-        assert by_layer and all(found == set(COMFY_SUFFIXES) for found in by_layer.values())
+        suffixes = set(COMFY_SUFFIXES) - ({"alpha"} if family.kohya_alpha_folded else set())
+        assert by_layer and all(found == suffixes for found in by_layer.values())
         assert all(COMFY_FLUX_LAYERS.fullmatch(layer) and layer in layers for layer in by_layer), sorted(by_layer)
         assert any(layer.startswith("single_transformer_blocks.") for layer in by_layer)
     assert metadata["ss_base_model_version"] == family.kohya_base_model_version
     assert metadata["ss_network_module"] == family.kohya_network_module
     assert metadata["modelspec.architecture"] == family.modelspec_architecture
-    expected_prediction = {"sd2": "v", "flux": None}.get(trained_family.family, "epsilon")
+    expected_prediction = {"sd2": "v", "flux": None, "flux2-klein": None}.get(trained_family.family, "epsilon")
     assert metadata.get("modelspec.prediction_type") == expected_prediction
 
 

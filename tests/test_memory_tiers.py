@@ -160,3 +160,24 @@ def test_generate_stores_the_denoiser_in_as_few_bits_as_the_card_needs_and_no_fe
     chosen = [for_card(flux, torch.bfloat16, card_gb, **on_a_gpu) for card_gb in (80, 24, 16, 12)]
     assert chosen == ["none", "int8", "int8", "nf4"]
     assert for_card(denoiser_parameters("sdxl"), torch.bfloat16, 8, **on_a_gpu) == "none", "SDXL's UNet fits 8 GB"
+
+
+@pytest.mark.unit
+def test_each_flux2_klein_preset_fits_its_card_by_the_estimate_and_9b_is_sized_as_9b():
+    four = load_preset("flux2-klein-12gb")
+    assert four.resolution == 1024 and four.rank == 16
+    assert estimate(four, "flux2-klein", "bf16").memory_gb < 12
+    assert estimate(four, "flux2-klein", "fp16").memory_gb < 12
+    nine = load_preset("flux2-klein-9b-24gb")
+    assert nine.resolution == 1024 and nine.rank == 16
+    assert estimate(nine, "flux2-klein", "bf16").memory_gb < 24
+    # The same settings on the 4B: its transformer and Qwen3-4B are less than half the 9B's and Qwen3-8B's.
+    as_four = estimate(nine.replace(base_model="black-forest-labs/FLUX.2-klein-base-4B"), "flux2-klein", "bf16")
+    as_nine = estimate(nine, "flux2-klein", "bf16")
+    assert as_nine.caching_gb - as_four.caching_gb == pytest.approx((8.19e9 - 4.02e9) * 2 / 2**30, abs=0.1)
+    assert as_nine.training_gb - as_four.training_gb > 9, "5.2 B more transformer parameters in bf16"
+    assert [name for name, _ in presets_that_fit("flux2-klein", "bf16", 24)] == [
+        "flux2-klein-9b-24gb",
+        "flux2-klein-12gb",
+    ]
+    assert [name for name, _ in presets_that_fit("flux2-klein", "bf16", 12)] == ["flux2-klein-12gb"]

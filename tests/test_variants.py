@@ -269,7 +269,7 @@ def test_the_estimate_counts_each_kinds_own_parameters():
     from lora_gui.estimate import _meta_unet
 
     def trained(kind: str) -> int:
-        unet, _ = _meta_unet("sd15", 512, (16, kind), ("to_q", "to_k", "to_v", "to_out.0"), torch.bfloat16)
+        unet, _ = _meta_unet("sd15", "full", 512, (16, kind), ("to_q", "to_k", "to_v", "to_out.0"), torch.bfloat16)
         return sum(param.numel() for param in unet.parameters() if param.requires_grad)
 
     lora, dora, loha, lokr = map(trained, ("lora", *VARIANTS))

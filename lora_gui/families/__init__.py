@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
 from lora_gui.families.flux import Flux1
+from lora_gui.families.flux2 import Flux2Klein
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 REGISTRY: dict[str, type[Family]] = {
-    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1)
+    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, Flux2Klein)
 }
 
 __all__ = [

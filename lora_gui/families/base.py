@@ -70,6 +70,9 @@ class Family:
     # modelspec call this architecture.
     kohya_text_encoder_prefixes: ClassVar[tuple[str, ...]] = ("lora_te",)
     kohya_module_names: ClassVar[bool] = True
+    # Whether that file folds each plain LoRA layer's alpha / rank into its up weight and writes no alpha, for a
+    # family whose diffusers loader refuses alpha tensors (Flux.2's).
+    kohya_alpha_folded: ClassVar[bool] = False
     kohya_network_module: ClassVar[str] = "networks.lora"
     kohya_base_model_version: ClassVar[str]
     modelspec_architecture: ClassVar[str]
@@ -311,6 +314,13 @@ class Family:
         raise NotImplementedError
 
     # ---- the estimate and random-weight models --------------------------------------------------
+    @classmethod
+    def estimate_model(cls, base_model: str, parameters_on_disk: int | None) -> tuple[str, float]:
+        """Which published model the estimate sizes a run on `base_model` as, for a family that publishes several
+        (Flux.2 klein 4B and 9B): its denoiser's size in `build_denoiser` and its text encoders' parameters, told
+        from its name and its denoiser's parameters on disk (None where not known). Here the one "full" model."""
+        return "full", cls.text_encoder_params
+
     @classmethod
     def build_denoiser(cls, size: str) -> torch.nn.Module:
         """A random-weight denoiser: "full" is the published architecture, "tiny" a small one with the

@@ -20,6 +20,7 @@ from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from lora_gui.demo import TRIGGER, write_demo_dataset
+from lora_gui.families import REGISTRY
 
 pytestmark = pytest.mark.browser
 
@@ -220,9 +221,13 @@ def test_the_demo_teaches_its_model_a_new_shape_in_under_two_minutes_in_a_real_b
     assert base < 0.03 and with_lora > 0.10, f"pink: {base:.1%} without the LoRA, {with_lora:.1%} with it"
 
 
-def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server):
-    """The tiny Flux from the base-model menu, with the demo's pictures: it trains, and the Generate tab
-    takes Flux's usual steps and guidance, with no negative-prompt field (Flux has none)."""
+@pytest.mark.parametrize(("family", "steps"), [("flux", "28"), ("flux2-klein", "50")])
+def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server, family, steps):
+    """A tiny transformer model from the base-model menu (Flux.1; Flux.2 klein's base, whose captions Qwen3 reads),
+    with the demo's pictures: it trains, and the Generate tab takes the model's usual steps and guidance, with no
+    negative-prompt field (neither takes one)."""
+    title, run = REGISTRY[family].title, f"{family}-browser-run"
+    choice = f"Tiny {REGISTRY[family].short_title} demo (offline, CPU)"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -230,30 +235,30 @@ def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server):
         page.goto(app_server.url)
         page.get_by_role("button", name="Try the demo").click()
         expect(page.locator("#train-notice")).to_contain_text("Demo ready", timeout=MINUTE)  # the trainer may load
-        pick(page, "Base model", "Tiny Flux demo (offline, CPU)")
-        # The demo's settings train the SD demo model's text encoder too; Flux LoRAs here train the transformer alone.
+        pick(page, "Base model", choice)
+        # The demo's settings train the SD demo model's text encoder too; these LoRAs train the transformer alone.
         pick(page, "Preset (ready-made settings)", "tiny-cpu-demo")
         page.get_by_role("button", name="Use this preset").click()
         expect(page.locator("#train-notice")).to_contain_text("Settings of the preset tiny-cpu-demo filled in")
-        # The full-size Flux.1 is measured on PyTorch's meta device the first time: some seconds on a CPU.
-        expect(page.locator("#train-estimate")).to_contain_text("a real Flux.1 model with these", timeout=MINUTE)
+        # The full-size model is measured on PyTorch's meta device the first time: some seconds on a CPU.
+        expect(page.locator("#train-estimate")).to_contain_text(f"a real {title} model with these", timeout=MINUTE)
         page.locator("#setting-max_steps input").fill("4")
-        page.get_by_label("Run name").fill("flux-browser-run")
+        page.get_by_label("Run name").fill(run)
         page.get_by_role("button", name="Start training").click()
-        expect(page.locator("#train-notice")).to_contain_text("Training flux-browser-run started")
-        expect(page.locator("#train-progress")).to_contain_text("flux-browser-run finished", timeout=3 * MINUTE)
+        expect(page.locator("#train-notice")).to_contain_text(f"Training {run} started")
+        expect(page.locator("#train-progress")).to_contain_text(f"{run} finished", timeout=3 * MINUTE)
         expect(page.locator("#train-samples img").first).to_be_visible()
-        shot(page, "10-flux-trained")
+        shot(page, f"10-{family}-trained")
 
         page.get_by_role("tab", name="Generate").click()
-        pick(page, "LoRA 1: a run you trained", "flux-browser-run")
-        expect(page.get_by_label("Base model", exact=True).last).to_have_value("Tiny Flux demo (offline, CPU)")
-        expect(page.locator("input[aria-label='number input for Steps']")).to_have_value("28")
+        pick(page, "LoRA 1: a run you trained", run)
+        expect(page.get_by_label("Base model", exact=True).last).to_have_value(choice)
+        expect(page.locator("input[aria-label='number input for Steps']")).to_have_value(steps)
         expect(page.get_by_label("Negative prompt (what to avoid)")).to_be_hidden()
         page.get_by_role("button", name="Generate", exact=True).click()
         expect(page.locator("#lora-image img")).to_be_visible(timeout=MINUTE)
-        expect(page.get_by_text("Made with the LoRA of flux-browser-run at strength 1")).to_be_visible()
-        shot(page, "11-flux-generate")
+        expect(page.get_by_text(f"Made with the LoRA of {run} at strength 1")).to_be_visible()
+        shot(page, f"11-{family}-generate")
         browser.close()
 
 

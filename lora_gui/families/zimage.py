@@ -12,12 +12,13 @@ Turbo is distilled to make a picture in 8 steps without guidance; training on it
 on it trains on the base model (`distilled_bases`), whose LoRAs work on Turbo too. The two differ in their files only
 by their scheduler's shift (Turbo 3, the base 6).
 
-The file for ComfyUI keeps diffusers' `transformer.` names with each layer's alpha, as Flux.1's does: ComfyUI runs
-Z-Image as its Lumina2 model in the original names (fused `attention.qkv`, `attention.out`, `x_embedder`...), and its
-comfy/lora.py (model_lora_keys_unet, `if isinstance(model, comfy.model_base.Lumina2)`) maps "transformer." + every
-diffusers name that comfy/utils.py's z_image_to_diffusers lists onto those layers (q, k and v onto their slices of
-qkv); load_lora reads `<name>.alpha` whatever the naming. tests/test_formats.py checks every key we write against a
-transcription of that map.
+The file for ComfyUI keeps diffusers' `transformer.` names, as Flux.1's does, with each layer's alpha / rank folded
+into its up weight (`kohya_alpha_folded`: diffusers' Z-Image loader turns a `transformer.` file with alphas into
+`transformer.transformer.` names; ComfyUI reads a layer without alpha at scale 1). ComfyUI runs Z-Image as its
+Lumina2 model in the original names (fused `attention.qkv`, `attention.out`, `x_embedder`...), and its comfy/lora.py
+(model_lora_keys_unet, `if isinstance(model, comfy.model_base.Lumina2)`) maps "transformer." + every diffusers name
+that comfy/utils.py's z_image_to_diffusers lists onto those layers (q, k and v onto their slices of qkv).
+tests/test_formats.py checks every key we write against a transcription of that map.
 
 Files from elsewhere: single-file checkpoints in the original names (Comfy-Org's z_image_turbo_bf16.safetensors, the
 transformer alone, or under `model.diffusion_model.`), read by diffusers' own converter, which splits qkv whatever
@@ -25,7 +26,7 @@ the width; and LoRAs in diffusers' names under `diffusion_model.` (ai-toolkit), 
 diffusers' names (musubi-tuner) or of the original ones with qkv fused (musubi's ComfyUI conversion), and in the
 original names under `diffusion_model.` (ComfyUI). diffusers' converter (_convert_non_diffusers_z_image_lora_to_
 diffusers) reads some of these but leaves a fused qkv under lora_down/lora_up unsplit and doubles the prefix of a
-`transformer.` file with alphas (ours for ComfyUI), so they are all read here, by the loaded model's own names.
+`transformer.` file with alphas (Flux-style files), so they are all read here, by the loaded model's own names.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class ZImage(Family):
     )
     trains_text_encoders = False
     kohya_module_names = False
+    kohya_alpha_folded = True
     kohya_network_module = "networks.lora_zimage"  # musubi-tuner's
     kohya_base_model_version = "z_image"  # musubi-tuner's (ai-toolkit writes "zimage")
     modelspec_architecture = "Z-Image/lora"  # musubi-tuner's
@@ -116,13 +118,13 @@ class ZImage(Family):
     reference_targets = ("to_k", "to_q", "to_v", "to_out.0")  # its defaults: every block's attention
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
-            dim=32,
+            dim=48,  # its MLP's width, 8/3 of it, is then 128: fp16's int8 groups divide every layer's inputs
             n_layers=2,
             n_refiner_layers=1,
             n_heads=2,
             n_kv_heads=2,
             cap_feat_dim=32,  # the tiny Qwen3's width
-            axes_dims=[4, 6, 6],
+            axes_dims=[8, 8, 8],
             axes_lens=[1536, 512, 512],
         ),
         # The full width with two of its 30 layers and one refiner of each kind: a slice a CPU holds, whose speed

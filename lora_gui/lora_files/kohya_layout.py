@@ -21,7 +21,9 @@ A family whose `kohya_module_names` is off (Flux.1) keeps diffusers' names whole
 (`transformer.<module>.lora_A.weight`, `.lora_B.weight`) beside the same `.alpha`: ComfyUI maps
 `transformer.<diffusers name>` onto Flux's own fused layers (comfy/lora.py, model_lora_keys_unet, through
 comfy.utils.flux_to_diffusers) and reads `<name>.alpha` for every layer whatever its naming
-(load_lora), and diffusers loads them with their alphas too.
+(load_lora), and diffusers loads them with their alphas too. A family whose `kohya_alpha_folded` is on (Z-Image)
+writes no `.alpha` for a plain LoRA, its scale in the up weight: diffusers' Z-Image loader misreads alphas beside
+`transformer.` names, and without them every tool applies the layer at the scale it was trained at.
 
 The hashes are kohya's (library/train_util.py, precalculate_safetensors_hashes), which A1111 shows
 and civitai looks up: `sshs_model_hash` is the SHA-256 of the tensor data after the header (the
@@ -83,6 +85,9 @@ def to_kohya(
         name = kohya_name(prefixes[component], module) if family.kohya_module_names else f"{component}.{module}"
         config = adapter_configs[component]
         tensors = _kohya_layer(parts, peft_scale(config, module), _peft_rank(config, module))
+        if family.kohya_alpha_folded and set(tensors) == {DOWN, UP, ALPHA}:  # a plain LoRA's scale in its up weight
+            scale = tensors[ALPHA] / tensors[DOWN].shape[0]
+            tensors = {DOWN: tensors[DOWN], UP: (tensors[UP] * scale).to(tensors[UP].dtype)}
         if not family.kohya_module_names:  # diffusers' own names for a plain LoRA's factors (see above)
             tensors = {_DIFFUSERS_PARTS.get(part, part): tensor for part, tensor in tensors.items()}
         converted.update({f"{name}.{part}": tensor.contiguous() for part, tensor in tensors.items()})

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FluxPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from lora_gui.config import TrainConfig
 from lora_gui.demo import PINK
@@ -22,7 +22,7 @@ def fresh_pipe(model: Path) -> DiffusionPipeline:
 
 
 def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
-    if not isinstance(pipe, FluxPipeline):  # Flux samples with its own flow-matching scheduler
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # Flux, Z-Image sample with their own
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(3)
     return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]

@@ -61,3 +61,7 @@ run sd15-b8-channels-last --model sd15 --batch-size 8 --steps 20 --warmup 5 --ou
 run flux-shallow-512-b1 --model flux-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run flux-shallow-1024-b1 --model flux-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 run flux-shallow-1024-b4 --model flux-shallow --resolution 1024 --batch-size 4 --steps 10 --warmup 3
+# Z-Image at full width with 2 of its 30 layers and one refiner of each kind (4 of its 34 blocks) and 4 of Qwen3-4B's
+# 36 layers (3.3 GB); BENCH_ROWS='zimage-*' runs them alone.
+run zimage-shallow-512-b1 --model zimage-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
+run zimage-shallow-1024-b1 --model zimage-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5

@@ -9,12 +9,14 @@ rank and precision:
   backward, AdamW on fp32 LoRA weights, `.item()` on the loss every step, a clip call that clips
   nothing); for Flux.1, examples/dreambooth/train_dreambooth_lora_flux.py with a caption per picture
   (CLIP and T5 encode every batch's captions, VAE encode, rectified flow, transformer forward and
-  backward, real clipping, AdamW, `.item()` on the loss);
+  backward, real clipping, AdamW, `.item()` on the loss); for Z-Image, its train_dreambooth_lora_z_image.py, the
+  same step with every caption encoded once before the loop;
 - ours: the engine's real `train()` with its defaults.
 
 Full-size models (`--model sd15|sdxl|flux`) are the real architectures with random weights, which cost
 the same to run as trained ones and need no download. `flux-shallow` is Flux.1 at its full width with
-1/19 of its depth, which a CPU holds: its blocks cost what the real model's do, one by one.
+1/19 of its depth, which a CPU holds: its blocks cost what the real model's do, one by one; `zimage-shallow`
+likewise keeps 4 of Z-Image's 34 blocks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Z-Image files made elsewhere: LoRAs in ai-toolkit's, musubi-tuner's (kohya's names), ComfyUI's (the original
-names, q, k and v fused) and diffusers' layouts in Generate; single-file checkpoints in the original names, offline."""
+names, q, k and v fused) and diffusers' layouts in Generate; single-file checkpoints in the original names, offline;
+and Z-Image Turbo, the distilled model: sampled as it is made to be, trained on through its base."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from helpers.hub import in_download_cache
 from helpers.pipes import fresh_pipe, image
 from peft import LoraConfig, inject_adapter_in_model
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 
 from lora_gui.base_models import load_pipeline
 from lora_gui.errors import LoraFileError
-from lora_gui.families import REGISTRY
+from lora_gui.families import REGISTRY, base_for_training
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout, read_shapes
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
@@ -193,3 +195,15 @@ def test_a_single_file_zimage_loads_offline_with_the_rest_from_the_download_cach
     assert all(torch.equal(loaded[key], value) for key, value in original.transformer.state_dict().items())
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(image(pipe), image(original), atol=1e-5)
+
+
+# ---- Turbo -------------------------------------------------------------------------------------
+def test_turbo_samples_in_8_steps_without_guidance_and_a_run_asked_for_it_trains_on_the_base(tiny_models):
+    pipe = fresh_pipe(tiny_models("zimage"))  # the base model's schedule: shift 6
+    assert ZIMAGE.variant(pipe) == "" and ZIMAGE.generation_defaults(pipe) == (30, 4.0)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)  # Turbo's
+    assert ZIMAGE.variant(pipe) == "turbo" and ZIMAGE.generation_defaults(pipe) == (8, 0.0)
+
+    model, why = base_for_training("tongyi-mai/z-image-turbo")  # the Hub ignores case
+    assert model == "Tongyi-MAI/Z-Image" and "Tongyi-MAI/Z-Image-Turbo is distilled" in why
+    assert base_for_training("Tongyi-MAI/Z-Image") == ("Tongyi-MAI/Z-Image", "")

@@ -117,6 +117,9 @@ def test_each_zimage_preset_fits_its_card_by_the_estimate_at_1024_px_and_rank_16
     assert exact.training_gb - estimate(twelve, "zimage", "bf16").training_gb == pytest.approx(5.7, abs=0.5)
     # Qwen3-4B encodes the captions alone, then leaves the GPU before the transformer comes.
     assert 7 < estimate(twelve, "zimage", "bf16").caching_gb < 9
+    # Its time: a picture's step at 1024 px is 2 x 6.2 B weights x 4,608 tokens (the picture's 4,096, a caption's 512)
+    # forward, 113 TFLOP with backward's input gradients, and attention's on top.
+    assert 120 < estimate(twelve, "zimage", "bf16", matmul_tflops=400).step_tflop < 160
     assert [name for name, _ in presets_that_fit("zimage", "bf16", 16)] == ["zimage-16gb", "zimage-12gb"]
     assert presets_that_fit("zimage", "bf16", 8) == []
 

@@ -9,17 +9,20 @@ rank and precision:
   backward, AdamW on fp32 LoRA weights, `.item()` on the loss every step, a clip call that clips
   nothing); for Flux.1, examples/dreambooth/train_dreambooth_lora_flux.py with a caption per picture
   (CLIP and T5 encode every batch's captions, VAE encode, rectified flow, transformer forward and
-  backward, real clipping, AdamW, `.item()` on the loss);
+  backward, real clipping, AdamW, `.item()` on the loss); for Z-Image, its train_dreambooth_lora_z_image.py, the
+  same step with every caption encoded once before the loop;
 - ours: the engine's real `train()` with its defaults.
 
 Full-size models (`--model sd15|sdxl|flux`) are the real architectures with random weights, which cost
 the same to run as trained ones and need no download. `flux-shallow` is Flux.1 at its full width with
-1/19 of its depth, which a CPU holds: its blocks cost what the real model's do, one by one.
+1/19 of its depth, which a CPU holds: its blocks cost what the real model's do, one by one; `zimage-shallow`
+likewise keeps 4 of Z-Image's 34 blocks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -186,10 +189,11 @@ def reference_loop(setup: Setup) -> LoopResult:
     return result
 
 
-def flow_reference_loop(setup: Setup) -> LoopResult:
+def flow_reference_loop(setup: Setup, captions_cached: bool = False) -> LoopResult:
     """The per-step work of diffusers' DreamBooth LoRA scripts for rectified-flow transformers (Flux.1's, Z-Image's,
     Flux.2 klein's: one shape of step) for a LoRA on the transformer's layers the script adapts by default
-    (`Family.reference_targets`), with a caption per picture, with its data already in memory."""
+    (`Family.reference_targets`), with a caption per picture, with its data already in memory. `captions_cached`:
+    the script encodes every picture's caption once, before its loop (Z-Image's), instead of every step's anew."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
@@ -215,12 +219,14 @@ def flow_reference_loop(setup: Setup) -> LoopResult:
     transformer, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
     pixels, token_ids, geometry = _images_in_memory(setup, family, pipe)
     script_step = FlowScriptStep(pipe, family, transformer, accelerator.device, weight_dtype, geometry)
+    cached = script_step.encode_captions(token_ids) if captions_cached else None
 
     timings = []
     for step in range(setup.warmup + setup.steps):
         rows = _rows(setup, step, len(pixels))
+        text = {key: value[rows] for key, value in cached.items()} if cached else None
         with accelerator.accumulate(transformer):
-            loss = script_step.loss(pixels[rows], [ids[rows] for ids in token_ids])
+            loss = script_step.loss(pixels[rows], [ids[rows] for ids in token_ids], text)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(transformer.parameters(), 1.0)  # a fresh generator: this one clips
@@ -247,8 +253,10 @@ class FlowScriptStep:
     dtype: torch.dtype
     geometry: list[ImageGeometry]
 
-    def loss(self, pixels: torch.Tensor, token_ids: list[torch.Tensor]) -> torch.Tensor:
-        text = self.encode_captions(token_ids)
+    def loss(
+        self, pixels: torch.Tensor, token_ids: list[torch.Tensor], text: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        text = text if text is not None else self.encode_captions(token_ids)
         latents = self.encode_pictures(pixels)
         noise = torch.randn_like(latents)
         timesteps, sigmas = self.draw_timesteps(len(latents))
@@ -285,6 +293,7 @@ REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
     "train_dreambooth_lora_flux.py": flow_reference_loop,
     "train_dreambooth_lora_flux2_klein.py": flow_reference_loop,
+    "train_dreambooth_lora_z_image.py": functools.partial(flow_reference_loop, captions_cached=True),
 }
 
 

@@ -185,7 +185,10 @@ def _counted_flops(
     unet, inputs = _meta_unet(family, size, resolution, adapter, targets, DTYPES[precision])
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(**inputs).sample.float().mean().backward()
+        sample = unet(**inputs).sample
+        # A denoiser that answers with a list, a tensor for each picture, counts the same.
+        sample = torch.stack(sample) if isinstance(sample, list) else sample
+        sample.float().mean().backward()
     return counter.get_total_flops()
 
 

@@ -202,8 +202,9 @@ def gigabytes(message: str) -> float:
     [
         ("Tiny SDXL demo (offline, CPU)", "sdxl", "sdxl_base_v1-0", (25, 7.0)),
         ("Tiny Flux demo (offline, CPU)", "flux", "flux1", (28, 3.5)),
+        ("Tiny Z-Image demo (offline, CPU)", "zimage", "z_image", (30, 4.0)),
     ],
-    ids=["sdxl", "flux"],
+    ids=["sdxl", "flux", "zimage"],
 )
 def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
     app_server, tmp_path, menu, family, version, usual

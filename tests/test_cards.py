@@ -262,7 +262,8 @@ def test_the_estimate_counts_t5s_fp32_layers_under_fp16():
 
 # ---- the card matrix ------------------------------------------------------------------------------------------------
 CARD_SIZES = (8, 12, 16, 24, 48, 80)
-# What Generate does with each family's published model on each card (bf16 ones; fp16-only cards choose alike):
+# What Generate does with each family's published model on each card (bf16 ones; fp16-only cards choose alike but
+# where a (size, "fp16") entry says otherwise):
 # the denoiser's quantization as a CUDA card picks it, and whether the pipeline brings its parts to the GPU in turn.
 GENERATE_PLANS = {
     "sd15": {size: ("none", False) for size in CARD_SIZES},
@@ -282,6 +283,16 @@ GENERATE_PLANS = {
         12: ("none", True),
         16: ("none", True),
         24: ("none", False),
+        48: ("none", False),
+        80: ("none", False),
+    },
+    # Z-Image: its 6.2 B-parameter transformer is 12.3 GB in bf16, and Qwen3-4B beside it 8 GB more.
+    "zimage": {
+        8: ("int8", True),
+        (8, "fp16"): ("nf4", True),  # fp16's int8 is scaled per group: 6.2 B weights then take more than 6 GB
+        12: ("int8", True),
+        16: ("none", True),
+        24: ("none", True),
         48: ("none", False),
         80: ("none", False),
     },
@@ -329,7 +340,8 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
                 trained[savers] = check_training(model, photos, tmp_path / f"run-{size}", savers, precision)
 
         # Generate: the choice a CUDA card of this size makes, and the branches it takes here.
-        expected_quantization, expected_offload = GENERATE_PLANS[family][size]
+        plans = GENERATE_PLANS[family]
+        expected_quantization, expected_offload = plans.get((size, precision), plans[size])
         chosen = infer._quantization_for_this_card(str(model), "auto", precision, model_policy.ANY_BASE_MODEL)
         on_cuda = quantization.for_card(
             denoiser_parameters(family), devices.DTYPES[precision], gpu.memory_gb, on_cuda=True, single_file=False
@@ -388,7 +400,7 @@ def check_training(model, photos, run, savers, precision):
     assert samples and all(varied(Image.open(path)) for path in samples)
     # Caching brings the VAE alone, then the frozen text encoders alone; the denoiser comes once they have left.
     vaes = {"AutoencoderKL", "AutoencoderKLFlux2"}
-    denoisers = {"UNet2DConditionModel", "FluxTransformer2DModel", "Flux2Transformer2DModel"}
+    denoisers = {family.denoiser_class.__name__ for family in REGISTRY.values()}
     assert len(placements[0]) == 1 and placements[0] <= vaes, placements
     assert not placements[1] & vaes and not placements[1] & denoisers, placements
     assert len(next(names for names in placements if names & denoisers)) == 1, placements

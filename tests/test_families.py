@@ -52,6 +52,8 @@ def test_family_override(tiny_models):
         ("double_blocks.0.img_attn.qkv.weight", "flux"),  # Black Forest Labs' transformer-only file
         ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # an all-in-one file
         ("diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # ComfyUI's transformer alone
+        ("cap_embedder.1.weight", "zimage"),  # Z-Image's original transformer file (Comfy-Org's)
+        ("model.diffusion_model.cap_embedder.1.weight", "zimage"),  # in an all-in-one file
         ("something.else", None),
     ],
 )
@@ -90,6 +92,7 @@ def test_published_base_models_are_known_by_name_before_any_download(tmp_path, m
     assert family_from_files("stabilityai/stable-diffusion-2-1") == "sd2"
     assert family_from_files("StabilityAI/Stable-Diffusion-XL-Base-1.0") == "sdxl"  # the Hub ignores case
     assert family_from_files("black-forest-labs/FLUX.1-schnell") == "flux"
+    assert family_from_files("Tongyi-MAI/Z-Image-Turbo") == "zimage"
     assert family_from_files("stabilityai/stable-diffusion-xl-base-1.0-but-not") is None
 
 

@@ -377,8 +377,9 @@ def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_comm
         assert "torch_dtype=torch.bfloat16" in code and "pipe.enable_model_cpu_offload()" in code
         assert "torch.float16" not in code and '.to("cuda")' not in code
         assert re.search(r"^# .*(33|35) GB", code, re.MULTILINE), "a comment says why it offloads"
-    else:
-        assert "torch_dtype=torch.float16" in code and '.to("cuda")' in code
+    else:  # Z-Image in bf16 (~21 GB with its text encoder) fits a 24 GB card whole
+        dtype = "bfloat16" if trained_family.family == "zimage" else "float16"
+        assert f"torch_dtype=torch.{dtype}" in code and '.to("cuda")' in code
         assert "enable_model_cpu_offload" not in code
 
 
@@ -464,6 +465,15 @@ COMFY_FLUX_LAYERS = re.compile(
     r"|single_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_qkv_mlp_proj|to_out)|proj_mlp|proj_out|norm\.linear)"
     r"|proj_out|x_embedder|context_embedder|norm_out\.linear|time_text_embed\.\w+\.linear_[12]"
 )
+# The diffusers names of Z-Image's layers that ComfyUI maps onto its own (comfy/utils.py, z_image_to_diffusers, which
+# comfy/lora.py's model_lora_keys_unet prefixes with "transformer." and "diffusion_model." for its Lumina2 models, q, k
+# and v onto their slices of the fused qkv), transcribed from its code (see families/zimage.py).
+COMFY_ZIMAGE_LAYERS = re.compile(
+    r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_[qkv]|to_out\.0)|feed_forward\.w[123]"
+    r"|adaLN_modulation\.0)"
+    r"|all_x_embedder\.2-1|all_final_layer\.2-1\.(linear|adaLN_modulation\.1)|cap_embedder\.1|t_embedder\.mlp\.[02]"
+)
+COMFY_LAYERS = {"flux": COMFY_FLUX_LAYERS, "flux2-klein": COMFY_FLUX_LAYERS, "zimage": COMFY_ZIMAGE_LAYERS}
 # What ComfyUI's LoRA loader reads for each of them (comfy/weight_adapter/lora.py: "<name>.lora_B.weight" with
 # "<name>.lora_A.weight"; comfy/lora.py: "<name>.alpha", divided by the rank).
 COMFY_SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha")
@@ -487,7 +497,7 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
         assert modules <= names, sorted(modules - names)[:5]
         for prefix in family.kohya_text_encoder_prefixes:
             assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
-    else:  # Flux.1 and Flux.2: diffusers' names, as ComfyUI maps them, each with the three tensors its loader reads
+    else:  # Flux.1, Flux.2, Z-Image: diffusers' names, as ComfyUI maps them, each with the tensors its loader reads
         layers = {name for name, _ in pipe.transformer.named_modules()}
         by_layer: dict[str, set[str]] = {}
         for key in tensors:
@@ -495,14 +505,17 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
             suffix = next(s for s in COMFY_SUFFIXES if rest.endswith("." + s))
             by_layer.setdefault(rest[: -len(suffix) - 1], set()).add(suffix)
             assert component == "transformer", key
+        # Z-Image's scale is in its up weights (Family.kohya_alpha_folded): ComfyUI then reads it at scale 1.
         suffixes = set(COMFY_SUFFIXES) - ({"alpha"} if family.kohya_alpha_folded else set())
         assert by_layer and all(found == suffixes for found in by_layer.values())
-        assert all(COMFY_FLUX_LAYERS.fullmatch(layer) and layer in layers for layer in by_layer), sorted(by_layer)
-        assert any(layer.startswith("single_transformer_blocks.") for layer in by_layer)
+        comfy = COMFY_LAYERS[trained_family.family]
+        assert all(comfy.fullmatch(layer) and layer in layers for layer in by_layer), sorted(by_layer)
+        assert any(layer.startswith(("single_transformer_blocks.", "noise_refiner.")) for layer in by_layer)
     assert metadata["ss_base_model_version"] == family.kohya_base_model_version
     assert metadata["ss_network_module"] == family.kohya_network_module
     assert metadata["modelspec.architecture"] == family.modelspec_architecture
-    expected_prediction = {"sd2": "v", "flux": None, "flux2-klein": None}.get(trained_family.family, "epsilon")
+    flow = {name: None for name in ("flux", "zimage", "flux2-klein")}
+    expected_prediction = {"sd2": "v", **flow}.get(trained_family.family, "epsilon")
     assert metadata.get("modelspec.prediction_type") == expected_prediction
 
 

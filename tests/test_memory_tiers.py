@@ -104,6 +104,26 @@ def test_each_flux_preset_fits_its_card_by_the_estimate():
     assert "stored 4-bit (NF4, bitsandbytes)" in estimate(twelve, "flux", "bf16").notes
 
 
+@pytest.mark.unit
+def test_each_zimage_preset_fits_its_card_by_the_estimate_at_1024_px_and_rank_16():
+    twelve, sixteen = load_preset("zimage-12gb"), load_preset("zimage-16gb")
+    for preset, card_gb in ((twelve, 12), (sixteen, 16)):
+        assert (preset.resolution, preset.rank) == (1024, 16)
+        for precision in ("bf16", "fp16"):
+            assert estimate(preset, "zimage", precision).memory_gb < card_gb, (card_gb, precision)
+    # Why the tiers exist: the 6.2 B-parameter transformer is 11.5 GiB in bf16, and previews decode beside it.
+    exact = estimate(twelve.replace(quantize_base="none"), "zimage", "bf16")
+    assert exact.memory_gb > 16
+    assert exact.training_gb - estimate(twelve, "zimage", "bf16").training_gb == pytest.approx(5.7, abs=0.5)
+    # Qwen3-4B encodes the captions alone, then leaves the GPU before the transformer comes.
+    assert 7 < estimate(twelve, "zimage", "bf16").caching_gb < 9
+    # Its time: a picture's step at 1024 px is 2 x 6.2 B weights x 4,608 tokens (the picture's 4,096, a caption's 512)
+    # forward, 113 TFLOP with backward's input gradients, and attention's on top.
+    assert 120 < estimate(twelve, "zimage", "bf16", matmul_tflops=400).step_tflop < 160
+    assert [name for name, _ in presets_that_fit("zimage", "bf16", 16)] == ["zimage-16gb", "zimage-12gb"]
+    assert presets_that_fit("zimage", "bf16", 8) == []
+
+
 @pytest.mark.train
 def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     from lora_gui.jobs import JobManager

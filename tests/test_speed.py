@@ -46,12 +46,14 @@ def test_bench_prints_both_loops_and_the_machine_readable_last_line(tmp_path, ca
 
 
 @pytest.mark.train
-def test_bench_times_the_flux_script_step_against_ours_on_a_tiny_flux(tmp_path, capsys):
-    """The Flux reference (train_dreambooth_lora_flux.py's step) runs its transformer, not a UNet."""
-    argv = ["bench", "--model", "flux-tiny", "--resolution", "64", "--batch-size", "1", "--steps", "1"]
+@pytest.mark.parametrize("model", ["flux-tiny", "zimage-tiny"])
+def test_bench_times_a_flow_script_step_against_ours_on_a_tiny_model(tmp_path, capsys, model):
+    """The rectified-flow references (train_dreambooth_lora_flux.py's and _z_image.py's step) run the family's
+    transformer, not a UNet."""
+    argv = ["bench", "--model", model, "--resolution", "64", "--batch-size", "1", "--steps", "1"]
     assert main([*argv, "--warmup", "1", "--images", "2", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("model flux-tiny at 64 px, batch 1")
+    assert out[0].startswith(f"model {model} at 64 px, batch 1")
     assert any(line.startswith("| reference ") for line in out) and any(line.startswith("| ours ") for line in out)
     assert out[-1].startswith("ours/reference steps/s: ")
 

@@ -21,6 +21,7 @@ from diffusers import (
     FluxPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 from helpers.pipes import fresh_pipe, image, train_and_picture
 from helpers.runs import quick_config
@@ -64,6 +65,8 @@ def denoising_loss(pipe: DiffusionPipeline, data_dir: Path, resolution: int) -> 
         return flow_loss(pipe, pixels, [e.caption for e in examples])
     if isinstance(pipe, Flux2KleinPipeline):
         return klein_flow_loss(pipe, pixels, [e.caption for e in examples])
+    if isinstance(pipe, ZImagePipeline):
+        return z_image_flow_loss(pipe, pixels, [e.caption for e in examples])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -136,16 +139,37 @@ def klein_flow_loss(pipe: Flux2KleinPipeline, pixels: torch.Tensor, captions: li
     return float(np.mean(losses))
 
 
-# The tiny random SD 2 and Flux, whose shapes the learning tests' models don't have (OpenCLIP; Flux's 16 latent channels
-# and guidance input). Each objective itself (epsilon, v-prediction, flow) is proven by what it makes a small pretrained
-# model draw (test_learning.py), a stronger test than a lower loss.
+def z_image_flow_loss(pipe: ZImagePipeline, pixels: torch.Tensor, captions: list[str]) -> float:
+    """Z-Image's rectified-flow error at fixed sigmas with fixed noise, through the pipeline's own encoding and its
+    transformer's lists, as diffusers' Z-Image LoRA script computes it (the time as 1 - sigma, the output negated
+    against noise - latents)."""
+    generator, losses = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        config = pipe.vae.config
+        latents = (pipe.vae.encode(pixels).latent_dist.mean - config.shift_factor) * config.scaling_factor
+        embeds, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+        for t in TIMESTEPS:
+            sigma = t / 1000
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy = list(((1 - sigma) * latents + sigma * noise).unsqueeze(2).unbind(0))
+            output = pipe.transformer(noisy, torch.full((len(captions),), 1 - sigma), embeds, return_dict=False)[0]
+            prediction = -torch.stack(output).squeeze(2)
+            losses.append(torch.nn.functional.mse_loss(prediction, noise - latents).item())
+    return float(np.mean(losses))
+
+
+# The tiny random SD 2, Flux, Z-Image and Flux.2 klein, whose shapes the learning tests' models don't have (OpenCLIP;
+# Flux's 16 latent channels and guidance input; Z-Image's lists and Qwen3; klein's batch-normed patches). Each
+# objective itself (epsilon, v-prediction, flow) is proven by what it makes a small pretrained model draw
+# (test_learning.py), a stronger test than a lower loss.
 @pytest.mark.train
-@pytest.mark.parametrize("family", ["sd2", "flux", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd2", "flux", "zimage", "flux2-klein"])
 def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
-    # The demo preset's layers: attention alone learns too slowly on the tiny SDXL, whose first block has none.
-    targets, rate = load_preset("tiny-cpu-demo").target_modules, 1e-3
-    if family == "flux2-klein":  # whose layers those names mostly miss (its MLPs are linear_in / linear_out)
+    # The demo preset's layers: attention alone learns too slowly on the tiny SDXL, whose first block has none; and the
+    # family's own (Z-Image's MLPs are named like no UNet's).
+    targets, rate = [*load_preset("tiny-cpu-demo").target_modules, *REGISTRY[family].default_target_modules], 1e-3
+    if family == "flux2-klein":  # its embedders too: the tiny klein's blocks alone learn too slowly
         targets, rate = [*REGISTRY[family].default_target_modules, "x_embedder", "context_embedder", "proj_out"], 3e-3
     config = quick_config(model, photos, max_steps=80, rank=8, target_modules=targets, learning_rate=rate)
     before = denoising_loss(fresh_pipe(model), photos, config.resolution)
@@ -193,7 +217,7 @@ def test_stop_then_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny_model
         gradient_accumulation_steps=2,
         lr_scheduler="cosine",
         lr_warmup_steps=2,
-        train_text_encoder=REGISTRY[family].trains_text_encoders,  # Flux LoRAs train the transformer alone
+        train_text_encoder=REGISTRY[family].trains_text_encoders,  # Flux, Z-Image, Flux.2: the transformer alone
     )
     train(config, tmp_path / "straight")
 

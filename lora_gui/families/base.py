@@ -74,6 +74,10 @@ class Family:
     # family whose diffusers loader refuses alpha tensors (Flux.2's).
     kohya_alpha_folded: ClassVar[bool] = False
     kohya_network_module: ClassVar[str] = "networks.lora"
+    # Whether that file's plain LoRA layers carry their scale (alpha / rank) in their up weights instead of an
+    # `.alpha` beside them (which every tool then reads as 1): where diffusers' loader for the family misreads
+    # diffusers' names with alphas (Z-Image's).
+    kohya_alpha_folded: ClassVar[bool] = False
     kohya_base_model_version: ClassVar[str]
     modelspec_architecture: ClassVar[str]
     # The family's published Hub models, known by name before anything of them is downloaded.

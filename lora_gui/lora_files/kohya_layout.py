@@ -21,9 +21,11 @@ A family whose `kohya_module_names` is off (Flux.1) keeps diffusers' names whole
 (`transformer.<module>.lora_A.weight`, `.lora_B.weight`) beside the same `.alpha`: ComfyUI maps
 `transformer.<diffusers name>` onto Flux's own fused layers (comfy/lora.py, model_lora_keys_unet, through
 comfy.utils.flux_to_diffusers) and reads `<name>.alpha` for every layer whatever its naming
-(load_lora), and diffusers loads them with their alphas too. diffusers' loader for Flux.2 refuses alpha tensors, so a
-family with `kohya_alpha_folded` (Flux.2 klein) writes a plain LoRA's alpha / rank into its up weight instead: both
-tools then read it at scale 1 (ComfyUI without an alpha, diffusers with peft's alpha = rank).
+(load_lora), and diffusers loads them with their alphas too. diffusers' loaders for Z-Image and Flux.2 don't
+read alphas beside those names (Z-Image's misnames them, Flux.2's refuses them), so a family with
+`kohya_alpha_folded` writes a plain LoRA's alpha / rank into its up weight instead and no `.alpha`: every tool
+then applies the layer at the scale it was trained at (ComfyUI without an alpha, diffusers with peft's
+alpha = rank).
 
 The hashes are kohya's (library/train_util.py, precalculate_safetensors_hashes), which A1111 shows
 and civitai looks up: `sshs_model_hash` is the SHA-256 of the tensor data after the header (the
@@ -85,8 +87,9 @@ def to_kohya(
         name = kohya_name(prefixes[component], module) if family.kohya_module_names else f"{component}.{module}"
         config = adapter_configs[component]
         tensors = _kohya_layer(parts, peft_scale(config, module), _peft_rank(config, module))
-        if family.kohya_alpha_folded and set(tensors) == {DOWN, UP, ALPHA}:  # a plain LoRA's scale, in its up weight
-            tensors = {DOWN: tensors[DOWN], UP: tensors[UP] * (tensors[ALPHA] / tensors[DOWN].shape[0])}
+        if family.kohya_alpha_folded and set(tensors) == {DOWN, UP, ALPHA}:  # a plain LoRA's scale in its up weight
+            scale = tensors[ALPHA] / tensors[DOWN].shape[0]
+            tensors = {DOWN: tensors[DOWN], UP: (tensors[UP] * scale).to(tensors[UP].dtype)}
         if not family.kohya_module_names:  # diffusers' own names for a plain LoRA's factors (see above)
             tensors = {_DIFFUSERS_PARTS.get(part, part): tensor for part, tensor in tensors.items()}
         converted.update({f"{name}.{part}": tensor.contiguous() for part, tensor in tensors.items()})

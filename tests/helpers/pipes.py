@@ -22,7 +22,8 @@ def fresh_pipe(model: Path) -> DiffusionPipeline:
 
 
 def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> np.ndarray:
-    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # Flux samples with its own flow matching
+    # The flow-matching families (Flux, Z-Image, Flux.2) sample with their own scheduler.
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(3)
     # The prompt by name: Flux.2's pipelines take an image to edit first.

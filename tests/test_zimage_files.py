@@ -12,9 +12,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from helpers.hub import in_download_cache
+from helpers.lora_files import lora_from_elsewhere
 from helpers.pipes import fresh_pipe, image
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from lora_gui.base_models import load_pipeline
@@ -60,24 +59,8 @@ def original_layers(linear: list[str]) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def zimage_lora(tiny_models) -> SimpleNamespace:
-    """A random LoRA put on by peft outside this app, on every linear layer of the tiny Z-Image's transformer: each
-    layer's (down, up) with alpha / rank folded into down, and the pictures without it and with it."""
-    model = tiny_models("zimage")
-    pipe = fresh_pipe(model)
-    base = image(pipe)
-    torch.manual_seed(0)
-    linear = [name for name, layer in pipe.transformer.named_modules() if isinstance(layer, torch.nn.Linear)]
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=linear, init_lora_weights=False)
-    inject_adapter_in_model(config, pipe.transformer, adapter_name="default")
-    pipe.transformer.peft_config = {"default": config}
-    layers = {}
-    with torch.no_grad():
-        for name, layer in pipe.transformer.named_modules():
-            if isinstance(layer, LoraLayer):
-                layer.lora_B["default"].weight *= 0.2  # a clear change, not a ruined picture
-                down, up = layer.lora_A["default"].weight.clone(), layer.lora_B["default"].weight.clone()
-                layers[name] = (down * (ALPHA / RANK), up)
-    return SimpleNamespace(model=model, pipe=pipe, base=base, with_lora=image(pipe), layers=layers)
+    """A random LoRA on every linear layer of the tiny Z-Image's transformer, put on by peft outside this app."""
+    return lora_from_elsewhere(tiny_models("zimage"), RANK, ALPHA)
 
 
 def kohya_tensors(module: str, down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:

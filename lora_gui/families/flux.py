@@ -21,17 +21,22 @@ Flux.1's. ai-toolkit's LoRAs keep diffusers' names, under `transformer.` or `dif
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lora_gui.families.base import Family, ImageGeometry, Imported
+from lora_gui.families.base import ImageGeometry, Imported
+from lora_gui.families.rectified_flow import (
+    LORA_TENSORS,
+    SWAPPED_HALVES,
+    BlackForestLabsNames,
+    RectifiedFlowTransformer,
+    swap_halves,
+)
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-    from lora_gui.objectives import Objective
 
 # The guidance Flux.1-dev's guidance embedding gets while its LoRA trains, as kohya's and ai-toolkit's
 # trainers set it: the distilled guidance is a sampling knob, and training at 1 keeps it free to use.
@@ -77,12 +82,7 @@ _SINGLE_BLOCK_LAYERS = {
     "norm.query_norm": ("attn.norm_q",),
     "norm.key_norm": ("attn.norm_k",),
 }
-_BLOCKS = {
-    "double_blocks": ("transformer_blocks", _DOUBLE_BLOCK_LAYERS),
-    "single_blocks": ("single_transformer_blocks", _SINGLE_BLOCK_LAYERS),
-}
-# The final layer's modulation gives (shift, scale) where diffusers' norm_out gives (scale, shift).
-_SWAPPED_HALVES = "final_layer.adaLN_modulation.1"
+_NAMES = BlackForestLabsNames(_ORIGINAL_LAYERS, _DOUBLE_BLOCK_LAYERS, _SINGLE_BLOCK_LAYERS)
 # Where the transformer's layers are in an all-in-one checkpoint (ComfyUI's), and in LoRAs: diffusers' and
 # ai-toolkit's (transformer.), ComfyUI's and ai-toolkit's (diffusion_model.), fal's (base_model.model.), kohya's.
 _ALL_IN_ONE_PREFIX = "model.diffusion_model."
@@ -98,18 +98,14 @@ _TRANSFORMER_PREFIXES = (
 # diffusers can't put a LoRA on.
 _CLIP_PREFIXES = ("text_encoder.", "lora_te1_", "lora_te_", "text_encoders.clip_l.transformer.")
 _T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.")
-_LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
 
 
-class Flux1(Family):
+class Flux1(RectifiedFlowTransformer):
     name = "flux"
     title = "Flux.1"
     short_title = "Flux"
     pipeline_class = Imported("diffusers", "FluxPipeline")
-    default_resolution = 1024
-    denoiser_name = "transformer"
     denoiser_class = Imported("diffusers", "FluxTransformer2DModel")
-    denoiser_title = "transformer"
     # Attention and MLP projections of the double blocks (diffusers' Flux LoRA script's set), and of the
     # single blocks: their attention's q, k, v (the same names) and their MLP's input.
     default_target_modules = (
@@ -129,9 +125,7 @@ class Flux1(Family):
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    trains_text_encoders = False
     kohya_text_encoder_prefixes = ("lora_te1", "lora_te2")
-    kohya_module_names = False
     kohya_network_module = "networks.lora_flux"
     kohya_base_model_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
@@ -180,10 +174,6 @@ class Flux1(Family):
     too_large_for_one_gpu = "The whole of Flux.1 is ~33 GB"
 
     @classmethod
-    def matches(cls, pipe: DiffusionPipeline) -> bool:
-        return isinstance(pipe, cls.pipeline_class)
-
-    @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
         return model_index.get("_class_name") == "FluxPipeline"
 
@@ -210,7 +200,7 @@ class Flux1(Family):
         holds (the same down weight, the up weight's rows shared out), alpha / rank folded into the down weight."""
         modules: dict[str, dict[str, str]] = {}
         for key in tensors:
-            match = _LORA_TENSORS.fullmatch(key)
+            match = LORA_TENSORS.fullmatch(key)
             if match is None:
                 return None  # a layout diffusers converts itself (XLabs', Black Forest Labs' Control LoRAs)
             module, kind = match.groups()
@@ -229,8 +219,8 @@ class Flux1(Family):
             component, original, targets = place
             down, up = tensors[down_key], tensors[up_key]
             alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
-            if original == _SWAPPED_HALVES:
-                up = _swap_halves(up)
+            if original == SWAPPED_HALVES:
+                up = swap_halves(up)
             for target, rows in zip(targets, _split_outputs(up, len(targets), places.width, module), strict=True):
                 places.check(component, target, down, module)
                 converted[f"{component}.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
@@ -258,12 +248,12 @@ class Flux1(Family):
         unknown = []
         for key in (key for key in tensors if key.startswith(prefix)):
             layer, _, parameter = key[len(prefix) :].rpartition(".")
-            found = _original_layer(layer)
+            found = _NAMES.find(layer)
             if found is None or parameter not in ("weight", "bias", "scale"):
                 unknown.append(key)
                 continue
             original, targets = found
-            value = _swap_halves(tensors[key]) if original == _SWAPPED_HALVES else tensors[key]
+            value = swap_halves(tensors[key]) if original == SWAPPED_HALVES else tensors[key]
             for target, part in zip(targets, _split_outputs(value, len(targets), width, key), strict=True):
                 weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
         if unknown:
@@ -272,7 +262,7 @@ class Flux1(Family):
             )
         blocks = {
             kind: {key.split(".")[1] for key in weights if key.startswith(f"{name}.")}
-            for kind, (name, _) in _BLOCKS.items()
+            for kind, (name, _) in _NAMES.blocks.items()
         }
         shape = dict(
             num_layers=len(blocks["double_blocks"]),
@@ -290,11 +280,6 @@ class Flux1(Family):
         return (dev, schnell) if guided else (schnell, dev)
 
     @classmethod
-    def bucket_step(cls, pipe: DiffusionPipeline) -> int:
-        """The VAE's downsampling, times 2 for the 2x2 patches the transformer reads."""
-        return 2 ** (len(pipe.vae.config.block_out_channels) - 1) * 2
-
-    @classmethod
     def cross_attention_width(cls, pipe: DiffusionPipeline) -> int:
         return pipe.transformer.config.joint_attention_dim
 
@@ -307,14 +292,6 @@ class Flux1(Family):
             "prompt_embeds": t5(t5_ids.to(device), output_hidden_states=False)[0],
             "pooled_prompt_embeds": clip(clip_ids.to(device), output_hidden_states=False).pooler_output,
         }
-
-    @classmethod
-    def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lora_gui.objectives import FlowMatching
-
-        return FlowMatching(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))
 
     @classmethod
     def predict(
@@ -344,11 +321,6 @@ class Flux1(Family):
         )[0]
         # Unpacked as the pipeline does for pictures of the latents' own size (a VAE factor of 1).
         return pipeline_class._unpack_latents(prediction, height, width, 1)
-
-    @classmethod
-    def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
-        """Its own flow-matching sampler, which its pipeline shifts for the picture's size."""
-        return pipe.scheduler
 
     @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:
@@ -417,29 +389,6 @@ class Flux1(Family):
         )
 
 
-def _original_layer(name: str) -> tuple[str, tuple[str, ...]] | None:
-    """One of Black Forest Labs' layers (named with "." or, as kohya writes, "_"): its dotted name and the diffusers
-    layers it holds; None for any other name."""
-    block = re.fullmatch(r"(double_blocks|single_blocks)[._](\d+)[._](.+)", name)
-    if block is None:
-        dotted = _UNDERSCORED.get(name, name)
-        return (dotted, _ORIGINAL_LAYERS[dotted]) if dotted in _ORIGINAL_LAYERS else None
-    kind, index, layer = block.groups()
-    diffusers_block, layers = _BLOCKS[kind]
-    layer = _UNDERSCORED.get(layer, layer)
-    if layer not in layers:
-        return None
-    return f"{kind}.{index}.{layer}", tuple(f"{diffusers_block}.{index}.{target}" for target in layers[layer])
-
-
-# kohya's spelling of each layer name above ("." as "_") -> the dotted name.
-_UNDERSCORED = {
-    name.replace(".", "_"): name
-    for table in (_ORIGINAL_LAYERS, _DOUBLE_BLOCK_LAYERS, _SINGLE_BLOCK_LAYERS)
-    for name in table
-}
-
-
 def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> list[torch.Tensor]:
     """A fused layer's weight, bias or LoRA up weight cut into the layers it holds: q, k and v are `width` outputs
     each, and a single block's MLP input after them takes the rest."""
@@ -452,13 +401,6 @@ def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> l
             "it was made for a Flux model of another size"
         )
     return list(torch.split(weight, [width] * (parts - 1) + [rest]))
-
-
-def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 class _LayerPlaces:
@@ -488,7 +430,7 @@ class _LayerPlaces:
             name = next((module[len(prefix) :] for prefix in prefixes if module.startswith(prefix)), None)
             if name is None:
                 continue
-            original = _original_layer(name) if component == "transformer" else None
+            original = _NAMES.find(name) if component == "transformer" else None
             if original is not None:
                 return component, *original
             if name in self.names[component]:

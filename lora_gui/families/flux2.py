@@ -26,17 +26,22 @@ are read here into diffusers' names, alpha / rank folded in: diffusers' own conv
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lora_gui.families.base import Family, ImageGeometry, Imported
+from lora_gui.families.base import ImageGeometry, Imported
+from lora_gui.families.rectified_flow import (
+    LORA_TENSORS,
+    SWAPPED_HALVES,
+    BlackForestLabsNames,
+    RectifiedFlowTransformer,
+    swap_halves,
+)
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-    from lora_gui.objectives import Objective
 
 # The published models: each distilled one and the base it was distilled from, 4B and 9B.
 KLEIN_4B, KLEIN_BASE_4B = "black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B"
@@ -87,18 +92,12 @@ _SINGLE_BLOCK_LAYERS = {
     "norm.query_norm": ("attn.norm_q",),
     "norm.key_norm": ("attn.norm_k",),
 }
-_BLOCKS = {
-    "double_blocks": ("transformer_blocks", _DOUBLE_BLOCK_LAYERS),
-    "single_blocks": ("single_transformer_blocks", _SINGLE_BLOCK_LAYERS),
-}
-# The final layer's modulation gives (shift, scale) where diffusers' norm_out gives (scale, shift).
-_SWAPPED_HALVES = "final_layer.adaLN_modulation.1"
+_NAMES = BlackForestLabsNames(_ORIGINAL_LAYERS, _DOUBLE_BLOCK_LAYERS, _SINGLE_BLOCK_LAYERS)
 # Where the transformer is in an all-in-one or ComfyUI checkpoint, and its layers in LoRAs: diffusers' and
 # SimpleTuner's (transformer.), ai-toolkit's and ComfyUI's (diffusion_model.), fal's (base_model.model.), kohya's and
 # musubi-tuner's (lora_unet_), OneTrainer's (lora_transformer_).
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _LORA_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.", "lora_unet_", "lora_transformer_")
-_LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
 # The most single blocks a klein transformer has (9B's 24): peft names layers by suffix, and `attn.to_out` alone would
 # also name the double blocks' list of output layers, so the single blocks' are named one by one.
 _MOST_SINGLE_BLOCKS = 24
@@ -118,15 +117,12 @@ def _published_shape(double: int, single: int, heads: int, text_width: int) -> d
     )
 
 
-class Flux2Klein(Family):
+class Flux2Klein(RectifiedFlowTransformer):
     name = "flux2-klein"
     title = "Flux.2 klein"
     short_title = "Flux.2 klein"
     pipeline_class = Imported("diffusers", "Flux2KleinPipeline")
-    default_resolution = 1024
-    denoiser_name = "transformer"
     denoiser_class = Imported("diffusers", "Flux2Transformer2DModel")
-    denoiser_title = "transformer"
     # Every linear layer of the blocks: the double blocks' attention and MLPs, the single blocks' fused input
     # (q, k, v and the MLP's) and output. The modulation shared by all blocks stays frozen (see above).
     default_target_modules = (
@@ -146,8 +142,6 @@ class Flux2Klein(Family):
         *(f"single_transformer_blocks.{index}.attn.to_out" for index in range(_MOST_SINGLE_BLOCKS)),
     )
     tokenizer_names = ("tokenizer",)
-    trains_text_encoders = False
-    kohya_module_names = False
     kohya_alpha_folded = True  # diffusers' Flux.2 loader refuses alpha tensors; ComfyUI reads none as scale 1
     kohya_network_module = "networks.lora_flux_2"
     kohya_base_model_version = "flux2_klein"
@@ -200,10 +194,6 @@ class Flux2Klein(Family):
     too_large_for_one_gpu = "The whole of Flux.2 klein is 16 GB (4B) to 35 GB (9B)"
 
     @classmethod
-    def matches(cls, pipe: DiffusionPipeline) -> bool:
-        return isinstance(pipe, cls.pipeline_class)
-
-    @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
         return model_index.get("_class_name") == "Flux2KleinPipeline"
 
@@ -228,11 +218,6 @@ class Flux2Klein(Family):
         return cls.default_steps, cls.default_guidance
 
     # ---- the parts and conditioning -------------------------------------------------------------
-    @classmethod
-    def bucket_step(cls, pipe: DiffusionPipeline) -> int:
-        """The VAE's downsampling, times 2 for the 2x2 patches the transformer reads."""
-        return 2 ** (len(pipe.vae.config.block_out_channels) - 1) * 2
-
     @classmethod
     def cross_attention_width(cls, pipe: DiffusionPipeline) -> int:
         return pipe.transformer.config.joint_attention_dim
@@ -280,14 +265,6 @@ class Flux2Klein(Family):
 
     # ---- training -------------------------------------------------------------------------------
     @classmethod
-    def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lora_gui.objectives import FlowMatching
-
-        return FlowMatching(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))
-
-    @classmethod
     def latents_for_denoiser(cls, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """2x2 patches of the VAE's latents (B, 128, h/2, w/2), normalized by its batch norm's running statistics,
         as the pipeline encodes an image."""
@@ -324,11 +301,6 @@ class Flux2Klein(Family):
 
     # ---- previews and Generate ------------------------------------------------------------------
     @classmethod
-    def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
-        """Its own flow-matching sampler, which its pipeline shifts for the picture's size."""
-        return pipe.scheduler
-
-    @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:
         """The tokenizer's length, which training pads captions to: Qwen3 and the transformer read the padding, so a
         model trained at another length (the tiny one reads 48 tokens) must be sampled at that length."""
@@ -357,7 +329,7 @@ class Flux2Klein(Family):
         weight, the up weight's rows shared out), alpha / rank folded into the down weight."""
         modules: dict[str, dict[str, str]] = {}
         for key in tensors:
-            match = _LORA_TENSORS.fullmatch(key)
+            match = LORA_TENSORS.fullmatch(key)
             if match is None:
                 return None  # a layout diffusers converts itself (LoKr)
             module, kind = match.groups()
@@ -369,15 +341,15 @@ class Flux2Klein(Family):
         converted: dict[str, torch.Tensor] = {}
         for module, parts in modules.items():
             name = next((module[len(p) :] for p in _LORA_PREFIXES if module.startswith(p)), None)
-            place = None if name is None else _original_layer(name) or layers.get(name)
+            place = None if name is None else _NAMES.find(name) or layers.get(name)
             down_key, up_key = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
             if place is None or down_key is None or up_key is None:
                 raise ValueError(f"it adapts layers this {cls.title} model does not have, such as {module}")
             original, targets = place
             down, up = tensors[down_key], tensors[up_key]
             alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
-            if original == _SWAPPED_HALVES:
-                up = _swap_halves(up)
+            if original == SWAPPED_HALVES:
+                up = swap_halves(up)
             for target, rows in zip(targets, up.chunk(len(targets)), strict=True):
                 _check_fits(transformer, target, down, rows, module)
                 converted[f"transformer.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
@@ -405,12 +377,12 @@ class Flux2Klein(Family):
         unknown = []
         for key in (key for key in tensors if key.startswith(prefix)):
             layer, _, parameter = key[len(prefix) :].rpartition(".")
-            found = _original_layer(layer)
+            found = _NAMES.find(layer)
             if found is None or parameter not in ("weight", "bias", "scale"):
                 unknown.append(key)
                 continue
             original, targets = found
-            value = _swap_halves(tensors[key]) if original == _SWAPPED_HALVES else tensors[key]
+            value = swap_halves(tensors[key]) if original == SWAPPED_HALVES else tensors[key]
             for target, part in zip(targets, value.chunk(len(targets)), strict=True):
                 weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
         if unknown:
@@ -420,7 +392,8 @@ class Flux2Klein(Family):
         width, in_channels = weights["x_embedder.weight"].shape
         head_width = weights["transformer_blocks.0.attn.norm_q.weight"].shape[0]
         blocks = {
-            name: {key.split(".")[1] for key in weights if key.startswith(f"{name}.")} for name, _ in _BLOCKS.values()
+            name: {key.split(".")[1] for key in weights if key.startswith(f"{name}.")}
+            for name, _ in _NAMES.blocks.values()
         }
         shape = dict(
             num_layers=len(blocks["transformer_blocks"]),
@@ -490,32 +463,9 @@ def _checkpoint_prefix(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return next((p for p in _CHECKPOINT_PREFIXES if f"{p}img_in.weight" in tensors), None)
 
 
-def _original_layer(name: str) -> tuple[str, tuple[str, ...]] | None:
-    """One of Black Forest Labs' layers (named with "." or, as kohya writes, "_"): its dotted name and the diffusers
-    layers it holds; None for any other name."""
-    block = re.fullmatch(r"(double_blocks|single_blocks)[._](\d+)[._](.+)", name)
-    if block is None:
-        dotted = _UNDERSCORED.get(name, name)
-        return (dotted, _ORIGINAL_LAYERS[dotted]) if dotted in _ORIGINAL_LAYERS else None
-    kind, index, layer = block.groups()
-    diffusers_block, layers = _BLOCKS[kind]
-    layer = _UNDERSCORED.get(layer, layer)
-    if layer not in layers:
-        return None
-    return f"{kind}.{index}.{layer}", tuple(f"{diffusers_block}.{index}.{target}" for target in layers[layer])
-
-
-# kohya's spelling of each layer name above ("." as "_") -> the dotted name.
-_UNDERSCORED = {
-    name.replace(".", "_"): name
-    for table in (_ORIGINAL_LAYERS, _DOUBLE_BLOCK_LAYERS, _SINGLE_BLOCK_LAYERS)
-    for name in table
-}
-
-
 def _layer_names(transformer: torch.nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
     """The loaded transformer's linear layers by diffusers' names, dotted and in kohya's "_" spelling, each as
-    `_original_layer` gives a layer: ("", (its dotted name,))."""
+    `BlackForestLabsNames.find` gives a layer: ("", (its dotted name,))."""
     return {
         spelling: ("", (layer,))
         for layer, module in transformer.named_modules()
@@ -537,10 +487,3 @@ def _check_fits(transformer: torch.nn.Module, target: str, down: torch.Tensor, u
             f"{module} reads {down.shape[-1]} inputs and writes {up.shape[0]} outputs where this model's {target} "
             f"has {layer.in_features} and {layer.out_features}: it was made for a model of another size"
         )
-
-
-def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)

@@ -31,17 +31,16 @@ diffusers) reads some of these but leaves a fused qkv under lora_down/lora_up un
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lora_gui.families.base import Family, ImageGeometry, Imported
+from lora_gui.families.base import ImageGeometry, Imported
+from lora_gui.families.rectified_flow import LORA_TENSORS, RectifiedFlowTransformer
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-    from lora_gui.objectives import Objective
 
 TURBO_SHIFT = 3.0  # Turbo's scheduler shift; the base model's is 6
 # Turbo: 8 steps without guidance (its model card, diffusers' pipeline docstring).
@@ -63,18 +62,14 @@ _BLOCKS = ("layers", "noise_refiner", "context_refiner")
 # (diffusion_model.), kohya's and musubi-tuner's (lora_unet_); in an all-in-one checkpoint, model.diffusion_model.
 _ALL_IN_ONE_PREFIX = "model.diffusion_model."
 _LORA_PREFIXES = ("transformer.", _ALL_IN_ONE_PREFIX, "diffusion_model.", "lora_unet_")
-_LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
 
 
-class ZImage(Family):
+class ZImage(RectifiedFlowTransformer):
     name = "zimage"
     title = "Z-Image"
     short_title = "Z-Image"
     pipeline_class = Imported("diffusers", "ZImagePipeline")
-    default_resolution = 1024
-    denoiser_name = "transformer"
     denoiser_class = Imported("diffusers", "ZImageTransformer2DModel")
-    denoiser_title = "transformer"
     # Every block's attention (diffusers' script's set) and its SwiGLU MLP (as musubi-tuner and ai-toolkit train).
     default_target_modules = (
         "attention.to_q",
@@ -85,8 +80,6 @@ class ZImage(Family):
         "feed_forward.w2",
         "feed_forward.w3",
     )
-    trains_text_encoders = False
-    kohya_module_names = False
     kohya_alpha_folded = True
     kohya_network_module = "networks.lora_zimage"  # musubi-tuner's
     kohya_base_model_version = "z_image"  # musubi-tuner's (ai-toolkit writes "zimage")
@@ -140,10 +133,6 @@ class ZImage(Family):
     pipeline_dtype = "bfloat16"
 
     @classmethod
-    def matches(cls, pipe: DiffusionPipeline) -> bool:
-        return isinstance(pipe, cls.pipeline_class)
-
-    @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
         return model_index.get("_class_name") == "ZImagePipeline"
 
@@ -156,11 +145,6 @@ class ZImage(Family):
         if cls.variant(pipe) == "turbo":
             return TURBO_STEPS, TURBO_GUIDANCE
         return cls.default_steps, cls.default_guidance
-
-    @classmethod
-    def bucket_step(cls, pipe: DiffusionPipeline) -> int:
-        """The VAE's downsampling, times 2 for the 2x2 patches the transformer reads."""
-        return 2 ** (len(pipe.vae.config.block_out_channels) - 1) * 2
 
     @classmethod
     def cross_attention_width(cls, pipe: DiffusionPipeline) -> int:
@@ -195,14 +179,6 @@ class ZImage(Family):
 
     # ---- training -------------------------------------------------------------------------------
     @classmethod
-    def objective(cls, pipe: DiffusionPipeline, snr_gamma: float) -> Objective:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lora_gui.objectives import FlowMatching
-
-        return FlowMatching(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))
-
-    @classmethod
     def predict(
         cls,
         denoiser: torch.nn.Module,
@@ -224,11 +200,6 @@ class ZImage(Family):
 
     # ---- previews and Generate ------------------------------------------------------------------
     @classmethod
-    def preview_scheduler(cls, pipe: DiffusionPipeline) -> Any:
-        """Its own flow-matching sampler, with its model's shift."""
-        return pipe.scheduler
-
-    @classmethod
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, Any]:
         """The pipeline's lists of embeddings, one a prompt, with the empty negative prompt's for guidance."""
         embeds, negative = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=True)
@@ -243,7 +214,7 @@ class ZImage(Family):
         weight, a fused qkv's LoRA given to q, k and v (the same down weight, the up weight's rows shared out)."""
         modules: dict[str, dict[str, str]] = {}
         for key in tensors:
-            match = _LORA_TENSORS.fullmatch(key)
+            match = LORA_TENSORS.fullmatch(key)
             if match is None:
                 return None  # a layout diffusers converts itself (LoKr) or refuses in its own words
             module, kind = match.groups()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from helpers.pipes import fresh_pipe, image
 from lora_gui.infer import Generator
 
 # The layers a LoRA adapts in an SD 1.x UNet and CLIP text encoder.
@@ -54,3 +56,24 @@ def kohya_file_by_hand(generator: Generator, adapter: str, path: Path) -> Path:
                 tensors[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
     save_file(tensors, str(path))
     return path
+
+
+def lora_from_elsewhere(model: Path, rank: int, alpha: float) -> SimpleNamespace:
+    """A random LoRA put on by peft outside this app, on every linear layer of a tiny transformer model: each layer's
+    (down, up) with alpha / rank folded into down, and the pictures without it and with it, for writing the LoRA in
+    other tools' layouts and checking Generate reads each back into the same picture."""
+    pipe = fresh_pipe(model)
+    base = image(pipe)
+    torch.manual_seed(0)
+    linear = [name for name, layer in pipe.transformer.named_modules() if isinstance(layer, torch.nn.Linear)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=linear, init_lora_weights=False)
+    inject_adapter_in_model(config, pipe.transformer, adapter_name="default")
+    pipe.transformer.peft_config = {"default": config}
+    layers = {}
+    with torch.no_grad():
+        for name, layer in pipe.transformer.named_modules():
+            if isinstance(layer, LoraLayer):
+                layer.lora_B["default"].weight *= 0.2  # a clear change, not a ruined picture
+                down, up = layer.lora_A["default"].weight.clone(), layer.lora_B["default"].weight.clone()
+                layers[name] = (down * (alpha / rank), up)
+    return SimpleNamespace(model=model, pipe=pipe, base=base, with_lora=image(pipe), layers=layers)

@@ -140,8 +140,8 @@ def _build_header(ctx: Ctx) -> None:
     """The title, what the app does, the demo button, the sign-in button, and the engine's loading notice."""
     with gr.Row():
         gr.Markdown(
-            "# LoRA trainer\nTeach Stable Diffusion or Flux a face, an object or a style from your own pictures: "
-            "**1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
+            "# LoRA trainer\nTeach Stable Diffusion, Flux or Z-Image a face, an object or a style from your own "
+            "pictures: **1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
             "model a shape it never saw in about a minute, with no download."
         )
         with gr.Column(scale=0, min_width=180):

@@ -193,7 +193,8 @@ def flow_reference_loop(setup: Setup, captions_cached: bool = False) -> LoopResu
     """The per-step work of diffusers' DreamBooth LoRA scripts for rectified-flow transformers (Flux.1's, Z-Image's,
     Flux.2 klein's: one shape of step) for a LoRA on the transformer's layers the script adapts by default
     (`Family.reference_targets`), with a caption per picture, with its data already in memory. `captions_cached`:
-    the script encodes every picture's caption once, before its loop (Z-Image's), instead of every step's anew."""
+    the script encodes every picture's caption once, before its loop (Z-Image's, Flux.2 klein's), instead of every
+    step's anew (Flux.1's)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
@@ -292,7 +293,8 @@ class FlowScriptStep:
 REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
     "train_dreambooth_lora_flux.py": flow_reference_loop,
-    "train_dreambooth_lora_flux2_klein.py": flow_reference_loop,
+    # These two encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
+    "train_dreambooth_lora_flux2_klein.py": functools.partial(flow_reference_loop, captions_cached=True),
     "train_dreambooth_lora_z_image.py": functools.partial(flow_reference_loop, captions_cached=True),
 }
 

@@ -257,10 +257,7 @@ class Flux2Klein(RectifiedFlowTransformer):
         hidden = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False
         ).hidden_states
-        # A benchmark's shallow Qwen3 (4 of the 36 layers, tiny.py) is read at the same fractions of its depth.
-        depth = len(hidden) - 1
-        layers = TEXT_LAYERS if depth > max(TEXT_LAYERS) else [layer * depth // 36 for layer in TEXT_LAYERS]
-        stacked = torch.stack([hidden[layer] for layer in layers], dim=2)  # (B, L, 3, H)
+        stacked = torch.stack([hidden[layer] for layer in _text_layers(len(hidden) - 1)], dim=2)  # (B, L, 3, H)
         return {"prompt_embeds": stacked.flatten(2)}
 
     # ---- training -------------------------------------------------------------------------------
@@ -303,8 +300,12 @@ class Flux2Klein(RectifiedFlowTransformer):
     @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:
         """The tokenizer's length, which training pads captions to: Qwen3 and the transformer read the padding, so a
-        model trained at another length (the tiny one reads 48 tokens) must be sampled at that length."""
-        return {"max_sequence_length": pipe.tokenizer.model_max_length}
+        model trained at another length (the tiny one reads 48 tokens) must be sampled at that length; and the Qwen3
+        layers training reads (the pipeline's 9, 18 and 27, or a benchmark's shallow Qwen3's)."""
+        return {
+            "max_sequence_length": pipe.tokenizer.model_max_length,
+            "text_encoder_out_layers": _text_layers(pipe.text_encoder.config.num_hidden_layers),
+        }
 
     @classmethod
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -457,6 +458,12 @@ class Flux2Klein(RectifiedFlowTransformer):
             transformer=cls.build_denoiser(size),
             is_distilled=False,
         )
+
+
+def _text_layers(depth: int) -> tuple[int, ...]:
+    """The Qwen3 hidden states the transformer reads, from a Qwen3 of this many layers: the published ones' (36 layers)
+    9, 18 and 27, and a benchmark's shallow Qwen3 (4 of the 36, tiny.py) at the same fractions of its depth."""
+    return TEXT_LAYERS if depth > max(TEXT_LAYERS) else tuple(layer * depth // 36 for layer in TEXT_LAYERS)
 
 
 def _checkpoint_prefix(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_gui.families.base import ImageGeometry, Imported
 from lora_gui.families.rectified_flow import (
-    LORA_TENSORS,
     SWAPPED_HALVES,
     BlackForestLabsNames,
     RectifiedFlowTransformer,
+    lora_layers,
+    scaled_factors,
     swap_halves,
 )
 
@@ -198,13 +199,9 @@ class Flux1(RectifiedFlowTransformer):
         """Black Forest Labs' layers (kohya's, FluxGym's, ComfyUI's LoRAs), diffusers' layers under another prefix
         (ai-toolkit's) and kohya's CLIP layers, in diffusers' names: each fused layer's LoRA given to every layer it
         holds (the same down weight, the up weight's rows shared out), alpha / rank folded into the down weight."""
-        modules: dict[str, dict[str, str]] = {}
-        for key in tensors:
-            match = LORA_TENSORS.fullmatch(key)
-            if match is None:
-                return None  # a layout diffusers converts itself (XLabs', Black Forest Labs' Control LoRAs)
-            module, kind = match.groups()
-            modules.setdefault(module, {})[kind.partition(".")[0]] = key
+        modules = lora_layers(tensors)
+        if modules is None:
+            return None  # a layout diffusers converts itself (XLabs', Black Forest Labs' Control LoRAs)
         if all(key.startswith(("transformer.", "text_encoder.")) and "lora_down" not in key for key in tensors):
             return None  # diffusers' own layout, whose metadata diffusers reads from the file
         places = _LayerPlaces(pipe)
@@ -212,18 +209,16 @@ class Flux1(RectifiedFlowTransformer):
         unplaced = []
         for module, parts in modules.items():
             place = places.find(module)
-            down_key, up_key = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
-            if place is None or down_key is None or up_key is None:
+            if place is None or not {"down", "up"} <= parts.keys():
                 unplaced.append(module)
                 continue
             component, original, targets = place
-            down, up = tensors[down_key], tensors[up_key]
-            alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
+            down, up = scaled_factors(tensors, parts)
             if original == SWAPPED_HALVES:
                 up = swap_halves(up)
             for target, rows in zip(targets, _split_outputs(up, len(targets), places.width, module), strict=True):
                 places.check(component, target, down, module)
-                converted[f"{component}.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
+                converted[f"{component}.{target}.lora_A.weight"] = down
                 converted[f"{component}.{target}.lora_B.weight"] = rows.contiguous()
         if any(module.startswith(_T5_PREFIXES) for module in unplaced):
             raise ValueError("it adapts T5 too, which diffusers can't put a LoRA on; it works in ComfyUI and Forge")
@@ -244,18 +239,9 @@ class Flux1(RectifiedFlowTransformer):
         if prefix is None:
             raise ValueError(f"it holds no {cls.title} transformer (it has no img_in.weight)")
         width = tensors[f"{prefix}img_in.weight"].shape[0]
-        weights: dict[str, torch.Tensor] = {}
-        unknown = []
-        for key in (key for key in tensors if key.startswith(prefix)):
-            layer, _, parameter = key[len(prefix) :].rpartition(".")
-            found = _NAMES.find(layer)
-            if found is None or parameter not in ("weight", "bias", "scale"):
-                unknown.append(key)
-                continue
-            original, targets = found
-            value = swap_halves(tensors[key]) if original == SWAPPED_HALVES else tensors[key]
-            for target, part in zip(targets, _split_outputs(value, len(targets), width, key), strict=True):
-                weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
+        weights, unknown = _NAMES.weights(
+            tensors, prefix, lambda value, parts, key: _split_outputs(value, parts, width, key)
+        )
         if unknown:
             raise ValueError(
                 f"it holds tensors that are not a {cls.title} transformer's, such as {', '.join(sorted(unknown)[:3])}"

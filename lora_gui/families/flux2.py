@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_gui.families.base import ImageGeometry, Imported
 from lora_gui.families.rectified_flow import (
-    LORA_TENSORS,
     SWAPPED_HALVES,
     BlackForestLabsNames,
     RectifiedFlowTransformer,
+    lora_layers,
+    scaled_factors,
     swap_halves,
 )
 
@@ -328,13 +329,9 @@ class Flux2Klein(RectifiedFlowTransformer):
     ) -> dict[str, torch.Tensor] | None:
         """Any layout above in diffusers' names: a fused layer's LoRA given to each layer it holds (the same down
         weight, the up weight's rows shared out), alpha / rank folded into the down weight."""
-        modules: dict[str, dict[str, str]] = {}
-        for key in tensors:
-            match = LORA_TENSORS.fullmatch(key)
-            if match is None:
-                return None  # a layout diffusers converts itself (LoKr)
-            module, kind = match.groups()
-            modules.setdefault(module, {})[kind.partition(".")[0]] = key
+        modules = lora_layers(tensors)
+        if modules is None:
+            return None  # a layout diffusers converts itself (LoKr)
         if all(key.startswith("transformer.") and not key.endswith((".alpha", "lora_down.weight")) for key in tensors):
             return None  # diffusers' own layout, whose metadata diffusers reads from the file
         transformer = pipe.transformer
@@ -343,17 +340,15 @@ class Flux2Klein(RectifiedFlowTransformer):
         for module, parts in modules.items():
             name = next((module[len(p) :] for p in _LORA_PREFIXES if module.startswith(p)), None)
             place = None if name is None else _NAMES.find(name) or layers.get(name)
-            down_key, up_key = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
-            if place is None or down_key is None or up_key is None:
+            if place is None or not {"down", "up"} <= parts.keys():
                 raise ValueError(f"it adapts layers this {cls.title} model does not have, such as {module}")
             original, targets = place
-            down, up = tensors[down_key], tensors[up_key]
-            alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
+            down, up = scaled_factors(tensors, parts)
             if original == SWAPPED_HALVES:
                 up = swap_halves(up)
             for target, rows in zip(targets, up.chunk(len(targets)), strict=True):
                 _check_fits(transformer, target, down, rows, module)
-                converted[f"transformer.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
+                converted[f"transformer.{target}.lora_A.weight"] = down
                 converted[f"transformer.{target}.lora_B.weight"] = rows.contiguous()
         return converted
 
@@ -374,18 +369,8 @@ class Flux2Klein(RectifiedFlowTransformer):
         prefix = _checkpoint_prefix(tensors)
         if prefix is None:
             raise ValueError(f"it holds no {cls.title} transformer (it has no img_in.weight)")
-        weights: dict[str, torch.Tensor] = {}
-        unknown = []
-        for key in (key for key in tensors if key.startswith(prefix)):
-            layer, _, parameter = key[len(prefix) :].rpartition(".")
-            found = _NAMES.find(layer)
-            if found is None or parameter not in ("weight", "bias", "scale"):
-                unknown.append(key)
-                continue
-            original, targets = found
-            value = swap_halves(tensors[key]) if original == SWAPPED_HALVES else tensors[key]
-            for target, part in zip(targets, value.chunk(len(targets)), strict=True):
-                weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
+        # Only q, k and v are fused here (the single blocks' fused input is one diffusers layer too): equal thirds.
+        weights, unknown = _NAMES.weights(tensors, prefix, lambda value, parts, key: list(value.chunk(parts)))
         if unknown:
             raise ValueError(
                 f"it holds tensors that are not a {cls.title} transformer's, such as {', '.join(sorted(unknown)[:3])}"

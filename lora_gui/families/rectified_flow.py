@@ -8,6 +8,7 @@ latents in 2x2 patches, and keeps diffusers' layer names in its file for ComfyUI
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lora_gui.families.base import Family
@@ -50,7 +51,31 @@ class RectifiedFlowTransformer(Family):
 
 
 # A LoRA file's tensor name: its layer, and which of kohya's or peft's tensors of it this is.
-LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
+_LORA_TENSORS = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
+_FACTORS = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up"}
+
+
+def lora_layers(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]] | None:
+    """A LoRA file's tensors by the layer they adapt, in kohya's names or peft's alike: {layer: {"down": key, "up": key,
+    "alpha": key}}; None for a file holding other tensors (a layout diffusers converts itself, such as LoKr)."""
+    layers: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        match = _LORA_TENSORS.fullmatch(key)
+        if match is None:
+            return None
+        layer, part = match.groups()
+        layers.setdefault(layer, {})[_FACTORS.get(part, part)] = key
+    return layers
+
+
+def scaled_factors(tensors: Mapping[str, torch.Tensor], parts: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's (down, up) weights with its alpha / rank folded into down, as diffusers loads them at scale 1; raises
+    KeyError for a layer without both."""
+    down, up = tensors[parts["down"]], tensors[parts["up"]]
+    alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
+    return down * (alpha / down.shape[0]), up
+
+
 # The final layer's modulation gives (shift, scale) where diffusers' norm_out gives (scale, shift).
 SWAPPED_HALVES = "final_layer.adaLN_modulation.1"
 
@@ -85,6 +110,29 @@ class BlackForestLabsNames:
         if layer not in layers:
             return None
         return f"{kind}.{index}.{layer}", tuple(f"{diffusers_block}.{index}.{target}" for target in layers[layer])
+
+    def weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        prefix: str,
+        split: Callable[[torch.Tensor, int, str], list[torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A checkpoint's transformer (its tensors under `prefix`) in diffusers' names: each fused layer's weight and
+        bias cut by `split(tensor, parts, name)` into the layers it holds; and the names of the tensors that are no
+        layer's."""
+        weights: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key in (key for key in tensors if key.startswith(prefix)):
+            layer, _, parameter = key[len(prefix) :].rpartition(".")
+            found = self.find(layer)
+            if found is None or parameter not in ("weight", "bias", "scale"):
+                unknown.append(key)
+                continue
+            original, targets = found
+            value = swap_halves(tensors[key]) if original == SWAPPED_HALVES else tensors[key]
+            for target, part in zip(targets, split(value, len(targets), key), strict=True):
+                weights[f"{target}.{'weight' if parameter == 'scale' else parameter}"] = part
+        return weights, unknown
 
 
 def swap_halves(weight: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_gui.families.base import ImageGeometry, Imported
-from lora_gui.families.rectified_flow import LORA_TENSORS, RectifiedFlowTransformer
+from lora_gui.families.rectified_flow import RectifiedFlowTransformer, lora_layers, scaled_factors
 
 if TYPE_CHECKING:
     import torch
@@ -212,13 +212,9 @@ class ZImage(RectifiedFlowTransformer):
     ) -> dict[str, torch.Tensor] | None:
         """Any of the layouts in the module's docstring in diffusers' names, alpha / rank folded into the down
         weight, a fused qkv's LoRA given to q, k and v (the same down weight, the up weight's rows shared out)."""
-        modules: dict[str, dict[str, str]] = {}
-        for key in tensors:
-            match = LORA_TENSORS.fullmatch(key)
-            if match is None:
-                return None  # a layout diffusers converts itself (LoKr) or refuses in its own words
-            module, kind = match.groups()
-            modules.setdefault(module, {})[kind.partition(".")[0]] = key
+        modules = lora_layers(tensors)
+        if modules is None:
+            return None  # a layout diffusers converts itself (LoKr) or refuses in its own words
         if all(
             key.startswith("transformer.") and not key.endswith(".alpha") and "lora_down" not in key for key in tensors
         ):
@@ -227,16 +223,14 @@ class ZImage(RectifiedFlowTransformer):
         converted: dict[str, torch.Tensor] = {}
         for module, parts in modules.items():
             targets = places.find(module)
-            down_key, up_key = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
-            if targets is None or down_key is None or up_key is None:
+            if targets is None or not {"down", "up"} <= parts.keys():
                 raise ValueError(f"it adapts layers this {cls.title} model does not have, such as {module}")
-            down, up = tensors[down_key], tensors[up_key]
-            alpha = tensors[parts["alpha"]].item() if "alpha" in parts else down.shape[0]
+            down, up = scaled_factors(tensors, parts)
             if up.shape[0] % len(targets):
                 raise ValueError(f"{module} has {up.shape[0]} outputs, which don't divide into q, k and v")
             for target, rows in zip(targets, up.chunk(len(targets)), strict=True):
                 places.check(target, down, rows, module)
-                converted[f"transformer.{target}.lora_A.weight"] = down * (alpha / down.shape[0])
+                converted[f"transformer.{target}.lora_A.weight"] = down
                 converted[f"transformer.{target}.lora_B.weight"] = rows.contiguous()
         return converted
 

@@ -380,7 +380,9 @@ def as_preset(config: TrainConfig) -> TrainConfig:
 
 
 def load_preset(name: str) -> TrainConfig:
-    path = PRESETS_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ConfigError(f"no preset named {name!r}; available: {', '.join(list_presets())}")
-    return TrainConfig.load(path)
+    """A shipped preset by its name. A name is never a path: one with a separator or '..' reads as the unknown name
+    it is, whatever file it would have reached (another visitor's run config, any .json on the server)."""
+    presets = list_presets()
+    if not _PRESET_NAME.fullmatch(name) or name not in presets:
+        raise ConfigError(f"no preset named {name!r}; available: {', '.join(presets)}")
+    return TrainConfig.load(PRESETS_DIR / f"{name}.json")

@@ -65,10 +65,18 @@ def preset_choices(mine: dict[str, Any] | None = None) -> list[tuple[str, str]]:
 
 
 def _browser_presets(ctx: Ctx, my_presets: Any) -> dict[str, Any]:
-    """The presets this visitor's browser keeps: only where visitors are strangers, and only well-formed ones."""
+    """The presets this visitor's browser keeps: only where visitors are strangers, and only well-formed ones: a
+    name as `keep_preset` gives one (never a path, which the menu would offer and Use would read)."""
     if not ctx.shared or not isinstance(my_presets, dict):
         return {}
-    return {name: values for name, values in my_presets.items() if isinstance(name, str) and isinstance(values, dict)}
+    return {name: values for name, values in my_presets.items() if _is_preset_name(name) and isinstance(values, dict)}
+
+
+def _is_preset_name(name: object) -> bool:
+    try:
+        return isinstance(name, str) and check_preset_name(name) == name
+    except ConfigError:
+        return False
 
 
 def preset_menu(ctx: Ctx, my_presets: Any) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""A Space that strangers share, second round (issue 27): what one visitor could still learn of another's runs
+and of the server's files, through gradio_client and raw queue calls. `python app.py` runs as a Space starts it
+(SPACE_ID set), with small quotas; each visitor is a gradio_client of their own, so a session of their own."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from helpers.app import AppServer, running_app, text
+
+from lora_gui.errors import LoraGuiError
+
+pytestmark = pytest.mark.app
+
+SPACE = {
+    "SPACE_ID": "someone/lora-trainer",
+    "LORA_GUI_MAX_STAGING_MB": "20",
+    "LORA_GUI_MAX_FILE_MB": "8",
+    "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
+    "LORA_GUI_MIN_FREE_GB": "0",
+}
+SECRET_PROMPT = "photo of my secret friend"
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    with running_app(tmp_path_factory.mktemp("space-runs"), "space-strangers.log", env=SPACE) as server:
+        yield server
+
+
+def raw_event(space: AppServer, trigger: str, values: dict[str, object], session: str) -> list:
+    """Call the page's event on `trigger` (a button's words, or "load": the load event that reads `values`' keys),
+    private or not, as a raw queue call in `session`: every input at its starting value but `values`, by label or
+    storage key. Returns the event's outputs."""
+    config = json.load(urllib.request.urlopen(f"{space.url}config", timeout=30))
+    props = {component["id"]: component.get("props", {}) for component in config["components"]}
+
+    def named(id_: int) -> object:
+        return props[id_].get("label") or props[id_].get("storage_key")
+
+    def triggered(dependency: dict) -> bool:
+        if trigger == "load":
+            return any(event == "load" for _, event in dependency["targets"]) and any(
+                named(id_) in values for id_ in dependency["inputs"]
+            )
+        return any(props.get(id_, {}).get("value") == trigger for id_, _ in dependency["targets"])
+
+    (dependency,) = [dependency for dependency in config["dependencies"] if triggered(dependency)]
+    data = [values.get(named(id_), props[id_].get("value")) for id_ in dependency["inputs"]]
+    body = {"data": data, "fn_index": dependency["id"], "session_hash": session, "event_data": None}
+    request = urllib.request.Request(
+        f"{space.url}gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=30).close()
+    with urllib.request.urlopen(f"{space.url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in io.TextIOWrapper(stream, encoding="utf-8"):
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                return message["output"].get("data") or [message["output"].get("error")]
+    raise AssertionError("the event never completed")
+
+
+def test_a_preset_name_is_never_a_path_to_another_visitors_settings_or_any_server_file(space):
+    from lora_gui.config import load_preset
+
+    other = space.runs_dir / "their-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"sample_prompts": SECRET_PROMPT, "base_model": "their/model"}))
+    probes = [str(other / "config"), f"../{space.runs_dir.name}/their-run/config", "../lora_gui/demo_model/model_index"]
+    session = "a-stranger-with-presets"
+    loaded = raw_event(space, "load", {"lora_gui_presets": {name: {} for name in probes}}, session)
+    offered = [name for _, name in next(out["choices"] for out in loaded if isinstance(out, dict) and "choices" in out)]
+    for probe in [name for name in probes if name in offered]:  # one the menu lists: Use takes it
+        answer = text(tuple(raw_event(space, "Use this preset", {"Preset (ready-made settings)": probe}, session)))
+        assert SECRET_PROMPT not in answer and "their/model" not in answer and "_class_name" not in answer, probe
+    # The menu offers no path, and the engine reads a path-like name as the unknown name it is, so Use can't either.
+    assert not set(probes) & set(offered)
+    with pytest.raises(LoraGuiError) as unknown:
+        load_preset("no-such-preset")
+    for probe in probes:
+        with pytest.raises(LoraGuiError) as refused:
+            load_preset(probe)
+        assert str(refused.value).replace(probe, "X") == str(unknown.value).replace("no-such-preset", "X")

@@ -8,10 +8,13 @@ import io
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers.app import AppServer, running_app, text
+from gradio_client import Client
+from helpers.app import QUICK, AppServer, running_app, shown, text, upload_pictures
 
+from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraGuiError
 
 pytestmark = pytest.mark.app
@@ -85,3 +88,20 @@ def test_a_preset_name_is_never_a_path_to_another_visitors_settings_or_any_serve
         with pytest.raises(LoraGuiError) as refused:
             load_preset(probe)
         assert str(refused.value).replace(probe, "X") == str(unknown.value).replace("no-such-preset", "X")
+
+
+
+def suggested_after_a_start(client: Client, pictures: Path) -> str:
+    """The run name the page suggests to `client` after a run it started with no name typed (the one suggested)."""
+    upload_pictures(client, pictures)
+    answer = client.predict(run_name="", max_steps=5000, **QUICK, api_name="/start")
+    client.predict(api_name="/stop")
+    return next(shown(value) for value in answer if str(shown(value)).startswith("my-lora"))
+
+
+def test_a_suggested_run_name_counts_only_the_visitors_own_runs(space, tmp_path):
+    write_demo_dataset(tmp_path, count=2, size=(64, 64))
+    a_next = suggested_after_a_start(Client(space.url, verbose=False), tmp_path)
+    b_next = suggested_after_a_start(Client(space.url, verbose=False), tmp_path)
+    assert a_next.endswith("-2") and b_next.endswith("-2"), (a_next, b_next)  # one run each, whatever others made
+    assert a_next != b_next  # and never a name another visitor's run has on disk

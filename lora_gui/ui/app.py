@@ -194,7 +194,18 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
         demo.load,
         restore,
         ["owner_key", "remembered", "my_presets", "dataset_version", "resolution", "default_caption"],
-        ["owner", "owner_key", "session", "dataset_version", "report", "page", "preset", "base_model", *settings],
+        [
+            "owner",
+            "owner_key",
+            "session",
+            "dataset_version",
+            "report",
+            "page",
+            "preset",
+            "run_name",
+            "base_model",
+            *settings,
+        ],
         api_visibility="private",
     )
     ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
@@ -254,7 +265,12 @@ def restore(
     owner_key = owner_key if isinstance(owner_key, str) and len(owner_key) >= 32 else new_secret()
     owner = anonymous(owner_key) if ctx.shared and not ctx.users else ""
     visitor = visitor.known_in_this_browser_as(owner) if owner else visitor
-    updates: dict[str, Any] = {"owner": owner, "owner_key": owner_key, "preset": preset_menu(ctx, my_presets)}
+    updates: dict[str, Any] = {
+        "owner": owner,
+        "owner_key": owner_key,
+        "preset": preset_menu(ctx, my_presets),
+        "run_name": ctx.folders.suggest_run_name(visitor),
+    }
     job = ctx.engine.jobs.latest(visitor) if ctx.engine.loaded else None  # no run starts before the engine loads
     if job is not None and not job.done.is_set():
         config = job.config

@@ -3,13 +3,14 @@ more run of theirs."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_gui.errors import LoraGuiError
 from lora_gui.limits import Limits, check_free_disk, check_runs_waiting
 from lora_gui.owners import EVERYONE, Visitor
-from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs
+from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs, suggest_run_name
 from lora_gui.staging import Staging
 from lora_gui.ui.engine import Engine
 
@@ -33,6 +34,15 @@ class Folders:
     def runs_of(self, visitor: Visitor) -> list[RunSummary]:
         """`visitor`'s runs, newest first."""
         return list_runs(self.runs_dir, include=visitor.owns_folder)
+
+    def suggest_run_name(self, visitor: Visitor) -> str:
+        """A fresh run name for `visitor`: my-lora-1, -2, ... for the one user of their own app; where visitors are
+        strangers, numbered after a short tag of the visitor's own, so the number counts only their runs (counting
+        every folder would tell how many runs others made) and never lands on a name another visitor holds."""
+        if visitor.sees_everything:
+            return suggest_run_name(self.runs_dir)
+        tag = hashlib.sha256(visitor.owner.encode()).hexdigest()[:6]
+        return suggest_run_name(self.runs_dir, f"my-lora-{tag}")
 
     def staging(self, session: str, visitor: Visitor) -> Staging:
         """The visitor's staged pictures (a new folder of theirs when the page has none yet), within this server's

@@ -20,7 +20,7 @@ from lora_gui.config import (
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.families import REGISTRY, base_for_training, get_family
 from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
-from lora_gui.owners import Visitor
+from lora_gui.owners import EVERYONE, Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import (
@@ -124,7 +124,7 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row():
         c["run_name"] = gr.Textbox(
-            value=runs.suggest_run_name(ctx.runs_dir),
+            value=ctx.folders.suggest_run_name(EVERYONE) if not ctx.shared else "",  # a visitor's, once the page loads
             label="Run name",
             info="The folder your LoRA and previews go in; a fresh name is suggested after each start.",
             scale=2,
@@ -251,7 +251,7 @@ def start(
         staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
-        name = runs.check_run_name(run_name or runs.suggest_run_name(ctx.runs_dir))
+        name = runs.check_run_name(run_name or ctx.folders.suggest_run_name(visitor))
         ctx.folders.check_room_for_a_run(visitor)
         job = ctx.engine.jobs.submit_new(
             config, ctx.runs_dir / name, staging.folder, hub_token=token, owner=visitor.owner
@@ -274,7 +274,7 @@ def start(
     return {
         "train_notice": message,
         "train_job": job.job_id,
-        "run_name": runs.suggest_run_name(ctx.runs_dir),
+        "run_name": ctx.folders.suggest_run_name(visitor),
         "train_seen": {},
     }
 

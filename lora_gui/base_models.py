@@ -121,7 +121,13 @@ def _from_hub(
     max_bytes: int | None,
 ) -> DiffusionPipeline:
     download(repo_id, token, on_progress, max_bytes=max_bytes)
-    return _from_pretrained(repo_id, dtype, quantize, what=f"the Hugging Face Hub model {repo_id}", token=token)
+    what = f"the Hugging Face Hub model {repo_id}"
+    # Loaded from its folder in the download cache, never by its id: diffusers would take a folder of the server's
+    # named like the id (owner/name) first, and what loads or fails there would tell a visitor what it holds.
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is None:
+        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(repo_id, token)}")
+    return _from_pretrained(str(snapshot), dtype, quantize, what=what, token=token, hub_id=repo_id)
 
 
 def _from_pretrained(
@@ -130,6 +136,7 @@ def _from_pretrained(
     quantize: str,
     what: str,
     token: HubToken = None,
+    hub_id: str | None = None,  # the Hub model whose cached snapshot `source` is
     **components: torch.nn.Module,
 ) -> DiffusionPipeline:
     try:
@@ -148,9 +155,9 @@ def _from_pretrained(
             **components,
         )
     except OSError as error:
-        if Path(source).is_dir():
+        if hub_id is None and Path(source).is_dir():
             raise ModelLoadError(f"could not load {what}: {str(error).splitlines()[0]}") from None
-        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(source, token)}") from None
+        raise ModelLoadError(f"could not load {what}: {_hub_diagnosis(hub_id or source, token)}") from None
     except (ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load {what}: it looks damaged or incomplete ({error})") from None
 
@@ -235,7 +242,7 @@ def denoiser_parameters_on_disk(base_model: str, policy: BaseModelPolicy = ANY_B
         if shapes is not None and any(name.startswith(SINGLE_FILE_DENOISER) for name in shapes):
             shapes = {name: shape for name, shape in shapes.items() if name.startswith(SINGLE_FILE_DENOISER)}
     else:
-        folder = path if path is not None and path.is_dir() else _model_folder(source)
+        folder = path if path is not None and path.is_dir() else _cached_snapshot(source)
         index = _read_json(folder / "model_index.json") if folder else None
         denoiser = _denoiser_component(index or {})
         shapes = _folder_shapes(folder, denoiser) if folder and denoiser else None
@@ -255,6 +262,11 @@ def _model_folder(source: str) -> Path | None:
     """A diffusers model's folder: itself, or a Hub model's snapshot in the download cache (never downloads)."""
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser()
+    return _cached_snapshot(source)
+
+
+def _cached_snapshot(source: str) -> Path | None:
+    """A Hub model's snapshot folder in the download cache, if its model_index.json is there (never downloads)."""
     from huggingface_hub import try_to_load_from_cache
 
     try:

@@ -4,6 +4,7 @@ and of the server's files, through gradio_client and raw queue calls. `python ap
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import urllib.request
@@ -11,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
-from helpers.app import QUICK, AppServer, running_app, shown, text, upload_pictures
+import torch
+from gradio_client import Client, handle_file
+from helpers.app import QUICK, AppServer, running_app, shown, text, upload_pictures, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraGuiError
@@ -90,7 +92,6 @@ def test_a_preset_name_is_never_a_path_to_another_visitors_settings_or_any_serve
         assert str(refused.value).replace(probe, "X") == str(unknown.value).replace("no-such-preset", "X")
 
 
-
 def suggested_after_a_start(client: Client, pictures: Path) -> str:
     """The run name the page suggests to `client` after a run it started with no name typed (the one suggested)."""
     upload_pictures(client, pictures)
@@ -105,3 +106,39 @@ def test_a_suggested_run_name_counts_only_the_visitors_own_runs(space, tmp_path)
     b_next = suggested_after_a_start(Client(space.url, verbose=False), tmp_path)
     assert a_next.endswith("-2") and b_next.endswith("-2"), (a_next, b_next)  # one run each, whatever others made
     assert a_next != b_next  # and never a name another visitor's run has on disk
+
+
+def test_a_hub_id_shaped_base_model_is_never_looked_up_on_the_servers_disk(space, tmp_path):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "mine.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora))
+    b = Client(space.url, verbose=False)
+    on_disk, nowhere = "lora_gui/demo_model", "lora_gui/no-such-model"  # both owner/name, one a folder here
+    answers = [
+        text(
+            b.predict(
+                gen_base_model=name,
+                prompt="a cat",
+                gen_steps=1,
+                size=64,
+                gen_upload_1=handle_file(str(lora)),
+                api_name="/generate",
+            )
+        )
+        for name in (on_disk, nowhere)
+    ]
+    assert answers[0].replace(on_disk, "X") == answers[1].replace(nowhere, "X")
+    write_demo_dataset(tmp_path / "pictures", count=2, size=(64, 64))
+    runs = [ended_run(space, name, tmp_path / "pictures") for name in (on_disk, nowhere)]
+    assert runs[0].replace(on_disk, "X") == runs[1].replace(nowhere, "X")
+
+
+def ended_run(space: AppServer, base_model: str, pictures: Path) -> str:
+    """What a new visitor's live view says once the run they started on `base_model` has ended."""
+    client = Client(space.url, verbose=False)
+    upload_pictures(client, pictures)
+    run_name = base_model.replace("/", "-")
+    started = text(client.predict(run_name=run_name, base_model=base_model, **QUICK, api_name="/start"))
+    assert "started" in started, started
+    return html.unescape(wait_until(client, "failed", timeout=120)[0]).replace(run_name, "the run")

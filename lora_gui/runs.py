@@ -25,6 +25,11 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 
 
+# Starts the owner's tag in a run folder's name where a visitor's run name was already another's; a run name never
+# holds it (check_run_name), so no one can type a tagged folder's name.
+PRIVATE_MARK = "~"
+
+
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
@@ -34,7 +39,9 @@ class RunFolder:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The run's name as its owner gave it: a folder whose name another visitor held has a tag of its owner
+        after PRIVATE_MARK (see ui/folders.py), which is no part of the name they see."""
+        return self.path.name.split(PRIVATE_MARK, 1)[0]
 
     @property
     def config(self) -> Path:

@@ -142,3 +142,18 @@ def ended_run(space: AppServer, base_model: str, pictures: Path) -> str:
     started = text(client.predict(run_name=run_name, base_model=base_model, **QUICK, api_name="/start"))
     assert "started" in started, started
     return html.unescape(wait_until(client, "failed", timeout=120)[0]).replace(run_name, "the run")
+
+
+def test_a_run_name_another_visitor_holds_reads_as_a_free_one(space, tmp_path):
+    write_demo_dataset(tmp_path, count=2, size=(64, 64))
+    a, b = Client(space.url, verbose=False), Client(space.url, verbose=False)
+    answers = []
+    for client in (a, b, b):
+        upload_pictures(client, tmp_path)
+        answers.append(text(client.predict(run_name="our-name", max_steps=5000, **QUICK, api_name="/start")[0]))
+        client.predict(api_name="/stop")
+    assert "Training our-name started" in answers[0]
+    assert answers[1] == answers[0], "B learns nothing of A's run, and starts their own under the name they chose"
+    assert "A run named our-name already exists" in answers[2], "B's own duplicate is said as before"
+    for client in (a, b):
+        assert "our-name" in text(client.predict(run_pick=None, api_name="/list_runs"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from lora_gui.errors import LoraGuiError
 from lora_gui.limits import Limits, check_free_disk, check_runs_waiting
 from lora_gui.owners import EVERYONE, Visitor
-from lora_gui.runs import RunFolder, RunSummary, check_run_name, list_runs, suggest_run_name
+from lora_gui.runs import PRIVATE_MARK, RunFolder, RunSummary, check_run_name, list_runs, suggest_run_name
 from lora_gui.staging import Staging
 from lora_gui.ui.engine import Engine
 
@@ -26,10 +26,21 @@ class Folders:
     def run(self, name: str, visitor: Visitor = EVERYONE) -> RunFolder:
         """The folder of a run picked in the page, if `visitor` may see it; the name is checked, so it can't point
         elsewhere. Another visitor's run gets the same answer as a run that does not exist."""
-        run = RunFolder(self.runs_dir / check_run_name(name or ""))
-        if not run.path.is_dir() or not visitor.owns_folder(run.path):
-            raise LoraGuiError(f"there is no run named {name} (was it deleted?)")
-        return run
+        checked = check_run_name(name or "")
+        for folder in (self.runs_dir / checked, self.runs_dir / f"{checked}{PRIVATE_MARK}{_tag(visitor)}"):
+            if folder.is_dir() and visitor.owns_folder(folder):
+                return RunFolder(folder)
+        raise LoraGuiError(f"there is no run named {name} (was it deleted?)")
+
+    def new_run(self, name: str, visitor: Visitor) -> Path:
+        """Where `visitor`'s new run named `name` goes: the folder of that name, unless another visitor's run has it;
+        then that name with the visitor's tag, so a name another holds starts a run as a free one does (saying it
+        exists would tell what others named their runs). The visitor's own run of that name is said to exist."""
+        checked = check_run_name(name)
+        folder, tagged = self.runs_dir / checked, self.runs_dir / f"{checked}{PRIVATE_MARK}{_tag(visitor)}"
+        if tagged.exists() or (folder.exists() and not visitor.owns_folder(folder)):
+            return tagged
+        return folder
 
     def runs_of(self, visitor: Visitor) -> list[RunSummary]:
         """`visitor`'s runs, newest first."""
@@ -41,8 +52,7 @@ class Folders:
         every folder would tell how many runs others made) and never lands on a name another visitor holds."""
         if visitor.sees_everything:
             return suggest_run_name(self.runs_dir)
-        tag = hashlib.sha256(visitor.owner.encode()).hexdigest()[:6]
-        return suggest_run_name(self.runs_dir, f"my-lora-{tag}")
+        return suggest_run_name(self.runs_dir, f"my-lora-{_tag(visitor)}")
 
     def staging(self, session: str, visitor: Visitor) -> Staging:
         """The visitor's staged pictures (a new folder of theirs when the page has none yet), within this server's
@@ -56,3 +66,8 @@ class Folders:
         when the disk is too full for its checkpoints."""
         check_runs_waiting(self.engine.jobs.waiting(visitor.owner), self.limits)
         check_free_disk(self.runs_dir, self.limits)
+
+
+def _tag(visitor: Visitor) -> str:
+    """A short tag of the visitor's own, told from their owner id (itself a hash where they are anonymous)."""
+    return hashlib.sha256(visitor.owner.encode()).hexdigest()[:6]

@@ -410,7 +410,7 @@ def export(ctx: Ctx, visitor: Visitor, gen_export_run: str | None, gen_layout: s
 
 
 def _lora_name(path: Path) -> str:
-    return f"the LoRA of {path.parent.name}" if path.name == runs.DIFFUSERS_LORA else path.name
+    return f"the LoRA of {runs.RunFolder(path.parent).name}" if path.name == runs.DIFFUSERS_LORA else path.name
 
 
 def _chosen_loras(ctx: Ctx, visitor: Visitor, rows: dict[str, Any]) -> list[tuple[Path, float]]:

@@ -251,11 +251,9 @@ def start(
         staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
-        name = runs.check_run_name(run_name or ctx.folders.suggest_run_name(visitor))
+        folder = ctx.folders.new_run(run_name or ctx.folders.suggest_run_name(visitor), visitor)
         ctx.folders.check_room_for_a_run(visitor)
-        job = ctx.engine.jobs.submit_new(
-            config, ctx.runs_dir / name, staging.folder, hub_token=token, owner=visitor.owner
-        )
+        job = ctx.engine.jobs.submit_new(config, folder, staging.folder, hub_token=token, owner=visitor.owner)
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.engine.jobs.queue_position(job.job_id)
@@ -270,7 +268,9 @@ def start(
             "warning",
         )
     else:
-        message = notice(f"Training {name} started. You can close this page: the run keeps going on the server.")
+        message = notice(
+            f"Training {job.run.name} started. You can close this page: the run keeps going on the server."
+        )
     return {
         "train_notice": message,
         "train_job": job.job_id,

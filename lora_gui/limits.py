@@ -9,6 +9,7 @@ The server's owner sets them with environment variables; `0`, `none` or `off` tu
 | `LORA_GUI_MAX_STAGING_MB`        | all the pictures and captions one visitor has staged    | 2000       | none      |
 | `LORA_GUI_MAX_FILES`             | pictures staged per visitor                             | 1000       | none      |
 | `LORA_GUI_MAX_RUNS_PER_VISITOR`  | runs one visitor has queued or training                 | 1          | none      |
+| `LORA_GUI_MAX_QUEUED_RUNS`       | runs queued or training, all visitors together          | 10         | none      |
 | `LORA_GUI_MIN_FREE_GB`           | free disk in the runs folder before a run starts        | 2          | 2         |
 | `LORA_GUI_STAGING_DAYS`          | days a staging folder may stay untouched before it goes | 7          | none      |
 | `LORA_GUI_RUN_DAYS`              | days an ended run is kept (only if the owner sets it)   | none       | none      |
@@ -38,6 +39,7 @@ MAX_FILE_MB_ENV = "LORA_GUI_MAX_FILE_MB"
 MAX_STAGING_MB_ENV = "LORA_GUI_MAX_STAGING_MB"
 MAX_FILES_ENV = "LORA_GUI_MAX_FILES"
 MAX_RUNS_PER_VISITOR_ENV = "LORA_GUI_MAX_RUNS_PER_VISITOR"
+MAX_QUEUED_RUNS_ENV = "LORA_GUI_MAX_QUEUED_RUNS"
 MIN_FREE_GB_ENV = "LORA_GUI_MIN_FREE_GB"
 STAGING_DAYS_ENV = "LORA_GUI_STAGING_DAYS"
 RUN_DAYS_ENV = "LORA_GUI_RUN_DAYS"
@@ -57,6 +59,7 @@ class Limits:
     max_staging_bytes: int | None = None  # all the pictures and captions one visitor has staged
     max_staging_files: int | None = None  # pictures staged per visitor
     max_runs_waiting: int | None = None  # runs one visitor has queued or training
+    max_runs_queued: int | None = None  # runs queued or training, all visitors together
     min_free_bytes: int | None = None  # free disk in the runs folder before a run starts
     staging_days: int | None = None  # a staging folder untouched this long is deleted
     run_days: int | None = None  # ended runs older than this are deleted
@@ -110,6 +113,7 @@ _SETTINGS = (
     _Setting("max_staging_bytes", MAX_STAGING_MB_ENV, "megabytes, such as 2000", MB, 2000, None, whole=False),
     _Setting("max_staging_files", MAX_FILES_ENV, "pictures, such as 1000", 1, 1000, None),
     _Setting("max_runs_waiting", MAX_RUNS_PER_VISITOR_ENV, "runs, such as 1", 1, 1, None),
+    _Setting("max_runs_queued", MAX_QUEUED_RUNS_ENV, "runs, such as 10", 1, 10, None),
     _Setting("min_free_bytes", MIN_FREE_GB_ENV, "gigabytes, such as 2", GB, 2, 2, whole=False),
     _Setting("staging_days", STAGING_DAYS_ENV, "days, such as 7", 1, 7, None),
     _Setting("run_days", RUN_DAYS_ENV, "days, such as 30", 1, None, None),
@@ -154,6 +158,17 @@ def check_runs_waiting(waiting: int, limits: Limits) -> None:
         f"you already have {runs_text} queued or training, and this server takes at most "
         f"{limits.max_runs_waiting} per visitor: wait for {'it' if waiting == 1 else 'one'} to end (or stop it), "
         "then start this one"
+    )
+
+
+def check_queue(queued: int, limits: Limits) -> None:
+    """Refuse any visitor's run while the queue holds as many as the server allows. A visitor who is not signed in
+    is known only by their browser, and a script can be a new browser every time: this is what bounds it."""
+    if limits.max_runs_queued is None or queued < limits.max_runs_queued:
+        return
+    raise LoraGuiError(
+        f"the queue is full: this server queues at most {limits.max_runs_queued} runs at a time; try again when "
+        "one has ended"
     )
 
 

@@ -10,6 +10,7 @@ import zipfile
 from collections import namedtuple
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,6 +74,7 @@ def test_defaults_differ_on_a_space_and_on_ones_own_computer_except_the_free_dis
         max_staging_bytes=2_000_000_000,
         max_staging_files=1000,
         max_runs_waiting=1,
+        max_runs_queued=10,
         min_free_bytes=2_000_000_000,
         staging_days=7,
         run_days=None,
@@ -85,6 +87,7 @@ def test_variables_set_limits_in_their_units_and_0_none_or_off_turn_one_off(envi
     environment.setenv("LORA_GUI_MAX_STAGING_MB", "0")
     environment.setenv("LORA_GUI_MAX_FILES", " none ")
     environment.setenv("LORA_GUI_MAX_RUNS_PER_VISITOR", "3")
+    environment.setenv("LORA_GUI_MAX_QUEUED_RUNS", "off")
     environment.setenv("LORA_GUI_MIN_FREE_GB", "OFF")
     environment.setenv("LORA_GUI_STAGING_DAYS", "2")
     environment.setenv("LORA_GUI_RUN_DAYS", "30")
@@ -258,6 +261,22 @@ def test_a_visitor_may_have_only_so_many_runs_queued_or_training():
     check_runs_waiting(0, Limits(max_runs_waiting=1))
     check_runs_waiting(1, Limits(max_runs_waiting=2))
     check_runs_waiting(50, Limits())
+
+
+def test_a_signed_in_visitors_runs_count_with_those_of_the_anonymous_id_their_browser_holds(tmp_path):
+    from lora_gui.ui.folders import Folders
+
+    job = namedtuple("Job", "owner done")
+    running, ended = SimpleNamespace(is_set=lambda: False), SimpleNamespace(is_set=lambda: True)
+    queue = [job("anon:before-signing-in", running), job("hf:someone", ended), job("anon:stranger", running)]
+    engine = SimpleNamespace(jobs=SimpleNamespace(jobs=lambda: queue))
+    folders = Folders(tmp_path, Limits(max_runs_waiting=1, max_runs_queued=3), engine)
+    with pytest.raises(LoraGuiError, match="you already have 1 run"):
+        folders.check_room_for_a_run(Visitor(owner="hf:someone", also=("anon:before-signing-in",)))
+    folders.check_room_for_a_run(Visitor(owner="anon:newcomer"))
+    queue.append(job("anon:third", running))
+    with pytest.raises(LoraGuiError, match="the queue is full: this server queues at most 3 runs"):
+        folders.check_room_for_a_run(Visitor(owner="anon:newcomer"))
 
 
 # ---- cleanup ------------------------------------------------------------------------------------

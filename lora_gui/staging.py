@@ -251,20 +251,20 @@ class Staging:
             if path.name != OWNER_FILE:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def add_trigger_word(self, word: str) -> int:
+    def add_trigger_word(self, word: str | None) -> int:
         """Put `word` in front of every caption that lacks it; returns how many changed."""
-        word = word.strip()
+        word = (word or "").strip()
         if not word:
             raise DataError("type the trigger word first (a rare made-up word such as sks or ohwx)")
         return self._edit_captions(lambda caption: data.full_caption(caption, word))
 
-    def replace_in_captions(self, find: str, replace: str) -> int:
+    def replace_in_captions(self, find: str | None, replace: str | None) -> int:
         if not find:
             raise DataError("type the text to find first")
-        return self._edit_captions(lambda caption: caption.replace(find, replace))
+        return self._edit_captions(lambda caption: caption.replace(find, replace or ""))
 
-    def fill_empty_captions(self, caption: str) -> int:
-        if not caption.strip():
+    def fill_empty_captions(self, caption: str | None) -> int:
+        if not (caption or "").strip():
             raise DataError("type the caption to use for images that have none")
         return self._edit_captions(lambda current: current or caption)
 

@@ -54,3 +54,10 @@ def test_sessions_of_one_script_are_bounded_by_the_cap_on_the_whole_queue(space,
     finally:
         for client in started:
             client.predict(api_name="/stop")
+
+
+def test_bulk_caption_edits_with_an_empty_value_are_answered_in_a_sentence(space, tmp_path):
+    client = visitor_with_pictures(space, tmp_path)
+    for value in ("", None):
+        assert "Type the trigger word first" in text(client.predict(trigger=value, api_name="/add_trigger"))
+        assert "Type the caption to use" in text(client.predict(fill_caption=value, api_name="/fill_empty"))

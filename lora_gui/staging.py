@@ -32,6 +32,9 @@ THUMBNAILS = ".thumbnails"
 THUMBNAIL_SIDE = 256
 MAX_ZIP_BYTES = 4 << 30  # unpacked; a zip bomb stops here
 MAX_ZIP_FILES = 20_000
+# Longer than any text encoder reads (T5's 512 tokens are about 2,000 characters): a caption past it is a mistake or
+# a way to fill the disk.
+MAX_CAPTION_CHARS = 4000
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -120,7 +123,10 @@ class Staging:
         for stem, caption_file in captions.items():
             matches = [item for item in self.items() if PurePosixPath(item.relpath).stem == stem]
             if matches:
-                self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
+                try:
+                    self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
+                except DataError as error:
+                    notes.append(f"{caption_file.name}: {error}")
             else:
                 notes.append(f"{caption_file.name}: no image named {stem} to go with it; drop it with its image")
         return notes + room.notes()
@@ -168,6 +174,8 @@ class Staging:
             return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
         if too_big := room.file_too_big(source, PurePosixPath(relpath).name):
             return [too_big]
+        if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+            return [f"{PurePosixPath(relpath).name}: {_too_long(caption)}, so it was left out"]
         target = self.folder / relpath
         number = 1
         while target.exists() and not _same_bytes(target, source):
@@ -236,8 +244,25 @@ class Staging:
 
     # ---- editing ------------------------------------------------------------------------------
     def set_caption(self, relpath: str, caption: str) -> None:
-        path = self._image(relpath)
-        write_text_atomic(path.with_suffix(".txt"), " ".join(caption.split()) + "\n")
+        self.set_captions({relpath: caption})
+
+    def set_captions(self, captions: dict[str, str]) -> None:
+        """Write pictures' captions, all or none: one too long, or all of them past what the visitor may still
+        stage (captions count in the quota as pictures do), is refused before any is written."""
+        files, texts = {}, {}
+        for relpath, caption in captions.items():
+            files[relpath], texts[relpath] = self._image(relpath).with_suffix(".txt"), " ".join(caption.split())
+            if len(texts[relpath]) > MAX_CAPTION_CHARS:
+                raise DataError(f"the caption of {relpath}: {_too_long(texts[relpath])}")
+        grows = sum(len((text + "\n").encode()) - _size(files[relpath]) for relpath, text in texts.items())
+        left = self._room().bytes_left
+        if left is not None and grows > left:
+            raise DataError(
+                f"these captions would take {format_size(grows)} more, but only {format_size(left)} more fits in "
+                f"the {format_size(self.limits.max_staging_bytes)} this server keeps per visitor; nothing was changed"
+            )
+        for relpath, text in texts.items():
+            write_text_atomic(files[relpath], text + "\n")
 
     def remove(self, relpath: str) -> None:
         path = self._image(relpath)
@@ -269,13 +294,10 @@ class Staging:
         return self._edit_captions(lambda current: current or caption)
 
     def _edit_captions(self, edit) -> int:
-        changed = 0
-        for item in self.items():
-            new = " ".join(edit(item.caption).split())
-            if new != item.caption:
-                self.set_caption(item.relpath, new)
-                changed += 1
-        return changed
+        new = {item.relpath: (item.caption, " ".join(edit(item.caption).split())) for item in self.items()}
+        changed = {relpath: caption for relpath, (old, caption) in new.items() if caption != old}
+        self.set_captions(changed)
+        return len(changed)
 
     def _image(self, relpath: str) -> Path:
         path = (self.folder / relpath).resolve()
@@ -357,6 +379,17 @@ def _staged_size(folder: Path) -> tuple[int, int]:
                     used += entry.stat(follow_symlinks=False).st_size
                     pictures += os.path.splitext(entry.name)[1].lower() in data.ALL_IMAGE_SUFFIXES
     return used, pictures
+
+
+def _too_long(caption: str) -> str:
+    return f"{len(caption):,} characters, and a caption may have at most {MAX_CAPTION_CHARS:,} here"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

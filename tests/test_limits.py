@@ -191,6 +191,19 @@ def test_pictures_past_the_size_quota_are_left_out_with_one_note_and_captions_co
     assert staged(staging) == ["p1.png", "p2.png"]
 
 
+def test_caption_edits_count_in_the_visitors_quota_and_a_caption_has_a_longest(tmp_path):
+    limits = Limits(max_staging_bytes=25_000, max_staging_files=3)
+    staging = shared_staging(tmp_path, limits)
+    assert staging.add_files(pictures(tmp_path / "first", 2)) == []
+    # 5 kB of room left: a caption of 4,000 characters fits, two do not, and a bulk edit is all or nothing.
+    staging.set_caption("p1.png", "a" * 3990)
+    with pytest.raises(LoraGuiError, match="nothing was changed"):
+        staging.fill_empty_captions("b" * 3990)
+    assert [item.caption for item in staging.items()] == ["a" * 3990, ""]
+    with pytest.raises(LoraGuiError, match="a caption may have at most 4,000"):
+        staging.set_caption("p2.png", "c" * 4001)
+
+
 def test_a_zip_that_unpacks_bigger_than_the_room_left_is_refused_before_anything_is_extracted(tmp_path, monkeypatch):
     staging = shared_staging(tmp_path, Limits(max_staging_bytes=1_000_000))
     staging.add_files([picture(tmp_path / "first.png", seed=1)])

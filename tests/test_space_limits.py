@@ -8,10 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from helpers.app import QUICK, AppServer, running_app, text, upload_pictures
 
+from lora_gui import data
 from lora_gui.demo import write_demo_dataset
+from lora_gui.owners import anonymous, read_owner
+from lora_gui.staging import STAGING_DIR
 
 pytestmark = pytest.mark.app
 
@@ -40,6 +43,16 @@ def visitor_with_pictures(space: AppServer, folder: Path, count: int = 2) -> Cli
     return client
 
 
+def staged_by(space: AppServer, client: Client) -> tuple[int, int]:
+    """Bytes and pictures in every staging folder of the visitor `client` is (an API client's id is its session's)."""
+    owner = anonymous(f"session:{client.session_hash}")
+    folders = [path for path in (space.runs_dir / STAGING_DIR).iterdir() if read_owner(path) == owner]
+    files = [
+        path for folder in folders for path in folder.rglob("*") if path.is_file() and ".thumbnails" not in path.parts
+    ]
+    return sum(path.stat().st_size for path in files), sum(path.suffix in data.ALL_IMAGE_SUFFIXES for path in files)
+
+
 def test_sessions_of_one_script_are_bounded_by_the_cap_on_the_whole_queue(space, tmp_path):
     started = []
     answers = []
@@ -54,6 +67,28 @@ def test_sessions_of_one_script_are_bounded_by_the_cap_on_the_whole_queue(space,
     finally:
         for client in started:
             client.predict(api_name="/stop")
+
+
+def test_find_and_replace_can_not_grow_captions_past_the_quota(space, tmp_path):
+    client = visitor_with_pictures(space, tmp_path)
+    answers = []
+    for _ in range(14):  # each doubles every caption: 4 kB would be 64 MB
+        answers.append(text(client.predict(find=" ", replace_with="  x ", api_name="/replace")))
+        answers.append(text(client.predict(find="x", replace_with="xx", api_name="/replace")))
+    used, _ = staged_by(space, client)
+    assert used < 2_000_000
+    assert any("a caption may have at most 4,000" in answer for answer in answers)
+
+
+def test_a_caption_file_matched_to_a_staged_picture_is_checked_too(space, tmp_path):
+    client = visitor_with_pictures(space, tmp_path / "pictures")
+    (picture, *_) = sorted((tmp_path / "pictures").glob("*.png"))
+    caption = tmp_path / f"{picture.stem}.txt"
+    caption.write_text("word " * 200_000)  # 1 MB of caption for a picture already staged
+    answer = text(client.predict(upload=[handle_file(str(caption))], api_name="/upload"))
+    assert caption.name in answer and "a caption may have at most 4,000" in answer
+    used, _ = staged_by(space, client)
+    assert used < 100_000
 
 
 def test_bulk_caption_edits_with_an_empty_value_are_answered_in_a_sentence(space, tmp_path):

@@ -41,6 +41,13 @@ class Folders:
         staging.limits = self.limits
         return staging
 
+    def staged(self, session: str, visitor: Visitor) -> Staging | None:
+        """The visitor's staged pictures if the page has a folder of theirs, within this server's limits."""
+        staging = Staging.find(self.runs_dir, session, visitor)
+        if staging is not None:
+            staging.limits = self.limits
+        return staging
+
     def check_room_for_a_run(self, visitor: Visitor) -> None:
         """Refuses one more run of a visitor who has as many queued or training as this server allows, and any run
         when the disk is too full for its checkpoints."""

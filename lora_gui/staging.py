@@ -67,10 +67,11 @@ class DatasetReport:
 class Staging:
     """The staged dataset of one browser session."""
 
-    def __init__(self, folder: str | Path, limits: Limits | None = None):
+    def __init__(self, folder: str | Path, limits: Limits | None = None, visitor: Visitor = EVERYONE):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.limits = limits  # what one visitor may stage on a shared server; None: no limits (the app sets it)
+        self.visitor = visitor  # whose it is: the quota counts all their staging folders
 
     @classmethod
     def for_session(cls, runs_dir: str | Path, session_id: str = "", visitor: Visitor = EVERYONE) -> Staging:
@@ -78,7 +79,7 @@ class Staging:
         found = cls.find(runs_dir, session_id, visitor)
         if found is not None:
             return found
-        staging = cls(Path(runs_dir) / STAGING_DIR / uuid.uuid4().hex)
+        staging = cls(Path(runs_dir) / STAGING_DIR / uuid.uuid4().hex, visitor=visitor)
         write_owner(staging.folder, visitor.owner)
         return staging
 
@@ -89,7 +90,7 @@ class Staging:
         folder = Path(runs_dir) / STAGING_DIR / (session_id or "")
         if not (_SESSION_ID.fullmatch(session_id or "") and folder.is_dir() and visitor.owns_folder(folder)):
             return None
-        return cls(folder)
+        return cls(folder, visitor=visitor)
 
     @property
     def session_id(self) -> str:
@@ -197,8 +198,18 @@ class Staging:
         limits = self.limits or Limits()
         room = _Room(limits)
         if limits.max_staging_bytes is not None or limits.max_staging_files is not None:
-            room.used_bytes, room.pictures = _staged_size(self.folder)
+            for folder in self._visitors_folders():
+                used, pictures = _staged_size(folder)
+                room.used_bytes, room.pictures = room.used_bytes + used, room.pictures + pictures
         return room
+
+    def _visitors_folders(self) -> list[Path]:
+        """This folder and the visitor's other staging folders: a quota per folder would let a visitor who opens a
+        new one (another tab, Try the demo) stage as much again."""
+        if self.folder.parent.name != STAGING_DIR:
+            return [self.folder]
+        others = [path for path in self.folder.parent.iterdir() if path.is_dir() and path != self.folder]
+        return [self.folder, *(path for path in others if self.visitor.owns_folder(path))]
 
     # ---- reading ------------------------------------------------------------------------------
     def items(self) -> list[StagedImage]:

@@ -204,6 +204,19 @@ def test_caption_edits_count_in_the_visitors_quota_and_a_caption_has_a_longest(t
         staging.set_caption("p2.png", "c" * 4001)
 
 
+def test_the_quota_counts_all_the_visitors_staging_folders(tmp_path):
+    limits = Limits(max_staging_bytes=25_000, max_staging_files=3)
+    assert shared_staging(tmp_path, limits).add_files(pictures(tmp_path / "first", 2)) == []
+    # Another folder of the same visitor's (another tab, Try the demo) shares the quota; a stranger's does not.
+    same = Staging.for_session(tmp_path / "runs", visitor=Visitor(owner="hf:someone"))
+    same.limits = limits
+    assert "left out" in " ".join(same.add_files(pictures(tmp_path / "second", 2, first_seed=3)))
+    assert len(same.items()) == 0
+    stranger = Staging.for_session(tmp_path / "runs", visitor=Visitor(owner="hf:stranger"))
+    stranger.limits = limits
+    assert stranger.add_files(pictures(tmp_path / "third", 2, first_seed=5)) == []
+
+
 def test_a_zip_that_unpacks_bigger_than_the_room_left_is_refused_before_anything_is_extracted(tmp_path, monkeypatch):
     staging = shared_staging(tmp_path, Limits(max_staging_bytes=1_000_000))
     staging.add_files([picture(tmp_path / "first.png", seed=1)])

@@ -91,6 +91,14 @@ def test_a_caption_file_matched_to_a_staged_picture_is_checked_too(space, tmp_pa
     assert used < 100_000
 
 
+def test_try_the_demo_again_and_again_keeps_to_the_visitors_picture_quota(space):
+    client = Client(space.url, verbose=False)
+    answers = [text(client.predict(api_name="/try_demo")) for _ in range(4)]  # 8 pictures each, 20 allowed
+    _, pictures = staged_by(space, client)
+    assert pictures <= 20
+    assert "this server keeps at most 20 pictures" in answers[-1]
+
+
 def test_bulk_caption_edits_with_an_empty_value_are_answered_in_a_sentence(space, tmp_path):
     client = visitor_with_pictures(space, tmp_path)
     for value in ("", None):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,8 +215,18 @@ def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]
     """A fresh dataset of drawn pictures of a concept the demo model never saw, the demo model and the demo preset:
     one click on Start away."""
     staging = ctx.folders.staging("", visitor)
-    write_demo_concept(staging.folder, count=DEMO_IMAGES)
+    # Drawn aside and added as dropped pictures are, so they count in the visitor's quota like any others.
+    with tempfile.TemporaryDirectory() as drawn:
+        write_demo_concept(Path(drawn), count=DEMO_IMAGES)
+        left_out = staging.import_folder(drawn)
     config = demo_config()
+    if left_out:  # the demo is all its pictures or none: a part of it would teach less than it promises
+        shutil.rmtree(staging.folder, ignore_errors=True)
+        return {
+            "dataset_notice": notice(
+                "The demo's pictures were not added, as not all of them fit. " + " ".join(left_out), "error"
+            )
+        }
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,

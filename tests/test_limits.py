@@ -75,6 +75,7 @@ def test_defaults_differ_on_a_space_and_on_ones_own_computer_except_the_free_dis
         max_staging_files=1000,
         max_runs_waiting=1,
         max_runs_queued=10,
+        max_upload_folder_bytes=5_000_000_000,
         min_free_bytes=2_000_000_000,
         staging_days=7,
         run_days=None,
@@ -88,6 +89,7 @@ def test_variables_set_limits_in_their_units_and_0_none_or_off_turn_one_off(envi
     environment.setenv("LORA_GUI_MAX_FILES", " none ")
     environment.setenv("LORA_GUI_MAX_RUNS_PER_VISITOR", "3")
     environment.setenv("LORA_GUI_MAX_QUEUED_RUNS", "off")
+    environment.setenv("LORA_GUI_MAX_UPLOADS_MB", "0")
     environment.setenv("LORA_GUI_MIN_FREE_GB", "OFF")
     environment.setenv("LORA_GUI_STAGING_DAYS", "2")
     environment.setenv("LORA_GUI_RUN_DAYS", "30")
@@ -337,6 +339,25 @@ def test_staging_folders_untouched_for_too_long_are_deleted(tmp_path):
     assert not forgotten.folder.exists()
     assert all(staging.folder.is_dir() for staging in (one_new_file, one_removed, recent))
     assert expire_staging(tmp_path / "nowhere", Limits(staging_days=7), now=NOW) == []
+
+
+def test_a_full_upload_folder_drops_its_oldest_files_past_the_grace_and_refuses_while_all_are_new(tmp_path):
+    for name, minutes_old in [("old/a.png", 60), ("older/b.png", 120), ("new/c.png", 1)]:
+        path = tmp_path / name
+        path.parent.mkdir()
+        path.write_bytes(bytes(4000))
+        os.utime(path, (NOW - minutes_old * 60, NOW - minutes_old * 60))
+    assert limits_module.make_upload_room(tmp_path, 20_000, now=NOW)  # under the limit: nothing goes
+    assert limits_module.make_upload_room(tmp_path, 10_000, now=NOW)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "new",
+        "new/c.png",
+        "old",
+        "old/a.png",
+    ]
+    assert not limits_module.make_upload_room(tmp_path, 4000, now=NOW)  # what is left is all too new to drop
+    assert (tmp_path / "new" / "c.png").is_file()
+    assert limits_module.make_upload_room(tmp_path, None)
 
 
 def test_runs_that_ended_long_ago_are_deleted_but_never_one_a_job_is_working_on(tmp_path):

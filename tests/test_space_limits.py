@@ -4,6 +4,10 @@ quotas. Each test is a row of the table in issue 27."""
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +30,16 @@ SPACE = {
     "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
     "LORA_GUI_MAX_QUEUED_RUNS": "2",
     "LORA_GUI_MIN_FREE_GB": "0",
+    "LORA_GUI_MAX_UPLOADS_MB": "10",
 }
 
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    with running_app(tmp_path_factory.mktemp("space-runs"), "space-limits-server.log", env=SPACE) as server:
+    uploads = tmp_path_factory.mktemp("gradio-uploads")  # Gradio's upload folder, this server's alone
+    env = {**SPACE, "GRADIO_TEMP_DIR": str(uploads)}
+    with running_app(tmp_path_factory.mktemp("space-runs"), "space-limits-server.log", env=env) as server:
+        server.uploads = uploads  # type: ignore[attr-defined]
         yield server
 
 
@@ -104,3 +112,31 @@ def test_bulk_caption_edits_with_an_empty_value_are_answered_in_a_sentence(space
     for value in ("", None):
         assert "Type the trigger word first" in text(client.predict(trigger=value, api_name="/add_trigger"))
         assert "Type the caption to use" in text(client.predict(fill_caption=value, api_name="/fill_empty"))
+
+
+def raw_upload(space: AppServer, content: bytes) -> tuple[int, str]:
+    """POST one file to Gradio's upload route as a script would, no event after it: the status and the answer."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="junk.png"\r\n'.encode(),
+            b"Content-Type: application/octet-stream\r\n\r\n",
+            content,
+            f"\r\n--{boundary}--\r\n".encode(),
+        ]
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    request = urllib.request.Request(f"{space.url}gradio_api/upload", body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_raw_uploads_to_gradios_route_can_not_fill_its_folder(space):
+    answers = [raw_upload(space, os.urandom(2_000_000)) for _ in range(10)]  # 20 MB against 10 MB
+    held = sum(path.stat().st_size for path in space.uploads.rglob("*") if path.is_file())
+    assert held < 12_000_000  # the 10 MB, and at most the one upload that found room just under it
+    assert answers[0][0] == 200
+    assert (429, "The server holds as many uploads as it can right now; try again in a few minutes.") in answers

@@ -12,7 +12,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import gradio as gr
+from gradio import utils as gradio_utils
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 from lora_gui.demo import (
     CONCEPT_BACKGROUNDS,
@@ -23,7 +27,7 @@ from lora_gui.demo import (
     write_demo_concept,
 )
 from lora_gui.errors import ConfigError
-from lora_gui.limits import Limits, expire_runs
+from lora_gui.limits import Limits, expire_runs, make_upload_room
 from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
 from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging, expire_staging
@@ -315,6 +319,7 @@ def launch(
         auth=credentials,
         # No allowed_paths: a run's files reach the page only as copies its owner's handlers hand out (served).
         max_file_size=ctx.limits.max_file_bytes,
+        app_kwargs={"middleware": [Middleware(UploadRoom, limit=ctx.limits.max_upload_folder_bytes)]},
         css=CSS,
         footer_links=["api"],
         # Server-side rendering runs a Node server whose signal handlers exit at once; the page renders in
@@ -337,6 +342,25 @@ def launch(
             print(f"Stopping the runs: the one training saves after its current step (up to {grace_seconds:.0f} s)")
         ctx.engine.jobs.close(timeout=grace_seconds)
         demo.close()
+
+
+class UploadRoom:
+    """Refuses an upload to Gradio's upload route while its folder is full (limits.make_upload_room), before the
+    upload is read: Gradio itself checks only each file's size, and keeps what it was sent for a day."""
+
+    def __init__(self, app: Any, limit: int | None):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        upload = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/gradio_api/upload")
+        if upload and self.limit is not None:
+            folder = Path(gradio_utils.get_upload_folder())
+            if not await anyio.to_thread.run_sync(make_upload_room, folder, self.limit):
+                refused = PlainTextResponse(
+                    "The server holds as many uploads as it can right now; try again in a few minutes.", status_code=429
+                )
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def parse_auth(auth: str) -> list[tuple[str, str]] | None:

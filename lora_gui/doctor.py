@@ -413,17 +413,17 @@ def _too_long(examples: list[data.Example], trigger: str, family: str | None) ->
 
 
 # ---- one-click fixes --------------------------------------------------------------------------
-def apply_fix(folder: Path, finding: Finding, trigger: str = "") -> str:
-    """Do a finding's fix in a folder of pictures with same-name .txt captions (the staging folder's layout);
-    returns what was done, in a sentence."""
-    folder = Path(folder).expanduser()
+def apply_fix(where: Path | Staging, finding: Finding, trigger: str = "") -> str:
+    """Do a finding's fix in a folder of pictures with same-name .txt captions (the staging folder's layout, or a
+    Staging, whose limits the captions it writes keep to); returns what was done, in a sentence."""
+    folder = where.folder if isinstance(where, Staging) else Path(where).expanduser()
     if finding.fix is None:
         raise DataError(f"{finding.kind}: there is no one-click fix for this; {finding.message}")
     if finding.fix not in _FIXES:
         raise DataError(f"unknown fix {finding.fix!r}; known: {', '.join(_FIXES)}")
     if not folder.is_dir():
         raise DataError(f"the image folder {folder} does not exist; check the path")
-    return _FIXES[finding.fix](Staging(folder), finding, trigger.strip())
+    return _FIXES[finding.fix](where if isinstance(where, Staging) else Staging(folder), finding, trigger.strip())
 
 
 def _remove(staging: Staging, files: tuple[str, ...]) -> str:

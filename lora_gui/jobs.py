@@ -351,10 +351,6 @@ class JobManager:
         with self._lock:
             return sorted((job for job in self._jobs.values() if visitor.owns(job.owner)), key=lambda job: job.job_id)
 
-    def waiting(self, owner: str) -> int:
-        """How many of `owner`'s runs are queued or training."""
-        return sum(1 for job in self.jobs() if job.owner == owner and not job.done.is_set())
-
     def active(self) -> Job | None:
         """The job training now, else the next queued one."""
         waiting = [job for job in self.jobs() if not job.done.is_set()]

@@ -9,6 +9,8 @@ The server's owner sets them with environment variables; `0`, `none` or `off` tu
 | `LORA_GUI_MAX_STAGING_MB`        | all the pictures and captions one visitor has staged    | 2000       | none      |
 | `LORA_GUI_MAX_FILES`             | pictures staged per visitor                             | 1000       | none      |
 | `LORA_GUI_MAX_RUNS_PER_VISITOR`  | runs one visitor has queued or training                 | 1          | none      |
+| `LORA_GUI_MAX_QUEUED_RUNS`       | runs queued or training, all visitors together          | 10         | none      |
+| `LORA_GUI_MAX_UPLOADS_MB`        | Gradio's upload folder, all visitors together           | 5000       | none      |
 | `LORA_GUI_MIN_FREE_GB`           | free disk in the runs folder before a run starts        | 2          | 2         |
 | `LORA_GUI_STAGING_DAYS`          | days a staging folder may stay untouched before it goes | 7          | none      |
 | `LORA_GUI_RUN_DAYS`              | days an ended run is kept (only if the owner sets it)   | none       | none      |
@@ -38,11 +40,14 @@ MAX_FILE_MB_ENV = "LORA_GUI_MAX_FILE_MB"
 MAX_STAGING_MB_ENV = "LORA_GUI_MAX_STAGING_MB"
 MAX_FILES_ENV = "LORA_GUI_MAX_FILES"
 MAX_RUNS_PER_VISITOR_ENV = "LORA_GUI_MAX_RUNS_PER_VISITOR"
+MAX_QUEUED_RUNS_ENV = "LORA_GUI_MAX_QUEUED_RUNS"
+MAX_UPLOADS_MB_ENV = "LORA_GUI_MAX_UPLOADS_MB"
 MIN_FREE_GB_ENV = "LORA_GUI_MIN_FREE_GB"
 STAGING_DAYS_ENV = "LORA_GUI_STAGING_DAYS"
 RUN_DAYS_ENV = "LORA_GUI_RUN_DAYS"
 
 MB, GB, DAY = 1_000_000, 1_000_000_000, 24 * 60 * 60
+UPLOAD_GRACE_SECONDS = 600  # an upload younger than this may still be on its way into a staging folder
 _OFF = ("0", "none", "off")
 # A run that has ended in any way; one still queued or running on disk but without a live job was left by a
 # killed app, and reads as interrupted (runs.summarize).
@@ -57,6 +62,8 @@ class Limits:
     max_staging_bytes: int | None = None  # all the pictures and captions one visitor has staged
     max_staging_files: int | None = None  # pictures staged per visitor
     max_runs_waiting: int | None = None  # runs one visitor has queued or training
+    max_runs_queued: int | None = None  # runs queued or training, all visitors together
+    max_upload_folder_bytes: int | None = None  # Gradio's upload folder, all visitors together
     min_free_bytes: int | None = None  # free disk in the runs folder before a run starts
     staging_days: int | None = None  # a staging folder untouched this long is deleted
     run_days: int | None = None  # ended runs older than this are deleted
@@ -110,6 +117,8 @@ _SETTINGS = (
     _Setting("max_staging_bytes", MAX_STAGING_MB_ENV, "megabytes, such as 2000", MB, 2000, None, whole=False),
     _Setting("max_staging_files", MAX_FILES_ENV, "pictures, such as 1000", 1, 1000, None),
     _Setting("max_runs_waiting", MAX_RUNS_PER_VISITOR_ENV, "runs, such as 1", 1, 1, None),
+    _Setting("max_runs_queued", MAX_QUEUED_RUNS_ENV, "runs, such as 10", 1, 10, None),
+    _Setting("max_upload_folder_bytes", MAX_UPLOADS_MB_ENV, "megabytes, such as 5000", MB, 5000, None, whole=False),
     _Setting("min_free_bytes", MIN_FREE_GB_ENV, "gigabytes, such as 2", GB, 2, 2, whole=False),
     _Setting("staging_days", STAGING_DAYS_ENV, "days, such as 7", 1, 7, None),
     _Setting("run_days", RUN_DAYS_ENV, "days, such as 30", 1, None, None),
@@ -157,6 +166,17 @@ def check_runs_waiting(waiting: int, limits: Limits) -> None:
     )
 
 
+def check_queue(queued: int, limits: Limits) -> None:
+    """Refuse any visitor's run while the queue holds as many as the server allows. A visitor who is not signed in
+    is known only by their browser, and a script can be a new browser every time: this is what bounds it."""
+    if limits.max_runs_queued is None or queued < limits.max_runs_queued:
+        return
+    raise LoraGuiError(
+        f"the queue is full: this server queues at most {limits.max_runs_queued} runs at a time; try again when "
+        "one has ended"
+    )
+
+
 # ---- cleanup ------------------------------------------------------------------------------------
 def expire_untouched(root: Path, days: int | None, now: float | None = None) -> list[str]:
     """Delete the folders in `root` nobody has touched for `days` (staging folders: a visitor who left and never
@@ -169,6 +189,39 @@ def expire_untouched(root: Path, days: int | None, now: float | None = None) -> 
         if folder.is_dir() and not folder.is_symlink() and _newest_change(folder) < cutoff and _delete(folder):
             expired.append(folder.name)
     return expired
+
+
+def make_upload_room(
+    folder: Path, limit: int | None, grace: float = UPLOAD_GRACE_SECONDS, now: float | None = None
+) -> bool:
+    """Whether Gradio's upload folder (every file sent to the server, and the copies handed to pages) has room for
+    one more upload under `limit` bytes. When it is full, its files older than `grace` seconds go first, oldest
+    first: an upload is copied into its visitor's staging folder as soon as its event runs, so an older one was used
+    or abandoned, and a page that lost a copy it was handed asks for it again. Anything sent to that route counts,
+    whatever its event would have refused, so a stranger's raw uploads can't fill the disk."""
+    if limit is None or not Path(folder).is_dir():
+        return True
+    files = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                status = os.stat(path, follow_symlinks=False)
+            except OSError:  # removed while we looked
+                continue
+            files.append((status.st_mtime, status.st_size, path))
+    total = sum(size for _, size, _ in files)
+    cutoff = (time.time() if now is None else now) - grace
+    for changed, size, path in sorted(files):
+        if total < limit or changed >= cutoff:
+            break
+        try:
+            os.unlink(path)
+            total -= size
+            os.rmdir(os.path.dirname(path))  # Gradio keeps each file in a folder of its own
+        except OSError:  # in use, gone, or a folder that still holds others
+            pass
+    return total < limit
 
 
 def expire_runs(runs_dir: Path, limits: Limits, is_live: Callable[[Path], bool], now: float | None = None) -> list[str]:

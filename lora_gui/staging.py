@@ -32,6 +32,9 @@ THUMBNAILS = ".thumbnails"
 THUMBNAIL_SIDE = 256
 MAX_ZIP_BYTES = 4 << 30  # unpacked; a zip bomb stops here
 MAX_ZIP_FILES = 20_000
+# Longer than any text encoder reads (T5's 512 tokens are about 2,000 characters): a caption past it is a mistake or
+# a way to fill the disk.
+MAX_CAPTION_CHARS = 4000
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -64,10 +67,11 @@ class DatasetReport:
 class Staging:
     """The staged dataset of one browser session."""
 
-    def __init__(self, folder: str | Path, limits: Limits | None = None):
+    def __init__(self, folder: str | Path, limits: Limits | None = None, visitor: Visitor = EVERYONE):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.limits = limits  # what one visitor may stage on a shared server; None: no limits (the app sets it)
+        self.visitor = visitor  # whose it is: the quota counts all their staging folders
 
     @classmethod
     def for_session(cls, runs_dir: str | Path, session_id: str = "", visitor: Visitor = EVERYONE) -> Staging:
@@ -75,7 +79,7 @@ class Staging:
         found = cls.find(runs_dir, session_id, visitor)
         if found is not None:
             return found
-        staging = cls(Path(runs_dir) / STAGING_DIR / uuid.uuid4().hex)
+        staging = cls(Path(runs_dir) / STAGING_DIR / uuid.uuid4().hex, visitor=visitor)
         write_owner(staging.folder, visitor.owner)
         return staging
 
@@ -86,7 +90,7 @@ class Staging:
         folder = Path(runs_dir) / STAGING_DIR / (session_id or "")
         if not (_SESSION_ID.fullmatch(session_id or "") and folder.is_dir() and visitor.owns_folder(folder)):
             return None
-        return cls(folder)
+        return cls(folder, visitor=visitor)
 
     @property
     def session_id(self) -> str:
@@ -120,7 +124,10 @@ class Staging:
         for stem, caption_file in captions.items():
             matches = [item for item in self.items() if PurePosixPath(item.relpath).stem == stem]
             if matches:
-                self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
+                try:
+                    self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
+                except DataError as error:
+                    notes.append(f"{caption_file.name}: {error}")
             else:
                 notes.append(f"{caption_file.name}: no image named {stem} to go with it; drop it with its image")
         return notes + room.notes()
@@ -168,6 +175,8 @@ class Staging:
             return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
         if too_big := room.file_too_big(source, PurePosixPath(relpath).name):
             return [too_big]
+        if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+            return [f"{PurePosixPath(relpath).name}: {_too_long(caption)}, so it was left out"]
         target = self.folder / relpath
         number = 1
         while target.exists() and not _same_bytes(target, source):
@@ -189,8 +198,18 @@ class Staging:
         limits = self.limits or Limits()
         room = _Room(limits)
         if limits.max_staging_bytes is not None or limits.max_staging_files is not None:
-            room.used_bytes, room.pictures = _staged_size(self.folder)
+            for folder in self._visitors_folders():
+                used, pictures = _staged_size(folder)
+                room.used_bytes, room.pictures = room.used_bytes + used, room.pictures + pictures
         return room
+
+    def _visitors_folders(self) -> list[Path]:
+        """This folder and the visitor's other staging folders: a quota per folder would let a visitor who opens a
+        new one (another tab, Try the demo) stage as much again."""
+        if self.folder.parent.name != STAGING_DIR:
+            return [self.folder]
+        others = [path for path in self.folder.parent.iterdir() if path.is_dir() and path != self.folder]
+        return [self.folder, *(path for path in others if self.visitor.owns_folder(path))]
 
     # ---- reading ------------------------------------------------------------------------------
     def items(self) -> list[StagedImage]:
@@ -236,8 +255,25 @@ class Staging:
 
     # ---- editing ------------------------------------------------------------------------------
     def set_caption(self, relpath: str, caption: str) -> None:
-        path = self._image(relpath)
-        write_text_atomic(path.with_suffix(".txt"), " ".join(caption.split()) + "\n")
+        self.set_captions({relpath: caption})
+
+    def set_captions(self, captions: dict[str, str]) -> None:
+        """Write pictures' captions, all or none: one too long, or all of them past what the visitor may still
+        stage (captions count in the quota as pictures do), is refused before any is written."""
+        files, texts = {}, {}
+        for relpath, caption in captions.items():
+            files[relpath], texts[relpath] = self._image(relpath).with_suffix(".txt"), " ".join(caption.split())
+            if len(texts[relpath]) > MAX_CAPTION_CHARS:
+                raise DataError(f"the caption of {relpath}: {_too_long(texts[relpath])}")
+        grows = sum(len((text + "\n").encode()) - _size(files[relpath]) for relpath, text in texts.items())
+        left = self._room().bytes_left
+        if left is not None and grows > left:
+            raise DataError(
+                f"these captions would take {format_size(grows)} more, but only {format_size(left)} more fits in "
+                f"the {format_size(self.limits.max_staging_bytes)} this server keeps per visitor; nothing was changed"
+            )
+        for relpath, text in texts.items():
+            write_text_atomic(files[relpath], text + "\n")
 
     def remove(self, relpath: str) -> None:
         path = self._image(relpath)
@@ -251,31 +287,28 @@ class Staging:
             if path.name != OWNER_FILE:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def add_trigger_word(self, word: str) -> int:
+    def add_trigger_word(self, word: str | None) -> int:
         """Put `word` in front of every caption that lacks it; returns how many changed."""
-        word = word.strip()
+        word = (word or "").strip()
         if not word:
             raise DataError("type the trigger word first (a rare made-up word such as sks or ohwx)")
         return self._edit_captions(lambda caption: data.full_caption(caption, word))
 
-    def replace_in_captions(self, find: str, replace: str) -> int:
+    def replace_in_captions(self, find: str | None, replace: str | None) -> int:
         if not find:
             raise DataError("type the text to find first")
-        return self._edit_captions(lambda caption: caption.replace(find, replace))
+        return self._edit_captions(lambda caption: caption.replace(find, replace or ""))
 
-    def fill_empty_captions(self, caption: str) -> int:
-        if not caption.strip():
+    def fill_empty_captions(self, caption: str | None) -> int:
+        if not (caption or "").strip():
             raise DataError("type the caption to use for images that have none")
         return self._edit_captions(lambda current: current or caption)
 
     def _edit_captions(self, edit) -> int:
-        changed = 0
-        for item in self.items():
-            new = " ".join(edit(item.caption).split())
-            if new != item.caption:
-                self.set_caption(item.relpath, new)
-                changed += 1
-        return changed
+        new = {item.relpath: (item.caption, " ".join(edit(item.caption).split())) for item in self.items()}
+        changed = {relpath: caption for relpath, (old, caption) in new.items() if caption != old}
+        self.set_captions(changed)
+        return len(changed)
 
     def _image(self, relpath: str) -> Path:
         path = (self.folder / relpath).resolve()
@@ -357,6 +390,17 @@ def _staged_size(folder: Path) -> tuple[int, int]:
                     used += entry.stat(follow_symlinks=False).st_size
                     pictures += os.path.splitext(entry.name)[1].lower() in data.ALL_IMAGE_SUFFIXES
     return used, pictures
+
+
+def _too_long(caption: str) -> str:
+    return f"{len(caption):,} characters, and a caption may have at most {MAX_CAPTION_CHARS:,} here"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

@@ -10,6 +10,7 @@ import zipfile
 from collections import namedtuple
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,6 +74,8 @@ def test_defaults_differ_on_a_space_and_on_ones_own_computer_except_the_free_dis
         max_staging_bytes=2_000_000_000,
         max_staging_files=1000,
         max_runs_waiting=1,
+        max_runs_queued=10,
+        max_upload_folder_bytes=5_000_000_000,
         min_free_bytes=2_000_000_000,
         staging_days=7,
         run_days=None,
@@ -85,6 +88,8 @@ def test_variables_set_limits_in_their_units_and_0_none_or_off_turn_one_off(envi
     environment.setenv("LORA_GUI_MAX_STAGING_MB", "0")
     environment.setenv("LORA_GUI_MAX_FILES", " none ")
     environment.setenv("LORA_GUI_MAX_RUNS_PER_VISITOR", "3")
+    environment.setenv("LORA_GUI_MAX_QUEUED_RUNS", "off")
+    environment.setenv("LORA_GUI_MAX_UPLOADS_MB", "0")
     environment.setenv("LORA_GUI_MIN_FREE_GB", "OFF")
     environment.setenv("LORA_GUI_STAGING_DAYS", "2")
     environment.setenv("LORA_GUI_RUN_DAYS", "30")
@@ -188,6 +193,32 @@ def test_pictures_past_the_size_quota_are_left_out_with_one_note_and_captions_co
     assert staged(staging) == ["p1.png", "p2.png"]
 
 
+def test_caption_edits_count_in_the_visitors_quota_and_a_caption_has_a_longest(tmp_path):
+    limits = Limits(max_staging_bytes=25_000, max_staging_files=3)
+    staging = shared_staging(tmp_path, limits)
+    assert staging.add_files(pictures(tmp_path / "first", 2)) == []
+    # 5 kB of room left: a caption of 4,000 characters fits, two do not, and a bulk edit is all or nothing.
+    staging.set_caption("p1.png", "a" * 3990)
+    with pytest.raises(LoraGuiError, match="nothing was changed"):
+        staging.fill_empty_captions("b" * 3990)
+    assert [item.caption for item in staging.items()] == ["a" * 3990, ""]
+    with pytest.raises(LoraGuiError, match="a caption may have at most 4,000"):
+        staging.set_caption("p2.png", "c" * 4001)
+
+
+def test_the_quota_counts_all_the_visitors_staging_folders(tmp_path):
+    limits = Limits(max_staging_bytes=25_000, max_staging_files=3)
+    assert shared_staging(tmp_path, limits).add_files(pictures(tmp_path / "first", 2)) == []
+    # Another folder of the same visitor's (another tab, Try the demo) shares the quota; a stranger's does not.
+    same = Staging.for_session(tmp_path / "runs", visitor=Visitor(owner="hf:someone"))
+    same.limits = limits
+    assert "left out" in " ".join(same.add_files(pictures(tmp_path / "second", 2, first_seed=3)))
+    assert len(same.items()) == 0
+    stranger = Staging.for_session(tmp_path / "runs", visitor=Visitor(owner="hf:stranger"))
+    stranger.limits = limits
+    assert stranger.add_files(pictures(tmp_path / "third", 2, first_seed=5)) == []
+
+
 def test_a_zip_that_unpacks_bigger_than_the_room_left_is_refused_before_anything_is_extracted(tmp_path, monkeypatch):
     staging = shared_staging(tmp_path, Limits(max_staging_bytes=1_000_000))
     staging.add_files([picture(tmp_path / "first.png", seed=1)])
@@ -260,6 +291,22 @@ def test_a_visitor_may_have_only_so_many_runs_queued_or_training():
     check_runs_waiting(50, Limits())
 
 
+def test_a_signed_in_visitors_runs_count_with_those_of_the_anonymous_id_their_browser_holds(tmp_path):
+    from lora_gui.ui.folders import Folders
+
+    job = namedtuple("Job", "owner done")
+    running, ended = SimpleNamespace(is_set=lambda: False), SimpleNamespace(is_set=lambda: True)
+    queue = [job("anon:before-signing-in", running), job("hf:someone", ended), job("anon:stranger", running)]
+    engine = SimpleNamespace(jobs=SimpleNamespace(jobs=lambda: queue))
+    folders = Folders(tmp_path, Limits(max_runs_waiting=1, max_runs_queued=3), engine)
+    with pytest.raises(LoraGuiError, match="you already have 1 run"):
+        folders.check_room_for_a_run(Visitor(owner="hf:someone", also=("anon:before-signing-in",)))
+    folders.check_room_for_a_run(Visitor(owner="anon:newcomer"))
+    queue.append(job("anon:third", running))
+    with pytest.raises(LoraGuiError, match="the queue is full: this server queues at most 3 runs"):
+        folders.check_room_for_a_run(Visitor(owner="anon:newcomer"))
+
+
 # ---- cleanup ------------------------------------------------------------------------------------
 def age(path: Path, days: float) -> None:
     """Make `path` and everything in it look last changed `days` before NOW (the folders last, as writing into
@@ -292,6 +339,25 @@ def test_staging_folders_untouched_for_too_long_are_deleted(tmp_path):
     assert not forgotten.folder.exists()
     assert all(staging.folder.is_dir() for staging in (one_new_file, one_removed, recent))
     assert expire_staging(tmp_path / "nowhere", Limits(staging_days=7), now=NOW) == []
+
+
+def test_a_full_upload_folder_drops_its_oldest_files_past_the_grace_and_refuses_while_all_are_new(tmp_path):
+    for name, minutes_old in [("old/a.png", 60), ("older/b.png", 120), ("new/c.png", 1)]:
+        path = tmp_path / name
+        path.parent.mkdir()
+        path.write_bytes(bytes(4000))
+        os.utime(path, (NOW - minutes_old * 60, NOW - minutes_old * 60))
+    assert limits_module.make_upload_room(tmp_path, 20_000, now=NOW)  # under the limit: nothing goes
+    assert limits_module.make_upload_room(tmp_path, 10_000, now=NOW)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "new",
+        "new/c.png",
+        "old",
+        "old/a.png",
+    ]
+    assert not limits_module.make_upload_room(tmp_path, 4000, now=NOW)  # what is left is all too new to drop
+    assert (tmp_path / "new" / "c.png").is_file()
+    assert limits_module.make_upload_room(tmp_path, None)
 
 
 def test_runs_that_ended_long_ago_are_deleted_but_never_one_a_job_is_working_on(tmp_path):

@@ -5,12 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import gradio as gr
+from gradio import utils as gradio_utils
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 from lora_gui.demo import (
     CONCEPT_BACKGROUNDS,
@@ -21,7 +27,7 @@ from lora_gui.demo import (
     write_demo_concept,
 )
 from lora_gui.errors import ConfigError
-from lora_gui.limits import Limits, expire_runs
+from lora_gui.limits import Limits, expire_runs, make_upload_room
 from lora_gui.owners import Visitor, anonymous, app_secret, new_secret
 from lora_gui.runs import default_runs_dir, record_interrupted
 from lora_gui.staging import Staging, expire_staging
@@ -224,8 +230,18 @@ def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]
     """A fresh dataset of drawn pictures of a concept the demo model never saw, the demo model and the demo preset:
     one click on Start away."""
     staging = ctx.folders.staging("", visitor)
-    write_demo_concept(staging.folder, count=DEMO_IMAGES)
+    # Drawn aside and added as dropped pictures are, so they count in the visitor's quota like any others.
+    with tempfile.TemporaryDirectory() as drawn:
+        write_demo_concept(Path(drawn), count=DEMO_IMAGES)
+        left_out = staging.import_folder(drawn)
     config = demo_config()
+    if left_out:  # the demo is all its pictures or none: a part of it would teach less than it promises
+        shutil.rmtree(staging.folder, ignore_errors=True)
+        return {
+            "dataset_notice": notice(
+                "The demo's pictures were not added, as not all of them fit. " + " ".join(left_out), "error"
+            )
+        }
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,
@@ -319,6 +335,7 @@ def launch(
         auth=credentials,
         # No allowed_paths: a run's files reach the page only as copies its owner's handlers hand out (served).
         max_file_size=ctx.limits.max_file_bytes,
+        app_kwargs={"middleware": [Middleware(UploadRoom, limit=ctx.limits.max_upload_folder_bytes)]},
         css=CSS,
         footer_links=["api"],
         # Server-side rendering runs a Node server whose signal handlers exit at once; the page renders in
@@ -341,6 +358,25 @@ def launch(
             print(f"Stopping the runs: the one training saves after its current step (up to {grace_seconds:.0f} s)")
         ctx.engine.jobs.close(timeout=grace_seconds)
         demo.close()
+
+
+class UploadRoom:
+    """Refuses an upload to Gradio's upload route while its folder is full (limits.make_upload_room), before the
+    upload is read: Gradio itself checks only each file's size, and keeps what it was sent for a day."""
+
+    def __init__(self, app: Any, limit: int | None):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        upload = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/gradio_api/upload")
+        if upload and self.limit is not None:
+            folder = Path(gradio_utils.get_upload_folder())
+            if not await anyio.to_thread.run_sync(make_upload_room, folder, self.limit):
+                refused = PlainTextResponse(
+                    "The server holds as many uploads as it can right now; try again in a few minutes.", status_code=429
+                )
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def parse_auth(auth: str) -> list[tuple[str, str]] | None:

@@ -290,9 +290,12 @@ def _caption_saver(relpath: str):
     def save(
         ctx: Ctx, visitor: Visitor, session: str, caption: str, resolution: float, default_caption: str
     ) -> dict[str, Any]:
-        staging = Staging.find(ctx.runs_dir, session, visitor)
-        if staging is not None:
-            staging.set_caption(relpath, caption)
+        staging = ctx.folders.staged(session, visitor)
+        try:
+            if staging is not None:
+                staging.set_caption(relpath, caption or "")
+        except LoraGuiError as error:
+            return {"report": error_notice(error) + checks_html(ctx, visitor, session, resolution, default_caption)}
         return {"report": checks_html(ctx, visitor, session, resolution, default_caption)}
 
     return save
@@ -365,12 +368,12 @@ def fix_problem(
     ctx: Ctx, visitor: Visitor, index: int, findings: list[dict[str, Any]], base_model: str, trigger: str, **checks
 ) -> dict[str, Any]:
     """Apply one finding's fix, then look again."""
-    staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
+    staging = ctx.folders.staged(checks["session"], visitor)
     try:
         if staging is None or not 0 <= index < len(findings or []):
             raise DataError("look for problems again first: the pictures changed")
         values = findings[index]
-        done = apply_fix(staging.folder, Finding(**{**values, "files": tuple(values["files"])}), trigger or "")
+        done = apply_fix(staging, Finding(**{**values, "files": tuple(values["files"])}), trigger or "")
     except (LoraGuiError, TypeError) as error:
         return {"doctor_notice": error_notice(error if isinstance(error, LoraGuiError) else DataError(str(error)))}
     again = check_problems(ctx, visitor, base_model, trigger, **checks)
@@ -446,7 +449,7 @@ def caption_one(
     ctx: Ctx, visitor: Visitor, relpath: str, captioner: str, trigger: str, **checks: Any
 ) -> dict[str, Any]:
     """Caption one picture again (its caption replaced), with the trigger word in front."""
-    staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
+    staging = ctx.folders.staged(checks["session"], visitor)
     if staging is None:
         return {"caption_notice": notice("Add pictures first, then caption them.", "warning")}
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_gui.errors import LoraGuiError
-from lora_gui.limits import Limits, check_free_disk, check_runs_waiting
+from lora_gui.limits import Limits, check_free_disk, check_queue, check_runs_waiting
 from lora_gui.owners import EVERYONE, Visitor
 from lora_gui.runs import PRIVATE_MARK, RunFolder, RunSummary, check_run_name, list_runs, suggest_run_name
 from lora_gui.staging import Staging
@@ -61,10 +61,20 @@ class Folders:
         staging.limits = self.limits
         return staging
 
+    def staged(self, session: str, visitor: Visitor) -> Staging | None:
+        """The visitor's staged pictures if the page has a folder of theirs, within this server's limits."""
+        staging = Staging.find(self.runs_dir, session, visitor)
+        if staging is not None:
+            staging.limits = self.limits
+        return staging
+
     def check_room_for_a_run(self, visitor: Visitor) -> None:
         """Refuses one more run of a visitor who has as many queued or training as this server allows, and any run
         when the disk is too full for its checkpoints."""
-        check_runs_waiting(self.engine.jobs.waiting(visitor.owner), self.limits)
+        waiting = [job for job in self.engine.jobs.jobs() if not job.done.is_set()]
+        # All the ids the visitor holds: a signed-in visitor's account and the anonymous id their browser keeps.
+        check_runs_waiting(sum(visitor.owns(job.owner) for job in waiting), self.limits)
+        check_queue(len(waiting), self.limits)
         check_free_disk(self.runs_dir, self.limits)
 
 

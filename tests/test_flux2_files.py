@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers.flux_files import DOUBLE_NORMS, SINGLE_NORMS, swapped  # Black Forest Labs' names, as Flux.1's
 from helpers.hub import in_download_cache
 from helpers.lora_files import lora_from_elsewhere
 from helpers.pipes import fresh_pipe, image
@@ -51,13 +52,6 @@ DOUBLE = {
     "txt_mlp.2": ["ff_context.linear_out"],
 }
 SINGLE = {"linear1": ["attn.to_qkv_mlp_proj"], "linear2": ["attn.to_out"]}
-DOUBLE_NORMS = {
-    "img_attn.norm.query_norm": "attn.norm_q",
-    "img_attn.norm.key_norm": "attn.norm_k",
-    "txt_attn.norm.query_norm": "attn.norm_added_q",
-    "txt_attn.norm.key_norm": "attn.norm_added_k",
-}
-SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
 
 
 def bfl_layers(config) -> dict[str, list[str]]:
@@ -69,11 +63,6 @@ def bfl_layers(config) -> dict[str, list[str]]:
         for index in range(count):
             layers |= {f"{kind}.{index}.{n}": [f"{block}.{index}.{t}" for t in ts] for n, ts in table.items()}
     return layers
-
-
-def swapped(weight: torch.Tensor) -> torch.Tensor:
-    first, second = weight.chunk(2)
-    return torch.cat([second, first])
 
 
 def bfl_checkpoint(transformer: torch.nn.Module, path: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from helpers.app import QUICK, AppServer, running_app, text, upload_pictures
+from helpers.app import QUICK, SPACE, AppServer, running_app, text, upload_pictures
 
 from lora_gui import data
 from lora_gui.demo import write_demo_dataset
@@ -22,14 +22,12 @@ from lora_gui.staging import STAGING_DIR
 
 pytestmark = pytest.mark.app
 
-SPACE = {
-    "SPACE_ID": "someone/lora-trainer",
+# The Space tests' server with smaller quotas, so a few small pictures reach them.
+LIMITS = {
+    **SPACE,
     "LORA_GUI_MAX_STAGING_MB": "2",
     "LORA_GUI_MAX_FILES": "20",
-    "LORA_GUI_MAX_FILE_MB": "8",
-    "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
     "LORA_GUI_MAX_QUEUED_RUNS": "2",
-    "LORA_GUI_MIN_FREE_GB": "0",
     "LORA_GUI_MAX_UPLOADS_MB": "10",
 }
 
@@ -37,7 +35,7 @@ SPACE = {
 @pytest.fixture(scope="module")
 def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     uploads = tmp_path_factory.mktemp("gradio-uploads")  # Gradio's upload folder, this server's alone
-    env = {**SPACE, "GRADIO_TEMP_DIR": str(uploads)}
+    env = {**LIMITS, "GRADIO_TEMP_DIR": str(uploads)}
     with running_app(tmp_path_factory.mktemp("space-runs"), "space-limits-server.log", env=env) as server:
         server.uploads = uploads  # type: ignore[attr-defined]
         yield server

@@ -14,20 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers.app import QUICK, AppServer, running_app, shown, text, upload_pictures, wait_until
+from helpers.app import QUICK, SPACE, AppServer, running_app, shown, text, upload_pictures, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraGuiError
 
 pytestmark = pytest.mark.app
 
-SPACE = {
-    "SPACE_ID": "someone/lora-trainer",
-    "LORA_GUI_MAX_STAGING_MB": "20",
-    "LORA_GUI_MAX_FILE_MB": "8",
-    "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
-    "LORA_GUI_MIN_FREE_GB": "0",
-}
 SECRET_PROMPT = "photo of my secret friend"
 
 

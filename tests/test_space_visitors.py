@@ -18,20 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 from gradio_client import Client, handle_file
-from helpers.app import QUICK, AppServer, progress, running_app, text, upload_pictures
+from helpers.app import QUICK, SPACE, AppServer, progress, running_app, text, upload_pictures
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
 
 pytestmark = pytest.mark.app
 
-SPACE = {
-    "SPACE_ID": "someone/lora-trainer",
-    "LORA_GUI_MAX_STAGING_MB": "20",
-    "LORA_GUI_MAX_FILE_MB": "8",
-    "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
-    "LORA_GUI_MIN_FREE_GB": "0",
-}
 SECRET_PROMPT = "photo of my secret friend"
 A_RUN = "a-private-run"
 

@@ -20,6 +20,15 @@ from gradio_client import Client, handle_file
 from .paths import ARTIFACTS, ROOT
 
 # Settings for a run of seconds, as the Train tab's fields.
+# `python app.py` as a Space starts it (SPACE_ID set), with small quotas: the Space tests' server.
+SPACE = {
+    "SPACE_ID": "someone/lora-trainer",
+    "LORA_GUI_MAX_STAGING_MB": "20",
+    "LORA_GUI_MAX_FILE_MB": "8",
+    "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
+    "LORA_GUI_MIN_FREE_GB": "0",
+}
+
 QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
 
 

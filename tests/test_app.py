@@ -315,7 +315,10 @@ def test_the_readme_is_a_space_card_that_leads_with_a_screenshot():
     assert body.lstrip().startswith("# LoRA trainer\n\n![")
     screenshot = root / "docs" / "screenshot.png"
     assert f"]({screenshot.relative_to(root)})" in body and screenshot.stat().st_size < 300_000
-    assert "pip install -r requirements.txt && python app.py" in body and "bash scripts/test.sh" in body
+    # What it is, then the two commands, before anything about Spaces; the front matter holds only what Spaces read.
+    install, tests, space = (body.index(text) for text in ("python app.py\n```", "bash scripts/test.sh\n```", "Space"))
+    assert "pip install -r requirements.txt && python app.py" in body and install < tests < space
+    assert "Python 3.10" in body[:install] and "#" not in front
 
 
 @pytest.mark.train

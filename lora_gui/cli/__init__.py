@@ -55,6 +55,9 @@ def _quiet_libraries(command: str) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[console])
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torchvision, where it is installed beside a torch it wasn't built for, warns as transformers imports it; we use
+    # none of its compiled parts.
+    warnings.filterwarnings("ignore", module="torchvision")
     for name in ("transformers", "diffusers", "accelerate", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if command != "ui":  # the app quiets them as its engine loads, after the page answers (ui/engine.py)

@@ -342,10 +342,16 @@ def launch(
         # the browser, and SIGTERM is ours, to let the run save.
         ssr_mode=False,
         prevent_thread_lock=True,
+        # Gradio's own lines name its Python arguments (`share=True` in `launch()`); ours name the app's flags.
+        quiet=True,
     )
+    print(f"The LoRA trainer is open at {demo.local_url} (stop it with Ctrl+C).", flush=True)
+    if not share and not ctx.on_space:
+        print("To open it from another computer: python app.py --share (a public link) or --host 0.0.0.0.", flush=True)
     # The page answers now; the engine loads after it, not beside it (importing holds Python's one lock, and would
     # hold the server's start back as long), its CPU threads set before anything computes.
     ctx.engine.start(leave_a_core_free=True).join()
+    print("The trainer has loaded: training and Generate are ready.", flush=True)
     # Everything the app uses is imported and built, and lives as long as it does: leave those objects out of later
     # garbage collections, which otherwise walk them all (0.4 s at the end of each run and each model swap, and in
     # Python's own full collections during a run).

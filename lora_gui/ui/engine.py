@@ -53,11 +53,14 @@ class Engine:
         with self._lock:
             if self._jobs is not None:
                 return
-            from lora_gui import devices, quiet_ml_libraries
+            from lora_gui import quiet_ml_libraries
+
+            # Before anything imports diffusers' quantizers, which warn as they load (nothing a user can act on).
+            quiet_ml_libraries()
+            from lora_gui import devices
             from lora_gui.infer import GeneratorCache
             from lora_gui.jobs import JobManager
 
-            quiet_ml_libraries()
             if leave_a_core_free:
                 devices.leave_a_core_free()
             jobs = self.given_jobs or JobManager()

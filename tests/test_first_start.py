@@ -1,0 +1,36 @@
+"""`python app.py` as a newcomer starts it: the page answers within seconds, the engine loads behind it, and nothing
+printed is a warning they can't act on."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from helpers.app import start_app, stop_app
+from helpers.paths import ARTIFACTS
+
+# What a person can't act on: library warnings, and Gradio's advice in its own Python terms.
+NOISE = re.compile(r"warn|torchao|torchvision|deprecat|share=True|launch\(\)", re.IGNORECASE)
+
+
+@pytest.mark.app
+@pytest.mark.alone
+def test_the_page_answers_within_five_seconds_and_the_start_prints_no_warnings(tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "first-start.log"
+    log.write_text("")
+    started = time.monotonic()
+    process, url = start_app(tmp_path / "runs", log)
+    answered = time.monotonic() - started
+    try:
+        deadline = time.monotonic() + 120
+        while "training and Generate are ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop_app(process)
+    printed = log.read_text()
+    assert answered < 5, f"the page answered {answered:.1f} s after python app.py"
+    assert "training and Generate are ready" in printed, printed
+    assert f"open at {url.rstrip('/')}" in printed and "python app.py --share" in printed, printed
+    assert not NOISE.search(printed), f"the start printed noise:\n{printed}"

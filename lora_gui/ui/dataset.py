@@ -36,6 +36,10 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
         "caption that describes it; drop a `.txt` file with the same name beside each picture, or type the "
         "captions below. Everything you add is saved on the server, so reloading the page loses nothing."
     )
+    # Shown while the demo's pictures are: they live in a folder of their own, the visitor's own kept beside it.
+    with gr.Row(visible=False, equal_height=True, elem_classes="lg-demo-shown") as c["demo_row"]:
+        c["demo_text"] = gr.HTML()
+        c["back_to_mine"] = gr.Button("Back to my pictures", scale=0, min_width=220, elem_id="back-to-mine")
     with gr.Row():
         c["upload"] = gr.File(
             label="Drop pictures here (.jpg, .png, .webp), their .txt captions, or a .zip of them",
@@ -82,12 +86,24 @@ def _build_bulk_edits() -> dict[str, Any]:
         with gr.Row():
             c["fill_caption"] = gr.Textbox(label="Caption for pictures that have none", placeholder="a photo of sks")
             c["fill"] = gr.Button("Fill empty captions")
-        c["clear"] = gr.Button("Remove all pictures", variant="stop", size="sm")
+    return c
+
+
+def _build_remove_all() -> dict[str, Any]:
+    """Remove all pictures, above them, and the question it asks first."""
+    c: dict[str, Any] = {}
+    with gr.Row(visible=False) as c["clear_row"]:
+        c["clear"] = gr.Button("Remove all pictures…", size="sm", scale=0, min_width=220, elem_id="remove-all")
+    with gr.Row(visible=False, equal_height=True) as c["clear_confirm_row"]:
+        c["clear_confirm_text"] = gr.HTML()
+        c["clear_yes"] = gr.Button("Yes, remove them", variant="stop", scale=0, min_width=160)
+        c["clear_no"] = gr.Button("No, keep them", scale=0, min_width=160)
     return c
 
 
 def build_dataset_grid(ctx: Ctx) -> None:
-    """The thumbnails, each with its caption box; drawn again whenever the staged files change."""
+    """Remove all, then the thumbnails, each with its caption box; drawn again whenever the staged files change."""
+    ctx.add(_build_remove_all())
 
     # Every change to the staged files bumps dataset_version; one trigger (and one render at a time)
     # keeps a change that also sets the session and the page from drawing the grid three times at once.
@@ -182,7 +198,19 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     ctx.wire(ctx["add_trigger"].click, add_trigger, ["trigger", *checks], changed, api_name="add_trigger")
     ctx.wire(ctx["replace"].click, replace, ["find", "replace_with", *checks], changed, api_name="replace")
     ctx.wire(ctx["fill"].click, fill_empty, ["fill_caption", *checks], changed, api_name="fill_empty")
-    ctx.wire(ctx["clear"].click, clear, checks, changed, api_visibility="private")
+    ctx.wire(ctx["back_to_mine"].click, back_to_mine, checks, changed, api_name="back_to_my_pictures")
+    ctx.wire(ctx["clear"].click, ask_clear, ["session"], ["clear_confirm_row", "clear_confirm_text"])
+    hide = ["clear_confirm_row"]
+    ctx.wire(ctx["clear_no"].click, lambda ctx: {"clear_confirm_row": gr.update(visible=False)}, [], hide)
+    ctx.wire(ctx["clear_yes"].click, clear, checks, [*changed, "clear_confirm_row"], api_visibility="private")
+    ctx.wire(
+        ctx["dataset_version"].change,
+        show_set,
+        ["session"],
+        ["demo_row", "demo_text", "back_to_mine", "clear_row", "clear", "clear_confirm_row"],
+        api_visibility="private",
+        show_progress="hidden",
+    )
     wire_captioning(ctx)
     ctx.wire(
         ctx["check_problems"].click,
@@ -196,9 +224,10 @@ def wire_dataset_tab(ctx: Ctx) -> None:
 
 
 # ---- handlers ----------------------------------------------------------------------------------
-def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, **checks: Any) -> dict[str, Any]:
-    changed = _change(ctx, visitor, lambda staging: _adding(staging, staging.add_files, upload or []), **checks)
-    return {**changed, "upload": None}
+def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, session: str, **checks: Any) -> dict[str, Any]:
+    session, put_away = _own_set(ctx, visitor, session)
+    adding = functools.partial(_adding, add=lambda staging: staging.add_files(upload or []), note=put_away)
+    return {**_change(ctx, visitor, adding, session=session, **checks), "upload": None}
 
 
 def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[str, Any]:
@@ -206,7 +235,9 @@ def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[s
         return {"dataset_notice": notice("This Space does not let visitors read server folders; drop files.", "error")}
     if not (folder or "").strip():
         return {"dataset_notice": notice("Type the path of a folder first.", "error")}
-    return _change(ctx, visitor, lambda staging: _adding(staging, staging.import_folder, folder.strip()), **checks)
+    session, put_away = _own_set(ctx, visitor, checks.pop("session"))
+    adding = functools.partial(_adding, add=lambda staging: staging.import_folder(folder.strip()), note=put_away)
+    return _change(ctx, visitor, adding, session=session, **checks)
 
 
 def add_trigger(ctx: Ctx, visitor: Visitor, trigger: str, **checks: Any) -> dict[str, Any]:
@@ -222,7 +253,73 @@ def fill_empty(ctx: Ctx, visitor: Visitor, fill_caption: str, **checks: Any) -> 
 
 
 def clear(ctx: Ctx, visitor: Visitor, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, visitor, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
+    removed = _change(ctx, visitor, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
+    return {**removed, "clear_confirm_row": gr.update(visible=False)}
+
+
+def ask_clear(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
+    """Removing every picture is asked first, saying how many, and whether they can come back."""
+    shown = ctx.folders.staged(session, visitor)
+    count = len(shown.items()) if shown is not None else 0
+    if not count:
+        return {"clear_confirm_row": gr.update(visible=False)}
+    if shown.is_demo:
+        question = f"Remove the demo's {_pictures(count)}? Try the demo draws them again."
+    else:
+        question = f"Remove all {_pictures(count)} and their captions? This can't be undone."
+    return {"clear_confirm_row": gr.update(visible=True), "clear_confirm_text": notice(question, "warning")}
+
+
+def back_to_mine(ctx: Ctx, visitor: Visitor, session: str, **checks: Any) -> dict[str, Any]:
+    """From the demo's pictures back to the visitor's own, which the demo set aside; the demo's are put away."""
+    shown, own = ctx.folders.staged(session, visitor), ctx.folders.own(session, visitor)
+    if shown is None or not shown.is_demo or own is None:
+        return {"dataset_notice": notice("These are your own pictures already.")}
+    shown.delete()
+    back = (
+        f"Back to your {_pictures(len(own.items()))}. The Train tab still has the demo's model and settings: "
+        "choose yours there before you train. Try the demo draws the demo's pictures again."
+    )
+    return _change(ctx, visitor, lambda staging: notice(back), session=own.session_id, **checks)
+
+
+def show_set(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
+    """Whose pictures are shown (the demo's, with the way back to the visitor's own), and Remove all for as many
+    as there are; a question asked before goes, as the pictures changed."""
+    shown = ctx.folders.staged(session, visitor)
+    count = len(shown.items()) if shown is not None else 0
+    own = ctx.folders.own(session, visitor) if shown is not None and shown.is_demo else None
+    mine = len(own.items()) if own is not None else 0
+    if mine:
+        text = f"These are the demo's pictures. Your own {_pictures(mine)} are kept, and pictures you add go to them."
+    else:
+        text = "These are the demo's pictures. Pictures you add start a set of your own (the demo's are put away)."
+    return {
+        "demo_row": gr.update(visible=shown is not None and shown.is_demo),
+        "demo_text": notice(text),
+        "back_to_mine": gr.update(value=f"Back to my pictures ({mine})", visible=mine > 0),
+        "clear_row": gr.update(visible=count > 0),
+        "clear": gr.update(value="Remove all pictures…" if not shown or not shown.is_demo else "Remove the demo's…"),
+        "clear_confirm_row": gr.update(visible=False),
+    }
+
+
+def _own_set(ctx: Ctx, visitor: Visitor, session: str) -> tuple[str, str]:
+    """Where pictures the visitor adds go: the folder shown, or, while it is the demo's, their own (set aside by the
+    demo; a new one if none), never mixed with the demo's, which are put away. And the sentence that says so."""
+    shown = ctx.folders.staged(session, visitor)
+    if shown is None or not shown.is_demo:
+        return session, ""
+    own = ctx.folders.own(session, visitor)
+    shown.delete()
+    mine = "your own pictures" if own is not None and own.items() else "a set of your own"
+    return own.session_id if own is not None else "", (
+        f"They went to {mine}; the demo's pictures are put away (Try the demo draws them again)."
+    )
+
+
+def _pictures(count: int) -> str:
+    return f"{count} picture{'s' if count != 1 else ''}"
 
 
 def show_checks(ctx: Ctx, visitor: Visitor, session: str, resolution: float, default_caption: str) -> dict[str, Any]:
@@ -329,13 +426,12 @@ def fix_problem(
     }
 
 
-def _adding(staging: Staging, add, source) -> str:
-    """Add files and say how many pictures came in, and what was left out and why."""
+def _adding(staging: Staging, add, note: str = "") -> str:
+    """Add files (`add(staging)`) and say how many pictures came in, where (`note`), and what was left out and why."""
     before = len(staging.items())
-    notes = add(source)
-    added = len(staging.items()) - before
-    text = f"Added {added} picture{'s' if added != 1 else ''}."
-    return notice(" ".join([text, *notes]), "warning" if notes else "info")
+    notes = add(staging)
+    text = f"Added {_pictures(len(staging.items()) - before)}."
+    return notice(" ".join([text, *([note] if note else []), *notes]), "warning" if notes else "info")
 
 
 def _changed(count: int) -> str:

@@ -1,0 +1,124 @@
+"""The Dataset tab and Try the demo as a newcomer meets them (issue 28): the visitor's own pictures are never thrown
+away or mixed with the demo's, removing is asked first, captioning offline says what to do, a caption replaced can be
+put back, and the loud buttons are the ones to press. The handlers are called as the page calls them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+
+from lora_gui.demo import write_demo_dataset
+from lora_gui.jobs import JobManager
+from lora_gui.owners import EVERYONE
+from lora_gui.staging import Staging
+from lora_gui.ui.app import build_app, restore, try_demo
+from lora_gui.ui.common import Ctx
+from lora_gui.ui.dataset import add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
+
+pytestmark = pytest.mark.app
+
+CHECKS = dict(resolution=64, default_caption="")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Ctx]:
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    try:
+        yield ctx
+    finally:
+        ctx.engine.jobs.close()
+
+
+def mine(ctx: Ctx, tmp_path: Path, count: int = 9) -> str:
+    """The session of a visitor who added `count` captioned pictures of their own."""
+    pictures = write_demo_dataset(tmp_path / "mine", count=count, size=(96, 96))
+    added = add_folder(ctx, EVERYONE, folder=str(pictures), session="", dataset_version=0, **CHECKS)
+    assert f"Added {count} pictures" in added["dataset_notice"]
+    return added["session"]
+
+
+def captions(ctx: Ctx, session: str) -> list[str]:
+    staging = Staging.find(ctx.runs_dir, session)
+    return [item.caption for item in staging.items()] if staging else []
+
+
+def value(update: Any) -> Any:
+    return update.get("value") if isinstance(update, dict) else update
+
+
+def visible(update: Any) -> bool:
+    return update.get("visible", True) if isinstance(update, dict) else True
+
+
+def test_try_the_demo_keeps_the_visitors_pictures_and_one_button_goes_back(ctx, tmp_path):
+    own = mine(ctx, tmp_path)
+    before = captions(ctx, own)
+    demo = try_demo(ctx, EVERYONE, session=own, dataset_version=1)
+    assert demo["session"] != own and len(captions(ctx, demo["session"])) == 8
+    assert "Your own 9 pictures are kept" in demo["dataset_notice"]
+    assert captions(ctx, own) == before  # not a picture nor a caption of theirs touched, none of the demo's added
+    shown = show_set(ctx, EVERYONE, session=demo["session"])
+    assert visible(shown["demo_row"]) and visible(shown["back_to_mine"])
+    assert value(shown["back_to_mine"]) == "Back to my pictures (9)"
+
+    again = try_demo(ctx, EVERYONE, session=demo["session"], dataset_version=2)  # pressed twice: one demo set
+    assert again["session"] == demo["session"] and len(captions(ctx, demo["session"])) == 8
+
+    back = back_to_mine(ctx, EVERYONE, session=demo["session"], dataset_version=3, **CHECKS)
+    assert back["session"] == back["remembered"] == own and captions(ctx, own) == before
+    assert "Back to your 9 pictures" in back["dataset_notice"]
+    assert Staging.find(ctx.runs_dir, demo["session"]) is None  # the demo's are put away: it draws them again
+    assert not visible(show_set(ctx, EVERYONE, session=own)["demo_row"])
+
+
+def test_pictures_added_while_the_demo_is_shown_go_to_the_visitors_own(ctx, tmp_path):
+    own = mine(ctx, tmp_path)
+    demo = try_demo(ctx, EVERYONE, session=own, dataset_version=1)
+    more = write_demo_dataset(tmp_path / "more", count=3, size=(80, 80))
+    files = [str(path) for path in more.iterdir()]
+    added = add_uploads(ctx, EVERYONE, upload=files, session=demo["session"], dataset_version=2, **CHECKS)
+    assert added["session"] == added["remembered"] == own
+    assert "Added 3 pictures" in added["dataset_notice"] and "went to your own pictures" in added["dataset_notice"]
+    assert len(captions(ctx, own)) == 12 and not any("zqx" in caption for caption in captions(ctx, own))
+
+
+def test_with_no_pictures_of_their_own_added_pictures_start_a_set_without_the_demos(ctx, tmp_path):
+    demo = try_demo(ctx, EVERYONE, session="", dataset_version=0)
+    assert "kept" not in demo["dataset_notice"]
+    assert not visible(show_set(ctx, EVERYONE, session=demo["session"])["back_to_mine"])
+    pictures = write_demo_dataset(tmp_path / "first", count=2, size=(80, 80))
+    added = add_folder(ctx, EVERYONE, folder=str(pictures), session=demo["session"], dataset_version=1, **CHECKS)
+    assert added["session"] != demo["session"] and len(captions(ctx, added["session"])) == 2
+
+
+def test_after_a_reload_the_demos_pictures_still_lead_back_to_the_visitors_own(ctx, tmp_path):
+    own = mine(ctx, tmp_path)
+    demo = try_demo(ctx, EVERYONE, session=own, dataset_version=1)
+    reloaded = restore(
+        ctx, EVERYONE, owner_key="", remembered=demo["remembered"], my_presets={}, dataset_version=0, **CHECKS
+    )
+    assert reloaded["session"] == demo["session"]
+    assert value(show_set(ctx, EVERYONE, session=reloaded["session"])["back_to_mine"]) == "Back to my pictures (9)"
+    back = back_to_mine(ctx, EVERYONE, session=reloaded["session"], dataset_version=1, **CHECKS)
+    assert back["session"] == own and len(captions(ctx, own)) == 9
+
+
+def test_remove_all_is_beside_the_pictures_and_asks_first_saying_how_many(ctx, tmp_path):
+    own = mine(ctx, tmp_path)
+    ancestors, parent = [], ctx["clear"].parent
+    while parent is not None:
+        ancestors.append(parent)
+        parent = parent.parent
+    assert not any(isinstance(block, gr.Accordion) for block in ancestors)  # not hidden in the bulk edits
+    assert visible(show_set(ctx, EVERYONE, session=own)["clear_row"])
+    asked = ask_clear(ctx, EVERYONE, session=own)
+    assert visible(asked["clear_confirm_row"])
+    assert "Remove all 9 pictures and their captions?" in asked["clear_confirm_text"]
+    assert len(captions(ctx, own)) == 9  # asking removed nothing
+    removed = clear(ctx, EVERYONE, session=own, dataset_version=1, **CHECKS)
+    assert captions(ctx, own) == [] and not visible(removed["clear_confirm_row"])
+    assert not visible(show_set(ctx, EVERYONE, session=own)["clear_row"])

@@ -278,6 +278,11 @@ class Staging:
         )
 
     # ---- editing ------------------------------------------------------------------------------
+    def caption_of(self, relpath: str) -> str:
+        """One picture's caption ("" for none)."""
+        caption_file = self._image(relpath).with_suffix(".txt")
+        return data.read_caption_file(caption_file) if caption_file.is_file() else ""
+
     def set_caption(self, relpath: str, caption: str) -> None:
         self.set_captions({relpath: caption})
 

@@ -16,8 +16,10 @@ from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.staging import Staging
 from lora_gui.ui.app import build_app, restore, try_demo
+from lora_gui.ui.captioning import TINY_CAPTIONER
 from lora_gui.ui.common import Ctx
 from lora_gui.ui.dataset import add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
+from lora_gui.ui.dataset_captions import caption_one, caption_pictures, captioner_choices, undo_caption
 
 pytestmark = pytest.mark.app
 
@@ -122,3 +124,57 @@ def test_remove_all_is_beside_the_pictures_and_asks_first_saying_how_many(ctx, t
     removed = clear(ctx, EVERYONE, session=own, dataset_version=1, **CHECKS)
     assert captions(ctx, own) == [] and not visible(removed["clear_confirm_row"])
     assert not visible(show_set(ctx, EVERYONE, session=own)["clear_row"])
+
+
+def test_offline_a_captioner_never_downloaded_says_in_plain_words_what_to_do_beside_its_buttons(
+    ctx, tmp_path, download_cache
+):
+    own = mine(ctx, tmp_path, count=2)
+    staging = Staging.find(ctx.runs_dir, own)
+    staging.set_captions({picture.relpath: "" for picture in staging.items()})
+    updates = list(
+        caption_pictures(ctx, EVERYONE, "florence2-base", "", overwrite=False, session=own, dataset_version=1, **CHECKS)
+    )
+    said = updates[-1]["caption_notice"]  # the box right under the caption buttons
+    for words in (
+        "Florence-2 base must be downloaded once",
+        "this computer is offline",
+        "type the captions",
+        "tiny random tagger",
+    ):
+        assert words in said
+    assert "HF_HUB_OFFLINE" not in said
+
+    first = staging.items()[0].relpath
+    one = caption_one(
+        ctx, EVERYONE, relpath=first, captioner="florence2-base", trigger="", session=own, dataset_version=2, **CHECKS
+    )
+    assert "caption_notice" not in one  # on the card of the picture, not far above it
+    note = one["card_note"]
+    assert note["relpath"] == first and note["version"] == one["dataset_version"]
+    assert "must be downloaded once" in note["html"] and "HF_HUB_OFFLINE" not in note["html"]
+
+
+def test_caption_it_on_a_captioned_picture_can_be_undone_and_says_the_tiny_taggers_tags_are_random(ctx, tmp_path):
+    own = mine(ctx, tmp_path, count=2)
+    staging = Staging.find(ctx.runs_dir, own)
+    first = staging.items()[0].relpath
+    good = staging.caption_of(first)
+    assert good
+    done = caption_one(
+        ctx, EVERYONE, relpath=first, captioner=TINY_CAPTIONER, trigger="", session=own, dataset_version=1, **CHECKS
+    )
+    assert staging.caption_of(first) != good
+    note = done["card_note"]
+    assert note["relpath"] == first and note["previous"] == good
+    assert "tags are random" in note["html"] and "Undo" in note["html"]
+    undone = undo_caption(
+        ctx, EVERYONE, relpath=first, previous=note["previous"], session=own, dataset_version=2, **CHECKS
+    )
+    assert staging.caption_of(first) == good and undone["dataset_version"] == 3
+    assert "back" in undone["card_note"]["html"] and not undone["card_note"]["previous"]
+
+
+def test_the_tiny_tagger_is_labelled_as_random_tags_for_trying_the_app_offline():
+    (label,) = [label for label, name in captioner_choices() if name == TINY_CAPTIONER]
+    assert "random tags" in label and "only for trying the app offline" in label

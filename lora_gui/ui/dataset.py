@@ -16,7 +16,7 @@ from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
 from lora_gui.staging import StagedImage, Staging
 from lora_gui.ui.common import Ctx, error_notice, notice, served
-from lora_gui.ui.dataset_captions import build_captioning, caption_one, wire_captioning
+from lora_gui.ui.dataset_captions import build_captioning, caption_one, undo_caption, wire_captioning
 from lora_gui.ui.dataset_report import (
     CHECKS,
     PAGE_SIZE,
@@ -64,6 +64,7 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
         )
         c["doctor_notice"] = gr.HTML(elem_id="doctor-notice")
     c["findings"] = gr.State([])
+    c["card_note"] = gr.State({})  # what Caption it did, drawn on that picture's card (dataset_captions.card_note)
     c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
     return c
 
@@ -109,25 +110,27 @@ def build_dataset_grid(ctx: Ctx) -> None:
     # keeps a change that also sets the session and the page from drawing the grid three times at once.
     # The session is the page's server-side state, which only the handlers set, to a folder its visitor owns.
     @gr.render(
-        inputs=[ctx["session"], ctx["dataset_version"], ctx["page"]],
+        inputs=[ctx["session"], ctx["dataset_version"], ctx["page"], ctx["card_note"]],
         triggers=[ctx["dataset_version"].change, ctx["page"].input],
         concurrency_limit=1,
     )
-    def grid(session: str, version: int, page: float) -> None:
+    def grid(session: str, version: int, page: float, note: dict[str, Any]) -> None:
         staging = Staging.find(ctx.runs_dir, session)
         items = staging.items() if staging else []
         if not items:
             return
         first = (int(page or 1) - 1) * PAGE_SIZE
         shown = items[first : first + PAGE_SIZE]
+        note = note if (note or {}).get("version") == version else {}  # a card's message lasts until the next change
         for start in range(0, len(shown), COLUMNS):
             with gr.Row(equal_height=True):
                 for item in shown[start : start + COLUMNS]:
-                    _picture_card(ctx, item)
+                    _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
 
 
-def _picture_card(ctx: Ctx, item: StagedImage) -> None:
-    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove."""
+def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
+    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove, and
+    what Caption it did (with Undo where it replaced a caption)."""
     with gr.Column(min_width=180, elem_classes="lg-card"):
         if item.thumbnail:
             gr.Image(served(item.thumbnail), show_label=False, height=170, interactive=False, buttons=[])
@@ -144,6 +147,12 @@ def _picture_card(ctx: Ctx, item: StagedImage) -> None:
         with gr.Row():
             recaption = gr.Button("Caption it", size="sm", min_width=80)
             remove = gr.Button("Remove", size="sm", min_width=80)
+        if note:
+            gr.HTML(note["html"], elem_classes="lg-card-note")
+        if note.get("previous"):
+            undo = gr.Button("Undo", size="sm", elem_classes="lg-card-undo")
+            undone = functools.partial(undo_caption, relpath=item.relpath, previous=note["previous"])
+            ctx.wire(undo.click, undone, CHECKS, ["dataset_version", "report", "card_note"], api_visibility="private")
     ctx.wire(
         caption.blur,
         _caption_saver(item.relpath),
@@ -156,19 +165,14 @@ def _picture_card(ctx: Ctx, item: StagedImage) -> None:
     ctx.wire(
         recaption.click,
         functools.partial(caption_one, relpath=item.relpath),
-        ["captioner", "trigger", "session", "resolution", "default_caption", "dataset_version"],
-        ["dataset_version", "report", "caption_notice"],
+        ["captioner", "trigger", *CHECKS],
+        ["dataset_version", "report", "caption_notice", "card_note"],
         api_visibility="private",
         concurrency_limit=1,
         concurrency_id="captioning",
     )
-    ctx.wire(
-        remove.click,
-        _remover(item.relpath),
-        ["session", "resolution", "default_caption", "dataset_version"],
-        ["dataset_version", "report", "page"],
-        api_visibility="private",
-    )
+    removed = ["dataset_version", "report", "page"]
+    ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private")
 
 
 def build_findings(ctx: Ctx) -> None:

@@ -12,11 +12,12 @@ import gradio as gr
 from lora_gui.captioning import captioner_infos
 from lora_gui.captioning.folder import CaptionPass, pictures_to_caption
 from lora_gui.data import full_caption
-from lora_gui.errors import LoraGuiError
+from lora_gui.downloads import NotDownloaded
+from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
-from lora_gui.ui.captioning import TINY_CAPTIONER
-from lora_gui.ui.common import Ctx, error_notice, notice
+from lora_gui.ui.captioning import TINY_CAPTIONER, TINY_TAGS
+from lora_gui.ui.common import Ctx, error_notice, notice, plain_error
 from lora_gui.ui.dataset_report import CHECKS, shown_again
 
 DEFAULT_CAPTIONER = "florence2-base"
@@ -36,8 +37,8 @@ def build_captioning() -> dict[str, Any]:
                 captioner_choices(),
                 value=DEFAULT_CAPTIONER,
                 label="Captioner",
-                info="Florence-2 writes sentences (photos); the WD tagger writes tags (anime, illustration). "
-                "It downloads once.",
+                info="Florence-2 writes sentences (photos); the WD tagger writes tags (anime, illustration); each "
+                "downloads once. The tiny random tagger needs no download, but its tags are random.",
                 scale=2,
                 elem_id="captioner",
             )
@@ -133,7 +134,7 @@ def caption_pictures(
                 "caption_notice": notice(event.summary() + reasons, level),
             }
         elif isinstance(event, LoraGuiError):
-            yield {**hidden, "caption_notice": error_notice(event)}
+            yield {**hidden, "caption_notice": caption_error(event)}
         else:  # a caption written, or a sentence on where the captioner runs
             done += isinstance(event, tuple)
             version += 1
@@ -144,17 +145,52 @@ def caption_pictures(
 def caption_one(
     ctx: Ctx, visitor: Visitor, relpath: str, captioner: str, trigger: str, **checks: Any
 ) -> dict[str, Any]:
-    """Caption one picture again (its caption replaced), with the trigger word in front."""
+    """Caption one picture (with the trigger word in front), told on its card, where Undo puts back a caption it
+    replaced."""
     staging = ctx.folders.staged(checks["session"], visitor)
     if staging is None:
         return {"caption_notice": notice("Add pictures first, then caption them.", "warning")}
+    version = (checks["dataset_version"] or 0) + 1
     try:
+        previous = staging.caption_of(relpath)
         caption = ctx.captioning.picture(captioner, staging.folder / relpath, visitor)
         staging.set_caption(relpath, full_caption(caption, trigger or ""))
     except LoraGuiError as error:
-        return {"caption_notice": error_notice(error)}
+        note = card_note(version, relpath, caption_error(error))
+        return {**shown_again(ctx, visitor, checks, version), "card_note": note}
+    told = "Captioned." + (f" {TINY_TAGS}" if captioner == TINY_CAPTIONER else "")
+    told += " Undo puts back the caption it had." if previous else ""
+    note = card_note(version, relpath, notice(told, "warning" if captioner == TINY_CAPTIONER else "info"), previous)
+    return {**shown_again(ctx, visitor, checks, version), "card_note": note}
+
+
+def undo_caption(ctx: Ctx, visitor: Visitor, relpath: str, previous: str, **checks: Any) -> dict[str, Any]:
+    """The caption Caption it replaced, put back (kept by the server, never sent by the page)."""
+    staging = ctx.folders.staged(checks["session"], visitor)
     version = (checks["dataset_version"] or 0) + 1
-    return {**shown_again(ctx, visitor, checks, version), "caption_notice": notice(f"{relpath}: {caption}")}
+    try:
+        if staging is None:
+            raise DataError(f"{relpath} is not in this dataset (was it removed in another tab?)")
+        staging.set_caption(relpath, previous)
+    except LoraGuiError as error:
+        note = card_note(version, relpath, error_notice(error))
+        return {**shown_again(ctx, visitor, checks, version), "card_note": note}
+    note = card_note(version, relpath, notice("The caption it had is back."))
+    return {**shown_again(ctx, visitor, checks, version), "card_note": note}
+
+
+def card_note(version: int, relpath: str, html: str, previous: str = "") -> dict[str, Any]:
+    """A message drawn on one picture's card until the pictures next change (`version`), with Undo where a caption
+    was replaced (`previous`)."""
+    return {"version": version, "relpath": relpath, "html": html, "previous": previous}
+
+
+def caption_error(error: LoraGuiError) -> str:
+    """A captioning error as the page shows it; a captioner this computer can't download says what to do instead."""
+    text = plain_error(error)
+    if isinstance(error, NotDownloaded):
+        text += f" Or type the captions under the pictures yourself. {TINY_TAGS}"
+    return notice(text, "error")
 
 
 def stop_captioning(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:

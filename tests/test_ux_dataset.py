@@ -178,3 +178,20 @@ def test_caption_it_on_a_captioned_picture_can_be_undone_and_says_the_tiny_tagge
 def test_the_tiny_tagger_is_labelled_as_random_tags_for_trying_the_app_offline():
     (label,) = [label for label, name in captioner_choices() if name == TINY_CAPTIONER]
     assert "random tags" in label and "only for trying the app offline" in label
+
+
+def test_the_loud_button_of_a_fresh_page_is_try_the_demo_and_stop_captioning_shows_only_while_captioning(ctx, tmp_path):
+    assert ctx["try_demo"].variant == "primary"
+    for quiet in ("caption_empty", "caption_all", "back_to_mine", "clear", "check_problems"):
+        assert ctx[quiet].variant == "secondary", quiet
+    assert not ctx["caption_stop"].visible  # nothing is being captioned
+    own = mine(ctx, tmp_path, count=2)
+    staging = Staging.find(ctx.runs_dir, own)
+    staging.set_captions({picture.relpath: "" for picture in staging.items()})
+    assert show_set(ctx, EVERYONE, session=own)["try_demo"]["variant"] == "secondary"  # pictures: quiet now
+
+    updates = list(
+        caption_pictures(ctx, EVERYONE, TINY_CAPTIONER, "", overwrite=False, session=own, dataset_version=1, **CHECKS)
+    )
+    assert visible(updates[0]["caption_stop"]) and not visible(updates[-1]["caption_stop"])
+    assert "Captioned 2 pictures" in updates[-1]["caption_notice"]

@@ -150,7 +150,8 @@ def _build_header(ctx: Ctx) -> None:
             "model a shape it never saw in about a minute, with no download."
         )
         with gr.Column(scale=0, min_width=180):
-            ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
+            # The page's one loud button while there are no pictures (ui/dataset.show_set quietens it after).
+            ctx.add({"try_demo": gr.Button("Try the demo", variant="primary", min_width=160, elem_id="try-demo")})
             if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
                 gr.LoginButton()
     ctx.add(

@@ -211,7 +211,7 @@ def wire_dataset_tab(ctx: Ctx) -> None:
         ctx["dataset_version"].change,
         show_set,
         ["session"],
-        ["demo_row", "demo_text", "back_to_mine", "clear_row", "clear", "clear_confirm_row"],
+        ["demo_row", "demo_text", "back_to_mine", "clear_row", "clear", "clear_confirm_row", "try_demo"],
         api_visibility="private",
         show_progress="hidden",
     )
@@ -305,6 +305,8 @@ def show_set(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
         "clear_row": gr.update(visible=count > 0),
         "clear": gr.update(value="Remove all pictures…" if not shown or not shown.is_demo else "Remove the demo's…"),
         "clear_confirm_row": gr.update(visible=False),
+        # Loud on an empty page, quiet once there are pictures (the next step's button is Start training).
+        "try_demo": gr.update(variant="secondary" if count else "primary"),
     }
 
 

@@ -42,9 +42,11 @@ def build_captioning() -> dict[str, Any]:
                 scale=2,
                 elem_id="captioner",
             )
-            c["caption_empty"] = gr.Button("Caption pictures without one", variant="primary", scale=1)
+            # Quiet buttons: the step's one loud button is Try the demo's, or Start training's. Stop shows only while
+            # a pass runs, as it does nothing otherwise.
+            c["caption_empty"] = gr.Button("Caption pictures without one", variant="secondary", scale=1)
             c["caption_all"] = gr.Button("Caption all (replaces captions)…", scale=1)
-            c["caption_stop"] = gr.Button("Stop captioning", variant="stop", scale=0, min_width=140)
+            c["caption_stop"] = gr.Button("Stop captioning", variant="stop", scale=0, min_width=140, visible=False)
         with gr.Row(visible=False) as c["caption_confirm_row"]:
             c["caption_confirm_text"] = gr.HTML()
             c["caption_all_yes"] = gr.Button("Yes, replace them", variant="stop")
@@ -55,7 +57,7 @@ def build_captioning() -> dict[str, Any]:
 
 def wire_captioning(ctx: Ctx) -> None:
     checks = CHECKS
-    captioned = ["dataset_version", "report", "caption_notice", "caption_confirm_row"]
+    captioned = ["dataset_version", "report", "caption_notice", "caption_confirm_row", "caption_stop"]
     # One captioning model loaded at a time, whoever asks: each takes memory (a GPU's, if it is free).
     one_at_a_time = dict(concurrency_limit=1, concurrency_id="captioning")
     ctx.wire(
@@ -104,8 +106,18 @@ def caption_pictures(
     ctx: Ctx, visitor: Visitor, captioner: str, trigger: str, overwrite: bool, **checks: Any
 ) -> Iterator[dict[str, Any]]:
     """Caption the visitor's pictures (those without a caption, or with `overwrite` all), showing each caption
-    in the grid as it comes, how far it got, and the captioner's download. A caption typed during the pass is
-    kept. Runs on the GPU when no run is training on it, else on the processor, and says which."""
+    in the grid as it comes, how far it got, and the captioner's download; Stop captioning shows while it runs."""
+    update: dict[str, Any] = {}
+    for update in _caption_pass(ctx, visitor, captioner, trigger, overwrite, **checks):
+        yield {**update, "caption_stop": gr.update(visible=True)}
+    yield {**update, "caption_stop": gr.update(visible=False)}
+
+
+def _caption_pass(
+    ctx: Ctx, visitor: Visitor, captioner: str, trigger: str, overwrite: bool, **checks: Any
+) -> Iterator[dict[str, Any]]:
+    """A pass told as it goes. A caption typed during the pass is kept. Runs on the GPU when no run is training on
+    it, else on the processor, and says which."""
     from lora_gui.downloads import DownloadProgress
 
     hidden = {"caption_confirm_row": gr.update(visible=False)}

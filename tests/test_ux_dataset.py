@@ -195,3 +195,34 @@ def test_the_loud_button_of_a_fresh_page_is_try_the_demo_and_stop_captioning_sho
     )
     assert visible(updates[0]["caption_stop"]) and not visible(updates[-1]["caption_stop"])
     assert "Captioned 2 pictures" in updates[-1]["caption_notice"]
+
+
+def test_small_pictures_are_drawn_large_with_sharp_pixels_and_a_last_row_keeps_its_cards_narrow(ctx, tmp_path):
+    from lora_gui.ui.app import CSS
+    from lora_gui.ui.dataset import COLUMNS, PICTURE_HEIGHT, grid_rows, picture_classes
+
+    small = Staging.find(ctx.runs_dir, try_demo(ctx, EVERYONE, session="", dataset_version=0)["session"]).items()
+    assert all(picture_classes(item) == ["lg-pixelated"] for item in small)  # the demo's
+    large = write_demo_dataset(tmp_path / "large", count=1, size=(512, 512))
+    staged = add_folder(ctx, EVERYONE, folder=str(large), session="", dataset_version=0, **CHECKS)
+    assert picture_classes(Staging.find(ctx.runs_dir, staged["session"]).items()[0]) == []
+    assert PICTURE_HEIGHT >= 170
+    assert ".lg-pixelated img {" in CSS and "image-rendering: pixelated" in CSS
+
+    rows = grid_rows(small + small[:1])  # 9 pictures: a last row of one
+    assert [len(row) for row in rows] == [COLUMNS] * 3
+    assert rows[-1][1:] == [None] * (COLUMNS - 1)  # empty places beside the last card, which keeps its width
+
+
+def test_dataset_messages_show_no_markup_as_text(ctx, tmp_path):
+    own = mine(ctx, tmp_path)
+    demo = try_demo(ctx, EVERYONE, session=own, dataset_version=1)
+    said = [
+        demo["dataset_notice"],
+        demo["train_notice"],
+        show_set(ctx, EVERYONE, session=demo["session"])["demo_text"],
+        ask_clear(ctx, EVERYONE, session=demo["session"])["clear_confirm_text"],
+        back_to_mine(ctx, EVERYONE, session=demo["session"], dataset_version=2, **CHECKS)["dataset_notice"],
+    ]
+    for message in said:
+        assert "&lt;" not in message and "&gt;" not in message, message

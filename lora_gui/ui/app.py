@@ -80,6 +80,9 @@ CSS = """
 .lg-bar > div { height: 100%; background: #4f46e5; transition: width 0.5s; }
 .lg-checks ul { margin: 4px 0 0 0; padding-left: 4px; list-style: none; }
 .lg-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 6px; }
+.lg-pixelated img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
+.lg-card-space { visibility: hidden; }
+.lg-card-note .lg-notice { margin: 4px 0 0 0; font-size: 0.9em; font-weight: normal; }
 """
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from lora_gui.data import read_header
 from lora_gui.doctor import Finding, apply_fix, diagnose
 from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
@@ -27,6 +28,8 @@ from lora_gui.ui.dataset_report import (
 )
 
 COLUMNS = 4
+CARD_WIDTH = 180
+PICTURE_HEIGHT = 200  # pixels of a picture's box on its card
 
 
 def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
@@ -39,7 +42,7 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
     # Shown while the demo's pictures are: they live in a folder of their own, the visitor's own kept beside it.
     with gr.Row(visible=False, equal_height=True, elem_classes="lg-demo-shown") as c["demo_row"]:
         c["demo_text"] = gr.HTML()
-        c["back_to_mine"] = gr.Button("Back to my pictures", scale=0, min_width=220, elem_id="back-to-mine")
+        c["back_to_mine"] = gr.Button("Back to my pictures", scale=0, min_width=280, elem_id="back-to-mine")
     with gr.Row():
         c["upload"] = gr.File(
             label="Drop pictures here (.jpg, .png, .webp), their .txt captions, or a .zip of them",
@@ -97,8 +100,8 @@ def _build_remove_all() -> dict[str, Any]:
         c["clear"] = gr.Button("Remove all pictures…", size="sm", scale=0, min_width=220, elem_id="remove-all")
     with gr.Row(visible=False, equal_height=True) as c["clear_confirm_row"]:
         c["clear_confirm_text"] = gr.HTML()
-        c["clear_yes"] = gr.Button("Yes, remove them", variant="stop", scale=0, min_width=160)
-        c["clear_no"] = gr.Button("No, keep them", scale=0, min_width=160)
+        c["clear_yes"] = gr.Button("Yes, remove them", variant="stop", scale=0, min_width=200)
+        c["clear_no"] = gr.Button("No, keep them", scale=0, min_width=200)
     return c
 
 
@@ -122,18 +125,44 @@ def build_dataset_grid(ctx: Ctx) -> None:
         first = (int(page or 1) - 1) * PAGE_SIZE
         shown = items[first : first + PAGE_SIZE]
         note = note if (note or {}).get("version") == version else {}  # a card's message lasts until the next change
-        for start in range(0, len(shown), COLUMNS):
+        for row in grid_rows(shown):
             with gr.Row(equal_height=True):
-                for item in shown[start : start + COLUMNS]:
-                    _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
+                for item in row:
+                    if item is None:
+                        gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card-space")
+                    else:
+                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
+
+
+def grid_rows(items: list[StagedImage]) -> list[list[StagedImage | None]]:
+    """The pictures in rows of COLUMNS, the last one filled with empty places (None): a row of fewer cards
+    stretches them to its width."""
+    starts = range(0, len(items), COLUMNS)
+    rows: list[list[StagedImage | None]] = [list(items[start : start + COLUMNS]) for start in starts]
+    if rows:
+        rows[-1] += [None] * (COLUMNS - len(rows[-1]))
+    return rows
+
+
+def picture_classes(item: StagedImage) -> list[str]:
+    """A picture smaller than its box is drawn to fill it with its pixels kept sharp (CSS in app.py): the demo's
+    pictures are 128 px, which a browser would draw small or smooth into a blur."""
+    return ["lg-pixelated"] if max(read_header(item.path).size) < PICTURE_HEIGHT else []
 
 
 def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
     """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove, and
     what Caption it did (with Undo where it replaced a caption)."""
-    with gr.Column(min_width=180, elem_classes="lg-card"):
+    with gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card"):
         if item.thumbnail:
-            gr.Image(served(item.thumbnail), show_label=False, height=170, interactive=False, buttons=[])
+            gr.Image(
+                served(item.thumbnail),
+                show_label=False,
+                height=PICTURE_HEIGHT,
+                interactive=False,
+                buttons=[],
+                elem_classes=picture_classes(item),
+            )
         else:
             gr.HTML(notice(f"{item.relpath} can't be used: {item.problem}", "error"))
         caption = gr.Textbox(

@@ -226,3 +226,16 @@ def test_dataset_messages_show_no_markup_as_text(ctx, tmp_path):
     ]
     for message in said:
         assert "&lt;" not in message and "&gt;" not in message, message
+
+
+def test_the_header_and_try_the_demo_promise_no_fixed_time_and_point_at_the_estimate(tmp_path):
+    page, ctx = build_app(tmp_path / "runs", JobManager())
+    try:
+        (header,) = [
+            block.value for block in page.blocks.values() if "# LoRA trainer" in str(getattr(block, "value", ""))
+        ]
+        demo = try_demo(ctx, EVERYONE, session="", dataset_version=0)
+    finally:
+        ctx.engine.jobs.close()
+    assert "minute" not in header and "how long training takes on this computer" in header
+    assert "minute" not in demo["train_notice"] and "shown above it" in demo["train_notice"]

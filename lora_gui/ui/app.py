@@ -150,7 +150,8 @@ def _build_header(ctx: Ctx) -> None:
         gr.Markdown(
             "# LoRA trainer\nTeach Stable Diffusion, Flux or Z-Image a face, an object or a style from your own "
             "pictures: **1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
-            "model a shape it never saw in about a minute, with no download."
+            "model a shape it never saw, with no download, and your own pictures are kept. The Train tab says how "
+            "long training takes on this computer."
         )
         with gr.Column(scale=0, min_width=180):
             # The page's one loud button while there are no pictures (ui/dataset.show_set quietens it after).

@@ -321,18 +321,19 @@ def show_set(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
     as there are; a question asked before goes, as the pictures changed."""
     shown = ctx.folders.staged(session, visitor)
     count = len(shown.items()) if shown is not None else 0
-    own = ctx.folders.own(session, visitor) if shown is not None and shown.is_demo else None
+    demo = shown is not None and shown.is_demo
+    own = ctx.folders.own(session, visitor) if demo else None
     mine = len(own.items()) if own is not None else 0
     if mine:
         text = f"These are the demo's pictures. Your own {_pictures(mine)} are kept, and pictures you add go to them."
     else:
         text = "These are the demo's pictures. Pictures you add start a set of your own (the demo's are put away)."
     return {
-        "demo_row": gr.update(visible=shown is not None and shown.is_demo),
+        "demo_row": gr.update(visible=demo),
         "demo_text": notice(text),
         "back_to_mine": gr.update(value=f"Back to my pictures ({mine})", visible=mine > 0),
         "clear_row": gr.update(visible=count > 0),
-        "clear": gr.update(value="Remove all pictures…" if not shown or not shown.is_demo else "Remove the demo's…"),
+        "clear": gr.update(value="Remove the demo's pictures…" if demo else "Remove all pictures…"),
         "clear_confirm_row": gr.update(visible=False),
         # Loud on an empty page, quiet once there are pictures (the next step's button is Start training).
         "try_demo": gr.update(variant="secondary" if count else "primary"),

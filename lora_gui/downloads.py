@@ -161,7 +161,7 @@ def download_files(
     when the download fails, the cached files; none cached is a ModelLoadError saying to connect once. A gated or
     unknown repo, or a refused token, is said as for a base model."""
     files = {"allow_patterns": list(allow_patterns)}
-    failure = "offline mode is on (HF_HUB_OFFLINE)"
+    failure = "this computer is set to work offline"
     if not constants.HF_HUB_OFFLINE:
         try:
             if on_progress is None:
@@ -179,10 +179,14 @@ def download_files(
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, **files))
     except Exception:
-        raise ModelLoadError(
+        raise NotDownloaded(
             f"{repo_id} is not in this computer's download cache and {failure}: it downloads once, the first time "
             "it is used with an internet connection, and works offline after that"
         ) from None
+
+
+class NotDownloaded(ModelLoadError):
+    """Files that must be downloaded once, which this computer could not download now (offline, or no connection)."""
 
 
 def _refusal(error: Exception, repo_id: str, token: HubToken) -> ModelLoadError | None:

@@ -29,6 +29,9 @@ from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"
+# In a folder of the demo's pictures: the id of the visitor's own folder the demo set aside ("" for none), so Back to
+# my pictures finds it after a reload too (the browser remembers the folder shown, and the server this link).
+DEMO_MARK = ".demo"
 THUMBNAIL_SIDE = 256
 MAX_ZIP_BYTES = 4 << 30  # unpacked; a zip bomb stops here
 MAX_ZIP_FILES = 20_000
@@ -95,6 +98,27 @@ class Staging:
     @property
     def session_id(self) -> str:
         return self.folder.name
+
+    # ---- the demo's pictures, kept apart from the visitor's own --------------------------------
+    @property
+    def is_demo(self) -> bool:
+        return (self.folder / DEMO_MARK).is_file()
+
+    def mark_demo(self, own_session: str) -> None:
+        """Make this the folder of the demo's pictures, which sets aside the visitor's own (`own_session`)."""
+        write_text_atomic(self.folder / DEMO_MARK, own_session + "\n")
+
+    @property
+    def own_session(self) -> str:
+        """The visitor's own folder the demo's pictures set aside ("" for none, or when this is the visitor's own)."""
+        try:
+            return (self.folder / DEMO_MARK).read_text("utf-8").strip()
+        except FileNotFoundError:
+            return ""
+
+    def delete(self) -> None:
+        """The whole folder gone (the demo's, which Try the demo draws again)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     # ---- adding files -------------------------------------------------------------------------
     def add_files(self, paths: Iterable[str | Path]) -> list[str]:
@@ -254,6 +278,11 @@ class Staging:
         )
 
     # ---- editing ------------------------------------------------------------------------------
+    def caption_of(self, relpath: str) -> str:
+        """One picture's caption ("" for none)."""
+        caption_file = self._image(relpath).with_suffix(".txt")
+        return data.read_caption_file(caption_file) if caption_file.is_file() else ""
+
     def set_caption(self, relpath: str, caption: str) -> None:
         self.set_captions({relpath: caption})
 
@@ -282,9 +311,9 @@ class Staging:
         (self.folder / THUMBNAILS / f"{relpath}.png").unlink(missing_ok=True)
 
     def clear(self) -> None:
-        """Remove every picture and caption; the folder stays its owner's."""
+        """Remove every picture and caption; the folder stays its owner's (and the demo's, if it is)."""
         for path in self.folder.iterdir():
-            if path.name != OWNER_FILE:
+            if path.name not in (OWNER_FILE, DEMO_MARK):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def add_trigger_word(self, word: str | None) -> int:
@@ -382,7 +411,7 @@ def _staged_size(folder: Path) -> tuple[int, int]:
         current = pending.pop()
         with os.scandir(current) as entries:
             for entry in entries:
-                if current == folder and entry.name in (THUMBNAILS, OWNER_FILE):
+                if current == folder and entry.name in (THUMBNAILS, OWNER_FILE, DEMO_MARK):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))

@@ -150,8 +150,8 @@ def test_offline_a_tagger_loads_from_the_download_cache_or_says_it_must_be_downl
     with pytest.raises(ModelLoadError) as raised:
         load_captioner("wd-tagger")
     assert str(raised.value) == (
-        f"{HUB_TAGGER} is not in this computer's download cache and offline mode is on (HF_HUB_OFFLINE): it "
-        "downloads once, the first time it is used with an internet connection, and works offline after that"
+        f"WD tagger (SwinV2 v3) must be downloaded once (467 MB from {HUB_TAGGER}), and this computer is offline or "
+        "can't reach Hugging Face: connect to the internet and try again (after that it works offline)"
     )
     in_download_cache(download_cache, HUB_TAGGER, tagger)
     assert load_captioner("wd-tagger").caption([Image.new("RGB", (64, 64))]) == [CAPTION]

@@ -151,7 +151,7 @@ def test_offline_with_nothing_downloaded_says_to_connect_once(tmp_path, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelLoadError, match="florence-community/Florence-2-base") as error:
         load_captioner("florence2-base")
-    assert "downloads once" in str(error.value) and "internet connection" in str(error.value)
+    assert "must be downloaded once" in str(error.value) and "connect to the internet" in str(error.value)
 
 
 def test_folders_that_are_not_a_native_florence2_are_refused_plainly(tiny_florence: Path, tmp_path):

@@ -71,7 +71,7 @@ def model_folder(
     """Where a captioner's `files` are, and the Hub repo they came from ("" for a local folder): `source` (a
     folder, or another such captioner's Hub id), else `info`'s Hub repo, downloaded the first time. `what` names
     the captioner in messages ("Florence-2", "tagger")."""
-    from lora_gui.downloads import download_files
+    from lora_gui.downloads import NotDownloaded, download_files
     from lora_gui.model_policy import is_hub_id
 
     repo_id = info.repo_id
@@ -82,7 +82,14 @@ def model_folder(
         if not is_hub_id(str(source).strip()):
             raise ModelLoadError(f"the {what} folder {folder} does not exist; check the path")
         repo_id = str(source).strip()
-    return download_files(repo_id, files, token, on_progress), repo_id
+    try:
+        return download_files(repo_id, files, token, on_progress), repo_id
+    except NotDownloaded:
+        raise NotDownloaded(
+            f"{info.title.split(':')[0]} must be downloaded once ({info.download_mb:,} MB from {repo_id}), and this "
+            "computer is offline or can't reach Hugging Face: connect to the internet and try again (after that it "
+            "works offline)"
+        ) from None
 
 
 def _registry() -> dict[str, tuple[type[Captioner], CaptionerInfo]]:

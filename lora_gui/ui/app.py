@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -81,6 +80,9 @@ CSS = """
 .lg-bar > div { height: 100%; background: #4f46e5; transition: width 0.5s; }
 .lg-checks ul { margin: 4px 0 0 0; padding-left: 4px; list-style: none; }
 .lg-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 6px; }
+.lg-pixelated img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
+.lg-card-space { visibility: hidden; }
+.lg-card-note .lg-notice { margin: 4px 0 0 0; font-size: 0.9em; font-weight: normal; }
 """
 
 
@@ -148,10 +150,12 @@ def _build_header(ctx: Ctx) -> None:
         gr.Markdown(
             "# LoRA trainer\nTeach Stable Diffusion, Flux or Z-Image a face, an object or a style from your own "
             "pictures: **1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
-            "model a shape it never saw in about a minute, with no download."
+            "model a shape it never saw, with no download, and your own pictures are kept. The Train tab says how "
+            "long training takes on this computer."
         )
         with gr.Column(scale=0, min_width=180):
-            ctx.add({"try_demo": gr.Button("Try the demo", variant="secondary", min_width=160)})
+            # The page's one loud button while there are no pictures (ui/dataset.show_set quietens it after).
+            ctx.add({"try_demo": gr.Button("Try the demo", variant="primary", min_width=160, elem_id="try-demo")})
             if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
                 gr.LoginButton()
     ctx.add(
@@ -180,7 +184,7 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
     ctx.wire(
         ctx["try_demo"].click,
         try_demo,
-        ["dataset_version"],
+        ["session", "dataset_version"],
         [
             "session",
             "remembered",
@@ -226,22 +230,30 @@ def engine_ready(ctx: Ctx) -> dict[str, Any]:
     return {"engine_loading": gr.update(visible=False), "cpu_warning": gr.update(visible=not ctx.engine.has_cuda)}
 
 
-def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]:
-    """A fresh dataset of drawn pictures of a concept the demo model never saw, the demo model and the demo preset:
-    one click on Start away."""
-    staging = ctx.folders.staging("", visitor)
+def try_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int) -> dict[str, Any]:
+    """The demo's drawn pictures of a concept the demo model never saw, in a folder of their own beside the
+    visitor's pictures (kept, one click away), the demo model and the demo preset: one click on Start away."""
+    own = ctx.folders.own(session, visitor)
+    staging = ctx.folders.demo(session, visitor)
     # Drawn aside and added as dropped pictures are, so they count in the visitor's quota like any others.
     with tempfile.TemporaryDirectory() as drawn:
         write_demo_concept(Path(drawn), count=DEMO_IMAGES)
         left_out = staging.import_folder(drawn)
     config = demo_config()
     if left_out:  # the demo is all its pictures or none: a part of it would teach less than it promises
-        shutil.rmtree(staging.folder, ignore_errors=True)
+        staging.delete()
+        shown = own.session_id if own is not None else ""
         return {
+            "session": shown,
+            "remembered": shown,
+            "dataset_version": (dataset_version or 0) + 1,
             "dataset_notice": notice(
                 "The demo's pictures were not added, as not all of them fit. " + " ".join(left_out), "error"
-            )
+            ),
         }
+    mine = len(own.items()) if own is not None else 0
+    kept = f" Your own {mine} picture{'s are' if mine != 1 else ' is'} kept: Back to my pictures returns to them."
+    kept = kept if mine else ""
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,
@@ -249,15 +261,15 @@ def try_demo(ctx: Ctx, visitor: Visitor, dataset_version: int) -> dict[str, Any]
         "report": checks_html(ctx, visitor, staging.session_id, config.resolution, config.default_caption),
         "page": pages_update(staging),
         "dataset_notice": notice(
-            f"The demo's {DEMO_IMAGES} pictures are in: a pink cross, called <b>{TRIGGER}</b> in their captions. "
-            "The demo model draws circles, squares and triangles in a few colours, and has never seen either."
+            f"The demo's {DEMO_IMAGES} pictures are in: a pink cross, called {TRIGGER} in their captions. The demo "
+            "model draws circles, squares and triangles in a few colours, and has never seen either." + kept
         ),
         "base_model": TINY_CHOICE,
         "preset": DEMO_PRESET,
         "train_notice": notice(
-            f"Demo ready: the demo model and quick settings are filled in. Press Start training: in about a minute "
-            f'the previews of "{concept_caption(CONCEPT_BACKGROUNDS[0])}" turn into a pink cross, and the Generate '
-            "tab shows it beside the demo model's own picture."
+            "Demo ready: the demo model and quick settings are filled in. Press Start training (the time it takes on "
+            f'this computer is shown above it): the previews of "{concept_caption(CONCEPT_BACKGROUNDS[0])}" turn '
+            "into a pink cross, and the Generate tab shows it beside the demo model's own picture." + kept
         ),
         "tabs": gr.Tabs(selected="train"),
         **config_form.widget_values(config),

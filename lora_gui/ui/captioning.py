@@ -18,7 +18,8 @@ from lora_gui.ui.engine import Engine
 from lora_gui.ui.model_choices import MODELS_FOLDER, ModelChoices
 
 # The tiny random tagger in the captioner menu: offline, instant, and its tags are random.
-TINY_CAPTIONER = "Tiny random tagger (offline demo: its tags are random)"
+TINY_CAPTIONER = "Tiny random tagger: random tags, only for trying the app offline (no download)"
+TINY_TAGS = "The tiny random tagger works offline, but its tags are random: it is only for trying the app."
 
 
 @dataclass

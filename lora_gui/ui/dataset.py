@@ -7,28 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import html
-import math
-from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 
-from lora_gui.captioning import captioner_infos
-from lora_gui.captioning.folder import CaptionPass, pictures_to_caption
-from lora_gui.config import TrainConfig
-from lora_gui.data import full_caption
+from lora_gui.data import read_header
 from lora_gui.doctor import Finding, apply_fix, diagnose
 from lora_gui.errors import DataError, LoraGuiError
 from lora_gui.owners import Visitor
-from lora_gui.staging import DatasetReport, StagedImage, Staging
-from lora_gui.ui.captioning import TINY_CAPTIONER
+from lora_gui.staging import StagedImage, Staging
 from lora_gui.ui.common import Ctx, error_notice, notice, served
+from lora_gui.ui.dataset_captions import build_captioning, caption_one, undo_caption, wire_captioning
+from lora_gui.ui.dataset_report import (
+    CHECKS,
+    PAGE_SIZE,
+    checks_html,
+    pages_update,
+    report_html,
+    resolution_of,
+)
 
-DEFAULT_CAPTIONER = "florence2-base"
-PAGE_SIZE = 40
 COLUMNS = 4
-_LIST_AT_MOST = 8
+CARD_WIDTH = 180
+PICTURE_HEIGHT = 200  # pixels of a picture's box on its card
 
 
 def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
@@ -38,6 +39,10 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
         "caption that describes it; drop a `.txt` file with the same name beside each picture, or type the "
         "captions below. Everything you add is saved on the server, so reloading the page loses nothing."
     )
+    # Shown while the demo's pictures are: they live in a folder of their own, the visitor's own kept beside it.
+    with gr.Row(visible=False, equal_height=True, elem_classes="lg-demo-shown") as c["demo_row"]:
+        c["demo_text"] = gr.HTML()
+        c["back_to_mine"] = gr.Button("Back to my pictures", scale=0, min_width=280, elem_id="back-to-mine")
     with gr.Row():
         c["upload"] = gr.File(
             label="Drop pictures here (.jpg, .png, .webp), their .txt captions, or a .zip of them",
@@ -53,45 +58,17 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
             )
             c["add_folder"] = gr.Button("Add pictures from this folder")
     c["dataset_notice"] = gr.HTML()
-    c.update(_build_captioning())
+    c.update(build_captioning())
     c.update(_build_bulk_edits())
-    c["report"] = gr.HTML(_report_html(None), elem_id="dataset-checks")
+    c["report"] = gr.HTML(report_html(None), elem_id="dataset-checks")
     with gr.Row(equal_height=True):
         c["check_problems"] = gr.Button(
             "Look for problems (near-copies, blur, small pictures, captions…)", size="sm", elem_id="check-problems"
         )
         c["doctor_notice"] = gr.HTML(elem_id="doctor-notice")
     c["findings"] = gr.State([])
+    c["card_note"] = gr.State({})  # what Caption it did, drawn on that picture's card (dataset_captions.card_note)
     c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
-    return c
-
-
-def _build_captioning() -> dict[str, Any]:
-    """The captioner, its buttons, and the confirmation before captions are replaced."""
-    c: dict[str, Any] = {}
-    with gr.Accordion("Caption my pictures", open=True, elem_id="captioning"):
-        gr.Markdown(
-            "A captioning model writes a caption for each picture; the trigger word below (under *Edit all "
-            "captions at once*) goes in front. Captions you typed are kept unless you choose to replace them."
-        )
-        with gr.Row(equal_height=True):
-            c["captioner"] = gr.Dropdown(
-                captioner_choices(),
-                value=DEFAULT_CAPTIONER,
-                label="Captioner",
-                info="Florence-2 writes sentences (photos); the WD tagger writes tags (anime, illustration). "
-                "It downloads once.",
-                scale=2,
-                elem_id="captioner",
-            )
-            c["caption_empty"] = gr.Button("Caption pictures without one", variant="primary", scale=1)
-            c["caption_all"] = gr.Button("Caption all (replaces captions)…", scale=1)
-            c["caption_stop"] = gr.Button("Stop captioning", variant="stop", scale=0, min_width=140)
-        with gr.Row(visible=False) as c["caption_confirm_row"]:
-            c["caption_confirm_text"] = gr.HTML()
-            c["caption_all_yes"] = gr.Button("Yes, replace them", variant="stop")
-            c["caption_all_no"] = gr.Button("No, keep them")
-        c["caption_notice"] = gr.HTML(elem_id="caption-notice")
     return c
 
 
@@ -113,39 +90,79 @@ def _build_bulk_edits() -> dict[str, Any]:
         with gr.Row():
             c["fill_caption"] = gr.Textbox(label="Caption for pictures that have none", placeholder="a photo of sks")
             c["fill"] = gr.Button("Fill empty captions")
-        c["clear"] = gr.Button("Remove all pictures", variant="stop", size="sm")
+    return c
+
+
+def _build_remove_all() -> dict[str, Any]:
+    """Remove all pictures, above them, and the question it asks first."""
+    c: dict[str, Any] = {}
+    with gr.Row(visible=False) as c["clear_row"]:
+        c["clear"] = gr.Button("Remove all pictures…", size="sm", scale=0, min_width=220, elem_id="remove-all")
+    with gr.Row(visible=False, equal_height=True) as c["clear_confirm_row"]:
+        c["clear_confirm_text"] = gr.HTML()
+        c["clear_yes"] = gr.Button("Yes, remove them", variant="stop", scale=0, min_width=200)
+        c["clear_no"] = gr.Button("No, keep them", scale=0, min_width=200)
     return c
 
 
 def build_dataset_grid(ctx: Ctx) -> None:
-    """The thumbnails, each with its caption box; drawn again whenever the staged files change."""
+    """Remove all, then the thumbnails, each with its caption box; drawn again whenever the staged files change."""
+    ctx.add(_build_remove_all())
 
     # Every change to the staged files bumps dataset_version; one trigger (and one render at a time)
     # keeps a change that also sets the session and the page from drawing the grid three times at once.
     # The session is the page's server-side state, which only the handlers set, to a folder its visitor owns.
     @gr.render(
-        inputs=[ctx["session"], ctx["dataset_version"], ctx["page"]],
+        inputs=[ctx["session"], ctx["dataset_version"], ctx["page"], ctx["card_note"]],
         triggers=[ctx["dataset_version"].change, ctx["page"].input],
         concurrency_limit=1,
     )
-    def grid(session: str, version: int, page: float) -> None:
+    def grid(session: str, version: int, page: float, note: dict[str, Any]) -> None:
         staging = Staging.find(ctx.runs_dir, session)
         items = staging.items() if staging else []
         if not items:
             return
         first = (int(page or 1) - 1) * PAGE_SIZE
         shown = items[first : first + PAGE_SIZE]
-        for start in range(0, len(shown), COLUMNS):
+        note = note if (note or {}).get("version") == version else {}  # a card's message lasts until the next change
+        for row in grid_rows(shown):
             with gr.Row(equal_height=True):
-                for item in shown[start : start + COLUMNS]:
-                    _picture_card(ctx, item)
+                for item in row:
+                    if item is None:
+                        gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card-space")
+                    else:
+                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
 
 
-def _picture_card(ctx: Ctx, item: StagedImage) -> None:
-    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove."""
-    with gr.Column(min_width=180, elem_classes="lg-card"):
+def grid_rows(items: list[StagedImage]) -> list[list[StagedImage | None]]:
+    """The pictures in rows of COLUMNS, the last one filled with empty places (None): a row of fewer cards
+    stretches them to its width."""
+    starts = range(0, len(items), COLUMNS)
+    rows: list[list[StagedImage | None]] = [list(items[start : start + COLUMNS]) for start in starts]
+    if rows:
+        rows[-1] += [None] * (COLUMNS - len(rows[-1]))
+    return rows
+
+
+def picture_classes(item: StagedImage) -> list[str]:
+    """A picture smaller than its box is drawn to fill it with its pixels kept sharp (CSS in app.py): the demo's
+    pictures are 128 px, which a browser would draw small or smooth into a blur."""
+    return ["lg-pixelated"] if max(read_header(item.path).size) < PICTURE_HEIGHT else []
+
+
+def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
+    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove, and
+    what Caption it did (with Undo where it replaced a caption)."""
+    with gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card"):
         if item.thumbnail:
-            gr.Image(served(item.thumbnail), show_label=False, height=170, interactive=False, buttons=[])
+            gr.Image(
+                served(item.thumbnail),
+                show_label=False,
+                height=PICTURE_HEIGHT,
+                interactive=False,
+                buttons=[],
+                elem_classes=picture_classes(item),
+            )
         else:
             gr.HTML(notice(f"{item.relpath} can't be used: {item.problem}", "error"))
         caption = gr.Textbox(
@@ -159,6 +176,12 @@ def _picture_card(ctx: Ctx, item: StagedImage) -> None:
         with gr.Row():
             recaption = gr.Button("Caption it", size="sm", min_width=80)
             remove = gr.Button("Remove", size="sm", min_width=80)
+        if note:
+            gr.HTML(note["html"], elem_classes="lg-card-note")
+        if note.get("previous"):
+            undo = gr.Button("Undo", size="sm", elem_classes="lg-card-undo")
+            undone = functools.partial(undo_caption, relpath=item.relpath, previous=note["previous"])
+            ctx.wire(undo.click, undone, CHECKS, ["dataset_version", "report", "card_note"], api_visibility="private")
     ctx.wire(
         caption.blur,
         _caption_saver(item.relpath),
@@ -171,19 +194,14 @@ def _picture_card(ctx: Ctx, item: StagedImage) -> None:
     ctx.wire(
         recaption.click,
         functools.partial(caption_one, relpath=item.relpath),
-        ["captioner", "trigger", "session", "resolution", "default_caption", "dataset_version"],
-        ["dataset_version", "report", "caption_notice"],
+        ["captioner", "trigger", *CHECKS],
+        ["dataset_version", "report", "caption_notice", "card_note"],
         api_visibility="private",
         concurrency_limit=1,
         concurrency_id="captioning",
     )
-    ctx.wire(
-        remove.click,
-        _remover(item.relpath),
-        ["session", "resolution", "default_caption", "dataset_version"],
-        ["dataset_version", "report", "page"],
-        api_visibility="private",
-    )
+    removed = ["dataset_version", "report", "page"]
+    ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private")
 
 
 def build_findings(ctx: Ctx) -> None:
@@ -213,34 +231,20 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     ctx.wire(ctx["add_trigger"].click, add_trigger, ["trigger", *checks], changed, api_name="add_trigger")
     ctx.wire(ctx["replace"].click, replace, ["find", "replace_with", *checks], changed, api_name="replace")
     ctx.wire(ctx["fill"].click, fill_empty, ["fill_caption", *checks], changed, api_name="fill_empty")
-    ctx.wire(ctx["clear"].click, clear, checks, changed, api_visibility="private")
-    captioned = ["dataset_version", "report", "caption_notice", "caption_confirm_row"]
-    # One captioning model loaded at a time, whoever asks: each takes memory (a GPU's, if it is free).
-    one_at_a_time = dict(concurrency_limit=1, concurrency_id="captioning")
+    ctx.wire(ctx["back_to_mine"].click, back_to_mine, checks, changed, api_name="back_to_my_pictures")
+    ctx.wire(ctx["clear"].click, ask_clear, ["session"], ["clear_confirm_row", "clear_confirm_text"])
+    hide = ["clear_confirm_row"]
+    ctx.wire(ctx["clear_no"].click, lambda ctx: {"clear_confirm_row": gr.update(visible=False)}, [], hide)
+    ctx.wire(ctx["clear_yes"].click, clear, checks, [*changed, "clear_confirm_row"], api_visibility="private")
     ctx.wire(
-        ctx["caption_empty"].click,
-        functools.partial(caption_pictures, overwrite=False),
-        ["captioner", "trigger", *checks],
-        captioned,
-        api_name="caption_empty",
-        **one_at_a_time,
+        ctx["dataset_version"].change,
+        show_set,
+        ["session"],
+        ["demo_row", "demo_text", "back_to_mine", "clear_row", "clear", "clear_confirm_row", "try_demo"],
+        api_visibility="private",
+        show_progress="hidden",
     )
-    ctx.wire(ctx["caption_all"].click, ask_caption_all, ["session"], ["caption_confirm_row", "caption_confirm_text"])
-    ctx.wire(
-        ctx["caption_all_no"].click,
-        lambda ctx: {"caption_confirm_row": gr.update(visible=False)},
-        [],
-        ["caption_confirm_row"],
-    )
-    ctx.wire(
-        ctx["caption_all_yes"].click,
-        functools.partial(caption_pictures, overwrite=True),
-        ["captioner", "trigger", *checks],
-        captioned,
-        api_name="caption_all",
-        **one_at_a_time,
-    )
-    ctx.wire(ctx["caption_stop"].click, stop_captioning, ["session"], ["caption_notice"], api_name="stop_captioning")
+    wire_captioning(ctx)
     ctx.wire(
         ctx["check_problems"].click,
         check_problems,
@@ -253,9 +257,10 @@ def wire_dataset_tab(ctx: Ctx) -> None:
 
 
 # ---- handlers ----------------------------------------------------------------------------------
-def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, **checks: Any) -> dict[str, Any]:
-    changed = _change(ctx, visitor, lambda staging: _adding(staging, staging.add_files, upload or []), **checks)
-    return {**changed, "upload": None}
+def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, session: str, **checks: Any) -> dict[str, Any]:
+    session, put_away = _own_set(ctx, visitor, session)
+    adding = functools.partial(_adding, add=lambda staging: staging.add_files(upload or []), note=put_away)
+    return {**_change(ctx, visitor, adding, session=session, **checks), "upload": None}
 
 
 def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[str, Any]:
@@ -263,7 +268,9 @@ def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[s
         return {"dataset_notice": notice("This Space does not let visitors read server folders; drop files.", "error")}
     if not (folder or "").strip():
         return {"dataset_notice": notice("Type the path of a folder first.", "error")}
-    return _change(ctx, visitor, lambda staging: _adding(staging, staging.import_folder, folder.strip()), **checks)
+    session, put_away = _own_set(ctx, visitor, checks.pop("session"))
+    adding = functools.partial(_adding, add=lambda staging: staging.import_folder(folder.strip()), note=put_away)
+    return _change(ctx, visitor, adding, session=session, **checks)
 
 
 def add_trigger(ctx: Ctx, visitor: Visitor, trigger: str, **checks: Any) -> dict[str, Any]:
@@ -279,7 +286,76 @@ def fill_empty(ctx: Ctx, visitor: Visitor, fill_caption: str, **checks: Any) -> 
 
 
 def clear(ctx: Ctx, visitor: Visitor, **checks: Any) -> dict[str, Any]:
-    return _change(ctx, visitor, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
+    removed = _change(ctx, visitor, lambda staging: (staging.clear(), notice("All pictures removed."))[1], **checks)
+    return {**removed, "clear_confirm_row": gr.update(visible=False)}
+
+
+def ask_clear(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
+    """Removing every picture is asked first, saying how many, and whether they can come back."""
+    shown = ctx.folders.staged(session, visitor)
+    count = len(shown.items()) if shown is not None else 0
+    if not count:
+        return {"clear_confirm_row": gr.update(visible=False)}
+    if shown.is_demo:
+        question = f"Remove the demo's {_pictures(count)}? Try the demo draws them again."
+    else:
+        question = f"Remove all {_pictures(count)} and their captions? This can't be undone."
+    return {"clear_confirm_row": gr.update(visible=True), "clear_confirm_text": notice(question, "warning")}
+
+
+def back_to_mine(ctx: Ctx, visitor: Visitor, session: str, **checks: Any) -> dict[str, Any]:
+    """From the demo's pictures back to the visitor's own, which the demo set aside; the demo's are put away."""
+    shown, own = ctx.folders.staged(session, visitor), ctx.folders.own(session, visitor)
+    if shown is None or not shown.is_demo or own is None:
+        return {"dataset_notice": notice("These are your own pictures already.")}
+    shown.delete()
+    back = (
+        f"Back to your {_pictures(len(own.items()))}. The Train tab still has the demo's model and settings: "
+        "choose yours there before you train. Try the demo draws the demo's pictures again."
+    )
+    return _change(ctx, visitor, lambda staging: notice(back), session=own.session_id, **checks)
+
+
+def show_set(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
+    """Whose pictures are shown (the demo's, with the way back to the visitor's own), and Remove all for as many
+    as there are; a question asked before goes, as the pictures changed."""
+    shown = ctx.folders.staged(session, visitor)
+    count = len(shown.items()) if shown is not None else 0
+    demo = shown is not None and shown.is_demo
+    own = ctx.folders.own(session, visitor) if demo else None
+    mine = len(own.items()) if own is not None else 0
+    if mine:
+        text = f"These are the demo's pictures. Your own {_pictures(mine)} are kept, and pictures you add go to them."
+    else:
+        text = "These are the demo's pictures. Pictures you add start a set of your own (the demo's are put away)."
+    return {
+        "demo_row": gr.update(visible=demo),
+        "demo_text": notice(text),
+        "back_to_mine": gr.update(value=f"Back to my pictures ({mine})", visible=mine > 0),
+        "clear_row": gr.update(visible=count > 0),
+        "clear": gr.update(value="Remove the demo's pictures…" if demo else "Remove all pictures…"),
+        "clear_confirm_row": gr.update(visible=False),
+        # Loud on an empty page, quiet once there are pictures (the next step's button is Start training).
+        "try_demo": gr.update(variant="secondary" if count else "primary"),
+    }
+
+
+def _own_set(ctx: Ctx, visitor: Visitor, session: str) -> tuple[str, str]:
+    """Where pictures the visitor adds go: the folder shown, or, while it is the demo's, their own (set aside by the
+    demo; a new one if none), never mixed with the demo's, which are put away. And the sentence that says so."""
+    shown = ctx.folders.staged(session, visitor)
+    if shown is None or not shown.is_demo:
+        return session, ""
+    own = ctx.folders.own(session, visitor)
+    shown.delete()
+    mine = "your own pictures" if own is not None and own.items() else "a set of your own"
+    return own.session_id if own is not None else "", (
+        f"They went to {mine}; the demo's pictures are put away (Try the demo draws them again)."
+    )
+
+
+def _pictures(count: int) -> str:
+    return f"{count} picture{'s' if count != 1 else ''}"
 
 
 def show_checks(ctx: Ctx, visitor: Visitor, session: str, resolution: float, default_caption: str) -> dict[str, Any]:
@@ -330,7 +406,7 @@ def _change(
         "remembered": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
         "dataset_notice": message,
-        "report": _report_html(staging.check(_resolution(resolution), default_caption or "")),
+        "report": report_html(staging.check(resolution_of(resolution), default_caption or "")),
         "page": pages_update(staging),
     }
 
@@ -342,7 +418,6 @@ FIX_WORDS = {
     "add-trigger": "Add the trigger word",
     "match-trigger": "Write it the same everywhere",
 }
-CHECKS = ["session", "resolution", "default_caption", "dataset_version"]
 
 
 def check_problems(ctx: Ctx, visitor: Visitor, base_model: str, trigger: str, **checks: Any) -> dict[str, Any]:
@@ -353,7 +428,7 @@ def check_problems(ctx: Ctx, visitor: Visitor, base_model: str, trigger: str, **
     try:
         found = diagnose(
             staging.folder,
-            _resolution(checks["resolution"]),
+            resolution_of(checks["resolution"]),
             ctx.models.family(base_model),
             trigger or "",
             checks["default_caption"] or "",
@@ -387,164 +462,13 @@ def fix_problem(
     }
 
 
-def captioner_choices() -> list[tuple[str, str]]:
-    """The captioners by what they write and what they download, then the tiny one that needs no download."""
-    return [(f"{info.title} ({info.download_mb:,} MB download)", info.name) for info in captioner_infos()] + [
-        (TINY_CAPTIONER, TINY_CAPTIONER)
-    ]
-
-
-def ask_caption_all(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
-    """Replacing captions is asked first, saying how many the pass would replace."""
-    staging = Staging.find(ctx.runs_dir, session, visitor)
-    typed = sum(1 for item in staging.items() if item.caption) if staging else 0
-    replaced = f"the captions of {typed} picture{'s' if typed != 1 else ''}, yours included" if typed else "no caption"
-    text = notice(f"Caption every picture again? This replaces {replaced}.", "warning" if typed else "info")
-    return {"caption_confirm_row": gr.update(visible=True), "caption_confirm_text": text}
-
-
-def caption_pictures(
-    ctx: Ctx, visitor: Visitor, captioner: str, trigger: str, overwrite: bool, **checks: Any
-) -> Iterator[dict[str, Any]]:
-    """Caption the visitor's pictures (those without a caption, or with `overwrite` all), showing each caption
-    in the grid as it comes, how far it got, and the captioner's download. A caption typed during the pass is
-    kept. Runs on the GPU when no run is training on it, else on the processor, and says which."""
-    from lora_gui.downloads import DownloadProgress
-
-    hidden = {"caption_confirm_row": gr.update(visible=False)}
-    staging = Staging.find(ctx.runs_dir, checks["session"], visitor)
-    if staging is None or not staging.items():
-        yield {**hidden, "caption_notice": notice("Add pictures first, then caption them.", "warning")}
-        return
-    todo = pictures_to_caption(staging.folder, overwrite=overwrite)
-    if not todo:
-        yield {**hidden, "caption_notice": notice("Every picture has a caption already.")}
-        return
-    stop = ctx.captioning.stop(staging.session_id)
-    version = checks["dataset_version"] or 0
-    done = 0
-    for event in ctx.captioning.in_background(
-        captioner, staging.folder, visitor, overwrite=overwrite, prefix=trigger or "", should_stop=stop.is_set
-    ):
-        if isinstance(event, DownloadProgress):
-            yield {**hidden, "caption_notice": notice(f"Downloading the captioner {event.repo}: {event.summary()}")}
-        elif isinstance(event, CaptionPass):
-            version += 1
-            level = "warning" if event.skipped or event.stopped else "info"
-            reasons = "".join(f" {skipped}." for skipped in event.skipped[:_LIST_AT_MOST])
-            yield {
-                **_shown(ctx, visitor, checks, version),
-                "caption_notice": notice(event.summary() + reasons, level),
-            }
-        elif isinstance(event, LoraGuiError):
-            yield {**hidden, "caption_notice": error_notice(event)}
-        else:  # a caption written, or a sentence on where the captioner runs
-            done += isinstance(event, tuple)
-            version += 1
-            where = event if isinstance(event, str) else f"Captioned {done} of {len(todo)}…"
-            yield {**_shown(ctx, visitor, checks, version), "caption_notice": notice(where)}
-
-
-def caption_one(
-    ctx: Ctx, visitor: Visitor, relpath: str, captioner: str, trigger: str, **checks: Any
-) -> dict[str, Any]:
-    """Caption one picture again (its caption replaced), with the trigger word in front."""
-    staging = ctx.folders.staged(checks["session"], visitor)
-    if staging is None:
-        return {"caption_notice": notice("Add pictures first, then caption them.", "warning")}
-    try:
-        caption = ctx.captioning.picture(captioner, staging.folder / relpath, visitor)
-        staging.set_caption(relpath, full_caption(caption, trigger or ""))
-    except LoraGuiError as error:
-        return {"caption_notice": error_notice(error)}
-    version = (checks["dataset_version"] or 0) + 1
-    return {**_shown(ctx, visitor, checks, version), "caption_notice": notice(f"{relpath}: {caption}")}
-
-
-def stop_captioning(ctx: Ctx, visitor: Visitor, session: str) -> dict[str, Any]:
-    staging = Staging.find(ctx.runs_dir, session, visitor)
-    if staging is None:
-        return {"caption_notice": notice("Nothing is being captioned.")}
-    ctx.captioning.stop(staging.session_id, create=False).set()
-    return {"caption_notice": notice("Stopping after the pictures being captioned now; their captions are kept.")}
-
-
-def _shown(ctx: Ctx, visitor: Visitor, checks: dict[str, Any], version: int) -> dict[str, Any]:
-    """The grid redrawn (a new dataset_version) and the checks, after captions changed."""
-    return {
-        "dataset_version": version,
-        "report": checks_html(ctx, visitor, checks["session"], checks["resolution"], checks["default_caption"]),
-    }
-
-
-def pages_update(staging: Staging) -> dict[str, Any]:
-    """The page slider: shown only when the pictures don't fit on one page."""
-    pages = max(1, math.ceil(len(staging.items()) / PAGE_SIZE))
-    return gr.update(maximum=max(pages, 2), visible=pages > 1, value=1)  # a slider needs max > min
-
-
-def _adding(staging: Staging, add, source) -> str:
-    """Add files and say how many pictures came in, and what was left out and why."""
+def _adding(staging: Staging, add, note: str = "") -> str:
+    """Add files (`add(staging)`) and say how many pictures came in, where (`note`), and what was left out and why."""
     before = len(staging.items())
-    notes = add(source)
-    added = len(staging.items()) - before
-    text = f"Added {added} picture{'s' if added != 1 else ''}."
-    return notice(" ".join([text, *notes]), "warning" if notes else "info")
+    notes = add(staging)
+    text = f"Added {_pictures(len(staging.items()) - before)}."
+    return notice(" ".join([text, *([note] if note else []), *notes]), "warning" if notes else "info")
 
 
 def _changed(count: int) -> str:
     return notice(f"{count} caption{'s' if count != 1 else ''} changed.")
-
-
-def _resolution(value: float | None) -> int:
-    return int(value) if value else TrainConfig().resolution
-
-
-def checks_html(ctx: Ctx, visitor: Visitor, session: str, resolution: float, default_caption: str) -> str:
-    staging = Staging.find(ctx.runs_dir, session, visitor)
-    if staging is None:
-        return _report_html(None)
-    return _report_html(staging.check(_resolution(resolution), default_caption or ""))
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(html.escape(name) for name in names[:_LIST_AT_MOST])
-    more = len(names) - _LIST_AT_MOST
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _report_html(report: DatasetReport | None) -> str:
-    """The checks in plain words: what will be trained on, and every reason a file won't be."""
-    if report is None or not (report.usable or report.uncaptioned or report.unusable):
-        empty = "No pictures yet. Drop some above, or press <b>Try the demo</b>."
-        return f'<div class="lg-checks"><b>Checks</b><p>{empty}</p></div>'
-    lines = []
-    if report.usable:
-        widths = [example.size[0] for example in report.usable]
-        heights = [example.size[1] for example in report.usable]
-        sizes = (
-            f"{min(widths)}×{min(heights)}"
-            if len(set(zip(widths, heights, strict=True))) == 1
-            else (f"from {min(widths)}×{min(heights)} to {max(widths)}×{max(heights)}")
-        )
-        count = len(report.usable)
-        lines.append(f"✓ <b>{count} picture{'s' if count != 1 else ''} ready to train</b>, {sizes} pixels.")
-    else:
-        lines.append("✗ <b>No picture can be used yet</b>: see below.")
-    if report.uncaptioned:
-        lines.append(
-            f"⚠ <b>{len(report.uncaptioned)} without a caption</b> (they are left out until they get one): "
-            f"{_names(report.uncaptioned)}. Type a caption under each, or use <i>Fill empty captions</i>."
-        )
-    for skipped in report.unusable:
-        lines.append(f"✗ <b>{html.escape(skipped.name)}</b> can't be used: {html.escape(skipped.reason)}.")
-    for group in report.duplicates:
-        lines.append(f"⚠ <b>Exact copies</b>: {_names(group)}. Keep one, or that picture counts several times.")
-    if report.too_small:
-        names = [f"{e.relpath} ({e.size[0]}×{e.size[1]})" for e in report.too_small]
-        lines.append(
-            f"⚠ <b>{len(names)} smaller than the training resolution ({report.resolution} px)</b>, so they are "
-            f"enlarged and may look soft: {_names(names)}."
-        )
-    items = "".join(f"<li>{line}</li>" for line in lines)
-    return f'<div class="lg-checks"><b>Checks</b><ul>{items}</ul></div>'

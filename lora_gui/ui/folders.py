@@ -68,6 +68,25 @@ class Folders:
             staging.limits = self.limits
         return staging
 
+    def demo(self, session: str, visitor: Visitor) -> Staging:
+        """The folder for the demo's pictures, emptied: the one shown, if it is the demo's; else a new one that
+        remembers the visitor's own folder shown now, so the demo never mixes with nor throws away their pictures."""
+        shown = self.staged(session, visitor)
+        if shown is not None and shown.is_demo:
+            shown.clear()
+            return shown
+        demo = self.staging("", visitor)
+        demo.mark_demo(shown.session_id if shown is not None else "")
+        return demo
+
+    def own(self, session: str, visitor: Visitor) -> Staging | None:
+        """The visitor's own pictures behind the folder shown: that folder itself, or the one the demo set aside
+        (None if there is none, or it is gone)."""
+        shown = self.staged(session, visitor)
+        if shown is None or not shown.is_demo:
+            return shown
+        return self.staged(shown.own_session, visitor)
+
     def check_room_for_a_run(self, visitor: Visitor) -> None:
         """Refuses one more run of a visitor who has as many queued or training as this server allows, and any run
         when the disk is too full for its checkpoints."""

@@ -47,6 +47,7 @@ ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets ar
 RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
 MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
+PICKED = ["gen_trigger_note", "gen_auto_prompt"]  # what a picked run says it answers to, and the prompt it filled in
 
 
 def row_names(row: int) -> list[str]:
@@ -140,6 +141,8 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
         )
         c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
+    c["gen_trigger_note"] = gr.HTML()  # the word the picked run's LoRA answers to
+    c["gen_auto_prompt"] = gr.State("")  # the prompt a picked run filled in, which the next pick may replace
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
     with gr.Row(equal_height=True):
         c["gen_seed"] = gr.Number(0, precision=0, label="Seed", info="Same seed, same picture.")
@@ -193,8 +196,8 @@ def wire_generate_tab(ctx: Ctx) -> None:
     ctx.wire(
         ctx["generate_tab"].select,
         refresh_runs,
-        ["gen_run_1", "gen_upload_1", "prompt"],
-        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS],
+        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt"],
+        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED],
         api_visibility="private",
     )
 
@@ -206,12 +209,18 @@ def _wire_lora_rows(ctx: Ctx) -> None:
         ctx.wire(
             ctx[run].input,
             pick_run,
-            [run, "prompt"],
-            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS],
+            [run, "prompt", "gen_auto_prompt"],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS, *PICKED],
             api_name=f"pick_run_{row}",
         )
         # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
-        ctx.wire(ctx[upload].upload, functools.partial(forget, menu=run), [], [run], api_visibility="private")
+        ctx.wire(
+            ctx[upload].upload,
+            functools.partial(forget, menu=run),
+            [],
+            [run, "gen_trigger_note"],
+            api_visibility="private",
+        )
         if row > 1:
             ctx.wire(
                 ctx[f"remove_lora_{row}"].click,
@@ -228,7 +237,12 @@ def lora_runs(ctx: Ctx, visitor: Visitor) -> list[str]:
 
 
 def refresh_runs(
-    ctx: Ctx, visitor: Visitor, gen_run_1: str | None, gen_upload_1: str | None, prompt: str
+    ctx: Ctx,
+    visitor: Visitor,
+    gen_run_1: str | None,
+    gen_upload_1: str | None,
+    prompt: str,
+    gen_auto_prompt: str = "",
 ) -> dict[str, Any]:
     """The visitor's runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
     trained only has to press Generate."""
@@ -236,14 +250,18 @@ def refresh_runs(
     updates: dict[str, Any] = {name: gr.update(choices=choices) for name in RUN_MENUS}
     if choices and not gen_run_1 and not gen_upload_1:
         updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
-        updates.update(pick_run(ctx, visitor, prompt, gen_run_1=choices[0]))
+        updates.update(pick_run(ctx, visitor, prompt, gen_auto_prompt, gen_run_1=choices[0]))
     return updates
 
 
-def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> dict[str, Any]:
+def pick_run(
+    ctx: Ctx, visitor: Visitor, prompt: str, gen_auto_prompt: str = "", **picked: str | None
+) -> dict[str, Any]:
     """Fill in what the picked run was trained with: its base model, its size, its model's usual steps and
-    guidance, and a prompt it knows unless one is typed already. `picked` is the one run menu that changed,
-    by its name."""
+    guidance, and a prompt it knows, its trigger word in front, and say which word the LoRA answers to.
+
+    A prompt the visitor typed stays: the prompt is filled in only when empty or still the one the previous pick
+    filled in (`gen_auto_prompt`). `picked` is the one run menu that changed, by its name."""
     ((name, gen_run),) = picked.items()
     try:
         run = ctx.folders.run(gen_run or "", visitor)
@@ -256,11 +274,20 @@ def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> d
         "gen_base_model": ctx.models.label(config.base_model),
         "size": config.resolution,
         "gen_export_run": run.name,
+        "gen_trigger_note": trigger_note(config.trigger_word),
         **model_defaults(family),
     }
-    if not (prompt or "").strip():
-        updates["prompt"] = data.run_prompt(config, run)
+    if not (prompt or "").strip() or prompt == gen_auto_prompt:
+        # Training put the trigger word in front of every caption: a prompt without it barely calls the LoRA up.
+        filled = data.full_caption(data.run_prompt(config, run), config.trigger_word)
+        updates.update(prompt=filled, gen_auto_prompt=filled)
     return updates
+
+
+def trigger_note(trigger_word: str) -> str:
+    """The one line that says what a LoRA answers to ('' for a LoRA trained without a trigger word)."""
+    word = trigger_word.strip()
+    return notice(f"This LoRA answers to {word}; keep it in the prompt.") if word else ""
 
 
 def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
@@ -290,7 +317,8 @@ def model_defaults(family_name: str) -> dict[str, Any]:
 
 
 def forget(ctx: Ctx, menu: str) -> dict[str, Any]:
-    return {menu: None}
+    """A dropped file replaces the row's run, and what was said about that run goes with it."""
+    return {menu: None, "gen_trigger_note": ""}
 
 
 def add_row(ctx: Ctx, gen_rows: int) -> dict[str, Any]:

@@ -58,3 +58,15 @@ def test_the_demo_names_its_word_as_the_trigger_word():
     from lora_gui.demo import TRIGGER, demo_config
 
     assert demo_config().trigger_word == TRIGGER
+
+
+# ---- row 4: small pictures drawn large, without smoothing ----------------------------------------------------------
+@pytest.mark.app
+def test_generated_pictures_and_previews_are_drawn_large_and_sharp(ctx):
+    from lora_gui.ui.app import CSS
+    from lora_gui.ui.generate import PIXELS
+
+    for name in ("base_image", "lora_image", "run_samples"):
+        assert PIXELS in ctx[name].elem_classes, name
+    rule = next(line for line in CSS.splitlines() if line.startswith(f".{PIXELS} img"))
+    assert "image-rendering: pixelated" in rule and "min-width: 256px" in rule

@@ -47,6 +47,7 @@ ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets ar
 RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
 MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
+PIXELS = "lg-pixels"  # app.py's CSS draws these pictures large, without smoothing
 PICKED = ["gen_trigger_note", "gen_auto_prompt"]  # what a picked run says it answers to, and the prompt it filled in
 
 
@@ -70,8 +71,15 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
     c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
     c["gen_notice"] = gr.HTML()
     with gr.Row():
-        c["base_image"] = gr.Image(label="Base model alone", interactive=False, elem_id="base-image")
-        c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
+        # Drawn at least 256 px wide, pixels kept sharp: the demo model's 64 px pictures would be a smudge otherwise.
+        for name, label in (("base_image", "Base model alone"), ("lora_image", "With your LoRA")):
+            c[name] = gr.Image(
+                label=label,
+                interactive=False,
+                height=384,
+                elem_id=name.replace("_", "-"),
+                elem_classes=[PIXELS],
+            )
     with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
         c["gen_export_run"] = gr.Dropdown(
             choices=[],

@@ -24,6 +24,7 @@ from lora_gui.ui.common import (
     notice,
     served,
 )
+from lora_gui.ui.generate import PIXELS
 
 if TYPE_CHECKING:
     from lora_gui.lora_files.reshape import Reshaped
@@ -48,9 +49,12 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
         c["refresh_runs"] = gr.Button("Refresh the list", scale=1)
     with gr.Column(visible=False) as c["run_details"]:
         c["run_info"] = gr.HTML()
-        with gr.Row():
-            c["run_plot"] = loss_plot("run-loss-plot")
-            c["run_samples"] = gr.Gallery(label="Previews", columns=4, height=300, object_fit="contain", preview=False)
+        c["run_plot"] = loss_plot("run-loss-plot")
+        # Full width, three a row: each preview at least 256 px wide, its pixels sharp (app.py's CSS), so the demo
+        # model's 64 px previews show what was learned.
+        c["run_samples"] = gr.Gallery(
+            label="Previews", columns=3, object_fit="contain", preview=False, elem_classes=[PIXELS]
+        )
         c["run_files"] = gr.File(label=files_label("Files"), file_count="multiple", interactive=False)
         with gr.Accordion("Use the LoRA in another program", open=False, elem_id="run-export"):
             c.update(build_export("run"))

@@ -70,3 +70,35 @@ def test_generated_pictures_and_previews_are_drawn_large_and_sharp(ctx):
         assert PIXELS in ctx[name].elem_classes, name
     rule = next(line for line in CSS.splitlines() if line.startswith(f".{PIXELS} img"))
     assert "image-rendering: pixelated" in rule and "min-width: 256px" in rule
+
+
+# ---- step progress while generating --------------------------------------------------------------------------------
+class Progress:
+    """Gradio's progress bar as a handler sees it, keeping what it was told."""
+
+    def __init__(self):
+        self.said: list[str] = []
+
+    def __call__(self, fraction, desc=None, **kwargs):
+        self.said.append(desc)
+
+
+@pytest.mark.train
+def test_generate_shows_each_pictures_steps(tiny_model, photos, tmp_path):
+    from helpers.app import generate_request
+    from helpers.runs import quick_config
+
+    from lora_gui.training import train
+    from lora_gui.ui.generate import generate
+
+    lora = train(quick_config(tiny_model, photos, max_steps=1), tmp_path / "run")
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    progress = Progress()
+    result = generate(ctx, EVERYONE, **{**generate_request(tiny_model, lora), "gen_steps": 3}, progress=progress)
+    assert "Made with" in result["gen_notice"], result
+    steps = [said for said in progress.said if said and "step" in said]
+    # As many steps as the pipeline takes: the tiny model's scheduler (PNDM) takes one more than asked.
+    total = len(steps) // 2
+    assert total in (3, 4)
+    pictures = ("With your LoRA", "Base model alone")  # in the order they are made
+    assert steps == [f"{picture}: step {step} of {total}" for picture in pictures for step in range(1, total + 1)]

@@ -192,7 +192,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
-        reports_progress=True,  # a base model's download
+        reports_progress=True,  # a base model's download, then each picture's steps
     )
     ctx.wire(
         ctx["gen_export"].click,
@@ -378,9 +378,9 @@ def generate(
         with ctx.engine.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
-            with_lora = generator(**settings)
+            with_lora = generator(**settings, on_step=step_shower(progress, "With your LoRA"))
             generator.set_loras([])
-            base = generator(**settings)
+            base = generator(**settings, on_step=step_shower(progress, "Base model alone"))
     except LoraGuiError as error:
         return {"gen_notice": error_notice(error)}
     except Exception as error:  # a bug or a broken model: say what it was rather than show a bare "Error"
@@ -437,6 +437,18 @@ def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]
 
     def show(download: DownloadProgress) -> None:
         context.run(progress, download.fraction, desc=f"Downloading {download.repo}: {download.summary()}")
+
+    return show
+
+
+def step_shower(progress: gr.Progress | None, picture: str) -> Callable[[int, int], None] | None:
+    """How far one picture got, on Gradio's progress bar: "With your LoRA: step 12 of 25"."""
+    if progress is None:
+        return None
+    context = contextvars.copy_context()  # as download_shower's: whichever thread the pipeline reports from
+
+    def show(step: int, steps: int) -> None:
+        context.run(progress, step / steps, desc=f"{picture}: step {step} of {steps}")
 
     return show
 

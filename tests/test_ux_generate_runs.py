@@ -3,6 +3,7 @@ progress while generating, a run opened from its row, words that follow the stat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -102,3 +103,93 @@ def test_generate_shows_each_pictures_steps(tiny_model, photos, tmp_path):
     assert total in (3, 4)
     pictures = ("With your LoRA", "Base model alone")  # in the order they are made
     assert steps == [f"{picture}: step {step} of {total}" for picture in pictures for step in range(1, total + 1)]
+
+
+# ---- row 6: the Runs tab -------------------------------------------------------------------------------------------
+@pytest.mark.app
+def test_clicking_a_row_of_the_runs_table_opens_that_run(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_gui.ui.runs import open_row
+
+    demo, ctx = build_app(tmp_path, JobManager())
+    clicked = SimpleNamespace(row_value=["my-lora-2", "2026-12-06 22:40", "4 of 4", "0.1", "finished"], index=[1, 3])
+    assert open_row(clicked) == "my-lora-2"  # the row's run, whichever cell was clicked
+    table, menu = ctx["runs_table"]._id, ctx["run_pick"]._id
+    wired = [dependency for dependency in demo.config["dependencies"] if (table, "select") in dependency["targets"]]
+    assert [dependency["outputs"] for dependency in wired] == [[menu]]
+
+
+@pytest.mark.app
+def test_opening_a_run_clears_what_was_said_about_the_last_one(ctx, monkeypatch):
+    from huggingface_hub import constants
+
+    from lora_gui.ui.runs import ABOUT_A_RUN, open_run
+
+    made_run(ctx.runs_dir, "good-run")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    opened = open_run(ctx, EVERYONE, "good-run")
+    assert all(opened[name] == "" for name in ABOUT_A_RUN)
+    assert {"runs_notice", "hub_notice", "tools_notice", "run_export_notice"} <= set(ABOUT_A_RUN)
+    assert not opened["confirm_row"]["visible"]
+    assert all(opened[box]["visible"] for box in ("run_export_box", "run_tools_box", "run_push_box"))
+
+
+@pytest.mark.app
+def test_a_failed_run_offers_no_lora_file_and_no_answer_names_a_server_path(ctx):
+    from lora_gui.ui.runs import export, merge, open_run, push, resize
+
+    path = made_run(ctx.runs_dir, "failed-run", lora=False)
+    RunFolder(path).write_status(runs.FAILED, created=time.time(), step=0, total_steps=4, message="It broke.")
+    opened = open_run(ctx, EVERYONE, "failed-run")
+    assert not any(opened[box]["visible"] for box in ("run_export_box", "run_tools_box", "run_push_box"))
+    assert "saved no LoRA file" in opened["run_info"]
+    answers = [
+        export(ctx, EVERYONE, "failed-run", "kohya")["run_export_notice"],
+        resize(ctx, EVERYONE, "failed-run", 2)["tools_notice"],
+        merge(ctx, EVERYONE, "failed-run", [], None, 1, 1, 0)["tools_notice"],
+        push(ctx, EVERYONE, "failed-run", "me/x", "hf_x", True)["hub_notice"],
+    ]
+    for answer in answers:
+        assert "The run failed-run saved no LoRA file" in answer and str(ctx.runs_dir) not in answer, answer
+
+
+@pytest.mark.app
+def test_resume_takes_the_visitor_to_the_train_tab(ctx, monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_gui.ui.runs import resume_run
+
+    made_run(ctx.runs_dir, "stopped-run")
+    monkeypatch.setattr(ctx.engine.jobs, "resume", lambda path, hub_token=None: SimpleNamespace(job_id=7))
+    resumed = resume_run(ctx, EVERYONE, "stopped-run")
+    assert resumed["train_job"] == 7 and resumed["tabs"].selected == "train"
+
+
+@pytest.mark.app
+def test_the_hub_token_box_shows_only_where_pushing_is_possible(ctx, monkeypatch):
+    from huggingface_hub import constants
+
+    from lora_gui.ui.runs import open_run
+
+    made_run(ctx.runs_dir, "good-run")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not open_run(ctx, EVERYONE, "good-run")["run_push_box"]["visible"], "offline: nothing can be pushed"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert open_run(ctx, EVERYONE, "good-run")["hub_token"]["visible"]
+    signed_in = dataclasses.replace(EVERYONE, hub_token="hf_from_signing_in")
+    assert not open_run(ctx, signed_in, "good-run")["hub_token"]["visible"], "signing in gave the token"
+    assert "hf auth login" not in ctx["hub_token"].info
+    assert "Leave it empty if this computer is already signed in to Hugging Face" in ctx["hub_token"].info
+
+
+# ---- row 10: words in the order things happened, and words that follow the state -----------------------------------
+@pytest.mark.app
+def test_a_runs_info_tells_its_story_oldest_first(ctx):
+    from lora_gui.ui.runs import open_run
+
+    path = made_run(ctx.runs_dir, "failed-run", lora=False)
+    RunFolder(path).write_status(runs.FAILED, created=time.time() - 3600, step=0, total_steps=4, message="It broke.")
+    info = open_run(ctx, EVERYONE, "failed-run")["run_info"]
+    assert "failed-run: started " in info and ", then failed " in info and " at step 0 of 4." in info
+    assert info.index("started") < info.index("then failed") < info.index("It broke.")

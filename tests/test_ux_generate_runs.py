@@ -193,3 +193,27 @@ def test_a_runs_info_tells_its_story_oldest_first(ctx):
     info = open_run(ctx, EVERYONE, "failed-run")["run_info"]
     assert "failed-run: started " in info and ", then failed " in info and " at step 0 of 4." in info
     assert info.index("started") < info.index("then failed") < info.index("It broke.")
+
+
+@pytest.mark.app
+def test_generate_says_what_to_do_first_from_where_the_visitor_is(ctx, tmp_path, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    from lora_gui.demo import write_demo_concept
+    from lora_gui.ui.generate import refresh_runs
+
+    def opened(session: str = "") -> str:
+        return refresh_runs(ctx, EVERYONE, None, None, "", "", session)["gen_notice"]
+
+    assert "Nothing trained yet: add pictures in the Dataset tab" in opened()
+    staging = ctx.folders.staging("", EVERYONE)
+    staging.import_folder(write_demo_concept(tmp_path / "demo", count=8))
+    assert "Train first in the Train tab: your 8 pictures are ready" in opened(staging.session_id)
+    training = SimpleNamespace(done=threading.Event(), run=SimpleNamespace(name="my-lora-1"))
+    monkeypatch.setattr(ctx.engine.jobs, "latest", lambda visitor: training)
+    assert "my-lora-1 is training in the Train tab" in opened(staging.session_id)
+
+    made_run(ctx.runs_dir, "my-lora-1", trigger="zqx")
+    picked = refresh_runs(ctx, EVERYONE, None, None, "", "", staging.session_id)
+    assert picked["gen_notice"] == "" and picked["gen_run_1"]["value"] == "my-lora-1", "a LoRA to try: no hint"

@@ -48,7 +48,9 @@ RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
 MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
 PIXELS = "lg-pixels"  # app.py's CSS draws these pictures large, without smoothing
-PICKED = ["gen_trigger_note", "gen_auto_prompt"]  # what a picked run says it answers to, and the prompt it filled in
+# What picking a run changes besides the settings: the word its LoRA answers to, the prompt the pick filled in, and
+# the last picture's message (about the LoRA picked before).
+PICKED = ["gen_trigger_note", "gen_auto_prompt", "gen_notice"]
 
 
 def row_names(row: int) -> list[str]:
@@ -204,7 +206,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
     ctx.wire(
         ctx["generate_tab"].select,
         refresh_runs,
-        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt"],
+        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt", "session"],
         [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED],
         api_visibility="private",
     )
@@ -251,15 +253,34 @@ def refresh_runs(
     gen_upload_1: str | None,
     prompt: str,
     gen_auto_prompt: str = "",
+    session: str = "",
 ) -> dict[str, Any]:
     """The visitor's runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
-    trained only has to press Generate."""
+    trained only has to press Generate. With no run to pick, what to do first, from where the visitor is."""
     choices = lora_runs(ctx, visitor)
     updates: dict[str, Any] = {name: gr.update(choices=choices) for name in RUN_MENUS}
+    if not choices and not gen_upload_1:
+        updates["gen_notice"] = notice(what_first(ctx, visitor, session))
     if choices and not gen_run_1 and not gen_upload_1:
         updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
         updates.update(pick_run(ctx, visitor, prompt, gen_auto_prompt, gen_run_1=choices[0]))
     return updates
+
+
+def what_first(ctx: Ctx, visitor: Visitor, session: str) -> str:
+    """What to do before Generate has a LoRA to try, in the words for where the visitor is now."""
+    upload = " Or drop a LoRA file made elsewhere above."
+    job = ctx.engine.jobs.latest(visitor)
+    if job is not None and not job.done.is_set():
+        return f"{job.run.name} is training in the Train tab: its LoRA shows up here once it is saved." + upload
+    staging = ctx.folders.staged(session, visitor)
+    pictures = len(staging.items()) if staging is not None else 0
+    if pictures:
+        return (
+            f"Train first in the Train tab: your {pictures} picture{'s are' if pictures > 1 else ' is'} ready, "
+            "press Start training there. The LoRA shows up here when training has saved it." + upload
+        )
+    return "Nothing trained yet: add pictures in the Dataset tab (or press Try the demo), then train." + upload
 
 
 def pick_run(
@@ -283,6 +304,7 @@ def pick_run(
         "size": config.resolution,
         "gen_export_run": run.name,
         "gen_trigger_note": trigger_note(config.trigger_word),
+        "gen_notice": "",  # the last picture's message was about the LoRA picked before
         **model_defaults(family),
     }
     if not (prompt or "").strip() or prompt == gen_auto_prompt:

@@ -44,12 +44,12 @@ def test_picking_a_run_fills_the_prompt_with_its_trigger_word_and_says_so(ctx):
     made_run(ctx.runs_dir, "ohwx-run", trigger="ohwx", caption="a red circle on a gray background")
     picked = pick_run(ctx, EVERYONE, "", "", gen_run_1="ohwx-run")
     assert picked["prompt"] == "ohwx, a red circle on a gray background"
-    assert "This LoRA answers to ohwx; keep it in the prompt." in picked["gen_trigger_note"]
+    assert "This LoRA answers to ohwx; keep it in the prompt." in picked["gen_trigger_note"]["value"]
 
     # Another run picked: the prompt the last pick filled in is replaced; one the visitor typed is kept.
     made_run(ctx.runs_dir, "sks-run", trigger="sks", caption="a dog")
     again = pick_run(ctx, EVERYONE, picked["prompt"], picked["gen_auto_prompt"], gen_run_1="sks-run")
-    assert again["prompt"] == "sks, a dog" and "answers to sks" in again["gen_trigger_note"]
+    assert again["prompt"] == "sks, a dog" and "answers to sks" in again["gen_trigger_note"]["value"]
     typed = pick_run(ctx, EVERYONE, "my own words", again["gen_auto_prompt"], gen_run_1="ohwx-run")
     assert "prompt" not in typed
 
@@ -217,3 +217,16 @@ def test_generate_says_what_to_do_first_from_where_the_visitor_is(ctx, tmp_path,
     made_run(ctx.runs_dir, "my-lora-1", trigger="zqx")
     picked = refresh_runs(ctx, EVERYONE, None, None, "", "", staging.session_id)
     assert picked["gen_notice"] == "" and picked["gen_run_1"]["value"] == "my-lora-1", "a LoRA to try: no hint"
+
+
+@pytest.mark.app
+def test_generate_asks_for_a_hub_token_only_for_a_model_that_downloads(ctx, tiny_model):
+    from lora_gui.ui.generate import pick_base_model, pick_run
+    from lora_gui.ui.model_choices import TINY_CHOICE
+
+    assert not ctx["gen_token_box"].visible and ctx["size"].value == 64, "a fresh page: the demo model, at 64 px"
+    assert not pick_base_model(ctx, TINY_CHOICE)["gen_token_box"]["visible"]
+    assert not pick_base_model(ctx, str(tiny_model))["gen_token_box"]["visible"], "a folder on this computer"
+    assert pick_base_model(ctx, "black-forest-labs/FLUX.1-dev")["gen_token_box"]["visible"]
+    made_run(ctx.runs_dir, "hub-run")  # trained on some/model, from the Hub
+    assert pick_run(ctx, EVERYONE, "", "", gen_run_1="hub-run")["gen_token_box"]["visible"]

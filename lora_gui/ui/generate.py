@@ -149,9 +149,11 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
             info="auto: only as much as this GPU needs. int8 halves the memory; nf4 quarters it (NVIDIA GPUs, "
             "not from a single .safetensors file); none keeps it exact.",
         )
-        c["gen_hf_token"] = hub_token_box("gen-hf-token")
+        # Only for a model that downloads (the demo and tiny models, and folders on this computer, never do).
+        with gr.Column(visible=False) as c["gen_token_box"]:
+            c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
-    c["gen_trigger_note"] = gr.HTML()  # the word the picked run's LoRA answers to
+    c["gen_trigger_note"] = gr.HTML(visible=False)  # the word the picked run's LoRA answers to
     c["gen_auto_prompt"] = gr.State("")  # the prompt a picked run filled in, which the next pick may replace
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
     with gr.Row(equal_height=True):
@@ -159,7 +161,7 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
         c["gen_steps"] = gr.Slider(1, 100, value=25, step=1, label="Steps", info="More is slower and finer.")
         c["guidance"] = gr.Slider(1, 15, value=7, step=0.5, label="Guidance", info="How closely to follow the prompt.")
         c["size"] = gr.Number(
-            TrainConfig().resolution,
+            DEMO_RESOLUTION,  # the size the menu's first model, the demo model, draws at
             precision=0,
             label="Size (pixels)",
             info="Width and height; picking a run or a base model fills it in.",
@@ -173,7 +175,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ctx["gen_base_model"].input,
         pick_base_model,
         ["gen_base_model"],
-        ["size", *MODEL_DEFAULTS],
+        ["size", *MODEL_DEFAULTS, "gen_token_box"],
         api_visibility="private",
     )
     ctx.wire(
@@ -207,7 +209,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ctx["generate_tab"].select,
         refresh_runs,
         ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt", "session"],
-        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED],
+        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
         api_visibility="private",
     )
 
@@ -220,7 +222,7 @@ def _wire_lora_rows(ctx: Ctx) -> None:
             ctx[run].input,
             pick_run,
             [run, "prompt", "gen_auto_prompt"],
-            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS, *PICKED],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
             api_name=f"pick_run_{row}",
         )
         # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
@@ -301,6 +303,7 @@ def pick_run(
     updates = {
         name.replace("gen_run", "gen_upload"): None,
         "gen_base_model": ctx.models.label(config.base_model),
+        "gen_token_box": token_box(ctx, ctx.models.label(config.base_model)),
         "size": config.resolution,
         "gen_export_run": run.name,
         "gen_trigger_note": trigger_note(config.trigger_word),
@@ -314,10 +317,13 @@ def pick_run(
     return updates
 
 
-def trigger_note(trigger_word: str) -> str:
-    """The one line that says what a LoRA answers to ('' for a LoRA trained without a trigger word)."""
+def trigger_note(trigger_word: str = "") -> dict[str, Any]:
+    """The one line that says what a LoRA answers to; none (hidden, taking no room) for a LoRA trained without a
+    trigger word."""
     word = trigger_word.strip()
-    return notice(f"This LoRA answers to {word}; keep it in the prompt.") if word else ""
+    return gr.update(
+        value=notice(f"This LoRA answers to {word}; keep it in the prompt.") if word else "", visible=bool(word)
+    )
 
 
 def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
@@ -326,14 +332,21 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
     model keeps the size: it makes any size just as well, and small is quick."""
     family = ctx.models.family(gen_base_model)
     if family is None:
-        return {}
+        return {"gen_token_box": token_box(ctx, gen_base_model)}
     if gen_base_model == TINY_CHOICE:
         size = {"size": DEMO_RESOLUTION}
     elif gen_base_model in TINY_CHOICES:
         size = {}
     else:
         size = {"size": get_family(family).default_resolution}
-    return {**size, **model_defaults(family)}
+    return {**size, **model_defaults(family), "gen_token_box": token_box(ctx, gen_base_model)}
+
+
+def token_box(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
+    """The Hugging Face token box, shown only for a base model that downloads from the Hub (a gated one needs it)."""
+    choice = (gen_base_model or "").strip()
+    on_disk = ctx.models.policy.looks_on_disk(choice) and Path(choice).expanduser().exists()
+    return gr.update(visible=bool(choice) and choice not in TINY_CHOICES and not on_disk)
 
 
 def model_defaults(family_name: str) -> dict[str, Any]:
@@ -348,7 +361,7 @@ def model_defaults(family_name: str) -> dict[str, Any]:
 
 def forget(ctx: Ctx, menu: str) -> dict[str, Any]:
     """A dropped file replaces the row's run, and what was said about that run goes with it."""
-    return {menu: None, "gen_trigger_note": ""}
+    return {menu: None, "gen_trigger_note": trigger_note()}
 
 
 def add_row(ctx: Ctx, gen_rows: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,8 +228,10 @@ class Generator:
         guidance: float | None = None,
         width: int | None = None,
         height: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
-        """A picture; what is not given is the family's usual (its steps and guidance, its native size)."""
+        """A picture; what is not given is the family's usual (its steps and guidance, its native size). `on_step`
+        is told (steps done, steps in all) after each denoising step, from the thread making the picture."""
         width, height = width or self.family.default_resolution, height or self.family.default_resolution
         usual_steps, usual_guidance = self.family.generation_defaults(self.pipe)
         steps = steps or usual_steps
@@ -249,8 +252,23 @@ class Generator:
                     height=height,
                     generator=generator,
                     output_type="latent",
+                    **_step_callback(on_step, steps),
                 ).images
             return decode(self.family, self.pipe, latents, height, width)[0]
+
+
+def _step_callback(on_step: Callable[[int, int], None] | None, steps: int) -> dict[str, Any]:
+    """The pipeline's per-step callback (diffusers' `callback_on_step_end`) telling `on_step` how far it got."""
+    if on_step is None:
+        return {}
+
+    def step_ended(pipe: DiffusionPipeline, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        # The steps the pipeline takes: a few schedulers (PNDM's, the tiny models') take one more than asked.
+        total = getattr(pipe, "num_timesteps", None) or steps
+        on_step(min(index + 1, total), total)
+        return tensors  # unchanged: the pipeline goes on with its own latents
+
+    return {"callback_on_step_end": step_ended}
 
 
 class _WeightChange:

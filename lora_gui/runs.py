@@ -334,6 +334,7 @@ class RunSummary:
     resolution: int | None
     has_lora: bool
     resumable: bool
+    ended: float | None = None  # when it finished, stopped, failed or was cancelled or interrupted (unix time)
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -366,7 +367,17 @@ def summarize(path: str | Path) -> RunSummary:
         resolution=config.get("resolution"),
         has_lora=has_lora,
         resumable=latest is not None and status != FINISHED,
+        ended=_ended_at(saved, status),
     )
+
+
+def _ended_at(saved: dict[str, Any], status: str) -> float | None:
+    """When the run ended, from its status file: the time of its last write, once the run is over. Not for a run an
+    app that was killed left going: its status was written when the app started again, not when it stopped."""
+    if status != saved.get("status") or status not in (FINISHED, STOPPED, FAILED, CANCELLED):
+        return None
+    when = saved.get("time")
+    return float(when) if isinstance(when, (int, float)) else None
 
 
 def interrupted_message(run: RunFolder, status: str, step: int) -> str:

@@ -63,7 +63,7 @@ def test_two_visitors_queue_stop_train_to_the_end_and_generate(app_server, tmp_p
     listing = text(second.predict(run_pick=None, api_name="/list_runs"))
     assert "visitor-a" in listing and "stopped" in listing and "finished" in listing
 
-    _, base_model, size, prompt, _, steps, guidance, negative = second.predict(
+    _, base_model, size, prompt, _, steps, guidance, negative, *_ = second.predict(
         gen_run_1="visitor-b", api_name="/pick_run_1"
     )
     assert base_model == TINY_CHOICE and size == 64 and prompt.startswith("a photo of a")
@@ -217,7 +217,7 @@ def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
     log = wait_until(visitor, f"<b>{family}-run</b> finished: 3 steps")[3]
     assert f"Training a {family} LoRA on 4 images for 3 steps on cpu" in log
 
-    _, base_model, size, prompt, _, steps, guidance, negative = visitor.predict(
+    _, base_model, size, prompt, _, steps, guidance, negative, *_ = visitor.predict(
         gen_run_1=f"{family}-run", api_name="/pick_run_1"
     )
     assert base_model == menu and size == 64

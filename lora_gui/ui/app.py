@@ -83,6 +83,7 @@ CSS = """
 .lg-pixelated img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 .lg-card-space { visibility: hidden; }
 .lg-card-note .lg-notice { margin: 4px 0 0 0; font-size: 0.9em; font-weight: normal; }
+.lg-pixels img { image-rendering: pixelated; min-width: 256px; min-height: 256px; object-fit: contain; }
 """
 
 

@@ -16,6 +16,7 @@ from gradio import utils as gradio_utils
 from lora_gui.errors import LoraGuiError
 from lora_gui.limits import Limits
 from lora_gui.owners import Visitor
+from lora_gui.runs import RunFolder
 from lora_gui.ui.captioning import Captioning
 from lora_gui.ui.engine import Engine
 from lora_gui.ui.folders import Folders
@@ -83,13 +84,25 @@ def export_lora(ctx: Ctx, visitor: Visitor, prefix: str, run_name: str | None, l
     if not run_name:
         return {f"{prefix}_export_notice": notice("Pick a run first.", "warning"), f"{prefix}_file": gr.skip()}
     try:
-        (path,) = export_run(ctx.folders.run(run_name, visitor).path, layout)
+        (path,) = export_run(run_with_lora(ctx, visitor, run_name).path, layout)
     except LoraGuiError as error:
         return {f"{prefix}_export_notice": error_notice(error), f"{prefix}_file": gr.update(visible=False)}
     return {
         f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
         f"{prefix}_file": gr.update(value=served(path), visible=True),
     }
+
+
+def run_with_lora(ctx: Ctx, visitor: Visitor, run_name: str) -> RunFolder:
+    """A visitor's run that saved a LoRA file; one that did not is said so in words (the engine's own message names
+    the run's folder on the server, which a page never shows)."""
+    run = ctx.folders.run(run_name, visitor)
+    if not run.diffusers_lora.is_file():
+        raise LoraGuiError(
+            f"the run {run.name} saved no LoRA file: it ended before its first save. "
+            "Train it again, or pick another run"
+        )
+    return run
 
 
 def hub_token_box(elem_id: str) -> gr.Textbox:

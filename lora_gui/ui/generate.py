@@ -47,6 +47,10 @@ ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets ar
 RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
 MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
+PIXELS = "lg-pixels"  # app.py's CSS draws these pictures large, without smoothing
+# What picking a run changes besides the settings: the word its LoRA answers to, the prompt the pick filled in, and
+# the last picture's message (about the LoRA picked before).
+PICKED = ["gen_trigger_note", "gen_auto_prompt", "gen_notice"]
 
 
 def row_names(row: int) -> list[str]:
@@ -69,8 +73,15 @@ def build_generate_tab(ctx: Ctx) -> dict[str, Any]:
     c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
     c["gen_notice"] = gr.HTML()
     with gr.Row():
-        c["base_image"] = gr.Image(label="Base model alone", interactive=False, elem_id="base-image")
-        c["lora_image"] = gr.Image(label="With your LoRA", interactive=False, elem_id="lora-image")
+        # Drawn at least 256 px wide, pixels kept sharp: the demo model's 64 px pictures would be a smudge otherwise.
+        for name, label in (("base_image", "Base model alone"), ("lora_image", "With your LoRA")):
+            c[name] = gr.Image(
+                label=label,
+                interactive=False,
+                height=384,
+                elem_id=name.replace("_", "-"),
+                elem_classes=[PIXELS],
+            )
     with gr.Accordion("Download a LoRA you trained, for another program", open=False, elem_id="gen-export"):
         c["gen_export_run"] = gr.Dropdown(
             choices=[],
@@ -138,15 +149,19 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
             info="auto: only as much as this GPU needs. int8 halves the memory; nf4 quarters it (NVIDIA GPUs, "
             "not from a single .safetensors file); none keeps it exact.",
         )
-        c["gen_hf_token"] = hub_token_box("gen-hf-token")
+        # Only for a model that downloads (the demo and tiny models, and folders on this computer, never do).
+        with gr.Column(visible=False) as c["gen_token_box"]:
+            c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
+    c["gen_trigger_note"] = gr.HTML(visible=False)  # the word the picked run's LoRA answers to
+    c["gen_auto_prompt"] = gr.State("")  # the prompt a picked run filled in, which the next pick may replace
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
     with gr.Row(equal_height=True):
         c["gen_seed"] = gr.Number(0, precision=0, label="Seed", info="Same seed, same picture.")
         c["gen_steps"] = gr.Slider(1, 100, value=25, step=1, label="Steps", info="More is slower and finer.")
         c["guidance"] = gr.Slider(1, 15, value=7, step=0.5, label="Guidance", info="How closely to follow the prompt.")
         c["size"] = gr.Number(
-            TrainConfig().resolution,
+            DEMO_RESOLUTION,  # the size the menu's first model, the demo model, draws at
             precision=0,
             label="Size (pixels)",
             info="Width and height; picking a run or a base model fills it in.",
@@ -160,7 +175,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ctx["gen_base_model"].input,
         pick_base_model,
         ["gen_base_model"],
-        ["size", *MODEL_DEFAULTS],
+        ["size", *MODEL_DEFAULTS, "gen_token_box"],
         api_visibility="private",
     )
     ctx.wire(
@@ -181,7 +196,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
-        reports_progress=True,  # a base model's download
+        reports_progress=True,  # a base model's download, then each picture's steps
     )
     ctx.wire(
         ctx["gen_export"].click,
@@ -193,8 +208,8 @@ def wire_generate_tab(ctx: Ctx) -> None:
     ctx.wire(
         ctx["generate_tab"].select,
         refresh_runs,
-        ["gen_run_1", "gen_upload_1", "prompt"],
-        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS],
+        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt", "session"],
+        [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
         api_visibility="private",
     )
 
@@ -206,12 +221,18 @@ def _wire_lora_rows(ctx: Ctx) -> None:
         ctx.wire(
             ctx[run].input,
             pick_run,
-            [run, "prompt"],
-            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS],
+            [run, "prompt", "gen_auto_prompt"],
+            [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
             api_name=f"pick_run_{row}",
         )
         # A row holds one LoRA: a file dropped replaces the run picked, and the other way round (above).
-        ctx.wire(ctx[upload].upload, functools.partial(forget, menu=run), [], [run], api_visibility="private")
+        ctx.wire(
+            ctx[upload].upload,
+            functools.partial(forget, menu=run),
+            [],
+            [run, "gen_trigger_note"],
+            api_visibility="private",
+        )
         if row > 1:
             ctx.wire(
                 ctx[f"remove_lora_{row}"].click,
@@ -228,22 +249,50 @@ def lora_runs(ctx: Ctx, visitor: Visitor) -> list[str]:
 
 
 def refresh_runs(
-    ctx: Ctx, visitor: Visitor, gen_run_1: str | None, gen_upload_1: str | None, prompt: str
+    ctx: Ctx,
+    visitor: Visitor,
+    gen_run_1: str | None,
+    gen_upload_1: str | None,
+    prompt: str,
+    gen_auto_prompt: str = "",
+    session: str = "",
 ) -> dict[str, Any]:
     """The visitor's runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
-    trained only has to press Generate."""
+    trained only has to press Generate. With no run to pick, what to do first, from where the visitor is."""
     choices = lora_runs(ctx, visitor)
     updates: dict[str, Any] = {name: gr.update(choices=choices) for name in RUN_MENUS}
+    if not choices and not gen_upload_1:
+        updates["gen_notice"] = notice(what_first(ctx, visitor, session))
     if choices and not gen_run_1 and not gen_upload_1:
         updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
-        updates.update(pick_run(ctx, visitor, prompt, gen_run_1=choices[0]))
+        updates.update(pick_run(ctx, visitor, prompt, gen_auto_prompt, gen_run_1=choices[0]))
     return updates
 
 
-def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> dict[str, Any]:
+def what_first(ctx: Ctx, visitor: Visitor, session: str) -> str:
+    """What to do before Generate has a LoRA to try, in the words for where the visitor is now."""
+    upload = " Or drop a LoRA file made elsewhere above."
+    job = ctx.engine.jobs.latest(visitor)
+    if job is not None and not job.done.is_set():
+        return f"{job.run.name} is training in the Train tab: its LoRA shows up here once it is saved." + upload
+    staging = ctx.folders.staged(session, visitor)
+    pictures = len(staging.items()) if staging is not None else 0
+    if pictures:
+        return (
+            f"Train first in the Train tab: your {pictures} picture{'s are' if pictures > 1 else ' is'} ready, "
+            "press Start training there. The LoRA shows up here when training has saved it." + upload
+        )
+    return "Nothing trained yet: add pictures in the Dataset tab (or press Try the demo), then train." + upload
+
+
+def pick_run(
+    ctx: Ctx, visitor: Visitor, prompt: str, gen_auto_prompt: str = "", **picked: str | None
+) -> dict[str, Any]:
     """Fill in what the picked run was trained with: its base model, its size, its model's usual steps and
-    guidance, and a prompt it knows unless one is typed already. `picked` is the one run menu that changed,
-    by its name."""
+    guidance, and a prompt it knows, its trigger word in front, and say which word the LoRA answers to.
+
+    A prompt the visitor typed stays: the prompt is filled in only when empty or still the one the previous pick
+    filled in (`gen_auto_prompt`). `picked` is the one run menu that changed, by its name."""
     ((name, gen_run),) = picked.items()
     try:
         run = ctx.folders.run(gen_run or "", visitor)
@@ -254,13 +303,27 @@ def pick_run(ctx: Ctx, visitor: Visitor, prompt: str, **picked: str | None) -> d
     updates = {
         name.replace("gen_run", "gen_upload"): None,
         "gen_base_model": ctx.models.label(config.base_model),
+        "gen_token_box": token_box(ctx, ctx.models.label(config.base_model)),
         "size": config.resolution,
         "gen_export_run": run.name,
+        "gen_trigger_note": trigger_note(config.trigger_word),
+        "gen_notice": "",  # the last picture's message was about the LoRA picked before
         **model_defaults(family),
     }
-    if not (prompt or "").strip():
-        updates["prompt"] = data.run_prompt(config, run)
+    if not (prompt or "").strip() or prompt == gen_auto_prompt:
+        # Training put the trigger word in front of every caption: a prompt without it barely calls the LoRA up.
+        filled = data.full_caption(data.run_prompt(config, run), config.trigger_word)
+        updates.update(prompt=filled, gen_auto_prompt=filled)
     return updates
+
+
+def trigger_note(trigger_word: str = "") -> dict[str, Any]:
+    """The one line that says what a LoRA answers to; none (hidden, taking no room) for a LoRA trained without a
+    trigger word."""
+    word = trigger_word.strip()
+    return gr.update(
+        value=notice(f"This LoRA answers to {word}; keep it in the prompt.") if word else "", visible=bool(word)
+    )
 
 
 def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
@@ -269,14 +332,21 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
     model keeps the size: it makes any size just as well, and small is quick."""
     family = ctx.models.family(gen_base_model)
     if family is None:
-        return {}
+        return {"gen_token_box": token_box(ctx, gen_base_model)}
     if gen_base_model == TINY_CHOICE:
         size = {"size": DEMO_RESOLUTION}
     elif gen_base_model in TINY_CHOICES:
         size = {}
     else:
         size = {"size": get_family(family).default_resolution}
-    return {**size, **model_defaults(family)}
+    return {**size, **model_defaults(family), "gen_token_box": token_box(ctx, gen_base_model)}
+
+
+def token_box(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
+    """The Hugging Face token box, shown only for a base model that downloads from the Hub (a gated one needs it)."""
+    choice = (gen_base_model or "").strip()
+    on_disk = ctx.models.policy.looks_on_disk(choice) and Path(choice).expanduser().exists()
+    return gr.update(visible=bool(choice) and choice not in TINY_CHOICES and not on_disk)
 
 
 def model_defaults(family_name: str) -> dict[str, Any]:
@@ -290,7 +360,8 @@ def model_defaults(family_name: str) -> dict[str, Any]:
 
 
 def forget(ctx: Ctx, menu: str) -> dict[str, Any]:
-    return {menu: None}
+    """A dropped file replaces the row's run, and what was said about that run goes with it."""
+    return {menu: None, "gen_trigger_note": trigger_note()}
 
 
 def add_row(ctx: Ctx, gen_rows: int) -> dict[str, Any]:
@@ -342,9 +413,9 @@ def generate(
         with ctx.engine.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
-            with_lora = generator(**settings)
+            with_lora = generator(**settings, on_step=step_shower(progress, "With your LoRA"))
             generator.set_loras([])
-            base = generator(**settings)
+            base = generator(**settings, on_step=step_shower(progress, "Base model alone"))
     except LoraGuiError as error:
         return {"gen_notice": error_notice(error)}
     except Exception as error:  # a bug or a broken model: say what it was rather than show a bare "Error"
@@ -401,6 +472,18 @@ def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]
 
     def show(download: DownloadProgress) -> None:
         context.run(progress, download.fraction, desc=f"Downloading {download.repo}: {download.summary()}")
+
+    return show
+
+
+def step_shower(progress: gr.Progress | None, picture: str) -> Callable[[int, int], None] | None:
+    """How far one picture got, on Gradio's progress bar: "With your LoRA: step 12 of 25"."""
+    if progress is None:
+        return None
+    context = contextvars.copy_context()  # as download_shower's: whichever thread the pipeline reports from
+
+    def show(step: int, steps: int) -> None:
+        context.run(progress, step / steps, desc=f"{picture}: step {step} of {steps}")
 
     return show
 

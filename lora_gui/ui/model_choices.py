@@ -35,6 +35,9 @@ ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 BASE_MODELS_ENV = "LORA_GUI_BASE_MODELS"  # comma-separated Hub ids: the only ones this server accepts
 MAX_MODEL_GB_ENV = "LORA_GUI_MAX_MODEL_GB"
 SPACE_MAX_MODEL_GB = 40.0  # a Space's disk is small and shared by every visitor's downloads
+# The menu's models whose licence must be accepted on the Hub before a download (the others download without a
+# token): the Train tab shows the token box for these, and for Hub ids typed in, which may be gated or private.
+GATED_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-klein-base-9B")
 
 
 def paths_allowed(on_space: bool) -> bool:
@@ -119,6 +122,18 @@ class ModelChoices:
             if base_model and Path(base_model).resolve() == self.tiny_model(family).resolve():
                 return choice
         return base_model
+
+    def needs_token(self, choice: str) -> bool:
+        """Whether a download of this choice may need a Hugging Face token: a gated model of the menu, or a Hub id
+        typed in (it may be gated or private); never a tiny model or a file on this computer."""
+        from lora_gui.model_policy import is_hub_id
+
+        choice = (choice or "").strip()
+        if choice in TINY_CHOICES or not is_hub_id(choice):
+            return False
+        if self.allow_paths and Path(choice).expanduser().exists():
+            return False
+        return choice in GATED_MODELS or choice not in self.choices()
 
     def choices(self) -> list[str]:
         """The tiny demo models, then every base model a preset names (so new families appear with their presets)."""

@@ -97,7 +97,8 @@ def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
                 label="Base model",
                 info=f"The model your LoRA adds to. Pick one, or type {where}.",
             )
-            c["hf_token"] = hub_token_box("train-hf-token")
+            # Shown only for a model whose download may need one (`show_token_box`).
+            c["hf_token"] = hub_token_box("train-hf-token", visible=ctx.models.needs_token(TINY_CHOICE))
         with gr.Column(scale=2):
             c["preset"] = gr.Dropdown(
                 choices=preset_choices(),
@@ -109,7 +110,7 @@ def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
     with gr.Row(equal_height=True):
         c["subject"] = gr.Radio(
             choices=[("a person", "person"), ("an object", "object"), ("a style", "style")],
-            value="person",
+            value=None,  # no guess: a wrong one would suggest the wrong settings without a word
             label="What are the pictures of?",
             info="With the pictures in the Dataset tab and this computer's GPU, it decides the suggested settings.",
             scale=3,
@@ -130,7 +131,8 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
             scale=2,
         )
         c["start"] = gr.Button("Start training", variant="primary", scale=1, elem_id="start-training")
-        c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-training")
+        # Quiet and off until a run of this visitor's trains (`poll`): Start is the one loud button.
+        c["stop"] = gr.Button("Stop", variant="secondary", interactive=False, scale=1, elem_id="stop-training")
     c["train_notice"] = gr.HTML(elem_id="train-notice")
     with gr.Accordion("Advanced settings", open=False):
         gr.Markdown("The defaults work; change these only if you know why. Every box says what it does.")
@@ -177,7 +179,7 @@ def wire_train_tab(ctx: Ctx) -> None:
         ctx["start"].click,
         start,
         ["session", "run_name", "base_model", "hf_token", *settings],
-        ["train_notice", "train_job", "run_name", "train_seen"],
+        ["train_notice", "train_job", "run_name", "train_seen", "stop"],
         api_name="start",
     )
     ctx.wire(ctx["stop"].click, stop, ["train_job"], ["train_notice"], api_name="stop")
@@ -193,6 +195,14 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["session", "base_model", "subject", *settings],
         ["suggestions", *settings],
         api_name="suggest",
+    )
+    ctx.wire(
+        ctx["base_model"].change,
+        show_token_box,
+        ["base_model"],
+        ["hf_token"],
+        api_visibility="private",
+        show_progress="hidden",
     )
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(
@@ -276,7 +286,13 @@ def start(
         "train_job": job.job_id,
         "run_name": ctx.folders.suggest_run_name(visitor),
         "train_seen": {},
+        "stop": gr.update(interactive=True),
     }
+
+
+def show_token_box(ctx: Ctx, base_model: str) -> dict[str, Any]:
+    """The Hugging Face token box, only for a base model whose download may need a token."""
+    return {"hf_token": gr.update(visible=ctx.models.needs_token(base_model))}
 
 
 def stop(ctx: Ctx, visitor: Visitor, train_job: int | None) -> dict[str, Any]:
@@ -334,6 +350,8 @@ def suggest_settings(
 ) -> dict[str, Any]:
     """Settings for the visitor's staged pictures of a person, an object or a style, on this computer's GPU, each
     with its reason; only what fits the card by the estimate."""
+    if not subject:
+        return {"suggestions": notice("Say first what the pictures are of: a person, an object or a style.", "warning")}
     try:
         config = config_form.config_from_values({**settings, "base_model": ""})
         family = config.family if config.family != "auto" else ctx.models.family(base_model)

@@ -11,7 +11,7 @@ from lora_gui.config import TrainConfig
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.ui import config_form
-from lora_gui.ui.app import build_app
+from lora_gui.ui.app import CSS, build_app
 from lora_gui.ui.model_choices import TINY_CHOICE
 from lora_gui.ui.train_tab import show_token_box, suggest_settings
 
@@ -55,3 +55,11 @@ def test_what_the_pictures_are_of_starts_unanswered(built):
     settings = config_form.widget_values(TrainConfig())
     answer = suggest_settings(ctx, EVERYONE, session="", base_model=TINY_CHOICE, subject=None, **settings)
     assert "Say first what the pictures are of" in html.unescape(answer["suggestions"])
+
+
+@pytest.mark.app
+def test_previews_are_drawn_large_without_smoothing(built):
+    _, ctx = built
+    assert "lg-previews" in ctx["samples"].elem_classes and ctx["samples"].columns <= 2
+    assert ".lg-previews img { image-rendering: pixelated; }" in CSS
+    assert "min-width: 256px" in CSS.split(".lg-previews .thumbnail-item", 1)[1].split("}")[0]

@@ -81,6 +81,8 @@ CSS = """
 .lg-bar > div { height: 100%; background: #4f46e5; transition: width 0.5s; }
 .lg-checks ul { margin: 4px 0 0 0; padding-left: 4px; list-style: none; }
 .lg-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 6px; }
+.lg-previews img { image-rendering: pixelated; }
+.lg-previews .thumbnail-item { min-width: 256px; min-height: 256px; }
 """
 
 

@@ -153,11 +153,12 @@ def _build_live_view() -> dict[str, Any]:
             c["validation"] = gr.HTML(elem_id="validation-text")  # the validation loss's best step, in words
         c["samples"] = gr.Gallery(
             label="Previews (made every few steps with your sample prompt)",
-            columns=4,
-            height=300,
+            columns=2,  # two across: each at least 256 px wide, so a 64 px picture is drawn large enough to judge
+            height=560,
             object_fit="contain",
             preview=False,
             elem_id="train-samples",
+            elem_classes=["lg-previews"],
         )
     c["files"] = gr.File(
         label=files_label("Your LoRA"),

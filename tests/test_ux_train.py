@@ -63,3 +63,51 @@ def test_previews_are_drawn_large_without_smoothing(built):
     assert "lg-previews" in ctx["samples"].elem_classes and ctx["samples"].columns <= 2
     assert ".lg-previews img { image-rendering: pixelated; }" in CSS
     assert "min-width: 256px" in CSS.split(".lg-previews .thumbnail-item", 1)[1].split("}")[0]
+
+
+def staged_pictures(ctx, tmp_path) -> str:
+    """A few pictures staged as the Dataset tab stages dropped ones; the session's id."""
+    from lora_gui.demo import write_demo_dataset
+    from lora_gui.staging import Staging
+
+    staging = Staging.for_session(ctx.runs_dir, "", EVERYONE)
+    staging.import_folder(write_demo_dataset(tmp_path / "pictures", count=4, size=(64, 64)))
+    return staging.session_id
+
+
+@pytest.mark.app
+def test_a_reloaded_page_and_start_never_end_on_a_taken_run_name(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_gui.ui.app import restore
+    from lora_gui.ui.train_tab import start
+
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    (ctx.runs_dir / "my-lora-1").mkdir()
+    # A page opened after that run started: its box and the page's restore both name a free run.
+    name_now = ctx["run_name"].load_event_to_attach[0]
+    assert name_now() == "my-lora-2"
+    restored = restore(ctx, EVERYONE, "", "", {}, 0, 64, "")
+    assert restored["run_name"] == "my-lora-2"
+
+    # Start with the taken name (a page that kept it): the run goes ahead under a free one, and says so.
+    submitted = []
+
+    def submit_new(config, folder, pictures, **kwargs):
+        folder.mkdir()
+        submitted.append(folder.name)
+        return SimpleNamespace(job_id=7, run=SimpleNamespace(name=folder.name))
+
+    monkeypatch.setattr(ctx.engine.jobs, "submit_new", submit_new)
+    monkeypatch.setattr(ctx.engine.jobs, "queue_position", lambda job_id: 0)
+    session = staged_pictures(ctx, tmp_path)
+    settings = {**config_form.widget_values(TrainConfig()), "resolution": 64}
+    answer = start(ctx, EVERYONE, session=session, run_name="my-lora-1", base_model=TINY_CHOICE, **settings)
+    assert submitted == ["my-lora-2"]
+    assert "A run named my-lora-1 exists already, so this one is named my-lora-2" in html.unescape(
+        answer["train_notice"]
+    )
+    assert answer["run_name"] == "my-lora-3"
+    (ctx.runs_dir / "cat").mkdir()
+    start(ctx, EVERYONE, session=session, run_name="cat", base_model=TINY_CHOICE, **settings)
+    assert submitted[-1] == "cat-2"

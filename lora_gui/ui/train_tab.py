@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,9 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row():
         c["run_name"] = gr.Textbox(
-            value=ctx.folders.suggest_run_name(EVERYONE) if not ctx.shared else "",  # a visitor's, once the page loads
+            # Worked out as each page opens (a name from when the app started may be taken by now); a visitor's
+            # own, where visitors are strangers, once `restore` knows who they are.
+            value=functools.partial(ctx.folders.suggest_run_name, EVERYONE) if not ctx.shared else "",
             label="Run name",
             info="The folder your LoRA and previews go in; a fresh name is suggested after each start.",
             scale=2,
@@ -262,7 +265,8 @@ def start(
         staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
-        folder = ctx.folders.new_run(run_name or ctx.folders.suggest_run_name(visitor), visitor)
+        name = (run_name or "").strip() or ctx.folders.suggest_run_name(visitor)
+        folder, taken = _free_run_folder(ctx, name, visitor)
         ctx.folders.check_room_for_a_run(visitor)
         job = ctx.engine.jobs.submit_new(config, folder, staging.folder, hub_token=token, owner=visitor.owner)
     except LoraGuiError as error:
@@ -279,8 +283,9 @@ def start(
             "warning",
         )
     else:
+        renamed = f"A run named {taken} exists already, so this one is named {job.run.name}. " if taken else ""
         message = notice(
-            f"Training {job.run.name} started. You can close this page: the run keeps going on the server."
+            f"{renamed}Training {job.run.name} started. You can close this page: the run keeps going on the server."
         )
     return {
         "train_notice": message,
@@ -289,6 +294,21 @@ def start(
         "train_seen": {},
         "stop": gr.update(interactive=True),
     }
+
+
+def _free_run_folder(ctx: Ctx, name: str, visitor: Visitor) -> tuple[Path, str]:
+    """The folder for a new run named `name`, and "" ; or, when the visitor has a run of that name already (a page
+    reloaded with the name it had, a name typed twice), the first free name of the same stem (cat -> cat-2,
+    my-lora-1 -> my-lora-2) and `name`, so Start goes on rather than ending at "pick another name"."""
+    folder = ctx.folders.new_run(name, visitor)
+    if not folder.exists():
+        return folder, ""
+    stem, number = re.fullmatch(r"(.+?)(?:-(\d+))?", name).groups()
+    for tried in range(int(number or 1) + 1, int(number or 1) + 10_000):
+        folder = ctx.folders.new_run(f"{stem}-{tried}", visitor)
+        if not folder.exists():
+            return folder, name
+    raise LoraGuiError(f"a run named {name} exists already: pick another name")
 
 
 def show_token_box(ctx: Ctx, base_model: str) -> dict[str, Any]:

@@ -78,7 +78,10 @@ class TrainConfig:
     caption_column: str = _field("", "Hugging Face datasets only: the caption column ('' = guess).")
     default_caption: str = _field("", "Caption for images that have none; '' skips such images.", "data")
     trigger_word: str = _field(
-        "", "A rare word put in front of every caption, so you can call the LoRA up in prompts.", "data"
+        "",
+        "A made-up word (such as ohwx) put in front of every caption. Use it in your prompts afterwards to call "
+        "up what the LoRA learned; leave it empty if your captions already share such a word.",
+        "data",
     )
     caption_dropout: float = _field(
         0.0, "Share of steps that train with an empty caption (0 to 0.5), so the LoRA works without prompts."

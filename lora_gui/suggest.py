@@ -204,7 +204,12 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
         )
     if subject != "style" and not base.trigger_word and not _shared_word(pictures.captions):
         changes.append(
-            Change("trigger_word", TRIGGER_WORD, "no word is in every caption: this rare one calls the LoRA up")
+            Change(
+                "trigger_word",
+                TRIGGER_WORD,
+                "no word is in every caption: training puts this made-up one in front of each, so use it in your "
+                "prompts to call the LoRA up",
+            )
         )
     if base.optimizer == "prodigy" and "optimizer" not in {change.setting for change in changes}:
         changes = [change for change in changes if change.setting != "learning_rate"]  # Prodigy's rate is its own

@@ -111,3 +111,24 @@ def test_a_reloaded_page_and_start_never_end_on_a_taken_run_name(tmp_path, monke
     (ctx.runs_dir / "cat").mkdir()
     start(ctx, EVERYONE, session=session, run_name="cat", base_model=TINY_CHOICE, **settings)
     assert submitted[-1] == "cat-2"
+
+
+def inside(component, kind) -> bool:
+    """Whether `component` is laid out inside a block of `kind` (an Accordion, a Row)."""
+    block = component.parent
+    while block is not None:
+        if isinstance(block, kind):
+            return True
+        block = block.parent
+    return False
+
+
+@pytest.mark.app
+def test_the_trigger_word_shows_beside_the_subject_and_says_to_use_it_in_prompts(built):
+    import gradio as gr
+
+    _, ctx = built
+    trigger = ctx["trigger_word"]
+    assert not inside(trigger, gr.Accordion), "a newcomer never opens Advanced settings"
+    assert trigger.parent is ctx["subject"].parent
+    assert "in front of every caption" in trigger.info and "prompts" in trigger.info

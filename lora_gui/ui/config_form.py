@@ -31,6 +31,9 @@ _LABELS = {
     "channels_last": "Channels-last memory layout",
     "torch_compile": "Compile the UNet (torch.compile)",
 }
+# Settings the Train tab places itself, beside what they belong with, rather than in the main or Advanced rows: the
+# trigger word goes with the question of what the pictures are of (a newcomer must see it, to use it in prompts).
+SHOWN_APART = ("trigger_word",)
 # Menu entries a person reads, for settings whose values are short codes.
 _CHOICE_LABELS = {
     "family": {"auto": "auto (read it from the model)", **{name: family.title for name, family in REGISTRY.items()}},
@@ -62,12 +65,18 @@ def build_widgets(main: bool, per_row: int) -> dict[str, gr.components.Component
     """Widgets for the main settings or for all the others, `per_row` to a row, in field order."""
     defaults = TrainConfig()
     widgets = {}
-    fields = _fields(main)
+    fields = [field for field in _fields(main) if field.name not in SHOWN_APART]
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=True):
             for field in fields[start : start + per_row]:
                 widgets[field.name] = _widget(field, getattr(defaults, field.name))
     return widgets
+
+
+def build_widget(name: str) -> gr.components.Component:
+    """The widget of one setting, for a setting the tab places itself (SHOWN_APART)."""
+    (field,) = [field for field in dataclasses.fields(TrainConfig) if field.name == name]
+    return _widget(field, getattr(TrainConfig(), name))
 
 
 def _widget(field: dataclasses.Field, default: Any) -> gr.components.Component:

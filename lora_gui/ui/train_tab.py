@@ -116,6 +116,7 @@ def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
             info="With the pictures in the Dataset tab and this computer's GPU, it decides the suggested settings.",
             scale=3,
         )
+        c["trigger_word"] = config_form.build_widget("trigger_word")
         c["suggest"] = gr.Button("Suggest settings", size="sm", scale=1, elem_id="suggest-settings")
     c["suggestions"] = gr.HTML(elem_id="train-suggestions")
     return c

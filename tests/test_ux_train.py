@@ -132,3 +132,64 @@ def test_the_trigger_word_shows_beside_the_subject_and_says_to_use_it_in_prompts
     assert not inside(trigger, gr.Accordion), "a newcomer never opens Advanced settings"
     assert trigger.parent is ctx["subject"].parent
     assert "in front of every caption" in trigger.info and "prompts" in trigger.info
+
+
+@pytest.mark.app
+def test_preset_menu_entries_fit_their_box_and_the_whole_description_shows_under_it(built):
+    from lora_gui.config import list_presets
+    from lora_gui.ui.presets import describe_preset, preset_choices
+
+    _, ctx = built
+    assert all(len(entry) <= 64 for entry, _ in preset_choices()), preset_choices()
+    described = describe_preset(ctx, preset="flux-dev-12gb")["preset"]["info"]
+    assert list_presets()["flux-dev-12gb"] in described
+
+
+@pytest.mark.app
+def test_the_estimate_is_redone_when_any_setting_changes(built):
+    demo, ctx = built
+    (estimating,) = [dependency for dependency in demo.config["dependencies"] if dependency["api_name"] == "estimate"]
+    watched = {target for target, _ in estimating["targets"]}
+    # A setting out of range shows in the estimate ("must be between 0 and 0.5 (got 10)"): fixing it redoes it.
+    for name in ("caption_dropout", "resolution", "learning_rate", "sample_every"):
+        assert ctx[name]._id in watched, name
+
+
+def job_that(tmp_path, status: str, **state):
+    """A run of the visitor's, as the Train tab's poll reads it."""
+    from types import SimpleNamespace
+
+    from lora_gui.jobs import JobState
+
+    snapshot = JobState(job_id=3, run_name="my-lora-1", run_dir=str(tmp_path), status=status, **state)
+    return SimpleNamespace(job_id=3, owner="", snapshot=lambda: snapshot, config=TrainConfig(), run=None)
+
+
+@pytest.mark.app
+def test_a_stale_notice_goes_once_the_run_trains_or_ends(built, tmp_path, monkeypatch):
+    from lora_gui import runs
+    from lora_gui.ui.common import notice
+    from lora_gui.ui.train_tab import poll
+
+    _, ctx = built
+    error = notice("there are no usable pictures yet", "error")
+    started = notice("Training my-lora-1 started.")
+    running = job_that(tmp_path, runs.RUNNING, step=3, total_steps=10)
+    monkeypatch.setattr(ctx.engine.jobs, "latest", lambda visitor: running)
+    assert poll(ctx, EVERYONE, None, {}, error)["train_notice"] == "", "an earlier try's error"
+    assert "train_notice" not in poll(ctx, EVERYONE, None, {}, started), "still true while it trains"
+    failed = job_that(tmp_path, runs.FAILED, error="out of memory")
+    monkeypatch.setattr(ctx.engine.jobs, "latest", lambda visitor: failed)
+    ended = poll(ctx, EVERYONE, None, {"job": 3, "status": runs.RUNNING}, started)
+    assert ended["train_notice"] == "" and "failed" in ended["progress"], "'started' above 'failed'"
+
+
+@pytest.mark.app
+def test_with_pictures_in_and_nothing_trained_the_next_step_is_start(tmp_path):
+    from lora_gui.ui.train_tab import idle_progress
+
+    _, ctx = build_app(tmp_path / "runs", JobManager())
+    assert "Add pictures in the Dataset tab" in idle_progress(ctx, EVERYONE, "", None)["progress"]
+    session = staged_pictures(ctx, tmp_path)
+    progress = html.unescape(idle_progress(ctx, EVERYONE, session, None)["progress"])
+    assert "Your 4 pictures are ready: press Start training" in progress and "Add pictures" not in progress

@@ -37,7 +37,7 @@ from lora_gui.ui.common import (
     served,
 )
 from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
-from lora_gui.ui.presets import keep_preset, preset_choices, use_preset
+from lora_gui.ui.presets import PRESET_HELP, describe_preset, keep_preset, preset_choices, use_preset
 
 if TYPE_CHECKING:
     from lora_gui.estimate import Estimate
@@ -45,21 +45,6 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 2.0
 _WATCHED = ("losses", "samples", "log", "files")
-# The settings that change how much memory and time a run takes: the estimate is redone when one changes (and
-# when the optimizer does, by `pick_optimizer`).
-ESTIMATED = (
-    "resolution",
-    "max_steps",
-    "epochs",
-    "rank",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "train_text_encoder",
-    "target_modules",
-    "mixed_precision",
-    "family",
-)
 
 
 def build_train_tab(ctx: Ctx) -> dict[str, Any]:
@@ -105,7 +90,7 @@ def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
                 choices=preset_choices(),
                 value=None,
                 label="Preset (ready-made settings)",
-                info="Fills in every setting below for a typical job.",
+                info=PRESET_HELP,
             )
             c["load_preset"] = gr.Button("Use this preset", size="sm")
     with gr.Row(equal_height=True):
@@ -209,6 +194,15 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_visibility="private",
         show_progress="hidden",
     )
+    ctx.wire(
+        ctx["dataset_version"].change,
+        idle_progress,
+        ["session", "train_job"],
+        ["progress"],
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    ctx.wire(ctx["preset"].change, describe_preset, ["preset", "my_presets"], ["preset"], api_visibility="private")
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(
         ctx["save_preset"].click,
@@ -218,7 +212,9 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_visibility="private",
     )
     ctx.wire(
-        functools.partial(gr.on, [ctx[name].change for name in ("base_model", *ESTIMATED)]),
+        # Every setting, not only those that change memory and time: the estimate also says which value is out of
+        # range, and must go when that one is fixed (the optimizer's change redoes it in `pick_optimizer`).
+        functools.partial(gr.on, [ctx[name].change for name in ("base_model", *settings) if name != "optimizer"]),
         show_estimate,
         ["base_model", *settings],
         ["estimate"],
@@ -235,11 +231,14 @@ def wire_train_tab(ctx: Ctx) -> None:
         show_progress="hidden",
     )
     # The API's outputs keep their places: what came later goes last.
-    live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen", "validation"]
+    live = [
+        *("progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen", "validation"),
+        "train_notice",
+    ]
     ctx.wire(
         ctx["timer"].tick,
         poll,
-        ["train_job", "train_seen"],
+        ["train_job", "train_seen", "train_notice"],
         live,
         api_name="progress",
         show_progress="hidden",
@@ -493,8 +492,12 @@ def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[st
     return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
 
 
-def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
-    """The live view of the visitor's run; parts that have not changed since this page's last look are skipped."""
+def poll(
+    ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str, Any], train_notice: str | None = None
+) -> dict[str, Any]:
+    """The live view of the visitor's run; parts that have not changed since this page's last look are skipped. The
+    notice above goes once it is stale: an error of an earlier try while a run trains, and "started" once the run
+    has ended (the progress says how)."""
     job = _shown_job(ctx, visitor, train_job)
     if job is None:
         return {"progress": _progress_html(None, 0), "train_seen": {}} if train_seen else {}
@@ -519,6 +522,10 @@ def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str
         resumable = state.ended and runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None
         updates["resume"] = gr.update(visible=resumable and state.status != runs.FINISHED)
         updates["stop"] = gr.update(interactive=not state.ended)
+        if state.ended and train_notice:
+            updates["train_notice"] = ""
+    if train_notice and "lg-error" in train_notice and not state.ended:
+        updates["train_notice"] = ""
     return updates
 
 
@@ -536,7 +543,17 @@ def _shown_job(ctx: Ctx, visitor: Visitor, train_job: int | None) -> Job | None:
     return job if job is not None and visitor.owns(job.owner) else ctx.engine.jobs.latest(visitor)
 
 
-def _progress_html(state: JobState | None, queue_position: int) -> str:
+def idle_progress(ctx: Ctx, visitor: Visitor, session: str, train_job: int | None) -> dict[str, Any]:
+    """What the progress says while no run of the visitor's is shown, after the pictures changed: what is next."""
+    if _shown_job(ctx, visitor, train_job) is not None:
+        return {}
+    staging = ctx.folders.staged(session, visitor)
+    return {"progress": _progress_html(None, 0, pictures=len(staging.items()) if staging is not None else 0)}
+
+
+def _progress_html(state: JobState | None, queue_position: int, pictures: int = 0) -> str:
+    if state is None and pictures:
+        return notice(f"Nothing has been trained yet. Your {pictures} pictures are ready: press Start training.")
     if state is None:
         return notice("Nothing has been trained yet. Add pictures in the Dataset tab, then press Start training.")
     name = html.escape(state.run_name)

@@ -13,7 +13,7 @@ from lora_gui.owners import EVERYONE
 from lora_gui.ui import config_form
 from lora_gui.ui.app import CSS, build_app
 from lora_gui.ui.model_choices import TINY_CHOICE
-from lora_gui.ui.train_tab import show_token_box, suggest_settings
+from lora_gui.ui.train_settings import show_token_box, suggest_settings
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def job_that(tmp_path, status: str, **state):
 def test_a_stale_notice_goes_once_the_run_trains_or_ends(built, tmp_path, monkeypatch):
     from lora_gui import runs
     from lora_gui.ui.common import notice
-    from lora_gui.ui.train_tab import poll
+    from lora_gui.ui.train_live import poll
 
     _, ctx = built
     error = notice("there are no usable pictures yet", "error")
@@ -186,7 +186,7 @@ def test_a_stale_notice_goes_once_the_run_trains_or_ends(built, tmp_path, monkey
 
 @pytest.mark.app
 def test_with_pictures_in_and_nothing_trained_the_next_step_is_start(tmp_path):
-    from lora_gui.ui.train_tab import idle_progress
+    from lora_gui.ui.train_live import idle_progress
 
     _, ctx = build_app(tmp_path / "runs", JobManager())
     assert "Add pictures in the Dataset tab" in idle_progress(ctx, EVERYONE, "", None)["progress"]

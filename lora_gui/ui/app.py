@@ -49,7 +49,8 @@ from lora_gui.ui.model_choices import TINY_CHOICE, ModelChoices, paths_allowed
 from lora_gui.ui.page import on_space, sign_in_available
 from lora_gui.ui.presets import preset_menu
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
+from lora_gui.ui.train_live import POLL_SECONDS
+from lora_gui.ui.train_tab import build_train_tab, show_estimate, wire_train_tab
 
 if TYPE_CHECKING:
     from lora_gui.jobs import JobManager

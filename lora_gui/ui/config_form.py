@@ -16,6 +16,7 @@ from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
+from lora_gui.optimizers import OPTIMIZERS
 
 # Set by the app itself: the base model has its own menu, the images come from the Dataset tab (validation
 # pictures are held out of them: a folder of the server's is no visitor's to name), and the dataset columns
@@ -61,15 +62,18 @@ def label(name: str) -> str:
     return " ".join(words)[:1].upper() + " ".join(words)[1:]
 
 
-def build_widgets(main: bool, per_row: int) -> dict[str, gr.components.Component]:
-    """Widgets for the main settings or for all the others, `per_row` to a row, in field order."""
-    defaults = TrainConfig()
+def build_widgets(main: bool, per_row: int, defaults: TrainConfig | None = None) -> dict[str, gr.components.Component]:
+    """Widgets for the main settings or for all the others, `per_row` to a row, in field order, showing `defaults`
+    (TrainConfig's own if none: the page's are those of the base model it starts with)."""
+    defaults = defaults or TrainConfig()
     widgets = {}
     fields = [field for field in _fields(main) if field.name not in SHOWN_APART]
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=True):
             for field in fields[start : start + per_row]:
                 widgets[field.name] = _widget(field, getattr(defaults, field.name))
+    if "learning_rate" in widgets:
+        widgets["learning_rate"].info = learning_rate_help(defaults.optimizer, defaults.learning_rate)
     return widgets
 
 
@@ -77,6 +81,19 @@ def build_widget(name: str) -> gr.components.Component:
     """The widget of one setting, for a setting the tab places itself (SHOWN_APART)."""
     (field,) = [field for field in dataclasses.fields(TrainConfig) if field.name == name]
     return _widget(field, getattr(TrainConfig(), name))
+
+
+def learning_rate_help(optimizer: str, rate: float) -> str:
+    """The learning rate's hint for the rate the box holds: the optimizer's own, and where the box holds a rate far
+    above its usual one (the demo's), why, so the hint never says 1e-4 beside 0.002."""
+    usual = OPTIMIZERS[optimizer].learning_rate
+    if isinstance(rate, (int, float)) and rate > 4 * usual:
+        return (
+            f"How big each learning update is. {rate:g} is far above the usual {usual:g}: right for the demo and "
+            f"tiny models, which learn fast; for a real model start at {usual:g}, or lower it if the previews fall "
+            "apart."
+        )
+    return OPTIMIZERS[optimizer].rate_help
 
 
 def _widget(field: dataclasses.Field, default: Any) -> gr.components.Component:

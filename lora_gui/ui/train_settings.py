@@ -12,12 +12,12 @@ from lora_gui import memory_savers, quantization
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.families import REGISTRY, base_for_training, get_family
-from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
+from lora_gui.optimizers import settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import Ctx, error_notice, notice, plain_error
-from lora_gui.ui.model_choices import TINY_CHOICES
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES, quick_settings
 
 if TYPE_CHECKING:
     from lora_gui.estimate import Estimate
@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 def suggest_settings(
     ctx: Ctx, visitor: Visitor, session: str, base_model: str, subject: str, **settings: Any
 ) -> dict[str, Any]:
-    """Settings for the visitor's staged pictures of a person, an object or a style, on this computer's GPU, each
-    with its reason; only what fits the card by the estimate."""
+    """Settings for the visitor's staged pictures of a person, an object or a style, on this computer's GPU (or its
+    processor), each with its reason; only what fits by the estimate. A demo or tiny model gets its quick settings."""
     if not subject:
         return {"suggestions": notice("Say first what the pictures are of: a person, an object or a style.", "warning")}
+    if (base_model or "").strip() in TINY_CHOICES:
+        return _quick_suggestion(base_model.strip(), settings.get("trigger_word") or "")
     try:
         config = config_form.config_from_values({**settings, "base_model": ""})
         family = config.family if config.family != "auto" else ctx.models.family(base_model)
@@ -53,6 +55,8 @@ def suggest_settings(
         for change in suggestion.changes
     )
     notes = " ".join(html.escape(note) for note in suggestion.notes)
+    if not ctx.engine.has_cuda:
+        notes += " " + html.escape(_processor_time(suggestion.config, family, tiny=False))
     return {
         "suggestions": f'<div class="lg-suggestions"><p>{notes}</p><ul>{reasons}</ul></div>',
         **config_form.widget_values(suggestion.config),
@@ -86,13 +90,13 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
     if tiny:
         text = (
-            f"The demo and tiny models need almost no memory and train on a processor in about a minute. For "
+            f"The demo and tiny models need almost no memory. {_processor_time(config, family, tiny)} For "
             f"comparison, a real {title} model with these settings would need {memory}."
         )
     elif not ctx.engine.has_cuda:
         text = (
             f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
-            "would run on the processor: far slower than any GPU (many hours), so no time estimate is given."
+            f"runs on the processor. {_processor_time(config, family, tiny)}"
         )
         try:
             quantization.check_available(config.quantize_base, on_cuda=False)
@@ -119,6 +123,54 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     return {"estimate": notice(text) + notes}
 
 
+def _quick_suggestion(choice: str, trigger_word: str) -> dict[str, Any]:
+    """A demo or tiny model's suggestion: its quick settings, whatever the pictures (it draws at its own small size
+    and learns in minutes), with the trigger word kept."""
+    config = quick_settings(choice).replace(trigger_word=trigger_word)
+    said = (
+        f"The demo and tiny models learn best with their own quick settings, whatever the pictures show: "
+        f"{config.resolution} px (the size they draw), {config.max_steps} steps, learning rate "
+        f"{config.learning_rate:g}, LoRA rank {config.rank}. {_processor_time(config, '', tiny=True)}"
+    )
+    return {"suggestions": notice(said), **config_form.widget_values(config)}
+
+
+def settings_for_model(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
+    """What picking a base model sets: a demo or tiny model its quick settings (64 px, a few hundred steps); a real
+    one the size its family was made for, and the usual defaults where the form still holds the quick settings
+    (the demo's learning rate would wreck a real model). A model whose family can't be told yet changes nothing."""
+    choice = (base_model or "").strip()
+    if choice in TINY_CHOICES:
+        config = quick_settings(choice)
+    else:
+        family = ctx.models.family(choice)
+        if family is None:
+            return {}
+        try:
+            current = config_form.config_from_values({**settings, "base_model": ""})
+        except LoraGuiError:
+            current = TrainConfig()
+        quick = quick_settings(TINY_CHOICE)
+        still_quick = all(getattr(current, name) == getattr(quick, name) for name in ("resolution", "learning_rate"))
+        config = (TrainConfig() if still_quick else current).replace(resolution=get_family(family).default_resolution)
+    rate = gr.update(
+        value=config.learning_rate, info=config_form.learning_rate_help(config.optimizer, config.learning_rate)
+    )
+    return {**config_form.widget_values(config), "learning_rate": rate}
+
+
+def _processor_time(config: TrainConfig, family: str, tiny: bool) -> str:
+    """How long these settings train on this computer's processor, said to be rough."""
+    from lora_gui.estimate import duration, processor_seconds
+
+    seconds = processor_seconds(config, family, tiny)
+    if seconds is None:
+        return "On this computer's processor the time depends on how many pictures you have, as Epochs is set."
+    pace = "the demo's own pace" if tiny else "a measured processor's pace"
+    shorter = "" if seconds < 600 else " Fewer steps or a smaller resolution shorten it."
+    return f"On this computer's processor: about {duration(seconds)} (rough, from {pace}).{shorter}"
+
+
 def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     """Settings that fit the optimizer just picked, so the form stays valid (Prodigy's learning rate is 1.0, where
     AdamW's is 1e-4), the learning rate's hint for it, and the estimate, which its state changes."""
@@ -130,10 +182,11 @@ def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]
         settings["lr_scheduler"],
         settings["lr_warmup_steps"],
     )
-    rate = {"value": changes["learning_rate"]} if "learning_rate" in changes else {}
+    rate = changes.get("learning_rate", settings["learning_rate"])
+    value = {"value": rate} if "learning_rate" in changes else {}
     return {
         **changes,
-        "learning_rate": gr.update(info=OPTIMIZERS[optimizer].rate_help, **rate),
+        "learning_rate": gr.update(info=config_form.learning_rate_help(optimizer, rate), **value),
         **show_estimate(ctx, base_model, **{**settings, **changes}),
     }
 

@@ -26,10 +26,16 @@ from lora_gui.ui.common import (
     loss_plot,
     notice,
 )
-from lora_gui.ui.model_choices import TINY_CHOICE
+from lora_gui.ui.model_choices import TINY_CHOICE, quick_settings
 from lora_gui.ui.presets import PRESET_HELP, describe_preset, keep_preset, preset_choices, use_preset
 from lora_gui.ui.train_live import progress_html, shown_job, wire_live_view
-from lora_gui.ui.train_settings import pick_optimizer, show_estimate, show_token_box, suggest_settings
+from lora_gui.ui.train_settings import (
+    pick_optimizer,
+    settings_for_model,
+    show_estimate,
+    show_token_box,
+    suggest_settings,
+)
 
 
 def build_train_tab(ctx: Ctx) -> dict[str, Any]:
@@ -46,7 +52,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     )
     gr.Markdown("**Step 2: train.** Pick a base model and how long to train, then press **Start training**.")
     c.update(_build_model_and_preset(ctx))
-    c.update(config_form.build_widgets(main=True, per_row=4))
+    # The settings the base model the page starts with (the demo model) is made for; picking another sets its own.
+    c.update(config_form.build_widgets(main=True, per_row=4, defaults=quick_settings(TINY_CHOICE)))
     c["estimate"] = gr.HTML(elem_id="train-estimate")
     c.update(_build_start(ctx))
     c.update(_build_live_view())
@@ -110,7 +117,7 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
     c["train_notice"] = gr.HTML(elem_id="train-notice")
     with gr.Accordion("Advanced settings", open=False):
         gr.Markdown("The defaults work; change these only if you know why. Every box says what it does.")
-        c.update(config_form.build_widgets(main=False, per_row=3))
+        c.update(config_form.build_widgets(main=False, per_row=3, defaults=quick_settings(TINY_CHOICE)))
         with gr.Row():
             c["preset_name"] = gr.Textbox(label="Save these settings as a preset named", placeholder="my-settings")
             c["save_preset"] = gr.Button("Save as preset")
@@ -164,6 +171,12 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["train_job", "hf_token", *RESUMED_FROM_THE_FORM],
         ["train_notice", "train_job", "train_seen"],
     )
+    _wire_settings(ctx, settings)
+    wire_live_view(ctx)
+
+
+def _wire_settings(ctx: Ctx, settings: list[str]) -> None:
+    """The settings as they are filled in: suggested, from a preset, following the model and the optimizer."""
     ctx.wire(
         ctx["suggest"].click,
         suggest_settings,
@@ -176,6 +189,15 @@ def wire_train_tab(ctx: Ctx) -> None:
         show_token_box,
         ["base_model"],
         ["hf_token"],
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    # Only the visitor's own pick: a preset or a restored run sets the model with its own settings.
+    ctx.wire(
+        ctx["base_model"].input,
+        settings_for_model,
+        ["base_model", *settings],
+        settings,
         api_visibility="private",
         show_progress="hidden",
     )
@@ -207,7 +229,6 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_visibility="private",
         show_progress="hidden",
     )
-    wire_live_view(ctx)
 
 
 # ---- handlers ----------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     assert "notes.docx: not an image, a .txt caption or a .zip, so it was left out" in dropped
     assert "broken.png</b> can't be used: not an image file" in dropped
     upload_pictures(visitor, write_demo_dataset(tmp_path / "ok", count=2, size=(64, 64)))
-    assert "'Steps' must be between 1 and" in text(visitor.predict(max_steps=0, api_name="/start"))
+    assert "'Steps' must be 1 or more (got 0)" in text(visitor.predict(max_steps=0, api_name="/start"))
     assert "'Learning rate' 0.5 is far too high" in text(visitor.predict(learning_rate=0.5, api_name="/start"))
     assert "Pick a run you trained, or upload a LoRA file" in text(visitor.predict(prompt="x", api_name="/generate"))
 

@@ -88,7 +88,7 @@ def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path)
         page.locator("#setting-rank input").blur()
         # Advanced: every setting, the speed ones too, with its hint.
         page.get_by_text("Advanced settings").click()
-        expect(page.locator("#setting-torch_compile")).to_contain_text("Compile the UNet with torch.compile")
+        expect(page.locator("#setting-torch_compile")).to_contain_text("Prepare the model for this computer first")
         expect(page.locator("#setting-channels_last")).to_contain_text("Channels-last memory layout")
         expect(page.locator("#setting-optimizer")).to_contain_text("adamw8bit (less memory; NVIDIA GPUs)")
         expect(page.locator("#setting-family input")).to_have_value("auto (read it from the model)")

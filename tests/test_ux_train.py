@@ -262,3 +262,44 @@ def test_suggest_settings_knows_the_demo_model_and_that_there_is_no_gpu(tmp_path
     said = html.unescape(real["suggestions"])
     assert "24 GB card" not in said and "these settings are for this computer's processor" in said
     assert "On this computer's processor: about" in said
+
+
+JARGON = ("optimizer step", "UNet", "bf16", "NF4", "Min-SNR", "max_steps", "to_q", "capacity", "1e+0", "''")
+
+
+@pytest.mark.app
+def test_every_train_setting_says_in_plain_words_what_it_changes(built):
+    import dataclasses
+
+    import gradio as gr
+
+    from lora_gui.ui.config_form import advanced_groups, label
+
+    _, ctx = built
+    for field in dataclasses.fields(TrainConfig):
+        said = TrainConfig.help(field.name)
+        assert not [word for word in JARGON if word in said], (field.name, said)
+        assert len(said.split()) >= 6, f"{field.name}: a help that only repeats its label ({said!r})"
+    for name in config_form.field_names():
+        shown = f"{label(name)} {ctx[name].info}"
+        assert not [word for word in JARGON if word in shown], (name, shown)
+    # Advanced settings come under headings, each setting once.
+    for title, names in advanced_groups().items():
+        for name in names:
+            group = ctx[name].parent
+            while not isinstance(group, gr.Column):
+                group = group.parent
+            assert "lg-settings-group" in group.elem_classes and title in group.children[0].value, (name, title)
+
+
+@pytest.mark.unit
+def test_a_setting_out_of_range_is_named_by_its_label_with_a_range_a_person_reads():
+    from lora_gui.errors import LoraGuiError
+
+    form = config_form.widget_values(TrainConfig())
+    with pytest.raises(LoraGuiError) as steps:
+        config_form.config_from_values({**form, "max_steps": 0, "base_model": ""})
+    assert str(steps.value) == "'Steps' must be 1 or more (got 0)"
+    with pytest.raises(LoraGuiError) as seed:
+        config_form.config_from_values({**form, "seed": 2**33, "base_model": ""})
+    assert "'Seed' must be between 0 and 4,294,967,295 (got 8,589,934,592)" in str(seed.value)

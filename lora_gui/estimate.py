@@ -344,7 +344,9 @@ def _preview_bytes(resolution: int) -> float:
 
 
 def duration(seconds: float) -> str:
-    """A time as a person reads it: 40 s, 12 min, 3.5 h."""
+    """A time as a person reads it: 40 s, 12 min, 3.5 h, 11 days (a real model on a processor)."""
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
     if seconds < 90:
         return f"{math.ceil(seconds)} s"
     if seconds < 5400:

@@ -303,3 +303,15 @@ def test_a_setting_out_of_range_is_named_by_its_label_with_a_range_a_person_read
     with pytest.raises(LoraGuiError) as seed:
         config_form.config_from_values({**form, "seed": 2**33, "base_model": ""})
     assert "'Seed' must be between 0 and 4,294,967,295 (got 8,589,934,592)" in str(seed.value)
+
+
+@pytest.mark.unit
+def test_a_long_time_is_said_in_days():
+    from lora_gui.estimate import duration
+
+    assert [duration(40), duration(3200), duration(8280), duration(252 * 3600)] == [
+        "40 s",
+        "54 min",
+        "2.3 h",
+        "10 days",
+    ]

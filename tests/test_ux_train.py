@@ -315,3 +315,22 @@ def test_a_long_time_is_said_in_days():
         "2.3 h",
         "10 days",
     ]
+
+
+@pytest.mark.app
+def test_the_rate_hint_follows_whatever_set_the_rate(built):
+    from lora_gui.ui.train_settings import rate_hint
+
+    demo, ctx = built
+    following = [
+        dependency
+        for dependency in demo.config["dependencies"]
+        if (ctx["learning_rate"]._id, "change") in [tuple(target) for target in dependency["targets"]]
+        and [ctx["learning_rate"]._id] == dependency["outputs"]
+    ]
+    assert following, "a preset, the demo or Suggest setting the rate redoes its hint"
+    assert (
+        "0.002 is far above the usual"
+        in rate_hint(ctx, optimizer="adamw", learning_rate=0.002)["learning_rate"]["info"]
+    )
+    assert "1e-4 is a safe start" in rate_hint(ctx, optimizer="adamw", learning_rate=1e-4)["learning_rate"]["info"]

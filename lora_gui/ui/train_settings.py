@@ -12,7 +12,7 @@ from lora_gui import memory_savers, quantization
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.families import REGISTRY, base_for_training, get_family
-from lora_gui.optimizers import settings_for_optimizer
+from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
 from lora_gui.owners import Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
@@ -200,6 +200,13 @@ def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[st
         return preset + (f"{tips}: " if tips else "") + "the preview images need the most."
     tips = memory_savers.form_tips(config, memory_savers.TRAINING)
     return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
+
+
+def rate_hint(ctx: Ctx, optimizer: str, learning_rate: float | None) -> dict[str, Any]:
+    """The learning rate's hint for the rate the box holds now, whatever set it (a preset, the demo, Suggest)."""
+    if optimizer not in OPTIMIZERS or not isinstance(learning_rate, (int, float)):
+        return {}
+    return {"learning_rate": gr.update(info=config_form.learning_rate_help(optimizer, learning_rate))}
 
 
 def show_token_box(ctx: Ctx, base_model: str) -> dict[str, Any]:

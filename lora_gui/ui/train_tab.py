@@ -31,6 +31,7 @@ from lora_gui.ui.presets import PRESET_HELP, describe_preset, keep_preset, prese
 from lora_gui.ui.train_live import progress_html, shown_job, wire_live_view
 from lora_gui.ui.train_settings import (
     pick_optimizer,
+    rate_hint,
     settings_for_model,
     show_estimate,
     show_token_box,
@@ -184,14 +185,8 @@ def _wire_settings(ctx: Ctx, settings: list[str]) -> None:
         ["suggestions", *settings],
         api_name="suggest",
     )
-    ctx.wire(
-        ctx["base_model"].change,
-        show_token_box,
-        ["base_model"],
-        ["hf_token"],
-        api_visibility="private",
-        show_progress="hidden",
-    )
+    quiet = {"api_visibility": "private", "show_progress": "hidden"}
+    ctx.wire(ctx["base_model"].change, show_token_box, ["base_model"], ["hf_token"], **quiet)
     # Only the visitor's own pick: a preset or a restored run sets the model with its own settings.
     ctx.wire(
         ctx["base_model"].input,
@@ -201,6 +196,8 @@ def _wire_settings(ctx: Ctx, settings: list[str]) -> None:
         api_visibility="private",
         show_progress="hidden",
     )
+    # The hint follows whatever set the rate; only the hint, so the change does not go off again.
+    ctx.wire(ctx["learning_rate"].change, rate_hint, ["optimizer", "learning_rate"], ["learning_rate"], **quiet)
     ctx.wire(ctx["preset"].change, describe_preset, ["preset", "my_presets"], ["preset"], api_visibility="private")
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(

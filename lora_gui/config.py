@@ -67,122 +67,260 @@ class TrainConfig:
     base_model: str = _field(
         "", "Base model: a Hugging Face Hub id, a diffusers folder or a single .safetensors checkpoint.", "model"
     )
-    family: str = _field("auto", "Model family; 'auto' reads it from the model itself.", choices=FAMILIES)
+    family: str = _field(
+        "auto",
+        "Which kind of model the base model is; auto reads it from the model. Set it only when the page asks you to "
+        "(a model not downloaded yet, so the estimate can be made).",
+        choices=FAMILIES,
+    )
     data: str = _field(
         "",
         "Training images: a folder (captions in same-name .txt files or metadata.jsonl/.csv) "
         "or a Hugging Face dataset name.",
         "data",
     )
-    image_column: str = _field("", "Hugging Face datasets only: the image column ('' = guess).")
-    caption_column: str = _field("", "Hugging Face datasets only: the caption column ('' = guess).")
-    default_caption: str = _field("", "Caption for images that have none; '' skips such images.", "data")
+    image_column: str = _field(
+        "",
+        "Hugging Face datasets only: which column holds the pictures (empty: found by itself).",
+    )
+    caption_column: str = _field(
+        "",
+        "Hugging Face datasets only: which column holds the captions (empty: found by itself).",
+    )
+    default_caption: str = _field(
+        "",
+        "The caption of pictures that have none; leave it empty to leave such pictures out.",
+        "data",
+    )
     trigger_word: str = _field(
-        "", "A rare word put in front of every caption, so you can call the LoRA up in prompts.", "data"
+        "",
+        "A made-up word (such as ohwx) put in front of every caption. Use it in your prompts afterwards to call "
+        "up what the LoRA learned; leave it empty if your captions already share such a word.",
+        "data",
     )
     caption_dropout: float = _field(
-        0.0, "Share of steps that train with an empty caption (0 to 0.5), so the LoRA works without prompts."
+        0.0,
+        "How often a picture is shown without its caption (0 to 0.5), so the LoRA also shows up with short "
+        "prompts. 0.05 is a good start for a person or object, 0.1 for a style.",
     )
 
     # Images.
     resolution: int = _field(
         512,
-        "Training resolution in pixels ("
+        "The size pictures are trained at, in pixels: best the size the model was made for ("
         + ", ".join(f"{family.short_title}: {family.default_resolution}" for family in REGISTRY.values())
-        + ").",
+        + "; the demo model: 64), which picking a base model sets. Smaller trains faster but less sharp.",
         "main",
     )
     aspect_buckets: bool = _field(
-        True, "Keep each image's shape by grouping images of similar shape (off = square center crop)."
+        True,
+        "Keep each picture's shape by training similar shapes together. Off: every picture is cut to a square from "
+        "its middle.",
     )
-    random_flip: bool = _field(False, "Mirror images at random (leave off for faces, text or logos).")
+    random_flip: bool = _field(
+        False,
+        "Also train on mirror images of the pictures: more variety for objects and styles. Leave it off for faces, "
+        "text or logos, which look wrong mirrored.",
+    )
 
     # How long and how hard.
-    max_steps: int = _field(1000, "Number of optimizer steps to train for.", "main")
-    epochs: int = _field(0, "Train for this many passes over the images instead of max_steps (0 = use max_steps).")
-    batch_size: int = _field(1, "Images per step (higher is faster per image but needs more GPU memory).")
-    gradient_accumulation_steps: int = _field(1, "Add up this many batches before each optimizer step.")
+    max_steps: int = _field(
+        1000,
+        "How long to train: each step learns from one batch of pictures. More steps learn more, but too many copy "
+        "the pictures; about 100 looks at each picture is usual.",
+        "main",
+    )
+    epochs: int = _field(
+        0,
+        "Instead of Steps: how many times to go through all your pictures (0: use Steps).",
+    )
+    batch_size: int = _field(
+        1,
+        "Pictures learned from at once. Higher is faster per picture and smoother, but needs more GPU memory.",
+    )
+    gradient_accumulation_steps: int = _field(
+        1,
+        "Learn from this many batches before each update: a larger batch without more memory, at the cost of "
+        "time. Leave it at 1 unless a guide says otherwise.",
+    )
     learning_rate: float = _field(1e-4, OPTIMIZERS["adamw"].rate_help, "main")
-    text_encoder_learning_rate: float = _field(0.0, "Learning rate of the text encoder LoRA (0 = same as above).")
-    lr_scheduler: str = _field("constant", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = _field(0, "Steps over which the learning rate ramps up from zero.")
-    optimizer: str = _field("adamw", SETTING_HELP, choices=tuple(OPTIMIZERS))
-    prodigy_d_coef: float = _field(1.0, "Prodigy only: scales the step size it finds (0.5 gentler, 2 bolder).")
-    adam_beta1: float = _field(0.9, "AdamW beta1.")
-    adam_beta2: float = _field(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
-    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _field(1.0, "Clip the gradient norm to this (0 = no clipping).")
+    text_encoder_learning_rate: float = _field(
+        0.0,
+        "Learning rate of the part that reads prompts, when it is trained too (0: the same as the learning rate).",
+    )
+    lr_scheduler: str = _field(
+        "constant",
+        "How the learning rate changes during training: constant keeps it; the others lower it towards the end. "
+        "constant is fine for most LoRAs.",
+        choices=LR_SCHEDULERS,
+    )
+    lr_warmup_steps: int = _field(
+        0,
+        "Steps at the start over which the learning rate rises from zero, for a gentler start (needs a schedule "
+        "other than constant).",
+    )
+    optimizer: str = _field(
+        "adamw",
+        SETTING_HELP + " How the LoRA is updated at each step: leave it at adamw unless the GPU is short of memory "
+        "(adamw8bit) or a guide says otherwise.",
+        choices=tuple(OPTIMIZERS),
+    )
+    prodigy_d_coef: float = _field(
+        1.0,
+        "Prodigy only: how bold the step size it finds is (0.5 gentler, 2 bolder); leave it at 1.",
+    )
+    adam_beta1: float = _field(
+        0.9,
+        "How much each update follows the previous ones (momentum, 0 to 0.9999). Leave it at 0.9.",
+    )
+    adam_beta2: float = _field(
+        0.999,
+        "How slowly AdamW adapts to the size of recent updates (0 to 0.99999). Leave it at 0.999.",
+    )
+    adam_weight_decay: float = _field(
+        1e-2,
+        "Pulls the LoRA's weights gently towards zero so it does not overdo what it learned. Leave it at 0.01.",
+    )
+    adam_epsilon: float = _field(
+        1e-8,
+        "A tiny number that keeps AdamW's updates from dividing by zero. Leave it at 1e-8.",
+    )
+    max_grad_norm: float = _field(
+        1.0,
+        "Limits how big one update may be, so one odd picture can't wreck the LoRA (0: no limit). Leave it at 1.",
+    )
 
     # The LoRA itself.
-    rank: int = _field(16, "LoRA rank: its capacity. 4-8 for a style, 16-32 for a person.", "main")
+    rank: int = _field(
+        16,
+        "How much the LoRA can learn, and how big its file is: 4-8 for a style, 16-32 for a person. Higher "
+        "learns more detail but takes longer and may copy the pictures.",
+        "main",
+    )
     lora_type: str = _field(
         "lora",
-        "Kind of adapter: " + "; ".join(f"{kind.name} ({kind.help})" for kind in ADAPTER_KINDS.values()) + ".",
+        "Which kind of LoRA: lora is the usual one and loads everywhere; "
+        + ", ".join(name for name in ADAPTER_KINDS if name != "lora")
+        + " can learn more for the same file size, but fewer programs load them. Leave it at lora if unsure.",
         choices=LORA_TYPES,
     )
-    alpha: float = _field(0.0, "LoRA alpha; the update is scaled by alpha / rank (0 = same as rank).")
+    alpha: float = _field(
+        0.0,
+        "Scales how strongly the LoRA changes the model (0: the same as the rank). Leave it at 0 unless a guide "
+        "gives a value.",
+    )
     target_modules: list[str] = _field(
         [],
-        "Layers of the UNet (or Flux's transformer) that get a LoRA, by name or name ending "
-        "(none = the model family's usual ones: to_q, to_k, to_v, to_out.0 for Stable Diffusion).",
+        "Which parts of the model get a LoRA (empty: the usual ones for this kind of model). Change it only "
+        "when a guide tells you to.",
     )
-    train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).")
+    train_text_encoder: bool = _field(
+        False,
+        "Also teach the part that reads prompts, so a new word (the trigger word) is understood better. Uses more "
+        "memory; the demo turns it on.",
+    )
     text_encoder_target_modules: list[str] = _field(
-        ["q_proj", "k_proj", "v_proj", "out_proj"], "Text encoder layers that get a LoRA."
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "Which parts of the prompt reader get a LoRA when it is trained too. Leave it as it is.",
     )
 
     # Noise and loss.
-    snr_gamma: float = _field(0.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off).")
-    noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark or bright images; 0 = off).")
+    snr_gamma: float = _field(
+        0.0,
+        "Balances the easy and the hard noise levels training learns from (5 is usual, 0: off). It can make a "
+        "LoRA learn faster; leave it at 0 if unsure.",
+    )
+    noise_offset: float = _field(
+        0.0,
+        "Helps a LoRA draw very dark or very bright pictures (0.05 to 0.1; 0: off). Leave it at 0 otherwise.",
+    )
 
     # Validation: a loss on pictures never trained on, at fixed noise and timesteps, so its curve moves only
     # because the LoRA changed.
     validation_images: int = _field(
         0,
-        "Pictures held out of training to measure a validation loss on (0 = none; 2-4 is plenty). "
-        "A set needs 8 pictures or more to spare them.",
+        "Pictures kept out of training to check how well the LoRA does on pictures it never saw (0: none; 2-4 is "
+        "plenty). Needs 8 pictures or more.",
     )
     validation_data: str = _field(
-        "", "A folder of pictures with captions to measure the validation loss on, instead of holding some out."
+        "",
+        "A folder of pictures with captions to check the LoRA on, instead of keeping some of yours out.",
     )
-    validation_every: int = _field(100, "Measure the validation loss every N steps.")
+    validation_every: int = _field(
+        100,
+        "How often, in steps, to check the LoRA on the kept-out pictures.",
+    )
     keep_best: bool = _field(
-        True, "Also keep the LoRA of the step with the lowest validation loss (<name>-best.safetensors)."
+        True,
+        "Also keep the LoRA from the step that did best on the kept-out pictures (<name>-best.safetensors).",
     )
     early_stop: int = _field(
-        0, "Stop when the validation loss has not improved for this many measurements in a row (0 = never)."
+        0,
+        "Stop when the check on kept-out pictures has not improved this many times in a row (0: never).",
     )
 
     # Speed and memory.
     mixed_precision: str = _field(
         "auto",
-        "auto (bf16 on GPUs that compute it, RTX 30xx / A100 and newer; fp16 on older GPUs; full precision on a "
-        "CPU), no, fp16 or bf16.",
+        "How precisely the numbers are computed. auto picks the fastest this GPU does well (full precision on a "
+        "processor); change it only if training fails with a message about it.",
         choices=MIXED_PRECISIONS,
     )
-    gradient_checkpointing: bool = _field(False, "Save GPU memory at the cost of ~30% speed.")
+    gradient_checkpointing: bool = _field(
+        False,
+        "Needs much less GPU memory but trains about 30% slower. Turn it on when the estimate says the GPU is "
+        "too small.",
+    )
     quantize_base: str = _field(
         "none",
-        "Store the frozen base model in fewer bits so it fits a smaller card; the LoRA still trains in full "
-        "precision. int8 halves the denoiser's memory (any device), nf4 quarters it (NVIDIA GPUs only); "
-        "none keeps it exact.",
+        "Store the base model, which does not change, in fewer bits so it fits a smaller GPU; the LoRA still "
+        "learns at full precision. int8 halves its memory (any computer), nf4 quarters it (NVIDIA GPUs only); none "
+        "keeps it exact.",
         choices=tuple(QUANTIZATIONS),
     )
-    channels_last: bool = _field(False, "Keep the UNet's image tensors channels-last (can be faster on NVIDIA GPUs).")
-    torch_compile: bool = _field(
-        False, "Compile the UNet with torch.compile: a slow first step, then faster ones (needs Triton on the GPU)."
+    channels_last: bool = _field(
+        False,
+        "Another memory layout that can be a little faster on NVIDIA GPUs. Leave it off unless you test it.",
     )
-    seed: int = _field(42, "Random seed: the same seed and settings give the same LoRA.")
+    torch_compile: bool = _field(
+        False,
+        "Prepare the model for this computer first: a slow first step (up to a minute), then faster ones; needs a "
+        "C++ compiler or, on a GPU, Triton. Worth it for long runs only.",
+    )
+    seed: int = _field(
+        42,
+        "The starting point of everything random: the same number and settings give the same LoRA.",
+    )
 
     # Saving and previews.
-    checkpoint_every: int = _field(250, "Save a resumable checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _field(3, "How many recent checkpoints to keep on disk.")
-    sample_prompts: list[str] = _field([], "Prompts for preview images ('' = the first training caption).")
-    sample_every: int = _field(250, "Make preview images every N steps (0 = only at the end).")
-    sample_steps: int = _field(20, "Denoising steps per preview image.")
-    sample_seed: int = _field(1234, "Seed for preview images, so previews are comparable over the run.")
-    log_every: int = _field(1, "Write a metrics line every N steps.")
+    checkpoint_every: int = _field(
+        250,
+        "Save a point to resume from every this many steps (0: only at the end).",
+    )
+    keep_checkpoints: int = _field(
+        3,
+        "How many of those resume points to keep on disk (older ones are deleted).",
+    )
+    sample_prompts: list[str] = _field(
+        [],
+        "Prompts for the preview pictures (empty: the first picture's caption).",
+    )
+    sample_every: int = _field(
+        250,
+        "Make preview pictures every this many steps, to watch the LoRA learn (0: only at the end).",
+    )
+    sample_steps: int = _field(
+        20,
+        "How carefully each preview is drawn: more is slower and a little sharper. 20 is plenty.",
+    )
+    sample_seed: int = _field(
+        1234,
+        "Keeps the previews drawn from the same start, so they can be compared over the run.",
+    )
+    log_every: int = _field(
+        1,
+        "How often, in steps, to write a line of the loss and speed to the run's log.",
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -28,6 +28,14 @@ CUDA_OVERHEAD_GB = 0.4  # CUDA context and allocator slack, on top of what tenso
 # Share of the GPU's peak matmul rate a LoRA step reaches; calibrate with `python -m lora_gui bench`.
 STEP_EFFICIENCY = 0.35
 BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+# A processor's pace, from BENCHMARKS.md's CPU rows (2 cores, fp32): one 512 px picture through SD 1.5's denoiser
+# (0.86 billion weights) with its LoRA, forward and backward, took 8.2 s. Other models and sizes are scaled from it
+# by their weights and pixels: rough, as processors differ more than GPUs of a kind do.
+CPU_STEP = {"seconds": 8.2, "cores": 2, "weights": 0.86e9, "resolution": 512}
+# The demo and tiny models are too small to keep a processor busy (each step is mostly overhead), so their pace
+# is the demo's own: its 400 steps of 2 pictures at 64 px take about 40 s on those 2 cores; more pixels cost more.
+TINY_SECONDS_PER_PICTURE = 40 / (400 * 2)
+TINY_RESOLUTION = 64
 _ESTIMATING = threading.Lock()
 
 
@@ -42,7 +50,7 @@ class Estimate:
     notes: str
 
     def summary(self) -> str:
-        time = f"about {_duration(self.seconds)}" if self.seconds is not None else "unknown time"
+        time = f"about {duration(self.seconds)}" if self.seconds is not None else "unknown time"
         return f"≈ {self.memory_gb:.1f} GB of GPU memory, {time}. {self.notes}"
 
 
@@ -88,6 +96,19 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
             f" The frozen {get_family(family).denoiser_title} is stored {QUANTIZATIONS[config.quantize_base].title}."
         )
     return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
+
+
+def processor_seconds(config: TrainConfig, family: str, tiny: bool, cores: int | None = None) -> float | None:
+    """Roughly how long a run with these settings takes on this computer's processor (None when Epochs sets the
+    length: that depends on the pictures): a demo or tiny model at the demo's pace, a real one at SD 1.5's measured
+    pace scaled to its weights, pixels and this processor's cores."""
+    if config.epochs:
+        return None
+    pictures = config.max_steps * config.batch_size * config.gradient_accumulation_steps
+    if tiny:
+        return pictures * TINY_SECONDS_PER_PICTURE * max(1.0, (config.resolution / TINY_RESOLUTION) ** 2)
+    scale = (config.resolution / CPU_STEP["resolution"]) ** 2 * denoiser_parameters(family) / CPU_STEP["weights"]
+    return pictures * CPU_STEP["seconds"] * scale * CPU_STEP["cores"] / (cores or torch.get_num_threads())
 
 
 @dataclass(frozen=True)
@@ -322,7 +343,10 @@ def _preview_bytes(resolution: int) -> float:
     return 0.95 * 2**30 * (resolution / 512) ** 2
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A time as a person reads it: 40 s, 12 min, 3.5 h, 11 days (a real model on a processor)."""
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
     if seconds < 90:
         return f"{math.ceil(seconds)} s"
     if seconds < 5400:

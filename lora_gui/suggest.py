@@ -9,6 +9,7 @@ does, and then those it turned out not to need are taken back, so a big card kee
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,8 @@ class Card:
 
     memory_bytes: int
     bf16: bool
-    assumed: bool = False  # no GPU here: the card suggestions are sized for instead
+    assumed: bool = False  # a card that is not here, to size settings for (`ASSUMED_CARD`)
+    processor: bool = False  # no GPU here: this computer's processor and memory
 
     @property
     def memory_gb(self) -> float:
@@ -65,10 +67,22 @@ class Card:
         """This machine's GPU, or the assumed card where there is none."""
         gpu = devices.card()
         if gpu is None:
-            return ASSUMED_CARD
+            return cls(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), bf16=False, processor=True)
         return cls(int(gpu.memory_gb * 2**30), gpu.bf16)
 
+    @property
+    def called(self) -> str:
+        """How a message names it: "this 12 GB card", "this computer's 32 GB of memory"."""
+        if self.processor:
+            return f"this computer's {self.memory_gb:.0f} GB of memory"
+        return f"this {self.memory_gb:.0f} GB card"
+
     def describe(self) -> str:
+        if self.processor:
+            return (
+                f"No GPU here: these settings are for this computer's processor and its {self.memory_gb:.0f} GB of "
+                "memory. A processor trains the demo and tiny models in a minute or two, a real model for hours."
+            )
         if self.assumed:
             return (
                 f"No GPU here: these settings assume a {self.memory_gb:.0f} GB card that computes bf16 (an RTX 3090 "
@@ -140,6 +154,7 @@ def suggest(
         raise LoraGuiError("there are no usable pictures yet: add some first")
     base, keep = base or TrainConfig(), set(keep)
     precision = base.mixed_precision if base.mixed_precision != "auto" else ("bf16" if card.bf16 else "fp16")
+    precision = "no" if card.processor else precision  # a processor trains in full precision
     wanted = {change.setting: change for change in _wanted(pictures, subject, family, base)}
     kept = [name for name in (*wanted, "max_steps") if name in keep]
     wanted = {name: change for name, change in wanted.items() if name not in keep}
@@ -154,7 +169,7 @@ def suggest(
             config = config.replace(epochs=0)
     notes = [
         card.describe(),
-        f"The estimate for these settings: ≈ {result.memory_gb:.1f} GB of the card's {card.memory_gb:.0f} GB.",
+        f"The estimate for these settings: ≈ {result.memory_gb:.1f} GB of {card.called}.",
     ]
     return Suggestion(config, list(changes.values()), result, notes, kept)
 
@@ -204,7 +219,12 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
         )
     if subject != "style" and not base.trigger_word and not _shared_word(pictures.captions):
         changes.append(
-            Change("trigger_word", TRIGGER_WORD, "no word is in every caption: this rare one calls the LoRA up")
+            Change(
+                "trigger_word",
+                TRIGGER_WORD,
+                "no word is in every caption: training puts this made-up one in front of each, so use it in your "
+                "prompts to call the LoRA up",
+            )
         )
     if base.optimizer == "prodigy" and "optimizer" not in {change.setting for change in changes}:
         changes = [change for change in changes if change.setting != "learning_rate"]  # Prodigy's rate is its own
@@ -271,7 +291,8 @@ def _fit(
     result = estimate(config, family, precision)
     roomy = config
     applied: dict[str, str] = {}  # setting -> what its saver costs
-    nvidia = not card.assumed  # without a GPU here, nothing that needs bitsandbytes' CUDA kernels would run
+    # Without a GPU here, nothing that needs bitsandbytes' CUDA kernels would run.
+    nvidia = not card.assumed and not card.processor
     for setting, value, cost in memory_savers.to_try(config, get_family(family).default_resolution, nvidia):
         if result.memory_gb <= budget:
             break
@@ -285,7 +306,7 @@ def _fit(
     if result.memory_gb > budget:
         raise LoraGuiError(
             f"even with every memory saver, a {get_family(family).title} LoRA needs ≈ {result.memory_gb:.1f} GB, more "
-            f"than this {card.memory_gb:.0f} GB card has: pick a smaller base model"
+            f"than {card.called} holds: pick a smaller base model"
         )
     for setting in list(applied)[-2::-1]:  # the last saver made it fit; an earlier one may not be needed with it
         tried = config.replace(**{setting: getattr(roomy, setting)})

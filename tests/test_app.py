@@ -112,7 +112,7 @@ def test_bad_input_gets_a_plain_message(app_server, tmp_path):
     assert "notes.docx: not an image, a .txt caption or a .zip, so it was left out" in dropped
     assert "broken.png</b> can't be used: not an image file" in dropped
     upload_pictures(visitor, write_demo_dataset(tmp_path / "ok", count=2, size=(64, 64)))
-    assert "'Steps' must be between 1 and" in text(visitor.predict(max_steps=0, api_name="/start"))
+    assert "'Steps' must be 1 or more (got 0)" in text(visitor.predict(max_steps=0, api_name="/start"))
     assert "'Learning rate' 0.5 is far too high" in text(visitor.predict(learning_rate=0.5, api_name="/start"))
     assert "Pick a run you trained, or upload a LoRA file" in text(visitor.predict(prompt="x", api_name="/generate"))
 
@@ -137,14 +137,14 @@ def test_the_estimate_follows_the_settings_and_the_model(app_server):
     assert "(Stable Diffusion XL)" in offered and gigabytes(offered) > 8
     one = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=1)
     four = estimate(base_model="someone/a-model-not-downloaded", family="sd15", resolution=512, batch_size=4)
-    # No GPU here: the memory a GPU would need, and no time.
-    assert "This computer has no NVIDIA GPU" in one and "no time estimate is given" in one
+    # No GPU here: the memory a GPU would need, and a rough time on this processor.
+    assert "This computer has no NVIDIA GPU" in one and "On this computer's processor: about" in one
     nf4 = estimate(base_model="someone/a-model-not-downloaded", family="sd15", quantize_base="nf4")
     assert "Quantize base' nf4 (4-bit (NF4, bitsandbytes)) runs only on an NVIDIA GPU; on this computer choose" in (
         html.unescape(nf4)
     )
     assert gigabytes(four) > gigabytes(one) + 1
-    tiny = estimate(base_model=TINY_CHOICE, resolution=512)
+    tiny = estimate(base_model=TINY_CHOICE, resolution=512, batch_size=1)
     assert "The demo and tiny models need almost no memory" in tiny and gigabytes(tiny) == gigabytes(one)
     assert "made for 1024 px pictures" not in tiny
     sdxl = estimate(base_model="someone/a-model-not-downloaded", family="sdxl", resolution=512)

@@ -21,7 +21,7 @@ from lora_gui.errors import ConfigError
         ({"resolution": 500}, "resolution must be a multiple of 8 (got 500)"),
         ({"resolution": 32}, "resolution must be between 64 and 4096 (got 32)"),
         ({"batch_size": 0}, "batch_size must be between 1 and 1024 (got 0)"),
-        ({"max_steps": 0}, "max_steps must be between 1 and 1e+07 (got 0)"),
+        ({"max_steps": 0}, "max_steps must be 1 or more (got 0)"),
         ({"caption_dropout": 0.9}, "caption_dropout must be between 0 and 0.5 (got 0.9)"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, no, fp16, bf16 (got 'fp8')"),
         ({"lr_scheduler": "warp"}, "lr_scheduler must be one of"),
@@ -109,4 +109,4 @@ def test_train_help_shows_every_settings_help_as_written(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert "at the cost of ~30% speed." in shown and "object at 0x" not in shown
+    assert "trains about 30% slower." in shown and "object at 0x" not in shown

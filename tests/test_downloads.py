@@ -28,7 +28,7 @@ from lora_gui.owners import EVERYONE
 from lora_gui.training import train
 from lora_gui.ui.app import build_app
 from lora_gui.ui.generate import generate
-from lora_gui.ui.train_tab import _progress_html
+from lora_gui.ui.train_live import progress_html as _progress_html
 
 TOKEN = "hf_TEST_download_token_42"
 EVENT: ContextVar[str] = ContextVar("event")  # stands in for the context variables Gradio's progress bar reads

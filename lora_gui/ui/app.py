@@ -48,7 +48,8 @@ from lora_gui.ui.model_choices import TINY_CHOICE, ModelChoices, paths_allowed
 from lora_gui.ui.page import on_space, sign_in_available
 from lora_gui.ui.presets import preset_menu
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
-from lora_gui.ui.train_tab import POLL_SECONDS, build_train_tab, show_estimate, wire_train_tab
+from lora_gui.ui.train_live import POLL_SECONDS
+from lora_gui.ui.train_tab import build_train_tab, show_estimate, wire_train_tab
 
 if TYPE_CHECKING:
     from lora_gui.jobs import JobManager
@@ -84,6 +85,8 @@ CSS = """
 .lg-card-space { visibility: hidden; }
 .lg-card-note .lg-notice { margin: 4px 0 0 0; font-size: 0.9em; font-weight: normal; }
 .lg-pixels img { image-rendering: pixelated; min-width: 256px; min-height: 256px; object-fit: contain; }
+.lg-previews img { image-rendering: pixelated; }
+.lg-previews .thumbnail-item { min-width: 256px; min-height: 256px; }
 """
 
 

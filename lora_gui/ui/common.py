@@ -105,9 +105,9 @@ def run_with_lora(ctx: Ctx, visitor: Visitor, run_name: str) -> RunFolder:
     return run
 
 
-def hub_token_box(elem_id: str) -> gr.Textbox:
+def hub_token_box(elem_id: str, visible: bool = True) -> gr.Textbox:
     """A Hugging Face token for downloading a gated base model: hidden as it is typed, handed to the one download
-    it is given for, and never saved."""
+    it is given for, and never saved. `visible`: shown at first (a page that shows it only for a gated model)."""
     return gr.Textbox(
         "",
         type="password",
@@ -116,6 +116,7 @@ def hub_token_box(elem_id: str) -> gr.Textbox:
         info="First accept the model's licence on its Hugging Face page. Make a token with read access at "
         "huggingface.co/settings/tokens.",
         elem_id=elem_id,
+        visible=visible,
     )
 
 

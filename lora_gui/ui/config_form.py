@@ -16,6 +16,7 @@ from lora_gui.adapter_kinds import ADAPTER_KINDS
 from lora_gui.config import TrainConfig
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
+from lora_gui.optimizers import OPTIMIZERS
 
 # Set by the app itself: the base model has its own menu, the images come from the Dataset tab (validation
 # pictures are held out of them: a folder of the server's is no visitor's to name), and the dataset columns
@@ -29,7 +30,40 @@ _LABELS = {
     "family": "Model family",
     "max_grad_norm": "Gradient clipping (max. norm)",
     "channels_last": "Channels-last memory layout",
-    "torch_compile": "Compile the UNet (torch.compile)",
+    "torch_compile": "Prepare the model first (torch.compile)",
+    "snr_gamma": "Balance noise levels",
+    "adam_beta1": "AdamW momentum (beta1)",
+    "adam_beta2": "AdamW smoothing (beta2)",
+    "mixed_precision": "Number precision",
+    "lr_warmup_steps": "Learning-rate warm-up steps",
+    "lr_scheduler": "Learning-rate schedule",
+    "gradient_accumulation_steps": "Batches per update",
+    "target_modules": "Model parts that get a LoRA",
+    "text_encoder_target_modules": "Prompt-reader parts that get a LoRA",
+}
+# Settings the Train tab places itself, beside what they belong with, rather than in the main or Advanced rows: the
+# trigger word goes with the question of what the pictures are of (a newcomer must see it, to use it in prompts).
+SHOWN_APART = ("trigger_word",)
+ADVANCED_GROUPS = {
+    "Pictures and captions": ("default_caption", "caption_dropout", "aspect_buckets", "random_flip", "family"),
+    "Learning": (
+        *("epochs", "batch_size", "gradient_accumulation_steps", "optimizer", "lr_scheduler", "lr_warmup_steps"),
+        *("text_encoder_learning_rate", "prodigy_d_coef", "adam_beta1", "adam_beta2", "adam_weight_decay"),
+        *("adam_epsilon", "max_grad_norm", "snr_gamma", "noise_offset", "seed"),
+    ),
+    "What the LoRA changes": (
+        "lora_type",
+        "alpha",
+        "target_modules",
+        "train_text_encoder",
+        "text_encoder_target_modules",
+    ),
+    "Checking on kept-out pictures": ("validation_images", "validation_every", "keep_best", "early_stop"),
+    "Speed & memory": ("mixed_precision", "gradient_checkpointing", "quantize_base", "channels_last", "torch_compile"),
+    "Saving & previews": (
+        *("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "sample_steps", "sample_seed"),
+        "log_every",
+    ),
 }
 # Menu entries a person reads, for settings whose values are short codes.
 _CHOICE_LABELS = {
@@ -58,16 +92,57 @@ def label(name: str) -> str:
     return " ".join(words)[:1].upper() + " ".join(words)[1:]
 
 
-def build_widgets(main: bool, per_row: int) -> dict[str, gr.components.Component]:
-    """Widgets for the main settings or for all the others, `per_row` to a row, in field order."""
-    defaults = TrainConfig()
-    widgets = {}
-    fields = _fields(main)
+def build_widgets(main: bool, per_row: int, defaults: TrainConfig | None = None) -> dict[str, gr.components.Component]:
+    """Widgets for the main settings or for all the others, `per_row` to a row, in field order, showing `defaults`
+    (TrainConfig's own if none: the page's are those of the base model it starts with)."""
+    defaults = defaults or TrainConfig()
+    widgets: dict[str, gr.components.Component] = {}
+    fields = [field for field in _fields(main) if field.name not in SHOWN_APART]
+    if main:
+        _rows(fields, defaults, per_row, widgets)
+    else:  # Advanced: under headings a person can scan for what they came to change
+        for title, names in advanced_groups().items():
+            with gr.Column(elem_classes=["lg-settings-group"]):
+                gr.Markdown(f"**{title}**")
+                _rows([field for field in fields if field.name in names], defaults, per_row, widgets)
+    if "learning_rate" in widgets:
+        widgets["learning_rate"].info = learning_rate_help(defaults.optimizer, defaults.learning_rate)
+    return widgets
+
+
+def advanced_groups() -> dict[str, tuple[str, ...]]:
+    """The Advanced settings by heading; a setting added to TrainConfig and named in none is under "Other"."""
+    named = {name for names in ADVANCED_GROUPS.values() for name in names}
+    other = tuple(field.name for field in _fields(False) if field.name not in named | set(SHOWN_APART))
+    return {**ADVANCED_GROUPS, **({"Other": other} if other else {})}
+
+
+def _rows(
+    fields: list[dataclasses.Field], defaults: TrainConfig, per_row: int, widgets: dict[str, gr.components.Component]
+) -> None:
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=True):
             for field in fields[start : start + per_row]:
                 widgets[field.name] = _widget(field, getattr(defaults, field.name))
-    return widgets
+
+
+def build_widget(name: str) -> gr.components.Component:
+    """The widget of one setting, for a setting the tab places itself (SHOWN_APART)."""
+    (field,) = [field for field in dataclasses.fields(TrainConfig) if field.name == name]
+    return _widget(field, getattr(TrainConfig(), name))
+
+
+def learning_rate_help(optimizer: str, rate: float) -> str:
+    """The learning rate's hint for the rate the box holds: the optimizer's own, and where the box holds a rate far
+    above its usual one (the demo's), why, so the hint never says 1e-4 beside 0.002."""
+    usual = OPTIMIZERS[optimizer].learning_rate
+    if isinstance(rate, (int, float)) and rate > 4 * usual:
+        return (
+            f"How big each learning update is. {rate:g} is far above the usual {usual:g}: right for the demo and "
+            f"tiny models, which learn fast; for a real model start at {usual:g}, or lower it if the previews fall "
+            "apart."
+        )
+    return OPTIMIZERS[optimizer].rate_help
 
 
 def _widget(field: dataclasses.Field, default: Any) -> gr.components.Component:

@@ -343,10 +343,8 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
 
 
 def token_box(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
-    """The Hugging Face token box, shown only for a base model that downloads from the Hub (a gated one needs it)."""
-    choice = (gen_base_model or "").strip()
-    on_disk = ctx.models.policy.looks_on_disk(choice) and Path(choice).expanduser().exists()
-    return gr.update(visible=bool(choice) and choice not in TINY_CHOICES and not on_disk)
+    """The Hugging Face token box, shown only for a base model whose download may need one (as the Train tab's)."""
+    return gr.update(visible=ctx.models.needs_token(gen_base_model))
 
 
 def model_defaults(family_name: str) -> dict[str, Any]:

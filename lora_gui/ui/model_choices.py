@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_gui.config import list_presets, load_preset
-from lora_gui.demo import DEMO_MODEL, demo_family
+from lora_gui.config import TrainConfig, list_presets, load_preset
+from lora_gui.demo import DEMO_MODEL, DEMO_PRESET, demo_config, demo_family
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
 from lora_gui.owners import EVERYONE, Visitor
@@ -35,6 +35,16 @@ ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 BASE_MODELS_ENV = "LORA_GUI_BASE_MODELS"  # comma-separated Hub ids: the only ones this server accepts
 MAX_MODEL_GB_ENV = "LORA_GUI_MAX_MODEL_GB"
 SPACE_MAX_MODEL_GB = 40.0  # a Space's disk is small and shared by every visitor's downloads
+# The menu's models whose licence must be accepted on the Hub before a download (the others download without a
+# token): the Train tab shows the token box for these, and for Hub ids typed in, which may be gated or private.
+GATED_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-klein-base-9B")
+
+
+def quick_settings(choice: str) -> TrainConfig:
+    """The settings a demo or tiny model is made for: the demo's (64 px, a few hundred steps, a high learning rate,
+    which such a small model takes), and for the demo model itself its text encoder learning too, as Try the demo
+    trains it. Not for a real model: its family's own size and the usual defaults are."""
+    return demo_config() if choice == TINY_CHOICE else load_preset(DEMO_PRESET)
 
 
 def paths_allowed(on_space: bool) -> bool:
@@ -119,6 +129,18 @@ class ModelChoices:
             if base_model and Path(base_model).resolve() == self.tiny_model(family).resolve():
                 return choice
         return base_model
+
+    def needs_token(self, choice: str) -> bool:
+        """Whether a download of this choice may need a Hugging Face token: a gated model of the menu, or a Hub id
+        typed in (it may be gated or private); never a tiny model or a file on this computer."""
+        from lora_gui.model_policy import is_hub_id
+
+        choice = (choice or "").strip()
+        if choice in TINY_CHOICES or not is_hub_id(choice):
+            return False
+        if self.allow_paths and Path(choice).expanduser().exists():
+            return False
+        return choice in GATED_MODELS or choice not in self.choices()
 
     def choices(self) -> list[str]:
         """The tiny demo models, then every base model a preset names (so new families appear with their presets)."""

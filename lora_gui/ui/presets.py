@@ -3,6 +3,7 @@ saves in their browser."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import gradio as gr
@@ -12,6 +13,15 @@ from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.ui import config_form
 from lora_gui.ui.common import Ctx, error_notice, notice
 from lora_gui.ui.model_choices import TINY_CHOICES
+
+PRESET_HELP = "Fills in every setting below for a typical job."
+SHORT_DESCRIPTION = 48  # characters of a preset's description its menu entry shows: the box cuts longer ones off
+
+
+def describe_preset(ctx: Ctx, preset: str | None, my_presets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The picked preset's whole description under the menu, whose entry shows only its start."""
+    described = list_presets().get(preset or "", "") or ("saved in this browser" if preset else "")
+    return {"preset": gr.update(info=f"{described} {PRESET_HELP}" if described else PRESET_HELP)}
 
 
 def use_preset(ctx: Ctx, preset: str | None, my_presets: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,8 +70,16 @@ def keep_preset(
 
 def preset_choices(mine: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """The app's presets, then the visitor's own (saved in their browser)."""
-    shipped = [(f"{name}: {description}", name) for name, description in list_presets().items()]
+    shipped = [(f"{name}: {_short(description)}", name) for name, description in list_presets().items()]
     return shipped + [(f"{name}: saved in this browser", name) for name in mine or {}]
+
+
+def _short(description: str) -> str:
+    """A description's first clause without its asides ("Flux.1-dev on a 12 GB GPU"), cut at a word if long."""
+    first = re.sub(r"\s*\([^)]*\)", "", description.split(":", 1)[0]).rstrip(" .,;")
+    if len(first) <= SHORT_DESCRIPTION:
+        return first
+    return first[:SHORT_DESCRIPTION].rsplit(" ", 1)[0].rstrip(" ,;") + "…"
 
 
 def _browser_presets(ctx: Ctx, my_presets: Any) -> dict[str, Any]:

@@ -7,57 +7,35 @@ page (or a second visitor) sees the same run.
 from __future__ import annotations
 
 import functools
-import html
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
-from lora_gui import memory_savers, quantization, runs
-from lora_gui.config import (
-    TrainConfig,
-)
-from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.families import REGISTRY, base_for_training, get_family
-from lora_gui.optimizers import OPTIMIZERS, settings_for_optimizer
+from lora_gui.config import TrainConfig
+from lora_gui.errors import LoraGuiError
 from lora_gui.owners import EVERYONE, Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
 from lora_gui.ui.common import (
     Ctx,
-    duration,
     error_notice,
     files_label,
     hub_token_box,
-    loss_frame,
     loss_plot,
     notice,
-    plain_error,
-    served,
 )
-from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
-from lora_gui.ui.presets import keep_preset, preset_choices, use_preset
-
-if TYPE_CHECKING:
-    from lora_gui.estimate import Estimate
-    from lora_gui.jobs import Job, JobState
-
-POLL_SECONDS = 2.0
-_WATCHED = ("losses", "samples", "log", "files")
-# The settings that change how much memory and time a run takes: the estimate is redone when one changes (and
-# when the optimizer does, by `pick_optimizer`).
-ESTIMATED = (
-    "resolution",
-    "max_steps",
-    "epochs",
-    "rank",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "train_text_encoder",
-    "target_modules",
-    "mixed_precision",
-    "family",
+from lora_gui.ui.model_choices import TINY_CHOICE, quick_settings
+from lora_gui.ui.presets import PRESET_HELP, describe_preset, keep_preset, preset_choices, use_preset
+from lora_gui.ui.train_live import progress_html, shown_job, wire_live_view
+from lora_gui.ui.train_settings import (
+    pick_optimizer,
+    rate_hint,
+    settings_for_model,
+    show_estimate,
+    show_token_box,
+    suggest_settings,
 )
 
 
@@ -75,7 +53,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     )
     gr.Markdown("**Step 2: train.** Pick a base model and how long to train, then press **Start training**.")
     c.update(_build_model_and_preset(ctx))
-    c.update(config_form.build_widgets(main=True, per_row=4))
+    # The settings the base model the page starts with (the demo model) is made for; picking another sets its own.
+    c.update(config_form.build_widgets(main=True, per_row=4, defaults=quick_settings(TINY_CHOICE)))
     c["estimate"] = gr.HTML(elem_id="train-estimate")
     c.update(_build_start(ctx))
     c.update(_build_live_view())
@@ -97,23 +76,25 @@ def _build_model_and_preset(ctx: Ctx) -> dict[str, Any]:
                 label="Base model",
                 info=f"The model your LoRA adds to. Pick one, or type {where}.",
             )
-            c["hf_token"] = hub_token_box("train-hf-token")
+            # Shown only for a model whose download may need one (`show_token_box`).
+            c["hf_token"] = hub_token_box("train-hf-token", visible=ctx.models.needs_token(TINY_CHOICE))
         with gr.Column(scale=2):
             c["preset"] = gr.Dropdown(
                 choices=preset_choices(),
                 value=None,
                 label="Preset (ready-made settings)",
-                info="Fills in every setting below for a typical job.",
+                info=PRESET_HELP,
             )
             c["load_preset"] = gr.Button("Use this preset", size="sm")
     with gr.Row(equal_height=True):
         c["subject"] = gr.Radio(
             choices=[("a person", "person"), ("an object", "object"), ("a style", "style")],
-            value="person",
+            value=None,  # no guess: a wrong one would suggest the wrong settings without a word
             label="What are the pictures of?",
             info="With the pictures in the Dataset tab and this computer's GPU, it decides the suggested settings.",
             scale=3,
         )
+        c["trigger_word"] = config_form.build_widget("trigger_word")
         c["suggest"] = gr.Button("Suggest settings", size="sm", scale=1, elem_id="suggest-settings")
     c["suggestions"] = gr.HTML(elem_id="train-suggestions")
     return c
@@ -124,17 +105,20 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row():
         c["run_name"] = gr.Textbox(
-            value=ctx.folders.suggest_run_name(EVERYONE) if not ctx.shared else "",  # a visitor's, once the page loads
+            # Worked out as each page opens (a name from when the app started may be taken by now); a visitor's
+            # own, where visitors are strangers, once `restore` knows who they are.
+            value=functools.partial(ctx.folders.suggest_run_name, EVERYONE) if not ctx.shared else "",
             label="Run name",
             info="The folder your LoRA and previews go in; a fresh name is suggested after each start.",
             scale=2,
         )
         c["start"] = gr.Button("Start training", variant="primary", scale=1, elem_id="start-training")
-        c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-training")
+        # Quiet and off until a run of this visitor's trains (`poll`): Start is the one loud button.
+        c["stop"] = gr.Button("Stop", variant="secondary", interactive=False, scale=1, elem_id="stop-training")
     c["train_notice"] = gr.HTML(elem_id="train-notice")
     with gr.Accordion("Advanced settings", open=False):
         gr.Markdown("The defaults work; change these only if you know why. Every box says what it does.")
-        c.update(config_form.build_widgets(main=False, per_row=3))
+        c.update(config_form.build_widgets(main=False, per_row=3, defaults=quick_settings(TINY_CHOICE)))
         with gr.Row():
             c["preset_name"] = gr.Textbox(label="Save these settings as a preset named", placeholder="my-settings")
             c["save_preset"] = gr.Button("Save as preset")
@@ -144,18 +128,19 @@ def _build_start(ctx: Ctx) -> dict[str, Any]:
 def _build_live_view() -> dict[str, Any]:
     """The run as it trains: its progress, loss, previews, files and log."""
     c: dict[str, Any] = {}
-    c["progress"] = gr.HTML(_progress_html(None, 0), elem_id="train-progress")
+    c["progress"] = gr.HTML(progress_html(None, 0), elem_id="train-progress")
     with gr.Row():
         with gr.Column():
             c["loss_plot"] = loss_plot("loss-plot")
             c["validation"] = gr.HTML(elem_id="validation-text")  # the validation loss's best step, in words
         c["samples"] = gr.Gallery(
             label="Previews (made every few steps with your sample prompt)",
-            columns=4,
-            height=300,
+            columns=2,  # two across: each at least 256 px wide, so a 64 px picture is drawn large enough to judge
+            height=560,
             object_fit="contain",
             preview=False,
             elem_id="train-samples",
+            elem_classes=["lg-previews"],
         )
     c["files"] = gr.File(
         label=files_label("Your LoRA"),
@@ -177,7 +162,7 @@ def wire_train_tab(ctx: Ctx) -> None:
         ctx["start"].click,
         start,
         ["session", "run_name", "base_model", "hf_token", *settings],
-        ["train_notice", "train_job", "run_name", "train_seen"],
+        ["train_notice", "train_job", "run_name", "train_seen", "stop"],
         api_name="start",
     )
     ctx.wire(ctx["stop"].click, stop, ["train_job"], ["train_notice"], api_name="stop")
@@ -187,6 +172,12 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["train_job", "hf_token", *RESUMED_FROM_THE_FORM],
         ["train_notice", "train_job", "train_seen"],
     )
+    _wire_settings(ctx, settings)
+    wire_live_view(ctx)
+
+
+def _wire_settings(ctx: Ctx, settings: list[str]) -> None:
+    """The settings as they are filled in: suggested, from a preset, following the model and the optimizer."""
     ctx.wire(
         ctx["suggest"].click,
         suggest_settings,
@@ -194,6 +185,20 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["suggestions", *settings],
         api_name="suggest",
     )
+    quiet = {"api_visibility": "private", "show_progress": "hidden"}
+    ctx.wire(ctx["base_model"].change, show_token_box, ["base_model"], ["hf_token"], **quiet)
+    # Only the visitor's own pick: a preset or a restored run sets the model with its own settings.
+    ctx.wire(
+        ctx["base_model"].input,
+        settings_for_model,
+        ["base_model", *settings],
+        settings,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    # The hint follows whatever set the rate; only the hint, so the change does not go off again.
+    ctx.wire(ctx["learning_rate"].change, rate_hint, ["optimizer", "learning_rate"], ["learning_rate"], **quiet)
+    ctx.wire(ctx["preset"].change, describe_preset, ["preset", "my_presets"], ["preset"], api_visibility="private")
     ctx.wire(ctx["load_preset"].click, use_preset, ["preset", "my_presets"], ["train_notice", "base_model", *settings])
     ctx.wire(
         ctx["save_preset"].click,
@@ -203,7 +208,9 @@ def wire_train_tab(ctx: Ctx) -> None:
         api_visibility="private",
     )
     ctx.wire(
-        functools.partial(gr.on, [ctx[name].change for name in ("base_model", *ESTIMATED)]),
+        # Every setting, not only those that change memory and time: the estimate also says which value is out of
+        # range, and must go when that one is fixed (the optimizer's change redoes it in `pick_optimizer`).
+        functools.partial(gr.on, [ctx[name].change for name in ("base_model", *settings) if name != "optimizer"]),
         show_estimate,
         ["base_model", *settings],
         ["estimate"],
@@ -218,17 +225,6 @@ def wire_train_tab(ctx: Ctx) -> None:
         ["learning_rate", "text_encoder_learning_rate", "lr_scheduler", "estimate"],
         api_visibility="private",
         show_progress="hidden",
-    )
-    # The API's outputs keep their places: what came later goes last.
-    live = ["progress", "loss_plot", "samples", "log", "files", "resume", "stop", "train_seen", "validation"]
-    ctx.wire(
-        ctx["timer"].tick,
-        poll,
-        ["train_job", "train_seen"],
-        live,
-        api_name="progress",
-        show_progress="hidden",
-        concurrency_limit=None,
     )
 
 
@@ -251,7 +247,8 @@ def start(
         staging = Staging.find(ctx.runs_dir, session, visitor)
         if staging is None or not staging.check(config.resolution, config.default_caption).usable:
             raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
-        folder = ctx.folders.new_run(run_name or ctx.folders.suggest_run_name(visitor), visitor)
+        name = (run_name or "").strip() or ctx.folders.suggest_run_name(visitor)
+        folder, taken = _free_run_folder(ctx, name, visitor)
         ctx.folders.check_room_for_a_run(visitor)
         job = ctx.engine.jobs.submit_new(config, folder, staging.folder, hub_token=token, owner=visitor.owner)
     except LoraGuiError as error:
@@ -268,19 +265,36 @@ def start(
             "warning",
         )
     else:
+        renamed = f"A run named {taken} exists already, so this one is named {job.run.name}. " if taken else ""
         message = notice(
-            f"Training {job.run.name} started. You can close this page: the run keeps going on the server."
+            f"{renamed}Training {job.run.name} started. You can close this page: the run keeps going on the server."
         )
     return {
         "train_notice": message,
         "train_job": job.job_id,
         "run_name": ctx.folders.suggest_run_name(visitor),
         "train_seen": {},
+        "stop": gr.update(interactive=True),
     }
 
 
+def _free_run_folder(ctx: Ctx, name: str, visitor: Visitor) -> tuple[Path, str]:
+    """The folder for a new run named `name`, and "" ; or, when the visitor has a run of that name already (a page
+    reloaded with the name it had, a name typed twice), the first free name of the same stem (cat -> cat-2,
+    my-lora-1 -> my-lora-2) and `name`, so Start goes on rather than ending at "pick another name"."""
+    folder = ctx.folders.new_run(name, visitor)
+    if not folder.exists():
+        return folder, ""
+    stem, number = re.fullmatch(r"(.+?)(?:-(\d+))?", name).groups()
+    for tried in range(int(number or 1) + 1, int(number or 1) + 10_000):
+        folder = ctx.folders.new_run(f"{stem}-{tried}", visitor)
+        if not folder.exists():
+            return folder, name
+    raise LoraGuiError(f"a run named {name} exists already: pick another name")
+
+
 def stop(ctx: Ctx, visitor: Visitor, train_job: int | None) -> dict[str, Any]:
-    job = _shown_job(ctx, visitor, train_job)
+    job = shown_job(ctx, visitor, train_job)
     if job is None or job.snapshot().ended:
         return {"train_notice": notice("Nothing is training right now.")}
     ctx.engine.jobs.stop(job.job_id)
@@ -308,7 +322,7 @@ def resume(
 ) -> dict[str, Any]:
     """Continue the shown run from its last checkpoint with the form's optimizer settings (a lower learning rate
     after a divergence); its other settings stay as the run started."""
-    job = _shown_job(ctx, visitor, train_job)
+    job = shown_job(ctx, visitor, train_job)
     if job is None:
         return {"train_notice": notice("There is no run to resume; resume older runs from the Runs tab.")}
     try:
@@ -327,213 +341,3 @@ def resume(
         "train_job": resumed.job_id,
         "train_seen": {},
     }
-
-
-def suggest_settings(
-    ctx: Ctx, visitor: Visitor, session: str, base_model: str, subject: str, **settings: Any
-) -> dict[str, Any]:
-    """Settings for the visitor's staged pictures of a person, an object or a style, on this computer's GPU, each
-    with its reason; only what fits the card by the estimate."""
-    try:
-        config = config_form.config_from_values({**settings, "base_model": ""})
-        family = config.family if config.family != "auto" else ctx.models.family(base_model)
-        if family is None:
-            raise ConfigError(
-                "to suggest settings, the kind of model must be known without downloading it: set 'Model family' "
-                "under Advanced settings"
-            )
-        staging = Staging.find(ctx.runs_dir, session, visitor)
-        usable = staging.check(config.resolution, config.default_caption).usable if staging is not None else []
-        if not usable:
-            raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
-        from lora_gui.suggest import Card, Pictures, suggest
-
-        suggestion = suggest(Pictures.of(usable), subject, family, Card.here(), config)
-    except LoraGuiError as error:
-        return {"suggestions": error_notice(error)}
-    reasons = "".join(
-        f"<li><b>{html.escape(config_form.label(change.setting))}</b>: {html.escape(change.value_text)}. "
-        f"{html.escape(change.reason[:1].upper() + change.reason[1:])}.</li>"
-        for change in suggestion.changes
-    )
-    notes = " ".join(html.escape(note) for note in suggestion.notes)
-    return {
-        "suggestions": f'<div class="lg-suggestions"><p>{notes}</p><ul>{reasons}</ul></div>',
-        **config_form.widget_values(suggestion.config),
-    }
-
-
-def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
-    """About how much GPU memory and time a run with these settings takes, before it is started."""
-    from lora_gui import devices
-    from lora_gui.estimate import estimate, presets_that_fit
-
-    try:
-        config = config_form.config_from_values({**settings, "base_model": ""})
-    except LoraGuiError as error:
-        return {"estimate": notice(f"No estimate until the settings are fixed: {plain_error(error)}", "warning")}
-    family = config.family if config.family != "auto" else ctx.models.family(base_model)
-    if family is None:
-        return {
-            "estimate": notice(
-                "To estimate GPU memory and time, the kind of model must be known without downloading it: set "
-                f"'Model family' under Advanced settings ({', '.join(f.title for f in REGISTRY.values())})."
-            )
-        }
-    title = get_family(family).title
-    tiny = base_model in TINY_CHOICES
-    precision = devices.gpu_precision(config.mixed_precision)
-    try:
-        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops())
-    except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
-        return {"estimate": notice(f"No estimate for these settings: {error}", "warning")}
-    memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
-    if tiny:
-        text = (
-            f"The demo and tiny models need almost no memory and train on a processor in about a minute. For "
-            f"comparison, a real {title} model with these settings would need {memory}."
-        )
-    elif not ctx.engine.has_cuda:
-        text = (
-            f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
-            "would run on the processor: far slower than any GPU (many hours), so no time estimate is given."
-        )
-        try:
-            quantization.check_available(config.quantize_base, on_cuda=False)
-        except LoraGuiError as error:  # said now, not only when Start fails
-            text += " " + plain_error(LoraGuiError(config_form.labelled(str(error))))
-    else:
-        text = f"Estimate for {title}: {result.summary()}"
-        if result.seconds is None and config.epochs:
-            text += " The time depends on how many pictures you have, as Epochs is set."
-        elif result.seconds is None:
-            text += " The time shows once no run is training: this GPU's speed is measured then."
-        total = devices.gpu_memory_gb() or 0.0
-        fitting = presets_that_fit(family, precision, total)
-        if result.memory_gb > total:
-            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result, fitting)
-        elif fitting:
-            name, memory_gb = fitting[0]
-            text += (
-                f" Of the presets for {title}, {name} makes the most of this {total:.0f} GB GPU (≈ {memory_gb:.1f} GB)."
-            )
-    hint = "" if tiny else get_family(family).resolution_hint(config.resolution)
-    trained_instead = base_for_training(base_model)[1]  # a distilled model's base, and why
-    notes = (notice(hint, "warning") if hint else "") + (notice(trained_instead) if trained_instead else "")
-    return {"estimate": notice(text) + notes}
-
-
-def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
-    """Settings that fit the optimizer just picked, so the form stays valid (Prodigy's learning rate is 1.0, where
-    AdamW's is 1e-4), the learning rate's hint for it, and the estimate, which its state changes."""
-    optimizer = settings["optimizer"]
-    changes = settings_for_optimizer(
-        optimizer,
-        settings["learning_rate"],
-        settings["text_encoder_learning_rate"],
-        settings["lr_scheduler"],
-        settings["lr_warmup_steps"],
-    )
-    rate = {"value": changes["learning_rate"]} if "learning_rate" in changes else {}
-    return {
-        **changes,
-        "learning_rate": gr.update(info=OPTIMIZERS[optimizer].rate_help, **rate),
-        **show_estimate(ctx, base_model, **{**settings, **changes}),
-    }
-
-
-def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[str, float]]) -> str:
-    """What lowers the phase that needs the most memory: first the preset made for this card, if one is."""
-    preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
-    if result.previews_gb >= result.training_gb:
-        # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
-        tips = ", ".join(memory_savers.form_tips(config, memory_savers.PREVIEWS))
-        return preset + (f"{tips}: " if tips else "") + "the preview images need the most."
-    tips = memory_savers.form_tips(config, memory_savers.TRAINING)
-    return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
-
-
-def poll(ctx: Ctx, visitor: Visitor, train_job: int | None, train_seen: dict[str, Any]) -> dict[str, Any]:
-    """The live view of the visitor's run; parts that have not changed since this page's last look are skipped."""
-    job = _shown_job(ctx, visitor, train_job)
-    if job is None:
-        return {"progress": _progress_html(None, 0), "train_seen": {}} if train_seen else {}
-    state = job.snapshot()
-    seen = {"job": state.job_id, "status": state.status, **{name: len(getattr(state, name)) for name in _WATCHED}}
-    fresh = seen.get("job") != train_seen.get("job")
-    changed = {name for name in _WATCHED if fresh or seen[name] != train_seen.get(name)}
-    updates: dict[str, Any] = {
-        "progress": _progress_html(state, ctx.engine.jobs.queue_position(state.job_id)),
-        "train_seen": seen,
-    }
-    if "losses" in changed:
-        updates["loss_plot"] = loss_frame(state.losses, state.val_losses if state.validating else None)
-        updates["validation"] = _validation_html(job, state)
-    if "samples" in changed:
-        updates["samples"] = [(served(path), caption) for path, caption in reversed(state.samples)]
-    if "log" in changed:
-        updates["log"] = "\n".join(reversed(state.log))
-    if "files" in changed:
-        updates["files"] = gr.update(value=[served(path) for path in state.files] or None, visible=bool(state.files))
-    if fresh or state.status != train_seen.get("status"):
-        resumable = state.ended and runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None
-        updates["resume"] = gr.update(visible=resumable and state.status != runs.FINISHED)
-        updates["stop"] = gr.update(interactive=not state.ended)
-    return updates
-
-
-def _validation_html(job: Job, state: JobState) -> str:
-    """The validation loss in words: its best step so far, and the file that keeps that step's LoRA."""
-    summary = runs.ValidationCurve.of(state.val_losses).summary()
-    if summary and job.config.keep_best:
-        summary += f" That step's LoRA is kept as {job.run.best_lora.name}."
-    return notice(summary) if summary else ""
-
-
-def _shown_job(ctx: Ctx, visitor: Visitor, train_job: int | None) -> Job | None:
-    """The run this page started, else the visitor's run training now (or trained last); never another visitor's."""
-    job = ctx.engine.jobs.get(train_job) if train_job else None
-    return job if job is not None and visitor.owns(job.owner) else ctx.engine.jobs.latest(visitor)
-
-
-def _progress_html(state: JobState | None, queue_position: int) -> str:
-    if state is None:
-        return notice("Nothing has been trained yet. Add pictures in the Dataset tab, then press Start training.")
-    name = html.escape(state.run_name)
-    if state.status == runs.QUEUED:
-        return notice(f"{state.run_name} is queued as number {queue_position}: it starts when the run before it ends.")
-    if state.status == runs.CANCELLED:
-        return notice(f"{state.run_name} was cancelled before it started.")
-    if state.status == runs.INTERRUPTED:  # the app is exiting, and the run did not stop in the time it had
-        return notice(state.error, "warning")
-    percent = 100 * state.step / state.total_steps if state.total_steps else 0
-    if state.status == runs.RUNNING and state.download is not None:
-        headline = f"Downloading <b>{html.escape(state.download.repo)}</b>:"
-        detail, percent = state.download.summary(), 100 * state.download.fraction
-    elif state.status == runs.RUNNING:
-        if state.total_steps and state.images_per_second is not None:
-            detail = f"{state.images_per_second:.1f} images/s · {duration(state.eta_seconds)}"
-        else:
-            detail = html.escape(state.message or "Starting") + "…"
-        headline = f"Training <b>{name}</b>: step {state.step} of {state.total_steps or '?'}"
-    elif state.status == runs.FINISHED:
-        early = f" of {state.total_steps}, stopped early as its validation loss stopped improving"
-        headline, detail = (
-            f"<b>{name}</b> finished: {state.step} steps" + (early if state.step < state.total_steps else ""),
-            "Download it below, or try it in Generate.",
-        )
-    elif state.status == runs.STOPPED:
-        headline = f"<b>{name}</b> stopped at step {state.step} of {state.total_steps}"
-        detail = "The LoRA so far is below; Resume continues from the last checkpoint."
-    else:
-        return notice(f"Training {state.run_name} failed: {state.error}", "error") + f"<p>{_failure_hint(state)}</p>"
-    return (
-        f'<div class="lg-progress"><div class="lg-progress-text">{headline} <span>{detail}</span></div>'
-        f'<div class="lg-bar"><div style="width:{percent:.1f}%"></div></div></div>'
-    )
-
-
-def _failure_hint(state: JobState) -> str:
-    if runs.RunFolder(Path(state.run_dir)).latest_checkpoint() is not None:
-        return "Its last checkpoint is kept: fix the problem, then press Resume this run."
-    return "Nothing was trained yet: fix the problem, then press Start training again (your pictures are kept)."

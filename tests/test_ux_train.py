@@ -12,7 +12,7 @@ from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.ui import config_form
 from lora_gui.ui.app import CSS, build_app
-from lora_gui.ui.model_choices import TINY_CHOICE
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
 from lora_gui.ui.train_settings import show_token_box, suggest_settings
 
 
@@ -222,6 +222,25 @@ def test_picking_a_base_model_sets_the_size_it_was_made_for(built):
     back = settings_for_model(ctx, base_model=TINY_CHOICE, **{**form, **sdxl})
     assert (back["resolution"], back["max_steps"], back["learning_rate"]["value"]) == (64, 400, 0.002)
     assert settings_for_model(ctx, base_model="someone/not-downloaded", **form) == {}, "its family is not known yet"
+
+
+@pytest.mark.app
+def test_picking_a_model_that_trains_its_denoiser_alone_turns_the_text_encoder_off(built):
+    """The page starts with the demo's settings, which teach the demo model's text encoder too; Flux, Z-Image and
+    klein train their transformer alone, and a run asked for more would fail: picking one turns it off."""
+    from lora_gui.ui.train_settings import settings_for_model
+
+    _, ctx = built
+    form = {name: ctx[name].value for name in config_form.field_names()}
+    assert form["train_text_encoder"], "the demo's settings train the demo model's text encoder"
+    changed = {**form, "learning_rate": 3e-4}  # the visitor's own rate: the form is no longer the quick settings
+    transformers = [choice for choice, family in TINY_CHOICES.items() if family in ("flux", "zimage", "flux2-klein")]
+    for choice in ["black-forest-labs/FLUX.1-dev", *transformers]:
+        assert settings_for_model(ctx, base_model=choice, **changed)["train_text_encoder"] is False, choice
+    sdxl = settings_for_model(ctx, base_model="stabilityai/stable-diffusion-xl-base-1.0", **changed)
+    assert sdxl["train_text_encoder"] is True, "SDXL trains its text encoders: the visitor's choice stays"
+    # Should a run be refused all the same (a caller of the API), the page names the setting as the form does.
+    assert "turn off 'Train text encoder'" in config_form.labelled("alone: turn off train_text_encoder")
 
 
 @pytest.mark.app

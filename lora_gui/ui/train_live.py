@@ -11,6 +11,7 @@ import gradio as gr
 
 from lora_gui import runs
 from lora_gui.owners import Visitor
+from lora_gui.ui import config_form
 from lora_gui.ui.common import Ctx, duration, loss_frame, notice, served
 
 if TYPE_CHECKING:
@@ -111,7 +112,8 @@ def progress_html(state: JobState | None, queue_position: int, pictures: int = 0
         headline = f"<b>{name}</b> stopped at step {state.step} of {state.total_steps}"
         detail = "The LoRA so far is below; Resume continues from the last checkpoint."
     else:
-        return notice(f"Training {state.run_name} failed: {state.error}", "error") + f"<p>{_failure_hint(state)}</p>"
+        failed = notice(f"Training {state.run_name} failed: {config_form.labelled(state.error)}", "error")
+        return failed + f"<p>{_failure_hint(state)}</p>"
     return (
         f'<div class="lg-progress"><div class="lg-progress-text">{headline} <span>{detail}</span></div>'
         f'<div class="lg-bar"><div style="width:{percent:.1f}%"></div></div></div>'

@@ -153,6 +153,9 @@ def settings_for_model(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, 
         quick = quick_settings(TINY_CHOICE)
         still_quick = all(getattr(current, name) == getattr(quick, name) for name in ("resolution", "learning_rate"))
         config = (TrainConfig() if still_quick else current).replace(resolution=get_family(family).default_resolution)
+        # The demo trains its model's text encoder; a family that trains its denoiser alone would refuse the run.
+        trains_text_encoder = config.train_text_encoder and get_family(family).trains_text_encoders
+        config = config.replace(train_text_encoder=trains_text_encoder)
     rate = gr.update(
         value=config.learning_rate, info=config_form.learning_rate_help(config.optimizer, config.learning_rate)
     )

@@ -179,9 +179,9 @@ def write_demo_dataset(folder: str | Path, count: int = 8, size: tuple[int, int]
 
 def demo_config(data: str | Path = "") -> TrainConfig:
     """What Try the demo trains: the demo preset (quick settings for any tiny model) on the demo model, with its text
-    encoder learning too. The trigger word is a word it never saw: learning it there, the cross shows in 400 steps
-    (about 40 s on two CPU cores), where the UNet alone needs 600. Its captions hold that word already; naming it as
-    the trigger word tells the page, which asks visitors to keep it in their prompts."""
+    encoder learning too. The trigger word is a word it never saw: learning it there, the cross shows in 250 steps
+    (about 20 s on one CPU core), where the UNet alone needs twice as many. Its captions hold that word already;
+    naming it as the trigger word tells the page, which asks visitors to keep it in their prompts."""
     return replace(
         load_preset(DEMO_PRESET),
         base_model=str(DEMO_MODEL),

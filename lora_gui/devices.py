@@ -149,7 +149,7 @@ def leave_a_core_free() -> None:
     """Without a GPU, compute on all cores but one from now on (this thread and those started after it), for an app
     whose server, and often the browser showing its page, share the machine with its runs. PyTorch's threads wait for
     each other at the end of every operation, and when one of them shares its core with the page, they all wait: the
-    demo's 400 steps took 82 s on 2 threads beside a browser on a 2-core CPU, 38 s on 1."""
+    demo's 400 steps (as it was then) took 82 s on 2 threads beside a browser on a 2-core CPU, 38 s on 1."""
     if not has_cuda():
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 

@@ -45,7 +45,8 @@ def build_train_tab(ctx: Ctx) -> dict[str, Any]:
     c["cpu_warning"] = gr.HTML(
         notice(
             "No NVIDIA GPU (CUDA) was found, so training runs on the processor. That is fine for the demo "
-            "and tiny models (about a minute), but a full-size model (Stable Diffusion, Flux) would take many hours.",
+            "and tiny models (the estimate below says how long), but a full-size model (Stable Diffusion, Flux) would "
+            "take many hours.",
             "warning",
         ),
         elem_id="cpu-warning",

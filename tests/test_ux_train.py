@@ -259,7 +259,7 @@ def test_without_a_gpu_the_estimate_gives_a_rough_time_on_this_processor(built, 
             "estimate"
         ]
     )
-    assert "about 54 min" in slow, "the issue's fresh page (512 px, 1000 steps) measured about 90 minutes"
+    assert "about 47 min" in slow, "the issue's fresh page (512 px, 1000 steps) measured about 90 minutes"
     real = {**config_form.widget_values(TrainConfig()), "family": "sd15"}
     sd15 = html.unescape(show_estimate(ctx, base_model="someone/model", **real)["estimate"])
     assert "no NVIDIA GPU" in sd15 and "On this computer's processor: about 2.3 h (rough" in sd15

@@ -87,6 +87,7 @@ CSS = """
 .lg-pixels img { image-rendering: pixelated; min-width: 256px; min-height: 256px; object-fit: contain; }
 .lg-previews img { image-rendering: pixelated; }
 .lg-previews .thumbnail-item { min-width: 256px; min-height: 256px; }
+#run-previews .grid-container { grid-template-columns: repeat(3, minmax(256px, 1fr)) !important; }
 """
 
 

@@ -153,7 +153,8 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
         with gr.Column(visible=False) as c["gen_token_box"]:
             c["gen_hf_token"] = hub_token_box("gen-hf-token")
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
-    c["gen_trigger_note"] = gr.HTML(visible=False)  # the word the picked run's LoRA answers to
+    # The word the picked run's LoRA answers to.
+    c["gen_trigger_note"] = gr.HTML(visible=False, elem_id="gen-trigger-note")
     c["gen_auto_prompt"] = gr.State("")  # the prompt a picked run filled in, which the next pick may replace
     c["negative_prompt"] = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, low quality")
     with gr.Row(equal_height=True):

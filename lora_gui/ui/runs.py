@@ -49,12 +49,18 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
         c["run_pick"] = gr.Dropdown(choices=[], value=None, label="Open a run", scale=3, allow_custom_value=True)
         c["refresh_runs"] = gr.Button("Refresh the list", scale=1)
     with gr.Column(visible=False) as c["run_details"]:
-        c["run_info"] = gr.HTML()
+        c["run_info"] = gr.HTML(elem_id="run-info")
         c["run_plot"] = loss_plot("run-loss-plot")
         # Full width, three a row: each preview at least 256 px wide, its pixels sharp (app.py's CSS), so the demo
         # model's 64 px previews show what was learned.
         c["run_samples"] = gr.Gallery(
-            label="Previews", columns=3, object_fit="contain", preview=False, elem_classes=[PIXELS]
+            label="Previews",
+            columns=3,
+            height=480,  # one row of three in sight (app.py's CSS keeps three columns, so a lone one is not stretched)
+            object_fit="contain",
+            preview=False,
+            elem_classes=[PIXELS],
+            elem_id="run-previews",
         )
         c["run_files"] = gr.File(label=files_label("Files"), file_count="multiple", interactive=False)
         # What needs the run's LoRA file: shown only for a run that saved one (open_run).
@@ -67,7 +73,7 @@ def build_runs_tab(ctx: Ctx) -> dict[str, Any]:
         c.update(_build_push(ctx))
         with gr.Row():
             c["run_resume"] = gr.Button("Resume this run", visible=False)
-            c["run_delete"] = gr.Button("Delete this run…", variant="stop")
+            c["run_delete"] = gr.Button("Delete this run…", size="sm")  # quiet: the question after it is the loud one
         with gr.Row(visible=False) as c["confirm_row"]:
             c["confirm_text"] = gr.HTML()
             c["confirm_delete"] = gr.Button("Yes, delete it for good", variant="stop")

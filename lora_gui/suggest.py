@@ -180,7 +180,7 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
     changes = [
         _resolution(pictures, family),
         _rank(pictures, subject),
-        Change("optimizer", "adamw", "AdamW, the usual optimizer; the card has the memory for its full state"),
+        Change("optimizer", "adamw", "AdamW, the usual optimizer; there is memory for its full state"),
         Change("learning_rate", LEARNING_RATE, "1e-4, what every preset here and diffusers' LoRA scripts use"),
         Change(
             "batch_size",
@@ -189,8 +189,8 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
             if batch > 1
             else "few pictures: one per step",
         ),
-        Change("gradient_checkpointing", False, "off: it costs about 30% speed, and the card does not need it"),
-        Change("quantize_base", "none", f"the {get_family(family).denoiser_title} fits the card unquantized, exactly"),
+        Change("gradient_checkpointing", False, "off: it costs about 30% speed, and the memory is there without it"),
+        Change("quantize_base", "none", f"the {get_family(family).denoiser_title} fits in memory unquantized, exactly"),
         Change(
             "caption_dropout",
             CAPTION_DROPOUT[subject],
@@ -317,7 +317,7 @@ def _fit(
     first = estimate(roomy, family, precision).memory_gb
     changes = {
         setting: Change(
-            setting, getattr(config, setting), f"to fit the card (≈ {first:.1f} GB without the memory savers): {cost}"
+            setting, getattr(config, setting), f"to fit in memory (≈ {first:.1f} GB without the memory savers): {cost}"
         )
         for setting, cost in applied.items()
     }

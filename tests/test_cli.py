@@ -17,6 +17,7 @@ from helpers.runs import train_argv
 from PIL import Image
 
 from lora_gui.cli import main
+from lora_gui.config import load_preset
 from lora_gui.demo import write_demo_dataset
 
 pytestmark = pytest.mark.train
@@ -80,7 +81,7 @@ def test_flags_override_the_preset(tiny_model, photos, tmp_path):
     assert code == 0
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert (saved["rank"], saved["max_steps"], saved["resolution"], saved["aspect_buckets"]) == (4, 3, 64, False)
-    assert saved["learning_rate"] == 2e-3, "unset flags keep the preset's value"
+    assert saved["learning_rate"] == load_preset("tiny-cpu-demo").learning_rate, "unset flags keep the preset's value"
     assert saved["sample_prompts"] == ["a red circle", "a blue square"]
 
 

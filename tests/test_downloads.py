@@ -195,7 +195,10 @@ def test_generate_downloads_the_base_model_in_its_progress_bar(hub, tiny_model, 
     assert "Made with the LoRA of lora" in result["gen_notice"]
     assert set(hub.tokens) == {TOKEN}
     megabytes = hub.bytes_of_the_model() / 1e6
-    assert shown[-1][:2] == (1.0, f"Downloading {REPO}: {megabytes:.1f} of {megabytes:.1f} MB · 10 of 10 files")
+    # The download's last word, then each picture's steps as it is made.
+    downloaded = [desc for _, desc, _ in shown if desc.startswith("Downloading")]
+    assert downloaded[-1] == f"Downloading {REPO}: {megabytes:.1f} of {megabytes:.1f} MB · 10 of 10 files"
+    assert shown[-1][:2] == (1.0, "Base model alone: step 3 of 3")
     assert len(shown) > 2 and {event for _, _, event in shown} == {"this visitor's click"}
 
 

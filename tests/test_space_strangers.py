@@ -147,6 +147,6 @@ def test_a_run_name_another_visitor_holds_reads_as_a_free_one(space, tmp_path):
         client.predict(api_name="/stop")
     assert "Training our-name started" in answers[0]
     assert answers[1] == answers[0], "B learns nothing of A's run, and starts their own under the name they chose"
-    assert "A run named our-name already exists" in answers[2], "B's own duplicate is said as before"
+    assert "A run named our-name exists already, so this one is named our-name-2" in answers[2], "B's own duplicate"
     for client in (a, b):
         assert "our-name" in text(client.predict(run_pick=None, api_name="/list_runs"))

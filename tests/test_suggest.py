@@ -89,8 +89,8 @@ def test_an_8_gb_card_gets_memory_savers_that_a_24_gb_card_does_without(picture_
     assert not big.config.gradient_checkpointing and big.config.quantize_base == "none"
     assert big.config.resolution == small.resolution == 1024, "quantizing comes before a lower resolution"
     fitted = {c.setting: c.reason for c in suggest(pictures, "person", "sdxl", CARDS["8 GB"]).changes}
-    assert fitted["gradient_checkpointing"].startswith("to fit the card")
-    assert fitted["quantize_base"].startswith("to fit the card")
+    assert fitted["gradient_checkpointing"].startswith("to fit in memory")
+    assert fitted["quantize_base"].startswith("to fit in memory")
     assert "Sized for this 24 GB GPU." in big.notes[0]
 
 
@@ -128,7 +128,7 @@ def test_settings_kept_stay_and_the_savers_work_around_them(picture_sets):
     assert suggestion.config.resolution < 512, "without quantizing, a lower resolution makes it fit"
     assert suggestion.estimate.memory_gb <= 3 * HEADROOM
     reasons = {change.setting: change.reason for change in suggestion.changes}
-    assert reasons["resolution"] == "to fit the card (≈ 3.4 GB without the memory savers): less detail"
+    assert reasons["resolution"] == "to fit in memory (≈ 3.4 GB without the memory savers): less detail"
 
 
 @pytest.mark.unit

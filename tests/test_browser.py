@@ -14,7 +14,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 import pytest
-from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
+from helpers.browser import MINUTE, new_page, shot
 from helpers.pipes import pink_share
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
@@ -50,9 +50,7 @@ def current_step(page: Page) -> int:
 def test_a_beginner_trains_and_generates_in_a_real_browser(app_server, tmp_path):
     photos = write_demo_dataset(tmp_path / "photos", count=8, size=(160, 160))
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(MINUTE)
+        browser, page = new_page(playwright)
         page.goto(app_server.url)
 
         # Dataset: drop eight pictures with their captions, then fix one caption.
@@ -188,9 +186,7 @@ def test_the_demo_teaches_its_model_a_new_shape_in_under_40_seconds_in_a_real_br
     # The app has started, as a person's has by the time they read its page (test_first_start.py times the start).
     wait_for(lambda: "training and Generate are ready" in app_server.log.read_text(), seconds=120)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(MINUTE)
+        browser, page = new_page(playwright)
         started = time.monotonic()
         page.goto(app_server.url)
         page.get_by_role("button", name="Try the demo").click()
@@ -228,9 +224,7 @@ def test_a_flux_lora_trains_and_generates_in_a_real_browser(app_server, family, 
     title, run = REGISTRY[family].title, f"{family}-browser-run"
     choice = f"Tiny {REGISTRY[family].short_title} demo (offline, CPU)"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(MINUTE)
+        browser, page = new_page(playwright)
         page.goto(app_server.url)
         page.get_by_role("button", name="Try the demo").click()
         expect(page.locator("#train-notice")).to_contain_text("Demo ready", timeout=MINUTE)  # the trainer may load
@@ -270,9 +264,7 @@ def test_pictures_without_captions_are_captioned_checked_and_trained_in_a_real_b
         caption.unlink()
     (photos / "demo_05.png").write_bytes((photos / "demo_00.png").read_bytes())  # a copy, for the doctor
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(MINUTE)
+        browser, page = new_page(playwright)
         page.goto(app_server.url)
         page.locator("#dataset-upload input[type=file]").set_input_files(sorted(photos.iterdir()))
         expect(page.locator("#dataset-checks")).to_contain_text("6 without a caption")

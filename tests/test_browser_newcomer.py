@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers.browser import CHROMIUM, CHROMIUM_ARGS, MINUTE, shot
+from helpers.browser import MINUTE, new_page, shot
 from playwright.sync_api import Locator, expect, sync_playwright
 
 from lora_gui.demo import TRIGGER, write_demo_dataset
@@ -28,9 +28,7 @@ def drawn_large_and_sharp(picture: Locator) -> None:
 def test_a_newcomers_whole_path_in_a_real_browser(app_server, tmp_path):
     mine = write_demo_dataset(tmp_path / "mine", count=9, size=(160, 120))
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(MINUTE)
+        browser, page = new_page(playwright)
         page.goto(app_server.url)
 
         # A fresh page: the one loud button is Try the demo; nothing offers to stop what isn't running.

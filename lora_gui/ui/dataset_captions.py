@@ -60,28 +60,23 @@ def wire_captioning(ctx: Ctx) -> None:
     captioned = ["dataset_version", "report", "caption_notice", "caption_confirm_row", "caption_stop"]
     # One captioning model loaded at a time, whoever asks: each takes memory (a GPU's, if it is free).
     one_at_a_time = dict(concurrency_limit=1, concurrency_id="captioning")
-    ctx.wire(
-        ctx["caption_empty"].click,
-        functools.partial(caption_pictures, overwrite=False),
-        ["captioner", "trigger", *checks],
-        captioned,
-        api_name="caption_empty",
-        **one_at_a_time,
-    )
+    # Captioning those without a caption, and all of them once the visitor said yes to replacing theirs.
+    passes = (("caption_empty", False, "caption_empty"), ("caption_all_yes", True, "caption_all"))
+    for button, overwrite, name in passes:
+        ctx.wire(
+            ctx[button].click,
+            functools.partial(caption_pictures, overwrite=overwrite),
+            ["captioner", "trigger", *checks],
+            captioned,
+            api_name=name,
+            **one_at_a_time,
+        )
     ctx.wire(ctx["caption_all"].click, ask_caption_all, ["session"], ["caption_confirm_row", "caption_confirm_text"])
     ctx.wire(
         ctx["caption_all_no"].click,
         lambda ctx: {"caption_confirm_row": gr.update(visible=False)},
         [],
         ["caption_confirm_row"],
-    )
-    ctx.wire(
-        ctx["caption_all_yes"].click,
-        functools.partial(caption_pictures, overwrite=True),
-        ["captioner", "trigger", *checks],
-        captioned,
-        api_name="caption_all",
-        **one_at_a_time,
     )
     ctx.wire(ctx["caption_stop"].click, stop_captioning, ["session"], ["caption_notice"], api_name="stop_captioning")
 

@@ -7,11 +7,11 @@ import re
 import time
 
 import pytest
-from helpers.app import start_app, stop_app
+from helpers.app import LIBRARY_NOISE, start_app, stop_app
 from helpers.paths import ARTIFACTS
 
-# What a person can't act on: library warnings, and Gradio's advice in its own Python terms.
-NOISE = re.compile(r"warn|torchao|torchvision|deprecat|share=True|launch\(\)", re.IGNORECASE)
+# A start says where the page is and when the trainer has loaded, and nothing else: no warning at all.
+NOISE = re.compile(rf"warn|{LIBRARY_NOISE.pattern}", re.IGNORECASE)
 
 
 @pytest.mark.app

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import html
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,9 @@ SPACE = {
     "LORA_GUI_MAX_RUNS_PER_VISITOR": "1",
     "LORA_GUI_MIN_FREE_GB": "0",
 }
+
+# What a library prints that a person can't act on (our own WARNING lines are sentences about their files).
+LIBRARY_NOISE = re.compile(r"torchao|torchvision|_pytree|deprecat|FutureWarning|UserWarning|share=True|launch\(\)")
 
 QUICK = dict(resolution=64, sample_steps=2, checkpoint_every=0, learning_rate=0.001, rank=4, batch_size=2)
 
@@ -106,6 +110,8 @@ def running_app(runs_dir: Path, log_name: str, env: dict[str, str] | None = None
     finally:
         stop_app(process)
     assert "Traceback" not in log.read_text(), f"the app logged an error:\n{log.read_text()}"
+    noise = LIBRARY_NOISE.search(log.read_text())
+    assert noise is None, f"the app printed a library's warning ({noise.group()}):\n{log.read_text()}"
 
 
 def text(result) -> str:

@@ -1,5 +1,5 @@
-"""`python app.py` as a newcomer starts it: the page answers within seconds, the engine loads behind it, and nothing
-printed is a warning they can't act on."""
+"""`python app.py` as a newcomer starts it: the page answers within seconds, pictures dropped and Try the demo are
+answered while the engine loads behind it, and nothing printed is a warning they can't act on."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import re
 import time
 
 import pytest
-from helpers.app import LIBRARY_NOISE, start_app, stop_app
+from gradio_client import Client
+from helpers.app import LIBRARY_NOISE, start_app, stop_app, text, upload_pictures
 from helpers.paths import ARTIFACTS
+
+from lora_gui.demo import write_demo_dataset
 
 # A start says where the page is and when the trainer has loaded, and nothing else: no warning at all.
 NOISE = re.compile(rf"warn|{LIBRARY_NOISE.pattern}", re.IGNORECASE)
@@ -24,6 +27,11 @@ def test_the_page_answers_within_five_seconds_and_the_start_prints_no_warnings(t
     process, url = start_app(tmp_path / "runs", log)
     answered = time.monotonic() - started
     try:
+        # The engine takes seconds more to load; the Dataset tab and the demo don't wait for it.
+        visitor = Client(url, verbose=False)
+        added = upload_pictures(visitor, write_demo_dataset(tmp_path / "pictures", count=2, size=(64, 64)))
+        demo = text(visitor.predict(api_name="/try_demo"))
+        before_the_engine = "training and Generate are ready" not in log.read_text()
         deadline = time.monotonic() + 120
         while "training and Generate are ready" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -32,5 +40,7 @@ def test_the_page_answers_within_five_seconds_and_the_start_prints_no_warnings(t
     printed = log.read_text()
     assert answered < 5, f"the page answered {answered:.1f} s after python app.py"
     assert "training and Generate are ready" in printed, printed
+    assert "Added 2 pictures" in added and "Demo ready" in demo
+    assert before_the_engine, "a drop and Try the demo waited for the engine"
     assert f"open at {url.rstrip('/')}" in printed and "python app.py --share" in printed, printed
     assert not NOISE.search(printed), f"the start printed noise:\n{printed}"

@@ -204,6 +204,7 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
             *settings,
         ],
         api_name="try_demo",
+        engine_free=True,  # drawn pictures and saved settings: the demo is ready before the engine is
     )
     ctx.wire(
         demo.load,
@@ -222,6 +223,7 @@ def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
             *settings,
         ],
         api_visibility="private",
+        engine_free=True,  # who the visitor is and their pictures; a run's settings only once the engine is loaded
     )
     ctx.wire(demo.load, show_estimate, ["base_model", *settings], ["estimate"], api_visibility="private")
     ctx.wire(

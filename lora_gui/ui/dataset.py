@@ -190,6 +190,7 @@ def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
         extra_inputs={"caption": caption},
         show_progress="hidden",
         api_visibility="private",
+        engine_free=True,
     )
     ctx.wire(
         recaption.click,
@@ -201,7 +202,7 @@ def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
         concurrency_id="captioning",
     )
     removed = ["dataset_version", "report", "page"]
-    ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private")
+    ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private", engine_free=True)
 
 
 def build_findings(ctx: Ctx) -> None:
@@ -226,17 +227,19 @@ def build_findings(ctx: Ctx) -> None:
 def wire_dataset_tab(ctx: Ctx) -> None:
     checks = CHECKS
     changed = ["session", "remembered", "dataset_version", "dataset_notice", "report", "page"]
-    ctx.wire(ctx["upload"].upload, add_uploads, ["upload", *checks], [*changed, "upload"], api_name="upload")
-    ctx.wire(ctx["add_folder"].click, add_folder, ["folder", *checks], changed, api_name="add_folder")
-    ctx.wire(ctx["add_trigger"].click, add_trigger, ["trigger", *checks], changed, api_name="add_trigger")
-    ctx.wire(ctx["replace"].click, replace, ["find", "replace_with", *checks], changed, api_name="replace")
-    ctx.wire(ctx["fill"].click, fill_empty, ["fill_caption", *checks], changed, api_name="fill_empty")
-    ctx.wire(ctx["back_to_mine"].click, back_to_mine, checks, changed, api_name="back_to_my_pictures")
-    ctx.wire(ctx["clear"].click, ask_clear, ["session"], ["clear_confirm_row", "clear_confirm_text"])
+    # Pictures and captions on disk: a newcomer's first drop is answered while the engine still loads.
+    wire = functools.partial(ctx.wire, engine_free=True)
+    wire(ctx["upload"].upload, add_uploads, ["upload", *checks], [*changed, "upload"], api_name="upload")
+    wire(ctx["add_folder"].click, add_folder, ["folder", *checks], changed, api_name="add_folder")
+    wire(ctx["add_trigger"].click, add_trigger, ["trigger", *checks], changed, api_name="add_trigger")
+    wire(ctx["replace"].click, replace, ["find", "replace_with", *checks], changed, api_name="replace")
+    wire(ctx["fill"].click, fill_empty, ["fill_caption", *checks], changed, api_name="fill_empty")
+    wire(ctx["back_to_mine"].click, back_to_mine, checks, changed, api_name="back_to_my_pictures")
+    wire(ctx["clear"].click, ask_clear, ["session"], ["clear_confirm_row", "clear_confirm_text"])
     hide = ["clear_confirm_row"]
-    ctx.wire(ctx["clear_no"].click, lambda ctx: {"clear_confirm_row": gr.update(visible=False)}, [], hide)
-    ctx.wire(ctx["clear_yes"].click, clear, checks, [*changed, "clear_confirm_row"], api_visibility="private")
-    ctx.wire(
+    wire(ctx["clear_no"].click, lambda ctx: {"clear_confirm_row": gr.update(visible=False)}, [], hide)
+    wire(ctx["clear_yes"].click, clear, checks, [*changed, "clear_confirm_row"], api_visibility="private")
+    wire(
         ctx["dataset_version"].change,
         show_set,
         ["session"],
@@ -253,7 +256,7 @@ def wire_dataset_tab(ctx: Ctx) -> None:
         api_name="check_problems",
     )
     for setting in ("resolution", "default_caption"):
-        ctx.wire(ctx[setting].change, show_checks, checks[:3], ["report"], api_visibility="private")
+        wire(ctx[setting].change, show_checks, checks[:3], ["report"], api_visibility="private")
 
 
 # ---- handlers ----------------------------------------------------------------------------------

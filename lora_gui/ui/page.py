@@ -52,13 +52,16 @@ class Page:
         outputs: list[str],
         extra_inputs: dict[str, Any] | None = None,
         reports_progress: bool = False,
+        engine_free: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Connect an event to `handler(ctx, **values_by_name) -> {name: new value}`.
 
         Handlers see and return plain dicts keyed by component name, never long positional lists;
         the names are also the parameter names of the app's API (gradio_client). A handler that
-        `reports_progress` also gets `progress`, Gradio's progress bar over its outputs.
+        `reports_progress` also gets `progress`, Gradio's progress bar over its outputs. An `engine_free` one
+        (pictures and captions on disk: nothing it calls imports an ML library) runs at once while the engine
+        loads, where every other event waits for it (`before_handling`).
         """
         wants_visitor = "visitor" in inspect.signature(handler).parameters
 
@@ -69,7 +72,8 @@ class Page:
             # server-side session, the sign-in cookie, the --auth login. Never from the page.
             visitor = self.visitor(request, values.pop("owner", ""), profile, token)
             extra = {"visitor": visitor} if wants_visitor else {}
-            self.before_handling()
+            if not engine_free:
+                self.before_handling()
             return handler(self, **values, **extra, **({"progress": progress} if reports_progress else {}))
 
         # Gradio hands the special values (the request, the sign-in, its progress bar) first, by position.

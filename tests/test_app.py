@@ -239,7 +239,8 @@ def test_a_tiny_model_of_another_family_trains_and_generates_through_the_app(
     message, file = visitor.predict(
         gen_export_run=f"{family}-run", gen_layout="kohya", api_name="/export_from_generate"
     )
-    assert f"{family}-run.safetensors is ready for AUTOMATIC1111 (Stable Diffusion), Forge and ComfyUI" in text(message)
+    programs = {"sdxl": "AUTOMATIC1111, Forge and ComfyUI", "flux": "Forge and ComfyUI", "zimage": "ComfyUI"}[family]
+    assert f"{family}-run.safetensors is ready for {programs}:" in text(message)
     with safe_open(shown(file), framework="pt") as kohya:
         assert kohya.metadata()["ss_base_model_version"] == version
 

@@ -230,3 +230,20 @@ def test_generate_asks_for_a_hub_token_only_for_a_model_that_downloads(ctx, tiny
     assert pick_base_model(ctx, "black-forest-labs/FLUX.1-dev")["gen_token_box"]["visible"]
     made_run(ctx.runs_dir, "hub-run")  # trained on some/model, from the Hub
     assert pick_run(ctx, EVERYONE, "", "", gen_run_1="hub-run")["gen_token_box"]["visible"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("family", "programs"),
+    [("sd15", "AUTOMATIC1111, Forge and ComfyUI"), ("flux", "Forge and ComfyUI"), ("zimage", "ComfyUI")],
+)
+def test_the_kohya_file_is_offered_for_the_programs_that_run_its_model(tmp_path, family, programs):
+    """A Z-Image LoRA is not for AUTOMATIC1111: the page names the programs that run the run's model."""
+    from lora_gui.ui.common import loads_in
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    TrainingRecord.now(family, "flow", "some/model", 4, 4, 1.0, 1.0, []).save(run.lora_info)
+    assert loads_in(run.path, "kohya") == programs
+    assert loads_in(run.path, "diffusers") == "diffusers (Python)"
+    assert loads_in(tmp_path / "saved-before-records", "kohya").startswith("AUTOMATIC1111 (Stable Diffusion)")

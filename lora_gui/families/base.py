@@ -73,6 +73,8 @@ class Family:
     # Whether that file folds each plain LoRA layer's alpha / rank into its up weight and writes no alpha, for a
     # family whose diffusers loader refuses alpha tensors (Flux.2's).
     kohya_alpha_folded: ClassVar[bool] = False
+    # The programs that file loads in, as the page tells a person which file to take.
+    kohya_file_loads_in: ClassVar[str] = "AUTOMATIC1111, Forge and ComfyUI"
     kohya_network_module: ClassVar[str] = "networks.lora"
     # Whether that file's plain LoRA layers carry their scale (alpha / rank) in their up weights instead of an
     # `.alpha` beside them (which every tool then reads as 1): where diffusers' loader for the family misreads

@@ -144,6 +144,7 @@ class Flux2Klein(RectifiedFlowTransformer):
     )
     tokenizer_names = ("tokenizer",)
     kohya_alpha_folded = True  # diffusers' Flux.2 loader refuses alpha tensors; ComfyUI reads none as scale 1
+    kohya_file_loads_in = "ComfyUI"  # neither AUTOMATIC1111 nor Forge runs this family
     kohya_network_module = "networks.lora_flux_2"
     kohya_base_model_version = "flux2_klein"
     modelspec_architecture = "Flux.2-klein-4b/lora"  # musubi-tuner's names (utils/sai_model_spec.py)

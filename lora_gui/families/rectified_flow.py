@@ -26,6 +26,7 @@ class RectifiedFlowTransformer(Family):
     denoiser_title = "transformer"
     trains_text_encoders = False
     kohya_module_names = False
+    kohya_file_loads_in = "Forge and ComfyUI"  # AUTOMATIC1111 runs Stable Diffusion only
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

@@ -81,6 +81,7 @@ class ZImage(RectifiedFlowTransformer):
         "feed_forward.w3",
     )
     kohya_alpha_folded = True
+    kohya_file_loads_in = "ComfyUI"  # neither AUTOMATIC1111 nor Forge runs this family
     kohya_network_module = "networks.lora_zimage"  # musubi-tuner's
     kohya_base_model_version = "z_image"  # musubi-tuner's (ai-toolkit writes "zimage")
     modelspec_architecture = "Z-Image/lora"  # musubi-tuner's

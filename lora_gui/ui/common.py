@@ -88,7 +88,9 @@ def export_lora(ctx: Ctx, visitor: Visitor, prefix: str, run_name: str | None, l
     except LoraGuiError as error:
         return {f"{prefix}_export_notice": error_notice(error), f"{prefix}_file": gr.update(visible=False)}
     return {
-        f"{prefix}_export_notice": notice(f"{path.name} is ready for {LOADS_IN[layout]}: click its name below."),
+        f"{prefix}_export_notice": notice(
+            f"{path.name} is ready for {loads_in(path.parent, layout)}: click its name below."
+        ),
         f"{prefix}_file": gr.update(value=served(path), visible=True),
     }
 
@@ -118,6 +120,20 @@ def hub_token_box(elem_id: str, visible: bool = True) -> gr.Textbox:
         elem_id=elem_id,
         visible=visible,
     )
+
+
+def loads_in(run_dir: Path, layout: str) -> str:
+    """The programs a run's LoRA file in this layout loads in: the kohya file's depend on the model's family."""
+    from lora_gui.families import get_family
+    from lora_gui.runs import RunFolder, TrainingRecord
+
+    if layout != "kohya":
+        return LOADS_IN[layout]
+    try:
+        family = TrainingRecord.load(RunFolder(run_dir)).family
+    except LoraGuiError:  # a run saved before the record was kept: the file is written from it all the same
+        return LOADS_IN[layout]
+    return get_family(family).kohya_file_loads_in
 
 
 def files_label(kind: str, diffusers_file: str = "pytorch_lora_weights.safetensors") -> str:

@@ -149,7 +149,9 @@ def test_a_flux_lora_from_elsewhere_loads_in_generate(flux_lora, tiny_models, tm
     assert made_for_other_model(shapes, generator.pipe, FLUX) == ""
     sd = Generator.load(str(tiny_models("sd15")))
     assert "Flux" in made_for_other_model(shapes, sd.pipe, sd.family)
-    with pytest.raises(LoraFileError, match=r"was made for a transformer model such as Flux"):
+    # Every transformer family this trainer knows is named, so a Z-Image or klein LoRA's owner finds theirs.
+    named = r"was made for a transformer model \(Flux.1, .*Z-Image.*, or another such as SD3\)"
+    with pytest.raises(LoraFileError, match=named):
         sd.set_loras([(path, 1.0)])
 
     generator.set_loras([(path, 1.0)])

@@ -145,7 +145,8 @@ def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipe
     if denoiser == "unet" != family.denoiser_name and any(_UNET_KEY.search(key) for key in shapes):
         return "Stable Diffusion (it adapts a UNet's layers)"
     if denoiser == "transformer" != family.denoiser_name:
-        return "a transformer model such as Flux or SD3"
+        transformers = [other.title for other in REGISTRY.values() if other.denoiser_name == "transformer"]
+        return f"a transformer model ({', '.join(transformers)}, or another such as SD3)"
     expected = family.cross_attention_width(pipe)
     by_width = {other.text_width: other.title for other in REGISTRY.values()}
     for key, shape in shapes.items():

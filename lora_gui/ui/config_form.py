@@ -32,6 +32,7 @@ _LABELS = {
     "channels_last": "Channels-last memory layout",
     "torch_compile": "Prepare the model first (torch.compile)",
     "snr_gamma": "Balance noise levels",
+    "prodigy_d_coef": "Prodigy boldness (d coef)",
     "adam_beta1": "AdamW momentum (beta1)",
     "adam_beta2": "AdamW smoothing (beta2)",
     "mixed_precision": "Number precision",

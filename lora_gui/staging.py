@@ -145,16 +145,28 @@ class Staging:
             caption_file = captions.pop(image.stem, None)
             caption = data.read_caption_file(caption_file) if caption_file else None
             notes += self._add_image(image, image.name, caption, room)
+        return notes + self._add_captions(captions) + room.notes()
+
+    def _add_captions(self, captions: dict[str, Path]) -> list[str]:
+        """Captions dropped without their pictures, each to the staged picture of its name: written together, with
+        one look at the folder and one at the quota however many there are (all of them, or none past the quota)."""
+        staged: dict[str, str] = {}
+        for path in data.picture_files(self.folder):
+            staged.setdefault(path.stem, path.relative_to(self.folder).as_posix())
+        notes, matched = [], {}
         for stem, caption_file in captions.items():
-            matches = [item for item in self.items() if PurePosixPath(item.relpath).stem == stem]
-            if matches:
-                try:
-                    self.set_caption(matches[0].relpath, data.read_caption_file(caption_file))
-                except DataError as error:
-                    notes.append(f"{caption_file.name}: {error}")
-            else:
+            if stem not in staged:
                 notes.append(f"{caption_file.name}: no image named {stem} to go with it; drop it with its image")
-        return notes + room.notes()
+            elif len(caption := " ".join(data.read_caption_file(caption_file).split())) > MAX_CAPTION_CHARS:
+                notes.append(f"{caption_file.name}: the caption of {staged[stem]}: {_too_long(caption)}")
+            else:
+                matched[staged[stem]] = caption
+        try:
+            if matched:
+                self.set_captions(matched)
+        except DataError as error:
+            notes.append(f"{', '.join(path.name for path in captions.values())}: {error}")
+        return notes
 
     def import_folder(self, folder: str | Path) -> list[str]:
         """Copy a folder's images and captions (same-name .txt or metadata.jsonl/.csv), subfolders too."""

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from lora_gui import limits as limits_module
+from lora_gui import staging as staging_module
 from lora_gui.demo import draw_shape
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.limits import (
@@ -204,6 +205,30 @@ def test_caption_edits_count_in_the_visitors_quota_and_a_caption_has_a_longest(t
     assert [item.caption for item in staging.items()] == ["a" * 3990, ""]
     with pytest.raises(LoraGuiError, match="a caption may have at most 4,000"):
         staging.set_caption("p2.png", "c" * 4001)
+
+
+def test_captions_dropped_apart_from_their_pictures_look_at_the_quota_once_and_fit_all_or_none(tmp_path, monkeypatch):
+    """Hundreds of .txt files dropped after their pictures: one look at the visitor's folders for all of them (a look
+    for each made a drop of n captions walk n times n files), and past the quota none is written, in one note."""
+    staging = shared_staging(tmp_path, Limits(max_staging_files=1000))
+    assert staging.add_files(pictures(tmp_path / "first", 3)) == []
+    staging.limits = Limits(max_staging_bytes=staging_module._staged_size(staging.folder)[0] + 5000)  # 5 kB left
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    for name, text in (("p1", "a red circle"), ("p2", "a blue square"), ("nobody", "lost")):
+        (captions / f"{name}.txt").write_text(text)
+    walks = []
+    staged_size = staging_module._staged_size
+    monkeypatch.setattr(staging_module, "_staged_size", lambda folder: walks.append(folder) or staged_size(folder))
+    notes = staging.add_files(sorted(captions.iterdir()))
+    assert len(walks) == 2, "one look for the drop, one for its captions"
+    assert notes == ["nobody.txt: no image named nobody to go with it; drop it with its image"]
+    assert [item.caption for item in staging.items()] == ["a red circle", "a blue square", ""]
+    for name in ("p1", "p2", "p3"):
+        (captions / f"{name}.txt").write_text("z" * 3990)
+    notes = staging.add_files(sorted(captions.glob("p*.txt")))
+    assert len(notes) == 1 and "nothing was changed" in notes[0], notes
+    assert [item.caption for item in staging.items()] == ["a red circle", "a blue square", ""]
 
 
 def test_the_quota_counts_all_the_visitors_staging_folders(tmp_path):

@@ -30,6 +30,7 @@ SPACE = {
     "LORA_GUI_MIN_FREE_GB": "0",
 }
 
+ENGINE_READY = "training and Generate are ready"  # what the app prints once its engine has loaded
 # What a library prints that a person can't act on (our own WARNING lines are sentences about their files).
 LIBRARY_NOISE = re.compile(r"torchao|torchvision|_pytree|deprecat|FutureWarning|UserWarning|share=True|launch\(\)")
 
@@ -106,6 +107,11 @@ def running_app(runs_dir: Path, log_name: str, env: dict[str, str] | None = None
     log.write_text("")
     process, url = start_app(runs_dir, log, env)
     try:
+        # The tests act as a person who opens the page once the app has said it loaded: the Dataset tab answers at
+        # once, but Start, Generate and captioning would wait seconds for the engine (test_first_start.py times it).
+        deadline = time.monotonic() + 180
+        while ENGINE_READY not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         yield AppServer(url, runs_dir, log)
     finally:
         stop_app(process)

@@ -5,16 +5,14 @@ and of the server's files, through gradio_client and raw queue calls. `python ap
 from __future__ import annotations
 
 import html
-import io
 import json
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers.app import QUICK, SPACE, AppServer, running_app, shown, text, upload_pictures, wait_until
+from helpers.app import QUICK, SPACE, AppServer, raw_event, running_app, shown, text, upload_pictures, wait_until
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraGuiError
@@ -28,38 +26,6 @@ SECRET_PROMPT = "photo of my secret friend"
 def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     with running_app(tmp_path_factory.mktemp("space-runs"), "space-strangers.log", env=SPACE) as server:
         yield server
-
-
-def raw_event(space: AppServer, trigger: str, values: dict[str, object], session: str) -> list:
-    """Call the page's event on `trigger` (a button's words, or "load": the load event that reads `values`' keys),
-    private or not, as a raw queue call in `session`: every input at its starting value but `values`, by label or
-    storage key. Returns the event's outputs."""
-    config = json.load(urllib.request.urlopen(f"{space.url}config", timeout=30))
-    props = {component["id"]: component.get("props", {}) for component in config["components"]}
-
-    def named(id_: int) -> object:
-        return props[id_].get("label") or props[id_].get("storage_key")
-
-    def triggered(dependency: dict) -> bool:
-        if trigger == "load":
-            return any(event == "load" for _, event in dependency["targets"]) and any(
-                named(id_) in values for id_ in dependency["inputs"]
-            )
-        return any(props.get(id_, {}).get("value") == trigger for id_, _ in dependency["targets"])
-
-    (dependency,) = [dependency for dependency in config["dependencies"] if triggered(dependency)]
-    data = [values.get(named(id_), props[id_].get("value")) for id_ in dependency["inputs"]]
-    body = {"data": data, "fn_index": dependency["id"], "session_hash": session, "event_data": None}
-    request = urllib.request.Request(
-        f"{space.url}gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    urllib.request.urlopen(request, timeout=30).close()
-    with urllib.request.urlopen(f"{space.url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
-        for line in io.TextIOWrapper(stream, encoding="utf-8"):
-            message = json.loads(line[5:]) if line.startswith("data:") else {}
-            if message.get("msg") == "process_completed":
-                return message["output"].get("data") or [message["output"].get("error")]
-    raise AssertionError("the event never completed")
 
 
 def test_a_preset_name_is_never_a_path_to_another_visitors_settings_or_any_server_file(space):

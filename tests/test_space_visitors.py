@@ -6,8 +6,6 @@ quotas. Each test is a row of the table in issue 14."""
 from __future__ import annotations
 
 import html
-import io
-import json
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from gradio_client import Client, handle_file
-from helpers.app import QUICK, SPACE, AppServer, progress, running_app, text, upload_pictures
+from helpers.app import QUICK, SPACE, AppServer, progress, raw_event, running_app, text, upload_pictures
 
 from lora_gui.demo import write_demo_dataset
 from lora_gui.staging import STAGING_DIR
@@ -165,35 +163,10 @@ def test_a_visitor_gets_one_run_at_a_time_and_learns_only_their_place_in_the_que
     assert "b-run" in b_sees(b.predict(api_name="/stop"))
 
 
-def raw_click(space: AppServer, button: str, values: dict[str, object]) -> list:
-    """Call the event a click on `button` triggers, as a raw queue call with its own session, whatever the page
-    shows of it: every input at its starting value but `values`, by label. Returns the event's outputs."""
-    config = json.load(urllib.request.urlopen(f"{space.url}config", timeout=30))
-    components = {component["id"]: component for component in config["components"]}
-    label_of = {id_: component.get("props", {}).get("label") for id_, component in components.items()}
-    (target,) = [id_ for id_, component in components.items() if component.get("props", {}).get("value") == button]
-    (dependency,) = [dep for dep in config["dependencies"] if [target, "click"] in dep["targets"]]
-    data = [values.get(label_of[id_], components[id_].get("props", {}).get("value")) for id_ in dependency["inputs"]]
-    session = "a-stranger"
-    body = {"data": data, "fn_index": dependency["id"], "session_hash": session, "event_data": None}
-    request = urllib.request.Request(
-        f"{space.url}gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    urllib.request.urlopen(request, timeout=30).close()
-    with urllib.request.urlopen(f"{space.url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
-        for line in io.TextIOWrapper(stream, encoding="utf-8"):
-            if line.startswith("data:"):
-                message = json.loads(line[5:])
-                if message.get("msg") == "process_completed":
-                    assert message["success"], message
-                    return message["output"]["data"]
-    raise AssertionError("the event never completed")
-
-
 def test_a_preset_saved_through_a_raw_queue_call_goes_to_the_visitors_browser_not_the_apps_files(space):
     from lora_gui.config import PRESETS_DIR
 
     named = {"Save these settings as a preset named": "visitor-planted"}
-    outputs = raw_click(space, "Save as preset", named)
+    outputs = raw_event(space, "Save as preset", named, "a-stranger", must_succeed=True)
     assert not (PRESETS_DIR / "visitor-planted.json").exists()
     assert any(isinstance(output, dict) and "visitor-planted" in output for output in outputs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import html
+import io
+import json
 import os
 import re
 import socket
@@ -169,3 +171,38 @@ def generate_request(base_model: Path, lora: Path) -> dict:
         gen_upload_1=str(lora),
         strength_1=1.0,
     )
+
+
+def raw_event(
+    space: AppServer, trigger: str, values: dict[str, object], session: str, must_succeed: bool = False
+) -> list:
+    """Call the page's event on `trigger` (a button's words, or "load": the load event that reads `values`' keys),
+    private or not, as a raw queue call in `session`: every input at its starting value but `values`, by label or
+    storage key. Returns the event's outputs (its error, in their place, unless it `must_succeed`)."""
+    config = json.load(urllib.request.urlopen(f"{space.url}config", timeout=30))
+    props = {component["id"]: component.get("props", {}) for component in config["components"]}
+
+    def named(id_: int) -> object:
+        return props[id_].get("label") or props[id_].get("storage_key")
+
+    def triggered(dependency: dict) -> bool:
+        if trigger == "load":
+            return any(event == "load" for _, event in dependency["targets"]) and any(
+                named(id_) in values for id_ in dependency["inputs"]
+            )
+        return any(props.get(id_, {}).get("value") == trigger for id_, _ in dependency["targets"])
+
+    (dependency,) = [dependency for dependency in config["dependencies"] if triggered(dependency)]
+    data = [values.get(named(id_), props[id_].get("value")) for id_ in dependency["inputs"]]
+    body = {"data": data, "fn_index": dependency["id"], "session_hash": session, "event_data": None}
+    request = urllib.request.Request(
+        f"{space.url}gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=30).close()
+    with urllib.request.urlopen(f"{space.url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in io.TextIOWrapper(stream, encoding="utf-8"):
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                assert message["success"] or not must_succeed, message
+                return message["output"].get("data") or [message["output"].get("error")]
+    raise AssertionError("the event never completed")

@@ -278,6 +278,12 @@ class TrainConfig:
         "keeps it exact.",
         choices=tuple(QUANTIZATIONS),
     )
+    blocks_to_swap: int = _field(
+        0,
+        "Keep this many of the base model's blocks in the computer's memory, each brought to the GPU only while it "
+        "is used: the largest models (Qwen-Image, Flux.2 dev) then fit a 16-24 GB GPU, at a cost in speed that the "
+        "estimate shows. 0 keeps the whole model on the GPU, the fastest.",
+    )
     channels_last: bool = _field(
         False,
         "Another memory layout that can be a little faster on NVIDIA GPUs. Leave it off unless you test it.",
@@ -382,6 +388,7 @@ class TrainConfig:
         check_between("validation_images", self.validation_images, 0, 1000)
         check_between("validation_every", self.validation_every, 1, 10_000_000)
         check_between("early_stop", self.early_stop, 0, 10_000)
+        check_between("blocks_to_swap", self.blocks_to_swap, 0, 1000)
 
     def _check_choices(self) -> None:
         for name, choices in (

@@ -30,6 +30,7 @@ _LABELS = {
     "family": "Model family",
     "max_grad_norm": "Gradient clipping (max. norm)",
     "channels_last": "Channels-last memory layout",
+    "blocks_to_swap": "Blocks kept in the computer's memory (block swap)",
     "torch_compile": "Prepare the model first (torch.compile)",
     "snr_gamma": "Balance noise levels",
     "prodigy_d_coef": "Prodigy boldness (d coef)",
@@ -60,7 +61,10 @@ ADVANCED_GROUPS = {
         "text_encoder_target_modules",
     ),
     "Checking on kept-out pictures": ("validation_images", "validation_every", "keep_best", "early_stop"),
-    "Speed & memory": ("mixed_precision", "gradient_checkpointing", "quantize_base", "channels_last", "torch_compile"),
+    "Speed & memory": (
+        *("mixed_precision", "gradient_checkpointing", "quantize_base", "blocks_to_swap", "channels_last"),
+        "torch_compile",
+    ),
     "Saving & previews": (
         *("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "sample_steps", "sample_seed"),
         "log_every",

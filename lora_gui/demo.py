@@ -179,8 +179,8 @@ def write_demo_dataset(folder: str | Path, count: int = 8, size: tuple[int, int]
 
 def demo_config(data: str | Path = "") -> TrainConfig:
     """What Try the demo trains: the demo preset (quick settings for any tiny model) on the demo model, with its text
-    encoder learning too. The trigger word is a word it never saw: learning it there, the cross shows in 200 steps
-    (about 17 s on one CPU core), where the UNet alone needs twice as many. Its captions hold that word already;
+    encoder learning too. The trigger word is a word it never saw: learning it there, the cross shows in 250 steps
+    (about 20 s on one CPU core), where the UNet alone needs twice as many. Its captions hold that word already;
     naming it as the trigger word tells the page, which asks visitors to keep it in their prompts."""
     return replace(
         load_preset(DEMO_PRESET),

@@ -33,9 +33,9 @@ BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # by their weights and pixels: rough, as processors differ more than GPUs of a kind do.
 CPU_STEP = {"seconds": 8.2, "cores": 2, "weights": 0.86e9, "resolution": 512}
 # The demo and tiny models are too small to keep a processor busy (each step is mostly overhead), so their pace
-# is the demo's own in the app: its 200 steps of 2 pictures at 64 px, previews included, take about 20 s on one of
+# is the demo's own in the app: its 250 steps of 2 pictures at 64 px, previews included, take about 22 s on one of
 # those 2 cores (the app leaves the other to the page); more pixels cost more.
-TINY_SECONDS_PER_PICTURE = 20 / (200 * 2)
+TINY_SECONDS_PER_PICTURE = 22 / (250 * 2)
 TINY_RESOLUTION = 64
 _ESTIMATING = threading.Lock()
 

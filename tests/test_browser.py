@@ -190,11 +190,11 @@ def test_the_demo_teaches_its_model_a_new_shape_in_under_40_seconds_in_a_real_br
         page.goto(app_server.url)
         page.get_by_role("button", name="Try the demo").click()
         expect(page.locator("#train-notice")).to_contain_text("Demo ready")
-        expect(page.locator("#setting-max_steps input")).to_have_value("200")
+        expect(page.locator("#setting-max_steps input")).to_have_value("250")
         shot(page, "09-demo-ready")
         page.get_by_label("Run name").fill("demo-run")
         page.get_by_role("button", name="Start training").click()
-        expect(page.locator("#train-progress")).to_contain_text("demo-run finished: 200 steps", timeout=2 * MINUTE)
+        expect(page.locator("#train-progress")).to_contain_text("demo-run finished: 250 steps", timeout=2 * MINUTE)
         expect(page.locator("#train-samples img").first).to_be_visible()
         shot(page, "15-demo-trained")
 

@@ -202,9 +202,9 @@ def test_a_fresh_page_holds_the_demo_models_own_settings_and_a_rate_hint_that_ma
     _, ctx = built
     demo = demo_config()
     assert ctx["base_model"].value == TINY_CHOICE
-    assert (ctx["resolution"].value, ctx["max_steps"].value) == (demo.resolution, demo.max_steps) == (64, 200)
-    assert ctx["learning_rate"].value == 0.004
-    assert "1e-4 is a safe start" not in ctx["learning_rate"].info and "0.004" in ctx["learning_rate"].info
+    assert (ctx["resolution"].value, ctx["max_steps"].value) == (demo.resolution, demo.max_steps) == (64, 250)
+    assert ctx["learning_rate"].value == 0.003
+    assert "1e-4 is a safe start" not in ctx["learning_rate"].info and "0.003" in ctx["learning_rate"].info
 
 
 @pytest.mark.app
@@ -216,11 +216,11 @@ def test_picking_a_base_model_sets_the_size_it_was_made_for(built):
     sdxl = settings_for_model(ctx, base_model="stabilityai/stable-diffusion-xl-base-1.0", **form)
     assert sdxl["resolution"] == 1024 and sdxl["max_steps"] == TrainConfig().max_steps
     assert sdxl["learning_rate"]["value"] == 1e-4, "the demo's rate would wreck a real model"
-    assert "1e-4" in sdxl["learning_rate"]["info"] and "0.004" not in sdxl["learning_rate"]["info"]
+    assert "1e-4" in sdxl["learning_rate"]["info"] and "0.003" not in sdxl["learning_rate"]["info"]
     sd15 = settings_for_model(ctx, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", **{**form, **sdxl})
     assert sd15["resolution"] == 512
     back = settings_for_model(ctx, base_model=TINY_CHOICE, **{**form, **sdxl})
-    assert (back["resolution"], back["max_steps"], back["learning_rate"]["value"]) == (64, 200, 0.004)
+    assert (back["resolution"], back["max_steps"], back["learning_rate"]["value"]) == (64, 250, 0.003)
     assert settings_for_model(ctx, base_model="someone/not-downloaded", **form) == {}, "its family is not known yet"
 
 
@@ -253,13 +253,13 @@ def test_without_a_gpu_the_estimate_gives_a_rough_time_on_this_processor(built, 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the processor BENCHMARKS.md measured
     form = {name: ctx[name].value for name in config_form.field_names()}
     demo = html.unescape(show_estimate(ctx, base_model=TINY_CHOICE, **form)["estimate"])
-    assert "On this computer's processor: about 20 s (rough" in demo
+    assert "On this computer's processor: about 22 s (rough" in demo
     slow = html.unescape(
         show_estimate(ctx, base_model=TINY_CHOICE, **{**form, "resolution": 512, "max_steps": 1000, "batch_size": 1})[
             "estimate"
         ]
     )
-    assert "about 54 min" in slow, "the issue's fresh page (512 px, 1000 steps) measured about 90 minutes"
+    assert "about 47 min" in slow, "the issue's fresh page (512 px, 1000 steps) measured about 90 minutes"
     real = {**config_form.widget_values(TrainConfig()), "family": "sd15"}
     sd15 = html.unescape(show_estimate(ctx, base_model="someone/model", **real)["estimate"])
     assert "no NVIDIA GPU" in sd15 and "On this computer's processor: about 2.3 h (rough" in sd15
@@ -273,8 +273,8 @@ def test_suggest_settings_knows_the_demo_model_and_that_there_is_no_gpu(tmp_path
     session = staged_pictures(ctx, tmp_path)
     form = {**config_form.widget_values(TrainConfig()), "trigger_word": "zqx"}
     demo = suggest_settings(ctx, EVERYONE, session=session, base_model=TINY_CHOICE, subject="object", **form)
-    assert (demo["resolution"], demo["max_steps"], demo["trigger_word"]) == (64, 200, "zqx")
-    assert "24 GB card" not in demo["suggestions"] and "about 20 s" in html.unescape(demo["suggestions"])
+    assert (demo["resolution"], demo["max_steps"], demo["trigger_word"]) == (64, 250, "zqx")
+    assert "24 GB card" not in demo["suggestions"] and "about 22 s" in html.unescape(demo["suggestions"])
     real = suggest_settings(
         ctx, EVERYONE, session=session, base_model="someone/model", subject="object", **{**form, "family": "sd15"}
     )

@@ -296,6 +296,16 @@ GENERATE_PLANS = {
         48: ("none", False),
         80: ("none", False),
     },
+    # Chroma: its 8.9 B transformer is 17.8 GB in bf16 (whole on 24 GB cards, int8 on 12 and 16), and T5-XXL beside
+    # it 9.5 GB more: on the GPU whole from 48 GB.
+    "chroma": {
+        8: ("nf4", True),
+        12: ("int8", True),
+        16: ("int8", True),
+        24: ("none", True),
+        48: ("none", False),
+        80: ("none", False),
+    },
 }
 
 

@@ -142,9 +142,12 @@ def klein_flow_loss(pipe: Flux2KleinPipeline, pixels: torch.Tensor, captions: li
     return float(np.mean(losses))
 
 
-def chroma_transformer_call(pipe: ChromaPipeline, noisy: torch.Tensor, sigmas: torch.Tensor, captions: list[str]):
+def chroma_transformer_call(
+    pipe: ChromaPipeline, noisy: torch.Tensor, sigmas: torch.Tensor, captions: list[str], as_bool: bool = True
+):
     """Chroma's prediction for unpacked noisy latents as ChromaPipeline's loop calls its transformer, through its own
-    prompt encoding, packing, position ids and attention mask: the mask in bool, as the pipeline means it."""
+    prompt encoding, packing, position ids and attention mask: the mask in bool, as the pipeline means it, or as it
+    makes it (floats)."""
     count, channels, height, width = noisy.shape
     length = pipe.tokenizer.model_max_length
     embeds, text_ids, mask, *_ = pipe.encode_prompt(
@@ -157,7 +160,7 @@ def chroma_transformer_call(pipe: ChromaPipeline, noisy: torch.Tensor, sigmas: t
         encoder_hidden_states=embeds,
         txt_ids=text_ids,
         img_ids=ChromaPipeline._prepare_latent_image_ids(count, height // 2, width // 2, "cpu", noisy.dtype),
-        attention_mask=pipe._prepare_attention_mask(count, patches, embeds.dtype, mask.bool()),
+        attention_mask=pipe._prepare_attention_mask(count, patches, embeds.dtype, mask.bool() if as_bool else mask),
     ).sample
     return ChromaPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
 
@@ -196,7 +199,10 @@ def test_chromas_training_prediction_is_the_pipelines_transformer_call_with_chec
         # One pad read after each caption's tokens: the shorter caption's padding beyond it is masked.
         assert conditioning["prompt_attention_mask"].sum(1).tolist() == [12, 4]
         ours = chroma.predict(pipe.transformer, noisy, timesteps, conditioning, [])
+        # Generate's calls with a prompt, whose float mask the loaded (prepared) transformer reads as the bool one.
+        as_generate_calls = chroma_transformer_call(pipe, noisy, timesteps / 1000, captions, as_bool=False)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(as_generate_calls, expected, atol=1e-5, rtol=0)
     pipe.transformer.train()
     pipe.transformer.enable_gradient_checkpointing()
     checkpointed = chroma.predict(pipe.transformer, noisy.requires_grad_(), timesteps, conditioning, [])

@@ -73,7 +73,8 @@ class Chroma(Flux1):
     short_title = "Chroma"
     pipeline_class = Imported("diffusers", "ChromaPipeline")
     denoiser_class = Imported("diffusers", "ChromaTransformer2DModel")
-    # Flux.1's default layers, which Chroma's blocks all have (it lacks only their modulation).
+    # The LoRA's layers are Flux.1's defaults (`default_target_modules`), which Chroma's blocks all have: they lack
+    # only their modulation, never a default. The approximator stays frozen.
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     original_names = _NAMES

@@ -92,7 +92,9 @@ def load_pipeline(
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    return detect_family(pipe, family), pipe
+    detected = detect_family(pipe, family)
+    detected.prepare_pipeline(pipe)
+    return detected, pipe
 
 
 def fetch(

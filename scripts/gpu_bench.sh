@@ -66,6 +66,10 @@ run flux-shallow-1024-b4 --model flux-shallow --resolution 1024 --batch-size 4 -
 run flux2-klein-shallow-512-b1 --model flux2-klein-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run flux2-klein-shallow-1024-b1 --model flux2-klein-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 run flux2-klein-1024-b1 --model flux2-klein --resolution 1024 --batch-size 1 --steps 10 --warmup 3
+# Chroma at full width with 1/19 of its depth (1 of 19 double and 2 of 38 single blocks, its approximator whole, 1 T5
+# layer). diffusers has no Chroma training script: the reference is its Flux.1 script's loop, which takes the same step.
+run chroma-shallow-512-b1 --model chroma-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
+run chroma-shallow-1024-b1 --model chroma-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 # Z-Image at full width with 2 of its 30 layers and one refiner of each kind (4 of its 34 blocks) and 4 of Qwen3-4B's
 # 36 layers (3.3 GB); BENCH_ROWS='zimage-*' runs them alone.
 run zimage-shallow-512-b1 --model zimage-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5

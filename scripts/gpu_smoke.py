@@ -28,7 +28,8 @@ FAIL with what was measured or why (exit status 1 if any failed), SKIP for a par
 Time on an H100 (estimates, conservative: no GPU has run this yet; the script measures and prints each check's
 time), in the order they run:
     start (imports, CUDA, the first kernels)                      25 s
-    tiny-sd15, tiny-sd2, tiny-sdxl, tiny-flux, tiny-flux2-klein:  5 x 2 x 10 s
+    tiny-sd15, tiny-sd2, tiny-sdxl, tiny-flux, tiny-flux2-klein,
+    tiny-chroma:                                                  6 x 2 x 10 s
     tiny-zimage-int8 (the Z-Image presets' int8 base): bf16, fp16  2 x 10 s
     card rows, tiny Flux: 12, 16, 24 GB x bf16, fp16             6 x 12 s
     card rows, shallow Flux, 12 and 16 GB x fp16, then bf16      40 s to write its 2.4 GB once, 4 x 35 s
@@ -88,6 +89,7 @@ MODELS = {
     "tiny-sdxl": ("sdxl", 64, 4, 2, True, "none"),
     "tiny-flux": ("flux", 64, 4, 2, False, "none"),  # Flux LoRAs train the transformer alone
     "tiny-flux2-klein": ("flux2-klein", 64, 4, 2, False, "none"),  # so do Flux.2 klein's
+    "tiny-chroma": ("chroma", 64, 4, 2, False, "none"),  # and Chroma's
     "tiny-flux-int8": ("flux", 64, 4, 2, False, "int8"),  # the 16 and 24 GB presets' base
     "tiny-flux-nf4": ("flux", 64, 4, 2, False, "nf4"),  # the 12 GB preset's: bitsandbytes on CUDA only
     "tiny-zimage": ("zimage", 64, 4, 2, False, "none"),  # Z-Image LoRAs train the transformer alone
@@ -96,7 +98,16 @@ MODELS = {
 }
 # The card rows train the tiny Flux with the int8 and NF4 bases in both precisions, so by default the model rows
 # leave out tiny-flux-int8 and tiny-flux-nf4 (--models names them, for a run without card rows).
-DEFAULT_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl", "tiny-flux", "tiny-flux2-klein", "tiny-zimage-int8", "sd15")
+DEFAULT_MODELS = (
+    "tiny-sd15",
+    "tiny-sd2",
+    "tiny-sdxl",
+    "tiny-flux",
+    "tiny-flux2-klein",
+    "tiny-chroma",
+    "tiny-zimage-int8",
+    "sd15",
+)
 CARD_MODELS = ("tiny-flux", "flux-shallow")
 # The Flux presets, by the card they are made for.
 CARD_PRESETS = {12: "flux-dev-12gb", 16: "flux-dev-16gb", 24: "flux-dev-24gb"}

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
+from lora_gui.families.chroma import Chroma
 from lora_gui.families.flux import Flux1
 from lora_gui.families.flux2 import Flux2Klein
 from lora_gui.families.sdxl import StableDiffusionXL
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 REGISTRY: dict[str, type[Family]] = {
-    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, ZImage, Flux2Klein)
+    family.name: family
+    for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, ZImage, Flux2Klein, Chroma)
 }
 
 __all__ = [

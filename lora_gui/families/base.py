@@ -161,6 +161,11 @@ class Family:
         """The denoiser's layers that get a LoRA: those the settings name, else the family's usual ones."""
         return list(target_modules) or list(cls.default_target_modules)
 
+    @classmethod
+    def prepare_pipeline(cls, pipe: DiffusionPipeline) -> None:
+        """What a loaded pipeline of this family needs before it trains or generates, for a diffusers pipeline that
+        would not run its denoiser as the family trains it (Chroma's attention mask); nothing here."""
+
     # ---- the parts ------------------------------------------------------------------------------
     @classmethod
     def denoiser(cls, pipe: DiffusionPipeline) -> torch.nn.Module:

@@ -99,6 +99,10 @@ _TRANSFORMER_PREFIXES = (
 # diffusers can't put a LoRA on.
 _CLIP_PREFIXES = ("text_encoder.", "lora_te1_", "lora_te_", "text_encoders.clip_l.transformer.")
 _T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.")
+# Flux.1-dev's schedule, which Chroma's keeps: shifted by the picture's size when sampling (dynamic shifting).
+DYNAMIC_SHIFT_SCHEDULE: dict[str, Any] = dict(
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+)
 
 
 class Flux1(RectifiedFlowTransformer):
@@ -126,6 +130,9 @@ class Flux1(RectifiedFlowTransformer):
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    # Black Forest Labs' names of its layers, and its CLIP's pipeline attribute, which LoRAs from elsewhere may adapt.
+    original_names: ClassVar[BlackForestLabsNames] = _NAMES
+    clip_name: ClassVar[str | None] = "text_encoder"
     kohya_text_encoder_prefixes = ("lora_te1", "lora_te2")
     kohya_network_module = "networks.lora_flux"
     kohya_base_model_version = "flux1"
@@ -204,7 +211,7 @@ class Flux1(RectifiedFlowTransformer):
             return None  # a layout diffusers converts itself (XLabs', Black Forest Labs' Control LoRAs)
         if all(key.startswith(("transformer.", "text_encoder.")) and "lora_down" not in key for key in tensors):
             return None  # diffusers' own layout, whose metadata diffusers reads from the file
-        places = _LayerPlaces(pipe)
+        places = _LayerPlaces(pipe, cls.original_names, cls.clip_name)
         converted: dict[str, torch.Tensor] = {}
         unplaced = []
         for module, parts in modules.items():
@@ -235,11 +242,20 @@ class Flux1(RectifiedFlowTransformer):
         """Black Forest Labs' transformer, alone or in an all-in-one file, with its widths read from the file
         (diffusers' own converter assumes the full-size model's), its depth and its guidance input (dev has one,
         schnell not)."""
+        weights, shape = cls.original_weights(tensors)
+        guided = any(key.startswith("time_text_embed.guidance_embedder.") for key in weights)
+        return weights, {**shape, "guidance_embeds": guided}
+
+    @classmethod
+    def original_weights(cls, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A checkpoint's transformer in Black Forest Labs' names (`original_names`) in diffusers' names, each fused
+        layer cut at the file's own width, and its depth."""
         prefix = next((p for p in (_ALL_IN_ONE_PREFIX, "diffusion_model.", "") if f"{p}img_in.weight" in tensors), None)
         if prefix is None:
             raise ValueError(f"it holds no {cls.title} transformer (it has no img_in.weight)")
         width = tensors[f"{prefix}img_in.weight"].shape[0]
-        weights, unknown = _NAMES.weights(
+        names = cls.original_names
+        weights, unknown = names.weights(
             tensors, prefix, lambda value, parts, key: _split_outputs(value, parts, width, key)
         )
         if unknown:
@@ -248,14 +264,9 @@ class Flux1(RectifiedFlowTransformer):
             )
         blocks = {
             kind: {key.split(".")[1] for key in weights if key.startswith(f"{name}.")}
-            for kind, (name, _) in _NAMES.blocks.items()
+            for kind, (name, _) in names.blocks.items()
         }
-        shape = dict(
-            num_layers=len(blocks["double_blocks"]),
-            num_single_layers=len(blocks["single_blocks"]),
-            guidance_embeds=any(key.startswith("time_text_embed.guidance_embedder.") for key in weights),
-        )
-        return weights, shape
+        return weights, dict(num_layers=len(blocks["double_blocks"]), num_single_layers=len(blocks["single_blocks"]))
 
     @classmethod
     def single_file_companions(cls, tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -355,17 +366,8 @@ class Flux1(RectifiedFlowTransformer):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
-        # Flux.1-dev's schedule: shifted by the picture's size when sampling (dynamic shifting).
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        )
         return cls.pipeline_class(
-            scheduler=scheduler,
+            scheduler=FlowMatchEulerDiscreteScheduler(**DYNAMIC_SHIFT_SCHEDULE),
             vae=vae,
             text_encoder=clip,
             tokenizer=clip_tokenizer,
@@ -392,14 +394,16 @@ def _split_outputs(weight: torch.Tensor, parts: int, width: int, name: str) -> l
 class _LayerPlaces:
     """Where a LoRA file's layer goes in a loaded Flux pipeline, whatever the tool that wrote it named it."""
 
-    def __init__(self, pipe: DiffusionPipeline):
+    def __init__(self, pipe: DiffusionPipeline, names: BlackForestLabsNames, clip_name: str | None):
+        self.original_names = names
         config = pipe.transformer.config
         self.width = config.num_attention_heads * config.attention_head_dim
         # Each component's layers by diffusers' dotted name, and that name by itself and by kohya's "_" spelling.
         # CLIP's are the canonical names (text_model.encoder...), which transformers 5 no longer has as a level.
         self.layers: dict[str, dict[str, torch.nn.Module]] = {}
         self.names: dict[str, dict[str, str]] = {}
-        for component, model in (("transformer", pipe.transformer), ("text_encoder", pipe.text_encoder)):
+        components = {"transformer": pipe.transformer, "text_encoder": getattr(pipe, clip_name) if clip_name else None}
+        for component, model in ((component, model) for component, model in components.items() if model is not None):
             layers = {
                 (
                     f"text_model.{name}" if component == "text_encoder" and not name.startswith("text_model") else name
@@ -414,9 +418,9 @@ class _LayerPlaces:
         """(component, Black Forest Labs' name or "", diffusers' layers) for a module name in a LoRA file."""
         for component, prefixes in (("transformer", _TRANSFORMER_PREFIXES), ("text_encoder", _CLIP_PREFIXES)):
             name = next((module[len(prefix) :] for prefix in prefixes if module.startswith(prefix)), None)
-            if name is None:
+            if name is None or component not in self.names:
                 continue
-            original = _NAMES.find(name) if component == "transformer" else None
+            original = self.original_names.find(name) if component == "transformer" else None
             if original is not None:
                 return component, *original
             if name in self.names[component]:

@@ -148,7 +148,11 @@ def made_for_other_model(shapes: dict[str, tuple[int, ...]], pipe: DiffusionPipe
         transformers = [other.title for other in REGISTRY.values() if other.denoiser_name == "transformer"]
         return f"a transformer model ({', '.join(transformers)}, or another such as SD3)"
     expected = family.cross_attention_width(pipe)
-    by_width = {other.text_width: other.title for other in REGISTRY.values()}
+    by_width: dict[int, str] = {}  # families whose text features are as wide (the same text encoder) named together
+    for other in REGISTRY.values():
+        by_width[other.text_width] = (
+            f"{by_width[other.text_width]} or {other.title}" if other.text_width in by_width else other.title
+        )
     for key, shape in shapes.items():
         if _CROSS_ATTENTION_KEY.search(key) and _DOWN.search(key) and len(shape) >= 2 and shape[1] != expected:
             width = shape[1]

@@ -12,12 +12,14 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchE
 
 from lora_gui.config import TrainConfig
 from lora_gui.demo import PINK
+from lora_gui.families import detect_family
 from lora_gui.training import checkpoints, train
 
 
 def fresh_pipe(model: Path) -> DiffusionPipeline:
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    detect_family(pipe).prepare_pipeline(pipe)  # as base_models.load_pipeline does (Chroma's attention mask)
     return pipe
 
 

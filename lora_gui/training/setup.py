@@ -4,6 +4,7 @@ preview prompts), the optimizer and schedule prepared for the processes, then a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,13 +17,13 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from lora_gui import batching, data, devices, events, optimizers, quantization
+from lora_gui import batching, block_swap, data, devices, events, optimizers, quantization
 from lora_gui.adapters import add_lora
 from lora_gui.base_models import load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.downloads import HubToken
-from lora_gui.errors import LoraGuiError
+from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, base_for_training
 from lora_gui.model_policy import BaseModelPolicy
@@ -104,6 +105,7 @@ def set_up(
             f"{run.path} already holds a run (trained to step {run.latest_checkpoint()[0]}): resume it, "
             "or pick a new run name so nothing is overwritten"
         )
+    config = _checkpointed_for_block_swap(config, emit)
     accelerator, precision = _accelerator(config)
     log.info(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
@@ -112,6 +114,7 @@ def set_up(
     examples, held_out, validation_note = _validation_pictures(config, run, resume, examples, accelerator)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token, model_policy)
     param_groups = _add_adapters(pipe, family, config)
+    _swap_blocks(config, pipe, family, accelerator)
     rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
     caches = _build_caches(config, pipe, family, examples, held_out, offload, accelerator, emit, should_stop)
 
@@ -253,6 +256,30 @@ def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainCo
         for encoder in text_encoders:
             encoder.activation_checkpointing_enable()
     return param_groups
+
+
+def _checkpointed_for_block_swap(config: TrainConfig, emit: EventHandler) -> TrainConfig:
+    """The settings with gradient checkpointing on where blocks are swapped, which need it (see block_swap.py), and
+    said so: a beginner who asked for the memory of block swap wants its cheaper companion too."""
+    if not config.blocks_to_swap or config.gradient_checkpointing:
+        return config
+    text = "blocks_to_swap needs gradient_checkpointing: it is on for this run"
+    log.info(text)
+    emit(Event(events.MESSAGE, data={"text": text}))
+    return dataclasses.replace(config, gradient_checkpointing=True)
+
+
+def _swap_blocks(config: TrainConfig, pipe: DiffusionPipeline, family: type[Family], accelerator: Accelerator) -> None:
+    """The denoiser's swapped blocks (`blocks_to_swap`), while it waits in CPU memory with its adapters: from here on
+    it moves to the device without them."""
+    if not config.blocks_to_swap:
+        return
+    if accelerator.num_processes > 1:
+        raise ConfigError("blocks_to_swap works in a run of one process: set it to 0 to train on several GPUs")
+    if config.torch_compile:
+        raise ConfigError("blocks_to_swap can't be used with torch_compile: turn one of them off")
+    denoiser = family.denoiser(pipe)
+    block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), config.blocks_to_swap, accelerator.device)
 
 
 @dataclass

@@ -113,8 +113,7 @@ def set_up(
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
     examples, held_out, validation_note = _validation_pictures(config, run, resume, examples, accelerator)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token, model_policy)
-    param_groups = _add_adapters(pipe, family, config)
-    _swap_blocks(config, pipe, family, accelerator)
+    param_groups = _add_adapters(pipe, family, config, accelerator)
     rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
     caches = _build_caches(config, pipe, family, examples, held_out, offload, accelerator, emit, should_stop)
 
@@ -242,8 +241,10 @@ def _load_base(
     return family, pipe, offload, objective
 
 
-def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
-    """The LoRA adapters and the speed and memory options; the optimizer's parameter groups."""
+def _add_adapters(
+    pipe: DiffusionPipeline, family: type[Family], config: TrainConfig, accelerator: Accelerator
+) -> list[dict]:
+    """The LoRA adapters and the speed and memory options (block swap last); the optimizer's parameter groups."""
     param_groups = add_lora(pipe, family, config)
     text_encoders = family.text_encoders(pipe) if config.train_text_encoder else []
     for encoder in text_encoders:
@@ -255,6 +256,7 @@ def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainCo
         denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.activation_checkpointing_enable()
+    _swap_blocks(config, pipe, family, accelerator)
     return param_groups
 
 

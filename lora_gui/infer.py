@@ -350,8 +350,9 @@ def decode(
 
 def _swap_blocks_to_fit(family: type[Family], pipe: DiffusionPipeline, budget: float, device: torch.device) -> None:
     """Where the denoiser alone, quantized as it is, takes more than `budget` bytes, as few of its blocks as let it
-    fit stream through the GPU (block_swap.py): it stays there, the rest of the pipeline still taking turns beside
-    it (diffusers' offload leaves what `_exclude_from_cpu_offload` names on the device)."""
+    fit stream through the GPU (block_swap.py). It still takes its turn on the GPU with the pipeline's other parts
+    (diffusers' offload moves it whole, and block swap keeps the swapped blocks out of every move): never beside the
+    text encoders, which for the largest models are as large as the GPU's share of it."""
     denoiser = family.denoiser(pipe)
     if quantization.stored_bytes(denoiser) <= budget:
         return
@@ -359,7 +360,6 @@ def _swap_blocks_to_fit(family: type[Family], pipe: DiffusionPipeline, budget: f
     count = block_swap.count_for_budget(denoiser, family.checkpointed_blocks(), budget)
     if block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), count, device) is not None:
         log.info("Generating with %d of the %s's blocks swapped", count, family.denoiser_title)
-        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, family.denoiser_name]
 
 
 def _weight_bytes(pipe: DiffusionPipeline) -> int:

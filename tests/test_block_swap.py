@@ -88,7 +88,7 @@ def test_block_swap_trains_and_generates_bit_for_bit_as_without(deeper_tiny_mode
             said.append(event.data["text"])
 
     # A preview at the last step: the forward-only path, wrapping around from the last swapped block to the first.
-    common = dict(max_steps=3, batch_size=1, log_every=1, sample_every=3, sample_steps=1, quantize_base="int8")
+    common = dict(max_steps=2, batch_size=1, log_every=1, sample_every=2, sample_steps=1, quantize_base="int8")
     plain = quick_config(deeper_tiny_model, photos, gradient_checkpointing=True, **common)
     swapped = quick_config(deeper_tiny_model, photos, blocks_to_swap=SWAPPED, **common)  # checkpointing: off, asked
     train(plain, tmp_path / "plain")
@@ -97,22 +97,19 @@ def test_block_swap_trains_and_generates_bit_for_bit_as_without(deeper_tiny_mode
 
     assert "blocks_to_swap needs gradient_checkpointing: it is on for this run" in said
     assert json.loads((tmp_path / "swapped" / "config.json").read_text())["gradient_checkpointing"]
-    for name in ("metrics.jsonl", "samples/step-3-0.png"):
-        assert (tmp_path / "swapped" / name).read_bytes() != b""
     losses = [
         [row["loss"] for row in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
         for run in ("plain", "swapped")
     ]
-    assert losses[0] == losses[1]
-    assert (tmp_path / "plain/samples/step-3-0.png").read_bytes() == (
-        tmp_path / "swapped/samples/step-3-0.png"
-    ).read_bytes()
+    assert len(losses[1]) == 2 and losses[0] == losses[1]
+    previews = [(tmp_path / run / "samples" / "step-2-0.png").read_bytes() for run in ("plain", "swapped")]
+    assert previews[0] == previews[1]
     lora = [load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("plain", "swapped")]
     assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
     # The schedule: the first step's forward pass loads every swapped block, its backward pass all but the ring's
-    # (the last two stay for it); from then on both passes load all but the ring's.
-    ring_kept = SWAPPED - block_swap.RING
-    assert loads == [SWAPPED + ring_kept, SWAPPED + 3 * ring_kept, SWAPPED + 5 * ring_kept]
+    # (the last two stay for it); from then on both passes load all but the ring's (the first two stay too).
+    beyond_ring = SWAPPED - block_swap.RING
+    assert loads == [SWAPPED + beyond_ring, SWAPPED + 3 * beyond_ring]
     streamer = made[0]
     assert streamer.ran > 0
     at_rest_unless_in_a_slot(streamer)
@@ -131,7 +128,7 @@ def generate_swapped_as_without(model, run, made, monkeypatch) -> None:
         monkeypatch.setattr(devices, "card", lambda gpu=gpu: gpu)
         generator = Generator.load(str(model), quantize="int8")
         generator.set_loras([(run, 1.0)])
-        pictures.append(np.asarray(generator("a red circle", seed=1, steps=2, width=64, height=64)))
+        pictures.append(np.asarray(generator("a red circle", seed=1, steps=1, width=64, height=64)))
     assert len(made) == 2 and len(made[1].swapped) == SWAPPED  # the run's, then Generate's
     assert made[1].ran > 0
     np.testing.assert_array_equal(pictures[0], pictures[1])

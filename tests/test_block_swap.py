@@ -133,9 +133,15 @@ def generate_swapped_as_without(model, run, made, monkeypatch) -> None:
     assert made[1].ran > 0
     np.testing.assert_array_equal(pictures[0], pictures[1])
 
+
+def test_block_swap_refuses_more_blocks_than_there_can_be_and_a_unet(deeper_tiny_model, tiny_model, tmp_path):
+    photos = write_demo_dataset(tmp_path / "photos", count=1, size=(64, 64))
     with pytest.raises(ConfigError) as refused:
-        block_swap.swap_blocks(torch.nn.Sequential(*made[1].blocks), REGISTRY["zimage"].checkpointed_blocks(), 5, "cpu")
+        train(quick_config(deeper_tiny_model, photos, blocks_to_swap=5), tmp_path / "too-many")
     assert str(refused.value) == (
         "blocks_to_swap is 5, but this base model has 6 blocks and 2 of them must fit on the GPU at once: set "
         "blocks_to_swap to at most 4"
     )
+    # The UNet's backward pass breaks when its blocks are swapped (see Family.swaps_blocks).
+    with pytest.raises(ConfigError, match=r"blocks_to_swap works with transformer models; this Stable Diffusion 1\.x"):
+        train(quick_config(tiny_model, photos, blocks_to_swap=1), tmp_path / "unet")

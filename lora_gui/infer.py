@@ -28,7 +28,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from lora_gui import devices, quantization
+from lora_gui import block_swap, devices, quantization
 from lora_gui.adapters import canonical_modules
 from lora_gui.base_models import denoiser_parameters_on_disk, family_from_files, fetch, load_pipeline
 from lora_gui.downloads import PICKLE_SUFFIXES, DownloadProgress, HubToken
@@ -87,6 +87,7 @@ class Generator:
             if card is not None and _weight_bytes(pipe) > 0.75 * card.memory_gb * 2**30:
                 # The whole model does not fit beside its work (Flux's T5 alone is 9.5 GB): each part comes to
                 # the GPU when the pipeline uses it, the text encoders to read the prompt, then the denoiser.
+                _swap_blocks_to_fit(loaded_family, pipe, 0.75 * card.memory_gb * 2**30, device)
                 pipe.enable_model_cpu_offload(device=device)
             else:
                 pipe.to(device)
@@ -345,6 +346,20 @@ def decode(
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, when its package is installed
         images = pipe.watermark.apply_watermark(images)
     return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def _swap_blocks_to_fit(family: type[Family], pipe: DiffusionPipeline, budget: float, device: torch.device) -> None:
+    """Where the denoiser alone, quantized as it is, takes more than `budget` bytes, as few of its blocks as let it
+    fit stream through the GPU (block_swap.py). It still takes its turn on the GPU with the pipeline's other parts
+    (diffusers' offload moves it whole, and block swap keeps the swapped blocks out of every move): never beside the
+    text encoders, which for the largest models are as large as the GPU's share of it."""
+    denoiser = family.denoiser(pipe)
+    if not family.swaps_blocks or quantization.stored_bytes(denoiser) <= budget:
+        return
+    denoiser.requires_grad_(False)  # nothing here trains: every weight it has now is the frozen base's
+    count = block_swap.count_for_budget(denoiser, family.checkpointed_blocks(), budget)
+    if block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), count, device) is not None:
+        log.info("Generating with %d of the %s's blocks swapped", count, family.denoiser_title)
 
 
 def _weight_bytes(pipe: DiffusionPipeline) -> int:

@@ -74,3 +74,10 @@ run chroma-shallow-1024-b1 --model chroma-shallow --resolution 1024 --batch-size
 # 36 layers (3.3 GB); BENCH_ROWS='zimage-*' runs them alone.
 run zimage-shallow-512-b1 --model zimage-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run zimage-shallow-1024-b1 --model zimage-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
+# Block swap (lora_gui/block_swap.py) on the shallow Z-Image at 1024 px: with gradient checkpointing alone, then with
+# 2 of its 4 blocks streamed from pinned CPU memory; the two rows' ours give what it costs a step and saves in peak
+# memory. BENCH_ROWS='swap*' runs them alone (the smoke checks' block-swap row measures the same at 512 px).
+run swap0-zimage-shallow-1024-b1 --model zimage-shallow --resolution 1024 --batch-size 1 --steps 10 --warmup 3 \
+  --ours gradient_checkpointing=true
+run swap2-zimage-shallow-1024-b1 --model zimage-shallow --resolution 1024 --batch-size 1 --steps 10 --warmup 3 \
+  --ours gradient_checkpointing=true --ours blocks_to_swap=2

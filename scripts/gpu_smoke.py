@@ -25,6 +25,13 @@ FAIL with what was measured or why (exit status 1 if any failed), SKIP for a par
            card, and they must be physically sound (the denoiser fits the card whole, and what does not all fit
            is offloaded).
 
+- block-swap rows (`--swap-models`: the shallow Z-Image, full width, 4 of its 34 blocks; with --cpu the tiny one):
+  train 3 steps at 512 px in bf16 with gradient checkpointing, first keeping every block on the GPU, then with
+  blocks_to_swap 2 (block_swap.py: 2 blocks streamed from pinned CPU memory through the ring of 2 slots); each
+  line gives the seconds a step took after the first and the peak memory, and the swap row the losses' largest
+  difference from the first (0 where the GPU's kernels are deterministic). It fails where the losses are not
+  finite, or block swap does not lower the peak.
+
 Time on an H100 (estimates, conservative: no GPU has run this yet; the script measures and prints each check's
 time), in the order they run:
     start (imports, CUDA, the first kernels)                      25 s
@@ -32,16 +39,19 @@ time), in the order they run:
     tiny-chroma:                                                  6 x 2 x 10 s
     tiny-zimage-int8 (the Z-Image presets' int8 base): bf16, fp16  2 x 10 s
     card rows, tiny Flux: 12, 16, 24 GB x bf16, fp16             6 x 12 s
+    block swap, shallow Z-Image: with and without               40 s to write its 3.3 GB once, 2 x 25 s
     card rows, shallow Flux, 12 and 16 GB x fp16, then bf16      40 s to write its 2.4 GB once, 4 x 35 s
     sd15 (the real SD 1.5 architecture): bf16 and fp16           20 s to write it, 2 x 35 s
     card rows, shallow Flux, 24 GB x fp16, bf16                  2 x 35 s
-That is 25 + 100 + 72 = 197 s before the shallow Flux, whose rows and sd15 then run as far as the budget allows:
-a part starts only if its estimate fits in what is left of `--budget` (230 s from the process's start, inside
-scripts/gpu_bench.sh's `timeout 240`); one that doesn't prints `SKIP <name>: ...`, which is not a failure.
+That is 25 + 100 + 72 = 197 s before block swap and the shallow Flux, whose rows and sd15 then run as far as the
+budget allows: a part starts only if its estimate fits in what is left of `--budget` (230 s from the process's
+start, inside scripts/gpu_bench.sh's `timeout 240`); one that doesn't prints `SKIP <name>: ...`, which is not a
+failure.
 
 usage: PYTHONPATH=. python scripts/gpu_smoke.py [--workdir DIR] [--models tiny-sd15,...,sd15] [--cards 12,16,24]
-       [--card-models tiny-flux,flux-shallow] [--card-precisions bf16,fp16] [--budget SECONDS] [--cpu]
-(`--models ''` or `--cards ''`: none of those rows.)
+       [--card-models tiny-flux,flux-shallow] [--card-precisions bf16,fp16] [--swap-models zimage-shallow]
+       [--budget SECONDS] [--cpu]
+(`--models ''`, `--cards ''` or `--swap-models ''`: none of those rows.)
 
 --cpu tries the script itself on a machine without a GPU: the GPU's precisions on the CPU's kernels, as the
 tests' card matrix runs them (every card's device is the CPU, with no memory cap; the model rows see an 80 GB
@@ -117,6 +127,8 @@ FLUX_DEV_PARTS = {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, 
 
 # What each part takes on an H100, in seconds, conservatively (see the docstring); a part starts only if it fits.
 SECONDS = {"tiny": 10, "sd15": 35, "sd15-write": 20, "card-tiny": 12, "card-shallow": 35, "shallow-write": 40}
+SECONDS["swap"] = 40 + 2 * 25  # the shallow Z-Image written, then trained with and without block swap
+SWAP_MODELS = ("zimage-shallow", "tiny-zimage")  # a benchmark model (lora_gui/bench.py), or a tiny one
 BUDGET = 230.0  # of scripts/gpu_bench.sh's `timeout 240`, from the process's start
 CPU_CARD_GB = 80.0  # the card the model rows see with --cpu: an H100's
 
@@ -437,6 +449,50 @@ def generated_on_card(generator: Generator, card: devices.Card, precision: str, 
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------
+# ---- block swap -----------------------------------------------------------------------------------------------
+def swap_rows(model: str, workdir: Path) -> None:
+    """Train `model` 3 steps without, then with block swap (2 blocks): step time, peak memory, the same losses."""
+    tiny = model.startswith("tiny-")
+    folder = tiny_model(workdir, model.removeprefix("tiny-")) if tiny else model_folder(workdir, model)
+    resolution = 64 if tiny else 512
+    pictures = write_demo_dataset(workdir / f"smoke-images-{resolution}", count=4, size=(resolution, resolution))
+    losses: dict[int, list[float]] = {}
+    peaks: dict[int, float] = {}
+
+    def row(swap: int) -> str:
+        run = workdir / f"smoke-run-swap{swap}-{model}"
+        shutil.rmtree(run, ignore_errors=True)
+        config = TrainConfig(
+            base_model=str(folder),
+            data=str(pictures),
+            resolution=resolution,
+            max_steps=3,
+            batch_size=1,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            blocks_to_swap=swap,
+            sample_every=0,
+            learning_rate=1e-4,
+        )
+        received: list[events.Event] = []
+        devices.reset_peak_memory()
+        detail = trained(config, run, "bf16", received)
+        steps = [e.data for e in received if e.kind == events.STEP]
+        losses[swap] = [step["loss"] for step in steps]
+        peaks[swap] = devices.peak_gpu_memory_gb() if DEVICE == "cuda" else 0.0
+        per_step = (steps[-1]["seconds"] - steps[0]["seconds"]) / (len(steps) - 1)
+        detail += f"; {per_step:.2f} s a step after the first, peak {peaks[swap]:.2f} GB"
+        if swap:
+            apart = max(abs(a - b) for a, b in zip(losses[0], losses[swap], strict=True))
+            detail += f"; losses at most {apart:.2e} from the run without it"
+            if DEVICE == "cuda" and peaks[swap] >= peaks[0]:
+                raise AssertionError(f"peak {peaks[swap]:.2f} GB with block swap, {peaks[0]:.2f} GB without")
+        return detail
+
+    if check(f"block-swap-0 {model} train", lambda: row(0)):
+        check(f"block-swap-2 {model} train", lambda: row(2))
+
+
 @dataclass
 class Part:
     name: str
@@ -445,7 +501,12 @@ class Part:
 
 
 def plan(
-    models: list[str], cards: list[float], card_models: list[str], card_bf16: list[bool], workdir: Path
+    models: list[str],
+    cards: list[float],
+    card_models: list[str],
+    card_bf16: list[bool],
+    workdir: Path,
+    swap_models: list[str] = (),
 ) -> list[Part]:
     """Every part, most important first (see the docstring)."""
     parts = []
@@ -482,6 +543,8 @@ def plan(
         parts += model_rows(model)
     if "tiny-flux" in card_models:
         parts += card_rows("tiny-flux", cards, first=True)
+    for model in swap_models:
+        parts.append(Part(f"block-swap {model}", SECONDS["swap"], lambda m=model: swap_rows(m, workdir)))
     small, large = [size for size in cards if size < 24], [size for size in cards if size >= 24]
     if "flux-shallow" in card_models:
         parts += card_rows("flux-shallow", small, first=True)
@@ -502,6 +565,9 @@ def main() -> int:
         "--card-models", help=f"the card rows' models, of {', '.join(CARD_MODELS)} (all; with --cpu the tiny one)"
     )
     parser.add_argument("--card-precisions", default="bf16,fp16", help="bf16 and fp16-only cards, or one of them")
+    parser.add_argument(
+        "--swap-models", help=f"the block-swap rows' models, of {', '.join(SWAP_MODELS)} (with --cpu the tiny one)"
+    )
     parser.add_argument("--budget", type=float, help=f"seconds from the start ({BUDGET:g}; none with --cpu)")
     parser.add_argument("--cpu", action="store_true", help="try the script without a GPU")
     args = parser.parse_args()
@@ -510,8 +576,11 @@ def main() -> int:
     # On a CPU the shallow Flux's full-width layers take many minutes a row in bf16 and fp16 (no native kernels).
     card_models = (args.card_models or ",".join(CARD_MODELS[:1] if args.cpu else CARD_MODELS)).split(",")
     card_models = [name for name in card_models if name]
+    swap_models = (args.swap_models or SWAP_MODELS[1 if args.cpu else 0]).split(",")
+    swap_models = [name for name in swap_models if name]
     card_bf16 = [{"bf16": True, "fp16": False}[name] for name in args.card_precisions.split(",") if name]
     unknown = [name for name in models if name not in MODELS] + [n for n in card_models if n not in CARD_MODELS]
+    unknown += [name for name in swap_models if name not in SWAP_MODELS]
     if unknown:
         parser.error(f"unknown models: {', '.join(unknown)}")
     global DEVICE
@@ -533,7 +602,7 @@ def main() -> int:
         )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for part in plan(models, cards, card_models, card_bf16, workdir):
+    for part in plan(models, cards, card_models, card_bf16, workdir, swap_models):
         left = budget - seconds_running()
         if part.seconds > left:
             needs = f"needs about {part.seconds:.0f} s on an H100"

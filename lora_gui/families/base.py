@@ -58,6 +58,11 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"
     denoiser_class: ClassVar[type[torch.nn.Module]] = Imported("diffusers", "UNet2DConditionModel")
     denoiser_title: ClassVar[str] = "UNet"  # as a sentence names it
+    # Whether block swap (block_swap.py) can stream the denoiser's `checkpointed_blocks`: a transformer's run one
+    # after another, each recomputed by gradient checkpointing. A UNet's don't: swapping them breaks its backward
+    # pass (a weight autograd kept is overwritten in its slot, measured on the tiny SD 1.5), and it is small enough
+    # to fit a card by the other memory savers.
+    swaps_blocks: ClassVar[bool] = False
     default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
     # on the text encoders too.

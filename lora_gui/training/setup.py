@@ -4,6 +4,7 @@ preview prompts), the optimizer and schedule prepared for the processes, then a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,13 +17,13 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from lora_gui import batching, data, devices, events, optimizers, quantization
+from lora_gui import batching, block_swap, data, devices, events, optimizers, quantization
 from lora_gui.adapters import add_lora
 from lora_gui.base_models import load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
 from lora_gui.config import TrainConfig
 from lora_gui.downloads import HubToken
-from lora_gui.errors import LoraGuiError
+from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family, base_for_training
 from lora_gui.model_policy import BaseModelPolicy
@@ -104,6 +105,7 @@ def set_up(
             f"{run.path} already holds a run (trained to step {run.latest_checkpoint()[0]}): resume it, "
             "or pick a new run name so nothing is overwritten"
         )
+    config = _checkpointed_for_block_swap(config, emit)
     accelerator, precision = _accelerator(config)
     log.info(
         "Run %s on %s, %d process(es), precision %s", run.name, accelerator.device, accelerator.num_processes, precision
@@ -111,7 +113,7 @@ def set_up(
     examples, skipped = _prepare_data(config, run, resume, accelerator, emit)
     examples, held_out, validation_note = _validation_pictures(config, run, resume, examples, accelerator)
     family, pipe, offload, objective = _load_base(config, precision, accelerator, emit, hub_token, model_policy)
-    param_groups = _add_adapters(pipe, family, config)
+    param_groups = _add_adapters(pipe, family, config, accelerator)
     rates = [group["lr"] for group in param_groups]  # before the schedule sets them to its first step's
     caches = _build_caches(config, pipe, family, examples, held_out, offload, accelerator, emit, should_stop)
 
@@ -239,8 +241,10 @@ def _load_base(
     return family, pipe, offload, objective
 
 
-def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainConfig) -> list[dict]:
-    """The LoRA adapters and the speed and memory options; the optimizer's parameter groups."""
+def _add_adapters(
+    pipe: DiffusionPipeline, family: type[Family], config: TrainConfig, accelerator: Accelerator
+) -> list[dict]:
+    """The LoRA adapters and the speed and memory options (block swap last); the optimizer's parameter groups."""
     param_groups = add_lora(pipe, family, config)
     text_encoders = family.text_encoders(pipe) if config.train_text_encoder else []
     for encoder in text_encoders:
@@ -252,7 +256,38 @@ def _add_adapters(pipe: DiffusionPipeline, family: type[Family], config: TrainCo
         denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.activation_checkpointing_enable()
+    _swap_blocks(config, pipe, family, accelerator)
     return param_groups
+
+
+def _checkpointed_for_block_swap(config: TrainConfig, emit: EventHandler) -> TrainConfig:
+    """The settings with gradient checkpointing on where blocks are swapped, which need it (see block_swap.py), and
+    said so: a beginner who asked for the memory of block swap wants its cheaper companion too."""
+    if not config.blocks_to_swap or config.gradient_checkpointing:
+        return config
+    text = "blocks_to_swap needs gradient_checkpointing: it is on for this run"
+    log.info(text)
+    emit(Event(events.MESSAGE, data={"text": text}))
+    return dataclasses.replace(config, gradient_checkpointing=True)
+
+
+def _swap_blocks(config: TrainConfig, pipe: DiffusionPipeline, family: type[Family], accelerator: Accelerator) -> None:
+    """The denoiser's swapped blocks (`blocks_to_swap`), while it waits in CPU memory with its adapters: from here on
+    it moves to the device without them."""
+    if not config.blocks_to_swap:
+        return
+    if accelerator.num_processes > 1:
+        raise ConfigError("blocks_to_swap works in a run of one process: set it to 0 to train on several GPUs")
+    if config.torch_compile:
+        raise ConfigError("blocks_to_swap can't be used with torch_compile: turn one of them off")
+    if not family.swaps_blocks:
+        raise ConfigError(
+            f"blocks_to_swap works with transformer models; this {family.title} model's "
+            "UNet can't swap its blocks: set blocks_to_swap to 0 (gradient_checkpointing and quantize_base save "
+            "memory here)"
+        )
+    denoiser = family.denoiser(pipe)
+    block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), config.blocks_to_swap, accelerator.device)
 
 
 @dataclass

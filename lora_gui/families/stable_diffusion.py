@@ -53,8 +53,9 @@ class StableDiffusion1(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        quick = pipe.text_encoder.config.hidden_act == "quick_gelu"
-        return isinstance(pipe, cls.pipeline_class) and quick == cls._quick_gelu
+        if not isinstance(pipe, cls.pipeline_class):
+            return False  # and its text encoder may have no hidden_act (Qwen2.5-VL's config doesn't)
+        return (pipe.text_encoder.config.hidden_act == "quick_gelu") == cls._quick_gelu
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:

@@ -30,11 +30,12 @@ time), in the order they run:
     start (imports, CUDA, the first kernels)                      25 s
     tiny-sd15, tiny-sd2, tiny-sdxl, tiny-flux, tiny-flux2-klein:  5 x 2 x 10 s
     tiny-zimage-int8 (the Z-Image presets' int8 base): bf16, fp16  2 x 10 s
+    tiny-qwen-image: bf16, fp16                                   2 x 10 s
     card rows, tiny Flux: 12, 16, 24 GB x bf16, fp16             6 x 12 s
     card rows, shallow Flux, 12 and 16 GB x fp16, then bf16      40 s to write its 2.4 GB once, 4 x 35 s
     sd15 (the real SD 1.5 architecture): bf16 and fp16           20 s to write it, 2 x 35 s
     card rows, shallow Flux, 24 GB x fp16, bf16                  2 x 35 s
-That is 25 + 100 + 72 = 197 s before the shallow Flux, whose rows and sd15 then run as far as the budget allows:
+That is 25 + 120 + 72 = 217 s before the shallow Flux, whose rows and sd15 then run as far as the budget allows:
 a part starts only if its estimate fits in what is left of `--budget` (230 s from the process's start, inside
 scripts/gpu_bench.sh's `timeout 240`); one that doesn't prints `SKIP <name>: ...`, which is not a failure.
 
@@ -91,12 +92,22 @@ MODELS = {
     "tiny-flux-int8": ("flux", 64, 4, 2, False, "int8"),  # the 16 and 24 GB presets' base
     "tiny-flux-nf4": ("flux", 64, 4, 2, False, "nf4"),  # the 12 GB preset's: bitsandbytes on CUDA only
     "tiny-zimage": ("zimage", 64, 4, 2, False, "none"),  # Z-Image LoRAs train the transformer alone
+    "tiny-qwen-image": ("qwen-image", 64, 4, 2, False, "none"),  # so do Qwen-Image's
     "tiny-zimage-int8": ("zimage", 64, 4, 2, False, "int8"),  # the Z-Image presets' base
     "sd15": ("sd15", 512, 4, 1, False, "none"),  # the real SD 1.5 architecture, random weights
 }
 # The card rows train the tiny Flux with the int8 and NF4 bases in both precisions, so by default the model rows
 # leave out tiny-flux-int8 and tiny-flux-nf4 (--models names them, for a run without card rows).
-DEFAULT_MODELS = ("tiny-sd15", "tiny-sd2", "tiny-sdxl", "tiny-flux", "tiny-flux2-klein", "tiny-zimage-int8", "sd15")
+DEFAULT_MODELS = (
+    "tiny-sd15",
+    "tiny-sd2",
+    "tiny-sdxl",
+    "tiny-flux",
+    "tiny-flux2-klein",
+    "tiny-zimage-int8",
+    "tiny-qwen-image",
+    "sd15",
+)
 CARD_MODELS = ("tiny-flux", "flux-shallow")
 # The Flux presets, by the card they are made for.
 CARD_PRESETS = {12: "flux-dev-12gb", 16: "flux-dev-16gb", 24: "flux-dev-24gb"}

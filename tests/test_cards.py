@@ -286,6 +286,15 @@ GENERATE_PLANS = {
         48: ("none", False),
         80: ("none", False),
     },
+    # Qwen-Image: its 20.4 B-parameter transformer is 41 GB in bf16, and Qwen2.5-VL-7B beside it 16.6 GB more.
+    "qwen-image": {
+        8: ("nf4", True),
+        12: ("nf4", True),
+        16: ("nf4", True),
+        24: ("nf4", True),
+        48: ("int8", True),
+        80: ("none", False),
+    },
     # Z-Image: its 6.2 B-parameter transformer is 12.3 GB in bf16, and Qwen3-4B beside it 8 GB more.
     "zimage": {
         8: ("int8", True),
@@ -297,6 +306,11 @@ GENERATE_PLANS = {
         80: ("none", False),
     },
 }
+
+
+# The smallest card a family's LoRA trains on by Suggest settings, where it is not 12 GB: Qwen-Image's 20 B transformer
+# needs 15.8 GB with every memory saver but block swap.
+SMALLEST_CARD_TRAINED = {"qwen-image": 24}
 
 
 def placed_on_the_gpu_in_turn(pipe) -> bool:
@@ -332,7 +346,7 @@ def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, p
                 suggest.Pictures((512,) * 12, ("a photo of zqx",) * 12), "object", family, suggest.Card.here()
             ).config
         except Exception as error:  # nothing fits: the user is told so, in a sentence
-            assert "more than this" in str(error) and size <= 8, (size, error)
+            assert "more than this" in str(error) and size < SMALLEST_CARD_TRAINED.get(family, 12), (size, error)
             suggested = None
         if suggested is not None:
             savers = runnable_here(suggested)
@@ -399,7 +413,7 @@ def check_training(model, photos, run, savers, precision):
     samples = next(e for e in received if e.kind == events.SAMPLES).data["paths"]
     assert samples and all(varied(Image.open(path)) for path in samples)
     # Caching brings the VAE alone, then the frozen text encoders alone; the denoiser comes once they have left.
-    vaes = {"AutoencoderKL", "AutoencoderKLFlux2"}
+    vaes = {"AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderKLQwenImage"}
     denoisers = {family.denoiser_class.__name__ for family in REGISTRY.values()}
     assert len(placements[0]) == 1 and placements[0] <= vaes, placements
     assert not placements[1] & vaes and not placements[1] & denoisers, placements

@@ -94,3 +94,24 @@ def test_a_single_file_qwen_image_loads_offline_with_the_rest_from_the_download_
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[key], state[key]) for key in state)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(image(pipe), image(original), atol=1e-5)
+
+
+def test_generate_guides_with_true_cfg_against_a_blank_negative_prompt_by_default(tiny_models, monkeypatch):
+    """Generate's guidance reaches the pipeline as true_cfg_scale (its guidance_scale is for guidance-distilled models
+    and is ignored), against " " where no negative prompt is given, as the model card makes pictures; the one frame
+    its VAE decodes comes out as a picture."""
+    generator = Generator.load(str(tiny_models("qwen-image")))
+    assert generator.family.generation_defaults(generator.pipe) == (50, 4.0)
+    pipeline_class, calls = type(generator.pipe), []
+    real_call = pipeline_class.__call__
+
+    def spy(pipe, **kwargs):
+        calls.append(kwargs)
+        return real_call(pipe, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", spy)
+    picture = generator("a red circle", steps=2, width=64, height=64)
+    generator("a red circle", negative_prompt="blurry", guidance=2.5, steps=2, width=64, height=64)
+    assert picture.size == (64, 64)
+    assert [(call["true_cfg_scale"], call["negative_prompt"]) for call in calls] == [(4.0, " "), (2.5, "blurry")]
+    assert all("guidance_scale" not in call and call["max_sequence_length"] == 48 for call in calls)

@@ -203,7 +203,10 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
     targets, rate = [*load_preset("tiny-cpu-demo").target_modules, *REGISTRY[family].default_target_modules], 1e-3
     if family == "flux2-klein":  # its embedders too: the tiny klein's blocks alone learn too slowly
         targets, rate = [*REGISTRY[family].default_target_modules, "x_embedder", "context_embedder", "proj_out"], 3e-3
-    config = quick_config(model, photos, max_steps=80, rank=8, target_modules=targets, learning_rate=rate)
+    steps = 80
+    if family == "qwen-image":  # fewer, faster steps for the suite's time: measured 22% lower after 30 at 3e-3
+        steps, rate = 30, 3e-3
+    config = quick_config(model, photos, max_steps=steps, rank=8, target_modules=targets, learning_rate=rate)
     before = denoising_loss(fresh_pipe(model), photos, config.resolution)
     train(config, tmp_path / "run")
     trained = fresh_pipe(model)

@@ -311,6 +311,9 @@ GENERATE_PLANS = {
 # The smallest card a family's LoRA trains on by Suggest settings, where it is not 12 GB: Qwen-Image's 20 B transformer
 # needs 15.8 GB with every memory saver but block swap.
 SMALLEST_CARD_TRAINED = {"qwen-image": 24}
+# Families whose card rows wait for block swap (issue 29), which changes what Suggest settings gives them on small
+# cards: Qwen-Image's rows pass as they are (measured: 170 s of a loaded 2-core machine), past the suite's time budget.
+CARD_MATRIX_LATER = ("qwen-image",)
 
 
 def placed_on_the_gpu_in_turn(pipe) -> bool:
@@ -320,7 +323,7 @@ def placed_on_the_gpu_in_turn(pipe) -> bool:
 
 @pytest.mark.train
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
-@pytest.mark.parametrize("family", list(REGISTRY))
+@pytest.mark.parametrize("family", [name for name in REGISTRY if name not in CARD_MATRIX_LATER])
 def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, photos, tmp_path, card, family, bf16):
     """For each card of 8 to 80 GB: the settings Suggest settings makes for it, trained a few steps with previews
     (finite losses and LoRA, pictures not one flat colour, only the denoiser on the device while it trains), and

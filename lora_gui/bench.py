@@ -43,6 +43,7 @@ from lora_gui import devices, events
 from lora_gui.adapters import lora_config
 from lora_gui.base_models import load_pipeline
 from lora_gui.batching import fit_to_bucket, image_to_tensor
+from lora_gui.cache import latent_shape
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.data import open_image, scan_folder
 from lora_gui.demo import write_demo_dataset
@@ -274,7 +275,7 @@ class FlowScriptStep:
 
     def encode_pictures(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        latents = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.sample()
+        latents = self.family.latent_distribution(vae, pixels.to(self.device, dtype=vae.dtype)).sample()
         return self.family.latents_for_denoiser(vae, latents).to(self.dtype)
 
     def draw_timesteps(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,9 +294,10 @@ class FlowScriptStep:
 REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
     "train_dreambooth_lora_flux.py": flow_reference_loop,
-    # These two encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
+    # These encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
     "train_dreambooth_lora_flux2_klein.py": functools.partial(flow_reference_loop, captions_cached=True),
     "train_dreambooth_lora_z_image.py": functools.partial(flow_reference_loop, captions_cached=True),
+    "train_dreambooth_lora_qwen_image.py": functools.partial(flow_reference_loop, captions_cached=True),
 }
 
 
@@ -356,10 +358,9 @@ def step_tflop(setup: Setup) -> float:
     encoders = family.text_encoders(pipe)
     for encoder in encoders:
         encoder.to(device)
-    side = setup.resolution // pipe.vae_scale_factor
-    latents = torch.randn(
-        setup.batch_size, pipe.vae.config.latent_channels, side, side, device=device, dtype=denoiser.dtype
-    )
+    channels, factor = latent_shape(pipe.vae)
+    side = setup.resolution // factor
+    latents = torch.randn(setup.batch_size, channels, side, side, device=device, dtype=denoiser.dtype)
     with torch.no_grad():
         conditioning = family.encode(encoders, family.tokenize(pipe, ["a photo"] * setup.batch_size), device)
     size = (setup.resolution, setup.resolution)

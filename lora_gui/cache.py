@@ -92,7 +92,7 @@ def cache_latents(
             pixels, rows = _pixels(examples, chunk, bucket, with_flips, geometry, skipped)
             if pixels:
                 batch = torch.stack(pixels).to(device, dtype=vae.dtype)
-                distribution = vae.encode(batch).latent_dist
+                distribution = family.latent_distribution(vae, batch)
                 for row, mean, std in zip(rows, distribution.mean.float(), distribution.std.float(), strict=True):
                     means[row], stds[row] = mean.to(store), std.to(store)
             done += len(chunk)
@@ -147,12 +147,20 @@ def _cache_device(
     wait in CPU memory."""
     if device.type != "cuda":
         return torch.device("cpu")
-    channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    channels, factor = latent_shape(vae)
     # A mean and a std in fp32 per picture (and per mirror image).
     per_picture = [2 * channels * (w // factor) * (h // factor) * 4 for w, h in buckets]
     latent_bytes = sum(per_picture) * (2 if with_flips else 1)
     free, _ = torch.cuda.mem_get_info(device)
     return device if latent_bytes < (free - arriving_bytes) / 10 else torch.device("cpu")
+
+
+def latent_shape(vae: AutoencoderKL) -> tuple[int, int]:
+    """A VAE's latent channels and how many times smaller than the picture its latents are; a video VAE (Qwen's)
+    names them otherwise."""
+    if hasattr(vae, "spatial_compression_ratio"):
+        return vae.config.z_dim, vae.spatial_compression_ratio
+    return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 class TextConditioning:

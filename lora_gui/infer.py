@@ -238,17 +238,14 @@ class Generator:
         steps = steps or usual_steps
         guidance = usual_guidance if guidance is None else guidance
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
-        negative = {"negative_prompt": negative_prompt or None} if self.family.negative_prompt else {}
         with _out_of_memory_said_plainly("making the picture"):
             text_encoders = self.family.text_encoders(self.pipe)
             with devices.autocast(self.device, self.precision), devices.outside_autocast(*text_encoders):
                 latents = self.pipe(
                     prompt=prompt,  # by name: Flux.2's pipelines take an image to edit first
-                    **negative,
+                    **self.family.guidance_options(guidance, negative_prompt),
                     **self.family.prompt_options(self.pipe),
                     num_inference_steps=steps,
-                    guidance_scale=guidance,
                     width=width,
                     height=height,
                     generator=generator,
@@ -343,6 +340,8 @@ def decode(
     latents = family.latents_for_vae(pipe, latents.float(), height, width).to(execution_device(vae), vae.dtype)
     with torch.autocast(vae.device.type, enabled=False):
         images = vae.decode(latents, return_dict=False)[0]
+    if images.ndim == 5:  # a video VAE's pictures (B, 3, frames, H, W): the one frame
+        images = images[:, :, 0]
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, when its package is installed
         images = pipe.watermark.apply_watermark(images)
     return pipe.image_processor.postprocess(images, output_type="pil")

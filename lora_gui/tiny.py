@@ -91,6 +91,13 @@ _VAES = {
 }
 
 
+# Video VAEs whose pictures are one frame (Qwen-Image's, Wan 2.1's architecture): the real one's depth (three
+# downsamplings: latents 1/8 of the picture) at a few channels.
+_VIDEO_VAES = {
+    "AutoencoderKLQwenImage": {"tiny": dict(base_dim=4, num_res_blocks=1), "full": {}},
+}
+
+
 def clip_text_parts(kinds: tuple[str, ...], size: str, **config: Any) -> tuple[list, list]:
     """Tokenizers and random-weight CLIP text encoders of these kinds (keys of _TEXT_ENCODERS), in order; `config`
     sets CLIPTextConfig fields that differ from the table's (the demo base's wider encoder)."""
@@ -134,6 +141,8 @@ def vae(size: str, vae_class: str = "AutoencoderKL", **config: Any):
     AutoencoderKLFlux2, with 32 channels and a batch norm in place of a scaling factor)."""
     import diffusers
 
+    if vae_class in _VIDEO_VAES:  # a video VAE's shape in its own terms, its latents' mean and std its defaults
+        return getattr(diffusers, vae_class)(**{**_VIDEO_VAES[vae_class][_whole(size)], **config})
     return getattr(diffusers, vae_class)(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -216,9 +225,9 @@ _QWEN_CHAT_TEMPLATE = (
 _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
-def qwen_tokenizer(max_length: int):
-    """A Qwen2 byte-level BPE tokenizer built here from the tiny vocabulary (no download), with Qwen3's special
-    tokens and chat template: the pipelines call `apply_chat_template`, then tokenize the text it makes."""
+def qwen_tokenizer(max_length: int, words: tuple[str, ...] = ()):
+    """A Qwen2 byte-level BPE tokenizer built here from the tiny vocabulary and `words` (no download), with Qwen3's
+    special tokens and chat template: the pipelines call `apply_chat_template`, then tokenize the text it makes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -229,7 +238,8 @@ def qwen_tokenizer(max_length: int):
     trainer = trainers.BpeTrainer(
         vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    model.train_from_iterator([" ".join(_WORDS), *_WORDS], trainer)
+    known = [*_WORDS, *words]
+    model.train_from_iterator([" ".join(known), *known], trainer)
     learned = json.loads(model.to_str())["model"]
     vocab = sorted(learned["vocab"], key=learned["vocab"].get)
     tokenizer = Qwen2Tokenizer(
@@ -266,6 +276,57 @@ def qwen3_text_parts(kind: str, size: str, max_length: int = 512) -> tuple:
     return tokenizer, Qwen3ForCausalLM(config)
 
 
+# Qwen2.5-VL-7B-Instruct (Qwen-Image's text encoder) by size: its language model's (width, MLP width, layers, heads,
+# key-value heads); "shallow" the full width with 4 of its 28 layers. Its vision tower, which reads no text, is as
+# small as it can be but in the full model.
+_QWEN25_VL = {"tiny": (32, 64, 2, 2, 1), "shallow": (3584, 18944, 4, 28, 4), "full": (3584, 18944, 28, 28, 4)}
+QWEN25_VL_VOCAB = 152064
+# The words of the instruction Qwen-Image's pipeline puts before every caption, known whole, so the tiny tokenizer
+# spells the instruction in 34 tokens as Qwen's own does: the pipeline drops those 34.
+_QWEN_IMAGE_INSTRUCTION = (
+    "system user assistant Describe image by detailing color shape size texture quantity text spatial relationships "
+    "objects background"
+).split()
+
+
+def qwen25_vl_text_parts(size: str, max_length: int = 512) -> tuple:
+    """A Qwen tokenizer (`qwen_tokenizer`, which also knows the instruction's words) and a random-weight
+    Qwen2.5-VL of this size (Qwen2_5_VLForConditionalGeneration, as the pipeline loads it)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer(max_length, tuple(_QWEN_IMAGE_INSTRUCTION))
+    width, mlp, layers, heads, kv_heads = _QWEN25_VL[size]
+    head_width = width // heads
+    vision = {} if size == "full" else dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer) if size == "tiny" else QWEN25_VL_VOCAB,
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            # Its multimodal RoPE: the head's frequencies shared among time, height and width as the published 16/24/24.
+            rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0, mrope_section=_mrope_section(head_width)),
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        ),
+        vision_config=dict(**vision, out_hidden_size=width),
+        tie_word_embeddings=False,
+    )
+    return tokenizer, Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _mrope_section(head_width: int) -> list[int]:
+    """The published split of a head's 64 frequency pairs (16, 24, 24), for a head of this width."""
+    pairs = head_width // 2
+    time = pairs // 4
+    return [time, (pairs - time) // 2, pairs - time - (pairs - time) // 2]
+
+
 def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
     """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes): the
     parts the family names made here, then assembled by the family."""
@@ -281,6 +342,10 @@ def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
     for encoder in kind.random_text_encoders:
         if encoder == "t5" or encoder in _QWEN3:
             tokenizer, model = t5_text_parts(size) if encoder == "t5" else qwen3_text_parts(encoder, size)
+            tokenizers.append(tokenizer)
+            text_encoders.append(model)
+        elif encoder in ("qwen2.5-vl-7b",):
+            tokenizer, model = qwen25_vl_text_parts(size)
             tokenizers.append(tokenizer)
             text_encoders.append(model)
     return kind.random_pipeline(size, tokenizers, text_encoders, vae(size, **kind.random_vae))

@@ -74,6 +74,10 @@ run chroma-shallow-1024-b1 --model chroma-shallow --resolution 1024 --batch-size
 # 36 layers (3.3 GB); BENCH_ROWS='zimage-*' runs them alone.
 run zimage-shallow-512-b1 --model zimage-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run zimage-shallow-1024-b1 --model zimage-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
+# Qwen-Image at full width with 2 of its 60 blocks and 4 of Qwen2.5-VL-7B's 28 layers (5.4 GB, most of it Qwen's
+# embeddings and head), against diffusers' train_dreambooth_lora_qwen_image.py; BENCH_ROWS='qwen-image-*' alone.
+run qwen-image-shallow-512-b1 --model qwen-image-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
+run qwen-image-shallow-1024-b1 --model qwen-image-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 # Block swap (lora_gui/block_swap.py) on the shallow Z-Image at 1024 px: with gradient checkpointing alone, then with
 # 2 of its 4 blocks streamed from pinned CPU memory; the two rows' ours give what it costs a step and saves in peak
 # memory. BENCH_ROWS='swap*' runs them alone (the smoke checks' block-swap row measures the same at 512 px).

@@ -38,15 +38,16 @@ time), in the order they run:
     tiny-sd15, tiny-sd2, tiny-sdxl, tiny-flux, tiny-flux2-klein,
     tiny-chroma:                                                  6 x 2 x 10 s
     tiny-zimage-int8 (the Z-Image presets' int8 base): bf16, fp16  2 x 10 s
+    tiny-qwen-image: bf16, fp16                                   2 x 10 s
     card rows, tiny Flux: 12, 16, 24 GB x bf16, fp16             6 x 12 s
     block swap, shallow Z-Image: with and without               40 s to write its 3.3 GB once, 2 x 25 s
     card rows, shallow Flux, 12 and 16 GB x fp16, then bf16      40 s to write its 2.4 GB once, 4 x 35 s
     sd15 (the real SD 1.5 architecture): bf16 and fp16           20 s to write it, 2 x 35 s
     card rows, shallow Flux, 24 GB x fp16, bf16                  2 x 35 s
-That is 25 + 100 + 72 = 197 s before block swap and the shallow Flux, whose rows and sd15 then run as far as the
-budget allows: a part starts only if its estimate fits in what is left of `--budget` (230 s from the process's
-start, inside scripts/gpu_bench.sh's `timeout 240`); one that doesn't prints `SKIP <name>: ...`, which is not a
-failure.
+That is 25 + 160 + 72 = 257 s before block swap and the shallow Flux, over the budget: the last card rows, block
+swap, the shallow Flux's rows and sd15 run as far as the budget allows: a part starts only if its estimate fits in
+what is left of `--budget` (230 s from the process's start, inside scripts/gpu_bench.sh's `timeout 240`); one that
+doesn't prints `SKIP <name>: ...`, which is not a failure.
 
 usage: PYTHONPATH=. python scripts/gpu_smoke.py [--workdir DIR] [--models tiny-sd15,...,sd15] [--cards 12,16,24]
        [--card-models tiny-flux,flux-shallow] [--card-precisions bf16,fp16] [--swap-models zimage-shallow]
@@ -103,6 +104,7 @@ MODELS = {
     "tiny-flux-int8": ("flux", 64, 4, 2, False, "int8"),  # the 16 and 24 GB presets' base
     "tiny-flux-nf4": ("flux", 64, 4, 2, False, "nf4"),  # the 12 GB preset's: bitsandbytes on CUDA only
     "tiny-zimage": ("zimage", 64, 4, 2, False, "none"),  # Z-Image LoRAs train the transformer alone
+    "tiny-qwen-image": ("qwen-image", 64, 4, 2, False, "none"),  # so do Qwen-Image's
     "tiny-zimage-int8": ("zimage", 64, 4, 2, False, "int8"),  # the Z-Image presets' base
     "sd15": ("sd15", 512, 4, 1, False, "none"),  # the real SD 1.5 architecture, random weights
 }
@@ -116,6 +118,7 @@ DEFAULT_MODELS = (
     "tiny-flux2-klein",
     "tiny-chroma",
     "tiny-zimage-int8",
+    "tiny-qwen-image",
     "sd15",
 )
 CARD_MODELS = ("tiny-flux", "flux-shallow")

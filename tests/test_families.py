@@ -56,6 +56,8 @@ def test_family_override(tiny_models):
         ("model.diffusion_model.cap_embedder.1.weight", "zimage"),  # in an all-in-one file
         ("distilled_guidance_layer.in_proj.weight", "chroma"),  # lodestones' Chroma1-HD.safetensors, not a Flux.1
         ("model.diffusion_model.distilled_guidance_layer.in_proj.weight", "chroma"),
+        ("transformer_blocks.0.img_mod.1.weight", "qwen-image"),  # Comfy-Org's qwen_image_bf16: diffusers' names
+        ("model.diffusion_model.transformer_blocks.0.img_mod.1.weight", "qwen-image"),  # in an all-in-one file
         ("something.else", None),
     ],
 )
@@ -96,6 +98,7 @@ def test_published_base_models_are_known_by_name_before_any_download(tmp_path, m
     assert family_from_files("black-forest-labs/FLUX.1-schnell") == "flux"
     assert family_from_files("Tongyi-MAI/Z-Image-Turbo") == "zimage"
     assert family_from_files("lodestones/Chroma1-Base") == "chroma"
+    assert family_from_files("Qwen/Qwen-Image-2512") == "qwen-image"
     assert family_from_files("stabilityai/stable-diffusion-xl-base-1.0-but-not") is None
 
 

@@ -373,10 +373,10 @@ def test_an_sd15_cards_code_loads_the_base_in_fp16_on_the_gpu(trained):
 @pytest.mark.train
 def test_a_cards_code_runs_the_base_in_its_dtype_and_offloads_flux_which_no_common_gpu_holds(trained_family):
     code = card_code(trained_family.run)
-    if trained_family.family in ("flux", "flux2-klein", "chroma"):
+    if trained_family.family in ("flux", "flux2-klein", "chroma", "qwen-image"):
         assert "torch_dtype=torch.bfloat16" in code and "pipe.enable_model_cpu_offload()" in code
         assert "torch.float16" not in code and '.to("cuda")' not in code
-        assert re.search(r"^# .*(27|33|35) GB", code, re.MULTILINE), "a comment says why it offloads"
+        assert re.search(r"^# .*(27|33|35|58) GB", code, re.MULTILINE), "a comment says why it offloads"
     else:  # Z-Image in bf16 (~21 GB with its text encoder) fits a 24 GB card whole
         dtype = "bfloat16" if trained_family.family == "zimage" else "float16"
         assert f"torch_dtype=torch.{dtype}" in code and '.to("cuda")' in code
@@ -480,6 +480,15 @@ COMFY_LAYERS = {
     "zimage": COMFY_ZIMAGE_LAYERS,
     "chroma": COMFY_FLUX_LAYERS,
 }
+# The linear layers of ComfyUI's Qwen-Image model (comfy/ldm/qwen_image/model.py: its blocks' img_mod / txt_mod, the
+# joint attention's two streams, FeedForward's net.0.proj and net.2; the embedders and the last layer), transcribed
+# from its code; comfy/lora.py's model_lora_keys_unet maps "lora_unet_" + each name with "." as "_" onto it.
+COMFY_QWEN_IMAGE_LAYERS = re.compile(
+    r"transformer_blocks\.\d+\.((img|txt)_mod\.1|attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)"
+    r"|(img|txt)_mlp\.net\.(0\.proj|2))"
+    r"|img_in|txt_in|time_text_embed\.timestep_embedder\.linear_[12]|norm_out\.linear|proj_out"
+)
+COMFY_KOHYA_LAYERS = {"qwen-image": COMFY_QWEN_IMAGE_LAYERS}
 # What ComfyUI's LoRA loader reads for each of them (comfy/weight_adapter/lora.py: "<name>.lora_B.weight" with
 # "<name>.lora_A.weight"; comfy/lora.py: "<name>.alpha", divided by the rank).
 COMFY_SUFFIXES = ("lora_A.weight", "lora_B.weight", "alpha")
@@ -493,15 +502,18 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
     pipe = fresh_pipe(trained_family.model)
     tensors, metadata = read(trained_family.run / "run.safetensors")
     if family.kohya_module_names:
-        names = {"lora_unet_" + name.replace(".", "_") for name, _ in pipe.unet.named_modules() if name}
+        # The denoiser's layers, only those of ComfyUI's own model where it names them as diffusers does.
+        comfy = COMFY_KOHYA_LAYERS.get(trained_family.family, re.compile(".+"))
+        layers = [name for name, _ in family.denoiser(pipe).named_modules() if comfy.fullmatch(name)]
+        names = {"lora_unet_" + name.replace(".", "_") for name in layers}
         for attribute, prefix in zip(family.text_encoder_names, family.kohya_text_encoder_prefixes, strict=True):
             encoder = getattr(pipe, attribute)
             for name, _ in encoder.named_modules():
                 canonical = name if name.startswith("text_model") or not name else "text_model." + name
                 names.add(f"{prefix}_" + canonical.replace(".", "_"))
         modules = {key.partition(".")[0] for key in tensors}
-        assert modules <= names, sorted(modules - names)[:5]
-        for prefix in family.kohya_text_encoder_prefixes:
+        assert modules and modules <= names, sorted(modules - names)[:5]
+        for prefix in family.kohya_text_encoder_prefixes if family.trains_text_encoders else ():
             assert any(module.startswith(f"{prefix}_text_model_encoder_layers_") for module in modules), prefix
     else:  # Flux.1, Flux.2, Z-Image: diffusers' names, as ComfyUI maps them, each with the tensors its loader reads
         layers = {name for name, _ in pipe.transformer.named_modules()}
@@ -520,7 +532,7 @@ def test_the_file_for_a1111_forge_and_comfyui_names_layers_they_load(trained_fam
     assert metadata["ss_base_model_version"] == family.kohya_base_model_version
     assert metadata["ss_network_module"] == family.kohya_network_module
     assert metadata["modelspec.architecture"] == family.modelspec_architecture
-    flow = {name: None for name in ("flux", "zimage", "flux2-klein", "chroma")}
+    flow = {name: None for name in ("flux", "zimage", "flux2-klein", "chroma", "qwen-image")}
     expected_prediction = {"sd2": "v", **flow}.get(trained_family.family, "epsilon")
     assert metadata.get("modelspec.prediction_type") == expected_prediction
 

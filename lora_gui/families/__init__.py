@@ -9,6 +9,7 @@ from lora_gui.families.base import Family, ImageGeometry
 from lora_gui.families.chroma import Chroma
 from lora_gui.families.flux import Flux1
 from lora_gui.families.flux2 import Flux2Klein
+from lora_gui.families.qwen_image import QwenImage
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
 from lora_gui.families.zimage import ZImage
@@ -18,7 +19,16 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, type[Family]] = {
     family.name: family
-    for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, ZImage, Flux2Klein, Chroma)
+    for family in (
+        StableDiffusion1,
+        StableDiffusion2,
+        StableDiffusionXL,
+        Flux1,
+        ZImage,
+        Flux2Klein,
+        Chroma,
+        QwenImage,
+    )
 }
 
 __all__ = [

@@ -269,6 +269,11 @@ class Family:
         return dict(zip(names, encoded, strict=False))
 
     @classmethod
+    def latent_distribution(cls, vae: torch.nn.Module, pixels: torch.Tensor) -> Any:
+        """The VAE's latent distribution of a batch of pictures (B, 3, H, W), as (B, C, h, w): the VAE's own."""
+        return vae.encode(pixels).latent_dist
+
+    @classmethod
     def latents_for_denoiser(cls, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the VAE's encoder gives them (B, C, h, w), in the layout and scale the denoiser is trained on:
         here shifted and scaled by the VAE's config, as the pipelines undo before decoding."""
@@ -297,6 +302,13 @@ class Family:
     def generation_defaults(cls, pipe: DiffusionPipeline) -> tuple[int, float]:
         """The steps and guidance this loaded model's pictures are usually made with."""
         return cls.default_steps, cls.default_guidance
+
+    @classmethod
+    def guidance_options(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:
+        """How its pipeline is told Generate's guidance and negative prompt ("" for none)."""
+        # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
+        negative = {"negative_prompt": negative_prompt or None} if cls.negative_prompt else {}
+        return {"guidance_scale": guidance, **negative}
 
     @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:

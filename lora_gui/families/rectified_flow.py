@@ -1,5 +1,6 @@
-"""What the rectified-flow transformer families (Flux.1, Z-Image, Flux.2 klein) share, and Black Forest Labs' layer
-names, which Flux.1's and Flux.2's original checkpoints and the LoRAs of kohya, musubi-tuner and ComfyUI use.
+"""What the rectified-flow transformer families (Flux.1, Z-Image, Flux.2 klein, Qwen-Image) share, and Black Forest
+Labs' layer names, which Flux.1's and Flux.2's original checkpoints and the LoRAs of kohya, musubi-tuner and ComfyUI
+use.
 
 Each of these families trains a transformer (never its text encoders) on the velocity from the picture to the noise
 (objectives.FlowMatching, through the base's own flow-matching scheduler, which previews sample with too), reads

@@ -53,7 +53,7 @@ class StableDiffusion1(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        # The pipeline's class first: another family's text encoder (Chroma's T5) has no hidden_act.
+        # The pipeline's class first: another family's text encoder (Chroma's T5, Qwen2.5-VL) has no hidden_act.
         if not isinstance(pipe, cls.pipeline_class):
             return False
         return (pipe.text_encoder.config.hidden_act == "quick_gelu") == cls._quick_gelu

@@ -8,6 +8,7 @@ from lora_gui.errors import ModelLoadError
 from lora_gui.families.base import Family, ImageGeometry
 from lora_gui.families.flux import Flux1
 from lora_gui.families.flux2 import Flux2Klein
+from lora_gui.families.flux2_dev import Flux2Dev
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
 from lora_gui.families.zimage import ZImage
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 REGISTRY: dict[str, type[Family]] = {
-    family.name: family for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, ZImage, Flux2Klein)
+    family.name: family
+    for family in (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux1, ZImage, Flux2Klein, Flux2Dev)
 }
 
 __all__ = [

@@ -53,8 +53,10 @@ class StableDiffusion1(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        quick = pipe.text_encoder.config.hidden_act == "quick_gelu"
-        return isinstance(pipe, cls.pipeline_class) and quick == cls._quick_gelu
+        # The pipeline's class first: other families' text encoder configs may name no activation (Mistral3's).
+        if not isinstance(pipe, cls.pipeline_class):
+            return False
+        return (pipe.text_encoder.config.hidden_act == "quick_gelu") == cls._quick_gelu
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:

@@ -313,9 +313,11 @@ _MISTRAL_CHAT_TEMPLATE = (
 
 def mistral_tokenizer(max_length: int, words: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer built here from the tiny vocabulary and `words` (Flux.2 dev's system message, which
-    precedes every caption), with Mistral's special tokens and chat template, padding on the left as Mistral's does.
-    The published model's PixtralProcessor wraps such a tokenizer with an image processor that needs torchvision;
-    the pipeline only calls its `apply_chat_template`, which the tokenizer has too."""
+    precedes every caption), with Mistral's special tokens and chat template. The published model's PixtralProcessor
+    wraps such a tokenizer with an image processor that needs torchvision; the pipeline only calls its
+    `apply_chat_template`, which the tokenizer has too. It pads on the right: the published one is said to pad on the
+    left (which nothing here depends on: the pipeline's own call reads either), but the tiny transformer then reads
+    mostly the padding's hidden states, and a few steps' LoRA changes its pictures too little to be seen."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -325,7 +327,6 @@ def mistral_tokenizer(max_length: int, words: tuple[str, ...] = ()):
         unk_token="<unk>",
         pad_token="<pad>",
         model_max_length=max_length,
-        padding_side="left",
         chat_template=_MISTRAL_CHAT_TEMPLATE,
     )
 

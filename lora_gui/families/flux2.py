@@ -272,11 +272,9 @@ class Flux2Klein(RectifiedFlowTransformer):
     def latents_for_denoiser(cls, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """2x2 patches of the VAE's latents (B, 128, h/2, w/2), normalized by its batch norm's running statistics,
         as the pipeline encodes an image."""
-        import torch
 
         patches = cls.pipeline_class._patchify_latents(latents)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches)
+        mean, std = batch_norm_statistics(vae, patches)
         return (patches - mean) / std
 
     @classmethod
@@ -306,7 +304,8 @@ class Flux2Klein(RectifiedFlowTransformer):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return pipeline_class._unpack_latents_with_ids(prediction, image_ids, height, width)
+        # klein's pipeline's unpacking is told the size, where Flux2Pipeline's reads it off the ids (a GPU sync).
+        return Flux2Klein.pipeline_class._unpack_latents_with_ids(prediction, image_ids, height, width)
 
     # ---- previews and Generate ------------------------------------------------------------------
     @classmethod
@@ -476,6 +475,16 @@ class Flux2Klein(RectifiedFlowTransformer):
             tokenizer=tokenizer,
             transformer=cls.build_denoiser(size),
         )
+
+
+def batch_norm_statistics(vae: torch.nn.Module, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of the VAE's batch norm, which the pipelines normalize latent patches by, as
+    the patches' dtype and device."""
+    import torch
+
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches)
+    return mean, std
 
 
 def _checkpoint_prefix(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -5,9 +5,9 @@ normalized patches, the packing and 4-axis position ids, the rectified-flow obje
 single-file checkpoints and other tools' LoRAs, the file for ComfyUI. What differs:
 
 - The text encoder is Mistral3ForConditionalGeneration. The pipeline wraps each caption in Mistral's chat template
-  after its system message (diffusers' `format_input`, Black Forest Labs' wording), pads it to 512 tokens (on the
-  left), and the transformer reads Mistral's hidden states after layers 10, 20 and 30 of its 40, side by side
-  (3 x 5120 wide). It is frozen and encodes the captions and preview prompts once, then leaves the GPU.
+  after its system message (diffusers' `format_input`, Black Forest Labs' wording), pads it to 512 tokens, and
+  the transformer reads Mistral's hidden states after layers 10, 20 and 30 of its 40, side by side (3 x 5120 wide).
+  It is frozen and encodes the captions and preview prompts once, then leaves the GPU.
 - The transformer takes the guidance it was distilled with, as Flux.1-dev's does: training gives it 1, as diffusers'
   README_flux2.md trains dev (`--guidance_scale=1`; the script's default 3.5 is Flux.1's, its help text says so), and
   musubi-tuner and ai-toolkit do; pictures are made with 50 steps at guidance 4, the pipeline's defaults, in one
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_gui.families.base import Imported
-from lora_gui.families.flux2 import _CHECKPOINT_PREFIXES, Flux2Klein, _published_shape
+from lora_gui.families.flux2 import _CHECKPOINT_PREFIXES, Flux2Klein, _published_shape, batch_norm_statistics
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -150,6 +150,16 @@ class Flux2Dev(Flux2Klein):
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The prompt's embeddings alone: the guidance is an input of the transformer, not a second prompt."""
         return {"prompt_embeds": pipe.encode_prompt(prompt=prompt, device=device, **cls.prompt_options(pipe))[0]}
+
+    @classmethod
+    def latents_for_vae(cls, pipe: DiffusionPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The packed, normalized patches the pipeline returns as latents, as it decodes them: laid out by their
+        position ids, the normalization undone, the patches unfolded."""
+        grid = (height // (2 * pipe.vae_scale_factor), width // (2 * pipe.vae_scale_factor))
+        ids = pipe._prepare_latent_ids(latents.new_empty(len(latents), 1, *grid)).to(latents.device)
+        patches = Flux2Klein.pipeline_class._unpack_latents_with_ids(latents, ids, *grid)
+        mean, std = batch_norm_statistics(pipe.vae, patches)
+        return pipe._unpatchify_latents(patches * std + mean)
 
     @classmethod
     def single_file_companions(cls, tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:

@@ -293,8 +293,9 @@ class FlowScriptStep:
 REFERENCE_LOOPS = {
     "train_text_to_image_lora.py": reference_loop,
     "train_dreambooth_lora_flux.py": flow_reference_loop,
-    # These two encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
+    # These encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
     "train_dreambooth_lora_flux2_klein.py": functools.partial(flow_reference_loop, captions_cached=True),
+    "train_dreambooth_lora_flux2.py": functools.partial(flow_reference_loop, captions_cached=True),
     "train_dreambooth_lora_z_image.py": functools.partial(flow_reference_loop, captions_cached=True),
 }
 

@@ -201,7 +201,7 @@ def checkpoint_family(path: Path) -> str | None:
     # The newest family first: a later family's checkpoints may hold an earlier one's signature too (Flux.2's
     # double_blocks. are Flux.1's), never its own signature the other way round.
     for family in reversed(REGISTRY.values()):
-        if any(key.startswith(family.checkpoint_signatures) for key in keys):
+        if family.is_checkpoint(keys):
             return family.name
     return None
 

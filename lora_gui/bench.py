@@ -296,6 +296,7 @@ REFERENCE_LOOPS = {
     "train_dreambooth_lora_flux.py": flow_reference_loop,
     # These encode each picture's caption once, before their loop (`precompute_latents` with custom prompts).
     "train_dreambooth_lora_flux2_klein.py": functools.partial(flow_reference_loop, captions_cached=True),
+    "train_dreambooth_lora_flux2.py": functools.partial(flow_reference_loop, captions_cached=True),
     "train_dreambooth_lora_z_image.py": functools.partial(flow_reference_loop, captions_cached=True),
     "train_dreambooth_lora_qwen_image.py": functools.partial(flow_reference_loop, captions_cached=True),
 }

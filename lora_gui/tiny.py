@@ -225,22 +225,31 @@ _QWEN_CHAT_TEMPLATE = (
 _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
+def _byte_level_bpe(words: list[str], special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer (tokenizers') whose merges are learned from the words, alone and after a space, as
+    Qwen's and Mistral's were learned from their corpora: every word becomes one token, and anything else is still
+    spelled out byte by byte. The special tokens come first, whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(special_tokens),
+        show_progress=False,
+    )
+    model.train_from_iterator([" ".join(words), *words], trainer)
+    return model
+
+
 def qwen_tokenizer(max_length: int, words: tuple[str, ...] = ()):
     """A Qwen2 byte-level BPE tokenizer built here from the tiny vocabulary and `words` (no download), with Qwen3's
     special tokens and chat template: the pipelines call `apply_chat_template`, then tokenize the text it makes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    # Byte-pair merges learned from the words, alone and after a space, as Qwen's were learned from its corpus: every
-    # word becomes one token, and anything else is still spelled out byte by byte.
-    model = Tokenizer(models.BPE())
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    known = [*_WORDS, *words]
-    model.train_from_iterator([" ".join(known), *known], trainer)
-    learned = json.loads(model.to_str())["model"]
+    learned = json.loads(_byte_level_bpe([*_WORDS, *words]).to_str())["model"]
     vocab = sorted(learned["vocab"], key=learned["vocab"].get)
     tokenizer = Qwen2Tokenizer(
         vocab={token: i for i, token in enumerate([*vocab, *_QWEN_SPECIAL])},
@@ -327,6 +336,104 @@ def _mrope_section(head_width: int) -> list[int]:
     return [time, (pairs - time) // 2, pairs - time - (pairs - time) // 2]
 
 
+# Mistral-Small-3.x-24B (Mistral3ForConditionalGeneration), Flux.2 dev's text encoder, by size: its language model's
+# (width, MLP width, layers, heads, key-value heads, head width) and its Pixtral vision tower's (width, MLP width,
+# layers, heads, head width). The tiny one keeps 30 layers, so the pipeline reads the hidden states it reads from the
+# real one's 40 (10, 20 and 30); the shallow one the full width with 4 of them. Only the full one has the published
+# vision tower: no caption's encoding runs it.
+_MISTRAL3 = {
+    "tiny": ((32, 64, 30, 2, 1, 16), (16, 32, 1, 2, 8)),
+    "shallow": ((5120, 32768, 4, 32, 8, 128), (16, 32, 1, 2, 8)),
+    "full": ((5120, 32768, 40, 32, 8, 128), (1024, 4096, 24, 16, 64)),
+}
+MISTRAL3_VOCAB = 131072  # the published tokenizer's (Tekken's) embedding rows
+# Mistral's special tokens, and its chat template for what Flux.2 dev's pipeline sends: a system message and a user
+# message, each as one text part, without a generation prompt.
+_MISTRAL_SPECIAL = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+)
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages %}"
+    "{%- set text = message['content'] if message['content'] is string else message['content'][0]['text'] %}"
+    "{%- if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- else %}{{ '[INST]' + text + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def mistral_tokenizer(max_length: int, words: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer built here from the tiny vocabulary and `words` (Flux.2 dev's system message, which
+    precedes every caption), with Mistral's special tokens and chat template. The published model's PixtralProcessor
+    wraps such a tokenizer with an image processor that needs torchvision; the pipeline only calls its
+    `apply_chat_template`, which the tokenizer has too. It pads on the right: the published one is said to pad on the
+    left (which nothing here depends on: the pipeline's own call reads either), but the tiny transformer then reads
+    mostly the padding's hidden states, and a few steps' LoRA changes its pictures too little to be seen."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_bpe([*_WORDS, *words], _MISTRAL_SPECIAL),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=max_length,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+
+
+def mistral3_text_parts(size: str, max_length: int = 512, words: tuple[str, ...] = ()) -> tuple:
+    """A Mistral tokenizer (`mistral_tokenizer`) and a random-weight Mistral3ForConditionalGeneration of this size
+    (keys of _MISTRAL3)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tokenizer = mistral_tokenizer(max_length, words)
+    (width, mlp, layers, heads, kv_heads, head_width), vision = _MISTRAL3[size]
+    text = MistralConfig(
+        vocab_size=len(tokenizer) if size == "tiny" else MISTRAL3_VOCAB,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_width,
+        max_position_embeddings=131072,
+        rope_theta=1_000_000_000.0,
+        rms_norm_eps=1e-5,
+        sliding_window=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_width, vision_mlp, vision_layers, vision_heads, vision_head_width = vision
+    pixtral = PixtralVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=vision_mlp,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        head_dim=vision_head_width,
+        patch_size=14,
+        image_size=1540 if size == "full" else 28,
+    )
+    config = Mistral3Config(
+        text_config=text,
+        vision_config=pixtral,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        tie_word_embeddings=False,  # the published one has its own output layer
+    )
+    return tokenizer, Mistral3ForConditionalGeneration(config)
+
+
 def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
     """A random-weight pipeline of the given family and size ("tiny", "shallow", or "full" = the real shapes): the
     parts the family names made here, then assembled by the family."""
@@ -346,6 +453,8 @@ def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
             text_encoders.append(model)
         elif encoder in ("qwen2.5-vl-7b",):
             tokenizer, model = qwen25_vl_text_parts(size)
+        elif encoder == "mistral3-24b":
+            tokenizer, model = mistral3_text_parts(size, words=kind.tokenizer_words)
             tokenizers.append(tokenizer)
             text_encoders.append(model)
     return kind.random_pipeline(size, tokenizers, text_encoders, vae(size, **kind.random_vae))

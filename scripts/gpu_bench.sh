@@ -70,6 +70,10 @@ run flux2-klein-1024-b1 --model flux2-klein --resolution 1024 --batch-size 1 --s
 # layer). diffusers has no Chroma training script: the reference is its Flux.1 script's loop, which takes the same step.
 run chroma-shallow-512-b1 --model chroma-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
 run chroma-shallow-1024-b1 --model chroma-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
+# Flux.2 dev at full width with 1 of its 8 double and 2 of its 48 single blocks (4 of Mistral-Small's 40 layers),
+# against diffusers' train_dreambooth_lora_flux2.py; the whole 32B (64 GB in bf16) trains on no single card unswapped.
+run flux2-dev-shallow-512-b1 --model flux2-dev-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5
+run flux2-dev-shallow-1024-b1 --model flux2-dev-shallow --resolution 1024 --batch-size 1 --steps 20 --warmup 5
 # Z-Image at full width with 2 of its 30 layers and one refiner of each kind (4 of its 34 blocks) and 4 of Qwen3-4B's
 # 36 layers (3.3 GB); BENCH_ROWS='zimage-*' runs them alone.
 run zimage-shallow-512-b1 --model zimage-shallow --resolution 512 --batch-size 1 --steps 20 --warmup 5

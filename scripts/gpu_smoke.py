@@ -101,6 +101,7 @@ MODELS = {
     "tiny-flux": ("flux", 64, 4, 2, False, "none"),  # Flux LoRAs train the transformer alone
     "tiny-flux2-klein": ("flux2-klein", 64, 4, 2, False, "none"),  # so do Flux.2 klein's
     "tiny-chroma": ("chroma", 64, 4, 2, False, "none"),  # and Chroma's
+    "tiny-flux2-dev": ("flux2-dev", 64, 4, 2, False, "none"),  # and dev's (--models names it: klein's paths)
     "tiny-flux-int8": ("flux", 64, 4, 2, False, "int8"),  # the 16 and 24 GB presets' base
     "tiny-flux-nf4": ("flux", 64, 4, 2, False, "nf4"),  # the 12 GB preset's: bitsandbytes on CUDA only
     "tiny-zimage": ("zimage", 64, 4, 2, False, "none"),  # Z-Image LoRAs train the transformer alone

@@ -18,14 +18,14 @@ from helpers.pipes import fresh_pipe, image
 from safetensors.torch import save_file
 
 from lora_gui.base_models import checkpoint_family, load_pipeline
-from lora_gui.families import REGISTRY
+from lora_gui.families import REGISTRY, family_of_lora
 from lora_gui.infer import Generator
 from lora_gui.lora_files.detect import detect_layout, made_for_other_model, read_shapes
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 
 pytestmark = pytest.mark.train
 
-KLEIN = REGISTRY["flux2-klein"]
+KLEIN, DEV = REGISTRY["flux2-klein"], REGISTRY["flux2-dev"]
 RANK, ALPHA = 2, 4.0
 
 # Black Forest Labs' layers -> the diffusers layers each holds, stacked along its outputs; written out here from
@@ -52,10 +52,15 @@ DOUBLE = {
     "txt_mlp.2": ["ff_context.linear_out"],
 }
 SINGLE = {"linear1": ["attn.to_qkv_mlp_proj"], "linear2": ["attn.to_out"]}
+# dev's guidance input, which klein has not.
+GUIDANCE = {
+    "guidance_in.in_layer": ["time_guidance_embed.guidance_embedder.linear_1"],
+    "guidance_in.out_layer": ["time_guidance_embed.guidance_embedder.linear_2"],
+}
 
 
 def bfl_layers(config) -> dict[str, list[str]]:
-    layers = {name: list(targets) for name, targets in TOP.items()}
+    layers = {name: list(targets) for name, targets in (TOP | (GUIDANCE if config.guidance_embeds else {})).items()}
     for kind, block, count, table in (
         ("double_blocks", "transformer_blocks", config.num_layers, DOUBLE),
         ("single_blocks", "single_transformer_blocks", config.num_single_layers, SINGLE),
@@ -84,16 +89,24 @@ def bfl_checkpoint(transformer: torch.nn.Module, path: Path) -> Path:
 
 
 # ---- single-file checkpoints -------------------------------------------------------------------
-def test_a_bfl_klein_checkpoint_loads_offline_with_the_rest_from_the_download_cache(
-    tiny_models, tmp_path, download_cache
+@pytest.mark.parametrize(
+    ("family", "repo", "file"),
+    [
+        ("flux2-klein", "black-forest-labs/FLUX.2-klein-base-4B", "flux-2-klein-base-4b.safetensors"),
+        ("flux2-dev", "black-forest-labs/FLUX.2-dev", "flux2-dev.safetensors"),
+    ],
+)
+def test_a_bfl_checkpoint_loads_offline_with_the_rest_from_the_download_cache(
+    tiny_models, tmp_path, download_cache, family, repo, file
 ):
-    model = tiny_models("flux2-klein")
-    in_download_cache(download_cache, "black-forest-labs/FLUX.2-klein-base-4B", model)
+    model = tiny_models(family)
+    in_download_cache(download_cache, repo, model)
     original = fresh_pipe(model)
-    path = bfl_checkpoint(original.transformer, tmp_path / "flux-2-klein-base-4b.safetensors")
-    assert checkpoint_family(path) == "flux2-klein", "not Flux.1, whose double_blocks it has too"
-    family, pipe = load_pipeline(str(path))
-    assert family is KLEIN
+    path = bfl_checkpoint(original.transformer, tmp_path / file)
+    # Not Flux.1, whose double_blocks (and dev's guidance_in) it has too; klein's and dev's differ by guidance_in.
+    assert checkpoint_family(path) == family
+    loaded_family, pipe = load_pipeline(str(path))
+    assert loaded_family is REGISTRY[family]
     loaded = pipe.transformer.state_dict()
     assert loaded.keys() == original.transformer.state_dict().keys()
     assert all(torch.equal(loaded[key], value) for key, value in original.transformer.state_dict().items())
@@ -166,6 +179,23 @@ def test_a_klein_lora_from_elsewhere_loads_in_generate(klein_lora, tiny_models, 
     np.testing.assert_allclose(at_one, klein_lora.with_lora, atol=1e-4)
     generator.set_loras([(path, 0.0)])
     np.testing.assert_allclose(image(generator.pipe), klein_lora.base, atol=1e-6)
+
+
+def test_dev_loras_from_other_tools_load_in_generate_guidance_input_included(tiny_models, tmp_path):
+    """musubi-tuner's and ai-toolkit's layouts (Black Forest Labs' names, guidance_in too) in Generate on dev; and a
+    LoRA of dev's 48 single blocks is told from klein's by them."""
+    lora = lora_from_elsewhere(tiny_models("flux2-dev"), RANK, ALPHA)
+    assert any(name.startswith("time_guidance_embed.guidance_embedder.") for name in lora.layers)
+    generator = Generator.load(str(lora.model))
+    for layout in ("musubi-tuner", "ai-toolkit"):
+        path = LAYOUTS[layout](lora, tmp_path / f"{layout}.safetensors")
+        assert made_for_other_model(read_shapes(path), generator.pipe, DEV) == ""
+        generator.set_loras([(path, 1.0)])
+        np.testing.assert_allclose(image(generator.pipe), lora.with_lora, atol=1e-4)
+    assert np.abs(lora.with_lora - lora.base).max() > 1e-2, "the LoRA changes the picture"
+    assert family_of_lora(["lora_unet_single_blocks_47_linear2.lora_up.weight"]) is DEV
+    klein_9b = ["lora_unet_single_blocks_23_linear2.lora_up.weight", "lora_unet_single_stream_modulation_lin.alpha"]
+    assert family_of_lora(klein_9b) is KLEIN
 
 
 def test_a_klein_lora_for_another_size_says_so(klein_lora, tmp_path):

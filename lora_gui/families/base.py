@@ -111,6 +111,9 @@ class Family:
     # The random-weight model's parts that tiny.py makes, in the pipeline's order: its text encoders (tiny.py's
     # kinds) and what its VAE sets beside the shared shape; `random_pipeline` assembles them.
     random_text_encoders: ClassVar[tuple[str, ...]] = ("clip-l",)
+    # Words its random tokenizers know whole besides tiny.py's, for a pipeline that puts a text of its own before every
+    # prompt (Flux.2 dev's system message): spelled out byte by byte it would leave no room for the prompt.
+    tokenizer_words: ClassVar[tuple[str, ...]] = ()
     random_vae: ClassVar[dict[str, Any]]
     # The noise schedule its random model's scheduler has: Stable Diffusion's, which every SD 1.x, 2.x and XL
     # scheduler config shares.
@@ -150,6 +153,12 @@ class Family:
         """The same judgement from a model's config files alone (model_index.json, text_encoder/config.json),
         without loading or downloading anything."""
         raise NotImplementedError
+
+    @classmethod
+    def is_checkpoint(cls, keys: list[str]) -> bool:
+        """Whether an original-format checkpoint with these tensor names is of this family: here, whether it holds a
+        tensor under one of `checkpoint_signatures`."""
+        return any(key.startswith(cls.checkpoint_signatures) for key in keys)
 
     @classmethod
     def variant(cls, pipe: DiffusionPipeline) -> str:

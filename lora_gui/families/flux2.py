@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_gui.families.base import ImageGeometry, Imported
+from lora_gui.families.flux import TRAINING_GUIDANCE
 from lora_gui.families.rectified_flow import (
     SWAPPED_HALVES,
     BlackForestLabsNames,
@@ -159,6 +160,10 @@ class Flux2Klein(RectifiedFlowTransformer):
         for layer in ("single_transformer_blocks.0.attn.to_qkv_mlp_proj", "double_stream_modulation", "single_stream")
     )
     prompt_tokens = 512  # the chat template's tokens included, as the pipeline counts them
+    tiny_prompt_tokens = TINY_PROMPT_TOKENS
+    # The text encoder's hidden states the transformer reads, and the published text encoder's depth.
+    text_layers: ClassVar[tuple[int, ...]] = TEXT_LAYERS
+    text_encoder_depth = 36
     text_encoder_params = QWEN3_4B_PARAMS
     vae_params = 84e6
     random_text_encoders = ("qwen3-4b",)
@@ -241,7 +246,7 @@ class Flux2Klein(RectifiedFlowTransformer):
         tokens = tokenizer(
             texts,
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=cls.prompt_length(pipe),
             truncation=True,
             return_tensors="pt",
         )
@@ -259,7 +264,7 @@ class Flux2Klein(RectifiedFlowTransformer):
         hidden = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False
         ).hidden_states
-        stacked = torch.stack([hidden[layer] for layer in _text_layers(len(hidden) - 1)], dim=2)  # (B, L, 3, H)
+        stacked = torch.stack([hidden[layer] for layer in cls.read_layers(len(hidden) - 1)], dim=2)  # (B, L, 3, H)
         return {"prompt_embeds": stacked.flatten(2)}
 
     # ---- training -------------------------------------------------------------------------------
@@ -267,11 +272,9 @@ class Flux2Klein(RectifiedFlowTransformer):
     def latents_for_denoiser(cls, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """2x2 patches of the VAE's latents (B, 128, h/2, w/2), normalized by its batch norm's running statistics,
         as the pipeline encodes an image."""
-        import torch
 
         patches = cls.pipeline_class._patchify_latents(latents)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches)
+        mean, std = batch_norm_statistics(vae, patches)
         return (patches - mean) / std
 
     @classmethod
@@ -283,20 +286,26 @@ class Flux2Klein(RectifiedFlowTransformer):
         conditioning: dict[str, torch.Tensor],
         geometry: list[ImageGeometry],
     ) -> torch.Tensor:
+        import torch
+
         pipeline_class = cls.pipeline_class
-        _, _, height, width = noisy.shape
+        batch, _, height, width = noisy.shape
         text = conditioning["prompt_embeds"]
         image_ids = pipeline_class._prepare_latent_ids(noisy).to(noisy.device)
+        # klein has no guidance input; dev's gets Flux.1-dev's training guidance (flux.TRAINING_GUIDANCE).
+        config = getattr(denoiser, "module", denoiser).config  # several processes wrap it
+        guidance = torch.full((batch,), TRAINING_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
         prediction = denoiser(
             hidden_states=pipeline_class._pack_latents(noisy),
             timestep=timesteps / 1000,  # the transformer scales it back to the schedule's timesteps
-            guidance=None,
+            guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=pipeline_class._prepare_text_ids(text).to(noisy.device),
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return pipeline_class._unpack_latents_with_ids(prediction, image_ids, height, width)
+        # klein's pipeline's unpacking is told the size, where Flux2Pipeline's reads it off the ids (a GPU sync).
+        return Flux2Klein.pipeline_class._unpack_latents_with_ids(prediction, image_ids, height, width)
 
     # ---- previews and Generate ------------------------------------------------------------------
     @classmethod
@@ -305,9 +314,24 @@ class Flux2Klein(RectifiedFlowTransformer):
         model trained at another length (the tiny one reads 48 tokens) must be sampled at that length; and the Qwen3
         layers training reads (the pipeline's 9, 18 and 27, or a benchmark's shallow Qwen3's)."""
         return {
-            "max_sequence_length": pipe.tokenizer.model_max_length,
-            "text_encoder_out_layers": _text_layers(pipe.text_encoder.config.num_hidden_layers),
+            "max_sequence_length": cls.prompt_length(pipe),
+            "text_encoder_out_layers": cls.read_layers(pipe.text_encoder.config.get_text_config().num_hidden_layers),
         }
+
+    @classmethod
+    def prompt_length(cls, pipe: DiffusionPipeline) -> int:
+        """The tokens a caption is padded to: the pipeline's 512, or the tokenizer's length where that is shorter (the
+        tiny models'); the published tokenizers' own lengths are far longer than the pipeline reads."""
+        tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)  # a processor holds its tokenizer
+        return min(tokenizer.model_max_length, cls.prompt_tokens)
+
+    @classmethod
+    def read_layers(cls, depth: int) -> tuple[int, ...]:
+        """The text encoder's hidden states the transformer reads, from a text encoder of this many layers: the
+        published one's (`text_layers`), and a benchmark's shallow one (a few of its layers, tiny.py) at the same
+        fractions of its depth."""
+        layers = cls.text_layers
+        return layers if depth >= max(layers) else tuple(layer * depth // cls.text_encoder_depth for layer in layers)
 
     @classmethod
     def prompt_embeddings(cls, pipe: DiffusionPipeline, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -401,14 +425,15 @@ class Flux2Klein(RectifiedFlowTransformer):
         import torch
 
         patches, tokens = (resolution // 16) ** 2, cls.prompt_tokens
-        text_width = cls.denoiser_shapes[size]["joint_attention_dim"]
+        shape = cls.denoiser_shapes[size]
+        text_width = shape["joint_attention_dim"]
         return dict(
             hidden_states=torch.empty(1, patches, 128, device="meta", dtype=dtype),
             encoder_hidden_states=torch.empty(1, tokens, text_width, device="meta", dtype=dtype),
             timestep=torch.zeros(1, device="meta", dtype=dtype),
             img_ids=torch.zeros(1, patches, 4, device="meta", dtype=torch.long),
             txt_ids=torch.zeros(1, tokens, 4, device="meta", dtype=torch.long),
-            guidance=None,
+            guidance=torch.ones(1, device="meta", dtype=dtype) if shape["guidance_embeds"] else None,
         )
 
     @classmethod
@@ -424,32 +449,42 @@ class Flux2Klein(RectifiedFlowTransformer):
     def random_pipeline(
         cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
     ) -> DiffusionPipeline:
+        return cls.pipeline_class(**cls.random_components(size, tokenizers, text_encoders, vae), is_distilled=False)
+
+    @classmethod
+    def random_components(
+        cls, size: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module], vae: torch.nn.Module
+    ) -> dict[str, Any]:
+        """The random pipeline's parts by name, the transformer made here."""
         import torch
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        (tokenizer,), (qwen,) = tokenizers, text_encoders
+        (tokenizer,), (text_encoder,) = tokenizers, text_encoders
         if size == "tiny":
-            tokenizer.model_max_length = TINY_PROMPT_TOKENS
+            tokenizer.model_max_length = cls.tiny_prompt_tokens
         # Running statistics far from 0 and 1, so a picture comes out right only if they are applied both ways.
         with torch.no_grad():
             vae.bn.running_mean.uniform_(-0.5, 0.5)
             vae.bn.running_var.uniform_(0.25, 4.0)
         # klein's schedule: shifted by the picture's size when sampling (dynamic shifting).
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-        return cls.pipeline_class(
+        return dict(
             scheduler=scheduler,
             vae=vae,
-            text_encoder=qwen,
+            text_encoder=text_encoder,
             tokenizer=tokenizer,
             transformer=cls.build_denoiser(size),
-            is_distilled=False,
         )
 
 
-def _text_layers(depth: int) -> tuple[int, ...]:
-    """The Qwen3 hidden states the transformer reads, from a Qwen3 of this many layers: the published ones' (36 layers)
-    9, 18 and 27, and a benchmark's shallow Qwen3 (4 of the 36, tiny.py) at the same fractions of its depth."""
-    return TEXT_LAYERS if depth > max(TEXT_LAYERS) else tuple(layer * depth // 36 for layer in TEXT_LAYERS)
+def batch_norm_statistics(vae: torch.nn.Module, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of the VAE's batch norm, which the pipelines normalize latent patches by, as
+    the patches' dtype and device."""
+    import torch
+
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches)
+    return mean, std
 
 
 def _checkpoint_prefix(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -53,7 +53,8 @@ class StableDiffusion1(Family):
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        # The pipeline's class first: another family's text encoder (Chroma's T5, Qwen2.5-VL) has no hidden_act.
+        # The pipeline's class first: other families' text encoders (Chroma's T5, Qwen2.5-VL, Mistral3) have no
+        # hidden_act.
         if not isinstance(pipe, cls.pipeline_class):
             return False
         return (pipe.text_encoder.config.hidden_act == "quick_gelu") == cls._quick_gelu

@@ -443,20 +443,25 @@ def build_pipeline(family: str, size: str = "tiny", seed: int = 0):
         raise ValueError(f"family must be one of {', '.join(REGISTRY)}")
     kind = REGISTRY[family]
     torch.manual_seed(seed)
-    # The CLIP encoders first, then T5 or Qwen3, as Flux.1's pipeline holds them; made in this order, from one seed.
+    # The CLIP encoders first, then the others (T5, Qwen, Mistral), as Flux.1's pipeline holds them; made in this
+    # order, from one seed.
     clips = tuple(encoder for encoder in kind.random_text_encoders if encoder in _TEXT_ENCODERS)
     tokenizers, text_encoders = clip_text_parts(clips, size)
     for encoder in kind.random_text_encoders:
-        if encoder == "t5" or encoder in _QWEN3:
-            tokenizer, model = t5_text_parts(size) if encoder == "t5" else qwen3_text_parts(encoder, size)
-            tokenizers.append(tokenizer)
-            text_encoders.append(model)
-        elif encoder in ("qwen2.5-vl-7b",):
+        if encoder in _TEXT_ENCODERS:
+            continue
+        if encoder == "t5":
+            tokenizer, model = t5_text_parts(size)
+        elif encoder in _QWEN3:
+            tokenizer, model = qwen3_text_parts(encoder, size)
+        elif encoder == "qwen2.5-vl-7b":
             tokenizer, model = qwen25_vl_text_parts(size)
         elif encoder == "mistral3-24b":
             tokenizer, model = mistral3_text_parts(size, words=kind.tokenizer_words)
-            tokenizers.append(tokenizer)
-            text_encoders.append(model)
+        else:
+            raise ValueError(f"no random text encoder of the kind {encoder!r}")
+        tokenizers.append(tokenizer)
+        text_encoders.append(model)
     return kind.random_pipeline(size, tokenizers, text_encoders, vae(size, **kind.random_vae))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_gui.config import TrainConfig
-from lora_gui.devices import DTYPES
+from lora_gui.devices import BORROWED_WORK_BYTES, DTYPES
 from lora_gui.families import Family, get_family
 from lora_gui.optimizers import OPTIMIZERS
 from lora_gui.quantization import QUANTIZATIONS
@@ -69,11 +69,18 @@ class Estimate:
         return f"≈ {self.memory_gb:.1f} GB of GPU memory, {time}. {self.notes}"
 
 
-def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_tflops: float | None = None) -> Estimate:
+def estimate(
+    config: TrainConfig,
+    family: str,
+    precision: str = "bf16",
+    matmul_tflops: float | None = None,
+    card_gb: float | None = None,
+) -> Estimate:
     """Memory and time of a run with these settings on a model of this family.
 
     `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
-    device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
+    device's measured matrix-multiply rate (see devices.matmul_tflops), for the time; `card_gb` the
+    card's memory, where text encoders that don't fit it whole encode with their layers streamed."""
     kind = get_family(family)
     targets = tuple(kind.lora_targets(config.target_modules))
     adapter = (config.rank, config.lora_type)
@@ -99,7 +106,7 @@ def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_t
     previews_peak = base + vae + _preview_bytes(config.resolution) + (text if config.train_text_encoder else 0)
     # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
     # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
-    encoding, streamed = _encoding_bytes(kind, config, text, max(training_peak, previews_peak))
+    encoding, streamed = _encoding_bytes(kind, config, text, card_gb)
     caching_peak = max(encoding, vae + _vae_encode_bytes(config.resolution))
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
     step_tflop, seconds, slowdown = _time(
@@ -174,7 +181,7 @@ def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tupl
         preset = load_preset(name)
         if (preset.family if preset.family != "auto" else family_from_files(preset.base_model)) != family:
             continue
-        memory = estimate(preset, family, precision).memory_gb
+        memory = estimate(preset, family, precision, card_gb=memory_gb).memory_gb
         if memory <= memory_gb:
             fitting.append((name, memory))
     return sorted(fitting, key=lambda named: -named[1])
@@ -223,12 +230,13 @@ def _swapped(cost: DenoiserCost, count: int, precision: str, config: TrainConfig
     return count, sum(chosen), min(2, count) * max(chosen)
 
 
-def _encoding_bytes(kind: type[Family], config: TrainConfig, text: float, later: float) -> tuple[float, bool]:
-    """The text encoders' memory while they encode the captions, and whether they stream: frozen text encoders
-    larger than what training needs later encode with their layers streamed from the computer's memory (a layer
-    at a time, devices.Offload), where the family says how much of them stays on the GPU then; the run needs no
-    more memory for them than for training, and encodes the same."""
-    if config.train_text_encoder or text <= later or kind.text_encoder_streamed_share >= 1:
+def _encoding_bytes(kind: type[Family], config: TrainConfig, text: float, card_gb: float | None) -> tuple[float, bool]:
+    """The text encoders' memory while they encode the captions, and whether they stream: frozen text encoders that
+    don't fit the card whole, with a pass's work beside them, encode with their layers streamed from the computer's
+    memory (a layer at a time, as devices.Offload does), where the family says how much of them stays on the GPU
+    then. They encode the same."""
+    whole = text / 2**30 + CUDA_OVERHEAD_GB + BORROWED_WORK_BYTES / 2**30
+    if card_gb is None or whole <= card_gb or config.train_text_encoder or kind.text_encoder_streamed_share >= 1:
         return text, False
     return text * kind.text_encoder_streamed_share, True
 
@@ -288,8 +296,9 @@ def _placement_note(kind: type[Family], config: TrainConfig, text: float, stream
         return ""
     if streamed:
         return (
-            f"The text encoders ({text / 2**30:.1f} GB) encode the captions once with their layers streamed from the "
-            f"computer's memory, then wait there with the VAE while the {kind.denoiser_title} trains."
+            f"The text encoders ({text / 2**30:.1f} GB, more than the card holds beside their work) encode the "
+            f"captions once with their layers streamed from the computer's memory, then wait there with the VAE while "
+            f"the {kind.denoiser_title} trains."
         )
     return f"Text encoders and VAE wait in CPU memory while the {kind.denoiser_title} trains."
 

@@ -53,6 +53,8 @@ class Saver:
     # Only for a family whose blocks swap; advised only once every saver before it is used (its cost is speed on
     # every step, which theirs is not).
     swaps_blocks: bool = False
+    # Whether what Suggest settings tries is in place already, where `applies` still advises more.
+    used: Callable[[TrainConfig], bool] = lambda config: False
 
 
 def _fewer_bits(config: TrainConfig) -> str:
@@ -113,6 +115,7 @@ SAVERS = (
         tries=lambda config, situation: [
             ("adamw8bit" if situation.nvidia else "adafactor", "its state in fewer bytes, about as good")
         ],
+        used=lambda config: OPTIMIZERS[config.optimizer].state_bytes <= 2,  # 8-bit AdamW: Adafactor learns otherwise
     ),
     Saver(
         "batch_size",
@@ -191,7 +194,8 @@ def _left(config: TrainConfig, family: str | None) -> list[Saver]:
     for saver in SAVERS:
         if not saver.applies(config):
             continue
-        if saver.swaps_blocks and (left or not _swaps_blocks(config, family)):
+        cheaper = [before for before in left if not before.used(config)]
+        if saver.swaps_blocks and (cheaper or not _swaps_blocks(config, family)):
             continue
         left.append(saver)
     return left

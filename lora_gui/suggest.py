@@ -305,14 +305,14 @@ def _fit(
 ) -> tuple[TrainConfig, dict[str, Change], Estimate]:
     """`config` with memory savers added until the estimate fits the card, then those it can do without taken back."""
     budget = card.memory_gb * HEADROOM
-    result = estimate(config, family, precision)
+    result = estimate(config, family, precision, card_gb=budget)
     roomy = config
     applied: dict[str, str] = {}  # setting -> what its saver costs
     situation = memory_savers.Situation(
         get_family(family).default_resolution,
         nvidia=not card.assumed and not card.processor,  # without a GPU here, bitsandbytes' CUDA kernels won't run
         blocks=lambda: swappable_blocks(config, family),
-        fits=lambda tried: estimate(tried, family, precision).memory_gb <= budget,
+        fits=lambda tried: estimate(tried, family, precision, card_gb=budget).memory_gb <= budget,
     )
     for saver in memory_savers.SAVERS:
         if result.memory_gb <= budget:
@@ -322,7 +322,7 @@ def _fit(
             if result.memory_gb <= budget:
                 break
             tried = config.replace(**{saver.setting: value})
-            tried_result = estimate(tried, family, precision)
+            tried_result = estimate(tried, family, precision, card_gb=budget)
             if tried_result.memory_gb < result.memory_gb:
                 config, result = tried, tried_result
                 applied[saver.setting] = cost
@@ -333,11 +333,11 @@ def _fit(
         )
     for setting in list(applied)[-2::-1]:  # the last saver made it fit; an earlier one may not be needed with it
         tried = config.replace(**{setting: getattr(roomy, setting)})
-        tried_result = estimate(tried, family, precision)
+        tried_result = estimate(tried, family, precision, card_gb=budget)
         if tried_result.memory_gb <= budget:
             config, result = tried, tried_result
             del applied[setting]
-    first = estimate(roomy, family, precision).memory_gb
+    first = estimate(roomy, family, precision, card_gb=budget).memory_gb
     if "blocks_to_swap" in applied:
         applied["blocks_to_swap"] = _swap_cost(config, family, precision, situation.blocks())
         if (

@@ -84,7 +84,8 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     tiny = base_model in TINY_CHOICES
     precision = devices.gpu_precision(config.mixed_precision)
     try:
-        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops())
+        card_gb = devices.gpu_memory_gb() if ctx.engine.has_cuda and not tiny else None
+        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops(), card_gb)
     except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
         return {"estimate": notice(f"No estimate for these settings: {error}", "warning")}
     memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
@@ -98,8 +99,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
             f"runs on the processor. {_processor_time(config, family, tiny)}"
         )
-        if result.swap_note:
-            text += " On a GPU: " + result.swap_note[:1].lower() + result.swap_note[1:]
+        text += f" On a GPU: {result.swap_note}" if result.swap_note else ""
         try:
             quantization.check_available(config.quantize_base, on_cuda=False)
         except LoraGuiError as error:  # said now, not only when Start fails

@@ -1,8 +1,8 @@
 """The ways to train in less GPU memory: one entry each, in the one order they are tried and advised.
 
-Least harmful first. Suggest settings tries them in this order until the estimate fits the card (`to_try`); a run
-that ran out of memory names those left to do (`tips`); the Train tab, where the estimate is over the card, names
-those that lower the phase needing the most (`form_tips`). The estimate (estimate.py) counts what each saves from
+Least harmful first. Suggest settings tries them in this order until the estimate fits the card (`Saver.tries`, each
+from the settings the savers before it left); a run that ran out of memory names those left to do (`tips`); the Train
+tab, where the estimate is over the card, names those that lower the phase needing the most (`form_tips`). The estimate (estimate.py) counts what each saves from
 the setting it changes. No torch here: the app reads it.
 
 Block swap comes after everything that costs little (an 8-bit optimizer, smaller batches, a base in fewer bits) and is
@@ -180,11 +180,6 @@ def tips(config: TrainConfig, family: str | None = None) -> list[str]:
 def form_tips(config: TrainConfig, phase: str, family: str | None = None) -> list[str]:
     """What is left to change to lower the estimate's `phase`, in the Train tab's labels."""
     return [saver.form_advice(config) for saver in _left(config, family) if phase in saver.lowers]
-
-
-def to_try(config: TrainConfig, situation: Situation) -> list[tuple[str, Any, str]]:
-    """Every (setting, value, what it costs) Suggest settings tries, in order."""
-    return [(saver.setting, value, cost) for saver in SAVERS for value, cost in saver.tries(config, situation)]
 
 
 def _left(config: TrainConfig, family: str | None) -> list[Saver]:

@@ -1,7 +1,7 @@
 """Block swap: the frozen denoiser's blocks kept in CPU memory and streamed to the GPU in turn, for base models larger
 than the card (Qwen-Image's 60 blocks take 41 GB in bf16).
 
-`blocks_to_swap` of the blocks gradient checkpointing recomputes one at a time (`Family.checkpointed_blocks`), evenly
+`blocks_to_swap` of the denoiser's blocks (those of its lists `Family.swap_blocks` names, in the order they run), evenly
 spaced among them, keep their frozen weights in CPU memory: one flat buffer per block (pinned on CUDA), their master
 copy. A ring of `RING` flat buffers on the GPU (slots) holds the ones in use. Before a block runs (a forward pre-hook)
 its weights are re-pointed to views of its slot, where one copy on a side CUDA stream brought them while the blocks
@@ -118,16 +118,9 @@ def _packed(block: torch.nn.Module, pin: bool) -> _Block:
     return swapped
 
 
-def blocks_in(denoiser: torch.nn.Module, block_classes: tuple[type[torch.nn.Module], ...]) -> list[torch.nn.Module]:
-    """The denoiser's blocks in the order it lists them (the order its transformer runs them in), outermost only."""
-    found: list[torch.nn.Module] = []
-    inside: set[int] = set()
-    for module in denoiser.modules():
-        if id(module) in inside or not isinstance(module, block_classes):
-            continue
-        found.append(module)
-        inside.update(id(part) for part in module.modules())
-    return found
+def blocks_in(denoiser: torch.nn.Module, block_lists: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The denoiser's blocks in the order it runs them: those of each of its lists (`Family.swap_blocks`) in turn."""
+    return [block for name in block_lists for block in getattr(denoiser, name)]
 
 
 def most_blocks(blocks: int) -> int:
@@ -273,15 +266,13 @@ class BlockStreamer:
                 block.bind(bound[index])
 
 
-def swap_blocks(
-    denoiser: torch.nn.Module, block_classes: tuple[type[torch.nn.Module], ...], count: int, device
-) -> BlockStreamer | None:
+def swap_blocks(denoiser: torch.nn.Module, block_lists: tuple[str, ...], count: int, device) -> BlockStreamer | None:
     """Swap `count` of the denoiser's blocks (evenly spaced) through a ring of slots on `device`; None for 0. Raises
     ConfigError for more than `most_blocks`. The denoiser's frozen weights are in CPU memory when this is called:
     the swapped ones never leave it whole again."""
     if count == 0:
         return None
-    blocks = blocks_in(denoiser, block_classes)
+    blocks = blocks_in(denoiser, block_lists)
     check_count(count, len(blocks))
     streamer = BlockStreamer(denoiser, blocks, evenly_spaced(len(blocks), count), device)
     log.info(
@@ -296,12 +287,12 @@ def swap_blocks(
     return streamer
 
 
-def count_for_budget(denoiser: torch.nn.Module, block_classes: tuple[type[torch.nn.Module], ...], budget: float) -> int:
+def count_for_budget(denoiser: torch.nn.Module, block_lists: tuple[str, ...], budget: float) -> int:
     """The fewest blocks to swap for the denoiser's weights on the GPU (those kept there and the slots) to fit in
     `budget` bytes; the most there can be where none fits."""
     from lora_gui.quantization import stored_bytes
 
-    blocks = blocks_in(denoiser, block_classes)
+    blocks = blocks_in(denoiser, block_lists)
     sizes = [stored_bytes(block) for block in blocks]
     whole = stored_bytes(denoiser)
     for count in range(most_blocks(len(blocks)) + 1):

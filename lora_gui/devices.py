@@ -196,15 +196,22 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+# What a module borrowed for a pass needs beside its weights (a batch of captions' activations through a text encoder).
+BORROWED_WORK_BYTES = 2**30
+
+
 class Offload:
     """The modules on the compute device now; the rest wait in CPU memory until their phase.
 
     A GPU holds only what the phase at hand uses: the VAE and text encoders while images and
     captions are encoded, the UNet while it trains (SDXL's alone is 5 GB in bf16), and for previews
-    the UNet with the text encoders, then with the VAE."""
+    the UNet with the text encoders, then with the VAE. `room`: the bytes the modules borrowed for a
+    pass may take on the device before the largest stream their layers instead; None: the memory free
+    there when they come (no limit on a processor)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, room: int | None = None):
         self.device = device
+        self.room = room
         self.on_device: list[torch.nn.Module] = []
 
     def bring(self, *modules: torch.nn.Module) -> None:
@@ -225,9 +232,75 @@ class Offload:
 
     @contextlib.contextmanager
     def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """These modules on the device for the block, back in CPU memory after it."""
-        self.bring(*modules)
+        """These frozen modules on the device for the block, back in CPU memory after it. Where they don't all fit
+        the room, the largest compute with their layers streamed (`streamed_layers`): a text encoder larger than the
+        card (Flux.2 dev's Mistral is 48 GB in bf16) encodes the captions the same, copying its layers once a pass."""
+        whole, streamed = self._fitting(modules)
+        self.bring(*whole)
         try:
-            yield
+            with contextlib.ExitStack() as stack:
+                for module in streamed:
+                    stack.enter_context(streamed_layers(module, self.device))
+                yield
         finally:
-            self.park(*modules)
+            self.park(*whole)
+
+    def _fitting(self, modules: tuple[torch.nn.Module, ...]) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        """The modules that fit the room whole, the smallest first, and the others."""
+        room = self.room
+        if room is None and self.device.type == "cuda":
+            room = torch.cuda.mem_get_info(self.device)[0] - BORROWED_WORK_BYTES
+        whole: list[torch.nn.Module] = []
+        streamed: list[torch.nn.Module] = []
+        taken = 0
+        for module in sorted(modules, key=_bytes):
+            taken += _bytes(module)
+            (whole if room is None or taken <= room or self.holds(module) else streamed).append(module)
+        return whole, streamed
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(tensor.nbytes for tensor in _tensors(module))
+
+
+@contextlib.contextmanager
+def streamed_layers(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """A frozen `module` computes on `device` with one of its layers there at a time: all but its layers (its largest
+    list of blocks) comes whole, each layer's weights for its own forward, then they point back at their copies in
+    CPU memory (nothing is copied back). Forward only: the same results as the whole module on the device."""
+    lists = [child for child in module.modules() if isinstance(child, torch.nn.ModuleList)]
+    layers = max(lists, key=_bytes) if lists else torch.nn.ModuleList()
+    inside = {id(tensor) for tensor in _tensors(layers)}
+    resting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each tensor on the device now, and its CPU data
+
+    def bring(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) not in resting:
+                resting[id(tensor)] = (tensor, tensor.data)
+                # A copy even where the device is the processor, so the tests see each layer come and go.
+                tensor.data = tensor.data.to(device, non_blocking=True, copy=True)
+
+    def back(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) in resting:
+                tensor.data = resting.pop(id(tensor))[1]
+
+    bring([tensor for tensor in _tensors(module) if id(tensor) not in inside])
+    handles = [
+        handle
+        for layer in layers
+        for handle in (
+            layer.register_forward_pre_hook(lambda layer, args: bring(_tensors(layer))),
+            layer.register_forward_hook(lambda layer, args, output: back(_tensors(layer))),
+        )
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        back([tensor for tensor, _ in list(resting.values())])

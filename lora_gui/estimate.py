@@ -18,9 +18,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from lora_gui import block_swap
 from lora_gui.config import TrainConfig
-from lora_gui.devices import DTYPES
-from lora_gui.families import get_family
+from lora_gui.devices import BORROWED_WORK_BYTES, DTYPES
+from lora_gui.families import Family, get_family
 from lora_gui.optimizers import OPTIMIZERS
 from lora_gui.quantization import QUANTIZATIONS
 
@@ -37,6 +38,16 @@ CPU_STEP = {"seconds": 8.2, "cores": 2, "weights": 0.86e9, "resolution": 512}
 # those 2 cores (the app leaves the other to the page); more pixels cost more.
 TINY_SECONDS_PER_PICTURE = 22 / (250 * 2)
 TINY_RESOLUTION = 64
+# Block swap: what moves the swapped blocks from the computer's memory to the GPU, in bytes per second. A PCIe 4.0 x16
+# slot carries about 25 GB/s from pinned memory at best, PCIe 3.0 x16 half that, and a copy beside the GPU's own work
+# gets less: 16 GB/s, a current card's typical share (research notes: qwenimage-blockswap.md, section 11).
+PCIE_BYTES_PER_SECOND = 16e9
+# Where the GPU's speed is not measured (Suggest settings sizing for a card): an RTX 3090's bf16 matrix rate as
+# devices.matmul_tflops measures it, about 70 TFLOPS (a 4090's is about twice that), the card most guides train on.
+REFERENCE_TFLOPS = 70.0
+# Gradient checkpointing computes each block's forward again in backward: a step's work is forward (1) and backward
+# (2) and the recomputed forward (1), 4/3 of a step without it.
+RECOMPUTE = 4 / 3
 _ESTIMATING = threading.Lock()
 
 
@@ -49,54 +60,66 @@ class Estimate:
     step_tflop: float | None  # the step's work, counted only when the time is estimated
     seconds: float | None  # None when the device's speed is unknown
     notes: str
+    # Block swap: how much slower a step is for it (0.25: 25%), the transfer that can't hide behind compute and the
+    # recomputing it turns on (at REFERENCE_TFLOPS where the GPU's speed is unknown); None when no block swaps.
+    swap_slowdown: float | None = None
+    swap_note: str = ""  # what block swap does to the run, in words ("" without it); in `notes` too
 
     def summary(self) -> str:
         time = f"about {duration(self.seconds)}" if self.seconds is not None else "unknown time"
         return f"≈ {self.memory_gb:.1f} GB of GPU memory, {time}. {self.notes}"
 
 
-def estimate(config: TrainConfig, family: str, precision: str = "bf16", matmul_tflops: float | None = None) -> Estimate:
+def estimate(
+    config: TrainConfig,
+    family: str,
+    precision: str = "bf16",
+    matmul_tflops: float | None = None,
+    card_gb: float | None = None,
+) -> Estimate:
     """Memory and time of a run with these settings on a model of this family.
 
     `precision` is the resolved mixed precision ("no", "fp16", "bf16"); `matmul_tflops` the
-    device's measured matrix-multiply rate (see devices.matmul_tflops), for the time."""
-    targets = tuple(get_family(family).lora_targets(config.target_modules))
+    device's measured matrix-multiply rate (see devices.matmul_tflops), for the time; `card_gb` the
+    card's memory, where text encoders that don't fit it whole encode with their layers streamed."""
+    kind = get_family(family)
+    targets = tuple(kind.lora_targets(config.target_modules))
     adapter = (config.rank, config.lora_type)
     size, text_encoder_params = _published_model(config.base_model, family)
-    cost = _unet_cost(family, size, config.resolution, adapter, targets, config.gradient_checkpointing, precision)
+    swapping = config.blocks_to_swap > 0 and bool(kind.swap_blocks)
+    # The engine turns gradient checkpointing on with block swap: backward reads each streamed block's weights anew.
+    checkpointing = config.gradient_checkpointing or swapping
+    cost = _unet_cost(family, size, config.resolution, adapter, targets, checkpointing, precision)
+    swapped, swapped_bytes, ring = _swapped(cost, config.blocks_to_swap if swapping else 0, precision, config)
     # Each trained weight: itself and its gradient in fp32, and the optimizer's state. Schedule-free AdamW's copy
     # of the training weights, while it evaluates, takes the gradients' place (they are freed after each step).
     optimizer_bytes = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes
-    base = _denoiser_bytes(cost, precision, config.quantize_base) + cost.lora_params * optimizer_bytes
-    activations = cost.activations
+    # Swapped blocks wait in the computer's memory: the GPU holds the ring of slots they pass through instead.
+    denoiser = _denoiser_bytes(cost, precision, config.quantize_base) - swapped_bytes + ring
+    base = denoiser + cost.lora_params * optimizer_bytes
     text = _text_encoder_bytes(family, text_encoder_params, precision)
-    vae = get_family(family).vae_params * 4
-    # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
-    # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
-    caching_peak = max(text, vae + _vae_encode_bytes(config.resolution))
-    training_peak = base + activations * config.batch_size
+    vae = kind.vae_params * 4
+    training_peak = base + cost.activations * config.batch_size
     if config.train_text_encoder:
         training_peak += text
     # Previews (at least one set, at the end): frozen text encoders encoded the prompts while caching and
     # never come back; trained ones never left. The VAE comes to decode.
-    decoding = vae + _preview_bytes(config.resolution)
-    previews_peak = base + decoding + (text if config.train_text_encoder else 0)
+    previews_peak = base + vae + _preview_bytes(config.resolution) + (text if config.train_text_encoder else 0)
+    # While caching, the VAE encodes one image at a time at full resolution (in fp32), then the text encoders
+    # the captions: they take turns, and the denoiser comes onto the GPU only after both are parked.
+    encoding, streamed = _encoding_bytes(kind, config, text, card_gb)
+    caching_peak = max(encoding, vae + _vae_encode_bytes(config.resolution))
     phases = [peak / 2**30 + CUDA_OVERHEAD_GB for peak in (caching_peak, training_peak, previews_peak)]
-    step_tflop, seconds = None, None
-    if matmul_tflops:
-        flops = _step_flops(family, size, config.resolution, adapter, targets, precision)
-        step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
-        steps = config.max_steps if not config.epochs else None
-        if steps:
-            seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY)
-    notes = ""
-    if not config.train_text_encoder:
-        notes = f"Text encoders and VAE wait in CPU memory while the {get_family(family).denoiser_title} trains."
+    step_tflop, seconds, slowdown = _time(
+        config, family, size, adapter, targets, precision, matmul_tflops, swapped_bytes
+    )
+    notes = [_placement_note(kind, config, text, streamed)]
     if config.quantize_base != "none":
-        notes += (
-            f" The frozen {get_family(family).denoiser_title} is stored {QUANTIZATIONS[config.quantize_base].title}."
-        )
-    return Estimate(round(max(phases), 2), *(round(phase, 2) for phase in phases), step_tflop, seconds, notes.strip())
+        notes.append(f"The frozen {kind.denoiser_title} is stored {QUANTIZATIONS[config.quantize_base].title}.")
+    swap = swap_note(swapped, len(cost.blocks), swapped_bytes, slowdown) if swapping else ""
+    memory = (round(phase, 2) for phase in phases)
+    notes_text = " ".join(note for note in (*notes, swap) if note)
+    return Estimate(round(max(phases), 2), *memory, step_tflop, seconds, notes_text, slowdown, swap)
 
 
 def processor_seconds(config: TrainConfig, family: str, tiny: bool, cores: int | None = None) -> float | None:
@@ -121,6 +144,9 @@ class DenoiserCost:
     denoiser_params: int  # the frozen base's
     linear_weights: int  # of those, the weights of its linear layers: what quantizing stores in fewer bits
     largest_linear: int  # the most weights one linear layer holds: a quantized one is unpacked for its product
+    # The blocks that may swap (`Family.swap_blocks`), in the order they run: each one's frozen parameters and, of
+    # those, its linear layers' weights.
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,6 +154,21 @@ def denoiser_parameters(family: str) -> int:
     """How many parameters the family's published denoiser has, counted on the meta device."""
     with torch.device("meta"):
         return sum(p.numel() for p in get_family(family).build_denoiser("full").parameters())
+
+
+def swappable_blocks(config: TrainConfig, family: str) -> int:
+    """How many of the denoiser's blocks can swap (`Family.swap_blocks`) on the published model these settings are
+    sized for: 0 where none can."""
+    if not get_family(family).swap_blocks:
+        return 0
+    return _block_count(family, _published_model(config.base_model, family)[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _block_count(family: str, size: str) -> int:
+    with torch.device("meta"):
+        denoiser = get_family(family).build_denoiser(size)
+    return sum(len(getattr(denoiser, name)) for name in get_family(family).swap_blocks)
 
 
 def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tuple[str, float]]:
@@ -141,7 +182,7 @@ def presets_that_fit(family: str, precision: str, memory_gb: float) -> list[tupl
         preset = load_preset(name)
         if (preset.family if preset.family != "auto" else family_from_files(preset.base_model)) != family:
             continue
-        memory = estimate(preset, family, precision).memory_gb
+        memory = estimate(preset, family, precision, card_gb=memory_gb).memory_gb
         if memory <= memory_gb:
             fitting.append((name, memory))
     return sorted(fitting, key=lambda named: -named[1])
@@ -164,13 +205,103 @@ def _text_encoder_bytes(family: str, parameters: float, precision: str) -> float
 def _denoiser_bytes(cost: DenoiserCost, precision: str, quantize: str) -> float:
     """The frozen denoiser's memory, with its linear layers' weights quantized as `quantize` says (in fp16, int8
     is scaled per group: see quantization.FP16_INT8_GROUP)."""
+    unpacked = cost.largest_linear * BYTES[precision] if quantize != "none" else 0
+    return _stored_bytes(cost.denoiser_params, cost.linear_weights, precision, quantize) + unpacked
+
+
+def _stored_bytes(params: int, linear_weights: int, precision: str, quantize: str) -> float:
+    """Frozen parameters as the base stores them: the linear layers' weights quantized as `quantize` says."""
     weight_bytes = BYTES[precision]
     if quantize == "none":
-        return cost.denoiser_params * weight_bytes
-    unquantized = cost.denoiser_params - cost.linear_weights
-    unpacked = cost.largest_linear * weight_bytes
+        return params * weight_bytes
     per_weight = QUANTIZATIONS[quantize].weight_bytes(DTYPES[precision])
-    return unquantized * weight_bytes + cost.linear_weights * per_weight + unpacked
+    return (params - linear_weights) * weight_bytes + linear_weights * per_weight
+
+
+def _swapped(cost: DenoiserCost, count: int, precision: str, config: TrainConfig) -> tuple[int, float, float]:
+    """How many blocks swap (no more than the denoiser has), their bytes as the base stores them, and the ring of
+    GPU slots they pass through (block_swap.RING of the largest: one computing, the next arriving). The swapped
+    blocks are the engine's own choice (block_swap.evenly_spaced), so that each one's copy overlaps the work of the
+    blocks kept between them."""
+    sizes = [_stored_bytes(params, linear, precision, config.quantize_base) for params, linear in cost.blocks]
+    count = min(count, len(sizes))
+    if not count:
+        return 0, 0.0, 0.0
+    chosen = [sizes[index] for index in block_swap.evenly_spaced(len(sizes), count)]
+    return count, sum(chosen), block_swap.RING * max(chosen)
+
+
+def _encoding_bytes(kind: type[Family], config: TrainConfig, text: float, card_gb: float | None) -> tuple[float, bool]:
+    """The text encoders' memory while they encode the captions, and whether they stream: frozen text encoders that
+    don't fit the card whole, with a pass's work beside them, encode with their layers streamed from the computer's
+    memory (a layer at a time, as devices.Offload does), where the family says how much of them stays on the GPU
+    then. They encode the same."""
+    whole = text / 2**30 + CUDA_OVERHEAD_GB + BORROWED_WORK_BYTES / 2**30
+    if card_gb is None or whole <= card_gb or config.train_text_encoder or kind.text_encoder_streamed_share >= 1:
+        return text, False
+    return text * kind.text_encoder_streamed_share, True
+
+
+def _time(
+    config: TrainConfig,
+    family: str,
+    size: str,
+    adapter: tuple[int, str],
+    targets: tuple[str, ...],
+    precision: str,
+    matmul_tflops: float | None,
+    swapped_bytes: float,
+) -> tuple[float | None, float | None, float | None]:
+    """The step's work in TFLOP, the run's seconds and how much slower block swap makes a step (None without it):
+    all None where the GPU's speed is unknown, as counting the step's work takes a while on a large model (Suggest
+    settings sizes its block swap at REFERENCE_TFLOPS)."""
+    if not matmul_tflops:
+        return None, None, None
+    flops = _step_flops(family, size, config.resolution, adapter, targets, precision)
+    slowdown = None
+    if swapped_bytes:
+        computing = flops * config.batch_size / (matmul_tflops * 1e12 * STEP_EFFICIENCY)
+        slowdown = _swap_slowdown(computing, swapped_bytes, config.gradient_checkpointing)
+    step_tflop = flops * config.batch_size * config.gradient_accumulation_steps / 1e12
+    steps = config.max_steps if not config.epochs else None
+    seconds = steps * step_tflop / (matmul_tflops * STEP_EFFICIENCY) * (1 + (slowdown or 0)) if steps else None
+    return step_tflop, seconds, slowdown
+
+
+def _swap_slowdown(computing: float, swapped_bytes: float, checkpointing: bool) -> float:
+    """How much longer a step of `computing` seconds takes with these bytes swapped: each pass (forward, then
+    backward's recomputed forward) copies every swapped block to the GPU once, and a copy hides behind the work of
+    its pass (forward a quarter of a checkpointed step, backward the rest); what is left over waits. Gradient
+    checkpointing, which block swap turns on, recomputes the forward when it was off."""
+    step = computing * (1 if checkpointing else RECOMPUTE)
+    copying = swapped_bytes / PCIE_BYTES_PER_SECOND
+    waiting = max(0.0, copying - step / 4) + max(0.0, copying - step * 3 / 4)
+    return (step + waiting) / computing - 1
+
+
+def swap_note(swapped: int, blocks: int, swapped_bytes: float, slowdown: float | None) -> str:
+    """What block swap does to a run, in words: for the estimate's notes and Suggest settings' reason."""
+    if slowdown is None:
+        cost = "slower (how much shows once the GPU's speed is measured)"
+    else:
+        cost = "hardly slower" if slowdown < 0.01 else f"about {slowdown:.0%} slower"
+    return (
+        f"Block swap: {swapped} of the {blocks} blocks wait in the computer's memory ({swapped_bytes / 2**30:.1f} GB "
+        f"of it) and stream to the GPU each step, {cost}."
+    )
+
+
+def _placement_note(kind: type[Family], config: TrainConfig, text: float, streamed: bool) -> str:
+    """Where the parts that don't train wait, in words."""
+    if config.train_text_encoder:
+        return ""
+    if streamed:
+        return (
+            f"The text encoders ({text / 2**30:.1f} GB, more than the card holds beside their work) encode the "
+            f"captions once with their layers streamed from the computer's memory, then wait there with the VAE while "
+            f"the {kind.denoiser_title} trains."
+        )
+    return f"Text encoders and VAE wait in CPU memory while the {kind.denoiser_title} trains."
 
 
 def _unet_cost(
@@ -228,10 +359,7 @@ def _measured_cost(
     unet, inputs = _meta_unet(family, size, resolution, adapter, targets, DTYPES[precision])
     lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     unet_params = sum(p.numel() for p in unet.parameters()) - lora_params
-    # peft keeps each targeted layer as its `base_layer`, so every frozen linear layer is counted once.
-    linears = [
-        m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
-    ]
+    linears = _frozen_linear_weights(unet)
 
     # Without checkpointing: everything autograd saves, and what each block that checkpointing
     # would recompute on its own (a ResNet or a transformer block) saves.
@@ -257,7 +385,20 @@ def _measured_cost(
         # Kept: each block's inputs; during backward one block at a time is recomputed on top.
         unet.enable_gradient_checkpointing()
         activations = _saved_bytes(unet, inputs, {}) + max(block_sizes)
-    return DenoiserCost(activations, lora_params, unet_params, sum(linears), max(linears))
+    return DenoiserCost(activations, lora_params, unet_params, sum(linears), max(linears), _blocks(unet, family))
+
+
+def _blocks(unet: torch.nn.Module, family: str) -> tuple[tuple[int, int], ...]:
+    """Each swappable block's frozen parameters and its frozen linear layers' weights (a LoRA stays on the GPU)."""
+    blocks = [block for name in get_family(family).swap_blocks for block in getattr(unet, name)]
+    frozen = [sum(p.numel() for p in block.parameters() if not p.requires_grad) for block in blocks]
+    return tuple(zip(frozen, (sum(_frozen_linear_weights(block)) for block in blocks), strict=True))
+
+
+def _frozen_linear_weights(module: torch.nn.Module) -> list[int]:
+    """The weights of each frozen linear layer: peft keeps each targeted layer as its `base_layer`, so every one is
+    counted once."""
+    return [m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
 
 
 def _meta_unet(

@@ -353,11 +353,11 @@ def _swap_blocks_to_fit(family: type[Family], pipe: DiffusionPipeline, budget: f
     (diffusers' offload moves it whole, and block swap keeps the swapped blocks out of every move): never beside the
     text encoders, which for the largest models are as large as the GPU's share of it."""
     denoiser = family.denoiser(pipe)
-    if not family.swaps_blocks or quantization.stored_bytes(denoiser) <= budget:
+    if not family.swap_blocks or quantization.stored_bytes(denoiser) <= budget:
         return
     denoiser.requires_grad_(False)  # nothing here trains: every weight it has now is the frozen base's
-    count = block_swap.count_for_budget(denoiser, family.checkpointed_blocks(), budget)
-    if block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), count, device) is not None:
+    count = block_swap.count_for_budget(denoiser, family.swap_blocks, budget)
+    if block_swap.swap_blocks(denoiser, family.swap_blocks, count, device) is not None:
         log.info("Generating with %d of the %s's blocks swapped", count, family.denoiser_title)
 
 

@@ -1,9 +1,14 @@
 """The ways to train in less GPU memory: one entry each, in the one order they are tried and advised.
 
-Least harmful first. Suggest settings tries them in this order until the estimate fits the card (`to_try`); a run
-that ran out of memory names those left to do (`tips`); the Train tab, where the estimate is over the card, names
-those that lower the phase needing the most (`form_tips`). The estimate (estimate.py) counts what each saves from
-the setting it changes. No torch here: the app reads it.
+Least harmful first. Suggest settings tries them in this order until the estimate fits the card (`Saver.tries`, each
+from the settings the savers before it left); a run that ran out of memory names those left to do (`tips`); the Train
+tab, where the estimate is over the card, names those that lower the phase needing the most (`form_tips`). The
+estimate (estimate.py) counts what each saves from the setting it changes. No torch here: the app reads it.
+
+Block swap comes after everything that costs little (an 8-bit optimizer, smaller batches, a base in fewer bits) and is
+advised only once they are used: it costs speed on every step. It comes before a lower resolution: training under the
+model's own size costs detail for good, while block swap changes nothing the LoRA learns, and at the model's own
+resolution each block computes long enough to hide most of the next one's copy (at a lower one, less of it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_gui.config import TrainConfig
+from lora_gui.families import get_family
 from lora_gui.optimizers import OPTIMIZERS
 
 # The estimate's phases a saver lowers (Estimate.training_gb, Estimate.previews_gb).
@@ -20,6 +26,17 @@ TRAINING, PREVIEWS = "training", "previews"
 # Advice names a lower resolution only above this; Suggest settings, which sees the model, goes down to half its own
 # size (256 px at least) where the card needs it.
 ADVISED_RESOLUTION = 512
+SWAP_LABEL = "Blocks kept in the computer's memory (block swap)"  # the Train tab's label for blocks_to_swap
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What Suggest settings' tries depend on beside the settings."""
+
+    native_resolution: int  # the model's own
+    nvidia: bool  # whether the card is an NVIDIA GPU: bitsandbytes' 8-bit AdamW and NF4 need one
+    blocks: Callable[[], int]  # the denoiser's blocks that can swap, 0 where none can (counted only when asked)
+    fits: Callable[[TrainConfig], bool]  # whether settings fit the card by the estimate
 
 
 @dataclass(frozen=True)
@@ -31,9 +48,13 @@ class Saver:
     advice: Callable[[TrainConfig], str]  # in the settings' own names: the out-of-memory message
     form_advice: Callable[[TrainConfig], str]  # the same in the Train tab's labels
     lowers: tuple[str, ...]  # the estimate's phases it makes much smaller
-    # Suggest settings' values to try, least harmful first, each with what it costs; from the settings, the model's
-    # own resolution and whether the card is an NVIDIA GPU (bitsandbytes' 8-bit AdamW and NF4 need one).
-    tries: Callable[[TrainConfig, int, bool], list[tuple[Any, str]]] = lambda config, native, nvidia: []
+    # Suggest settings' values to try, least harmful first, each with what it costs.
+    tries: Callable[[TrainConfig, Situation], list[tuple[Any, str]]] = lambda config, situation: []
+    # Only for a family whose blocks swap; advised only once every saver before it is used (its cost is speed on
+    # every step, which theirs is not).
+    swaps_blocks: bool = False
+    # Whether what Suggest settings tries is in place already, where `applies` still advises more.
+    used: Callable[[TrainConfig], bool] = lambda config: False
 
 
 def _fewer_bits(config: TrainConfig) -> str:
@@ -45,19 +66,34 @@ def _or_8_bit(config: TrainConfig, name: str) -> str:
     return "" if OPTIMIZERS[config.optimizer].state_bytes <= 2 else f" or {name}"
 
 
-def _smaller_batches(config: TrainConfig, native: int, nvidia: bool) -> list[tuple[Any, str]]:
+def _smaller_batches(config: TrainConfig, situation: Situation) -> list[tuple[Any, str]]:
     return [(size, "slower per picture") for size in (2, 1) if size < config.batch_size]
 
 
-def _quantized(config: TrainConfig, native: int, nvidia: bool) -> list[tuple[Any, str]]:
+def _quantized(config: TrainConfig, situation: Situation) -> list[tuple[Any, str]]:
     # Before a lower resolution: 8-bit frozen weights cost little (QLoRA), training under the model's own size
     # costs detail.
     tries: list[tuple[Any, str]] = [("int8", "the frozen weights in 8 bits, a little less exact")]
-    return tries + ([("nf4", "the frozen weights in 4 bits, less exact")] if nvidia else [])
+    return tries + ([("nf4", "the frozen weights in 4 bits, less exact")] if situation.nvidia else [])
 
 
-def _lower_resolutions(config: TrainConfig, native: int, nvidia: bool) -> list[tuple[Any, str]]:
-    floor = max(256, native // 2)
+def _fewest_blocks(config: TrainConfig, situation: Situation) -> list[tuple[Any, str]]:
+    """The fewest blocks to swap that fit the card, found by halving the range (the estimate falls as more swap);
+    all of them where even that doesn't fit, for a lower resolution to try with."""
+    low, high = config.blocks_to_swap + 1, situation.blocks()
+    if low > high:
+        return []
+    while low < high:
+        middle = (low + high) // 2
+        if situation.fits(config.replace(blocks_to_swap=middle)):
+            high = middle
+        else:
+            low = middle + 1
+    return [(high, "the frozen blocks stream from the computer's memory each step, slower")]
+
+
+def _lower_resolutions(config: TrainConfig, situation: Situation) -> list[tuple[Any, str]]:
+    floor = max(256, situation.native_resolution // 2)
     return [(size, "less detail") for size in range(config.resolution - 128, floor - 1, -128)]
 
 
@@ -68,7 +104,7 @@ SAVERS = (
         advice=lambda config: "turn on gradient checkpointing",
         form_advice=lambda config: "turn on Gradient checkpointing (under Advanced)",
         lowers=(TRAINING,),
-        tries=lambda config, native, nvidia: [(True, "about 30% slower")],
+        tries=lambda config, situation: [(True, "about 30% slower")],
     ),
     Saver(
         "optimizer",
@@ -76,9 +112,10 @@ SAVERS = (
         advice=lambda config: f"use the adafactor optimizer{_or_8_bit(config, '8-bit AdamW')}",
         form_advice=lambda config: f"set Optimizer to adafactor{_or_8_bit(config, 'adamw8bit')}",
         lowers=(TRAINING,),
-        tries=lambda config, native, nvidia: [
-            ("adamw8bit" if nvidia else "adafactor", "its state in fewer bytes, about as good")
+        tries=lambda config, situation: [
+            ("adamw8bit" if situation.nvidia else "adafactor", "its state in fewer bytes, about as good")
         ],
+        used=lambda config: OPTIMIZERS[config.optimizer].state_bytes <= 2,  # 8-bit AdamW: Adafactor learns otherwise
     ),
     Saver(
         "batch_size",
@@ -95,6 +132,18 @@ SAVERS = (
         form_advice=lambda config: f"set Quantize base to {_fewer_bits(config)}",
         lowers=(TRAINING, PREVIEWS),
         tries=_quantized,
+    ),
+    Saver(
+        "blocks_to_swap",
+        applies=lambda config: True,
+        advice=lambda config: (
+            f"keep more of the base model's blocks in the computer's memory (blocks_to_swap, now "
+            f"{config.blocks_to_swap}): each step streams them to the GPU, slower"
+        ),
+        form_advice=lambda config: f"raise {SWAP_LABEL} (now {config.blocks_to_swap}; slower)",
+        lowers=(TRAINING, PREVIEWS),
+        tries=_fewest_blocks,
+        swaps_blocks=True,
     ),
     Saver(
         "resolution",
@@ -122,20 +171,36 @@ SAVERS = (
 )
 
 
-def tips(config: TrainConfig) -> list[str]:
-    """What is left to change, in the settings' own names: for the out-of-memory message."""
-    return [saver.advice(config) for saver in SAVERS if saver.applies(config)]
+def tips(config: TrainConfig, family: str | None = None) -> list[str]:
+    """What is left to change, in the settings' own names: for the out-of-memory message. `family`: the model's,
+    where the settings' "auto" doesn't say (else told from the base model's files)."""
+    return [saver.advice(config) for saver in _left(config, family)]
 
 
-def form_tips(config: TrainConfig, phase: str) -> list[str]:
+def form_tips(config: TrainConfig, phase: str, family: str | None = None) -> list[str]:
     """What is left to change to lower the estimate's `phase`, in the Train tab's labels."""
-    return [saver.form_advice(config) for saver in SAVERS if phase in saver.lowers and saver.applies(config)]
+    return [saver.form_advice(config) for saver in _left(config, family) if phase in saver.lowers]
 
 
-def to_try(config: TrainConfig, native_resolution: int, nvidia: bool) -> list[tuple[str, Any, str]]:
-    """Every (setting, value, what it costs) Suggest settings tries, in order."""
-    return [
-        (saver.setting, value, cost)
-        for saver in SAVERS
-        for value, cost in saver.tries(config, native_resolution, nvidia)
-    ]
+def _left(config: TrainConfig, family: str | None) -> list[Saver]:
+    """The savers that apply to these settings: block swap only on a family whose blocks swap, once every saver
+    before it is used."""
+    left: list[Saver] = []
+    for saver in SAVERS:
+        if not saver.applies(config):
+            continue
+        cheaper = [before for before in left if not before.used(config)]
+        if saver.swaps_blocks and (cheaper or not _swaps_blocks(config, family)):
+            continue
+        left.append(saver)
+    return left
+
+
+def _swaps_blocks(config: TrainConfig, family: str | None) -> bool:
+    if family is None and config.family != "auto":
+        family = config.family
+    if family is None:
+        from lora_gui.base_models import family_from_files  # reads the model's files, with torch loaded for them
+
+        family = family_from_files(config.base_model)
+    return family is not None and bool(get_family(family).swap_blocks)

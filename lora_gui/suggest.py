@@ -18,7 +18,7 @@ from lora_gui import devices, memory_savers
 from lora_gui.config import TrainConfig
 from lora_gui.data import Example
 from lora_gui.errors import LoraGuiError
-from lora_gui.estimate import Estimate, estimate
+from lora_gui.estimate import REFERENCE_TFLOPS, Estimate, estimate, swappable_blocks
 from lora_gui.families import get_family
 
 SUBJECTS = ("person", "object", "style")
@@ -191,6 +191,11 @@ def _wanted(pictures: Pictures, subject: str, family: str, base: TrainConfig) ->
         ),
         Change("gradient_checkpointing", False, "off: it costs about 30% speed, and the memory is there without it"),
         Change("quantize_base", "none", f"the {get_family(family).denoiser_title} fits in memory unquantized, exactly"),
+        *(
+            [Change("blocks_to_swap", 0, "none: the whole model on the GPU, the fastest")]
+            if get_family(family).swap_blocks
+            else []
+        ),
         Change(
             "caption_dropout",
             CAPTION_DROPOUT[subject],
@@ -283,26 +288,44 @@ def _steps(pictures: Pictures, subject: str, config: TrainConfig) -> Change:
     return Change("max_steps", steps, why)
 
 
+def _swap_cost(config: TrainConfig, family: str, precision: str, blocks: int) -> str:
+    """What block swap costs a run, in speed as the card most guides train on computes (no card's speed is known
+    here), and in the computer's memory."""
+    slowdown = estimate(config.replace(gradient_checkpointing=True), family, precision, REFERENCE_TFLOPS).swap_slowdown
+    slowdown = slowdown or 0
+    speed = "hardly slower" if slowdown < 0.01 else f"about {slowdown:.0%} slower"
+    return (
+        f"{config.blocks_to_swap} of the {blocks} blocks wait in the computer's memory and stream to the GPU each "
+        f"step, {speed} on an RTX 3090"
+    )
+
+
 def _fit(
     config: TrainConfig, family: str, card: Card, precision: str, keep: set[str]
 ) -> tuple[TrainConfig, dict[str, Change], Estimate]:
     """`config` with memory savers added until the estimate fits the card, then those it can do without taken back."""
     budget = card.memory_gb * HEADROOM
-    result = estimate(config, family, precision)
+    result = estimate(config, family, precision, card_gb=budget)
     roomy = config
     applied: dict[str, str] = {}  # setting -> what its saver costs
-    # Without a GPU here, nothing that needs bitsandbytes' CUDA kernels would run.
-    nvidia = not card.assumed and not card.processor
-    for setting, value, cost in memory_savers.to_try(config, get_family(family).default_resolution, nvidia):
+    situation = memory_savers.Situation(
+        get_family(family).default_resolution,
+        nvidia=not card.assumed and not card.processor,  # without a GPU here, bitsandbytes' CUDA kernels won't run
+        blocks=lambda: swappable_blocks(config, family),
+        fits=lambda tried: estimate(tried, family, precision, card_gb=budget).memory_gb <= budget,
+    )
+    for saver in memory_savers.SAVERS:
         if result.memory_gb <= budget:
             break
-        if setting in keep:
-            continue
-        tried = config.replace(**{setting: value})
-        tried_result = estimate(tried, family, precision)
-        if tried_result.memory_gb < result.memory_gb:
-            config, result = tried, tried_result
-            applied[setting] = cost
+        # Each saver's tries start from the settings so far: block swap looks for the fewest blocks with them.
+        for value, cost in saver.tries(config, situation) if saver.setting not in keep else ():
+            if result.memory_gb <= budget:
+                break
+            tried = config.replace(**{saver.setting: value})
+            tried_result = estimate(tried, family, precision, card_gb=budget)
+            if tried_result.memory_gb < result.memory_gb:
+                config, result = tried, tried_result
+                applied[saver.setting] = cost
     if result.memory_gb > budget:
         raise LoraGuiError(
             f"even with every memory saver, a {get_family(family).title} LoRA needs ≈ {result.memory_gb:.1f} GB, more "
@@ -310,11 +333,18 @@ def _fit(
         )
     for setting in list(applied)[-2::-1]:  # the last saver made it fit; an earlier one may not be needed with it
         tried = config.replace(**{setting: getattr(roomy, setting)})
-        tried_result = estimate(tried, family, precision)
+        tried_result = estimate(tried, family, precision, card_gb=budget)
         if tried_result.memory_gb <= budget:
             config, result = tried, tried_result
             del applied[setting]
-    first = estimate(roomy, family, precision).memory_gb
+    first = estimate(roomy, family, precision, card_gb=budget).memory_gb
+    if "blocks_to_swap" in applied:
+        applied["blocks_to_swap"] = _swap_cost(config, family, precision, situation.blocks())
+        if (
+            not config.gradient_checkpointing
+        ):  # what block swap turns on anyway, said so, and its cost not counted twice
+            config = config.replace(gradient_checkpointing=True)
+            applied["gradient_checkpointing"] = "block swap needs it (backward reads each streamed block again)"
     changes = {
         setting: Change(
             setting, getattr(config, setting), f"to fit in memory (≈ {first:.1f} GB without the memory savers): {cost}"

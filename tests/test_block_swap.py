@@ -142,6 +142,6 @@ def test_block_swap_refuses_more_blocks_than_there_can_be_and_a_unet(deeper_tiny
         "blocks_to_swap is 5, but this base model has 6 blocks and 2 of them must fit on the GPU at once: set "
         "blocks_to_swap to at most 4"
     )
-    # The UNet's backward pass breaks when its blocks are swapped (see Family.swaps_blocks).
+    # The UNet's backward pass breaks when its blocks are swapped (see Family.swap_blocks).
     with pytest.raises(ConfigError, match=r"blocks_to_swap works with transformer models; this Stable Diffusion 1\.x"):
         train(quick_config(tiny_model, photos, blocks_to_swap=1), tmp_path / "unet")

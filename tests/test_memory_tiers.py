@@ -18,7 +18,7 @@ from torchao.quantization import Int8Tensor
 from lora_gui import events
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.errors import ConfigError, LoraGuiError
-from lora_gui.estimate import estimate, presets_that_fit
+from lora_gui.estimate import estimate, presets_that_fit, swappable_blocks
 from lora_gui.training import checkpoints, train
 
 
@@ -132,7 +132,8 @@ def test_the_preset_that_fits_the_card_is_named(monkeypatch, tmp_path):
     from lora_gui.ui.train_tab import show_estimate
 
     assert [name for name, _ in presets_that_fit("flux", "bf16", 16)] == ["flux-dev-16gb", "flux-dev-12gb"]
-    assert presets_that_fit("flux", "bf16", 8) == []
+    # On 8 GB, T5 (9.1 GB) encodes with its layers streamed: the 12 GB preset's 8 GB there are training's.
+    assert [name for name, _ in presets_that_fit("flux", "bf16", 8)] == ["flux-dev-12gb"]
     assert all(name.startswith("sdxl") for name, _ in presets_that_fit("sdxl", "bf16", 12))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -201,3 +202,59 @@ def test_each_flux2_klein_preset_fits_its_card_by_the_estimate_and_9b_is_sized_a
         "flux2-klein-12gb",
     ]
     assert [name for name, _ in presets_that_fit("flux2-klein", "bf16", 12)] == ["flux2-klein-12gb"]
+
+
+@pytest.mark.unit
+def test_block_swap_lowers_the_estimate_by_the_swapped_blocks_bytes_as_the_base_stores_them():
+    preset = load_preset("flux-dev-12gb").replace(quantize_base="none")
+    whole = estimate(preset, "flux", "bf16")
+    swapped = estimate(preset.replace(blocks_to_swap=20), "flux", "bf16")
+    # 20 of Flux.1's 57 blocks evenly spaced: 7 of its 19 double-stream blocks (339.8 M parameters each) and 13 of
+    # its 38 single-stream ones (141.6 M), less the ring of two double-stream blocks' slots, in bf16.
+    saved = (7 * 339_831_296 + 13 * 141_591_808 - 2 * 339_831_296) * 2 / 2**30
+    assert whole.training_gb - swapped.training_gb == pytest.approx(saved, abs=0.01)
+    assert whole.previews_gb - swapped.previews_gb == pytest.approx(saved, abs=0.01), "previews use the same blocks"
+    assert "Block swap: 20 of the 57 blocks wait in the computer's memory (7.9 GB of it)" in swapped.notes
+    # A base stored in 8 bits swaps about half the bytes.
+    int8 = preset.replace(quantize_base="int8")
+    int8_swapped = estimate(int8.replace(blocks_to_swap=20), "flux", "bf16")
+    assert estimate(int8, "flux", "bf16").training_gb - int8_swapped.training_gb == pytest.approx(saved / 2, rel=0.05)
+    assert estimate(preset.replace(blocks_to_swap=57), "flux", "bf16").training_gb < swapped.training_gb
+    # Text encoders that don't fit the card whole encode with their layers streamed: T5's 9.1 GB on an 8 GB card.
+    on_eight = estimate(preset, "flux", "bf16", card_gb=8)
+    assert on_eight.caching_gb < 3 < whole.caching_gb == estimate(preset, "flux", "bf16", card_gb=24).caching_gb
+    assert "encode the captions once with their layers streamed from the computer's memory" in on_eight.notes
+    # A UNet's blocks don't swap (the setting changes nothing there); every block of Flux.1's can.
+    assert swappable_blocks(TrainConfig(), "sdxl") == 0 and swappable_blocks(TrainConfig(), "flux") == 57
+
+
+@pytest.mark.unit
+def test_a_text_encoder_that_does_not_fit_encodes_the_same_with_its_layers_streamed():
+    from lora_gui import tiny
+    from lora_gui.devices import Offload
+
+    torch.manual_seed(0)
+    (_, t5), (_, qwen) = tiny.t5_text_parts("tiny"), tiny.qwen3_text_parts("qwen3-4b", "tiny")
+    t5.eval(), qwen.eval()  # as frozen encoders encode: T5's dropout off
+    ids = torch.randint(3, 60, (2, 12))
+    with torch.no_grad():
+        expected = [t5(ids).last_hidden_state, qwen.model(ids).last_hidden_state]
+    resting = {id(p): p.data_ptr() for p in (*t5.parameters(), *qwen.parameters())}
+    brought = []
+    offload = Offload(torch.device("cpu"), room=0)  # neither fits: both stream
+    with torch.no_grad(), offload.borrowed(t5, qwen):
+        assert not offload.on_device
+        embeddings = t5.shared.weight, qwen.model.embed_tokens.weight
+        assert all(weight.data_ptr() != resting[id(weight)] for weight in embeddings), "the rest came whole"
+        for layer in (*t5.encoder.block, *qwen.model.layers):  # while a layer computes, its weights are a copy
+            layer.register_forward_pre_hook(
+                lambda layer, args: brought.append(all(p.data_ptr() != resting[id(p)] for p in layer.parameters()))
+            )
+        streamed = [t5(ids).last_hidden_state, qwen.model(ids).last_hidden_state]
+    assert brought == [True] * (len(t5.encoder.block) + len(qwen.model.layers))
+    for got, want in zip(streamed, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Afterwards every weight is its own again, in CPU memory: nothing was copied back. With room, nothing streams.
+    assert all(p.data_ptr() == resting[id(p)] for p in (*t5.parameters(), *qwen.parameters()))
+    with Offload(torch.device("cpu")).borrowed(t5, qwen):
+        assert all(p.data_ptr() == resting[id(p)] for p in t5.parameters())

@@ -4,23 +4,27 @@ the memory estimate; the command line's --auto and the Train tab's button drive 
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from PIL import Image
 
-from lora_gui import cli, devices, training
+from lora_gui import cli, devices, memory_savers, training
 from lora_gui.config import TrainConfig
 from lora_gui.data import scan_folder
 from lora_gui.errors import LoraGuiError
 from lora_gui.estimate import estimate
+from lora_gui.families import REGISTRY
+from lora_gui.families.flux import Flux1
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.staging import Staging
 from lora_gui.suggest import ASSUMED_CARD, HEADROOM, Card, Pictures, suggest
 from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app
-from lora_gui.ui.train_tab import suggest_settings
+from lora_gui.ui.train_tab import show_estimate, suggest_settings
 
 GB = 2**30
 CARDS = {"8 GB": Card(8 * GB, bf16=True), "24 GB": Card(24 * GB, bf16=True), "no GPU": ASSUMED_CARD}
@@ -186,3 +190,66 @@ def test_the_train_tab_fills_the_form_from_the_visitors_staged_pictures(picture_
     assert "'Model family'" in html.unescape(
         suggest_settings(ctx, EVERYONE, staging.session_id, "someone/model", "object", **unknown)["suggestions"]
     )
+
+
+class ManyBlocks(Flux1):
+    """Flux.1 with 8 of its 57 blocks (one double-stream, seven single-stream): a transformer whose blocks swap, quick
+    to measure."""
+
+    name = "many-blocks"
+    denoiser_shapes: ClassVar[dict[str, dict[str, Any]]] = {
+        **Flux1.denoiser_shapes,
+        "full": dict(num_layers=1, num_single_layers=7, guidance_embeds=True),
+    }
+
+
+@pytest.fixture
+def many_blocks(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setitem(REGISTRY, ManyBlocks.name, ManyBlocks)
+    return ManyBlocks.name
+
+
+@pytest.mark.unit
+def test_block_swap_is_suggested_only_when_nothing_cheaper_fits_with_the_fewest_blocks_that_do(many_blocks):
+    pictures = Pictures((520,) * 5, ("a photo of a woman",) * 5)  # 512 px: no lower resolution is tried
+    roomy = suggest(pictures, "person", many_blocks, Card(8 * GB, bf16=True))
+    assert roomy.config.blocks_to_swap == 0 and roomy.config.quantize_base == "none"
+    card = Card(int(2.45 * GB), bf16=True)
+    suggestion = suggest(pictures, "person", many_blocks, card)
+    config = suggestion.config
+    # Everything cheaper first: 4 bits, 8-bit AdamW, checkpointing (which block swap needs anyway).
+    assert (config.quantize_base, config.optimizer, config.gradient_checkpointing) == ("nf4", "adamw8bit", True)
+    budget = card.memory_gb * HEADROOM  # where T5 (9.1 GB) encodes with its layers streamed
+    fits = [estimate(config.replace(blocks_to_swap=n), many_blocks, "bf16", card_gb=budget).memory_gb for n in range(9)]
+    fewest = next(count for count, memory in enumerate(fits) if memory <= budget)
+    assert 1 < config.blocks_to_swap == fewest < 8, fits
+    reasons = {change.setting: change.reason for change in suggestion.changes}
+    assert (
+        f"{fewest} of the 8 blocks wait in the computer's memory and stream to the GPU each step"
+        in (reasons["blocks_to_swap"])
+    )
+    assert "slower on an RTX 3090" in reasons["blocks_to_swap"]
+    assert "block swap needs it" in reasons["gradient_checkpointing"]
+    # The out-of-memory advice names block swap once nothing cheaper is left, in settings' names and the form's labels,
+    # and never for a family whose blocks don't swap.
+    label = config_form.label("blocks_to_swap")
+    assert not any("blocks_to_swap" in tip for tip in memory_savers.tips(TrainConfig(), many_blocks))
+    assert any("blocks_to_swap" in tip for tip in memory_savers.tips(config, many_blocks))
+    assert any(label in tip for tip in memory_savers.form_tips(config, memory_savers.TRAINING, many_blocks))
+    assert not any(label in tip for tip in memory_savers.form_tips(config, memory_savers.TRAINING, "sdxl"))
+
+
+@pytest.mark.unit
+def test_the_train_tab_says_what_block_swap_costs_in_speed(many_blocks, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(devices, "card", lambda: devices.Card(24.0, bf16=True))
+    settings = config_form.widget_values(TrainConfig(resolution=512, gradient_checkpointing=True, blocks_to_swap=6))
+    shown = {}
+    for tflops in (1000.0, 5.0):  # a fast card waits for the copies, a slow one hides them behind its work
+        engine = SimpleNamespace(has_cuda=True, gpu_tflops=lambda tflops=tflops: tflops)
+        ctx = SimpleNamespace(engine=engine, models=SimpleNamespace(family=lambda model: many_blocks))
+        shown[tflops] = html.unescape(show_estimate(ctx, base_model="someone/many-blocks", **settings)["estimate"])
+    assert "Block swap: 6 of the 8 blocks wait in the computer's memory" in shown[5.0]
+    assert "stream to the GPU each step, hardly slower." in shown[5.0]
+    assert re.search(r"stream to the GPU each step, about \d+% slower\.", shown[1000.0]), shown[1000.0]

@@ -58,11 +58,6 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"
     denoiser_class: ClassVar[type[torch.nn.Module]] = Imported("diffusers", "UNet2DConditionModel")
     denoiser_title: ClassVar[str] = "UNet"  # as a sentence names it
-    # Whether block swap (block_swap.py) can stream the denoiser's `checkpointed_blocks`: a transformer's run one
-    # after another, each recomputed by gradient checkpointing. A UNet's don't: swapping them breaks its backward
-    # pass (a weight autograd kept is overwritten in its slot, measured on the tiny SD 1.5), and it is small enough
-    # to fit a card by the other memory savers.
-    swaps_blocks: ClassVar[bool] = False
     default_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Pipeline attributes of the text encoders and their tokenizers, in order, and whether a LoRA may train
     # on the text encoders too.
@@ -106,6 +101,19 @@ class Family:
     # fp16): 2 bytes more each under fp16.
     text_encoder_fp32_params: ClassVar[float] = 0
     vae_params: ClassVar[float] = 84e6
+    # Of those, the share on the GPU while the text encoders encode with their layers streamed (devices.Offload, where
+    # they don't fit the card whole: all but each encoder's layers, and one layer): its embeddings, and for a
+    # multimodal encoder the vision tower and output head, over all its parameters. 1: the estimate never counts them
+    # streamed (their whole fits beside what training needs anyway).
+    text_encoder_streamed_share: ClassVar[float] = 1.0
+    # Block swap (TrainConfig.blocks_to_swap): the denoiser's lists of blocks (attributes holding an nn.ModuleList),
+    # in the order they run, whose blocks may wait in the computer's memory and come to the GPU one at a time. The
+    # engine streams a run's `blocks_to_swap` of them evenly spaced over that order, through a ring of two GPU slots;
+    # the estimate measures each block on the published model (the meta device, as the rest of its cost) and counts
+    # the same. Flux.1's: its 19 double-stream blocks of 340 M parameters, then its 38 single-stream ones of 142 M.
+    # Empty: the family's blocks don't swap: a UNet's differ at every level, swapping them breaks its backward pass (a
+    # weight autograd kept is overwritten in its slot, measured on the tiny SD 1.5), and the whole fits a common card.
+    swap_blocks: ClassVar[tuple[str, ...]] = ()
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
     # The random-weight model's parts that tiny.py makes, in the pipeline's order: its text encoders (tiny.py's

@@ -145,6 +145,9 @@ class Flux1(RectifiedFlowTransformer):
     prompt_tokens = 512  # T5's: the transformer attends to them; its CLIP gives only a pooled summary of 77
     text_encoder_params = 123e6 + 4.76e9
     text_encoder_fp32_params = 24 * 4096 * 10240  # T5-XXL's 24 `wo` layers: 1.9 GB more in fp16
+    # Streamed: CLIP whole (123 M), T5's embeddings (132 M) and one of its 24 blocks (193 M), of 4.9 B.
+    text_encoder_streamed_share = 0.1
+    swap_blocks = ("transformer_blocks", "single_transformer_blocks")
     random_text_encoders = ("clip-l", "t5")
     # Flux.1's VAE: 16 latent channels, a shift factor and no quant convolutions.
     random_vae: ClassVar[dict[str, Any]] = dict(

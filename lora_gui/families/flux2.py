@@ -165,6 +165,10 @@ class Flux2Klein(RectifiedFlowTransformer):
     text_layers: ClassVar[tuple[int, ...]] = TEXT_LAYERS
     text_encoder_depth = 36
     text_encoder_params = QWEN3_4B_PARAMS
+    # Qwen3-4B streamed: its embeddings (389 M) and one of its 36 layers (101 M); Qwen3-8B's share is 0.10.
+    text_encoder_streamed_share = 0.13
+    # klein 4B's 5 double-stream blocks of 245 M parameters, 20 single-stream of 123 M (9B: 8 of 436 M, 24 of 218 M).
+    swap_blocks = ("transformer_blocks", "single_transformer_blocks")
     vae_params = 84e6
     random_text_encoders = ("qwen3-4b",)
     random_vae: ClassVar[dict[str, Any]] = dict(vae_class="AutoencoderKLFlux2", latent_channels=32)

@@ -25,7 +25,6 @@ class RectifiedFlowTransformer(Family):
     default_resolution = 1024
     denoiser_name = "transformer"
     denoiser_title = "transformer"
-    swaps_blocks = True
     trains_text_encoders = False
     kohya_module_names = False
     kohya_file_loads_in = "Forge and ComfyUI"  # AUTOMATIC1111 runs Stable Diffusion only

@@ -98,6 +98,8 @@ class ZImage(RectifiedFlowTransformer):
     )
     prompt_tokens = 512  # the pipeline's max_sequence_length, the chat template's tokens included
     text_encoder_params = 4.02e9  # Qwen3-4B
+    text_encoder_streamed_share = 0.13  # Qwen3-4B streamed: its embeddings (389 M) and one of its 36 layers (101 M)
+    swap_blocks = ("noise_refiner", "context_refiner", "layers")  # 2 + 2 + 30 blocks of 177-181 M parameters
     random_text_encoders = ("qwen3-4b",)
     # Flux.1's VAE: 16 latent channels, a shift factor and no quant convolutions.
     random_vae: ClassVar[dict[str, Any]] = dict(

@@ -280,14 +280,14 @@ def _swap_blocks(config: TrainConfig, pipe: DiffusionPipeline, family: type[Fami
         raise ConfigError("blocks_to_swap works in a run of one process: set it to 0 to train on several GPUs")
     if config.torch_compile:
         raise ConfigError("blocks_to_swap can't be used with torch_compile: turn one of them off")
-    if not family.swaps_blocks:
+    if not family.swap_blocks:
         raise ConfigError(
             f"blocks_to_swap works with transformer models; this {family.title} model's "
             "UNet can't swap its blocks: set blocks_to_swap to 0 (gradient_checkpointing and quantize_base save "
             "memory here)"
         )
     denoiser = family.denoiser(pipe)
-    block_swap.swap_blocks(denoiser, family.checkpointed_blocks(), config.blocks_to_swap, accelerator.device)
+    block_swap.swap_blocks(denoiser, family.swap_blocks, config.blocks_to_swap, accelerator.device)
 
 
 @dataclass

@@ -84,7 +84,8 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
     tiny = base_model in TINY_CHOICES
     precision = devices.gpu_precision(config.mixed_precision)
     try:
-        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops())
+        card_gb = devices.gpu_memory_gb() if ctx.engine.has_cuda and not tiny else None
+        result = estimate(config, family, precision, None if tiny else ctx.engine.gpu_tflops(), card_gb)
     except (ValueError, RuntimeError) as error:  # peft refuses layer names that match nothing in the UNet
         return {"estimate": notice(f"No estimate for these settings: {error}", "warning")}
     memory = f"≈ {result.memory_gb:.1f} GB of GPU memory"
@@ -98,6 +99,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
             f"On a GPU, these settings would need {memory} ({title}). This computer has no NVIDIA GPU, so training "
             f"runs on the processor. {_processor_time(config, family, tiny)}"
         )
+        text += f" On a GPU: {result.swap_note}" if result.swap_note else ""
         try:
             quantization.check_available(config.quantize_base, on_cuda=False)
         except LoraGuiError as error:  # said now, not only when Start fails
@@ -111,7 +113,7 @@ def show_estimate(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]:
         total = devices.gpu_memory_gb() or 0.0
         fitting = presets_that_fit(family, precision, total)
         if result.memory_gb > total:
-            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, result, fitting)
+            text += f" That is more than this GPU's {total:.0f} GB: " + _memory_advice(config, family, result, fitting)
         elif fitting:
             name, memory_gb = fitting[0]
             text += (
@@ -194,14 +196,14 @@ def pick_optimizer(ctx: Ctx, base_model: str, **settings: Any) -> dict[str, Any]
     }
 
 
-def _memory_advice(config: TrainConfig, result: Estimate, fitting: list[tuple[str, float]]) -> str:
+def _memory_advice(config: TrainConfig, family: str, result: Estimate, fitting: list[tuple[str, float]]) -> str:
     """What lowers the phase that needs the most memory: first the preset made for this card, if one is."""
     preset = f"pick the {fitting[0][0]} preset (≈ {fitting[0][1]:.1f} GB), or " if fitting else ""
     if result.previews_gb >= result.training_gb:
         # Previews decode a full-size picture; the low-VRAM presets keep the resolution, so they don't help.
-        tips = ", ".join(memory_savers.form_tips(config, memory_savers.PREVIEWS))
+        tips = ", ".join(memory_savers.form_tips(config, memory_savers.PREVIEWS, family))
         return preset + (f"{tips}: " if tips else "") + "the preview images need the most."
-    tips = memory_savers.form_tips(config, memory_savers.TRAINING)
+    tips = memory_savers.form_tips(config, memory_savers.TRAINING, family)
     return preset + "".join(f"{tip}, " for tip in tips) + "or pick a low-VRAM preset."
 
 

@@ -258,3 +258,29 @@ def test_a_text_encoder_that_does_not_fit_encodes_the_same_with_its_layers_strea
     assert all(p.data_ptr() == resting[id(p)] for p in (*t5.parameters(), *qwen.parameters()))
     with Offload(torch.device("cpu")).borrowed(t5, qwen):
         assert all(p.data_ptr() == resting[id(p)] for p in t5.parameters())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("name", "family", "card_gb", "swapped"),
+    [
+        ("chroma-12gb", "chroma", 12, 0),
+        ("qwen-image-24gb", "qwen-image", 24, 16),
+        ("qwen-image-16gb", "qwen-image", 16, 36),
+        ("flux2-dev-24gb", "flux2-dev", 24, 36),
+    ],
+)
+def test_each_preset_of_the_largest_families_fits_its_card_and_swaps_blocks_only_where_8_bits_do_not_fit(
+    name, family, card_gb, swapped
+):
+    """Issue 29's presets at 1024 px and rank 16, on bf16 and fp16-only cards: Chroma's 8.9 B fit 12 GB in 4 bits;
+    Qwen-Image's 20 B and Flux.2 dev's 32 B don't fit their cards even in 8 bits, and fit with the blocks they keep
+    in the computer's memory (block swap), exactly as musubi-tuner's published recipe for Qwen-Image on 24 GB."""
+    preset = load_preset(name)
+    assert (preset.resolution, preset.rank, preset.blocks_to_swap) == (1024, 16, swapped)
+    for precision in ("bf16", "fp16"):
+        assert estimate(preset, family, precision, card_gb=card_gb).memory_gb < card_gb, precision
+    if swapped:
+        unswapped = estimate(preset.replace(blocks_to_swap=0), family, "bf16", card_gb=card_gb)
+        assert unswapped.memory_gb > card_gb, "block swap only where the 8-bit base alone does not fit"
+    assert name in [fitting for fitting, _ in presets_that_fit(family, "bf16", card_gb)]

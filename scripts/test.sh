@@ -19,7 +19,8 @@ if [ "${1:-}" = "--quick" ]; then
   exec python3 -m pytest -q -n 2 --dist loadgroup -m unit "$@"
 fi
 status=0
-python3 -m pytest -q -n 2 --dist loadgroup -m "not alone" "$@" || status=$?
+# The 40 slowest tests are listed, so a change that costs the suite its budget shows where.
+python3 -m pytest -q -n 2 --dist loadgroup -m "not alone" --durations=40 "$@" || status=$?
 # Then the tests that time a promise to the user, with the machine to themselves (5: none of them was asked for).
 python3 -m pytest -q -m alone "$@" || { code=$?; [ "$code" = 5 ] || status=$code; }
 exit "$status"

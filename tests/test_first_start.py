@@ -4,25 +4,17 @@ answered while the engine loads behind it, and nothing printed is a warning they
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 from gradio_client import Client
-from helpers.app import ENGINE_READY, LIBRARY_NOISE, start_app, stop_app, text, upload_pictures
+from helpers.app import ENGINE_READY, LIBRARY_NOISE, gradio_import_seconds, start_app, stop_app, text, upload_pictures
 from helpers.paths import ARTIFACTS
 
 from lora_gui.demo import write_demo_dataset
 
 # A start says where the page is and when the trainer has loaded, and nothing else: no warning at all.
 NOISE = re.compile(rf"warn|{LIBRARY_NOISE.pattern}", re.IGNORECASE)
-
-
-def gradio_import_seconds() -> float:
-    """How long importing Gradio takes in a new Python on this machine now."""
-    code = "import time; started = time.monotonic(); import gradio; print(time.monotonic() - started)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.mark.app

@@ -206,3 +206,13 @@ def raw_event(
                 assert message["success"] or not must_succeed, message
                 return message["output"].get("data") or [message["output"].get("error")]
     raise AssertionError("the event never completed")
+
+
+def gradio_import_seconds() -> float:
+    """How long importing Gradio takes in a new Python on this machine now: the timed tests' measure of how busy or
+    slow the host is (3 s on the quiet 2-core machine the promises were measured on)."""
+    import subprocess
+    import sys
+
+    code = "import time; started = time.monotonic(); import gradio; print(time.monotonic() - started)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -2,8 +2,11 @@
 
 Latents: each image (and its mirror image when random flip is on) goes through the VAE once; the
 cache keeps the latent distribution's mean and std, and each step draws a fresh sample from them
-exactly as an uncached VAE encode would. This is where each picture is decoded, the only time: one
-whose damage only shows then (a cut-off file whose end looked whole) is left out, with its reason.
+exactly as an uncached VAE encode would. An edit pair's "before" picture is encoded with its "after"
+picture, fitted to the same bucket (stretched to its shape first) and mirrored with it, and kept as its
+mean, which is what the editing pipelines give their reference (`sample_mode="argmax"`). This is
+where each picture is decoded, the only time: one whose damage only shows then (a cut-off file whose
+end looked whole) is left out, with its reason.
 Text: each distinct caption (and the empty caption, for caption dropout) is encoded once, unless
 the text encoder is being trained.
 """
@@ -39,7 +42,9 @@ class LatentCache:
     for_denoiser: Callable[[torch.Tensor], torch.Tensor]
     has_flips: bool
     kept: list[int]  # the examples cached, by their index in the list given
-    skipped: list[Skipped]  # the others: their pixels failed to decode
+    skipped: list[Skipped]  # the others: their pixels failed to decode (either picture of a pair)
+    # Edit pairs: each "before" picture's latent mean, in the rows of `mean`; None for pictures without pairs.
+    references: list[torch.Tensor] | None = None
 
     def keep(self, items: list) -> list:
         """The items (one per example given) of the examples that were cached, in the cache's order."""
@@ -59,6 +64,20 @@ class LatentCache:
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
         return self.for_denoiser(mean + std * noise)
 
+    def reference(self, indices: list[int], flips: list[bool], device: torch.device) -> torch.Tensor | None:
+        """A batch's "before" pictures (flipped as their "after" pictures are), scaled for the denoiser; None
+        without pairs."""
+        if self.references is None:
+            return None
+        count = len(self.geometry)
+        rows = [i + count if flip else i for i, flip in zip(indices, flips, strict=True)]
+        return self.for_denoiser(torch.stack([self.references[r] for r in rows]).to(device, non_blocking=True))
+
+
+def with_references(conditioning: dict[str, torch.Tensor], references: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The denoiser's conditioning with an edit's "before" pictures (`Family.reference_images`) beside the text's."""
+    return conditioning if references is None else {**conditioning, "reference_latents": references}
+
 
 @torch.no_grad()
 def cache_latents(
@@ -71,13 +90,16 @@ def cache_latents(
     progress: Callable[[int, int], None] = lambda done, total: None,
     arriving_bytes: int = 0,
 ) -> LatentCache:
-    """The latent distribution of every picture (and its mirror image), encoded once.
+    """The latent distribution of every picture (and its mirror image), encoded once; with the "before" picture of
+    each, for edit pairs (`Example.control`).
 
     `arriving_bytes` is what training will still move onto the device after caching (the denoiser):
     latents kept on the GPU must leave room for it."""
-    store = _cache_device(vae, device, buckets, with_flips, arriving_bytes)
+    paired = any(example.control is not None for example in examples)
+    store = _cache_device(vae, device, buckets, with_flips, arriving_bytes, 3 if paired else 2)
     means: list[torch.Tensor | None] = [None] * (len(examples) * (2 if with_flips else 1))
     stds: list[torch.Tensor | None] = [None] * len(means)
+    references: list[torch.Tensor | None] = [None] * len(means)
     geometry: list[ImageGeometry | None] = [None] * len(examples)
     skipped: list[Skipped] = []
     # Group by bucket so each VAE call gets images of one size.
@@ -86,7 +108,7 @@ def cache_latents(
         by_bucket.setdefault(bucket, []).append(index)
     done = 0
     for bucket, indices in by_bucket.items():
-        per_call = max(1, ENCODE_PIXELS // (bucket[0] * bucket[1] * (2 if with_flips else 1)))
+        per_call = max(1, ENCODE_PIXELS // (bucket[0] * bucket[1] * (2 if with_flips else 1) * (2 if paired else 1)))
         for start in range(0, len(indices), per_call):
             chunk = indices[start : start + per_call]
             pixels, rows = _pixels(examples, chunk, bucket, with_flips, geometry, skipped)
@@ -94,7 +116,10 @@ def cache_latents(
                 batch = torch.stack(pixels).to(device, dtype=vae.dtype)
                 distribution = family.latent_distribution(vae, batch)
                 for row, mean, std in zip(rows, distribution.mean.float(), distribution.std.float(), strict=True):
-                    means[row], stds[row] = mean.to(store), std.to(store)
+                    if row < 0:  # a "before" picture: its mean alone
+                        references[-row - 1] = mean.to(store)
+                    else:
+                        means[row], stds[row] = mean.to(store), std.to(store)
             done += len(chunk)
             progress(done, len(examples))
     kept = [index for index, fitted in enumerate(geometry) if fitted is not None]
@@ -109,6 +134,7 @@ def cache_latents(
         has_flips=with_flips,
         kept=kept,
         skipped=skipped,
+        references=[references[row] for row in rows] if paired else None,  # type: ignore[misc]
     )
 
 
@@ -120,27 +146,40 @@ def _pixels(
     geometry: list[ImageGeometry | None],
     skipped: list[Skipped],
 ) -> tuple[list[torch.Tensor], list[int]]:
-    """The pictures `chunk` fitted to `bucket` (and their mirror images), each with its row in the cache; the
-    geometry of each is filled in, and a picture that fails to decode is added to `skipped` instead."""
+    """The pictures `chunk` fitted to `bucket` (and their mirror images), each with its row in the cache, and an edit
+    pair's "before" picture after its "after" picture, with its row as -1 - row; the geometry of each is filled in,
+    and a pair whose picture fails to decode is added to `skipped` instead."""
     pixels, rows = [], []
     for index in chunk:
+        example = examples[index]
         try:
-            image = open_image(examples[index].path)
+            pictures = [open_image(example.path)]
+            if example.control is not None:
+                # Stretched to the "after" picture's shape, so the bucket's crop cuts both at the same place.
+                pictures.append(open_image(example.control).resize(pictures[0].size, Image.Resampling.LANCZOS))
         except UnusableImage as problem:
-            skipped.append(Skipped(examples[index].caption_source, str(problem)))
+            skipped.append(Skipped(example.caption_source, str(problem)))
             log.warning("Skipped %s", skipped[-1])
             continue
-        image, geometry[index] = fit_to_bucket(image, bucket)
-        pixels.append(image_to_tensor(image))
-        rows.append(index)
-        if with_flips:
-            pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
-            rows.append(index + len(examples))
+        for kind, image in enumerate(pictures):
+            image, fitted = fit_to_bucket(image, bucket)
+            geometry[index] = geometry[index] or fitted
+            row = index if kind == 0 else -1 - index
+            pixels.append(image_to_tensor(image))
+            rows.append(row)
+            if with_flips:
+                pixels.append(image_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+                rows.append(row + len(examples) if kind == 0 else row - len(examples))
     return pixels, rows
 
 
 def _cache_device(
-    vae: AutoencoderKL, device: torch.device, buckets: list[tuple[int, int]], with_flips: bool, arriving_bytes: int
+    vae: AutoencoderKL,
+    device: torch.device,
+    buckets: list[tuple[int, int]],
+    with_flips: bool,
+    arriving_bytes: int,
+    tensors_per_picture: int = 2,
 ) -> torch.device:
     """Keep the latents on the GPU when they take under a tenth of the memory free for training (what is
     free now, less what will still arrive): a step then copies nothing from the host. Otherwise they
@@ -148,8 +187,8 @@ def _cache_device(
     if device.type != "cuda":
         return torch.device("cpu")
     channels, factor = latent_shape(vae)
-    # A mean and a std in fp32 per picture (and per mirror image).
-    per_picture = [2 * channels * (w // factor) * (h // factor) * 4 for w, h in buckets]
+    # A mean and a std in fp32 per picture (and per mirror image), and an edit's "before" picture's mean.
+    per_picture = [tensors_per_picture * channels * (w // factor) * (h // factor) * 4 for w, h in buckets]
     latent_bytes = sum(per_picture) * (2 if with_flips else 1)
     free, _ = torch.cuda.mem_get_info(device)
     return device if latent_bytes < (free - arriving_bytes) / 10 else torch.device("cpu")

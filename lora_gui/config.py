@@ -87,6 +87,17 @@ class TrainConfig:
         "",
         "Hugging Face datasets only: which column holds the captions (empty: found by itself).",
     )
+    control_data: str = _field(
+        "",
+        'Edit LoRAs only (an editing model such as Flux.1 Kontext): a folder of the "before" pictures, each named '
+        'as its "after" picture in the training images (any picture format); the caption says the edit.',
+        "data",
+    )
+    control_column: str = _field(
+        "",
+        'Edit LoRAs from Hugging Face datasets only: which column holds the "before" pictures (empty: found by '
+        "itself, such as control_image).",
+    )
     default_caption: str = _field(
         "",
         "The caption of pictures that have none; leave it empty to leave such pictures out.",

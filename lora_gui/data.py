@@ -1,10 +1,8 @@
-"""Training images: find them, check them, caption them, copy them into the run.
+"""Training images: find them, check them, read their captions.
 
-Sources: a folder of images with same-name .txt captions (subfolders too), a folder with
-metadata.jsonl / metadata.csv (`file_name` + `text`, as `datasets`' imagefolder reads it), or a
-Hugging Face dataset. Whatever the source, the run gets its own copy in kohya's layout
-(image + same-name .txt), written once, and training reads only that copy, so a run never depends
-on files that may move.
+A folder of images with same-name .txt captions (subfolders too), or a folder with metadata.jsonl /
+metadata.csv (`file_name` + `text`, as `datasets`' imagefolder reads it). Whatever the source (a Hugging
+Face dataset too), the run gets its own copy (run_dataset.py), which training reads alone.
 
 Checks read a picture's header only (its size, the limits, whether the file is cut off), and
 remember the answer per file, so the Dataset tab's checks stay instant however large the pictures
@@ -24,7 +22,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import struct
 import warnings
 from collections import Counter
@@ -36,12 +33,10 @@ from typing import TYPE_CHECKING, BinaryIO, Generic, TypeVar
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from lora_gui.atomic import atomic_folder
 from lora_gui.errors import DataError
 
 if TYPE_CHECKING:
-    from lora_gui.config import TrainConfig
-    from lora_gui.runs import RunFolder
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +62,9 @@ class Example:
     size: tuple[int, int]  # (width, height) after EXIF rotation
     relpath: str = ""  # where it sits in its folder
     image: Image.Image | None = field(default=None, repr=False)  # decoded rows of a Hub dataset, until copied
+    # An edit's "before" picture (this one is the "after"): its file, or a Hub dataset row's decoded picture.
+    control: Path | None = None
+    control_image: Image.Image | None = field(default=None, repr=False)
 
     @property
     def caption_source(self) -> str:
@@ -88,6 +86,14 @@ class Scan:
 
     examples: list[Example] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # Edit pairs: the "before" pictures no training picture is named as, and the pairs whose two pictures differ in
+    # shape (each as "name: before WxH, after WxH"), which train with the "before" picture stretched.
+    unpaired_controls: list[str] = field(default_factory=list)
+    reshaped_pairs: list[str] = field(default_factory=list)
+
+    @property
+    def paired(self) -> bool:
+        return any(example.control is not None or example.control_image is not None for example in self.examples)
 
     def duplicates(self) -> list[list[str]]:
         """Groups of byte-identical images. Only files of the same size can be, so only those are hashed."""
@@ -413,163 +419,3 @@ def _sha256(path: Path) -> str:
 
 
 _file_hash = PerFile(_sha256)
-
-
-# ---- Hugging Face datasets ---------------------------------------------------------------------
-def is_hf_dataset_folder(folder: Path) -> bool:
-    """A local copy of a Hub dataset repo (parquet/arrow files) rather than a folder of images."""
-    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
-        return True
-    has_tables = any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
-    has_images = any(path.suffix.lower() in IMAGE_SUFFIXES for path in picture_files(folder))
-    return has_tables and not has_images
-
-
-def scan_hf_dataset(name: str, image_column: str = "", caption_column: str = "", default_caption: str = "") -> Scan:
-    """Load a Hugging Face dataset and turn its rows into images in memory, skipping bad rows."""
-    import datasets
-
-    try:
-        table = datasets.load_dataset(name, split="train")
-    except FileNotFoundError:
-        raise DataError(
-            f"no dataset named {name!r} was found, on this computer or on the Hugging Face Hub; check the name"
-        ) from None
-    except (ConnectionError, OSError) as error:
-        raise DataError(
-            f"could not load the dataset {name!r}: {str(error).splitlines()[0]}. If it is on the Hub, check your "
-            "internet connection; gated or private datasets need you to log in (`hf auth login`)"
-        ) from None
-    except ValueError as error:
-        raise DataError(f"could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
-    image_column = image_column or _guess_image_column(table)
-    caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in table.column_names), "")
-    for column, what in ((image_column, "image"), (caption_column, "caption")):
-        if column and column not in table.column_names:
-            raise DataError(
-                f"the dataset has no {what} column named {column!r}; its columns are {', '.join(table.column_names)}"
-            )
-    if not image_column:
-        raise DataError(f"the dataset has no image column; its columns are {', '.join(table.column_names)}")
-    table = table.cast_column(image_column, datasets.Image(decode=False))
-    scan = Scan()
-    for index, row in enumerate(table):
-        label = f"row {index}"
-        cell = row[image_column] or {}
-        try:
-            if cell.get("bytes"):
-                image = open_image(cell["bytes"])
-            elif cell.get("path"):
-                image = open_image(Path(cell["path"]))
-            else:
-                raise UnusableImage("the image cell is empty")
-        except (UnusableImage, OSError) as problem:
-            scan.skipped.append(Skipped(label, str(problem)))
-            continue
-        caption = row.get(caption_column) if caption_column else ""
-        caption = " ".join(caption.split()) if isinstance(caption, str) else ""
-        caption = caption or default_caption.strip()
-        if not caption:
-            scan.skipped.append(Skipped(label, "no caption (empty caption column, and no default caption is set)"))
-            continue
-        name = f"{index:06d}.png"
-        scan.examples.append(Example(path=Path(name), caption=caption, size=image.size, relpath=name, image=image))
-    return scan
-
-
-def _guess_image_column(table) -> str:
-    import datasets
-
-    for name, feature in table.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    return "image" if "image" in table.column_names else ""
-
-
-# ---- from any source into the run ---------------------------------------------------------------
-def scan_source(source: str, default_caption: str = "", image_column: str = "", caption_column: str = "") -> Scan:
-    """Scan a folder or a Hugging Face dataset (a Hub name, or a local copy of one)."""
-    source = source.strip()
-    if not source:
-        raise DataError("no training images chosen: give a folder of images or a Hugging Face dataset name")
-    folder = Path(source).expanduser()
-    if folder.is_dir() and not is_hf_dataset_folder(folder):
-        scan = scan_folder(folder, default_caption)
-    elif folder.is_dir() or (not folder.exists() and "/" in source and not source.startswith((".", "/", "~"))):
-        scan = scan_hf_dataset(source, image_column, caption_column, default_caption)
-    elif folder.exists():
-        raise DataError(f"{folder} is a file, not a folder; give the folder that holds the images")
-    else:
-        raise DataError(f"the image folder {folder} does not exist; check the path")
-    scan.require_some(source)
-    return scan
-
-
-def copy_into_run(scan: Scan, dataset_dir: Path, link: bool = False) -> Scan:
-    """Write the usable images and their captions into the run's dataset/ folder (kohya layout).
-
-    The folder appears whole or not at all. With `link`, each image is a hard link to its source where the
-    disk allows (a copy otherwise): for sources whose files are only ever replaced, never rewritten in place,
-    as the app's staging folder, so the run keeps the pictures as they were.
-    """
-    copied = Scan(skipped=list(scan.skipped))
-    with atomic_folder(dataset_dir) as building:
-        for example in scan.examples:
-            relpath = example.relpath or example.path.name
-            target = building / relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if example.image is not None:
-                example.image.save(target)
-            else:
-                _link_or_copy(example.path, target, link)
-            target.with_suffix(".txt").write_text(example.caption + "\n", encoding="utf-8")
-            copied.examples.append(
-                Example(path=dataset_dir / relpath, caption=example.caption, size=example.size, relpath=relpath)
-            )
-    return copied
-
-
-def _link_or_copy(source: Path, target: Path, link: bool) -> None:
-    if link:
-        try:
-            os.link(source, target)
-            return
-        except OSError:  # another disk, or a file system without hard links
-            pass
-    shutil.copy2(source, target)
-
-
-def prepare_run_dataset(config: TrainConfig, run: RunFolder) -> list[str]:
-    """Write the run's dataset/ from `config.data` and return what was left out, each with its reason.
-
-    The app writes dataset/ itself when Start is pressed, and points `config.data` at it: that folder is
-    used as it is, never copied onto itself, and what was left out then is read from the run's report.
-    """
-    if Path(config.data).expanduser().resolve() == run.dataset:
-        skipped = run.read_skipped()
-    else:
-        scan = scan_source(config.data, config.default_caption, config.image_column, config.caption_column)
-        copy_into_run(scan, run.dataset)
-        skipped = [str(each) for each in scan.skipped]
-    for each in skipped:
-        log.warning("Skipped %s", each)
-    return skipped
-
-
-def run_prompt(config: TrainConfig, run: RunFolder) -> str:
-    """A prompt a run's LoRA knows: its first preview prompt, else its first training caption."""
-    prompts = [prompt for prompt in config.sample_prompts if prompt.strip()]
-    if prompts:
-        return prompts[0]
-    captions = sorted(run.dataset.rglob("*.txt")) if run.dataset.is_dir() else []
-    return read_caption_file(captions[0]) if captions else ""
-
-
-# ---- validation pictures -----------------------------------------------------------------------
-def prepare_validation_folder(config: TrainConfig, run: RunFolder) -> list[str]:
-    """Copy `config.validation_data` into the run's own validation/ at a new run's start, so a resume measures
-    the same pictures wherever that folder went; what was left out, each with its reason."""
-    scan = scan_folder(config.validation_data, config.default_caption)
-    scan.require_some(config.validation_data)
-    copy_into_run(scan, run.validation_pictures)
-    return [f"validation picture {each}" for each in scan.skipped]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_gui import data, events
+from lora_gui import data, events, run_dataset
 from lora_gui.config import CHANGEABLE_ON_RESUME, TrainConfig
 from lora_gui.downloads import DownloadProgress, HubToken
 from lora_gui.errors import LoraGuiError
@@ -316,7 +316,7 @@ class JobManager:
         try:
             write_owner(run.path, owner)
             scan = data.scan_folder(pictures, config.default_caption)
-            data.copy_into_run(scan, run.dataset, link=True)
+            run_dataset.copy_into_run(scan, run.dataset, link=True)
             run.write_skipped([str(each) for each in scan.skipped])
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)

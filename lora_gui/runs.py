@@ -52,6 +52,11 @@ class RunFolder:
         return self.path / "dataset"
 
     @property
+    def control(self) -> Path:
+        """An edit run's "before" pictures, under the names of their "after" pictures in dataset/ (`control_data`)."""
+        return self.path / "control"
+
+    @property
     def data_report(self) -> Path:
         return self.path / "data_report.json"
 

@@ -14,17 +14,10 @@ from PIL import Image, ImageFile
 
 from lora_gui.atomic import atomic_folder
 from lora_gui.batching import BatchOrder, assign_buckets, bucket_sizes, fit_to_bucket
-from lora_gui.data import (
-    CUT_OFF,
-    MIN_SIDE,
-    copy_into_run,
-    full_caption,
-    open_image,
-    scan_folder,
-    scan_source,
-)
+from lora_gui.data import CUT_OFF, MIN_SIDE, full_caption, open_image, scan_folder
 from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
+from lora_gui.run_dataset import copy_into_run, scan_source
 
 pytestmark = pytest.mark.unit
 

@@ -10,6 +10,7 @@ from lora_gui.families.chroma import Chroma
 from lora_gui.families.flux import Flux1
 from lora_gui.families.flux2 import Flux2Klein
 from lora_gui.families.flux2_dev import Flux2Dev
+from lora_gui.families.flux_kontext import FluxKontext
 from lora_gui.families.qwen_image import QwenImage
 from lora_gui.families.sdxl import StableDiffusionXL
 from lora_gui.families.stable_diffusion import StableDiffusion1, StableDiffusion2
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Family]] = {
         Flux2Dev,
         Chroma,
         QwenImage,
+        FluxKontext,
     )
 }
 

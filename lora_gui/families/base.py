@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+    from PIL import Image
 
     from lora_gui.objectives import Objective
 
@@ -114,6 +115,11 @@ class Family:
     # Empty: the family's blocks don't swap: a UNet's differ at every level, swapping them breaks its backward pass (a
     # weight autograd kept is overwritten in its slot, measured on the tiny SD 1.5), and the whole fits a common card.
     swap_blocks: ClassVar[tuple[str, ...]] = ()
+    # Editing models (Flux.1 Kontext): how many pictures to edit ("before" pictures) its pipeline takes with the
+    # instruction; 0: it makes pictures from text alone. Such a family trains on edit pairs (run_dataset.py): `predict`
+    # finds the "before" picture's latents, scaled as the noisy ones are, in conditioning["reference_latents"], and
+    # `reference_options` tells the pipeline the pictures to edit.
+    reference_images: ClassVar[int] = 0
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
     # The random-weight model's parts that tiny.py makes, in the pipeline's order: its text encoders (tiny.py's
@@ -326,6 +332,14 @@ class Family:
         # A family without negative prompts (Flux.1) would take one as a second, slower guidance pass.
         negative = {"negative_prompt": negative_prompt or None} if cls.negative_prompt else {}
         return {"guidance_scale": guidance, **negative}
+
+    @classmethod
+    def reference_options(
+        cls, pipe: DiffusionPipeline, images: list[Image.Image], width: int, height: int
+    ) -> dict[str, Any]:
+        """How an editing model's pipeline (`reference_images`) is given the pictures to edit, each already fitted to
+        the picture of width x height it makes."""
+        raise NotImplementedError(f"{cls.title} makes pictures from text alone")
 
     @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:

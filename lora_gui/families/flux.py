@@ -304,23 +304,37 @@ class Flux1(RectifiedFlowTransformer):
     ) -> torch.Tensor:
         import torch
 
-        pipeline_class = cls.pipeline_class
-        batch, channels, height, width = noisy.shape
+        batch, _, height, width = noisy.shape
         text = conditioning["prompt_embeds"]
         config = getattr(denoiser, "module", denoiser).config  # several processes wrap it
         guidance = torch.full((batch,), TRAINING_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
+        tokens, ids = cls.image_tokens(noisy, conditioning)
         prediction = denoiser(
-            hidden_states=pipeline_class._pack_latents(noisy, batch, channels, height, width),
+            hidden_states=tokens,
             timestep=timesteps / 1000,  # the transformer scales it back to the schedule's timesteps
             guidance=guidance,
             pooled_projections=conditioning["pooled_prompt_embeds"],
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-            img_ids=pipeline_class._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype),
+            img_ids=ids,
             return_dict=False,
         )[0]
-        # Unpacked as the pipeline does for pictures of the latents' own size (a VAE factor of 1).
-        return pipeline_class._unpack_latents(prediction, height, width, 1)
+        # The noisy latents' own patches (an editing model's reference patches follow them), unpacked as the pipeline
+        # does for pictures of the latents' own size (a VAE factor of 1).
+        patches = (height // 2) * (width // 2)
+        return cls.pipeline_class._unpack_latents(prediction[:, :patches], height, width, 1)
+
+    @classmethod
+    def image_tokens(
+        cls, noisy: torch.Tensor, conditioning: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's picture sequence: the latents in 2x2 patches ("packed"), and each patch's position id."""
+        batch, channels, height, width = noisy.shape
+        pipeline_class = cls.pipeline_class
+        return (
+            pipeline_class._pack_latents(noisy, batch, channels, height, width),
+            pipeline_class._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype),
+        )
 
     @classmethod
     def prompt_options(cls, pipe: DiffusionPipeline) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 
 from lora_gui import devices, events
+from lora_gui.cache import with_references
 from lora_gui.config import TrainConfig
 from lora_gui.downloads import HubToken
 from lora_gui.errors import LoraGuiError
@@ -177,6 +178,7 @@ class MicroBatch:
     noisy: torch.Tensor
     captions: list[str]  # "" where the caption was dropped
     geometry: list[ImageGeometry]
+    references: torch.Tensor | None  # an edit pair's "before" pictures, scaled for the denoiser; None: no pairs
 
 
 def _micro_batch(t: Training, step: int, micro: int) -> MicroBatch:
@@ -203,6 +205,7 @@ def _micro_batch(t: Training, step: int, micro: int) -> MicroBatch:
         noisy=t.objective.noisy(latents, noise, timesteps),
         captions=["" if drop else t.captions[i] for i, drop in zip(indices, dropped, strict=True)],
         geometry=[t.latents.geometry[i] for i in indices],
+        references=t.latents.reference(indices, flips, rng.device),
     )
 
 
@@ -210,7 +213,7 @@ def _loss(t: Training, batch: MicroBatch) -> torch.Tensor:
     """The denoiser's prediction, in the base's precision, against the objective's target (the noise,
     or the velocity for v-prediction)."""
     with devices.autocast(t.accelerator.device, t.precision):
-        conditioning = t.text(batch.captions)
+        conditioning = with_references(t.text(batch.captions), batch.references)
         prediction = t.family.predict(t.models[0], batch.noisy, batch.timesteps, conditioning, batch.geometry)
     target = t.objective.target(batch.latents, batch.noise, batch.timesteps)
     return t.objective.loss(prediction, target, batch.timesteps)

@@ -1,4 +1,5 @@
-"""Preview images during a run: the sample prompts from a fixed seed, so they compare across the run."""
+"""Preview images during a run: the sample prompts from a fixed seed, so they compare across the run. An edit run's
+previews edit "before" pictures (held out of training where pictures are), each shown beside its picture."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from lora_gui import devices, events
 from lora_gui.atomic import atomic_path
@@ -15,6 +17,15 @@ from lora_gui.events import Event, EventHandler
 from lora_gui.families import Family
 from lora_gui.infer import decode
 from lora_gui.runs import RunFolder
+
+
+@dataclass
+class PreviewEdit:
+    """A picture an edit run's previews edit: as it is shown, fitted to its bucket, and its latents as the denoiser
+    reads them (the cache's), which the pipeline takes without its VAE, then waiting in CPU memory."""
+
+    before: Image.Image
+    latents: torch.Tensor
 
 
 @dataclass
@@ -32,6 +43,7 @@ class Previews:
     embeddings: list[dict[str, torch.Tensor]] | None
     offload: devices.Offload  # the denoiser is on the device; the VAE waits in CPU memory
     emit: EventHandler
+    edits: list[PreviewEdit] | None = None  # an edit run's pictures to edit, one per prompt
 
     @torch.no_grad()
     def make(self, step: int, total: int) -> None:
@@ -45,17 +57,22 @@ class Previews:
                 latents = [
                     self.pipe(
                         **prompt_embeddings,
+                        **self._edit_options(index),
                         num_inference_steps=self.config.sample_steps,
-                        height=self.config.resolution,
-                        width=self.config.resolution,
+                        height=self._size(index)[1],
+                        width=self._size(index)[0],
                         generator=torch.Generator(device=device).manual_seed(self.config.sample_seed + index),
                         output_type="latent",
                     ).images
                     for index, prompt_embeddings in enumerate(embeddings)
                 ]
-            side = self.config.resolution
             with self.offload.borrowed(self.pipe.vae):
-                images = [decode(self.family, self.pipe, each, side, side)[0] for each in latents]
+                images = [
+                    decode(self.family, self.pipe, each, self._size(index)[1], self._size(index)[0])[0]
+                    for index, each in enumerate(latents)
+                ]
+            if self.edits:
+                images = [side_by_side(edit.before, image) for edit, image in zip(self.edits, images, strict=True)]
             paths = []
             for index, image in enumerate(images):
                 path = self.run.samples / f"step-{step}-{index}.png"
@@ -64,3 +81,22 @@ class Previews:
                 paths.append(str(path))
             self.emit(Event(events.SAMPLES, step, total, {"paths": paths, "prompts": self.prompts}))
         self.accelerator.wait_for_everyone()
+
+    def _size(self, index: int) -> tuple[int, int]:
+        """Preview `index`'s (width, height): its picture to edit's, else the run's square."""
+        return self.edits[index].before.size if self.edits else (self.config.resolution, self.config.resolution)
+
+    def _edit_options(self, index: int) -> dict:
+        if not self.edits:
+            return {}
+        width, height = self._size(index)
+        latents = self.edits[index].latents.to(self.accelerator.device)
+        return self.family.reference_options(self.pipe, [latents], width, height)
+
+
+def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
+    """An edit shown whole: the picture it started from on the left, the edited one on the right."""
+    shown = Image.new("RGB", (before.width + after.width, max(before.height, after.height)), "white")
+    shown.paste(before, (0, 0))
+    shown.paste(after, (before.width, 0))
+    return shown

@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from lora_gui import batching, block_swap, data, devices, events, optimizers, quantization
+from lora_gui import batching, block_swap, data, devices, events, optimizers, quantization, run_dataset
 from lora_gui.adapters import add_lora
 from lora_gui.base_models import load_pipeline
 from lora_gui.cache import LatentCache, TextConditioning, cache_latents
@@ -25,13 +25,13 @@ from lora_gui.config import TrainConfig
 from lora_gui.downloads import HubToken
 from lora_gui.errors import ConfigError, LoraGuiError
 from lora_gui.events import Event, EventHandler
-from lora_gui.families import Family, base_for_training
+from lora_gui.families import REGISTRY, Family, base_for_training
 from lora_gui.model_policy import BaseModelPolicy
 from lora_gui.objectives import Objective
 from lora_gui.runs import RunFolder, ValidationCurve
 from lora_gui.training.checkpoints import apply_changed_settings, checkpoint_lora_only, load_checkpoint, resumed_config
 from lora_gui.training.messages import Stopped
-from lora_gui.training.previews import Previews
+from lora_gui.training.previews import PreviewEdit, Previews
 from lora_gui.training.validation import drop_best_of_steps_redone
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def set_up(
     # Trained text encoders encode every batch anew, called as prepared: under several processes that is
     # the wrapper that averages their gradients across processes.
     text = caches.text or TextConditioning(pipe, family, accelerator.device, encoders=models[1:])
-    previews = Previews(accelerator, pipe, family, config, run, caches.prompts, caches.prompt_embeddings, offload, emit)
+    previews = caches.previews(accelerator, pipe, family, config, run, offload, emit)
     t = Training(
         config=config,
         run=run,
@@ -174,13 +174,38 @@ def _prepare_data(
     the run's images and what was skipped."""
     emit(Event(events.MESSAGE, data={"text": "Checking images"}))
     main = accelerator.is_main_process
-    skipped = data.prepare_run_dataset(config, run) if main and not resume else []
+    skipped = run_dataset.prepare_run_dataset(config, run) if main and not resume else []
     if main:
         config.save(run.config)
     accelerator.wait_for_everyone()
-    examples = data.scan_folder(run.dataset).examples
-    data.Scan(examples=examples).require_some(str(run.dataset))
-    return examples, skipped
+    scan = data.scan_folder(run.dataset)
+    if run.control.is_dir():  # an edit's pairs: each picture's "before" picture, under its name
+        scan = run_dataset.pair_with_controls(scan, run.control)
+    scan.require_some(str(run.dataset))
+    return scan.examples, skipped
+
+
+def _pairs_for(family: type[Family], config: TrainConfig, examples: list[data.Example]) -> list[data.Example]:
+    """The run's pictures as this model trains on them: an editing model on edit pairs, which it can't do without; a
+    text-to-image model on its pictures alone, refusing "before" pictures it was given on purpose (a Hub dataset's
+    column it merely found is set aside)."""
+    paired = any(example.control is not None for example in examples)
+    editors = " or ".join(other.title for other in REGISTRY.values() if other.reference_images)
+    if family.reference_images and not paired:
+        raise ConfigError(
+            f"{family.title} learns edits from before/after pairs: give the before pictures too (control_data: a "
+            "folder of them, each named as its after picture; the caption says the edit)"
+        )
+    if family.reference_images and config.validation_data:
+        raise ConfigError("an edit LoRA is validated on pairs held out of yours: set validation_images instead")
+    if paired and not family.reference_images:
+        if config.control_data or config.control_column:
+            raise ConfigError(
+                f"this base model is {family.title}, which makes pictures from text alone: before/after pairs train "
+                f"an editing model ({editors}). Pick one, or leave control_data empty"
+            )
+        return [dataclasses.replace(example, control=None) for example in examples]
+    return examples
 
 
 def _validation_pictures(
@@ -195,7 +220,7 @@ def _validation_pictures(
             run.write_validation(run.dataset, [examples[index].relpath for index in held_out], note)
         return examples, held_out, note
     if accelerator.is_main_process and not resume:
-        for each in data.prepare_validation_folder(config, run):
+        for each in run_dataset.prepare_validation_folder(config, run):
             log.warning("Skipped %s", each)
     accelerator.wait_for_everyone()
     pictures = data.scan_folder(run.validation_pictures).examples
@@ -301,6 +326,22 @@ class Caches:
     held_out: list[int]  # the images for validation alone, by their index in the latents
     prompts: list[str]  # the preview prompts
     prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
+    edits: list[PreviewEdit] | None  # an edit run's pictures to edit, one per prompt; None for other runs
+
+    def previews(
+        self,
+        accelerator: Accelerator,
+        pipe: DiffusionPipeline,
+        family: type[Family],
+        config: TrainConfig,
+        run: RunFolder,
+        offload: devices.Offload,
+        emit: EventHandler,
+    ) -> Previews:
+        """The run's previews, of the prompts (and pictures to edit) worked out here."""
+        return Previews(
+            accelerator, pipe, family, config, run, self.prompts, self.prompt_embeddings, offload, emit, self.edits
+        )
 
 
 def _build_caches(
@@ -318,6 +359,7 @@ def _build_caches(
     computed once; then the VAE and frozen encoders wait in CPU memory (the VAE until the previews' decoding,
     the encoders for good), and the denoiser comes. The VAE and the text encoders take turns on the device:
     Flux's T5 alone is 9.5 GB, which a 12 GB card holds only without the VAE's work beside it."""
+    examples = _pairs_for(family, config, examples)
     buckets = batching.assign_buckets(examples, config.resolution, family.bucket_step(pipe), config.aspect_buckets)
     emit(Event(events.MESSAGE, data={"text": f"Encoding {len(examples)} images"}))
 
@@ -338,6 +380,9 @@ def _build_caches(
     offload.park(pipe.vae)
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
+    edits = None
+    if family.reference_images:
+        prompts, edits = _preview_edits(config, examples, buckets, held_out, captions, latents)
     text, prompt_embeddings = None, None
     if config.train_text_encoder:
         offload.bring(*family.text_encoders(pipe))  # for good: they train beside the denoiser
@@ -348,7 +393,29 @@ def _build_caches(
                 prompt_embeddings = [family.prompt_embeddings(pipe, prompt, accelerator.device) for prompt in prompts]
     offload.bring(family.denoiser(pipe))
     order = batching.BatchOrder(buckets, config.batch_size, config.seed, held_out)
-    return Caches(latents, captions, text, order, held_out, prompts, prompt_embeddings)
+    return Caches(latents, captions, text, order, held_out, prompts, prompt_embeddings, edits)
+
+
+def _preview_edits(
+    config: TrainConfig,
+    examples: list[data.Example],
+    buckets: list[tuple[int, int]],
+    held_out: list[int],
+    captions: list[str],
+    latents: LatentCache,
+) -> tuple[list[str], list[PreviewEdit]]:
+    """An edit run's previews: the "before" pictures of the pairs held out for validation, else of the first pairs,
+    one per preview prompt (or one, with its own instruction), each made at its pair's bucket."""
+    chosen = [*held_out, *(index for index in range(len(examples)) if index not in set(held_out))]
+    given = [prompt for prompt in config.sample_prompts if prompt.strip()]
+    chosen = chosen[: max(1, len(given))]
+    prompts = [given[number] if given else captions[index] for number, index in enumerate(chosen)]
+    edits = []
+    for index in chosen:
+        before = data.open_image(examples[index].control).resize(examples[index].size)
+        reference = latents.reference([index], [False], torch.device("cpu"))
+        edits.append(PreviewEdit(batching.fit_to_bucket(before, buckets[index])[0], reference))
+    return prompts, edits
 
 
 def _optimize(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lora_gui import devices
+from lora_gui.cache import with_references
 from lora_gui.lora_files.diffusers_layout import save_diffusers_lora
 from lora_gui.lora_files.export import write_kohya_lora
 from lora_gui.runs import DIFFUSERS_LORA
@@ -61,7 +62,8 @@ def _validation_loss(t: Training) -> float:
             latents = picture.expand(len(timesteps), -1, -1, -1)
             noisy, geometry = t.objective.noisy(latents, noise, timesteps), [t.latents.geometry[index]] * len(noise)
             with devices.autocast(device, t.precision):
-                conditioning = t.text([t.captions[index]] * len(timesteps))
+                references = t.latents.reference([index] * len(timesteps), [False] * len(timesteps), device)
+                conditioning = with_references(t.text([t.captions[index]] * len(timesteps)), references)
                 prediction = t.family.predict(t.models[0], noisy, timesteps, conditioning, geometry)
             target = t.objective.target(latents, noise, timesteps)
             losses.append(F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1))

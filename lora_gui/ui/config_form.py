@@ -19,9 +19,18 @@ from lora_gui.families import REGISTRY
 from lora_gui.optimizers import OPTIMIZERS
 
 # Set by the app itself: the base model has its own menu, the images come from the Dataset tab (validation
-# pictures are held out of them: a folder of the server's is no visitor's to name), and the dataset columns
+# pictures are held out of them: a folder of the server's is no visitor's to name; so do an edit's "before"
+# pictures), and the dataset columns
 # only matter for Hugging Face datasets, which the app does not take.
-APP_FIELDS = ("base_model", "data", "image_column", "caption_column", "validation_data")
+APP_FIELDS = (
+    "base_model",
+    "data",
+    "control_data",
+    "image_column",
+    "caption_column",
+    "control_column",
+    "validation_data",
+)
 _WORDS = {"lr": "learning-rate", "snr": "min-SNR", "adam": "Adam", "te": "text-encoder", "max": "max."}
 _LABELS = {
     "max_steps": "Steps",

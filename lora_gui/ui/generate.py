@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from lora_gui import data, runs
+from lora_gui import data, run_dataset, runs
 from lora_gui.config import TrainConfig
 from lora_gui.demo import DEMO_RESOLUTION
 from lora_gui.downloads import PICKLE_SUFFIXES, DownloadProgress
@@ -313,7 +313,7 @@ def pick_run(
     }
     if not (prompt or "").strip() or prompt == gen_auto_prompt:
         # Training put the trigger word in front of every caption: a prompt without it barely calls the LoRA up.
-        filled = data.full_caption(data.run_prompt(config, run), config.trigger_word)
+        filled = data.full_caption(run_dataset.run_prompt(config, run), config.trigger_word)
         updates.update(prompt=filled, gen_auto_prompt=filled)
     return updates
 

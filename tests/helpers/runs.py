@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, ImageOps
+
+from lora_gui.base_models import family_from_files
 from lora_gui.config import TrainConfig
+from lora_gui.data import picture_files
+from lora_gui.families import get_family
 
 
 def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
-    """Settings for a run of a few seconds on a CPU."""
+    """Settings for a run of a few seconds on a CPU; for an editing model, on pairs whose "before" pictures are the
+    pictures in gray (`gray_before_pictures`)."""
+    family = family_from_files(str(base_model))
+    edits = family is not None and get_family(family).reference_images and "control_data" not in changes
     values = dict(
         base_model=str(base_model),
         data=str(data),
+        control_data=str(gray_before_pictures(data)) if edits else "",
         resolution=64,
         max_steps=12,
         batch_size=2,
@@ -39,3 +48,15 @@ def train_argv(base_model: Path | str, data: Path | str, output: Path | str, **f
         else:
             argv += [f"--{flag}", str(value)]
     return argv
+
+
+def gray_before_pictures(data: Path) -> Path:
+    """The "before" pictures of edit pairs whose "after" pictures are those in `data`: each one in gray, under its name,
+    in a folder beside it (written once)."""
+    folder = data.with_name(f"{data.name}-before")
+    if not folder.is_dir():
+        for picture in picture_files(data):
+            target = folder / picture.relative_to(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ImageOps.grayscale(Image.open(picture)).convert("RGB").save(target)
+    return folder

@@ -245,6 +245,11 @@ class Generator:
                     prompt=prompt,  # by name: Flux.2's pipelines take an image to edit first
                     **self.family.guidance_options(guidance, negative_prompt),
                     **self.family.prompt_options(self.pipe),
+                    **(
+                        self.family.reference_options(self.pipe, [], width, height)
+                        if self.family.reference_images
+                        else {}
+                    ),
                     num_inference_steps=steps,
                     width=width,
                     height=height,

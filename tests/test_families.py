@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from helpers.runs import train_argv
+from helpers.runs import gray_before_pictures, train_argv
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -119,10 +119,14 @@ def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
 # test_flux2_dev.py; within the suite's time budget.
 @pytest.mark.parametrize("family", [name for name in REGISTRY if name not in ("sd15", "chroma", "flux2-dev")])
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
-    model = str(tiny_models(family))
-    argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10)
+    """An editing model (Flux.1 Kontext) trains on pairs from the command line (`--control-data`), its previews the
+    held-out "before" picture beside its edit."""
+    model, edits = str(tiny_models(family)), REGISTRY[family].reference_images
+    pairs = {"control_data": gray_before_pictures(photos)} if edits else {}
+    argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10, **pairs)
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "run/samples").iterdir()) == ["step-10-0.png", "step-20-0.png"]
+    assert Image.open(tmp_path / "run/samples/step-20-0.png").size == ((128 if edits else 64), 64)
     args = [
         "generate",
         "--base-model",

@@ -75,9 +75,11 @@ class FluxKontext(Flux1):
     def reference_options(
         cls, pipe: DiffusionPipeline, images: list[Image.Image], width: int, height: int
     ) -> dict[str, Any]:
-        """The picture to edit, already fitted to the picture to make; the pipeline is kept from resizing it to one
-        of Kontext's 1 MP sizes, and from resizing the picture it makes to 1 MP."""
-        return {"image": images[0], "max_area": width * height, "_auto_resize": False}
+        """The picture to edit (none: a picture from the text alone), already fitted to the picture to make; the
+        pipeline is kept from resizing it to one of Kontext's 1 MP sizes, and from resizing the picture it makes to
+        1 MP."""
+        edited = {"image": images[0], "_auto_resize": False} if images else {}
+        return {**edited, "max_area": width * height}
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:

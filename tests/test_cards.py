@@ -334,9 +334,11 @@ def placed_on_the_gpu_in_turn(pipe) -> bool:
 @pytest.mark.train
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-only"])
 # Chroma takes Flux.1's paths on every card (the same quantization and offloading; T5 in its dtypes): its row above
-# passes (measured), and is left out of the suite's time budget. Flux.2 dev's plans come with block swap.
+# passes (measured), and is left out of the suite's time budget. Flux.2 dev's plans come with block swap. Flux.1
+# Kontext is Flux.1 on every card too (its transformer, text encoders and VAE; the picture to edit adds tokens,
+# which the estimate counts), its pairs' paths tested in test_edit_pairs.py and test_families.py.
 @pytest.mark.parametrize(
-    "family", [name for name in REGISTRY if name not in ("chroma", "flux2-dev", *CARD_MATRIX_LATER)]
+    "family", [name for name in REGISTRY if name not in ("chroma", "flux2-dev", "flux-kontext", *CARD_MATRIX_LATER)]
 )
 def test_every_family_trains_previews_and_generates_on_every_card(tiny_models, photos, tmp_path, card, family, bf16):
     """For each card of 8 to 80 GB: the settings Suggest settings makes for it, trained a few steps with previews

@@ -434,8 +434,9 @@ def test_push_refuses_a_bad_repo_name(trained, fake_hub):
 
 
 # ---- other families ----------------------------------------------------------------------------
-# Flux.2 dev's files are klein's (families/flux2_dev.py subclasses it): klein's run checks them, in less time.
-@pytest.fixture(scope="module", params=[name for name in REGISTRY if name not in ("sd15", "flux2-dev")])
+# Flux.2 dev's files are klein's (families/flux2_dev.py subclasses it), Flux.1 Kontext's are Flux.1's (the same
+# transformer and names): klein's and Flux.1's runs check them, in less time.
+@pytest.fixture(scope="module", params=[name for name in REGISTRY if name not in ("sd15", "flux2-dev", "flux-kontext")])
 def trained_family(request, tiny_models, tmp_path_factory) -> SimpleNamespace:
     """A short run with the text encoders trained where the family trains them (SDXL has two), and its
     in-memory image."""

@@ -290,7 +290,9 @@ def test_training_lowers_the_denoising_loss_on_the_training_images(tiny_models, 
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("family", FAMILIES)
+# Flux.1 Kontext's files are Flux.1's: diffusers' FluxKontextPipeline loading them, at strength 1 and 0 with a
+# picture to edit, is the Generate tests' (edit LoRAs).
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "flux-kontext"])
 def test_saved_lora_reloads_at_strength_one_and_zero_like_the_trained_model(tiny_models, photos, tmp_path, family):
     model = tiny_models(family)
     # alpha != rank: the file must carry alpha so diffusers loads it at the trained strength.

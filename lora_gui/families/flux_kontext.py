@@ -10,7 +10,9 @@ picture's bucket, and takes its mean, as the pipeline does.
 
 Files: a Kontext LoRA is a Flux.1 LoRA (ComfyUI's Kontext is its Flux model, reading the "before" picture as a
 reference latent), so the file for ComfyUI and Forge keeps diffusers' `transformer.` names, as Flux.1's does. Black
-Forest Labs' single-file Kontext checkpoint holds the same tensors as Flux.1-dev's, so a single file loads as Flux.1.
+Forest Labs' single-file Kontext checkpoint holds the same tensors as Flux.1-dev's, so a single file loads as Flux.1
+unless the model family is set to this one: then its transformer comes from the file and the rest from
+FLUX.1-Kontext-dev.
 """
 
 from __future__ import annotations

@@ -150,3 +150,41 @@ def test_an_editing_model_without_pairs_and_pairs_on_a_text_to_image_model_are_r
         train(quick_config(tiny_models("flux-kontext"), photos, control_data="", max_steps=1), tmp_path / "a")
     with pytest.raises(ConfigError, match="makes pictures from text alone: before/after pairs train an editing"):
         train(quick_config(tiny_models("flux"), photos, control_data=str(photos), max_steps=1), tmp_path / "b")
+
+
+@pytest.mark.train
+def test_kontexts_training_prediction_is_the_pipelines_transformer_call_with_the_before_picture(tiny_models):
+    """The before picture's latents as the cache keeps them, joined as FluxKontextPipeline joins its picture to edit
+    (its own prepare_latents: the packing, the ids with their first coordinate 1, the order) and the prediction cut
+    to the noisy latents' own patches."""
+    from diffusers import FluxKontextPipeline
+
+    kontext, pipe = get_family("flux-kontext"), FluxKontextPipeline.from_pretrained(tiny_models("flux-kontext"))
+    before = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    timesteps = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        reference = kontext.latents_for_denoiser(pipe.vae, pipe.vae.encode(before).latent_dist.mean)
+        noisy = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))
+        count, channels, height, width = noisy.shape
+        conditioning = kontext.encode(
+            kontext.text_encoders(pipe), kontext.tokenize(pipe, ["make it blue", "a dog"]), torch.device("cpu")
+        )
+        conditioning["reference_latents"] = reference
+        ours = kontext.predict(pipe.transformer, noisy, timesteps, conditioning, [])
+
+        packed = pipe._pack_latents(noisy, count, channels, height, width)
+        latents, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+            before, count, channels, 32, 64, torch.float32, torch.device("cpu"), None, packed
+        )
+        prediction = pipe.transformer(
+            hidden_states=torch.cat([latents, image_latents], dim=1),
+            timestep=timesteps / 1000,
+            guidance=torch.full((2,), 1.0),
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            txt_ids=torch.zeros(conditioning["prompt_embeds"].shape[1], 3),
+            img_ids=torch.cat([latent_ids, image_ids], dim=0),
+            return_dict=False,
+        )[0][:, : latents.shape[1]]
+        expected = pipe._unpack_latents(prediction, 32, 64, pipe.vae_scale_factor)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

@@ -188,3 +188,39 @@ def test_kontexts_training_prediction_is_the_pipelines_transformer_call_with_the
         )[0][:, : latents.shape[1]]
         expected = pipe._unpack_latents(prediction, 32, 64, pipe.vae_scale_factor)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.train
+def test_flux2_kleins_training_prediction_is_the_pipelines_transformer_call_with_a_reference_picture(tiny_models):
+    """Flux.2 makes pictures from text and edits with the same weights: with a pair's "before" picture, its latents
+    (patchified and normalized as the noisy ones) are joined as Flux2KleinPipeline joins a reference picture (its own
+    prepare_image_latents: the packing, the ids' first coordinate 10, the order), the prediction cut to the noisy
+    patches."""
+    from diffusers import Flux2KleinPipeline
+
+    klein, pipe = get_family("flux2-klein"), Flux2KleinPipeline.from_pretrained(tiny_models("flux2-klein"))
+    before = torch.rand(1, 3, 64, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    timesteps = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        reference = klein.latents_for_denoiser(pipe.vae, pipe.vae.encode(before).latent_dist.mean).expand(2, -1, -1, -1)
+        noisy = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))
+        captions = ["make it blue", "a dog"]
+        conditioning = klein.encode(klein.text_encoders(pipe), klein.tokenize(pipe, captions), torch.device("cpu"))
+        conditioning["reference_latents"] = reference
+        ours = klein.predict(pipe.transformer, noisy, timesteps, conditioning, [])
+
+        image_latents, image_ids = pipe.prepare_image_latents([before], 2, None, torch.device("cpu"), torch.float32)
+        latent_ids, text = pipe._prepare_latent_ids(noisy), conditioning["prompt_embeds"]
+        prediction = pipe.transformer(
+            hidden_states=torch.cat([pipe._pack_latents(noisy), image_latents], dim=1),
+            timestep=timesteps / 1000,
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=pipe._prepare_text_ids(text),
+            img_ids=torch.cat([latent_ids, image_ids], dim=1),
+            return_dict=False,
+        )[0][:, : latent_ids.shape[1]]
+        expected = pipe._unpack_latents_with_ids(prediction, latent_ids, *noisy.shape[2:])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    plain = dict(conditioning, reference_latents=None)
+    assert not torch.allclose(klein.predict(pipe.transformer, noisy, timesteps, plain, []), ours, atol=1e-3)

@@ -119,9 +119,9 @@ def test_family_of_a_single_file_or_of_nothing_known(tmp_path):
 # test_flux2_dev.py; within the suite's time budget.
 @pytest.mark.parametrize("family", [name for name in REGISTRY if name not in ("sd15", "chroma", "flux2-dev")])
 def test_demo_preset_trains_and_generates_with_every_family(tiny_models, photos, tmp_path, family):
-    """An editing model (Flux.1 Kontext) trains on pairs from the command line (`--control-data`), its previews the
-    held-out "before" picture beside its edit."""
-    model, edits = str(tiny_models(family)), REGISTRY[family].reference_images
+    """An editing model (Flux.1 Kontext, Flux.2) trains on pairs from the command line (`--control-data`), its
+    previews a "before" picture beside its edit."""
+    model, edits = str(tiny_models(family)), REGISTRY[family].reference_images > 0
     pairs = {"control_data": gray_before_pictures(photos)} if edits else {}
     argv = train_argv(model, photos, tmp_path / "run", preset="tiny-cpu-demo", max_steps=20, sample_every=10, **pairs)
     assert main(argv) == 0

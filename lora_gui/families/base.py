@@ -120,6 +120,9 @@ class Family:
     # finds the "before" picture's latents, scaled as the noisy ones are, in conditioning["reference_latents"], and
     # `reference_options` tells the pipeline the pictures to edit.
     reference_images: ClassVar[int] = 0
+    # Whether an editing model's LoRA may train on pictures alone too: Flux.2 makes pictures from text and edits with
+    # the same weights; an edit-only model (Kontext) learns from pairs alone.
+    trains_without_pairs: ClassVar[bool] = True
     # The denoiser's constructor arguments by size ("tiny", "full"); see `build_denoiser`.
     denoiser_shapes: ClassVar[dict[str, dict[str, Any]]]
     # The random-weight model's parts that tiny.py makes, in the pipeline's order: its text encoders (tiny.py's

@@ -43,6 +43,7 @@ from lora_gui.families.rectified_flow import (
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+    from PIL import Image
 
 
 # The published models: each distilled one and the base it was distilled from, 4B and 9B.
@@ -203,6 +204,10 @@ class Flux2Klein(RectifiedFlowTransformer):
     pipeline_dtype = "bfloat16"  # what Black Forest Labs publish it in
     # In bf16, klein 4B's transformer and Qwen3-4B are 16 GB, klein 9B's and Qwen3-8B 35 GB: more than a common card.
     too_large_for_one_gpu = "The whole of Flux.2 klein is 16 GB (4B) to 35 GB (9B)"
+    # The same weights make pictures from text and edit up to 4 reference pictures (Black Forest Labs' editing guide,
+    # docs.bfl.ai): a LoRA trains on pictures alone, or on edit pairs.
+    reference_images = 4
+    trains_without_pairs = True
 
     @classmethod
     def matches_files(cls, model_index: dict[str, Any], text_encoder_config: dict[str, Any] | None) -> bool:
@@ -295,21 +300,48 @@ class Flux2Klein(RectifiedFlowTransformer):
         pipeline_class = cls.pipeline_class
         batch, _, height, width = noisy.shape
         text = conditioning["prompt_embeds"]
-        image_ids = pipeline_class._prepare_latent_ids(noisy).to(noisy.device)
+        tokens, image_ids = pipeline_class._pack_latents(noisy), pipeline_class._prepare_latent_ids(noisy)
         # klein has no guidance input; dev's gets Flux.1-dev's training guidance (flux.TRAINING_GUIDANCE).
         config = getattr(denoiser, "module", denoiser).config  # several processes wrap it
         guidance = torch.full((batch,), TRAINING_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
         prediction = denoiser(
-            hidden_states=pipeline_class._pack_latents(noisy),
+            **cls.with_reference(tokens, image_ids.to(noisy.device), conditioning.get("reference_latents")),
             timestep=timesteps / 1000,  # the transformer scales it back to the schedule's timesteps
             guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=pipeline_class._prepare_text_ids(text).to(noisy.device),
-            img_ids=image_ids,
             return_dict=False,
         )[0]
-        # klein's pipeline's unpacking is told the size, where Flux2Pipeline's reads it off the ids (a GPU sync).
-        return Flux2Klein.pipeline_class._unpack_latents_with_ids(prediction, image_ids, height, width)
+        # The noisy latents' own patches (an edit's reference patches follow them); klein's pipeline's unpacking is told
+        # the size, where Flux2Pipeline's reads it off the ids (a GPU sync).
+        prediction = prediction[:, : tokens.shape[1]]
+        return Flux2Klein.pipeline_class._unpack_latents_with_ids(prediction, image_ids.to(noisy.device), height, width)
+
+    @classmethod
+    def with_reference(
+        cls, tokens: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's picture sequence and position ids, with an edit pair's "before" picture (latents as the
+        noisy ones, or None) after the noisy patches, as the pipeline joins a reference picture: its first coordinate
+        10 (Flux2KleinPipeline._prepare_image_ids)."""
+        import torch
+
+        if reference is None:
+            return {"hidden_states": tokens, "img_ids": ids}
+        pipeline_class = cls.pipeline_class
+        reference_ids = pipeline_class._prepare_image_ids([reference[:1]]).to(ids).expand(len(tokens), -1, -1)
+        return {
+            "hidden_states": torch.cat([tokens, pipeline_class._pack_latents(reference.to(tokens.dtype))], dim=1),
+            "img_ids": torch.cat([ids, reference_ids], dim=1),
+        }
+
+    @classmethod
+    def reference_options(
+        cls, pipe: DiffusionPipeline, images: list[Image.Image], width: int, height: int
+    ) -> dict[str, Any]:
+        """Its reference pictures, each already fitted to the picture to make (the pipeline keeps a picture of 1 MP or
+        less as it is)."""
+        return {"image": images} if images else {}
 
     # ---- previews and Generate ------------------------------------------------------------------
     @classmethod

@@ -58,6 +58,7 @@ class Flux2Dev(Flux2Klein):
         *(f"single_transformer_blocks.{index}.attn.to_out" for index in range(_SINGLE_BLOCKS)),
     )
     kohya_base_model_version = "flux2"  # ai-toolkit's name for dev (its get_base_model_version)
+    reference_images = 6  # Black Forest Labs' recommended most for dev (klein's 4)
     modelspec_architecture = "Flux.2-dev/lora"  # musubi-tuner's (utils/sai_model_spec.py)
     hub_models = (FLUX2_DEV,)
     distilled_bases: ClassVar[dict[str, str]] = {}

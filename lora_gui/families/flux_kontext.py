@@ -36,6 +36,7 @@ class FluxKontext(Flux1):
     short_title = "Kontext"
     pipeline_class = Imported("diffusers", "FluxKontextPipeline")
     reference_images = 1
+    trains_without_pairs = False
     modelspec_architecture = "flux-1-kontext-dev/lora"
     hub_models = (KONTEXT_DEV,)
     # Its single files and LoRAs are Flux.1-dev's tensors under Flux.1-dev's names: nothing in them tells Kontext.

@@ -3,6 +3,7 @@ previews edit "before" pictures (held out of training where pictures are), each 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,6 @@ from lora_gui.runs import RunFolder
 
 
 @dataclass
-class PreviewEdit:
-    """A picture an edit run's previews edit: as it is shown, fitted to its bucket, and its latents as the denoiser
-    reads them (the cache's), which the pipeline takes without its VAE, then waiting in CPU memory."""
-
-    before: Image.Image
-    latents: torch.Tensor
-
-
-@dataclass
 class Previews:
     """Preview images for the sample prompts, from a fixed seed so they compare across the run."""
 
@@ -43,14 +35,15 @@ class Previews:
     embeddings: list[dict[str, torch.Tensor]] | None
     offload: devices.Offload  # the denoiser is on the device; the VAE waits in CPU memory
     emit: EventHandler
-    edits: list[PreviewEdit] | None = None  # an edit run's pictures to edit, one per prompt
+    edits: list[Image.Image] | None = None  # an edit run's pictures to edit (fitted to their buckets), one per prompt
 
     @torch.no_grad()
     def make(self, step: int, total: int) -> None:
         device, precision = self.accelerator.device, self.accelerator.mixed_precision
         if self.accelerator.is_main_process and self.prompts:
-            # One part at a time beside the denoiser: it denoises, then the VAE comes for the decoding.
-            with devices.autocast(device, precision):
+            # One part at a time beside the denoiser: it denoises, then the VAE comes for the decoding (and for an edit
+            # run, to encode the pictures to edit first).
+            with devices.autocast(device, precision), self._vae_for_edits():
                 embeddings = self.embeddings or [
                     self.family.prompt_embeddings(self.pipe, prompt, device) for prompt in self.prompts
                 ]
@@ -72,7 +65,7 @@ class Previews:
                     for index, each in enumerate(latents)
                 ]
             if self.edits:
-                images = [side_by_side(edit.before, image) for edit, image in zip(self.edits, images, strict=True)]
+                images = [side_by_side(before, image) for before, image in zip(self.edits, images, strict=True)]
             paths = []
             for index, image in enumerate(images):
                 path = self.run.samples / f"step-{step}-{index}.png"
@@ -84,14 +77,16 @@ class Previews:
 
     def _size(self, index: int) -> tuple[int, int]:
         """Preview `index`'s (width, height): its picture to edit's, else the run's square."""
-        return self.edits[index].before.size if self.edits else (self.config.resolution, self.config.resolution)
+        return self.edits[index].size if self.edits else (self.config.resolution, self.config.resolution)
 
     def _edit_options(self, index: int) -> dict:
         if not self.edits:
             return {}
-        width, height = self._size(index)
-        latents = self.edits[index].latents.to(self.accelerator.device)
-        return self.family.reference_options(self.pipe, [latents], width, height)
+        return self.family.reference_options(self.pipe, [self.edits[index]], *self._size(index))
+
+    def _vae_for_edits(self) -> AbstractContextManager:
+        """The VAE on the device while an edit run's pipeline encodes its pictures to edit."""
+        return self.offload.borrowed(self.pipe.vae) if self.edits else nullcontext()
 
 
 def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
+from PIL import Image
 
 from lora_gui import batching, block_swap, data, devices, events, optimizers, quantization, run_dataset
 from lora_gui.adapters import add_lora
@@ -31,7 +32,7 @@ from lora_gui.objectives import Objective
 from lora_gui.runs import RunFolder, ValidationCurve
 from lora_gui.training.checkpoints import apply_changed_settings, checkpoint_lora_only, load_checkpoint, resumed_config
 from lora_gui.training.messages import Stopped
-from lora_gui.training.previews import PreviewEdit, Previews
+from lora_gui.training.previews import Previews
 from lora_gui.training.validation import drop_best_of_steps_redone
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def _pairs_for(family: type[Family], config: TrainConfig, examples: list[data.Ex
     column it merely found is set aside)."""
     paired = any(example.control is not None for example in examples)
     editors = " or ".join(other.title for other in REGISTRY.values() if other.reference_images)
-    if family.reference_images and not paired:
+    if family.reference_images and not family.trains_without_pairs and not paired:
         raise ConfigError(
             f"{family.title} learns edits from before/after pairs: give the before pictures too (control_data: a "
             "folder of them, each named as its after picture; the caption says the edit)"
@@ -326,7 +327,7 @@ class Caches:
     held_out: list[int]  # the images for validation alone, by their index in the latents
     prompts: list[str]  # the preview prompts
     prompt_embeddings: list[dict[str, torch.Tensor]] | None  # theirs, None when the text encoders train
-    edits: list[PreviewEdit] | None  # an edit run's pictures to edit, one per prompt; None for other runs
+    edits: list[Image.Image] | None  # an edit run's pictures to edit, one per prompt; None for other runs
 
     def previews(
         self,
@@ -381,8 +382,8 @@ def _build_caches(
     captions = [data.full_caption(example.caption, config.trigger_word) for example in examples]
     prompts = [p for p in config.sample_prompts if p.strip()] or captions[:1]
     edits = None
-    if family.reference_images:
-        prompts, edits = _preview_edits(config, examples, buckets, held_out, captions, latents)
+    if latents.references is not None:
+        prompts, edits = _preview_edits(config, examples, buckets, held_out, captions)
     text, prompt_embeddings = None, None
     if config.train_text_encoder:
         offload.bring(*family.text_encoders(pipe))  # for good: they train beside the denoiser
@@ -402,8 +403,7 @@ def _preview_edits(
     buckets: list[tuple[int, int]],
     held_out: list[int],
     captions: list[str],
-    latents: LatentCache,
-) -> tuple[list[str], list[PreviewEdit]]:
+) -> tuple[list[str], list[Image.Image]]:
     """An edit run's previews: the "before" pictures of the pairs held out for validation, else of the first pairs,
     one per preview prompt (or one, with its own instruction), each made at its pair's bucket."""
     chosen = [*held_out, *(index for index in range(len(examples)) if index not in set(held_out))]
@@ -413,8 +413,7 @@ def _preview_edits(
     edits = []
     for index in chosen:
         before = data.open_image(examples[index].control).resize(examples[index].size)
-        reference = latents.reference([index], [False], torch.device("cpu"))
-        edits.append(PreviewEdit(batching.fit_to_bucket(before, buckets[index])[0], reference))
+        edits.append(batching.fit_to_bucket(before, buckets[index])[0])
     return prompts, edits
 
 

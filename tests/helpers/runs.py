@@ -13,10 +13,10 @@ from lora_gui.families import get_family
 
 
 def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
-    """Settings for a run of a few seconds on a CPU; for an editing model, on pairs whose "before" pictures are the
-    pictures in gray (`gray_before_pictures`)."""
+    """Settings for a run of a few seconds on a CPU; for a model that learns from edit pairs alone, on pairs whose
+    "before" pictures are the pictures in gray (`gray_before_pictures`)."""
     family = family_from_files(str(base_model))
-    edits = family is not None and get_family(family).reference_images and "control_data" not in changes
+    edits = family is not None and not get_family(family).trains_without_pairs and "control_data" not in changes
     values = dict(
         base_model=str(base_model),
         data=str(data),

@@ -4,21 +4,30 @@ Nothing is downloaded or computed for real. The family's UNet is built on PyTorc
 (shapes without data), the LoRA is injected as training would, and one forward pass counts what
 backward will need: every tensor autograd saves (attention counted as the flash / memory-efficient
 kernels keep it: inputs, output and log-sum-exp, not the full attention matrix) and every FLOP.
+Counting a published model at 1024 px takes 10 to 20 s, so each count is kept on disk (`_kept_on_disk`), and a
+restarted app's first estimate, or another process's, is instant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import importlib.metadata
+import json
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from lora_gui import block_swap
+from lora_gui.atomic import atomic_path
 from lora_gui.config import TrainConfig
 from lora_gui.devices import BORROWED_WORK_BYTES, DTYPES
 from lora_gui.families import Family, get_family
@@ -329,7 +338,70 @@ def _step_flops(
         return _counted_flops(family, size, resolution, adapter, targets, precision)
 
 
-@functools.lru_cache(maxsize=64)
+# Where counts are kept between processes: this variable's folder, else the user's cache folder.
+CACHE_DIR_ENV = "LORA_GUI_CACHE_DIR"
+# What a count depends on besides its arguments: the code that builds and counts the model, and the packages.
+_COUNTING_CODE = ("estimate.py", "adapters.py", "adapter_kinds.py", "families")
+_COUNTING_PACKAGES = ("torch", "diffusers", "peft", "transformers")
+
+
+def _kept_on_disk(count: Callable) -> Callable:
+    """`count(family, ...)`, remembered in this process and kept on disk: a JSON file per answer, named by the
+    arguments and by a fingerprint of the code and packages that compute it, so a changed model or a new diffusers
+    counts anew. Only the registry's own families (a test's made-up one is counted each time); a disk that can't be
+    read or written just counts again."""
+
+    @functools.lru_cache(maxsize=64)
+    @functools.wraps(count)
+    def kept(family: str, *args: object) -> object:
+        if not get_family(family).__module__.startswith("lora_gui.families."):
+            return count(family, *args)
+        key = hashlib.sha256(repr((count.__name__, family, args, _code_fingerprint())).encode()).hexdigest()[:32]
+        path = _cache_dir() / f"{count.__name__}-{key}.json"
+        try:
+            return _from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        answer = count(family, *args)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(dataclasses.asdict(answer) if dataclasses.is_dataclass(answer) else answer))
+        except OSError:
+            pass
+        return answer
+
+    return kept
+
+
+def _from_json(value: object) -> object:
+    if isinstance(value, dict):
+        return DenoiserCost(**{**value, "blocks": tuple(tuple(block) for block in value["blocks"])})
+    if isinstance(value, float | int):
+        return value
+    raise TypeError(f"not a count: {value!r}")
+
+
+def _cache_dir() -> Path:
+    folder = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora_gui"
+    )
+    return Path(folder) / "estimate"
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for name in _COUNTING_CODE:
+        for path in sorted((package / name).rglob("*.py")) if (package / name).is_dir() else [package / name]:
+            digest.update(path.read_bytes())
+    for name in _COUNTING_PACKAGES:
+        digest.update(importlib.metadata.version(name).encode())
+    return digest.hexdigest()
+
+
+@_kept_on_disk
 def _counted_flops(
     family: str, size: str, resolution: int, adapter: tuple[int, str], targets: tuple[str, ...], precision: str
 ) -> float:
@@ -345,7 +417,7 @@ def _counted_flops(
     return counter.get_total_flops()
 
 
-@functools.lru_cache(maxsize=64)
+@_kept_on_disk
 def _measured_cost(
     family: str,
     size: str,

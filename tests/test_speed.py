@@ -106,7 +106,7 @@ def test_low_vram_presets_fit_their_cards_by_the_estimate():
 
 
 @pytest.mark.train
-def test_an_estimate_leaves_a_run_training_beside_it_alone():
+def test_an_estimate_leaves_a_run_training_beside_it_alone(tmp_path, monkeypatch):
     """The app estimates while a run trains in another thread: real attention and torch's default dtype
     must stay as they are for that run, whatever the estimate does to count memory."""
     import threading
@@ -116,6 +116,7 @@ def test_an_estimate_leaves_a_run_training_beside_it_alone():
 
     from lora_gui import estimate as estimate_module
 
+    monkeypatch.setenv(estimate_module.CACHE_DIR_ENV, str(tmp_path))  # counted here, not read from an earlier count
     estimate_module._measured_cost.cache_clear()
     config = TrainConfig(resolution=256, rank=4, max_steps=10)
     done = threading.Event()
@@ -131,3 +132,27 @@ def test_an_estimate_leaves_a_run_training_beside_it_alone():
     worker.join()
     expected = torch.softmax(query @ query.transpose(-1, -2) / 2, dim=-1) @ query
     torch.testing.assert_close(output, expected)
+
+
+@pytest.mark.unit
+def test_a_count_is_kept_on_disk_for_the_next_process_and_made_anew_when_the_code_changes(tmp_path, monkeypatch):
+    """Counting a published model takes 10-20 s: the next process (a restarted app) reads the count, unless the code or
+    packages that count it changed."""
+    from lora_gui import estimate as estimate_module
+
+    def counting_again(*args):
+        raise AssertionError("counted again")
+
+    monkeypatch.setenv(estimate_module.CACHE_DIR_ENV, str(tmp_path))
+    arguments = ("sd15", "full", 64, (4, "lora"), ("to_q",), False, "no")
+    estimate_module._measured_cost.cache_clear()
+    first = estimate_module._measured_cost(*arguments)
+    assert len(list((tmp_path / "estimate").glob("_measured_cost-*.json"))) == 1
+    estimate_module._measured_cost.cache_clear()  # as in a new process
+    monkeypatch.setattr(estimate_module, "_meta_unet", counting_again)
+    assert estimate_module._measured_cost(*arguments) == first
+    estimate_module._measured_cost.cache_clear()
+    monkeypatch.setattr(estimate_module, "_code_fingerprint", lambda: "another version")
+    with pytest.raises(AssertionError, match="counted again"):
+        estimate_module._measured_cost(*arguments)
+    estimate_module._measured_cost.cache_clear()

@@ -287,7 +287,7 @@ def _pairs(report: DatasetReport) -> list[Finding]:
         message = (
             f"{_names(missing)} {_has(missing)} no before picture (one of the same name, in any picture format), so "
             f"{_it(missing, 'it is', 'they are')} left out of training; add {_its(missing)} before "
-            f"picture{'s' * (len(missing) > 1)} under Before pictures, or remove {_it(missing)}."
+            f"picture{'s' * (len(missing) > 1)}, or remove {_it(missing)}."
         )
         findings.append(Finding("pair-no-before", tuple(missing), message, "remove"))
     if alone := report.no_after:

@@ -246,12 +246,20 @@ def start(
         model = ctx.models.resolve(base_model, token)
         config = config_form.config_from_values({**settings, "base_model": model})
         staging = Staging.find(ctx.runs_dir, session, visitor)
-        if staging is None or not staging.check(config.resolution, config.default_caption).usable:
-            raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
+        report = staging.check(config.resolution, config.default_caption) if staging is not None else None
+        if report is None or not report.usable:
+            raise LoraGuiError(
+                "no after picture has its before picture yet: add them in the Dataset tab first (same names)"
+                if report is not None and report.paired
+                else "there are no usable pictures yet: add some in the Dataset tab first"
+            )
         name = (run_name or "").strip() or ctx.folders.suggest_run_name(visitor)
         folder, taken = _free_run_folder(ctx, name, visitor)
         ctx.folders.check_room_for_a_run(visitor)
-        job = ctx.engine.jobs.submit_new(config, folder, staging.folder, hub_token=token, owner=visitor.owner)
+        before = staging.before_folder if report.paired else None  # an edit LoRA's pairs: control/ beside dataset/
+        job = ctx.engine.jobs.submit_new(
+            config, folder, staging.folder, hub_token=token, owner=visitor.owner, before=before
+        )
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.engine.jobs.queue_position(job.job_id)

@@ -57,8 +57,9 @@ def _pair_lines(report: DatasetReport) -> list[str]:
     if report.no_before:
         count = len(report.no_before)
         lines.append(
-            f"⚠ <b>{count} after picture{'s have' if count != 1 else ' has'} no before picture</b> (they are left "
-            f"out): {_names(report.no_before)}. Add a before picture of the same name for each under "
+            f"⚠ <b>{count} after picture{'s have' if count != 1 else ' has'} no before picture</b> "
+            f"({'they are' if count != 1 else 'it is'} left out): {_names(report.no_before)}. Add "
+            f"{'a before picture of the same name for each' if count != 1 else 'one of the same name'} under "
             "<i>Before pictures</i>."
         )
     if report.no_after:

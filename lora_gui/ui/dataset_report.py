@@ -80,7 +80,7 @@ def _pair_lines(report: DatasetReport) -> list[str]:
 
 def report_html(report: DatasetReport | None) -> str:
     """The checks in plain words: what will be trained on, and every reason a file won't be."""
-    if report is None or not (report.usable or report.uncaptioned or report.unusable):
+    if report is None or not (report.usable or report.uncaptioned or report.unusable or report.no_after):
         empty = "No pictures yet. Drop some above, or press <b>Try the demo</b>."
         return f'<div class="lg-checks"><b>Checks</b><p>{empty}</p></div>'
     lines = []

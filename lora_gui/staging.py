@@ -306,6 +306,16 @@ class Staging:
             return []
         return [path.relative_to(self.before_folder).as_posix() for path in data.picture_files(self.before_folder)]
 
+    def before_thumbnails(self, relpaths: list[str]) -> dict[str, Path | None]:
+        """Thumbnails of the before pictures of the pictures `relpaths`, by picture (None: it can't be read); a
+        picture without a before picture is not in it."""
+        befores = {_pair_key(name): name for name in self.before_pictures()}
+        named = {relpath: befores[_pair_key(relpath)] for relpath in relpaths if _pair_key(relpath) in befores}
+        return {
+            relpath: self._thumbnail(self.before_folder / name, f"{BEFORE_DIR}/{name}")[0]
+            for relpath, name in named.items()
+        }
+
     def _thumbnail(self, path: Path, relpath: str) -> tuple[Path | None, str]:
         """A small PNG of the image, made once, or the reason the image can't be used."""
         problem = data.read_header(path).problem

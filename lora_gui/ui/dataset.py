@@ -145,13 +145,15 @@ def build_dataset_grid(ctx: Ctx) -> None:
         first = (int(page or 1) - 1) * PAGE_SIZE
         shown = items[first : first + PAGE_SIZE]
         note = note if (note or {}).get("version") == version else {}  # a card's message lasts until the next change
+        # Edit pairs: each card shows its before picture too, or that it has none.
+        befores = staging.before_thumbnails([item.relpath for item in shown]) if staging.before_pictures() else None
         for row in grid_rows(shown):
             with gr.Row(equal_height=True):
                 for item in row:
                     if item is None:
                         gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card-space")
                     else:
-                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
+                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {}, befores)
 
 
 def grid_rows(items: list[StagedImage]) -> list[list[StagedImage | None]]:
@@ -170,14 +172,18 @@ def picture_classes(item: StagedImage) -> list[str]:
     return ["lg-pixelated"] if max(read_header(item.path).size) < PICTURE_HEIGHT else []
 
 
-def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
-    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove, and
-    what Caption it did (with Undo where it replaced a caption)."""
+def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any], befores: dict[str, Any] | None = None) -> None:
+    """One staged picture in the grid: its thumbnail (with its before picture's, for edit pairs: `befores`), its
+    caption (saved as it is left), Caption it and Remove, and what Caption it did (with Undo where it replaced a
+    caption)."""
     with gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card"):
+        if befores is not None:
+            _before_picture(item, befores)
         if item.thumbnail:
             gr.Image(
                 served(item.thumbnail),
-                show_label=False,
+                label="After",
+                show_label=befores is not None,
                 height=PICTURE_HEIGHT,
                 interactive=False,
                 buttons=[],
@@ -223,6 +229,24 @@ def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
     )
     removed = ["dataset_version", "report", "page"]
     ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private", engine_free=True)
+
+
+def _before_picture(item: StagedImage, befores: dict[str, Any]) -> None:
+    """A pair's before picture above its after picture on the card, small, or why the pair won't train."""
+    if item.relpath not in befores:
+        gr.HTML(notice("No before picture of this name: left out of training.", "warning"))
+    elif befores[item.relpath] is None:
+        gr.HTML(notice("Its before picture can't be used: see Checks.", "error"))
+    else:
+        small = max(read_header(befores[item.relpath]).size) < PICTURE_HEIGHT  # drawn large and sharp, as the after
+        gr.Image(
+            served(befores[item.relpath]),
+            label="Before",
+            height=PICTURE_HEIGHT // 2,
+            interactive=False,
+            buttons=[],
+            elem_classes=["lg-pixelated"] if small else [],
+        )
 
 
 def build_findings(ctx: Ctx) -> None:

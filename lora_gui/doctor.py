@@ -307,14 +307,15 @@ def _pairs(report: DatasetReport) -> list[Finding]:
         findings.append(Finding("pair-unchanged", unchanged, message, "remove"))
     if report.reshaped:
         one = len(report.reshaped) == 1
-        shapes = [f"{name} ({shape})" for name, shape in (entry.rsplit(": ", 1) for entry in report.reshaped)]
+        names, shapes = zip(*(entry.rsplit(": before ", 1) for entry in report.reshaped), strict=True)
+        shapes = [f"{name} (before {shape})" for name, shape in zip(names, shapes, strict=True)]
         message = (
             f"{'The pair' if one else 'The pairs'} {_names(shapes)} {'differs' if one else 'differ'} in shape, so "
             f"{'its' if one else 'each'} before picture is stretched to {'its' if one else 'the'} after picture's "
             "shape and the LoRA learns the stretch with the edit; crop or resize each before picture to its after "
             f"picture's shape, or remove the pair{'s' * (not one)}."
         )
-        findings.append(Finding("pair-shape", tuple(report.reshaped_names()), message, "remove"))
+        findings.append(Finding("pair-shape", names, message, "remove"))
     return findings
 
 

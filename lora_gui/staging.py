@@ -78,10 +78,6 @@ class DatasetReport:
     no_after: list[str] = field(default_factory=list)
     reshaped: list[str] = field(default_factory=list)
 
-    def reshaped_names(self) -> list[str]:
-        """The after pictures of the pairs in `reshaped`."""
-        return [entry.rsplit(": before ", 1)[0] for entry in self.reshaped]
-
 
 class Staging:
     """The staged dataset of one browser session."""

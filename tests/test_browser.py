@@ -325,11 +325,14 @@ def test_edit_pairs_dropped_as_a_zip_are_checked_and_a_kontext_lora_trains_on_th
         checks = page.locator("#dataset-checks")
         expect(checks).to_contain_text("3 edit pairs ready to train")
         expect(checks).to_contain_text("1 after picture has no before picture (it is left out): demo_03.png")
+        expect(page.get_by_text("No before picture of this name: left out of training.")).to_be_visible()
+        expect(page.locator(".lg-before img")).to_have_count(3)  # above each pair's after picture
         shot(page, "17-pairs-checked")
         page.get_by_role("button", name="Before pictures (edit LoRAs only)").click()
         page.locator("#before-upload input[type=file]").set_input_files([last])
         expect(checks).to_contain_text("4 edit pairs ready to train")
         expect(checks).not_to_contain_text("no before picture")
+        expect(page.locator(".lg-before img")).to_have_count(4)
         shot(page, "18-pairs-complete")
 
         page.get_by_role("tab", name="Train").click()

@@ -245,7 +245,7 @@ def _before_picture(item: StagedImage, befores: dict[str, Any]) -> None:
             height=PICTURE_HEIGHT // 2,
             interactive=False,
             buttons=[],
-            elem_classes=["lg-pixelated"] if small else [],
+            elem_classes=["lg-before", *(["lg-pixelated"] if small else [])],
         )
 
 

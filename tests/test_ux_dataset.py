@@ -4,6 +4,7 @@ put back, and the loud buttons are the ones to press. The handlers are called as
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from PIL import Image
 from lora_gui import jobs
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
+from lora_gui.families import REGISTRY
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.staging import Staging
@@ -24,7 +26,7 @@ from lora_gui.ui.captioning import TINY_CAPTIONER
 from lora_gui.ui.common import Ctx
 from lora_gui.ui.dataset import add_before, add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
 from lora_gui.ui.dataset_captions import caption_one, caption_pictures, captioner_choices, undo_caption
-from lora_gui.ui.model_choices import TINY_CHOICE
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
 from lora_gui.ui.train_tab import start
 
 pytestmark = pytest.mark.app
@@ -285,17 +287,22 @@ def test_before_pictures_pair_by_name_the_checks_say_what_each_lacks_and_start_w
     )
     trained = []
     monkeypatch.setattr(jobs, "train", lambda config, run_dir, **kwargs: trained.append(config))
+    monkeypatch.setattr(ctx.models, "resolve", lambda choice, token: choice)  # no tiny model written: none trains
     settings = {**config_form.widget_values(TrainConfig()), "resolution": 64}
-    for session, run_name in ((paired["session"], "pairs"), (mine(ctx, tmp_path), "plain")):
-        started = start(ctx, EVERYONE, session=session, run_name=run_name, base_model=TINY_CHOICE, **settings)
+    editing = next(choice for choice, family in TINY_CHOICES.items() if REGISTRY[family].reference_images)
+    own = mine(ctx, tmp_path)
+    for session, model, refused in (
+        (paired["session"], TINY_CHOICE, "this base model makes pictures from text alone: pick an editing model"),
+        (own, editing, "learns edits from before/after pairs: add each picture's before picture under Before"),
+    ):
+        answer = start(ctx, EVERYONE, session=session, run_name="refused", base_model=model, **settings)
+        assert refused in html.unescape(answer["train_notice"])
+    for session, model, run_name in ((paired["session"], editing, "pairs"), (own, TINY_CHOICE, "plain")):
+        started = start(ctx, EVERYONE, session=session, run_name=run_name, base_model=model, **settings)
         ctx.engine.jobs.wait(started["train_job"], timeout=30)
     run, staged = ctx.runs_dir / "pairs", Staging.find(ctx.runs_dir, paired["session"])
     assert sorted(path.name for path in (run / "control").iterdir()) == ["demo_00.jpg", "demo_01.jpg", "demo_02.jpg"]
     assert (run / "control" / "demo_01.jpg").stat().st_ino == (staged.before_folder / "demo_01.jpg").stat().st_ino
-    assert sorted(path.name for path in (run / "dataset").glob("*.png")) == [
-        "demo_00.png",
-        "demo_01.png",
-        "demo_02.png",
-    ]
+    assert sorted(path.stem for path in (run / "dataset").glob("*.png")) == ["demo_00", "demo_01", "demo_02"]
     assert [config.control_data for config in trained] == [str((run / "control").resolve()), ""]
-    assert not (ctx.runs_dir / "plain" / "control").exists()
+    assert not (ctx.runs_dir / "plain" / "control").exists() and not (ctx.runs_dir / "refused").exists()

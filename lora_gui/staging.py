@@ -27,13 +27,12 @@ from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
 from lora_gui.limits import Limits, expire_untouched, format_size
 from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
+from lora_gui.staging_pairs import add_pairs, before_places, pair_halves, pair_key
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"
 # An edit's "before" pictures, each named as its "after" picture (run_dataset.pair_with_controls matches them).
 BEFORE_DIR = ".before"
-# A zip or folder holding both halves of edit pairs, in folders named so (any case), is split by itself.
-BEFORE_NAMES, AFTER_NAMES = ("before",), ("after",)
 # In a folder of the demo's pictures: the id of the visitor's own folder the demo set aside ("" for none), so Back to
 # my pictures finds it after a reload too (the browser remembers the folder shown, and the server this link).
 DEMO_MARK = ".demo"
@@ -156,9 +155,10 @@ class Staging:
                 captions[path.stem] = path
             else:
                 notes.append(f"{path.name}: not an image, a .txt caption or a .zip, so it was left out")
+        place = self._before_places() if before else None
         for image in images:
-            if before:
-                notes += self._add_before(image, image.name, room)
+            if place is not None:
+                notes += self._add_before(image, place(image.name), room)
                 continue
             caption_file = captions.pop(image.stem, None)
             caption = data.read_caption_file(caption_file) if caption_file else None
@@ -195,14 +195,15 @@ class Staging:
         folder = folder.expanduser()
         if not folder.is_dir():
             raise DataError(f"the folder {folder} does not exist; check the path")
-        if not before and (halves := _pair_halves(folder)):
+        if halves := pair_halves(folder):
             return self._import_folder(halves[1], room) + self._import_folder(halves[0], room, before=True)
         metadata = data.metadata_captions(folder) or {}
         pictures, notes = data.picture_files(folder), []
+        place = self._before_places() if before else None
         for path in pictures:
             relpath = path.relative_to(folder).as_posix()
-            if before:
-                notes += self._add_before(path, relpath, room)
+            if place is not None:
+                notes += self._add_before(path, place(relpath), room)
                 continue
             caption_file = path.with_suffix(".txt")
             caption = metadata.get(relpath) or (
@@ -296,6 +297,10 @@ class Staging:
     def before_folder(self) -> Path:
         return self.folder / BEFORE_DIR
 
+    def _before_places(self):
+        """Where each before picture dropped now goes, beside its after picture (`staging_pairs.before_places`)."""
+        return before_places([path.relative_to(self.folder).as_posix() for path in data.picture_files(self.folder)])
+
     def before_pictures(self) -> list[str]:
         """The "before" pictures dropped so far, as paths under `before_folder`."""
         if not self.before_folder.is_dir():
@@ -305,8 +310,8 @@ class Staging:
     def before_thumbnails(self, relpaths: list[str]) -> dict[str, Path | None]:
         """Thumbnails of the before pictures of the pictures `relpaths`, by picture (None: it can't be read); a
         picture without a before picture is not in it."""
-        befores = {_pair_key(name): name for name in self.before_pictures()}
-        named = {relpath: befores[_pair_key(relpath)] for relpath in relpaths if _pair_key(relpath) in befores}
+        befores = {pair_key(name): name for name in self.before_pictures()}
+        named = {relpath: befores[pair_key(relpath)] for relpath in relpaths if pair_key(relpath) in befores}
         return {
             relpath: self._thumbnail(self.before_folder / name, f"{BEFORE_DIR}/{name}")[0]
             for relpath, name in named.items()
@@ -342,7 +347,7 @@ class Staging:
             duplicates=scan.duplicates(),
         )
         if before or self.before_pictures():
-            _add_pairs(report, scan, run_dataset.pair_with_controls(scan, before or self.before_folder))
+            add_pairs(report, scan, run_dataset.pair_with_controls(scan, before or self.before_folder))
         report.too_small = [e for e in report.usable if min(e.size) < resolution]
         return report
 
@@ -504,39 +509,6 @@ def _copy_in(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-
-
-def _pair_halves(folder: Path) -> tuple[Path, Path] | None:
-    """The before and after folders of edit pairs in `folder` (or in the one folder it holds, as a zip of a folder
-    has), or None."""
-    subfolders = [path for path in folder.iterdir() if path.is_dir() and not data.is_ignored(path.name)]
-    named = {path.name.lower(): path for path in subfolders}
-    before = next((named[name] for name in BEFORE_NAMES if name in named), None)
-    after = next((named[name] for name in AFTER_NAMES if name in named), None)
-    if before is not None and after is not None:
-        return before, after
-    files = [path for path in folder.iterdir() if path.is_file() and not data.is_ignored(path.name)]
-    return _pair_halves(subfolders[0]) if len(subfolders) == 1 and not files else None
-
-
-def _add_pairs(report: DatasetReport, scan: data.Scan, paired: data.Scan) -> None:
-    """The checks of edit pairs into `report`: the pairs are what trains, each after picture without a before
-    picture is named, and a before picture whose after picture is left out for another reason (no caption) is
-    not called a picture without a partner."""
-    report.paired, report.usable, report.reshaped = True, paired.examples, paired.reshaped_pairs
-    for skipped in paired.skipped[len(scan.skipped) :]:  # what pairing left out
-        if skipped.reason.startswith("no before picture"):
-            report.no_before.append(skipped.name)
-        else:
-            report.unusable.append(skipped)
-    left_out = {_pair_key(skipped.name) for skipped in scan.skipped}
-    report.no_after = [name for name in paired.unpaired_controls if _pair_key(name) not in left_out]
-
-
-def _pair_key(relpath: str) -> str:
-    """A picture's name as pairs are matched (`run_dataset.pair_with_controls`): its path without its suffix, in
-    lower case."""
-    return PurePosixPath(relpath).with_suffix("").as_posix().lower()
 
 
 def _staged_size(folder: Path) -> tuple[int, int]:

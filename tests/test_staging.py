@@ -245,3 +245,13 @@ def test_edit_pairs_split_from_a_zip_stay_apart_from_the_pictures_pair_by_name_a
     assert Staging.find(tmp_path / "runs", staging.session_id, Visitor("b")) is None  # nor its before pictures
     staging.clear()
     assert staging.before_pictures() == [] and not staging.check(resolution=64).paired
+
+    # The two halves zipped from folders named otherwise: a before picture goes beside the after picture of its name.
+    for folder, half, before in (("pics", "after/cat.png", False), ("my-befores", "before/cat.jpg", True)):
+        zipped_folder = tmp_path / f"{folder}.zip"
+        with zipfile.ZipFile(zipped_folder, "w") as zipped:
+            zipped.write(pairs / half, f"{folder}/{Path(half).name}")
+            zipped.write(pairs / "after" / "cat.txt", f"{folder}/cat.txt")
+        staging.add_files([zipped_folder], before=before)
+    assert staging.before_pictures() == ["pics/cat.jpg"]
+    assert [example.relpath for example in staging.check(resolution=64).usable] == ["pics/cat.png"]

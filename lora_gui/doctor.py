@@ -4,7 +4,8 @@ It adds to the checks the staged dataset already shows (`staging.DatasetReport`:
 copies, pictures smaller than the training resolution, missing captions) what those can't see: pictures
 that are nearly the same, blurry ones, extreme shapes and how the pictures spread over the aspect-ratio
 buckets, captions that are all the same, miss the trigger word, spell it differently or run past what the
-text encoder reads, and a set too small or too large. Each finding is one plain sentence naming the files
+text encoder reads, and a set too small or too large; of an edit LoRA's pairs, those that show no change, differ in
+shape or miss a partner. Each finding is one plain sentence naming the files
 and the fix, with the id of a one-click fix (`apply_fix`) where there is one.
 
 It reads headers and one small thumbnail per picture (a JPEG is decoded at 1/2, 1/4 or 1/8 scale; PNG and
@@ -26,7 +27,7 @@ from PIL import Image
 
 from lora_gui import batching, data
 from lora_gui.errors import DataError
-from lora_gui.staging import Staging
+from lora_gui.staging import DatasetReport, Staging
 
 # How many pictures a LoRA usually trains well on: a person or an object, and a style.
 SUBJECT_PICTURES = (10, 50)
@@ -39,6 +40,9 @@ NEAR_COLOUR_DIFFERENCE = 12.0
 # Blurry: sharpness below this share of the set's median, judged only with at least BLUR_MIN_PICTURES.
 BLUR_FRACTION = 0.4
 BLUR_MIN_PICTURES = 4
+# An edit pair whose two pictures have the same perceptual hash and colour thumbnails this close (0-255, on average)
+# shows no change: a small logo put on a mug moves the thumbnail further than that.
+PAIR_UNCHANGED_DIFFERENCE = 1.0
 # Longer than this (long side : short side) is more than cropping to a bucket can save.
 EXTREME_ASPECT = 2.5
 # Bucket sides are multiples of a step that depends on the loaded model (Family.bucket_step needs its
@@ -59,7 +63,8 @@ class Finding:
     kind: str  # "near-duplicate", "too-small", "blurry", "aspect-ratio", "buckets", "caption-empty", ...
     files: tuple[str, ...]  # relative paths, the one to keep first for a near-duplicate
     message: str  # one plain sentence naming the files and the fix
-    fix: str | None = None  # "keep-first", "remove", "add-trigger", "match-trigger"; None: only a person can
+    # "keep-first", "remove", "remove-before", "add-trigger", "match-trigger"; None: only a person can
+    fix: str | None = None
     severity: Severity = "warning"
 
 
@@ -181,22 +186,29 @@ def _reader(family: str | None) -> _Reader:
 
 # ---- the checks --------------------------------------------------------------------------------
 def diagnose(
-    folder: Path, resolution: int, family: str | None = None, trigger: str = "", default_caption: str = ""
+    folder: Path,
+    resolution: int,
+    family: str | None = None,
+    trigger: str = "",
+    default_caption: str = "",
+    control_data: str | Path = "",
 ) -> list[Finding]:
-    """Everything worth fixing in a folder of pictures before training at `resolution`: warnings first."""
+    """Everything worth fixing in a folder of pictures before training at `resolution`: warnings first. An edit
+    LoRA's before pictures are the staging folder's, or those in `control_data`."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():  # before Staging, which would make it
         raise DataError(f"the image folder {folder} does not exist; check the path")
-    report = Staging(folder).check(resolution, default_caption)
+    report = Staging(folder).check(resolution, default_caption, control_data)
     examples = report.usable
     looks = {example.relpath: _looks(example.path) for example in examples}
     findings = [
         *_count(len(examples)),
+        *_pairs(report),
         *_near_duplicates(examples, looks, report.duplicates),
         *_too_small(report.too_small, examples, resolution),
         *_blurry(looks),
         *_extreme_shapes(examples, resolution),
-        *_captions(examples, report.uncaptioned, default_caption),
+        *_captions(examples, report.uncaptioned, default_caption, report.paired),
         *_trigger(examples, trigger.strip()),
         *_too_long(examples, trigger, None if family in (None, "auto") else family),
         *_buckets(examples, resolution),
@@ -267,6 +279,66 @@ def _near_duplicates(
     return findings
 
 
+def _pairs(report: DatasetReport) -> list[Finding]:
+    """An edit's pairs: after pictures without their before picture, before pictures without a partner, pairs that
+    show no change, pairs of two shapes."""
+    findings = []
+    if missing := report.no_before:
+        message = (
+            f"{_names(missing)} {_has(missing)} no before picture (one of the same name, in any picture format), so "
+            f"{_it(missing, 'it is', 'they are')} left out of training; add {_its(missing)} before "
+            f"picture{'s' * (len(missing) > 1)}, or remove {_it(missing)}."
+        )
+        findings.append(Finding("pair-no-before", tuple(missing), message, "remove"))
+    if alone := report.no_after:
+        message = (
+            f"The before picture{'s' * (len(alone) > 1)} {_names(alone)} {_has(alone)} no after picture of "
+            f"{_its(alone)} name, so {_it(alone, 'it is', 'they are')} not used; rename {_it(alone)} as "
+            f"{_its(alone)} after picture{'s' * (len(alone) > 1)}, or remove {_it(alone)}."
+        )
+        findings.append(Finding("pair-no-after", tuple(alone), message, "remove-before"))
+    if unchanged := tuple(e.relpath for e in report.usable if e.control is not None and _unchanged(e)):
+        one = len(unchanged) == 1
+        message = (
+            f"{_names(unchanged)} {_it(unchanged, 'looks', 'look')} the same as {_its(unchanged)} before picture, "
+            f"so {'that pair shows' if one else 'those pairs show'} no change to learn; give the picture from before "
+            f"the edit as {_its(unchanged)} before picture{'s' * (not one)}, or remove the pair{'s' * (not one)}."
+        )
+        findings.append(Finding("pair-unchanged", unchanged, message, "remove"))
+    if report.reshaped:
+        one = len(report.reshaped) == 1
+        names, shapes = zip(*(entry.rsplit(": before ", 1) for entry in report.reshaped), strict=True)
+        shapes = [f"{name} (before {shape})" for name, shape in zip(names, shapes, strict=True)]
+        message = (
+            f"{'The pair' if one else 'The pairs'} {_names(shapes)} {'differs' if one else 'differ'} in shape, so "
+            f"{'its' if one else 'each'} before picture is stretched to {'its' if one else 'the'} after picture's "
+            "shape and the LoRA learns the stretch with the edit; crop or resize each before picture to its after "
+            f"picture's shape, or remove the pair{'s' * (not one)}."
+        )
+        findings.append(Finding("pair-shape", names, message, "remove"))
+    return findings
+
+
+def _unchanged(example: data.Example) -> bool:
+    after, before = _looks(example.path), _looks(example.control)
+    if after is None or before is None:
+        return False
+    colours = np.frombuffer(after.colours, np.uint8).astype(np.int16) - np.frombuffer(before.colours, np.uint8)
+    return after.phash == before.phash and float(np.abs(colours).mean()) <= PAIR_UNCHANGED_DIFFERENCE
+
+
+def _has(files) -> str:
+    return "has" if len(files) == 1 else "have"
+
+
+def _it(files, one: str = "it", many: str = "them") -> str:
+    return one if len(files) == 1 else many
+
+
+def _its(files) -> str:
+    return "its" if len(files) == 1 else "their"
+
+
 def _too_small(small: list[data.Example], examples: list[data.Example], resolution: int) -> list[Finding]:
     if not small:
         return []
@@ -332,7 +404,9 @@ def _buckets(examples: list[data.Example], resolution: int) -> list[Finding]:
     return [Finding("buckets", (), message, severity="info")]
 
 
-def _captions(examples: list[data.Example], uncaptioned: list[str], default_caption: str) -> list[Finding]:
+def _captions(
+    examples: list[data.Example], uncaptioned: list[str], default_caption: str, paired: bool = False
+) -> list[Finding]:
     findings = []
     if uncaptioned:
         one = len(uncaptioned) == 1
@@ -342,8 +416,9 @@ def _captions(examples: list[data.Example], uncaptioned: list[str], default_capt
         )
         findings.append(Finding("caption-empty", tuple(uncaptioned), message))
     captions = {" ".join(example.caption.lower().split()) for example in examples}
-    # One caption chosen as the default for all is the person's choice; the same one typed everywhere is a slip.
-    if len(examples) > 1 and len(captions) == 1 and examples[0].caption != default_caption.strip():
+    # One caption chosen as the default for all is the person's choice; the same one typed everywhere is a slip, but
+    # for edit pairs, whose caption says the edit, the usual.
+    if len(examples) > 1 and len(captions) == 1 and examples[0].caption != default_caption.strip() and not paired:
         message = (
             f'All {len(examples)} pictures have the same caption ("{examples[0].caption}"), so the LoRA can\'t '
             "tell them apart and ties everything in them to those words; describe what differs in each "
@@ -436,6 +511,13 @@ def _keep_first(staging: Staging, finding: Finding, trigger: str) -> str:
     return f"Kept {finding.files[0]}. " + _remove(staging, finding.files[1:])
 
 
+def _remove_befores(staging: Staging, finding: Finding, trigger: str) -> str:
+    for relpath in finding.files:
+        staging.remove_before(relpath)
+    one = len(finding.files) == 1
+    return f"Removed the before picture{'s' * (not one)} {_names(finding.files)}."
+
+
 def _remove_all(staging: Staging, finding: Finding, trigger: str) -> str:
     return _remove(staging, finding.files)
 
@@ -471,6 +553,7 @@ def _match_trigger(staging: Staging, finding: Finding, trigger: str) -> str:
 _FIXES = {
     "keep-first": _keep_first,
     "remove": _remove_all,
+    "remove-before": _remove_befores,
     "add-trigger": _add_trigger,
     "match-trigger": _match_trigger,
 }

@@ -302,10 +302,13 @@ class JobManager:
         pictures: str | Path,
         hub_token: HubToken = None,
         owner: str = LOCAL,
+        before: str | Path | None = None,
     ) -> Job:
         """Queue a new run of `owner`'s on a folder of pictures as it is now (the app's staging folder, which its
         visitor may go on editing while the run waits its turn): the run's dataset/ is written from it at once,
-        with hard links where the disk allows, and the run trains on that."""
+        with hard links where the disk allows, and the run trains on that. With `before` (a folder of an edit's
+        before pictures, the staging folder's), the pictures are the after halves of edit pairs: the run's control/
+        is written beside dataset/ the same way, and the run trains on the pairs."""
         run = RunFolder(Path(run_dir))
         try:
             run.path.mkdir(parents=True)
@@ -316,12 +319,16 @@ class JobManager:
         try:
             write_owner(run.path, owner)
             scan = data.scan_folder(pictures, config.default_caption)
-            run_dataset.copy_into_run(scan, run.dataset, link=True)
+            if before is not None:
+                scan = run_dataset.pair_with_controls(scan, before)
+            run_dataset.copy_into_run(scan, run.dataset, link=True, control_dir=run.control)
             run.write_skipped([str(each) for each in scan.skipped])
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)
             raise
-        return self.submit(config.replace(data=str(run.dataset)), run.path, hub_token=hub_token)
+        # Training pairs dataset/ with control/ when there is one; control_data says so in the run's config.json.
+        control = {"control_data": str(run.control)} if scan.paired else {}
+        return self.submit(config.replace(data=str(run.dataset), **control), run.path, hub_token=hub_token)
 
     def resume(self, run_dir: str | Path, hub_token: HubToken = None, changes: dict[str, Any] | None = None) -> Job:
         """Queue a stopped, failed or interrupted run to continue from its last checkpoint, with its saved

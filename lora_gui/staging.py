@@ -1,10 +1,11 @@
 """A dataset being put together in the app, kept on disk from the first file dropped.
 
-Each browser session gets its own folder, <runs>/.staging/<id>/, in the layout a run trains on:
-images with same-name .txt captions. Every caption edit is written at once, so nothing lives only
-in the browser, and starting a run writes the run's dataset/ from the folder as it is then
-(jobs.JobManager.submit_new). Files here are only ever replaced (a new file renamed over the old
-one) or removed, never rewritten in place, which is what lets that dataset/ hold hard links to them.
+Each browser session gets its own folder, <runs>/.staging/<id>/, in the layout a run trains on: images with same-name
+.txt captions, and an edit LoRA's "before" pictures in .before/ under their "after" pictures' names (hidden, so the
+walk over the pictures never enters it; kept with the same owner, limits and expiry). Every caption edit is written at
+once, so nothing lives only in the browser, and starting a run writes the run's dataset/ (and control/) from the folder
+as it is then (jobs.JobManager.submit_new). Files here are only ever replaced (a new file renamed over the old one) or
+removed, never rewritten in place, which is what lets that dataset/ hold hard links to them.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from lora_gui import data
+from lora_gui import data, run_dataset
 from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
 from lora_gui.limits import Limits, expire_untouched, format_size
 from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
+from lora_gui.staging_pairs import add_pairs, before_places, pair_halves, pair_key
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"
+# An edit's "before" pictures, each named as its "after" picture (run_dataset.pair_with_controls matches them).
+BEFORE_DIR = ".before"
 # In a folder of the demo's pictures: the id of the visitor's own folder the demo set aside ("" for none), so Back to
 # my pictures finds it after a reload too (the browser remembers the folder shown, and the server this link).
 DEMO_MARK = ".demo"
@@ -65,6 +69,13 @@ class DatasetReport:
     unusable: list[data.Skipped] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)
     too_small: list[data.Example] = field(default_factory=list)
+    # Edit pairs, when "before" pictures were given (`usable` is then the pairs): the after pictures left out for
+    # want of a before picture, the before pictures no after picture is named as, the pairs of two shapes (each
+    # "name: before WxH, after WxH").
+    paired: bool = False
+    no_before: list[str] = field(default_factory=list)
+    no_after: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
 
 
 class Staging:
@@ -121,8 +132,9 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     # ---- adding files -------------------------------------------------------------------------
-    def add_files(self, paths: Iterable[str | Path]) -> list[str]:
-        """Add dropped files: images, .txt captions (matched to images by name) and .zip archives.
+    def add_files(self, paths: Iterable[str | Path], before: bool = False) -> list[str]:
+        """Add dropped files: images, .txt captions (matched to images by name) and .zip archives; with `before`, an
+        edit's "before" pictures (a zip's too), each replacing the one of its name.
 
         Returns notes about files that were not added, in plain words.
         """
@@ -134,14 +146,20 @@ class Staging:
             if data.is_ignored(path.name):
                 continue
             if suffix == ".zip":
-                notes += self._add_zip(path, room)
+                notes += self._add_zip(path, room, before)
             elif suffix in data.ALL_IMAGE_SUFFIXES:
                 images.append(path)
+            elif suffix == ".txt" and before:
+                notes.append(f"{path.name}: a caption goes with its after picture; drop it with the pictures above")
             elif suffix == ".txt":
                 captions[path.stem] = path
             else:
                 notes.append(f"{path.name}: not an image, a .txt caption or a .zip, so it was left out")
+        place = self._before_places() if before else None
         for image in images:
+            if place is not None:
+                notes += self._add_before(image, place(image.name), room)
+                continue
             caption_file = captions.pop(image.stem, None)
             caption = data.read_caption_file(caption_file) if caption_file else None
             notes += self._add_image(image, image.name, caption, room)
@@ -173,14 +191,20 @@ class Staging:
         room = self._room()
         return self._import_folder(Path(folder), room) + room.notes()
 
-    def _import_folder(self, folder: Path, room: _Room) -> list[str]:
+    def _import_folder(self, folder: Path, room: _Room, before: bool = False) -> list[str]:
         folder = folder.expanduser()
         if not folder.is_dir():
             raise DataError(f"the folder {folder} does not exist; check the path")
+        if halves := pair_halves(folder):
+            return self._import_folder(halves[1], room) + self._import_folder(halves[0], room, before=True)
         metadata = data.metadata_captions(folder) or {}
         pictures, notes = data.picture_files(folder), []
+        place = self._before_places() if before else None
         for path in pictures:
             relpath = path.relative_to(folder).as_posix()
+            if place is not None:
+                notes += self._add_before(path, place(relpath), room)
+                continue
             caption_file = path.with_suffix(".txt")
             caption = metadata.get(relpath) or (
                 data.read_caption_file(caption_file) if caption_file.is_file() else None
@@ -190,7 +214,7 @@ class Staging:
             notes if pictures else [f"no images found in {folder.name} (looked for {', '.join(data.IMAGE_SUFFIXES)})"]
         )
 
-    def _add_zip(self, path: Path, room: _Room) -> list[str]:
+    def _add_zip(self, path: Path, room: _Room, before: bool = False) -> list[str]:
         if too_big := room.file_too_big(path):
             return [too_big]
         with tempfile.TemporaryDirectory() as tmp:
@@ -200,17 +224,15 @@ class Staging:
                 return [f"{path.name}: not a readable .zip file ({error})"]
             except DataError as error:
                 return [f"{path.name}: {error}"]
-            return self._import_folder(Path(tmp), room)
+            return self._import_folder(Path(tmp), room, before)
 
     def _add_image(self, source: Path, relpath: str, caption: str | None, room: _Room) -> list[str]:
         """Copy an image in (a byte-identical one already there is kept, a different one with the same
         name gets a new name), with its caption when it has one; a note instead for a kind of picture training
         can't read. Those are never kept: an SVG can hold a script, which nothing here may ever hand a page. A
         picture over the server's limits is left out too (`room` counts what is left)."""
-        if problem := data.format_problem(relpath):
-            return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
-        if too_big := room.file_too_big(source, PurePosixPath(relpath).name):
-            return [too_big]
+        if refused := _refusal(source, relpath, room):
+            return refused
         if caption is not None and len(caption) > MAX_CAPTION_CHARS:
             return [f"{PurePosixPath(relpath).name}: {_too_long(caption)}, so it was left out"]
         target = self.folder / relpath
@@ -222,11 +244,23 @@ class Staging:
             size = source.stat().st_size + (len((caption + "\n").encode()) if caption is not None else 0)
             if not room.take(size):
                 return []  # counted in the one note room.notes() gives at the end
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
-                shutil.copyfile(source, tmp)
+            _copy_in(source, target)
         if caption is not None:
             write_text_atomic(target.with_suffix(".txt"), caption + "\n")
+        return []
+
+    def _add_before(self, source: Path, relpath: str, room: _Room) -> list[str]:
+        """Copy a "before" picture in under its name, as `_add_image` does a picture; it replaces the before picture
+        of that name in any format (its partner is found by name, so a second one could never pair)."""
+        if refused := _refusal(source, relpath, room):
+            return refused
+        target = self.before_folder / relpath
+        if target.exists() and _same_bytes(target, source):
+            return []
+        if not room.take(source.stat().st_size):
+            return []
+        self._remove_befores(relpath)
+        _copy_in(source, target)
         return []
 
     def _room(self) -> _Room:
@@ -259,6 +293,30 @@ class Staging:
             found.append(StagedImage(relpath, path, caption, thumbnail, problem))
         return found
 
+    @property
+    def before_folder(self) -> Path:
+        return self.folder / BEFORE_DIR
+
+    def _before_places(self):
+        """Where each before picture dropped now goes, beside its after picture (`staging_pairs.before_places`)."""
+        return before_places([path.relative_to(self.folder).as_posix() for path in data.picture_files(self.folder)])
+
+    def before_pictures(self) -> list[str]:
+        """The "before" pictures dropped so far, as paths under `before_folder`."""
+        if not self.before_folder.is_dir():
+            return []
+        return [path.relative_to(self.before_folder).as_posix() for path in data.picture_files(self.before_folder)]
+
+    def before_thumbnails(self, relpaths: list[str]) -> dict[str, Path | None]:
+        """Thumbnails of the before pictures of the pictures `relpaths`, by picture (None: it can't be read); a
+        picture without a before picture is not in it."""
+        befores = {pair_key(name): name for name in self.before_pictures()}
+        named = {relpath: befores[pair_key(relpath)] for relpath in relpaths if pair_key(relpath) in befores}
+        return {
+            relpath: self._thumbnail(self.before_folder / name, f"{BEFORE_DIR}/{name}")[0]
+            for relpath, name in named.items()
+        }
+
     def _thumbnail(self, path: Path, relpath: str) -> tuple[Path | None, str]:
         """A small PNG of the image, made once, or the reason the image can't be used."""
         problem = data.read_header(path).problem
@@ -276,18 +334,22 @@ class Staging:
             image.save(tmp, format="PNG", compress_level=1)  # a few kB more, in a fifth of the default's time
         return thumbnail, ""
 
-    def check(self, resolution: int, default_caption: str = "") -> DatasetReport:
-        """Count, sizes, missing captions, unusable files, duplicates and too-small images."""
+    def check(self, resolution: int, default_caption: str = "", before: str | Path = "") -> DatasetReport:
+        """Count, sizes, missing captions, unusable files, duplicates and too-small images; with before pictures
+        (here, or in the folder `before`), the edit pairs training will make of them."""
         scan = data.scan_folder(self.folder, default_caption)
         uncaptioned = scan.uncaptioned(default_caption)
-        return DatasetReport(
+        report = DatasetReport(
             resolution=resolution,
             usable=scan.examples,
             uncaptioned=[skipped.name for skipped in uncaptioned],
             unusable=[skipped for skipped in scan.skipped if skipped not in uncaptioned],
             duplicates=scan.duplicates(),
-            too_small=scan.smaller_than(resolution),
         )
+        if before or self.before_pictures():
+            add_pairs(report, scan, run_dataset.pair_with_controls(scan, before or self.before_folder))
+        report.too_small = [e for e in report.usable if min(e.size) < resolution]
+        return report
 
     # ---- editing ------------------------------------------------------------------------------
     def caption_of(self, relpath: str) -> str:
@@ -317,10 +379,28 @@ class Staging:
             write_text_atomic(files[relpath], text + "\n")
 
     def remove(self, relpath: str) -> None:
+        """Remove a picture, its caption, and its before picture (a pair goes whole)."""
         path = self._image(relpath)
         path.unlink()
         path.with_suffix(".txt").unlink(missing_ok=True)
         (self.folder / THUMBNAILS / f"{relpath}.png").unlink(missing_ok=True)
+        self._remove_befores(relpath)
+
+    def remove_before(self, relpath: str) -> None:
+        """Remove a before picture (`relpath` under `before_folder`)."""
+        path = (self.before_folder / relpath).resolve()
+        if self.before_folder.resolve() not in path.parents or not path.is_file():
+            raise DataError(f"the before picture {relpath} is not in this dataset (was it removed in another tab?)")
+        path.unlink()
+
+    def _remove_befores(self, relpath: str) -> None:
+        """The before pictures named as `relpath` (in any picture format, any case), gone."""
+        wanted = PurePosixPath(relpath)
+        folder = self.before_folder.joinpath(*wanted.parent.parts)
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_file() and path.stem.lower() == wanted.stem.lower():
+                    path.unlink()
 
     def clear(self) -> None:
         """Remove every picture and caption; the folder stays its owner's (and the demo's, if it is)."""
@@ -414,6 +494,21 @@ class _Room:
         if unpacked > MAX_ZIP_BYTES:  # a zip bomb stops here, quota or not
             return f"it unpacks to more than {MAX_ZIP_BYTES >> 30} GB"
         return None
+
+
+def _refusal(source: Path, relpath: str, room: _Room) -> list[str]:
+    """Why a picture can't come in (a kind training can't read, over the size a file may have here), or []."""
+    if problem := data.format_problem(relpath):
+        return [f"{PurePosixPath(relpath).name}: {problem}, so it was left out"]
+    if too_big := room.file_too_big(source, PurePosixPath(relpath).name):
+        return [too_big]
+    return []
+
+
+def _copy_in(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def _staged_size(folder: Path) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -296,3 +297,52 @@ def test_pictures_without_captions_are_captioned_checked_and_trained_in_a_real_b
     dataset = app_server.runs_dir / "captioned-in-the-browser" / "dataset"
     assert all(path.read_text().startswith("zqx, ") for path in dataset.glob("*.txt"))
     assert (app_server.runs_dir / "captioned-in-the-browser" / "captioned-in-the-browser.safetensors").is_file()
+
+
+def test_edit_pairs_dropped_as_a_zip_are_checked_and_a_kontext_lora_trains_on_them_in_a_real_browser(
+    app_server, tmp_path
+):
+    """Issue 30's pairs in the page: a zip with before/ and after/ dropped where pictures go is split by itself, the
+    checks count the pairs and name the after picture without its before picture, which the folded Before pictures
+    area then takes; Start on the tiny Kontext trains on the pairs, the run's control/ beside its dataset/."""
+    pairs = tmp_path / "pairs"
+    after = write_demo_dataset(pairs / "after", count=4, size=(64, 64))
+    (pairs / "before").mkdir()
+    for picture in sorted(after.glob("*.png")):
+        (pairs / "after" / picture.with_suffix(".txt").name).write_text("make it grey", encoding="utf-8")
+        Image.open(picture).convert("L").save(pairs / "before" / picture.name)
+    last = pairs / "before" / "demo_03.png"
+    archive = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(pairs.rglob("*.*")):
+            if path != last:
+                zipped.write(path, path.relative_to(tmp_path).as_posix())
+    with sync_playwright() as playwright:
+        browser, page = new_page(playwright)
+        page.goto(app_server.url)
+        expect(page.locator("#before-upload")).to_be_hidden()  # folded away: a LoRA of a subject needs none
+        page.locator("#dataset-upload input[type=file]").set_input_files([archive])
+        checks = page.locator("#dataset-checks")
+        expect(checks).to_contain_text("3 edit pairs ready to train")
+        expect(checks).to_contain_text("1 after picture has no before picture (it is left out): demo_03.png")
+        expect(page.get_by_text("No before picture of this name: left out of training.")).to_be_visible()
+        expect(page.locator(".lg-before img")).to_have_count(3)  # above each pair's after picture
+        shot(page, "17-pairs-checked")
+        page.get_by_role("button", name="Before pictures (edit LoRAs only)").click()
+        page.locator("#before-upload input[type=file]").set_input_files([last])
+        expect(checks).to_contain_text("4 edit pairs ready to train")
+        expect(checks).not_to_contain_text("no before picture")
+        expect(page.locator(".lg-before img")).to_have_count(4)
+        shot(page, "18-pairs-complete")
+
+        page.get_by_role("tab", name="Train").click()
+        pick(page, "Base model", f"Tiny {REGISTRY['flux-kontext'].short_title} demo (offline, CPU)")
+        page.locator("#setting-max_steps input").fill("2")
+        page.get_by_label("Run name").fill("pairs-in-the-browser")
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator("#train-progress")).to_contain_text("pairs-in-the-browser finished", timeout=3 * MINUTE)
+        shot(page, "19-pairs-trained")
+        browser.close()
+    run = app_server.runs_dir / "pairs-in-the-browser"
+    assert sorted(path.name for path in (run / "control").iterdir()) == [f"demo_0{i}.png" for i in range(4)]
+    assert (run / "pairs-in-the-browser.safetensors").is_file()

@@ -15,6 +15,7 @@ from lora_gui.cli import main
 from lora_gui.demo import write_demo_dataset
 from lora_gui.doctor import Finding, apply_fix, diagnose
 from lora_gui.errors import DataError
+from lora_gui.staging import Staging
 
 pytestmark = pytest.mark.unit
 
@@ -210,3 +211,40 @@ def test_each_picture_is_decoded_once_and_small(tmp_path, monkeypatch):
     decoded.clear()
     assert diagnose(folder, 256) == first
     assert decoded == []
+
+
+def test_edit_pairs_missing_a_partner_showing_no_change_or_of_two_shapes_are_found_with_their_fixes(tmp_path, capsys):
+    """Pairs as a folder with before/ and after/ (the staging folder's own, and the command line's --control-data):
+    the same instruction on every pair is no slip, an edit as small as a logo is a change, and each finding's fix
+    removes what it names."""
+    pairs, edit = tmp_path / "pairs", "make it colourful"
+    for seed, name in enumerate(("coloured", "unchanged", "reshaped", "alone", "logo")):
+        save(pairs / "after", f"{name}.png", textured(seed, (256, 256)), edit)
+    save(pairs / "before", "coloured.jpg", textured(0, (256, 256)).convert("L"), None)
+    save(pairs / "before", "unchanged.png", textured(1, (256, 256)), None)
+    save(pairs / "before", "reshaped.png", textured(2, (256, 192)), None)
+    logo = textured(4, (256, 256))
+    ImageDraw.Draw(logo).ellipse((200, 200, 240, 240), fill=(255, 255, 255))  # 2% of the picture
+    save(pairs / "before", "logo.png", logo, None)
+    save(pairs / "before", "stray.png", textured(5, (256, 256)), None)
+    staging = Staging.for_session(tmp_path / "runs")
+    staging.import_folder(pairs)
+
+    found = by_kind(diagnose(staging.folder, 256))
+
+    assert "captions-identical" not in found
+    assert found["pair-no-before"].files == ("alone.png",)
+    assert found["pair-no-before"].message.startswith("alone.png has no before picture")
+    assert found["pair-no-after"].files == ("stray.png",) and found["pair-no-after"].fix == "remove-before"
+    assert found["pair-unchanged"].files == ("unchanged.png",)
+    assert "shows no change to learn" in found["pair-unchanged"].message
+    assert found["pair-shape"].files == ("reshaped.png",)
+    assert found["pair-shape"].message.startswith("The pair reshaped.png (before 256x192, after 256x256) differs")
+    assert main(["doctor", str(pairs / "after"), "--control-data", str(pairs / "before"), "--resolution", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: stray.png: The before picture stray.png has no after picture of its name" in printed
+    assert apply_fix(staging, found["pair-no-after"]) == "Removed the before picture stray.png."
+    assert apply_fix(staging, found["pair-unchanged"]) == "Removed unchanged.png, with its caption."
+    assert staging.before_pictures() == ["coloured.jpg", "logo.png", "reshaped.png"]  # the pair went whole
+    left = {finding.kind for finding in diagnose(staging.folder, 256)}
+    assert not {"pair-no-after", "pair-unchanged"} & left and {"pair-no-before", "pair-shape"} <= left

@@ -12,8 +12,8 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from helpers.runs import quick_config
 
-from lora_gui import data, run_dataset
 from lora_gui import jobs as jobs_module
+from lora_gui import run_dataset
 from lora_gui.demo import write_demo_dataset
 from lora_gui.errors import LoraGuiError
 from lora_gui.jobs import JobManager
@@ -144,7 +144,7 @@ def test_a_run_on_the_staged_pictures_gets_its_dataset_written_once_at_start(
     written = []
     real_copy = run_dataset.copy_into_run
     monkeypatch.setattr(
-        data, "copy_into_run", lambda *args, **kwargs: written.append(args[1]) or real_copy(*args, **kwargs)
+        run_dataset, "copy_into_run", lambda *args, **kwargs: written.append(args[1]) or real_copy(*args, **kwargs)
     )
 
     run_dir = tmp_path / "runs" / "from-the-app"

@@ -12,6 +12,8 @@ from PIL import ImageFile
 from lora_gui import data
 from lora_gui.demo import draw_shape
 from lora_gui.errors import DataError
+from lora_gui.limits import Limits
+from lora_gui.owners import Visitor
 from lora_gui.staging import STAGING_DIR, Staging
 
 pytestmark = pytest.mark.unit
@@ -198,3 +200,58 @@ def test_pictures_training_cant_read_are_never_kept_an_svg_least_of_all(staging,
     assert sorted(notes) == [refused.format("anim.gif", "gif"), *[refused.format("drawing.svg", "svg")] * 2]
     kept = sorted(path.relative_to(staging.folder).as_posix() for path in staging.folder.rglob("*") if path.is_file())
     assert kept == ["inside/ok.png"]
+
+
+def test_edit_pairs_split_from_a_zip_stay_apart_from_the_pictures_pair_by_name_and_go_whole(tmp_path):
+    """A zip of a folder with before/ and after/ is split by itself: the before pictures are kept where the pictures'
+    walk never looks (and in the visitor's quota), paired by name in any format, and a pair is removed whole."""
+    pairs = tmp_path / "pairs"
+    for name in ("cat", "dog", "owl"):
+        picture(pairs / "after" / f"{name}.png", seed=len(name) + ord(name[0]), caption="make it grey")
+    picture(pairs / "before" / "cat.jpg", seed=1)
+    picture(pairs / "before" / "dog.png", size=(96, 64), seed=2)  # another shape than its after picture
+    picture(pairs / "before" / "fox.png", seed=3)  # no after picture of its name
+    archive = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in pairs.rglob("*.*"):
+            zipped.write(path, path.relative_to(tmp_path).as_posix())
+    staging = Staging.for_session(tmp_path / "runs", visitor=Visitor("a"))
+    staging.limits = Limits(max_staging_files=5)  # 3 after pictures and 3 before pictures: one is left out
+
+    notes = staging.add_files([archive])
+
+    assert notes == ["1 picture was left out: this server keeps at most 5 pictures per visitor; remove some first"]
+    assert captions(staging) == {f"{name}.png": "make it grey" for name in ("cat", "dog", "owl")}
+    assert staging.before_pictures() == ["cat.jpg", "dog.png"]
+    staging.limits = None
+    assert staging.add_files([pairs / "before" / "fox.png", pairs / "after" / "cat.txt"], before=True) == [
+        "cat.txt: a caption goes with its after picture; drop it with the pictures above"
+    ]
+    report = staging.check(resolution=64)
+    assert report.paired and [e.relpath for e in report.usable] == ["cat.png", "dog.png"]
+    assert [e.control.name for e in report.usable] == ["cat.jpg", "dog.png"]
+    assert (report.no_before, report.no_after) == (["owl.png"], ["fox.png"])
+    assert report.reshaped == ["dog.png: before 96x64, after 96x96"]
+
+    # A before picture dropped again under its name, in another format, replaces the one there.
+    picture(tmp_path / "again" / "CAT.png", seed=9)
+    staging.add_files([tmp_path / "again" / "CAT.png"], before=True)
+    assert staging.before_pictures() == ["CAT.png", "dog.png", "fox.png"]
+    staging.remove("cat.png")
+    assert staging.before_pictures() == ["dog.png", "fox.png"]
+    staging.remove_before("fox.png")
+    with pytest.raises(DataError, match="not in this dataset"):
+        staging.remove_before("../dog.png")
+    assert Staging.find(tmp_path / "runs", staging.session_id, Visitor("b")) is None  # nor its before pictures
+    staging.clear()
+    assert staging.before_pictures() == [] and not staging.check(resolution=64).paired
+
+    # The two halves zipped from folders named otherwise: a before picture goes beside the after picture of its name.
+    for folder, half, before in (("pics", "after/cat.png", False), ("my-befores", "before/cat.jpg", True)):
+        zipped_folder = tmp_path / f"{folder}.zip"
+        with zipfile.ZipFile(zipped_folder, "w") as zipped:
+            zipped.write(pairs / half, f"{folder}/{Path(half).name}")
+            zipped.write(pairs / "after" / "cat.txt", f"{folder}/cat.txt")
+        staging.add_files([zipped_folder], before=before)
+    assert staging.before_pictures() == ["pics/cat.jpg"]
+    assert [example.relpath for example in staging.check(resolution=64).usable] == ["pics/cat.png"]

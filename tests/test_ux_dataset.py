@@ -4,22 +4,30 @@ put back, and the loud buttons are the ones to press. The handlers are called as
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pytest
+from PIL import Image
 
+from lora_gui import jobs
+from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
+from lora_gui.families import REGISTRY
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.staging import Staging
+from lora_gui.ui import config_form
 from lora_gui.ui.app import build_app, restore, try_demo
 from lora_gui.ui.captioning import TINY_CAPTIONER
 from lora_gui.ui.common import Ctx
-from lora_gui.ui.dataset import add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
+from lora_gui.ui.dataset import add_before, add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
 from lora_gui.ui.dataset_captions import caption_one, caption_pictures, captioner_choices, undo_caption
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
+from lora_gui.ui.train_tab import start
 
 pytestmark = pytest.mark.app
 
@@ -239,3 +247,62 @@ def test_the_header_and_try_the_demo_promise_no_fixed_time_and_point_at_the_esti
         ctx.engine.jobs.close()
     assert "minute" not in header and "how long training takes on this computer" in header
     assert "minute" not in demo["train_notice"] and "shown above it" in demo["train_notice"]
+
+
+def test_before_pictures_pair_by_name_the_checks_say_what_each_lacks_and_start_writes_the_runs_control(
+    ctx, tmp_path, monkeypatch
+):
+    """Edit pairs as the page makes them: the after pictures dropped as any, the before pictures in their own drop
+    area; the checks speak of pairs only once there are before pictures, and Start gives the run its control/ (hard
+    links to the staged before pictures) with control_data set, while a run without them stays as it was."""
+    after = write_demo_dataset(tmp_path / "after", count=4, size=(64, 64))
+    before = tmp_path / "before"
+    before.mkdir()
+    for name in ("demo_00", "demo_01", "demo_02"):
+        grey = Image.open(after / f"{name}.png").convert("L")
+        (grey.resize((64, 48)) if name == "demo_02" else grey).save(before / f"{name}.jpg")
+    Image.new("RGB", (64, 64)).save(before / "stray.png")
+    added = add_uploads(
+        ctx, EVERYONE, upload=sorted(map(str, after.iterdir())), session="", dataset_version=0, **CHECKS
+    )
+    assert "4 pictures ready to train" in added["report"] and "pair" not in added["report"]
+
+    paired = add_before(
+        ctx,
+        EVERYONE,
+        before_upload=sorted(map(str, before.iterdir())),
+        session=added["session"],
+        dataset_version=1,
+        **CHECKS,
+    )
+
+    assert "Added 4 before pictures." in paired["dataset_notice"] and paired["before_upload"] is None
+    report = paired["report"]
+    assert "<b>3 edit pairs ready to train</b>, 64×64 pixels (the after pictures)." in report
+    assert "<b>1 after picture has no before picture</b> (it is left out): demo_03.png." in report
+    assert "<b>1 before picture has no after picture</b> of its name (not used): stray.png." in report
+    assert (
+        "<b>1 pair differs in shape</b>, so its before picture is stretched to the after picture's shape: "
+        "demo_02.png: before 64x48, after 64x64." in report
+    )
+    trained = []
+    monkeypatch.setattr(jobs, "train", lambda config, run_dir, **kwargs: trained.append(config))
+    monkeypatch.setattr(ctx.models, "resolve", lambda choice, token: choice)  # no tiny model written: none trains
+    settings = {**config_form.widget_values(TrainConfig()), "resolution": 64}
+    editing = next(choice for choice, family in TINY_CHOICES.items() if REGISTRY[family].reference_images)
+    own = mine(ctx, tmp_path)
+    for session, model, refused in (
+        (paired["session"], TINY_CHOICE, "this base model makes pictures from text alone: pick an editing model"),
+        (own, editing, "learns edits from before/after pairs: add each picture's before picture under Before"),
+    ):
+        answer = start(ctx, EVERYONE, session=session, run_name="refused", base_model=model, **settings)
+        assert refused in html.unescape(answer["train_notice"])
+    for session, model, run_name in ((paired["session"], editing, "pairs"), (own, TINY_CHOICE, "plain")):
+        started = start(ctx, EVERYONE, session=session, run_name=run_name, base_model=model, **settings)
+        ctx.engine.jobs.wait(started["train_job"], timeout=30)
+    run, staged = ctx.runs_dir / "pairs", Staging.find(ctx.runs_dir, paired["session"])
+    assert sorted(path.name for path in (run / "control").iterdir()) == ["demo_00.jpg", "demo_01.jpg", "demo_02.jpg"]
+    assert (run / "control" / "demo_01.jpg").stat().st_ino == (staged.before_folder / "demo_01.jpg").stat().st_ino
+    assert sorted(path.stem for path in (run / "dataset").glob("*.png")) == ["demo_00", "demo_01", "demo_02"]
+    assert [config.control_data for config in trained] == [str((run / "control").resolve()), ""]
+    assert not (ctx.runs_dir / "plain" / "control").exists() and not (ctx.runs_dir / "refused").exists()

@@ -134,7 +134,8 @@ def add_doctor(commands: argparse._SubParsersAction) -> None:
         "doctor",
         help="find what in a folder of pictures would make a LoRA worse, and how to fix it",
         description="Looks for near-duplicates, small, blurry and very long pictures, and captions that are empty, "
-        "all the same, lack the trigger word or run past what the text encoder reads; one finding a line.",
+        "all the same, lack the trigger word or run past what the text encoder reads, and edit pairs (--control-data) "
+        "missing a partner, showing no change or of two shapes; one finding a line.",
     )
     doctor.add_argument("data", metavar="DATA", help="the folder of pictures (with same-name .txt captions)")
     doctor.add_argument(
@@ -143,6 +144,7 @@ def add_doctor(commands: argparse._SubParsersAction) -> None:
     doctor.add_argument("--family", default=None, choices=FAMILIES[1:], help="the base model's family")
     doctor.add_argument("--trigger", default="", help=TrainConfig.help("trigger_word"))
     doctor.add_argument("--default-caption", default="", help=TrainConfig.help("default_caption"))
+    doctor.add_argument("--control-data", default="", help=TrainConfig.help("control_data"))
     doctor.set_defaults(run=_doctor)
 
 
@@ -152,7 +154,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
     if args.resolution is None:
         args.resolution = get_family(args.family).default_resolution if args.family else TrainConfig().resolution
-    findings = diagnose(Path(args.data), args.resolution, args.family, args.trigger, args.default_caption)
+    findings = diagnose(
+        Path(args.data), args.resolution, args.family, args.trigger, args.default_caption, args.control_data
+    )
     for finding in findings:
         files = f"{', '.join(finding.files[:5])}{' ...' if len(finding.files) > 5 else ''}: " if finding.files else ""
         print(f"{finding.severity}: {files}{finding.message}")

@@ -57,6 +57,7 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
                 info="Its pictures and captions are copied in; the folder itself is never changed.",
             )
             c["add_folder"] = gr.Button("Add pictures from this folder")
+    c.update(_build_before_pictures())
     c["dataset_notice"] = gr.HTML()
     c.update(build_captioning())
     c.update(_build_bulk_edits())
@@ -69,6 +70,25 @@ def build_dataset_tab(ctx: Ctx) -> dict[str, Any]:
     c["findings"] = gr.State([])
     c["card_note"] = gr.State({})  # what Caption it did, drawn on that picture's card (dataset_captions.card_note)
     c["page"] = gr.Slider(1, 2, value=1, step=1, label="Page", visible=False)
+    return c
+
+
+def _build_before_pictures() -> dict[str, Any]:
+    """The second half of edit pairs, folded away: a LoRA of a subject or style needs none."""
+    c: dict[str, Any] = {}
+    with gr.Accordion("Before pictures (edit LoRAs only)", open=False, elem_id="before-pictures"):
+        gr.Markdown(
+            "Only for an **edit LoRA**, which teaches an editing model (such as Flux.1 Kontext) a change: the pictures "
+            "above are then each picture *after* the edit, and here goes each one *before* it, under the same name "
+            "(any picture format). The caption says the edit, such as *make it a watercolour*. A .zip with folders "
+            "`before/` and `after/` can go straight in the drop area above."
+        )
+        c["before_upload"] = gr.File(
+            label="Drop the before pictures here, each named as its after picture, or a .zip of them",
+            file_count="multiple",
+            height=110,
+            elem_id="before-upload",
+        )
     return c
 
 
@@ -125,13 +145,15 @@ def build_dataset_grid(ctx: Ctx) -> None:
         first = (int(page or 1) - 1) * PAGE_SIZE
         shown = items[first : first + PAGE_SIZE]
         note = note if (note or {}).get("version") == version else {}  # a card's message lasts until the next change
+        # Edit pairs: each card shows its before picture too, or that it has none.
+        befores = staging.before_thumbnails([item.relpath for item in shown]) if staging.before_pictures() else None
         for row in grid_rows(shown):
             with gr.Row(equal_height=True):
                 for item in row:
                     if item is None:
                         gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card-space")
                     else:
-                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {})
+                        _picture_card(ctx, item, note if note.get("relpath") == item.relpath else {}, befores)
 
 
 def grid_rows(items: list[StagedImage]) -> list[list[StagedImage | None]]:
@@ -150,14 +172,18 @@ def picture_classes(item: StagedImage) -> list[str]:
     return ["lg-pixelated"] if max(read_header(item.path).size) < PICTURE_HEIGHT else []
 
 
-def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
-    """One staged picture in the grid: its thumbnail, its caption (saved as it is left), Caption it and Remove, and
-    what Caption it did (with Undo where it replaced a caption)."""
+def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any], befores: dict[str, Any] | None = None) -> None:
+    """One staged picture in the grid: its thumbnail (with its before picture's, for edit pairs: `befores`), its
+    caption (saved as it is left), Caption it and Remove, and what Caption it did (with Undo where it replaced a
+    caption)."""
     with gr.Column(min_width=CARD_WIDTH, elem_classes="lg-card"):
+        if befores is not None:
+            _before_picture(item, befores)
         if item.thumbnail:
             gr.Image(
                 served(item.thumbnail),
-                show_label=False,
+                label="After",
+                show_label=befores is not None,
                 height=PICTURE_HEIGHT,
                 interactive=False,
                 buttons=[],
@@ -205,6 +231,24 @@ def _picture_card(ctx: Ctx, item: StagedImage, note: dict[str, Any]) -> None:
     ctx.wire(remove.click, _remover(item.relpath), CHECKS, removed, api_visibility="private", engine_free=True)
 
 
+def _before_picture(item: StagedImage, befores: dict[str, Any]) -> None:
+    """A pair's before picture above its after picture on the card, small, or why the pair won't train."""
+    if item.relpath not in befores:
+        gr.HTML(notice("No before picture of this name: left out of training.", "warning"))
+    elif befores[item.relpath] is None:
+        gr.HTML(notice("Its before picture can't be used: see Checks.", "error"))
+    else:
+        small = max(read_header(befores[item.relpath]).size) < PICTURE_HEIGHT  # drawn large and sharp, as the after
+        gr.Image(
+            served(befores[item.relpath]),
+            label="Before",
+            height=PICTURE_HEIGHT // 2,
+            interactive=False,
+            buttons=[],
+            elem_classes=["lg-before", *(["lg-pixelated"] if small else [])],
+        )
+
+
 def build_findings(ctx: Ctx) -> None:
     """What the dataset doctor found, one line each, with its one-click fix where it has one."""
 
@@ -230,6 +274,8 @@ def wire_dataset_tab(ctx: Ctx) -> None:
     # Pictures and captions on disk: a newcomer's first drop is answered while the engine still loads.
     wire = functools.partial(ctx.wire, engine_free=True)
     wire(ctx["upload"].upload, add_uploads, ["upload", *checks], [*changed, "upload"], api_name="upload")
+    before = ["before_upload", *checks]
+    wire(ctx["before_upload"].upload, add_before, before, [*changed, "before_upload"], api_name="upload_before")
     wire(ctx["add_folder"].click, add_folder, ["folder", *checks], changed, api_name="add_folder")
     wire(ctx["add_trigger"].click, add_trigger, ["trigger", *checks], changed, api_name="add_trigger")
     wire(ctx["replace"].click, replace, ["find", "replace_with", *checks], changed, api_name="replace")
@@ -264,6 +310,15 @@ def add_uploads(ctx: Ctx, visitor: Visitor, upload: list[str] | None, session: s
     session, put_away = _own_set(ctx, visitor, session)
     adding = functools.partial(_adding, add=lambda staging: staging.add_files(upload or []), note=put_away)
     return {**_change(ctx, visitor, adding, session=session, **checks), "upload": None}
+
+
+def add_before(
+    ctx: Ctx, visitor: Visitor, before_upload: list[str] | None, session: str, **checks: Any
+) -> dict[str, Any]:
+    """An edit's before pictures, beside the visitor's pictures (their own, as `add_uploads` puts them)."""
+    session, put_away = _own_set(ctx, visitor, session)
+    adding = functools.partial(_adding, add=lambda staging: staging.add_files(before_upload or [], True), note=put_away)
+    return {**_change(ctx, visitor, adding, session=session, **checks), "before_upload": None}
 
 
 def add_folder(ctx: Ctx, visitor: Visitor, folder: str, **checks: Any) -> dict[str, Any]:
@@ -418,6 +473,7 @@ def _change(
 FIX_WORDS = {
     "keep-first": "Keep the first, remove the rest",
     "remove": "Remove them",
+    "remove-before": "Remove them",
     "add-trigger": "Add the trigger word",
     "match-trigger": "Write it the same everywhere",
 }
@@ -466,10 +522,14 @@ def fix_problem(
 
 
 def _adding(staging: Staging, add, note: str = "") -> str:
-    """Add files (`add(staging)`) and say how many pictures came in, where (`note`), and what was left out and why."""
-    before = len(staging.items())
+    """Add files (`add(staging)`) and say how many pictures (and before pictures) came in, where (`note`), and what
+    was left out and why."""
+    pictures, befores = len(staging.items()), len(staging.before_pictures())
     notes = add(staging)
-    text = f"Added {_pictures(len(staging.items()) - before)}."
+    pictures, befores = len(staging.items()) - pictures, len(staging.before_pictures()) - befores
+    added = [_pictures(pictures)] if pictures or not befores else []
+    added += [f"{befores} before picture{'s' * (befores != 1)}"] if befores else []
+    text = f"Added {' and '.join(added)}."
     return notice(" ".join([text, *([note] if note else []), *notes]), "warning" if notes else "info")
 
 

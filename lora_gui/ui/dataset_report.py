@@ -51,9 +51,36 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _pair_lines(report: DatasetReport) -> list[str]:
+    """What the edit pairs lack, when before pictures were given: partners, and a shape in common."""
+    lines = []
+    if report.no_before:
+        count = len(report.no_before)
+        lines.append(
+            f"⚠ <b>{count} after picture{'s have' if count != 1 else ' has'} no before picture</b> "
+            f"({'they are' if count != 1 else 'it is'} left out): {_names(report.no_before)}. Add "
+            f"{'a before picture of the same name for each' if count != 1 else 'one of the same name'} under "
+            "<i>Before pictures</i>."
+        )
+    if report.no_after:
+        count = len(report.no_after)
+        lines.append(
+            f"⚠ <b>{count} before picture{'s have' if count != 1 else ' has'} no after picture</b> of "
+            f"{'their' if count != 1 else 'its'} name (not used): {_names(report.no_after)}."
+        )
+    if report.reshaped:
+        count = len(report.reshaped)
+        lines.append(
+            f"⚠ <b>{count} pair{'s differ' if count != 1 else ' differs'} in shape</b>, so "
+            f"{'their before pictures are' if count != 1 else 'its before picture is'} stretched to the after "
+            f"picture's shape: {_names(report.reshaped)}."
+        )
+    return lines
+
+
 def report_html(report: DatasetReport | None) -> str:
     """The checks in plain words: what will be trained on, and every reason a file won't be."""
-    if report is None or not (report.usable or report.uncaptioned or report.unusable):
+    if report is None or not (report.usable or report.uncaptioned or report.unusable or report.no_after):
         empty = "No pictures yet. Drop some above, or press <b>Try the demo</b>."
         return f'<div class="lg-checks"><b>Checks</b><p>{empty}</p></div>'
     lines = []
@@ -66,7 +93,9 @@ def report_html(report: DatasetReport | None) -> str:
             else (f"from {min(widths)}×{min(heights)} to {max(widths)}×{max(heights)}")
         )
         count = len(report.usable)
-        lines.append(f"✓ <b>{count} picture{'s' if count != 1 else ''} ready to train</b>, {sizes} pixels.")
+        what = ("edit pair" if report.paired else "picture") + ("s" if count != 1 else "")
+        whose = " (the after pictures)" if report.paired else ""
+        lines.append(f"✓ <b>{count} {what} ready to train</b>, {sizes} pixels{whose}.")
     else:
         lines.append("✗ <b>No picture can be used yet</b>: see below.")
     if report.uncaptioned:
@@ -84,5 +113,6 @@ def report_html(report: DatasetReport | None) -> str:
             f"⚠ <b>{len(names)} smaller than the training resolution ({report.resolution} px)</b>, so they are "
             f"enlarged and may look soft: {_names(names)}."
         )
+    lines += _pair_lines(report)
     items = "".join(f"<li>{line}</li>" for line in lines)
     return f'<div class="lg-checks"><b>Checks</b><ul>{items}</ul></div>'

@@ -15,6 +15,7 @@ import gradio as gr
 
 from lora_gui.config import TrainConfig
 from lora_gui.errors import LoraGuiError
+from lora_gui.families import REGISTRY, get_family
 from lora_gui.owners import EVERYONE, Visitor
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
@@ -245,13 +246,13 @@ def start(
         token = ctx.models.hub_token(hf_token, visitor)
         model = ctx.models.resolve(base_model, token)
         config = config_form.config_from_values({**settings, "base_model": model})
-        staging = Staging.find(ctx.runs_dir, session, visitor)
-        if staging is None or not staging.check(config.resolution, config.default_caption).usable:
-            raise LoraGuiError("there are no usable pictures yet: add some in the Dataset tab first")
+        staging, before = _staged_pictures(ctx, visitor, session, base_model, config)
         name = (run_name or "").strip() or ctx.folders.suggest_run_name(visitor)
         folder, taken = _free_run_folder(ctx, name, visitor)
         ctx.folders.check_room_for_a_run(visitor)
-        job = ctx.engine.jobs.submit_new(config, folder, staging.folder, hub_token=token, owner=visitor.owner)
+        job = ctx.engine.jobs.submit_new(
+            config, folder, staging.folder, hub_token=token, owner=visitor.owner, before=before
+        )
     except LoraGuiError as error:
         return {"train_notice": error_notice(error)}
     position = ctx.engine.jobs.queue_position(job.job_id)
@@ -277,6 +278,37 @@ def start(
         "train_seen": {},
         "stop": gr.update(interactive=True),
     }
+
+
+def _staged_pictures(
+    ctx: Ctx, visitor: Visitor, session: str, base_model: str, config: TrainConfig
+) -> tuple[Staging, Path | None]:
+    """The visitor's staged pictures a run can start on, and their before pictures where they are edit pairs (the
+    run's control/ is written from them); refused in the page's words when there are none, or when pairs and the
+    base model don't go together (a model of a family told without downloading)."""
+    staging = Staging.find(ctx.runs_dir, session, visitor)
+    report = staging.check(config.resolution, config.default_caption) if staging is not None else None
+    if report is None or not report.usable:
+        raise LoraGuiError(
+            "no after picture has its before picture yet: add them in the Dataset tab first (same names)"
+            if report is not None and report.paired
+            else "there are no usable pictures yet: add some in the Dataset tab first"
+        )
+    family = ctx.models.family(base_model)
+    editing = get_family(family).reference_images if family else report.paired  # unknown yet: the run will say
+    if report.paired and not editing:
+        editors = " or ".join(each.title for each in REGISTRY.values() if each.reference_images)
+        raise LoraGuiError(
+            "the Dataset tab has before pictures, which train an edit LoRA, but this base model makes pictures from "
+            f"text alone: pick an editing model ({editors}), or remove the before pictures"
+        )
+    # An editing model that also makes pictures from text (trains_without_pairs) trains on pictures alone too.
+    if editing and not report.paired and not getattr(get_family(family), "trains_without_pairs", False):
+        raise LoraGuiError(
+            f"{get_family(family).title} learns edits from before/after pairs: add each picture's before picture "
+            "under Before pictures in the Dataset tab (named as its after picture; the caption says the edit)"
+        )
+    return staging, staging.before_folder if report.paired else None
 
 
 def _free_run_folder(ctx: Ctx, name: str, visitor: Visitor) -> tuple[Path, str]:

@@ -303,7 +303,7 @@ def _staged_pictures(
             f"text alone: pick an editing model ({editors}), or remove the before pictures"
         )
     # An editing model that also makes pictures from text (trains_without_pairs) trains on pictures alone too.
-    if editing and not report.paired and not getattr(get_family(family), "trains_without_pairs", False):
+    if editing and not report.paired and not get_family(family).trains_without_pairs:
         raise LoraGuiError(
             f"{get_family(family).title} learns edits from before/after pairs: add each picture's before picture "
             "under Before pictures in the Dataset tab (named as its after picture; the caption says the edit)"

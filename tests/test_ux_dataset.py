@@ -289,7 +289,7 @@ def test_before_pictures_pair_by_name_the_checks_say_what_each_lacks_and_start_w
     monkeypatch.setattr(jobs, "train", lambda config, run_dir, **kwargs: trained.append(config))
     monkeypatch.setattr(ctx.models, "resolve", lambda choice, token: choice)  # no tiny model written: none trains
     settings = {**config_form.widget_values(TrainConfig()), "resolution": 64}
-    editing = next(choice for choice, family in TINY_CHOICES.items() if REGISTRY[family].reference_images)
+    editing = next(choice for choice, family in TINY_CHOICES.items() if not REGISTRY[family].trains_without_pairs)
     own = mine(ctx, tmp_path)
     for session, model, refused in (
         (paired["session"], TINY_CHOICE, "this base model makes pictures from text alone: pick an editing model"),

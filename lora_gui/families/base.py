@@ -338,7 +338,7 @@ class Family:
         cls, pipe: DiffusionPipeline, images: list[Image.Image], width: int, height: int
     ) -> dict[str, Any]:
         """How an editing model's pipeline (`reference_images`) is given the pictures to edit, each already fitted to
-        the picture of width x height it makes."""
+        the picture of width x height it makes; none: it makes that picture from the prompt alone."""
         raise NotImplementedError(f"{cls.title} makes pictures from text alone")
 
     @classmethod

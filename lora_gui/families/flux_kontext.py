@@ -76,8 +76,8 @@ class FluxKontext(Flux1):
         cls, pipe: DiffusionPipeline, images: list[Image.Image], width: int, height: int
     ) -> dict[str, Any]:
         """The picture to edit, already fitted to the picture to make; the pipeline is kept from resizing it to one
-        of Kontext's 1 MP sizes, and from resizing the picture it makes to 1 MP."""
-        return {"image": images[0], "max_area": width * height, "_auto_resize": False}
+        of Kontext's 1 MP sizes, and from resizing the picture it makes to 1 MP (also without a picture to edit)."""
+        return {"image": images[0] if images else None, "max_area": width * height, "_auto_resize": False}
 
     @classmethod
     def meta_inputs(cls, resolution: int, dtype: torch.dtype) -> dict[str, Any]:

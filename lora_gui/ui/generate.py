@@ -162,9 +162,10 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
         label="Picture to edit (the prompt says what to change)",
         type="filepath",
         sources=["upload", "clipboard"],
-        height=256,
+        height=340,  # room for the picture drawn at least 256 px (PIXELS) above its upload and paste buttons
         visible=False,
         elem_id="gen-picture",
+        elem_classes=[PIXELS],
     )
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
     # The word the picked run's LoRA answers to.
@@ -179,7 +180,8 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
             DEMO_RESOLUTION,  # the size the menu's first model, the demo model, draws at
             precision=0,
             label="Size (pixels)",
-            info="Width and height; picking a run or a base model fills it in.",
+            info="Width and height; an edit keeps its picture's shape at about as many pixels. Picking a run or a "
+            "base model fills it in.",
         )
     return c
 

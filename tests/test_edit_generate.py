@@ -18,6 +18,7 @@ from lora_gui.cli import main
 from lora_gui.config import TrainConfig
 from lora_gui.demo import write_demo_dataset
 from lora_gui.families import REGISTRY
+from lora_gui.infer import Generator
 from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.runs import DIFFUSERS_LORA, RunFolder, TrainingRecord
@@ -34,7 +35,7 @@ SIZE, STEPS, GUIDANCE, SEED = 64, 2, 2.5, 4
 def edit_run(tiny_models, tmp_path_factory) -> SimpleNamespace:
     """A tiny Kontext trained on pairs (the photos in gray -> the photos), and a gray picture it never saw to edit."""
     root = tmp_path_factory.mktemp("edit-run")
-    photos = write_demo_dataset(root / "photos", count=4, size=(96, 96))
+    photos = write_demo_dataset(root / "photos", count=2, size=(64, 64))
     model = tiny_models("flux-kontext")
     train(quick_config(model, photos, max_steps=4, rank=4, alpha=8, learning_rate=3e-3), root / "run")
     unseen = write_demo_dataset(root / "unseen", count=1, size=(SIZE, SIZE))
@@ -111,6 +112,23 @@ def test_generate_image_from_the_cli_edits_the_picture_as_diffusers_does(edit_ru
     edited = np.asarray(Image.open(output), dtype=float) / 255
     # The picture's square shape, and diffusers' edit with the run's LoRA (to the PNG's rounding).
     np.testing.assert_allclose(edited, diffusers_edits[DIFFUSERS_LORA.replace(".", "_")], atol=1.5 / 255)
+
+
+@pytest.mark.train
+def test_an_offloaded_model_edits_the_picture_as_a_whole_one(edit_run):
+    """Generate offloads a model too large for the card (Generator.load): the VAE encoding the picture to edit inside
+    the pipeline comes to the device through diffusers' hooks as the rest does (here the CPU is the device)."""
+    generator = Generator.load(str(edit_run.model))
+    before = Image.open(edit_run.before)
+    settings = dict(prompt=INSTRUCTION, seed=SEED, steps=STEPS, guidance=GUIDANCE, width=SIZE, images=[before])
+    generator.set_loras([(edit_run.run, 1.0)])
+    whole = np.asarray(generator(**settings))
+    generator.pipe.enable_model_cpu_offload(device=generator.device)
+    generator.set_loras([(edit_run.run, 1.0)])
+    assert getattr(generator.pipe.vae, "_hf_hook", None) is not None
+    offloaded = np.asarray(generator(**settings))
+    assert offloaded.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(offloaded, whole)
 
 
 @pytest.mark.train

@@ -275,7 +275,7 @@ class Generator:
         takes = self.family.reference_images
         if not images:
             width, height = width or self.family.default_resolution, height or self.family.default_resolution
-            # An editing model's pipeline is told the size even so: Kontext's makes 1 MP pictures otherwise.
+            # An editing model's pipeline is told the size even so: it may size its pictures by a rule of its own.
             return width, height, self.family.reference_options(self.pipe, [], width, height) if takes else {}
         if not takes:
             raise LoraGuiError(

@@ -4,6 +4,7 @@ applied by diffusers' own FluxKontextPipeline, by `generate --image` and by the 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,7 +68,9 @@ def diffusers_edits(edit_run) -> dict[str, np.ndarray]:
 
     edits = {"base": edit()}
     for name in (DIFFUSERS_LORA, "run.safetensors"):
-        pipe.load_lora_weights(edit_run.run, weight_name=name, adapter_name=name.replace(".", "_"))
+        with warnings.catch_warnings():  # peft warns when a second adapter joins: both are here on purpose
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(edit_run.run, weight_name=name, adapter_name=name.replace(".", "_"))
     for name in pipe.get_list_adapters()["transformer"]:
         pipe.set_adapters([name], adapter_weights=[1.0])
         edits[name] = edit()

@@ -28,7 +28,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from lora_gui import block_swap, devices, quantization
+from lora_gui import batching, block_swap, devices, quantization
 from lora_gui.adapters import canonical_modules
 from lora_gui.base_models import denoiser_parameters_on_disk, family_from_files, fetch, load_pipeline
 from lora_gui.downloads import PICKLE_SUFFIXES, DownloadProgress, HubToken
@@ -230,10 +230,15 @@ class Generator:
         width: int | None = None,
         height: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        images: list[Image.Image] | None = None,
     ) -> Image.Image:
         """A picture; what is not given is the family's usual (its steps and guidance, its native size). `on_step`
-        is told (steps done, steps in all) after each denoising step, from the thread making the picture."""
-        width, height = width or self.family.default_resolution, height or self.family.default_resolution
+        is told (steps done, steps in all) after each denoising step, from the thread making the picture.
+
+        An editing model (`Family.reference_images`) edits `images` as the prompt says: each is fitted to the picture
+        it makes, which without a width and height is shaped like the first (`size_for`). Without any it makes a
+        picture from the prompt alone, as its pipeline does."""
+        width, height, edit_options = self._pictures_to_edit(images or [], width, height)
         usual_steps, usual_guidance = self.family.generation_defaults(self.pipe)
         steps = steps or usual_steps
         guidance = usual_guidance if guidance is None else guidance
@@ -245,19 +250,54 @@ class Generator:
                     prompt=prompt,  # by name: Flux.2's pipelines take an image to edit first
                     **self.family.guidance_options(guidance, negative_prompt),
                     **self.family.prompt_options(self.pipe),
-                    **(
-                        self.family.reference_options(self.pipe, [], width, height)
-                        if self.family.reference_images
-                        else {}
-                    ),
                     num_inference_steps=steps,
                     width=width,
                     height=height,
                     generator=generator,
                     output_type="latent",
+                    **edit_options,
                     **_step_callback(on_step, steps),
                 ).images
             return decode(self.family, self.pipe, latents, height, width)[0]
+
+    def size_for(self, image: Image.Image, resolution: int | None = None) -> tuple[int, int]:
+        """The (width, height) of an edit of `image`: its shape, as training's buckets shape a picture, at about
+        resolution² pixels (the family's native resolution when not given)."""
+        step = self.family.bucket_step(self.pipe)
+        resolution = max(step, (resolution or self.family.default_resolution) // step * step)
+        return batching.nearest_bucket(image.size, batching.bucket_sizes(resolution, step))
+
+    def _pictures_to_edit(
+        self, images: list[Image.Image], width: int | None, height: int | None
+    ) -> tuple[int, int, dict[str, Any]]:
+        """The size of the picture to make, and what tells the pipeline the pictures to edit, each fitted to that
+        size (covering it, centre-cropped) as training fits a "before" picture to its pair's bucket."""
+        takes = self.family.reference_images
+        if not images:
+            width, height = width or self.family.default_resolution, height or self.family.default_resolution
+            # An editing model's pipeline is told the size even so: it may size its pictures by a rule of its own.
+            return width, height, self.family.reference_options(self.pipe, [], width, height) if takes else {}
+        if not takes:
+            raise LoraGuiError(
+                f"{self.family.title} makes pictures from text alone: it can't edit a picture. Leave the picture out, "
+                "or pick an editing model"
+            )
+        if len(images) > takes:
+            raise LoraGuiError(
+                f"{self.family.title} edits {takes} picture{'s' if takes > 1 else ''} at a time, not {len(images)}"
+            )
+        aspect = images[0].width / images[0].height
+        if width and not height:
+            height = round(width / aspect)
+        elif height and not width:
+            width = round(height * aspect)
+        elif not width:
+            width, height = self.size_for(images[0])
+        # Sides the VAE and the patches divide, so the picture to edit and the picture made line up exactly.
+        step = self.family.bucket_step(self.pipe)
+        width, height = max(step, round(width / step) * step), max(step, round(height / step) * step)
+        fitted = [batching.fit_to_bucket(image.convert("RGB"), (width, height))[0] for image in images]
+        return width, height, self.family.reference_options(self.pipe, fitted, width, height)
 
 
 def _step_callback(on_step: Callable[[int, int], None] | None, steps: int) -> dict[str, Any]:

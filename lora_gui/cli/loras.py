@@ -15,6 +15,8 @@ from lora_gui.lora_files import LORA_LAYOUTS
 from lora_gui.quantization import GENERATE_CHOICES
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from lora_gui.lora_files.reshape import Reshaped
 
 
@@ -32,6 +34,14 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--guidance", type=float, default=None, help="guidance (default: the model's usual, 7 for SD)"
+    )
+    generate.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PICTURE",
+        help="a picture to edit as the prompt says, for an editing model (repeatable where the model takes several); "
+        "the picture made takes its shape unless --width/--height say otherwise",
     )
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--height", type=int, default=None)
@@ -57,13 +67,35 @@ def _generate(args: argparse.Namespace) -> int:
     if len(args.scale) > len(args.lora):
         raise LoraGuiError("more --scale values than --lora files")
     scales = args.scale + [1.0] * (len(args.lora) - len(args.scale))
+    pictures = [_picture_to_edit(path) for path in args.image]  # a bad one is said before the model loads
     generator = Generator.load(args.base_model, args.family, args.precision, args.quantize)
     generator.set_loras(list(zip(args.lora, scales, strict=True)), allow_pickle=args.allow_pickle)
-    image = generator(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.width, args.height)
+    image = generator(
+        args.prompt,
+        args.negative_prompt,
+        args.seed,
+        args.steps,
+        args.guidance,
+        args.width,
+        args.height,
+        images=pictures or None,
+    )
     with atomic_path(Path(args.output)) as tmp:
         image.save(tmp, format="PNG")
     print(f"Wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _picture_to_edit(path: str) -> Image.Image:
+    from lora_gui.data import UnusableImage, open_image
+
+    picture = Path(path).expanduser()
+    if not picture.is_file():
+        raise LoraGuiError(f"--image {path}: no such picture file")
+    try:
+        return open_image(picture)
+    except (UnusableImage, OSError) as problem:
+        raise LoraGuiError(f"--image {path} can't be used: {problem}") from None
 
 
 def add_export(commands: argparse._SubParsersAction) -> None:

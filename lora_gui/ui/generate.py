@@ -1,7 +1,8 @@
 """The Generate tab: the base model's picture and the LoRAs' picture, side by side, from one seed.
 
 Up to MAX_LORAS LoRAs at once, each a run trained here or a file made anywhere, each at its own
-strength; and a run's LoRA as a file for the program the user has.
+strength; and a run's LoRA as a file for the program the user has. An editing model (an edit LoRA's) edits a picture
+given as the prompt says, both pictures shaped like it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from lora_gui.ui.common import (
     export_lora,
     hub_token_box,
     notice,
+    served,
 )
 from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from lora_gui.downloads import DownloadProgress
+    from lora_gui.infer import Generator
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ ROW_FIELDS = ("gen_run", "gen_upload", "strength")  # each LoRA row's widgets ar
 # Every menu of runs with a LoRA: one per row, and the download's.
 RUN_MENUS = [f"gen_run_{row}" for row in range(1, MAX_LORAS + 1)] + ["gen_export_run"]
 ROWS = [f"lora_row_{row}" for row in range(1, MAX_LORAS + 1)]
-MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt"]  # what `model_defaults` fills in
+MODEL_DEFAULTS = ["gen_steps", "guidance", "negative_prompt", "gen_picture"]  # what `model_defaults` fills in
 PIXELS = "lg-pixels"  # app.py's CSS draws these pictures large, without smoothing
 # What picking a run changes besides the settings: the word its LoRA answers to, the prompt the pick filled in, and
 # the last picture's message (about the LoRA picked before).
@@ -152,6 +157,16 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
         # Only for a model that downloads (the demo and tiny models, and folders on this computer, never do).
         with gr.Column(visible=False) as c["gen_token_box"]:
             c["gen_hf_token"] = hub_token_box("gen-hf-token")
+    # Shown for an editing model only (`model_defaults`): its prompt is the instruction, what to change.
+    c["gen_picture"] = gr.Image(
+        label="Picture to edit (the prompt says what to change)",
+        type="filepath",
+        sources=["upload", "clipboard"],
+        height=340,  # room for the picture drawn at least 256 px (PIXELS) above its upload and paste buttons
+        visible=False,
+        elem_id="gen-picture",
+        elem_classes=[PIXELS],
+    )
     c["prompt"] = gr.Textbox("", label="Prompt", placeholder="a photo of sks dog on the beach", lines=2)
     # The word the picked run's LoRA answers to.
     c["gen_trigger_note"] = gr.HTML(visible=False, elem_id="gen-trigger-note")
@@ -165,7 +180,8 @@ def _build_model_and_prompt(ctx: Ctx) -> dict[str, Any]:
             DEMO_RESOLUTION,  # the size the menu's first model, the demo model, draws at
             precision=0,
             label="Size (pixels)",
-            info="Width and height; picking a run or a base model fills it in.",
+            info="Width and height; an edit keeps its picture's shape at about as many pixels. Picking a run or a "
+            "base model fills it in.",
         )
     return c
 
@@ -194,6 +210,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
             "guidance",
             "size",
             "gen_quantize",
+            "gen_picture",
         ],
         ["base_image", "lora_image", "gen_notice"],
         api_name="generate",
@@ -209,7 +226,7 @@ def wire_generate_tab(ctx: Ctx) -> None:
     ctx.wire(
         ctx["generate_tab"].select,
         refresh_runs,
-        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt", "session"],
+        ["gen_run_1", "gen_upload_1", "prompt", "gen_auto_prompt", "session", "gen_picture"],
         [*RUN_MENUS, "gen_upload_1", "gen_base_model", "size", "prompt", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
         api_visibility="private",
     )
@@ -222,7 +239,7 @@ def _wire_lora_rows(ctx: Ctx) -> None:
         ctx.wire(
             ctx[run].input,
             pick_run,
-            [run, "prompt", "gen_auto_prompt"],
+            [run, "prompt", "gen_auto_prompt", "gen_picture"],
             [upload, "gen_base_model", "size", "prompt", "gen_export_run", *MODEL_DEFAULTS, *PICKED, "gen_token_box"],
             api_name=f"pick_run_{row}",
         )
@@ -257,6 +274,7 @@ def refresh_runs(
     prompt: str,
     gen_auto_prompt: str = "",
     session: str = "",
+    gen_picture: str | None = None,
 ) -> dict[str, Any]:
     """The visitor's runs in the menus; with nothing picked yet, the newest run is, so a beginner who just
     trained only has to press Generate. With no run to pick, what to do first, from where the visitor is."""
@@ -266,7 +284,7 @@ def refresh_runs(
         updates["gen_notice"] = notice(what_first(ctx, visitor, session))
     if choices and not gen_run_1 and not gen_upload_1:
         updates["gen_run_1"] = gr.update(choices=choices, value=choices[0])
-        updates.update(pick_run(ctx, visitor, prompt, gen_auto_prompt, gen_run_1=choices[0]))
+        updates.update(pick_run(ctx, visitor, prompt, gen_auto_prompt, gen_picture, gen_run_1=choices[0]))
     return updates
 
 
@@ -287,10 +305,16 @@ def what_first(ctx: Ctx, visitor: Visitor, session: str) -> str:
 
 
 def pick_run(
-    ctx: Ctx, visitor: Visitor, prompt: str, gen_auto_prompt: str = "", **picked: str | None
+    ctx: Ctx,
+    visitor: Visitor,
+    prompt: str,
+    gen_auto_prompt: str = "",
+    gen_picture: str | None = None,
+    **picked: str | None,
 ) -> dict[str, Any]:
     """Fill in what the picked run was trained with: its base model, its size, its model's usual steps and
-    guidance, and a prompt it knows, its trigger word in front, and say which word the LoRA answers to.
+    guidance, and a prompt it knows, its trigger word in front, and say which word the LoRA answers to; for an edit
+    run, with no picture to edit yet, one of its "before" pictures.
 
     A prompt the visitor typed stays: the prompt is filled in only when empty or still the one the previous pick
     filled in (`gen_auto_prompt`). `picked` is the one run menu that changed, by its name."""
@@ -315,6 +339,9 @@ def pick_run(
         # Training put the trigger word in front of every caption: a prompt without it barely calls the LoRA up.
         filled = data.full_caption(run_dataset.run_prompt(config, run), config.trigger_word)
         updates.update(prompt=filled, gen_auto_prompt=filled)
+    befores = data.picture_files(run.control) if run.control.is_dir() else []
+    if get_family(family).reference_images and befores and not gen_picture:
+        updates["gen_picture"] = gr.update(visible=True, value=served(befores[0]))
     return updates
 
 
@@ -355,6 +382,7 @@ def model_defaults(family_name: str) -> dict[str, Any]:
         "gen_steps": family.default_steps,
         "guidance": family.default_guidance,
         "negative_prompt": gr.update(visible=family.negative_prompt),
+        "gen_picture": gr.update(visible=bool(family.reference_images)),
     }
 
 
@@ -398,18 +426,22 @@ def generate(
     size: float,
     gen_hf_token: str | None = None,
     gen_quantize: str = "auto",
+    gen_picture: str | None = None,
     progress: gr.Progress | None = None,
     **rows: Any,
 ) -> dict[str, Any]:
     """Both pictures from one seed. `rows` holds each LoRA row's run, uploaded file and strength by name. A base
-    model not downloaded yet downloads first, with the token given, its progress over the pictures."""
+    model not downloaded yet downloads first, with the token given, its progress over the pictures. An editing model
+    edits `gen_picture` (`edit_settings`)."""
     try:
         loras = _chosen_loras(ctx, visitor, rows)
         settings = _picture_settings(prompt, negative_prompt, gen_seed, gen_steps, guidance, size, gen_quantize)
+        picture = picture_to_edit(gen_picture)
         token = ctx.models.hub_token(gen_hf_token, visitor)
         model = ctx.models.resolve(gen_base_model, token)
         show = download_shower(progress) if progress is not None else None
         with ctx.engine.generators.use(model, gen_quantize, token=token, on_progress=show) as generator:
+            settings, said = edit_settings(generator, picture, settings, int(size))
             # The LoRAs first: a file that can't be applied is refused before any time goes into the base picture.
             generator.set_loras(loras, allow_pickle=bool(allow_pickle))
             with_lora = generator(**settings, on_step=step_shower(progress, "With your LoRA"))
@@ -427,7 +459,7 @@ def generate(
             )
         }
     names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
-    made = f"Made with {names}, seed {settings['seed']}."
+    made = f"Made with {names}, seed {settings['seed']}.{said}"
     if gen_base_model in TINY_CHOICES and gen_base_model != TINY_CHOICE:
         made += " This tiny model is random, so its pictures look like coloured noise."
     return {
@@ -462,6 +494,31 @@ def _picture_settings(
         width=int(size) // 8 * 8,
         height=int(size) // 8 * 8,
     )
+
+
+def picture_to_edit(gen_picture: str | None) -> Image.Image | None:
+    """The picture given to edit, decoded; a sentence for one that can't be used."""
+    if not gen_picture:
+        return None
+    try:
+        return data.open_image(Path(gen_picture))
+    except (data.UnusableImage, OSError) as problem:
+        raise LoraGuiError(f"the picture to edit can't be used: {problem}") from None
+
+
+def edit_settings(
+    generator: Generator, picture: Image.Image | None, settings: dict[str, Any], size: int
+) -> tuple[dict[str, Any], str]:
+    """The settings for an editing model's pictures, with what to add to the notice. Given a picture to edit, both
+    pictures take its shape at about size² pixels. A picture left from an editing model picked before (its box
+    hidden now) is not this model's to edit; an editing model without one makes pictures from the prompt alone."""
+    if not generator.family.reference_images:
+        return settings, ""
+    if picture is None:
+        return settings, " Made from the prompt alone: add a picture to edit to see the LoRA's edit."
+    width, height = generator.size_for(picture, size)
+    edit = {**settings, "images": [picture], "width": width, "height": height}
+    return edit, f" Your picture was edited at {width}x{height} px."
 
 
 def download_shower(progress: gr.Progress) -> Callable[[DownloadProgress], None]:

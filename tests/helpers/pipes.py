@@ -28,8 +28,13 @@ def image(pipe: DiffusionPipeline, prompt: str = "a photo of a red circle") -> n
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(3)
+    # An editing model's pipeline is told the size as Generate tells it: Kontext's makes 1 MP pictures otherwise.
+    family = detect_family(pipe)
+    sized = family.reference_options(pipe, [], 64, 64) if family.reference_images else {}
     # The prompt by name: Flux.2's pipelines take an image to edit first.
-    picture = pipe(prompt=prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np")
+    picture = pipe(
+        prompt=prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np", **sized
+    )
     return picture.images[0]
 
 

@@ -51,7 +51,8 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         "",
         "<Gallery />",
         "",
-        f"A LoRA for {family.title} ({base}), trained with lora_gui for {record.steps} steps "
+        f"{'An edit LoRA, learned from before/after pairs,' if run.control.is_dir() else 'A LoRA'} for "
+        f"{family.title} ({base}), trained with lora_gui for {record.steps} steps "
         f"at {config.resolution} px (rank {config.rank}, alpha {config.lora_alpha:g}).",
         "",
     ]
@@ -69,10 +70,11 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         "```python",
         "import torch",
         "from diffusers import AutoPipelineForText2Image",
+        *(["from diffusers.utils import load_image"] if run.control.is_dir() else []),
         "",
         *_loading_code(family, base),
         f'pipe.load_lora_weights("{source}", weight_name="{DIFFUSERS_LORA}")',
-        f"image = pipe({json.dumps(prompt)}).images[0]",
+        *_calling_code(run, prompt),
         "```",
         "",
         "## Training",
@@ -89,6 +91,16 @@ def model_card(run: RunFolder, repo_id: str | None = None) -> str:
         "",
     ]
     return _front_matter(run, record, trigger, samples) + "\n\n" + "\n".join(lines)
+
+
+def _calling_code(run: RunFolder, prompt: str) -> list[str]:
+    """The card's line that makes a picture: an edit LoRA's (trained on pairs) edits one, as its instruction says."""
+    if not run.control.is_dir():
+        return [f"image = pipe({json.dumps(prompt)}).images[0]"]
+    return [
+        "# An edit LoRA: give it the picture to edit, and the edit in words.",
+        f'image = pipe(image=load_image("picture.png"), prompt={json.dumps(prompt)}).images[0]',
+    ]
 
 
 def _loading_code(family: type[Family], base: str) -> list[str]:

@@ -215,3 +215,14 @@ def test_the_generate_tab_edits_the_picture_given_with_and_without_the_lora_in_i
     base, with_lora = made["base_image"], made["lora_image"]["value"]
     assert base.size == with_lora.size == (80, 48), "its 3:2 shape, at about 64x64 px"
     assert np.abs(np.asarray(base, dtype=int) - np.asarray(with_lora, dtype=int)).max() > 2
+
+
+@pytest.mark.train
+def test_an_edit_runs_model_card_says_so_and_its_code_edits_a_picture(edit_run):
+    from lora_gui.hub import model_card
+    from lora_gui.runs import RunFolder
+
+    card = model_card(RunFolder(edit_run.run))
+    assert "An edit LoRA, learned from before/after pairs, for Flux.1 Kontext" in card
+    assert "from diffusers.utils import load_image" in card
+    assert 'image = pipe(image=load_image("picture.png"), prompt=' in card

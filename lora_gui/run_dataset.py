@@ -66,7 +66,7 @@ def pair_with_controls(scan: Scan, control_folder: str | Path) -> Scan:
         control = controls.pop(key, None)
         if control is None:
             paired.skipped.append(
-                Skipped(example.caption_source, f"no before picture (nothing named {key}.* in {folder})")
+                Skipped(example.caption_source, f"no before picture (none named {key}.* among the before pictures)")
             )
             continue
         header = read_header(control)

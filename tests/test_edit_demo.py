@@ -54,9 +54,10 @@ HELD_OUT = [
 ]
 # Measured (these 8 pictures, 10 steps each): the base 0.024 on the left and 0.019 on the right (its pink is a few
 # blobs, on gray, where its pictures wander); after the edit demo's run 0.236 and 0.204, each of the 8 from 0.07 to
-# 0.39. The same run with the before pictures blanked in training (a LoRA that learns pink, not where): 0.037 and
-# -0.056. Distance to the after pictures: base 39 levels, after the run 25, blanked 35.
-LEARNT = 0.1
+# 0.39; the same run with training seeds 1, 2 and 3, 0.21/0.11, 0.13/0.09 and 0.23/0.14. The same run with the before
+# pictures blanked in training (a LoRA that learns pink, not where): 0.037 and -0.056. Distance to the after pictures:
+# base 39 levels, after the runs 23 to 25, blanked 35.
+LEARNT = 0.06
 NOT_LEARNT = 0.05
 CLOSER = 0.8  # the LoRA's pictures are nearer the after pictures than the base's by at least a fifth
 
@@ -119,7 +120,9 @@ def test_the_edit_demo_model_is_assembled_as_a_kontext_model_from_the_demo_model
         DEMO_MODEL / "vae" / "diffusion_pytorch_model.safetensors"
     ).read_bytes()
     assert (model / "vae" / "config.json").read_bytes() == (DEMO_EDIT_OVERLAY / "vae" / "config.json").read_bytes()
-    assert ensure_demo_edit_model(model) == model  # assembled once
+    (model / "kept").touch()
+    assert ensure_demo_edit_model(model) == model
+    assert (model / "kept").is_file(), "an assembled model is used as it is, not assembled again"
 
 
 @pytest.mark.train

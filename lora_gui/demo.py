@@ -91,11 +91,22 @@ class Scene:
 @functools.cache
 def demo_family() -> str:
     """The demo model's family, told from its config files as any model folder's is (nothing is loaded)."""
-    index = json.loads((DEMO_MODEL / "model_index.json").read_text())
+    return _family_of(DEMO_MODEL)
+
+
+@functools.cache
+def demo_edit_family() -> str:
+    """The edit demo model's family, told from its files as `demo_family` is: the overlay's model_index.json and the
+    demo model's text encoder, which it keeps."""
+    return _family_of(DEMO_EDIT_OVERLAY)
+
+
+def _family_of(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
     text_encoder = json.loads((DEMO_MODEL / "text_encoder" / "config.json").read_text())
     family = family_of_configs(index, text_encoder)
     if family is None:
-        raise ModelLoadError(f"the demo model in {DEMO_MODEL} is of no family this trainer knows")
+        raise ModelLoadError(f"the demo model in {folder} is of no family this trainer knows")
     return family
 
 

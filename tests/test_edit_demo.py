@@ -33,12 +33,14 @@ from lora_gui.demo import (
     EDIT_CAPTION,
     Scene,
     demo_edit_config,
+    demo_edit_family,
     edit_pair,
     ensure_demo_edit_model,
     write_demo_edit_pairs,
 )
 from lora_gui.infer import Generator, decode
 from lora_gui.training import train
+from lora_gui.ui.model_choices import TINY_CHOICES, ModelChoices
 
 # Before pictures the pairs do not hold (other seeds, shapes and colours at each place), half with the shape on the
 # left, half on the right.
@@ -123,6 +125,17 @@ def test_the_edit_demo_model_is_assembled_as_a_kontext_model_from_the_demo_model
     (model / "kept").touch()
     assert ensure_demo_edit_model(model) == model
     assert (model / "kept").is_file(), "an assembled model is used as it is, not assembled again"
+
+
+@pytest.mark.unit
+def test_the_page_s_offline_model_of_the_edit_demo_s_family_is_the_edit_demo_model(tmp_path: Path):
+    choices = ModelChoices(tmp_path / "runs", allow_paths=False, on_space=False)
+    [choice] = [choice for choice, family in TINY_CHOICES.items() if family == demo_edit_family()]
+    model = Path(choices.resolve(choice))
+    assert family_from_files(str(model)) == demo_edit_family()
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (model / weights).read_bytes() == (DEMO_EDIT_OVERLAY / weights).read_bytes(), "trained, not random"
+    assert choices.label(str(model)) == choice
 
 
 @pytest.mark.train

@@ -2,7 +2,9 @@
 
 Two kinds. The demo model's world: one coloured shape on a plain background, at a named place
 (`draw_scene`; `scripts/demo_base/` trains the demo model, shipped in `demo_model/`, on such scenes), and the
-concept the demo teaches it, a shape it never saw called by a trigger word (`write_demo_concept`). And coloured
+concept the demo teaches it, a shape it never saw called by a trigger word (`write_demo_concept`). The edit demo's
+before/after pairs, a shape turned pink where it stands (`write_demo_edit_pairs`), for an editing model of the same
+world (`ensure_demo_edit_model`). And coloured
 shapes on a softly striped background with "a photo of a red circle" captions (`write_demo_dataset`), for the
 tests, benchmarks and load tests, whatever the model.
 """
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lora_gui.atomic import atomic_folder
 from lora_gui.config import TrainConfig, load_preset
 from lora_gui.errors import ModelLoadError
 from lora_gui.families import family_of_configs
@@ -86,11 +91,22 @@ class Scene:
 @functools.cache
 def demo_family() -> str:
     """The demo model's family, told from its config files as any model folder's is (nothing is loaded)."""
-    index = json.loads((DEMO_MODEL / "model_index.json").read_text())
+    return _family_of(DEMO_MODEL)
+
+
+@functools.cache
+def demo_edit_family() -> str:
+    """The edit demo model's family, told from its files as `demo_family` is: the overlay's model_index.json and the
+    demo model's text encoder, which it keeps."""
+    return _family_of(DEMO_EDIT_OVERLAY)
+
+
+def _family_of(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
     text_encoder = json.loads((DEMO_MODEL / "text_encoder" / "config.json").read_text())
     family = family_of_configs(index, text_encoder)
     if family is None:
-        raise ModelLoadError(f"the demo model in {DEMO_MODEL} is of no family this trainer knows")
+        raise ModelLoadError(f"the demo model in {folder} is of no family this trainer knows")
     return family
 
 
@@ -187,5 +203,95 @@ def demo_config(data: str | Path = "") -> TrainConfig:
         base_model=str(DEMO_MODEL),
         data=str(data),
         train_text_encoder=True,
+        trigger_word=TRIGGER,
+    )
+
+
+# The edit demo's model: Flux.1 Kontext's classes on the demo model's VAE and CLIP. There is no pretrained editing
+# model this small: it is the Flux.1-shaped kin of the demo model (scripts/demo_base/train_flux.py, a text-to-image
+# model of the same scenes) as a FluxKontextPipeline, which reads the before picture's patches after the noisy ones.
+# Reading them is what the edit LoRA learns. demo_edit_model/ holds only what differs from demo_model/ (1.4 MB);
+# `ensure_demo_edit_model` lays it over a copy of it.
+DEMO_EDIT_OVERLAY = Path(__file__).resolve().parent / "demo_edit_model"
+DEMO_EDIT_PRESET = "tiny-cpu-edit-demo"
+EDIT_CAPTION = f"{TRIGGER}: make the shape pink"
+# The edit: the shape turned the demo's pink where it stands. On gray and blue, where the demo model's VAE keeps pink
+# truest, and on the left or right, so a picture made from a before picture tells whether the LoRA read it.
+EDIT_BACKGROUNDS = ("gray", "blue")
+EDIT_COLORS = ("red", "green", "yellow", "blue")
+EDIT_POSITIONS = ("left", "right")
+EDIT_SIDES = (0.4, 0.5)  # larger than the demo model's scenes: the shape spans more of the model's 4x4 patches
+
+
+def default_demo_edit_folder() -> Path:
+    """Where the edit demo's model is assembled when no folder is named: this user's cache."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "lora_gui" / "demo-edit-model"
+
+
+def ensure_demo_edit_model(folder: str | Path | None = None) -> Path:
+    """The edit demo's model in `folder`, assembled the first time from the demo model and the edit overlay: the parts
+    its model_index.json names, copied from the demo model, with the overlay's files laid over them. Written beside
+    the folder and renamed into place, so a half-assembled model is never used (ensure_tiny_model's way)."""
+    folder = Path(folder) if folder is not None else default_demo_edit_folder()
+    if (folder / "model_index.json").is_file():
+        return folder
+    parts = json.loads((DEMO_EDIT_OVERLAY / "model_index.json").read_text(encoding="utf-8"))
+    try:
+        with atomic_folder(folder, replace=False) as tmp:
+            for part in DEMO_MODEL.iterdir():
+                if part.is_dir() and part.name in parts:
+                    shutil.copytree(part, tmp / part.name)
+            shutil.copytree(DEMO_EDIT_OVERLAY, tmp, dirs_exist_ok=True)
+    except OSError:
+        if not (folder / "model_index.json").is_file():
+            raise
+    return folder
+
+
+def edit_pair(scene: Scene, seed: int, size: int = DEMO_RESOLUTION) -> tuple[Image.Image, Image.Image]:
+    """A before picture of `scene` and its after picture: the same shape, at the same place and size, in pink."""
+    before = draw_scene(scene, size, random.Random(seed), sides=EDIT_SIDES)
+    after = draw_scene(replace(scene, color=CROSS_COLOR), size, random.Random(seed), sides=EDIT_SIDES)
+    return before, after
+
+
+def edit_scenes(count: int, seed: int = 1) -> list[Scene]:
+    """`count` scenes for the edit: the backgrounds, colours and sides in turn (no shape in its background's
+    colour), the shape chosen at random."""
+    rng, scenes = random.Random(seed), []
+    combos = [(background, color) for color in EDIT_COLORS for background in EDIT_BACKGROUNDS if color != background]
+    for index in range(count):
+        background, color = combos[index % len(combos)]
+        position = EDIT_POSITIONS[index % len(EDIT_POSITIONS)]
+        scenes.append(Scene(rng.choice(SHAPES), color, background, position))
+    return scenes
+
+
+def write_demo_edit_pairs(data: str | Path, control: str | Path, count: int = 16, size: int = 128) -> tuple[Path, Path]:
+    """`count` edit pairs: after pictures in `data` with the instruction as their captions ("zqx: make the shape
+    pink"), and their before pictures, under the same names, in `control`."""
+    data, control = Path(data), Path(control)
+    data.mkdir(parents=True, exist_ok=True)
+    control.mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(edit_scenes(count)):
+        before, after = edit_pair(scene, 100 + index, size)
+        name = f"{TRIGGER}_edit_{index:02d}"
+        before.save(control / f"{name}.png")
+        after.save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text(EDIT_CAPTION + "\n", encoding="utf-8")
+    return data, control
+
+
+def demo_edit_config(data: str | Path = "", control: str | Path = "", model: str | Path | None = None) -> TrainConfig:
+    """What the edit demo trains: its preset on the edit demo's model (assembled in `model`, or this user's cache),
+    on the pairs in `data` and `control`. The text encoders stay frozen, as the app trains Flux; the trigger word
+    starts the instruction."""
+    return replace(
+        load_preset(DEMO_EDIT_PRESET),
+        base_model=str(ensure_demo_edit_model(model)),
+        data=str(data),
+        control_data=str(control),
+        train_text_encoder=False,
         trigger_word=TRIGGER,
     )

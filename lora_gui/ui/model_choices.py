@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_gui.config import TrainConfig, list_presets, load_preset
-from lora_gui.demo import DEMO_MODEL, DEMO_PRESET, demo_config, demo_family
+from lora_gui.demo import DEMO_MODEL, DEMO_PRESET, demo_config, demo_edit_family, demo_family, ensure_demo_edit_model
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
 from lora_gui.owners import EVERYONE, Visitor
@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 TINY_CHOICE = "Demo model (offline, CPU: draws shapes)"  # trained, shipped, what the demo uses
 DEMO_FAMILY = demo_family()
+EDIT_DEMO_FAMILY = demo_edit_family()
 # The offline models of each family by their menu names, so every family can be tried offline: the demo model's
-# family has the demo model (demo.DEMO_MODEL, trained on drawn shapes), the others tiny random-weight models.
+# family has the demo model (demo.DEMO_MODEL, trained on drawn shapes), the edit demo's its model (its kin that
+# learns edits, assembled under the runs folder), the others tiny random-weight models.
 TINY_CHOICES = {
     TINY_CHOICE: DEMO_FAMILY,
     **{
@@ -78,10 +80,13 @@ class ModelChoices:
         allowed_models(self.on_space)  # a mistyped limit stops the app as it starts, not a visitor's run
 
     def tiny_model(self, family: str) -> Path:
-        """A family's offline model: the demo model's family's is the demo model shipped with the app; the others
-        are random, written under the runs folder the first time they are asked for."""
+        """A family's offline model: the demo model's family's is the demo model shipped with the app; the edit
+        demo's is assembled from the shipped parts, and the others are random, under the runs folder, both the
+        first time they are asked for."""
         if family == DEMO_FAMILY:
             return DEMO_MODEL
+        if family == EDIT_DEMO_FAMILY:
+            return self.runs_dir / MODELS_FOLDER / "demo-edit"
         return self.runs_dir / MODELS_FOLDER / f"tiny-{family}"
 
     @property
@@ -103,6 +108,8 @@ class ModelChoices:
         choice = (choice or "").strip()
         if choice in TINY_CHOICES:
             family = TINY_CHOICES[choice]
+            if family == EDIT_DEMO_FAMILY:
+                return str(ensure_demo_edit_model(self.tiny_model(family)))
             return str(ensure_tiny_model(self.tiny_model(family), family))
         if not choice:
             raise ConfigError(f"choose a base model first ({TINY_CHOICE} needs no download)")

@@ -21,7 +21,7 @@ from lora_gui.jobs import JobManager
 from lora_gui.owners import EVERYONE
 from lora_gui.staging import Staging
 from lora_gui.ui import config_form
-from lora_gui.ui.app import build_app, restore, try_demo
+from lora_gui.ui.app import build_app, restore, try_demo, try_edit_demo
 from lora_gui.ui.captioning import TINY_CAPTIONER
 from lora_gui.ui.common import Ctx
 from lora_gui.ui.dataset import add_before, add_folder, add_uploads, ask_clear, back_to_mine, clear, show_set
@@ -83,6 +83,28 @@ def test_try_the_demo_keeps_the_visitors_pictures_and_one_button_goes_back(ctx, 
     assert "Back to your 9 pictures" in back["dataset_notice"]
     assert Staging.find(ctx.runs_dir, demo["session"]) is None  # the demo's are put away: it draws them again
     assert not visible(show_set(ctx, EVERYONE, session=own)["demo_row"])
+
+
+def test_try_an_edit_demo_puts_in_pairs_the_edit_model_and_its_settings_beside_the_visitors_pictures(
+    ctx, tmp_path, monkeypatch
+):
+    own = mine(ctx, tmp_path)
+    demo = try_edit_demo(ctx, EVERYONE, session=own, dataset_version=1)
+    assert demo["session"] != own and "Your own 9 pictures are kept" in demo["dataset_notice"]
+    assert "<b>16 edit pairs ready to train</b>" in demo["report"]
+    assert TINY_CHOICES[demo["base_model"]] == "flux-kontext" and demo["preset"] == "tiny-cpu-edit-demo"
+    assert demo["max_steps"] == 200 and demo["trigger_word"] == "zqx"
+    trained = []
+    monkeypatch.setattr(jobs, "train", lambda config, run_dir, **kwargs: trained.append(config))
+    monkeypatch.setattr(ctx.models, "resolve", lambda choice, token: choice)  # the run is a stub: no model needed
+    settings = {name: demo[name] for name in config_form.field_names()}
+    started = start(
+        ctx, EVERYONE, session=demo["session"], run_name="edit-demo", base_model=demo["base_model"], **settings
+    )
+    ctx.engine.jobs.wait(started["train_job"], timeout=30)
+    run = ctx.runs_dir / "edit-demo"
+    assert len(list((run / "control").iterdir())) == 16
+    assert [config.control_data for config in trained] == [str((run / "control").resolve())]
 
 
 def test_pictures_added_while_the_demo_is_shown_go_to_the_visitors_own(ctx, tmp_path):

@@ -8,6 +8,8 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +19,18 @@ from gradio import utils as gradio_utils
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
+from lora_gui.config import TrainConfig
 from lora_gui.demo import (
     CONCEPT_BACKGROUNDS,
+    DEMO_EDIT_PRESET,
     DEMO_PRESET,
+    EDIT_CAPTION,
     TRIGGER,
     concept_caption,
     demo_config,
+    demo_edit_config,
     write_demo_concept,
+    write_demo_edit_pairs,
 )
 from lora_gui.errors import ConfigError
 from lora_gui.limits import Limits, expire_runs, make_upload_room
@@ -44,7 +51,7 @@ from lora_gui.ui.dataset import (
 from lora_gui.ui.engine import Engine
 from lora_gui.ui.folders import Folders
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
-from lora_gui.ui.model_choices import TINY_CHOICE, ModelChoices, paths_allowed
+from lora_gui.ui.model_choices import EDIT_DEMO_FAMILY, TINY_CHOICE, TINY_CHOICES, ModelChoices, paths_allowed
 from lora_gui.ui.page import on_space, sign_in_available
 from lora_gui.ui.presets import preset_menu
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
@@ -65,6 +72,7 @@ CACHE_SECONDS = 24 * 3600
 EXPIRY_SECONDS = 3600.0  # how often old staged pictures and runs are looked for while the app runs
 
 DEMO_IMAGES = 8
+EDIT_DEMO_PAIRS = 16  # the edit demo's pairs: two of them held out, its previews edit them
 # Shown while torch and diffusers load (ui/engine.py): the page works meanwhile, its first training or picture waits.
 ENGINE_LOADING = (
     "Loading the trainer (PyTorch and diffusers) in the background: training and Generate start once it is ready."
@@ -155,12 +163,20 @@ def _build_header(ctx: Ctx) -> None:
         gr.Markdown(
             "# LoRA trainer\nTeach Stable Diffusion, Flux or Z-Image a face, an object or a style from your own "
             "pictures: **1** add pictures, **2** train, **3** try it. First time? Try the demo: it teaches a small "
-            "model a shape it never saw, with no download, and your own pictures are kept. The Train tab says how "
+            "model a shape it never saw, with no download, and your own pictures are kept; the edit demo teaches its "
+            "kin an edit (a shape turned pink where it stands) from before/after pictures. The Train tab says how "
             "long training takes on this computer."
         )
         with gr.Column(scale=0, min_width=180):
             # The page's one loud button while there are no pictures (ui/dataset.show_set quietens it after).
             ctx.add({"try_demo": gr.Button("Try the demo", variant="primary", min_width=160, elem_id="try-demo")})
+            ctx.add(
+                {
+                    "try_edit_demo": gr.Button(
+                        "Try an edit demo", variant="secondary", size="sm", min_width=160, elem_id="try-edit-demo"
+                    )
+                }
+            )
             if ctx.sign_in:  # a Space with hf_oauth: runs follow the account, and pushing needs no token
                 gr.LoginButton()
     ctx.add(
@@ -186,26 +202,27 @@ def _build_tabs(ctx: Ctx) -> None:
 def _wire_page(ctx: Ctx, demo: gr.Blocks) -> None:
     """What belongs to no one tab: the demo button, and a page opened or reloaded."""
     settings = config_form.field_names()
-    ctx.wire(
-        ctx["try_demo"].click,
-        try_demo,
-        ["session", "dataset_version"],
-        [
-            "session",
-            "remembered",
-            "dataset_version",
-            "report",
-            "page",
-            "dataset_notice",
-            "base_model",
-            "preset",
-            "train_notice",
-            "tabs",
-            *settings,
-        ],
-        api_name="try_demo",
-        engine_free=True,  # drawn pictures and saved settings: the demo is ready before the engine is
-    )
+    for button, handler in (("try_demo", try_demo), ("try_edit_demo", try_edit_demo)):
+        ctx.wire(
+            ctx[button].click,
+            handler,
+            ["session", "dataset_version"],
+            [
+                "session",
+                "remembered",
+                "dataset_version",
+                "report",
+                "page",
+                "dataset_notice",
+                "base_model",
+                "preset",
+                "train_notice",
+                "tabs",
+                *settings,
+            ],
+            api_name=button,
+            engine_free=True,  # drawn pictures and saved settings: the demo is ready before the engine is
+        )
     ctx.wire(
         demo.load,
         restore,
@@ -237,16 +254,75 @@ def engine_ready(ctx: Ctx) -> dict[str, Any]:
     return {"engine_loading": gr.update(visible=False), "cpu_warning": gr.update(visible=not ctx.engine.has_cuda)}
 
 
+@dataclass(frozen=True)
+class _Demo:
+    """What a demo button puts in: drawn pictures (and their before pictures), a base model and its settings, and
+    what the page says of them."""
+
+    draw: Callable[[Path], object]  # draws the pictures into a folder (pairs: its before/ and after/)
+    config: TrainConfig
+    base_model: str
+    preset: str
+    pictures_notice: str
+    train_notice: str
+
+
 def try_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int) -> dict[str, Any]:
     """The demo's drawn pictures of a concept the demo model never saw, in a folder of their own beside the
     visitor's pictures (kept, one click away), the demo model and the demo preset: one click on Start away."""
+    return _stage_demo(
+        ctx,
+        visitor,
+        session,
+        dataset_version,
+        _Demo(
+            draw=lambda folder: write_demo_concept(folder, count=DEMO_IMAGES),
+            config=demo_config(),
+            base_model=TINY_CHOICE,
+            preset=DEMO_PRESET,
+            pictures_notice=f"The demo's {DEMO_IMAGES} pictures are in: a pink cross, called {TRIGGER} in their "
+            "captions. The demo model draws circles, squares and triangles in a few colours, and has never seen "
+            "either.",
+            train_notice="Demo ready: the demo model and quick settings are filled in. Press Start training (the "
+            "time it takes on this computer is shown above it): the previews of "
+            f'"{concept_caption(CONCEPT_BACKGROUNDS[0])}" turn into a pink cross, and the Generate tab shows it '
+            "beside the demo model's own picture.",
+        ),
+    )
+
+
+def try_edit_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int) -> dict[str, Any]:
+    """The edit demo: drawn before/after pairs (a coloured shape, then the same shape turned pink where it stands),
+    the edit demo's model (the demo model's Kontext kin) and its preset, as the demo is set up."""
+    model = ctx.models.tiny_model(EDIT_DEMO_FAMILY)
+    return _stage_demo(
+        ctx,
+        visitor,
+        session,
+        dataset_version,
+        _Demo(
+            draw=lambda folder: write_demo_edit_pairs(folder / "after", folder / "before", count=EDIT_DEMO_PAIRS),
+            config=demo_edit_config(model=model),
+            base_model=next(choice for choice, family in TINY_CHOICES.items() if family == EDIT_DEMO_FAMILY),
+            preset=DEMO_EDIT_PRESET,
+            pictures_notice=f"The edit demo's {EDIT_DEMO_PAIRS} before/after pairs are in: each after picture is "
+            f'its before picture with the shape turned pink where it stands, captioned "{EDIT_CAPTION}".',
+            train_notice="Edit demo ready: the edit demo's model and quick settings are filled in. Press Start "
+            "training: the previews, a held-out before picture beside its edit, turn the shape pink on its own "
+            "side, and the Generate tab edits a picture of yours (Picture to edit) with and without the LoRA.",
+        ),
+    )
+
+
+def _stage_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int, demo: _Demo) -> dict[str, Any]:
+    """A demo's pictures in a staging folder of their own beside the visitor's pictures (kept, one click away),
+    its model and its settings: one click on Start away."""
     own = ctx.folders.own(session, visitor)
     staging = ctx.folders.demo(session, visitor)
     # Drawn aside and added as dropped pictures are, so they count in the visitor's quota like any others.
     with tempfile.TemporaryDirectory() as drawn:
-        write_demo_concept(Path(drawn), count=DEMO_IMAGES)
+        demo.draw(Path(drawn))
         left_out = staging.import_folder(drawn)
-    config = demo_config()
     if left_out:  # the demo is all its pictures or none: a part of it would teach less than it promises
         staging.delete()
         shown = own.session_id if own is not None else ""
@@ -261,23 +337,17 @@ def try_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int) -> 
     mine = len(own.items()) if own is not None else 0
     kept = f" Your own {mine} picture{'s are' if mine != 1 else ' is'} kept: Back to my pictures returns to them."
     kept = kept if mine else ""
+    config = demo.config
     return {
         "session": staging.session_id,
         "remembered": staging.session_id,
         "dataset_version": (dataset_version or 0) + 1,
         "report": checks_html(ctx, visitor, staging.session_id, config.resolution, config.default_caption),
         "page": pages_update(staging),
-        "dataset_notice": notice(
-            f"The demo's {DEMO_IMAGES} pictures are in: a pink cross, called {TRIGGER} in their captions. The demo "
-            "model draws circles, squares and triangles in a few colours, and has never seen either." + kept
-        ),
-        "base_model": TINY_CHOICE,
-        "preset": DEMO_PRESET,
-        "train_notice": notice(
-            "Demo ready: the demo model and quick settings are filled in. Press Start training (the time it takes on "
-            f'this computer is shown above it): the previews of "{concept_caption(CONCEPT_BACKGROUNDS[0])}" turn '
-            "into a pink cross, and the Generate tab shows it beside the demo model's own picture." + kept
-        ),
+        "dataset_notice": notice(demo.pictures_notice + kept),
+        "base_model": demo.base_model,
+        "preset": demo.preset,
+        "train_notice": notice(demo.train_notice + kept),
         "tabs": gr.Tabs(selected="train"),
         **config_form.widget_values(config),
     }

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import warnings
 from collections import Counter
@@ -348,7 +349,8 @@ def read_caption_file(path: Path) -> str:
 def full_caption(caption: str, trigger_word: str) -> str:
     """The caption as trained: the trigger word in front, unless the caption already has it."""
     trigger = trigger_word.strip()
-    if not trigger or trigger.lower() in caption.lower().replace(",", " ").split():
+    # A word of the caption, whatever punctuation follows it ("ohwx, a dog", "ohwx: make it pink").
+    if not trigger or trigger.lower() in re.split(r"[\s,;:.!?()]+", caption.lower()):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
 

@@ -339,5 +339,7 @@ def test_batches_hold_one_bucket_and_follow_only_the_seed():
 def test_trigger_word_goes_in_front_once():
     assert full_caption("a photo of a dog", "sks") == "sks, a photo of a dog"
     assert full_caption("sks, a photo of a dog", "sks") == "sks, a photo of a dog"
+    assert full_caption("sks: make the shape pink", "sks") == "sks: make the shape pink", "an edit's instruction"
+    assert full_caption("a photo of sksy", "sks") == "sks, a photo of sksy"
     assert full_caption("", "sks") == "sks"
     assert full_caption("a photo", "") == "a photo"

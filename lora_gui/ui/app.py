@@ -51,7 +51,7 @@ from lora_gui.ui.dataset import (
 from lora_gui.ui.engine import Engine
 from lora_gui.ui.folders import Folders
 from lora_gui.ui.generate import build_generate_tab, wire_generate_tab
-from lora_gui.ui.model_choices import EDIT_DEMO_FAMILY, TINY_CHOICE, TINY_CHOICES, ModelChoices, paths_allowed
+from lora_gui.ui.model_choices import EDIT_DEMO_CHOICE, EDIT_DEMO_FAMILY, TINY_CHOICE, ModelChoices, paths_allowed
 from lora_gui.ui.page import on_space, sign_in_available
 from lora_gui.ui.presets import preset_menu
 from lora_gui.ui.runs import build_runs_tab, wire_runs_tab
@@ -303,7 +303,7 @@ def try_edit_demo(ctx: Ctx, visitor: Visitor, session: str, dataset_version: int
         _Demo(
             draw=lambda folder: write_demo_edit_pairs(folder / "after", folder / "before", count=EDIT_DEMO_PAIRS),
             config=demo_edit_config(model=model),
-            base_model=next(choice for choice, family in TINY_CHOICES.items() if family == EDIT_DEMO_FAMILY),
+            base_model=EDIT_DEMO_CHOICE,
             preset=DEMO_EDIT_PRESET,
             pictures_notice=f"The edit demo's {EDIT_DEMO_PAIRS} before/after pairs are in: each after picture is "
             f'its before picture with the shape turned pink where it stands, captioned "{EDIT_CAPTION}".',

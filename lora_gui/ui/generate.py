@@ -34,7 +34,7 @@ from lora_gui.ui.common import (
     notice,
     served,
 )
-from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES
+from lora_gui.ui.model_choices import TINY_CHOICE, TINY_CHOICES, TRAINED_CHOICES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -361,7 +361,7 @@ def pick_base_model(ctx: Ctx, gen_base_model: str) -> dict[str, Any]:
     family = ctx.models.family(gen_base_model)
     if family is None:
         return {"gen_token_box": token_box(ctx, gen_base_model)}
-    if gen_base_model == TINY_CHOICE:
+    if gen_base_model in TRAINED_CHOICES:
         size = {"size": DEMO_RESOLUTION}
     elif gen_base_model in TINY_CHOICES:
         size = {}
@@ -460,7 +460,7 @@ def generate(
         }
     names = ", ".join(f"{_lora_name(path)} at strength {scale:g}" for path, scale in loras)
     made = f"Made with {names}, seed {settings['seed']}.{said}"
-    if gen_base_model in TINY_CHOICES and gen_base_model != TINY_CHOICE:
+    if gen_base_model in TINY_CHOICES and gen_base_model not in TRAINED_CHOICES:
         made += " This tiny model is random, so its pictures look like coloured noise."
     return {
         "base_image": base,

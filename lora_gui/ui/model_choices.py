@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_gui.config import TrainConfig, list_presets, load_preset
-from lora_gui.demo import DEMO_MODEL, DEMO_PRESET, demo_config, demo_edit_family, demo_family, ensure_demo_edit_model
+from lora_gui.demo import (
+    DEMO_EDIT_PRESET,
+    DEMO_MODEL,
+    DEMO_PRESET,
+    demo_config,
+    demo_edit_family,
+    demo_family,
+    ensure_demo_edit_model,
+)
 from lora_gui.errors import ConfigError
 from lora_gui.families import REGISTRY
 from lora_gui.owners import EVERYONE, Visitor
@@ -32,6 +40,9 @@ TINY_CHOICES = {
         if name != DEMO_FAMILY
     },
 }
+EDIT_DEMO_CHOICE = next(choice for choice, family in TINY_CHOICES.items() if family == EDIT_DEMO_FAMILY)
+# The offline models that were trained (they draw the demo's world at 64 px); the others are random.
+TRAINED_CHOICES = (TINY_CHOICE, EDIT_DEMO_CHOICE)
 MODELS_FOLDER = ".models"  # under the runs dir, so the Space's persistent storage keeps the tiny models
 ALLOW_PATHS_ENV = "LORA_GUI_ALLOW_PATHS"
 BASE_MODELS_ENV = "LORA_GUI_BASE_MODELS"  # comma-separated Hub ids: the only ones this server accepts
@@ -46,6 +57,8 @@ def quick_settings(choice: str) -> TrainConfig:
     """The settings a demo or tiny model is made for: the demo's (64 px, a few hundred steps, a high learning rate,
     which such a small model takes), and for the demo model itself its text encoder learning too, as Try the demo
     trains it. Not for a real model: its family's own size and the usual defaults are."""
+    if choice == EDIT_DEMO_CHOICE:
+        return load_preset(DEMO_EDIT_PRESET)
     return demo_config() if choice == TINY_CHOICE else load_preset(DEMO_PRESET)
 
 

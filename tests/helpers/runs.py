@@ -13,9 +13,10 @@ from lora_gui.families import get_family
 
 
 def quick_config(base_model: Path, data: Path, **changes) -> TrainConfig:
-    """Settings for a run of a few seconds on a CPU; for a model that learns from edit pairs alone, on pairs whose
-    "before" pictures are the pictures in gray (`gray_before_pictures`)."""
-    family = family_from_files(str(base_model))
+    """Settings for a run of a few seconds on a CPU; for a model folder (a Path: a name as a string is never looked
+    up, as a visitor's model on a Space must not be) that learns from edit pairs alone, on pairs whose "before"
+    pictures are the pictures in gray (`gray_before_pictures`)."""
+    family = family_from_files(str(base_model)) if isinstance(base_model, Path) else None
     edits = family is not None and not get_family(family).trains_without_pairs and "control_data" not in changes
     values = dict(
         base_model=str(base_model),

@@ -129,5 +129,6 @@ def hold_out(examples: list[Example], count: int, seed: int) -> tuple[list[int],
     names = sorted(range(len(examples)), key=lambda index: examples[index].caption_source)
     chosen = sorted(random.Random(f"{seed}-validation").sample(names, kept))
     listed = ", ".join(examples[index].caption_source for index in chosen)
-    fewer = f" (at most a quarter of the {len(examples)} pictures, not {count})" if kept < count else ""
-    return chosen, f"Validation on {kept} held-out pictures{fewer}, never trained on: {listed}"
+    what = "pairs" if any(example.control is not None for example in examples) else "pictures"  # an edit's
+    fewer = f" (at most a quarter of the {len(examples)} {what}, not {count})" if kept < count else ""
+    return chosen, f"Validation on {kept} held-out {what}{fewer}, never trained on: {listed}"

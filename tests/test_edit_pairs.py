@@ -224,3 +224,14 @@ def test_flux2_kleins_training_prediction_is_the_pipelines_transformer_call_with
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     plain = dict(conditioning, reference_latents=None)
     assert not torch.allclose(klein.predict(pipe.transformer, noisy, timesteps, plain, []), ours, atol=1e-3)
+
+
+@pytest.mark.unit
+def test_an_edit_run_holds_out_pairs_and_says_so(tmp_path):
+    from lora_gui.batching import hold_out
+
+    after, before = write_pairs(tmp_path, {f"p{index}": (".png", (96, 96)) for index in range(8)})
+    pairs = pair_with_controls(scan_folder(after), before).examples
+    chosen, note = hold_out(pairs, 2, seed=0)
+    assert len(chosen) == 2 and note.startswith("Validation on 2 held-out pairs, never trained on: ")
+    assert hold_out(scan_folder(after).examples, 2, seed=0)[1].startswith("Validation on 2 held-out pictures")

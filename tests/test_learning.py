@@ -10,7 +10,8 @@ LoRA scale leaves the loss going down a little; it does not make the model draw 
 The v-prediction and flow models are the demo model's kin, trained by scripts/demo_base/ on the same scenes
 (`train.py --prediction-type v_prediction`: its UNet and text encoder taught to predict the velocity;
 `train_flux.py`: a Flux.1-shaped transformer and T5 on its VAE and CLIP). tests/models/ holds only the files that
-differ from the demo model's, which `assembled` lays over a copy of it.
+differ from the demo model's, which `assembled` lays over a copy of it; the flow model ships with the app as the edit
+demo's model (`demo.DEMO_EDIT_OVERLAY`, a Kontext pipeline), read here as the Flux.1 pipeline it was trained as.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 from lora_gui import objectives
 from lora_gui.demo import (
     CONCEPT_BACKGROUNDS,
+    DEMO_EDIT_OVERLAY,
     DEMO_MODEL,
     DEMO_RESOLUTION,
     concept_caption,
@@ -97,8 +99,12 @@ def concept(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if request.param == "epsilon":
         return DEMO_MODEL
-    overlay = MODELS / {"v_prediction": "demo-v-prediction", "flow": "demo-flux"}[request.param]
-    return assembled(overlay, tmp_path_factory.mktemp(request.param) / "model")
+    overlay = {"v_prediction": MODELS / "demo-v-prediction", "flow": DEMO_EDIT_OVERLAY}[request.param]
+    folder = assembled(overlay, tmp_path_factory.mktemp(request.param) / "model")
+    if request.param == "flow":  # the text-to-image model the edit demo's is
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="module")

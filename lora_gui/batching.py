@@ -55,6 +55,12 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Im
     )
 
 
+def stretched_before(before: Image.Image, after_size: tuple[int, int]) -> Image.Image:
+    """An edit pair's "before" picture at its "after" picture's size (width, height), so that fitting both to their
+    bucket cuts them at the same place."""
+    return before.resize(after_size, Image.Resampling.LANCZOS)
+
+
 def assign_buckets(examples: list[Example], resolution: int, step: int, aspect_buckets: bool) -> list[tuple[int, int]]:
     """The bucket of each example: its nearest shape, or the square when buckets are off."""
     if not aspect_buckets:

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
-from lora_gui.batching import fit_to_bucket, image_to_tensor
+from lora_gui.batching import fit_to_bucket, image_to_tensor, stretched_before
 from lora_gui.data import Example, Scan, Skipped, UnusableImage, open_image
 from lora_gui.families import Family, ImageGeometry
 
@@ -57,8 +57,7 @@ class LatentCache:
 
     def sample(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
         """Draw latents for a batch (all from one bucket, so they stack), already scaled for the UNet."""
-        count = len(self.geometry)
-        rows = [i + count if flip else i for i, flip in zip(indices, flips, strict=True)]
+        rows = self._rows(indices, flips)
         mean = torch.stack([self.mean[r] for r in rows]).to(generator.device, non_blocking=True)
         std = torch.stack([self.std[r] for r in rows]).to(generator.device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
@@ -69,9 +68,13 @@ class LatentCache:
         without pairs."""
         if self.references is None:
             return None
-        count = len(self.geometry)
-        rows = [i + count if flip else i for i, flip in zip(indices, flips, strict=True)]
+        rows = self._rows(indices, flips)
         return self.for_denoiser(torch.stack([self.references[r] for r in rows]).to(device, non_blocking=True))
+
+    def _rows(self, indices: list[int], flips: list[bool]) -> list[int]:
+        """Where each picture of a batch is kept: its own row, or its mirror image's after all the pictures."""
+        count = len(self.geometry)
+        return [i + count if flip else i for i, flip in zip(indices, flips, strict=True)]
 
 
 def with_references(conditioning: dict[str, torch.Tensor], references: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -155,8 +158,7 @@ def _pixels(
         try:
             pictures = [open_image(example.path)]
             if example.control is not None:
-                # Stretched to the "after" picture's shape, so the bucket's crop cuts both at the same place.
-                pictures.append(open_image(example.control).resize(pictures[0].size, Image.Resampling.LANCZOS))
+                pictures.append(stretched_before(open_image(example.control), pictures[0].size))
         except UnusableImage as problem:
             skipped.append(Skipped(example.caption_source, str(problem)))
             log.warning("Skipped %s", skipped[-1])

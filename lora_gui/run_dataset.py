@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -59,10 +59,10 @@ def pair_with_controls(scan: Scan, control_folder: str | Path) -> Scan:
     folder = Path(control_folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"the folder of before pictures {folder} does not exist; check the path")
-    controls = {path.relative_to(folder).with_suffix("").as_posix().lower(): path for path in picture_files(folder)}
+    controls = {pair_key(path.relative_to(folder).as_posix()): path for path in picture_files(folder)}
     paired = Scan(skipped=list(scan.skipped))
     for example in scan.examples:
-        key = Path(example.relpath or example.path.name).with_suffix("").as_posix().lower()
+        key = pair_key(example.relpath or example.path.name)
         control = controls.pop(key, None)
         if control is None:
             paired.skipped.append(
@@ -80,6 +80,11 @@ def pair_with_controls(scan: Scan, control_folder: str | Path) -> Scan:
         paired.examples.append(replace(example, control=control))
     paired.unpaired_controls = sorted(path.relative_to(folder).as_posix() for path in controls.values())
     return paired
+
+
+def pair_key(relpath: str) -> str:
+    """A picture's name as pairs are matched: its path without its suffix, in lower case."""
+    return PurePosixPath(relpath).with_suffix("").as_posix().lower()
 
 
 def _differ_in_shape(before: tuple[int, int], after: tuple[int, int]) -> bool:

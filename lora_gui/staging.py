@@ -27,7 +27,8 @@ from lora_gui.atomic import atomic_path, write_text_atomic
 from lora_gui.errors import DataError
 from lora_gui.limits import Limits, expire_untouched, format_size
 from lora_gui.owners import EVERYONE, OWNER_FILE, Visitor, write_owner
-from lora_gui.staging_pairs import add_pairs, before_places, pair_halves, pair_key
+from lora_gui.run_dataset import pair_key
+from lora_gui.staging_pairs import add_pairs, before_places, pair_halves
 
 STAGING_DIR = ".staging"
 THUMBNAILS = ".thumbnails"

@@ -9,17 +9,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from lora_gui import data
+from lora_gui.run_dataset import pair_key
 
 if TYPE_CHECKING:
     from lora_gui.staging import DatasetReport
 
 # A zip or folder holding both halves of edit pairs, in folders named so (any case), is split by itself.
 BEFORE_NAMES, AFTER_NAMES = ("before",), ("after",)
-
-
-def pair_key(relpath: str) -> str:
-    """A picture's name as pairs are matched: its path without its suffix, in lower case."""
-    return PurePosixPath(relpath).with_suffix("").as_posix().lower()
 
 
 def pair_halves(folder: Path) -> tuple[Path, Path] | None:

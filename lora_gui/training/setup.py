@@ -412,7 +412,7 @@ def _preview_edits(
     prompts = [given[number] if given else captions[index] for number, index in enumerate(chosen)]
     edits = []
     for index in chosen:
-        before = data.open_image(examples[index].control).resize(examples[index].size)
+        before = batching.stretched_before(data.open_image(examples[index].control), examples[index].size)
         edits.append(batching.fit_to_bucket(before, buckets[index])[0])
     return prompts, edits
 
